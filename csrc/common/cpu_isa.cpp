@@ -1,0 +1,105 @@
+#include "common/cpu_isa.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <stdexcept>
+
+namespace thrifty {
+namespace {
+
+bool cpu_has(CpuIsa isa) {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  switch (isa) {
+    case CpuIsa::scalar:
+      return true;
+    case CpuIsa::avx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case CpuIsa::avx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    case CpuIsa::avx512_bf16:
+      return cpu_has(CpuIsa::avx512) && __builtin_cpu_supports("avx512bf16") &&
+             __builtin_cpu_supports("avx512vnni");
+  }
+  return false;
+#else
+  return isa == CpuIsa::scalar;
+#endif
+}
+
+bool compiled(CpuIsa isa) {
+  const std::string list = THRIFTY_ISA_LIST;  // e.g. "scalar,avx2,avx512,avx512_bf16"
+  const std::string name = cpu_isa_name(isa);
+  size_t pos = 0;
+  while (pos <= list.size()) {
+    size_t end = list.find(',', pos);
+    if (end == std::string::npos) end = list.size();
+    if (list.compare(pos, end - pos, name) == 0) return true;
+    pos = end + 1;
+  }
+  return false;
+}
+
+CpuIsa parse(const std::string& name) {
+  for (int i = 0; i <= 3; ++i)
+    if (name == cpu_isa_name(static_cast<CpuIsa>(i))) return static_cast<CpuIsa>(i);
+  throw std::invalid_argument("THRIFTY_CPU_ISA / set_cpu_isa: unknown ISA level '" + name +
+                              "'; expected one of scalar, avx2, avx512, avx512_bf16");
+}
+
+CpuIsa checked(const std::string& name) {
+  CpuIsa isa = parse(name);
+  if (!compiled(isa) || !cpu_has(isa))
+    throw std::invalid_argument(std::string("THRIFTY_CPU_ISA / set_cpu_isa: level '") + name +
+                                "' is not available here (this CPU and build offer up to '" +
+                                cpu_isa_name(cpu_isa_detected()) + "')");
+  return isa;
+}
+
+std::atomic<int>& current() {
+  static std::atomic<int> level([] {
+    const char* env = std::getenv("THRIFTY_CPU_ISA");
+    if (env != nullptr && env[0] != '\0') return static_cast<int>(checked(env));
+    return static_cast<int>(cpu_isa_detected());
+  }());
+  return level;
+}
+
+}  // namespace
+
+const char* cpu_isa_name(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::scalar: return "scalar";
+    case CpuIsa::avx2: return "avx2";
+    case CpuIsa::avx512: return "avx512";
+    case CpuIsa::avx512_bf16: return "avx512_bf16";
+  }
+  return "unknown";
+}
+
+CpuIsa cpu_isa_detected() {
+  for (int i = 3; i > 0; --i) {
+    auto isa = static_cast<CpuIsa>(i);
+    if (compiled(isa) && cpu_has(isa)) return isa;
+  }
+  return CpuIsa::scalar;
+}
+
+std::vector<CpuIsa> cpu_isa_available() {
+  std::vector<CpuIsa> out;
+  for (int i = 0; i <= 3; ++i) {
+    auto isa = static_cast<CpuIsa>(i);
+    if (compiled(isa) && cpu_has(isa)) out.push_back(isa);
+  }
+  return out;
+}
+
+CpuIsa cpu_isa_current() { return static_cast<CpuIsa>(current().load(std::memory_order_relaxed)); }
+
+CpuIsa set_cpu_isa(const std::string& name) {
+  CpuIsa isa = checked(name);
+  return static_cast<CpuIsa>(current().exchange(static_cast<int>(isa)));
+}
+
+}  // namespace thrifty

@@ -1,0 +1,48 @@
+// Run-time CPU ISA selection for the torch-free kernel cores in csrc/cpu/.
+//
+// Every csrc/cpu/**/*_kernel.cpp is compiled once per level (see CMakeLists.txt) inside
+// namespace thrifty::cpu::<level>; THRIFTY_CPU_DISPATCH calls the copy for the level in
+// use. The level in use starts as the best one the CPU (cpuid) and the build both have,
+// lowered by the environment variable THRIFTY_CPU_ISA, and can be changed at run time
+// with set_cpu_isa() (tests run every level the machine has).
+#pragma once
+#include <string>
+#include <vector>
+
+namespace thrifty {
+
+enum class CpuIsa : int { scalar = 0, avx2 = 1, avx512 = 2, avx512_bf16 = 3 };
+
+const char* cpu_isa_name(CpuIsa isa);
+// Best level this CPU supports (whatever was compiled).
+CpuIsa cpu_isa_detected();
+// Levels compiled into this build and supported by this CPU, lowest first.
+std::vector<CpuIsa> cpu_isa_available();
+// The level kernels use now.
+CpuIsa cpu_isa_current();
+// Parses a name ("scalar", "avx2", "avx512", "avx512_bf16"); throws on unknown names
+// and on levels this CPU or this build lacks. Returns the previous level.
+CpuIsa set_cpu_isa(const std::string& name);
+
+}  // namespace thrifty
+
+// Declares `ret fn args` in every ISA namespace. Use in a family's kernels header.
+#define THRIFTY_DECLARE_CPU_KERNEL(ret, fn, args) \
+  namespace thrifty::cpu::scalar { ret fn args; }      \
+  namespace thrifty::cpu::avx2 { ret fn args; }        \
+  namespace thrifty::cpu::avx512 { ret fn args; }      \
+  namespace thrifty::cpu::avx512_bf16 { ret fn args; }
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define THRIFTY_CPU_DISPATCH(fn, ...)                                                 \
+  [&]() {                                                                             \
+    switch (::thrifty::cpu_isa_current()) {                                           \
+      case ::thrifty::CpuIsa::avx512_bf16: return ::thrifty::cpu::avx512_bf16::fn(__VA_ARGS__); \
+      case ::thrifty::CpuIsa::avx512: return ::thrifty::cpu::avx512::fn(__VA_ARGS__); \
+      case ::thrifty::CpuIsa::avx2: return ::thrifty::cpu::avx2::fn(__VA_ARGS__);     \
+      default: return ::thrifty::cpu::scalar::fn(__VA_ARGS__);                        \
+    }                                                                                 \
+  }()
+#else
+#define THRIFTY_CPU_DISPATCH(fn, ...) ::thrifty::cpu::scalar::fn(__VA_ARGS__)
+#endif

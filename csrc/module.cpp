@@ -1,0 +1,55 @@
+// The Python module thrifty._C: loading it registers every op (static initialisers in
+// the other translation units); the functions here report how it was built and pick the
+// CPU ISA level.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <ATen/Parallel.h>
+
+#include "common/cpu_isa.h"
+
+#ifdef THRIFTY_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "thrifty's compiled kernels (ops are under torch.ops.thrifty)";
+  // Reads THRIFTY_CPU_ISA now, so a bad value fails the import instead of the first kernel call.
+  thrifty::cpu_isa_current();
+  m.def("build_info", [] {
+    py::dict d;
+    d["torch_version"] = THRIFTY_TORCH_VERSION;
+    d["git"] = THRIFTY_GIT;
+    d["cpu_isa_compiled"] = THRIFTY_ISA_LIST;
+#ifdef THRIFTY_WITH_CUDA
+    d["cuda"] = true;
+    d["cuda_version"] = THRIFTY_CUDA_VERSION;
+    d["cuda_archs"] = THRIFTY_CUDA_ARCHS;
+#else
+    d["cuda"] = false;
+    d["cuda_version"] = py::none();
+    d["cuda_archs"] = "";
+#endif
+#ifdef THRIFTY_FAST_BUILD
+    d["fast_build"] = true;
+#else
+    d["fast_build"] = false;
+#endif
+    return d;
+  }, "How this extension was built: torch version, CUDA version and architectures, CPU ISA levels.");
+  m.def("cpu_isa_detected", [] { return std::string(thrifty::cpu_isa_name(thrifty::cpu_isa_detected())); },
+        "The best CPU ISA level that both this CPU and this build have.");
+  m.def("cpu_isa_available", [] {
+    std::vector<std::string> out;
+    for (auto isa : thrifty::cpu_isa_available()) out.emplace_back(thrifty::cpu_isa_name(isa));
+    return out;
+  }, "CPU ISA levels usable here, lowest first.");
+  m.def("cpu_isa", [] { return std::string(thrifty::cpu_isa_name(thrifty::cpu_isa_current())); },
+        "The CPU ISA level the kernels use now.");
+  m.def("set_cpu_isa", [](const std::string& name) {
+    return std::string(thrifty::cpu_isa_name(thrifty::set_cpu_isa(name)));
+  }, py::arg("name"), "Switch the CPU kernels to ISA level `name`; returns the previous level. "
+                      "Raises ValueError for unknown levels or levels this CPU lacks.");
+}

@@ -1,0 +1,28 @@
+// Every thrifty op schema, defined once. Implementations register per dispatch key in
+// csrc/cpu/<family>/*_aten.cpp (CPU) and csrc/cuda/<family>/*.cpp (CUDA); Python
+// wrappers, fake (meta) implementations and autograd live in python/thrifty/ops/.
+// Backward passes are ops of their own so autograd and torch.compile see one node each.
+#include <torch/library.h>
+
+TORCH_LIBRARY(thrifty, m) {
+  // ---- norm ----
+  // y = x * rsqrt(mean(x^2, -1) + eps) * weight; also returns rstd (leading dims of x, float32) for the backward.
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor y, Tensor rstd)");
+  // h = x + residual; y = rms_norm(h): the fused add + norm of a pre-norm block. Returns (y, h, rstd).
+  m.def("fused_add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor y, Tensor h, Tensor rstd)");
+  // Gradients of rms_norm w.r.t. its input x (h for the fused op; plus grad_h if given) and weight.
+  m.def("rms_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor rstd, Tensor? grad_h) -> (Tensor grad_x, Tensor grad_weight)");
+
+  // ---- rotary ----
+  // Rotates the first rotary_dim features of q (..., heads, head_dim) and k (..., kv_heads, head_dim) by the angles
+  // of cos_sin_cache[positions] (max_position, rotary_dim) float32 [cos | sin]; neox half-split or GPT-J interleaved.
+  m.def("rotary_embedding(Tensor q, Tensor k, Tensor positions, Tensor cos_sin_cache, bool interleaved) -> (Tensor q_rot, Tensor k_rot)");
+  // Gradient of rotary_embedding: the inverse rotation applied to grad_q_rot and grad_k_rot.
+  m.def("rotary_embedding_backward(Tensor grad_q, Tensor grad_k, Tensor positions, Tensor cos_sin_cache, bool interleaved) -> (Tensor grad_q, Tensor grad_k)");
+
+  // ---- activation ----
+  // silu(gate) * up, elementwise; gate and up have one shape.
+  m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
+  // (grad * up * silu'(gate), grad * silu(gate)), recomputing silu(gate) instead of storing it.
+  m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor grad_gate, Tensor grad_up)");
+}

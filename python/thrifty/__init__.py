@@ -1,0 +1,38 @@
+"""thrifty: fused C++/CUDA kernels for PyTorch that make LLM training and serving cheap.
+
+Importing thrifty loads the compiled extension ``thrifty._C``, which registers every op
+under ``torch.ops.thrifty``; the typed wrappers live in :mod:`thrifty.ops`, drop-in
+modules in :mod:`thrifty.nn`.
+"""
+from __future__ import annotations
+
+import torch
+
+__version__ = "0.1.0"
+
+
+def _load_extension():
+    try:
+        from thrifty import _C
+    except ImportError as err:
+        try:
+            from thrifty import _build_info as built
+            built_desc = (f"torch {built.TORCH_VERSION}"
+                          f"{' with CUDA ' + built.TORCH_CUDA_VERSION if built.WITH_CUDA else ' (CPU only)'}")
+        except ImportError:
+            built_desc = "an unknown torch (no _build_info.py found: the extension was never built here)"
+        running = f"torch {torch.__version__}" + (f" with CUDA {torch.version.cuda}" if torch.version.cuda else " (CPU only)")
+        raise ImportError(
+            f"thrifty's compiled extension thrifty._C failed to load: {err}\n"
+            f"  built against: {built_desc}\n  running:       {running}\n"
+            "Rebuild it against the running torch: pip install --no-build-isolation .") from err
+    return _C
+
+
+_C = _load_extension()
+
+from thrifty import ops  # noqa: E402  (registers fake and autograd implementations)
+from thrifty import nn  # noqa: E402
+from thrifty._info import info, info_dict  # noqa: E402
+
+__all__ = ["ops", "nn", "info", "info_dict", "__version__"]

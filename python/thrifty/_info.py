@@ -1,0 +1,55 @@
+"""`thrifty info`: what was built, what runs, what the machine offers."""
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+
+def info_dict() -> dict:
+    from thrifty import __version__, _C
+
+    built = _C.build_info()
+    d = {
+        "thrifty": __version__,
+        "git": built["git"],
+        "torch_built_against": built["torch_version"],
+        "torch_running": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_isa_compiled": built["cpu_isa_compiled"],
+        "cpu_isa_detected": _C.cpu_isa_detected(),
+        "cpu_isa_in_use": _C.cpu_isa(),
+        "cpu_isa_env": os.environ.get("THRIFTY_CPU_ISA", ""),
+        "threads": torch.get_num_threads(),
+        "cuda_built": built["cuda"],
+        "cuda_version_built": built["cuda_version"],
+        "cuda_archs": built["cuda_archs"],
+        "fast_build": built["fast_build"],
+        "gpus": [],
+    }
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            d["gpus"].append(f"{p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB)")
+    return d
+
+
+def info() -> str:
+    """Returns (and prints) a human-readable summary of the build and the machine."""
+    d = info_dict()
+    lines = [
+        f"thrifty {d['thrifty']} ({d['git']})",
+        f"torch        built against {d['torch_built_against']}, running {d['torch_running']}",
+        f"python       {d['python']}",
+        f"CPU ISA      detected {d['cpu_isa_detected']}, in use {d['cpu_isa_in_use']}"
+        f"{' (THRIFTY_CPU_ISA=' + d['cpu_isa_env'] + ')' if d['cpu_isa_env'] else ''}; compiled {d['cpu_isa_compiled']}",
+        f"threads      {d['threads']}",
+        f"CUDA         " + (f"built with CUDA {d['cuda_version_built']} for {d['cuda_archs']}" if d["cuda_built"]
+                            else "not built (CPU-only extension)"),
+        f"GPUs seen    " + (", ".join(d["gpus"]) if d["gpus"] else "none"),
+    ]
+    text = "\n".join(lines)
+    print(text)
+    return text

@@ -1,0 +1,6 @@
+"""Typed wrappers over torch.ops.thrifty, with fake (meta) and autograd registrations."""
+from thrifty.ops.norm import rms_norm
+
+
+
+__all__ = ["rms_norm", "rotary_embedding", "build_rotary_cache", "swiglu"]
