@@ -1,0 +1,228 @@
+"""Benchmark harness shared by every kernel family (thrifty.bench.<family>, run by
+`thrifty bench [family...]` or the thin scripts bench/<family>.py).
+
+Each family script builds a list of cases, times thrifty against the PyTorch baseline in
+the same process (warm-up, median of many runs), and calls :func:`report`, which prints
+a markdown table and writes JSON under bench/results/. Rooflines (copy bandwidth and a
+large matmul) are measured in the same run, so ratios hold even when absolute times on
+shared CPUs drift.
+
+    from thrifty.bench.common import Bench
+    def run(device, quick=False) -> Bench:
+        b = Bench("norm", device)
+        b.case(op="rms_norm fwd", shape="4096x4096", dtype="float32",
+               thrifty=lambda: ..., torch_fn=lambda: ..., bytes=..., flops=None)
+        return b
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def results_dir() -> Path:
+    """$THRIFTY_BENCH_OUT, else bench/results under the current directory (a checkout), else ./bench-results."""
+    if os.environ.get("THRIFTY_BENCH_OUT"):
+        return Path(os.environ["THRIFTY_BENCH_OUT"])
+    if Path("bench").is_dir():
+        return Path("bench") / "results"
+    return Path("bench-results")
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn: Callable[[], object], device: torch.device | str = "cpu", *, warmup: int = 3,
+           reps: int | None = None, min_time: float = 0.3, max_reps: int = 200) -> float:
+    """Median seconds per call of ``fn`` after ``warmup`` calls.
+
+    With ``reps=None`` the repetition count is chosen so the timed loop runs about
+    ``min_time`` seconds (at least 5, at most ``max_reps``). On CUDA each call is timed
+    with events.
+    """
+    dev = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    sync(dev)
+    if reps is None:
+        t0 = time.perf_counter()
+        fn()
+        sync(dev)
+        once = max(time.perf_counter() - t0, 1e-6)
+        reps = int(min(max_reps, max(5, min_time / once)))
+    times = []
+    if dev.type == "cuda":
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for s, e in zip(starts, ends):
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize()
+        times = [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_copy_bandwidth(device: torch.device | str = "cpu", nbytes: int = 512 * 2**20) -> float:
+    """Bytes/s of a large tensor copy (bytes read + bytes written), far larger than any cache."""
+    dev = torch.device(device)
+    n = nbytes // 4
+    src = torch.randn(n, device=dev)
+    dst = torch.empty_like(src)
+    t = timeit(lambda: dst.copy_(src), dev, warmup=2, min_time=0.5, max_reps=20)
+    return 2 * n * 4 / t
+
+
+def measure_matmul_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                         n: int | None = None) -> float:
+    """FLOP/s of a large square matmul through torch (the compute roofline of this run)."""
+    dev = torch.device(device)
+    n = n or (8192 if dev.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    t = timeit(lambda: a @ b, dev, warmup=2, min_time=0.5, max_reps=20)
+    return 2 * n**3 / t
+
+
+def machine_description(device: torch.device | str = "cpu") -> str:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    import thrifty
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, ISA {thrifty._C.cpu_isa()}"
+
+
+@dataclass
+class Case:
+    op: str
+    shape: str
+    dtype: str
+    thrifty_s: float
+    torch_s: float | None
+    speedup: float | None
+    bytes: float | None = None
+    flops: float | None = None
+    gbps: float | None = None
+    tflops: float | None = None
+    pct_roofline: float | None = None
+    baseline: str = "torch"
+    extra: dict = field(default_factory=dict)
+
+
+class Bench:
+    """Collects timed cases for one family and reports them with this run's rooflines."""
+
+    def __init__(self, family: str, device: torch.device | str = "cpu", *, rooflines: bool = True,
+                 matmul_dtype: torch.dtype | None = None):
+        self.family = family
+        self.device = torch.device(device)
+        self.cases: list[Case] = []
+        self.copy_bw = measure_copy_bandwidth(self.device) if rooflines else None
+        self.matmul_flops = None
+        if rooflines:
+            mdt = matmul_dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+            self.matmul_flops = measure_matmul_flops(self.device, mdt)
+            self.matmul_dtype = str(mdt).replace("torch.", "")
+
+    def case(self, *, op: str, shape: str, dtype: str | torch.dtype, thrifty: Callable[[], object],
+             torch_fn: Callable[[], object] | None = None, bytes: float | None = None,
+             flops: float | None = None, baseline: str = "torch", **extra) -> Case:
+        """Times ``thrifty`` and ``torch_fn`` (same process, same inputs) and records a row.
+
+        ``bytes``: the fewest bytes the op must move (each input read once, each output
+        written once): gives GB/s and % of copy bandwidth. ``flops``: gives TFLOP/s and %
+        of the matmul rate. Give whichever bounds the op.
+        """
+        t = timeit(thrifty, self.device)
+        tt = timeit(torch_fn, self.device) if torch_fn is not None else None
+        c = Case(op=op, shape=shape, dtype=str(dtype).replace("torch.", ""), thrifty_s=t, torch_s=tt,
+                 speedup=(tt / t) if tt else None, bytes=bytes, flops=flops, baseline=baseline, extra=extra)
+        if bytes:
+            c.gbps = bytes / t / 1e9
+            if self.copy_bw:
+                c.pct_roofline = 100 * bytes / t / self.copy_bw
+        if flops:
+            c.tflops = flops / t / 1e12
+            if self.matmul_flops and not bytes:
+                c.pct_roofline = 100 * flops / t / self.matmul_flops
+        self.cases.append(c)
+        print(f"  {op:28s} {c.shape:24s} {c.dtype:9s} thrifty {t * 1e3:9.3f} ms"
+              + (f"  {baseline} {tt * 1e3:9.3f} ms  x{c.speedup:5.2f}" if tt else ""), flush=True)
+        return c
+
+    def table(self) -> str:
+        hdr = ("| op | shape | dtype | thrifty ms | baseline ms | speedup | GB/s | TFLOP/s | % roofline |\n"
+               "|---|---|---|---|---|---|---|---|---|")
+        rows = []
+        for c in self.cases:
+            rows.append(
+                f"| {c.op} | {c.shape} | {c.dtype} | {c.thrifty_s * 1e3:.3f} | "
+                + (f"{c.torch_s * 1e3:.3f} ({c.baseline})" if c.torch_s else "-") + " | "
+                + (f"{c.speedup:.2f}x" if c.speedup else "-") + " | "
+                + (f"{c.gbps:.1f}" if c.gbps else "-") + " | "
+                + (f"{c.tflops:.3f}" if c.tflops else "-") + " | "
+                + (f"{c.pct_roofline:.0f}%" if c.pct_roofline else "-") + " |")
+        roof = []
+        if self.copy_bw:
+            roof.append(f"copy bandwidth {self.copy_bw / 1e9:.1f} GB/s")
+        if self.matmul_flops:
+            roof.append(f"{self.matmul_dtype} matmul {self.matmul_flops / 1e12:.3f} TFLOP/s")
+        return (f"### {self.family} on {machine_description(self.device)}\n"
+                f"Rooflines measured in this run: {', '.join(roof) or 'not measured'}\n\n" + hdr + "\n" + "\n".join(rows))
+
+    def report(self, out_dir: Path | None = None) -> Path:
+        """Prints the markdown table and writes <results_dir>/<family>-<device>.json."""
+        text = self.table()
+        print("\n" + text + "\n")
+        out_dir = Path(out_dir) if out_dir else results_dir()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"{self.family}-{self.device.type}.json"
+        payload = {
+            "family": self.family,
+            "machine": machine_description(self.device),
+            "device": self.device.type,
+            "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "copy_bandwidth_Bps": self.copy_bw,
+            "matmul_flops": self.matmul_flops,
+            "cases": [asdict(c) for c in self.cases],
+            "markdown": text,
+        }
+        path.write_text(json.dumps(payload, indent=1))
+        return path
+
+
+def main(run, argv: list[str] | None = None) -> None:
+    """Entry point of a bench/<family>.py script: parses --device/--quick, runs, reports."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--quick", action="store_true", help="fewer, smaller cases")
+    args = ap.parse_args(argv)
+    run(torch.device(args.device), quick=args.quick).report()
