@@ -1,1 +1,4 @@
 """Drop-in modules built on thrifty ops."""
+from thrifty.nn.norm import RMSNorm
+
+__all__ = ["RMSNorm"]

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from thrifty.ops._common import register_no_double_backward
+
 _ops = torch.ops.thrifty
 
 
@@ -88,3 +90,4 @@ def _backward_fused(ctx, grad_y, grad_h, _grad_rstd):
 
 
 torch.library.register_autograd("thrifty::fused_add_rms_norm", _backward_fused, setup_context=_setup_fused)
+register_no_double_backward("thrifty::rms_norm_backward")

@@ -1,0 +1,195 @@
+"""RMSNorm (plain and fused add): float64 references, gradients, opcheck, compile, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import thrifty
+from reference import DTYPES, assert_close_to_ref
+
+SHAPES = [(1, 8), (3, 769), (2, 5, 1000), (7, 4096), (4, 5125), (33, 3)]
+
+
+def ref_rms_norm(x, w, eps):
+    x64, w64 = x.double(), w.double()
+    return x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps) * w64
+
+
+def torch_lowp(x, w, eps):
+    # what stock PyTorch computes in the low precision (HF LlamaRMSNorm style, float32 inside)
+    return F.rms_norm(x, (x.shape[-1],), w.to(x.dtype), eps)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward(cpu_isa, shape, dtype, device):
+    x = torch.randn(shape, dtype=dtype, device=device) * 3
+    w = torch.randn(shape[-1], dtype=dtype, device=device)
+    y = thrifty.ops.rms_norm(x, w, 1e-5)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close_to_ref(y, ref_rms_norm(x, w, 1e-5), torch_lowp(x, w, 1e-5), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_add(cpu_isa, shape, dtype, device):
+    x = torch.randn(shape, dtype=dtype, device=device)
+    r = torch.randn(shape, dtype=dtype, device=device)
+    w = torch.randn(shape[-1], dtype=dtype, device=device)
+    y, h = thrifty.ops.rms_norm(x, w, 1e-6, residual=r)
+    h_lowp = x + r
+    assert torch.equal(h, h_lowp), "h must equal the unfused low-precision add"
+    assert_close_to_ref(y, ref_rms_norm(h_lowp, w, 1e-6), torch_lowp(h_lowp, w, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float32_weight_with_low_precision_x(cpu_isa, dtype, device):
+    x = torch.randn(6, 777, dtype=dtype, device=device)
+    w = torch.randn(777, device=device)
+    y = thrifty.ops.rms_norm(x, w)
+    assert y.dtype == dtype
+    ref = ref_rms_norm(x, w, 1e-6)
+    assert_close_to_ref(y, ref, (ref_rms_norm(x, w, 1e-6)).to(dtype), factor=1.0, atol=1e-2)
+
+
+@pytest.mark.parametrize("shape", [(3, 769), (2, 5, 1000), (300, 64)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fused", [False, True])
+def test_backward(cpu_isa, shape, dtype, fused, device):
+    x = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
+    r = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
+    w = torch.randn(shape[-1], dtype=dtype, device=device, requires_grad=True)
+    gy = torch.randn(shape, dtype=dtype, device=device)
+    gh = torch.randn(shape, dtype=dtype, device=device)
+    if fused:
+        y, h = thrifty.ops.rms_norm(x, w, 1e-6, residual=r)
+        (y * gy).sum().add_((h * gh).sum()).backward()
+    else:
+        y = thrifty.ops.rms_norm(x, w, 1e-6)
+        (y * gy).sum().backward()
+    grads = [x.grad, w.grad] + ([r.grad] if fused else [])
+
+    def run_ref(cast):
+        xs, rs, ws = [t.detach().to(cast).requires_grad_() for t in (x, r, w)]
+        hh = xs + rs if fused else xs
+        if cast == torch.float64:
+            yy = ref_rms_norm(hh, ws, 1e-6)
+        else:
+            yy = F.rms_norm(hh, (shape[-1],), ws, 1e-6)
+        loss = (yy * gy.to(cast)).sum()
+        if fused:
+            loss = loss + (hh * gh.to(cast)).sum()
+        loss.backward()
+        return [xs.grad, ws.grad] + ([rs.grad] if fused else [])
+
+    for got, ref, low, name in zip(grads, run_ref(torch.float64), run_ref(dtype), ["x", "weight", "residual"]):
+        assert_close_to_ref(got, ref, low, factor=2.0, atol=1e-4 * (shape[0] if name == "weight" else 1),
+                            name=f"grad_{name}")
+
+
+def test_backward_deterministic(cpu_isa):
+    x = torch.randn(513, 1000, requires_grad=True)
+    w = torch.randn(1000, requires_grad=True)
+    gy = torch.randn(513, 1000)
+    outs = []
+    for threads in (1, 2):
+        prev = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            x.grad = w.grad = None
+            (thrifty.ops.rms_norm(x, w) * gy).sum().backward()
+            outs.append((x.grad.clone(), w.grad.clone()))
+        finally:
+            torch.set_num_threads(prev)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_strided_inputs(device):
+    base = torch.randn(6, 2 * 769, device=device)
+    x = base[:, :769]  # row stride 1538: used in place
+    w = torch.randn(769, device=device)
+    torch.testing.assert_close(thrifty.ops.rms_norm(x, w), ref_rms_norm(x, w, 1e-6).float())
+    xt = torch.randn(769, 6, device=device).t()  # last dim not contiguous: copied, still right
+    torch.testing.assert_close(thrifty.ops.rms_norm(xt, w), ref_rms_norm(xt, w, 1e-6).float())
+    x3 = torch.randn(4, 3, 769, device=device).transpose(0, 1)  # leading dims not collapsible
+    torch.testing.assert_close(thrifty.ops.rms_norm(x3, w), ref_rms_norm(x3, w, 1e-6).float())
+
+
+def test_empty_and_nonfinite():
+    assert thrifty.ops.rms_norm(torch.empty(0, 64), torch.ones(64)).shape == (0, 64)
+    x = torch.randn(2, 64)
+    x[0, 3] = float("nan")
+    y = thrifty.ops.rms_norm(x, torch.ones(64))
+    assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck(dtype, device):
+    x = torch.randn(3, 5, 129, dtype=dtype, device=device, requires_grad=True)
+    w = torch.randn(129, dtype=dtype, device=device, requires_grad=True)
+    r = torch.randn(3, 5, 129, dtype=dtype, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.thrifty.rms_norm, (x, w, 1e-6))
+    torch.library.opcheck(torch.ops.thrifty.fused_add_rms_norm, (x, r, w, 1e-6))
+    gy = torch.randn_like(x)
+    rstd = torch.ops.thrifty.rms_norm(x, w, 1e-6)[1].detach()
+    torch.library.opcheck(torch.ops.thrifty.rms_norm_backward, (gy, x.detach(), w.detach(), rstd, None))
+    torch.library.opcheck(torch.ops.thrifty.rms_norm_backward, (gy, x.detach(), w.detach(), rstd, gy))
+
+
+def test_torch_compile_fullgraph():
+    norm = thrifty.nn.RMSNorm(96)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def block(x, r):
+        y, h = thrifty.ops.rms_norm(x, norm.weight, 1e-6, residual=r)
+        return norm(y).sum() + h.sum()
+
+    x = torch.randn(4, 96, requires_grad=True)
+    r = torch.randn(4, 96)
+    out = block(x, r)
+    out.backward()
+    y_ref, h_ref = thrifty.ops.rms_norm(x, norm.weight, 1e-6, residual=r)
+    torch.testing.assert_close(out, norm(y_ref).sum() + h_ref.sum())
+    assert x.grad is not None
+
+
+def test_module_matches_torch_and_hf_state_dict():
+    m = thrifty.nn.RMSNorm(300, eps=1e-5)
+    ref = torch.nn.RMSNorm(300, eps=1e-5)
+    with torch.no_grad():
+        ref.weight.normal_()
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 7, 300)
+    torch.testing.assert_close(m(x), ref(x))
+    assert set(m.state_dict()) == {"weight"}
+    assert m.variance_epsilon == 1e-5 and m.eps == 1e-5
+
+
+BAD = [
+    (lambda: thrifty.ops.rms_norm(torch.randn(3, 8, dtype=torch.float64), torch.ones(8)), TypeError, "'x' must have dtype"),
+    (lambda: thrifty.ops.rms_norm(torch.randn(3, 8), torch.ones(7)), ValueError, "'weight' must have size 8"),
+    (lambda: thrifty.ops.rms_norm(torch.randn(3, 8), torch.ones(2, 8)), ValueError, "'weight' must be 1-D"),
+    (lambda: thrifty.ops.rms_norm(torch.randn(3, 8), torch.ones(8, dtype=torch.int32)), TypeError, "'weight' must have the dtype"),
+    (lambda: thrifty.ops.rms_norm(torch.randn(3, 8, dtype=torch.bfloat16), torch.ones(8, dtype=torch.float16)), TypeError, "'weight' must have the dtype"),
+    (lambda: thrifty.ops.rms_norm(torch.randn(3, 8), torch.ones(8), residual=torch.randn(3, 9)), ValueError, "'residual' must have the same shape"),
+    (lambda: thrifty.ops.rms_norm(torch.randn(3, 8), torch.ones(8), residual=torch.randn(3, 8).half()), TypeError, "'residual' must have the same dtype"),
+    (lambda: thrifty.ops.rms_norm(torch.randn(()), torch.ones(1)), ValueError, "'x' must have at least 1"),
+    (lambda: thrifty.ops.rms_norm(torch.randn(3, 8), torch.ones(8), eps=float("nan")), ValueError, "'eps' must be finite"),
+    (lambda: thrifty.ops.rms_norm(torch.randn(3, 8), torch.ones(8), eps=-1.0), ValueError, "'eps' must be finite"),
+    (lambda: torch.ops.thrifty.rms_norm_backward(torch.randn(3, 8), torch.randn(3, 8), torch.ones(8), torch.ones(2), None), ValueError, "'rstd' must have one value per row"),
+    (lambda: torch.ops.thrifty.rms_norm_backward(torch.randn(3, 9), torch.randn(3, 8), torch.ones(8), torch.ones(3), None), ValueError, "'grad_y' must have the same shape"),
+]
+
+
+@pytest.mark.parametrize("i", range(len(BAD)))
+def test_bad_input(i):
+    fn, exc, msg = BAD[i]
+    with pytest.raises(exc, match=msg):
+        fn()
+
+
+@pytest.mark.cuda
+def test_device_mismatch():
+    with pytest.raises(RuntimeError, match="'weight' must be on the same device"):
+        thrifty.ops.rms_norm(torch.randn(3, 8, device="cuda"), torch.ones(8))
