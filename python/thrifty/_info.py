@@ -53,3 +53,17 @@ def info() -> str:
     text = "\n".join(lines)
     print(text)
     return text
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the fields as JSON")
+
+
+def main(args) -> int:
+    if args.json:
+        import json
+
+        print(json.dumps(info_dict(), indent=1))
+    else:
+        info()
+    return 0

@@ -1,0 +1,56 @@
+"""The `thrifty` command: info | bench | train | generate | quantize | demo.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
+``main(args) -> int``; this file only routes, so `thrifty info` stays fast and a
+subcommand's heavy imports happen only when it runs.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "info": ("thrifty._info", "print the build (torch, CUDA archs, CPU ISA) and the machine"),
+    "bench": ("thrifty.bench.cli", "run kernel benchmarks against PyTorch: thrifty bench [family ...]"),
+    "train": ("thrifty.train.cli", "train or fine-tune a Llama-family model from raw text"),
+    "generate": ("thrifty.train.generate_cli", "sample text from a trained run or a Hugging Face model directory"),
+    "quantize": ("thrifty.quant.cli", "quantize a model directory to int8/int4 weights"),
+    "demo": ("thrifty.train.demo", "train the tiny preset on the embedded corpus for ~3 minutes, then generate"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="thrifty", description="Cheap LLM training and serving on PyTorch.")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        mod = importlib.import_module(module)
+        mod.add_arguments(p)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # Import only the chosen subcommand's module (heavy ones import torch extras lazily).
+    if argv and argv[0] in COMMANDS:
+        name = argv[0]
+        module, help_text = COMMANDS[name]
+        mod = importlib.import_module(module)
+        p = argparse.ArgumentParser(prog=f"thrifty {name}", description=help_text)
+        mod.add_arguments(p)
+        args = p.parse_args(argv[1:])
+        return int(mod.main(args) or 0)
+    ap = argparse.ArgumentParser(prog="thrifty", description="Cheap LLM training and serving on PyTorch.")
+    ap.add_argument("command", nargs="?", choices=list(COMMANDS), help="; ".join(f"{k}: {v[1]}" for k, v in COMMANDS.items()))
+    args = ap.parse_args(argv)
+    if args.command is None:
+        ap.print_help()
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
