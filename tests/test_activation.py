@@ -1,0 +1,161 @@
+"""SwiGLU: float64 references on odd shapes, gradients, fused gate_up slices, nn.SwiGLU vs
+Hugging Face LlamaMLP, opcheck, compile, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import thrifty
+from reference import DTYPES, assert_close_to_ref
+
+SHAPES = [(1, 1), (3, 769), (2, 5, 1000), (4, 5125), (33, 3), (7,), (2, 3, 4, 17)]
+
+
+def ref(g, u, cast=torch.float64):
+    g, u = g.to(cast), u.to(cast)
+    return F.silu(g) * u
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward(cpu_isa, shape, dtype, device):
+    g = torch.randn(shape, dtype=dtype, device=device) * 3
+    u = torch.randn(shape, dtype=dtype, device=device)
+    out = thrifty.ops.swiglu(g, u)
+    assert out.shape == g.shape and out.dtype == dtype
+    assert_close_to_ref(out, ref(g, u), ref(g, u, dtype), atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(3, 769), (2, 5, 1000), (33, 3)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward(cpu_isa, shape, dtype, device):
+    g = (torch.randn(shape, dtype=dtype, device=device) * 3).requires_grad_()
+    u = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
+    go = torch.randn(shape, dtype=dtype, device=device)
+    (thrifty.ops.swiglu(g, u) * go).sum().backward()
+
+    def run_ref(cast):
+        gs, us = g.detach().to(cast).requires_grad_(), u.detach().to(cast).requires_grad_()
+        (F.silu(gs) * us * go.to(cast)).sum().backward()
+        return gs.grad, us.grad
+
+    (rg, ru), (lg, lu) = run_ref(torch.float64), run_ref(dtype)
+    assert_close_to_ref(g.grad, rg, lg, atol=1e-6, name="grad_gate")
+    assert_close_to_ref(u.grad, ru, lu, atol=1e-6, name="grad_up")
+
+
+def test_extreme_values():
+    g = torch.tensor([-1e4, -100.0, -20.0, 0.0, 20.0, 100.0, 1e4, float("inf")])
+    u = torch.ones_like(g)
+    torch.testing.assert_close(thrifty.ops.swiglu(g, u), F.silu(g) * u)
+    gg, gu = torch.ops.thrifty.swiglu_backward(torch.ones_like(g), g, u)
+    gs = g.clone().requires_grad_()
+    (F.silu(gs) * u).sum().backward()
+    torch.testing.assert_close(gg[:-1], gs.grad[:-1])
+    x = torch.tensor([float("nan"), 1.0])
+    assert torch.isnan(thrifty.ops.swiglu(x, torch.ones(2))[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_gate_up_slices(dtype, device):
+    n = 769
+    gate_up = torch.randn(2, 6, 2 * n, dtype=dtype, device=device, requires_grad=True)
+    g, u = gate_up.chunk(2, dim=-1)  # row stride 2n: read in place
+    assert not g.is_contiguous()
+    out = thrifty.ops.swiglu(g, u)
+    assert_close_to_ref(out, ref(g, u), ref(g, u, dtype), atol=1e-6)
+    out.sum().backward()
+    gs = gate_up.detach().double().requires_grad_()
+    a, b = gs.chunk(2, -1)
+    (F.silu(a) * b).sum().backward()
+    torch.testing.assert_close(gate_up.grad.double(), gs.grad, atol=2e-2 if dtype != torch.float32 else 1e-5,
+                               rtol=2e-2 if dtype != torch.float32 else 1e-5)
+    # last dim not contiguous, leading dims not collapsible: copied, still right
+    gt, ut = torch.randn(17, 5, device=device).t(), torch.randn(17, 5, device=device).t()
+    torch.testing.assert_close(thrifty.ops.swiglu(gt, ut), F.silu(gt) * ut)
+    g3 = torch.randn(4, 3, 33, device=device).transpose(0, 1)
+    torch.testing.assert_close(thrifty.ops.swiglu(g3, g3), F.silu(g3) * g3)
+
+
+def test_empty():
+    assert thrifty.ops.swiglu(torch.empty(0, 5), torch.empty(0, 5)).shape == (0, 5)
+    assert thrifty.ops.swiglu(torch.empty(3, 0), torch.empty(3, 0)).shape == (3, 0)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_module_matches_hf_llama_mlp(bias):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    cfg = LlamaConfig(hidden_size=96, intermediate_size=257, mlp_bias=bias, hidden_act="silu")
+    hf = LlamaMLP(cfg)
+    m = thrifty.nn.SwiGLU(96, 257, bias=bias)
+    assert set(m.state_dict()) == set(hf.state_dict())
+    m.load_state_dict(hf.state_dict())
+    x = torch.randn(2, 7, 96, requires_grad=True)
+    y = m(x)
+    torch.testing.assert_close(y, hf(x), atol=1e-5, rtol=1e-5)
+    y.sum().backward()
+    g1 = x.grad.clone()
+    x.grad = None
+    hf(x).sum().backward()
+    torch.testing.assert_close(g1, x.grad, atol=1e-5, rtol=1e-5)
+    for (n1, p1), (n2, p2) in zip(m.named_parameters(), hf.named_parameters()):
+        assert n1 == n2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck(dtype, device):
+    g = torch.randn(3, 5, 129, dtype=dtype, device=device, requires_grad=True)
+    u = torch.randn(3, 5, 129, dtype=dtype, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.thrifty.swiglu, (g, u))
+    torch.library.opcheck(torch.ops.thrifty.swiglu_backward, (torch.randn_like(g), g.detach(), u.detach()))
+    gu = torch.randn(4, 2 * 65, dtype=dtype, device=device, requires_grad=True)
+    a, b = gu.chunk(2, -1)
+    torch.library.opcheck(torch.ops.thrifty.swiglu, (a, b))
+
+
+def test_torch_compile_fullgraph():
+    mlp = thrifty.nn.SwiGLU(48, 80)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(x):
+        gu = torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1)
+        g, u = gu.chunk(2, -1)
+        return mlp(x).sum() + thrifty.ops.swiglu(g, u).square().sum()
+
+    x = torch.randn(5, 48, requires_grad=True)
+    out = f(x)
+    out.backward()
+    g, u = mlp.gate_proj(x), mlp.up_proj(x)
+    torch.testing.assert_close(out, mlp(x).sum() + (F.silu(g) * u).square().sum())
+    assert x.grad is not None
+
+
+BAD = [
+    (lambda: thrifty.ops.swiglu(torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)), TypeError,
+     "'gate' must have dtype Float, BFloat16 or Half"),
+    (lambda: thrifty.ops.swiglu(torch.randn(3, 8), torch.randn(3, 8).half()), TypeError, "'up' must have the same dtype as 'gate'"),
+    (lambda: thrifty.ops.swiglu(torch.randn(3, 8), torch.randn(3, 9)), ValueError, "'up' must have the same shape as 'gate'"),
+    (lambda: thrifty.ops.swiglu(torch.randn(3, 8), torch.randn(8)), ValueError, "'up' must have the same shape as 'gate'"),
+    (lambda: thrifty.ops.swiglu(torch.randn(()), torch.randn(())), ValueError, "'gate' must have at least 1"),
+    (lambda: thrifty.ops.swiglu(torch.ones(3, dtype=torch.int32), torch.ones(3, dtype=torch.int32)), TypeError, "'gate' must have dtype"),
+    (lambda: torch.ops.thrifty.swiglu_backward(torch.randn(3, 7), torch.randn(3, 8), torch.randn(3, 8)), ValueError,
+     "'grad' must have the same shape as 'gate'"),
+    (lambda: torch.ops.thrifty.swiglu_backward(torch.randn(3, 8).bfloat16(), torch.randn(3, 8), torch.randn(3, 8)), TypeError,
+     "'grad' must have the same dtype as 'gate'"),
+]
+
+
+@pytest.mark.parametrize("i", range(len(BAD)))
+def test_bad_input(i):
+    fn, exc, msg = BAD[i]
+    with pytest.raises(exc, match=msg):
+        fn()
+
+
+@pytest.mark.cuda
+def test_device_mismatch():
+    with pytest.raises(RuntimeError, match="'up' must be on the same device"):
+        thrifty.ops.swiglu(torch.randn(3, 8, device="cuda"), torch.randn(3, 8))
