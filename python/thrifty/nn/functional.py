@@ -58,9 +58,10 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
             raise ValueError(f"{_NAME}: query heads ({hq}) must be a multiple of key/value heads ({hk})")
     L, S = q.shape[-2], k.shape[-2]
     # to (batch, seq, heads, E) views (no copy: only the last dim needs unit stride)
-    q4 = q.reshape(-1, hq, L, q.shape[-1]).transpose(1, 2)
-    k4 = k.reshape(-1, hk, S, k.shape[-1]).transpose(1, 2)
-    v4 = v.reshape(-1, hk, S, v.shape[-1]).transpose(1, 2)
+    nb = math.prod(lead)
+    q4 = q.reshape(nb, hq, L, q.shape[-1]).transpose(1, 2)
+    k4 = k.reshape(nb, hk, S, k.shape[-1]).transpose(1, 2)
+    v4 = v.reshape(nb, hk, S, v.shape[-1]).transpose(1, 2)
     window = (-1, -1)
     causal = False
     if is_causal:
