@@ -2,4 +2,6 @@
 from thrifty.nn.norm import RMSNorm
 from thrifty.nn.activation import SwiGLU
 
-__all__ = ["RMSNorm", "SwiGLU"]
+from thrifty.nn import functional
+
+__all__ = ["RMSNorm", "SwiGLU", "functional"]

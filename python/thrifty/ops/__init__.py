@@ -2,7 +2,6 @@
 from thrifty.ops.norm import rms_norm
 from thrifty.ops.rotary import build_rotary_cache, rotary_embedding
 from thrifty.ops.activation import swiglu
+from thrifty.ops.attention import flash_attention, flash_attention_varlen
 
-
-
-__all__ = ["rms_norm", "rotary_embedding", "build_rotary_cache", "swiglu"]
+__all__ = ["rms_norm", "build_rotary_cache", "rotary_embedding", "swiglu", "flash_attention", "flash_attention_varlen"]
