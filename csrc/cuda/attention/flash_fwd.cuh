@@ -1,5 +1,6 @@
-// FlashAttention-2 forward kernel (sm_80+). One block = 64 query rows of one (batch, head),
-// 4 warps of 16 rows each. Loop over key tiles of BN rows:
+// FlashAttention-2 forward kernel (sm_80+). One block = BM query rows of one (batch, head),
+// 4 warps of MT x 16 rows each (MT m16 tiles per warp reuse every K/V fragment MT times).
+// Loop over key tiles of BN rows:
 //   S = Q K^T (mma m16n8k16, Q and K fragments by ldmatrix from shared memory),
 //   scale / softcap / mask in registers, online softmax in the log2 domain (exp2f),
 //   O += P V (P re-packed from the S accumulators as the A operand, V by ldmatrix.trans).
@@ -16,8 +17,9 @@ template <int D>
 struct FwdCfg {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int BM = 16 * kWarps;
-  static constexpr int BN = D > 128 ? 32 : 64;
+  static constexpr int MT = D > 128 ? 1 : 2;  // m16 tiles per warp
+  static constexpr int BM = 16 * MT * kWarps;
+  static constexpr int BN = D > 64 ? 32 : 64;
   static constexpr int SD = D + 8;  // padded shared row
   static constexpr size_t kSmem = size_t(BM + 2 * BN) * SD * 2;
 };
@@ -26,7 +28,8 @@ template <typename T, int D>
 __global__ void __launch_bounds__(FwdCfg<D>::kThreads) flash_fwd_kernel(const AttentionParams p, const ScoreMap sm,
                                                                         const int wl, const int wr) {
   using Cfg = FwdCfg<D>;
-  constexpr int BM = Cfg::BM, BN = Cfg::BN, SD = Cfg::SD, NT = Cfg::kThreads;
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, SD = Cfg::SD, NT = Cfg::kThreads, MT = Cfg::MT;
+  constexpr int WR = 16 * MT;  // rows per warp
   constexpr int kNT = BN / 8;  // S n-tiles per warp
   constexpr int kDT = D / 8;   // O n-tiles per warp
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -68,15 +71,19 @@ __global__ void __launch_bounds__(FwdCfg<D>::kThreads) flash_fwd_kernel(const At
     cp_async_commit();
   }
 
-  float acc_o[kDT][4];
+  float acc_o[MT][kDT][4];
+  float row_max[MT][2], row_sum[MT][2];  // row_sum: this thread's partial sums (2 of every 8 columns)
 #pragma unroll
-  for (int i = 0; i < kDT; ++i)
+  for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-    for (int c = 0; c < 4; ++c) acc_o[i][c] = 0.0f;
-  float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.0f, 0.0f};  // this thread's partial sums (its 2 of every 8 columns)
+    for (int i = 0; i < kDT; ++i)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc_o[mt][i][c] = 0.0f;
+    row_max[mt][0] = row_max[mt][1] = -INFINITY;
+    row_sum[mt][0] = row_sum[mt][1] = 0.0f;
+  }
 
-  const T* sQw = sQ + (warp * 16) * SD;
+  const T* sQw = sQ + (warp * WR) * SD;
   for (int n = n_lo; n < n_hi; ++n) {
     const int n0 = n * BN;
     cp_async_wait<0>();
@@ -84,65 +91,74 @@ __global__ void __launch_bounds__(FwdCfg<D>::kThreads) flash_fwd_kernel(const At
     load_tile<BN, D, SD, NT>(sV, vg + int64_t(n0) * p.v_row_stride, p.v_row_stride, sk - n0, p.head_dim, tid);
     cp_async_commit();
 
-    float s[kNT][4];
+    float s[MT][kNT][4];
 #pragma unroll
-    for (int i = 0; i < kNT; ++i)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) s[i][c] = 0.0f;
+      for (int i = 0; i < kNT; ++i)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) s[mt][i][c] = 0.0f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4];
-      ldsm_x4(a, sQw + (lane & 15) * SD + kk * 16 + (lane >> 4) * 8);
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) ldsm_x4(a[mt], sQw + (mt * 16 + (lane & 15)) * SD + kk * 16 + (lane >> 4) * 8);
 #pragma unroll
       for (int np = 0; np < BN / 16; ++np) {
         uint32_t bf[4];
         ldsm_x4(bf, sK + (np * 16 + (lane >> 4) * 8 + (lane & 7)) * SD + kk * 16 + ((lane >> 3) & 1) * 8);
-        mma16816<T>(s[2 * np], a, bf[0], bf[1]);
-        mma16816<T>(s[2 * np + 1], a, bf[2], bf[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma16816<T>(s[mt][2 * np], a[mt], bf[0], bf[1]);
+          mma16816<T>(s[mt][2 * np + 1], a[mt], bf[2], bf[3]);
+        }
       }
     }
 
     // scale (+ softcap), mask, online softmax
     const bool need_mask = (n0 + BN > sk) || (wr >= 0 && n0 + BN - 1 > m0 + off + wr) ||
                            (wl >= 0 && n0 < i_last + off - wl);
-    const int i0 = m0 + warp * 16 + g;
 #pragma unroll
-    for (int nt = 0; nt < kNT; ++nt)
+    for (int mt = 0; mt < MT; ++mt) {
+      const int i0 = m0 + warp * WR + mt * 16 + g;
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        float x = sm(s[nt][c]);
-        if (need_mask) {
-          const int i = i0 + (c >> 1) * 8, j = n0 + nt * 8 + 2 * t + (c & 1);
-          if (!visible(i, j, sq, sk, off, wl, wr)) x = -INFINITY;
+      for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          float x = sm(s[mt][nt][c]);
+          if (need_mask) {
+            const int i = i0 + (c >> 1) * 8, j = n0 + nt * 8 + 2 * t + (c & 1);
+            if (!visible(i, j, sq, sk, off, wl, wr)) x = -INFINITY;
+          }
+          s[mt][nt][c] = x;
         }
-        s[nt][c] = x;
+      float scale_o[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = row_max[mt][r];
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_use = mx == -INFINITY ? 0.0f : mx;  // a row with nothing visible yet
+        scale_o[r] = exp2f(row_max[mt][r] - m_use);        // row_max = -inf gives 0
+        row_max[mt][r] = mx;
+        float sum = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+          s[mt][nt][2 * r] = exp2f(s[mt][nt][2 * r] - m_use);
+          s[mt][nt][2 * r + 1] = exp2f(s[mt][nt][2 * r + 1] - m_use);
+          sum += s[mt][nt][2 * r] + s[mt][nt][2 * r + 1];
+        }
+        row_sum[mt][r] = row_sum[mt][r] * scale_o[r] + sum;
       }
-    float scale_o[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = row_max[r];
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_use = mx == -INFINITY ? 0.0f : mx;  // a row with nothing visible yet
-      scale_o[r] = exp2f(row_max[r] - m_use);            // row_max = -inf gives 0
-      row_max[r] = mx;
-      float sum = 0.0f;
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-        s[nt][2 * r] = exp2f(s[nt][2 * r] - m_use);
-        s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] - m_use);
-        sum += s[nt][2 * r] + s[nt][2 * r + 1];
+      for (int dt = 0; dt < kDT; ++dt) {
+        acc_o[mt][dt][0] *= scale_o[0];
+        acc_o[mt][dt][1] *= scale_o[0];
+        acc_o[mt][dt][2] *= scale_o[1];
+        acc_o[mt][dt][3] *= scale_o[1];
       }
-      row_sum[r] = row_sum[r] * scale_o[r] + sum;
-    }
-#pragma unroll
-    for (int dt = 0; dt < kDT; ++dt) {
-      acc_o[dt][0] *= scale_o[0];
-      acc_o[dt][1] *= scale_o[0];
-      acc_o[dt][2] *= scale_o[1];
-      acc_o[dt][3] *= scale_o[1];
     }
 
     cp_async_wait<0>();
@@ -155,17 +171,23 @@ __global__ void __launch_bounds__(FwdCfg<D>::kThreads) flash_fwd_kernel(const At
 
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        a[mt][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        a[mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        a[mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        a[mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         uint32_t bf[4];
         ldsm_x4_t(bf, sV + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * SD + dp * 16 + (lane >> 4) * 8);
-        mma16816<T>(acc_o[2 * dp], a, bf[0], bf[1]);
-        mma16816<T>(acc_o[2 * dp + 1], a, bf[2], bf[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma16816<T>(acc_o[mt][2 * dp], a[mt], bf[0], bf[1]);
+          mma16816<T>(acc_o[mt][2 * dp + 1], a[mt], bf[2], bf[3]);
+        }
       }
     }
   }
@@ -173,33 +195,37 @@ __global__ void __launch_bounds__(FwdCfg<D>::kThreads) flash_fwd_kernel(const At
   // epilogue: normalise, stage the warp's 16 rows in its own part of sQ, store 16-byte chunks
   cp_async_wait<0>();
   __syncthreads();
-  float inv[2];
+  T* sO = sQ + (warp * WR) * SD;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float l = row_sum[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    inv[r] = l > 0.0f ? 1.0f / l : 0.0f;
-    const int i = m0 + warp * 16 + g + r * 8;
-    if (t == 0 && i < si.sq_rows) {
-      const float lse = l > 0.0f ? (row_max[r] + __log2f(l)) * kLn2 : -INFINITY;
-      p.lse[b * p.lse_batch_stride + int64_t(h) * p.lse_head_stride + si.q_start + i] = lse;
+  for (int mt = 0; mt < MT; ++mt) {
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float l = row_sum[mt][r];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      inv[r] = l > 0.0f ? 1.0f / l : 0.0f;
+      const int i = m0 + warp * WR + mt * 16 + g + r * 8;
+      if (t == 0 && i < si.sq_rows) {
+        const float lse = l > 0.0f ? (row_max[mt][r] + __log2f(l)) * kLn2 : -INFINITY;
+        p.lse[b * p.lse_batch_stride + int64_t(h) * p.lse_head_stride + si.q_start + i] = lse;
+      }
     }
-  }
-  T* sO = sQ + (warp * 16) * SD;
 #pragma unroll
-  for (int dt = 0; dt < kDT; ++dt) {
-    *reinterpret_cast<uint32_t*>(sO + g * SD + dt * 8 + 2 * t) = pack2<T>(acc_o[dt][0] * inv[0], acc_o[dt][1] * inv[0]);
-    *reinterpret_cast<uint32_t*>(sO + (g + 8) * SD + dt * 8 + 2 * t) =
-        pack2<T>(acc_o[dt][2] * inv[1], acc_o[dt][3] * inv[1]);
+    for (int dt = 0; dt < kDT; ++dt) {
+      *reinterpret_cast<uint32_t*>(sO + (mt * 16 + g) * SD + dt * 8 + 2 * t) =
+          pack2<T>(acc_o[mt][dt][0] * inv[0], acc_o[mt][dt][1] * inv[0]);
+      *reinterpret_cast<uint32_t*>(sO + (mt * 16 + g + 8) * SD + dt * 8 + 2 * t) =
+          pack2<T>(acc_o[mt][dt][2] * inv[1], acc_o[mt][dt][3] * inv[1]);
+    }
   }
   __syncwarp();
   constexpr int kChunks = D / 8;
 #pragma unroll
-  for (int c = lane; c < 16 * kChunks; c += 32) {
+  for (int c = lane; c < WR * kChunks; c += 32) {
     const int r = c / kChunks, ch = c % kChunks;
-    if (warp * 16 + r < rows_here && ch * 8 < p.head_dim)
-      *reinterpret_cast<uint4*>(og + int64_t(warp * 16 + r) * p.o_row_stride + ch * 8) =
+    if (warp * WR + r < rows_here && ch * 8 < p.head_dim)
+      *reinterpret_cast<uint4*>(og + int64_t(warp * WR + r) * p.o_row_stride + ch * 8) =
           *reinterpret_cast<const uint4*>(sO + r * SD + ch * 8);
   }
 }
