@@ -19,7 +19,8 @@ int flash_kernel_head_dim(int head_dim);
 bool flash_attention_compiled(DType dtype, int head_dim);
 
 void launch_flash_attention_fwd(const AttentionParams& p, cudaStream_t stream);
-// Bytes of p.workspace the backward needs (Dsum rows; plus the float32 dQ accumulator unless
+// Bytes of p.workspace the backward needs: Dsum = rowsum(dO * O) per row, plus the float32 dQ
+// accumulator when the atomic dQ path is selected (THRIFTY_ATTN_ATOMIC_DQ=1 and not
 // p.deterministic). Uses batch, heads, seqlen_q (max_seqlen_q in varlen), head_dim, deterministic.
 size_t flash_attention_bwd_workspace_bytes(const AttentionBwdParams& p);
 // dq, dk, dv must not alias the inputs; p.workspace must hold flash_attention_bwd_workspace_bytes(p).

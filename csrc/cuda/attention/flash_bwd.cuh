@@ -11,9 +11,10 @@
 //   double-buffered by cp.async. Non-deterministic mode also computes dQ there: dS goes through
 //   shared memory and each warp atomically adds its 16 x (D / ...) slice of dS K into a float32
 //   accumulator (workspace), converted by flash_bwd_convert_dq.
-// flash_bwd_dq_kernel (deterministic mode): one block per (64 query rows, head, batch), recomputes
-//   P and dS tile by tile over the visible keys and accumulates dQ in registers: no atomics, the
-//   result is bitwise repeatable.
+// flash_bwd_dq_kernel (the default, and always in deterministic mode): one block per (64 query
+//   rows, head, batch), recomputes P and dS tile by tile over the visible keys and accumulates dQ
+//   in registers: no atomics, bitwise repeatable, and faster on H100 than the atomic path above
+//   (which THRIFTY_ATTN_ATOMIC_DQ=1 selects; see flash_api.cu).
 #pragma once
 #include "cuda/attention/flash_common.cuh"
 
@@ -283,7 +284,7 @@ __global__ void __launch_bounds__(BwdDqCfg<D>::kThreads)
   T* sK = sdO + BM * SD;  // [2][BN][SD]
   T* sV = sK + 2 * BN * SD;
 
-  const int mb = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int mb = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;  // heavy (causal) tiles first
   const SeqInfo si = seq_info(p, b);
   const int m0 = mb * BM;
   if (m0 >= si.sq_rows) return;

@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(FwdCfg<D>::kThreads) flash_fwd_kernel(const At
   T* sK = sQ + BM * SD;
   T* sV = sK + BN * SD;
 
-  const int mb = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int mb = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;  // heavy (causal) tiles first
   const SeqInfo si = seq_info(p, b);
   const int m0 = mb * BM;
   if (m0 >= si.sq_rows) return;
