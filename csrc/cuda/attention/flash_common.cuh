@@ -1,0 +1,170 @@
+// Device building blocks of the FlashAttention-2 kernels (sm_80+): cp.async tile loads with
+// zero fill, ldmatrix, mma.sync m16n8k16 (bf16/f16 in, f32 accumulate), the mask test.
+//
+// Fragment layouts of mma.m16n8k16 (g = lane / 4, t = lane % 4):
+//   A (16x16, row major): a0 (row g,   k 2t..2t+1)  a1 (row g+8, k 2t..)  a2 (row g, k 2t+8..)  a3 (row g+8, k 2t+8..)
+//   B (16x8, "col"):      b0 (k 2t..2t+1, col g)    b1 (k 2t+8.., col g)
+//   C (16x8, f32):        c0,c1 (row g, cols 2t, 2t+1)   c2,c3 (row g+8, cols 2t, 2t+1)
+// Shared-memory tiles are row major with rows padded by 8 elements (16 bytes), which makes the
+// 8 row addresses of every ldmatrix hit 8 distinct 16-byte bank groups for all head dims used.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/attention_params.h"
+#include "cuda/common.cuh"
+
+namespace thrifty::cuda::flash {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, asynchronously; zero-fills the destination when !pred.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+  const int n = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(smem)));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(smem)));
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                        uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats -> one register of two 16-bit values (lo = first, the lower column).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Loads rows [0, ROWS) x cols [0, D) of a tile into shared memory (row stride SD elements) with
+// cp.async; rows >= valid_rows and 8-column chunks at or past head_dim are zero-filled.
+// Needs head_dim % 8 == 0, row_stride % 8 == 0 and a 16-byte aligned base (the glue checks).
+template <int ROWS, int D, int SD, int NTHREADS, typename T>
+__device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t row_stride, int valid_rows, int head_dim,
+                                          int tid) {
+  constexpr int kChunks = D / 8, kTotal = ROWS * kChunks, kIters = (kTotal + NTHREADS - 1) / NTHREADS;
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int c = tid + it * NTHREADS;
+    if (kTotal % NTHREADS != 0 && c >= kTotal) break;
+    const int r = c / kChunks, ch = c % kChunks;
+    const bool pred = r < valid_rows && ch * 8 < head_dim;
+    const T* src = pred ? gmem + r * row_stride + ch * 8 : gmem;
+    cp_async16(smem + r * SD + ch * 8, src, pred);
+  }
+}
+
+inline void check_cuda(cudaError_t e, const char* what) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("thrifty: CUDA error in ") + what + ": " + cudaGetErrorString(e));
+}
+
+// Scratch layout (workspace), Msq = max_seqlen_q (batched: seqlen_q), rows indexed b * Msq + i:
+//   dsum   float [heads][batch * Msq]
+//   dq_acc float [batch * Msq][heads][Dk]        (non-deterministic mode only)
+inline __host__ __device__ size_t bwd_dsum_bytes(const AttentionParams& p) {
+  const size_t n = size_t(p.heads) * size_t(p.batch) * size_t(p.seqlen_q) * sizeof(float);
+  return (n + 255) & ~size_t(255);
+}
+
+// Whether query i (row in its sequence) sees key j; off = seqlen_k - seqlen_q.
+__device__ __forceinline__ bool visible(int i, int j, int sq, int sk, int off, int wl, int wr) {
+  return i < sq && j < sk && (wl < 0 || j >= i + off - wl) && (wr < 0 || j <= i + off + wr);
+}
+
+// Scaled score in the log2 domain: scale * s (optionally soft-capped) times log2(e).
+struct ScoreMap {
+  float scale_log2;  // no softcap: scale * log2e
+  float cap_pre;     // softcap: scale / softcap
+  float cap_post;    // softcap: softcap * log2e
+  bool softcap;
+  __device__ __forceinline__ float operator()(float s) const {
+    return softcap ? cap_post * tanhf(s * cap_pre) : s * scale_log2;
+  }
+};
+
+inline ScoreMap make_score_map(const AttentionParams& p) {
+  ScoreMap m;
+  m.softcap = p.softcap > 0.0f;
+  m.scale_log2 = p.softmax_scale * kLog2e;
+  m.cap_pre = m.softcap ? p.softmax_scale / p.softcap : 0.0f;
+  m.cap_post = p.softcap * kLog2e;
+  return m;
+}
+
+// Effective window bounds with causal folded in (window_right <= 0).
+inline void effective_window(const AttentionParams& p, int& wl, int& wr) {
+  wl = p.window_left;
+  wr = p.window_right;
+  if (p.causal) wr = 0;  // j <= i + offset (and wr >= 0 can only narrow it further to 0)
+}
+
+// Sequence bounds of batch entry b.
+struct SeqInfo {
+  int q_start, k_start, sq, sk;
+  int sq_rows;  // query rows processed: min(sq, max_seqlen_q) (rows past the declared maximum are skipped)
+};
+__device__ __forceinline__ SeqInfo seq_info(const AttentionParams& p, int b) {
+  SeqInfo s;
+  if (p.varlen) {
+    s.q_start = p.cu_seqlens_q[b];
+    s.sq = p.cu_seqlens_q[b + 1] - s.q_start;
+    s.k_start = p.cu_seqlens_k[b];
+    s.sk = p.cu_seqlens_k[b + 1] - s.k_start;
+  } else {
+    s.q_start = 0;
+    s.k_start = 0;
+    s.sq = p.seqlen_q;
+    s.sk = p.seqlen_k;
+  }
+  s.sq_rows = s.sq < p.seqlen_q ? s.sq : p.seqlen_q;
+  return s;
+}
+
+}  // namespace thrifty::cuda::flash
