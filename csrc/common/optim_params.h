@@ -44,6 +44,7 @@ struct OptimStepParams {
   int64_t total_chunks = 0;
   int64_t chunk_size = 0;              // elements per chunk (a multiple of kQuantBlock for 8-bit)
   float beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f, weight_decay = 0.0f;
+  float one_minus_beta1 = 0.1f, one_minus_beta2 = 0.001f;  // computed in double (1 - 0.999f is off by 1e-5)
   // CPU: the values. CUDA: read on device from the pointers (no host sync, no recompilation).
   float lr = 0.0f, grad_coef = 1.0f;
   const float* lr_ptr = nullptr;        // 0-d float32

@@ -53,7 +53,7 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   auto tab = optim_build_table(op, params, grads, exp_avgs, exp_avg_sqs, masters, {}, {}, steps, false, true, true,
                                kCpuChunk, s.pdtype);
   s.has_master = !masters.empty();
-  s.beta1 = beta1, s.beta2 = beta2, s.eps = eps, s.weight_decay = weight_decay;
+  s.beta1 = beta1, s.beta2 = beta2, s.one_minus_beta1 = 1.0 - beta1, s.one_minus_beta2 = 1.0 - beta2, s.eps = eps, s.weight_decay = weight_decay;
   run_step(op, s, tab, params[0], lr, grad_coef, found_inf, true);
   // tensors with no elements still count a step
   if (!(found_inf.has_value() && read_scalar(*found_inf) != 0.0f))
@@ -79,7 +79,7 @@ void adamw8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
   s.qmap_m = qmap_m.data_ptr<float>();
   s.qmap_v = qmap_v.data_ptr<float>();
   s.has_master = !masters.empty();
-  s.beta1 = beta1, s.beta2 = beta2, s.eps = eps, s.weight_decay = weight_decay;
+  s.beta1 = beta1, s.beta2 = beta2, s.one_minus_beta1 = 1.0 - beta1, s.one_minus_beta2 = 1.0 - beta2, s.eps = eps, s.weight_decay = weight_decay;
   run_step(op, s, tab, params[0], lr, grad_coef, found_inf, true);
   if (!(found_inf.has_value() && read_scalar(*found_inf) != 0.0f))
     for (size_t i = 0; i < params.size(); ++i)
@@ -97,7 +97,7 @@ void lion_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   auto tab = optim_build_table(op, params, grads, exp_avgs, {}, masters, {}, {}, {}, false, false, false, kCpuChunk,
                                s.pdtype);
   s.has_master = !masters.empty();
-  s.beta1 = beta1, s.beta2 = beta2, s.weight_decay = weight_decay;
+  s.beta1 = beta1, s.beta2 = beta2, s.one_minus_beta1 = 1.0 - beta1, s.one_minus_beta2 = 1.0 - beta2, s.weight_decay = weight_decay;
   run_step(op, s, tab, params[0], lr, grad_coef, found_inf, false);
 }
 

@@ -30,9 +30,9 @@ THRIFTY_INLINE StepConsts consts(const OptimStepParams& s, const OptimTensor& t)
   c.decay = Vec::set1(1.0f - s.lr * s.weight_decay);
   c.coef = Vec::set1(s.grad_coef);
   c.b1 = Vec::set1(s.beta1);
-  c.omb1 = Vec::set1(1.0f - s.beta1);
+  c.omb1 = Vec::set1(s.one_minus_beta1);
   c.b2 = Vec::set1(s.beta2);
-  c.omb2 = Vec::set1(1.0f - s.beta2);
+  c.omb2 = Vec::set1(s.one_minus_beta2);
   c.step_size = Vec::set1(s.lr / t.bias_c1);
   c.inv_bc2 = Vec::set1(1.0f / t.bias_c2_sqrt);
   c.eps = Vec::set1(s.eps);
