@@ -3,5 +3,6 @@ from thrifty.ops.norm import rms_norm
 from thrifty.ops.rotary import build_rotary_cache, rotary_embedding
 from thrifty.ops.activation import swiglu
 from thrifty.ops.attention import flash_attention, flash_attention_varlen
+from thrifty.ops.optim import multi_tensor_l2norm
 
-__all__ = ["rms_norm", "build_rotary_cache", "rotary_embedding", "swiglu", "flash_attention", "flash_attention_varlen"]
+__all__ = ["rms_norm", "build_rotary_cache", "rotary_embedding", "swiglu", "flash_attention", "flash_attention_varlen", "multi_tensor_l2norm"]
