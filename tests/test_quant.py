@@ -475,3 +475,30 @@ def test_cli_rtn_on_safetensors_dir(tmp_path):
                                  t["model.layers.0.mlp.down_proj.zeros"], bits=4, group_size=32)
     ref = w["model.layers.0.mlp.down_proj.weight"].float()
     assert (deq - ref).norm() / ref.norm() < 0.15
+
+
+def test_cli_gptq_via_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from thrifty.quant import cli
+    src, out = tmp_path / "m", tmp_path / "q"
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator([cli.DEFAULT_CORPUS], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"]))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    cfg = transformers.LlamaConfig(vocab_size=fast.vocab_size, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(src))
+    fast.save_pretrained(str(src))
+    import argparse
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    args = p.parse_args([str(src), str(out), "--bits", "4", "--group-size", "32", "--method", "gptq",
+                         "--calibration-tokens", "256", "--seq-len", "128"])
+    assert cli.main(args) == 0
+    meta = thrifty.quant.model.read_metadata(str(out / "model.safetensors"))
+    layers = json.loads(meta["layers"])
+    assert "model.layers.0.mlp.down_proj" in layers and layers["model.layers.0.mlp.down_proj"]["act_order"]
+    assert (out / "tokenizer.json").exists()
