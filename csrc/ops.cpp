@@ -48,4 +48,15 @@ TORCH_LIBRARY(thrifty, m) {
   m.def("adamw8bit_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] absmax_m, Tensor(e!)[] absmax_v, Tensor qmap_m, Tensor qmap_v, Tensor(f!)[] masters, Tensor(g!)[] steps, Tensor lr, float beta1, float beta2, float eps, float weight_decay, Tensor? grad_coef, Tensor? found_inf) -> ()");
   // One fused Lion step: c = lerp(m, g, 1 - b1); p = p (1 - lr wd) - lr sign(c); m = lerp(m, g, 1 - b2).
   m.def("lion_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] masters, Tensor lr, float beta1, float beta2, float weight_decay, Tensor? grad_coef, Tensor? found_inf) -> ()");
+  // ---- quant ----
+  // y = x @ dequant(qweight).T (+ bias), x (..., K) float32/bfloat16/float16. bits 8: qweight int8 (N, K), scales (N,),
+  // w = q * s; bits 4: qweight uint8 (N, K/2) (k even in the low nibble), scales/zeros float32 (N, K/group_size),
+  // w = (q - z) * s. Formats: docs/QUANT_FORMATS.md.
+  m.def("quant_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, int bits, int group_size, Tensor? bias) -> Tensor");
+  // dequant(qweight) as float32 (N, K): exactly the weights quant_linear multiplies by.
+  m.def("quant_dequantize(Tensor qweight, Tensor scales, Tensor? zeros, int bits, int group_size) -> Tensor");
+  // Dynamic symmetric per-row int8: scales = amax(|x|, -1) / 127 (float32, (..., 1)), xq = round(x / scales) in [-127, 127].
+  m.def("quantize_per_token(Tensor x) -> (Tensor xq, Tensor scales)");
+  // W8A8: y = (xq @ wq.T in int32) * x_scales * w_scales (+ bias), xq int8 (..., K), wq int8 (N, K); out_dtype default Float.
+  m.def("int8_linear(Tensor xq, Tensor x_scales, Tensor wq, Tensor w_scales, Tensor? bias, ScalarType? out_dtype) -> Tensor");
 }

@@ -4,4 +4,6 @@ from thrifty.nn.activation import SwiGLU
 
 from thrifty.nn import functional
 
-__all__ = ["RMSNorm", "SwiGLU", "functional"]
+from thrifty.nn.quant import QuantLinear
+
+__all__ = ["RMSNorm", "SwiGLU", "functional", "QuantLinear"]

@@ -1,0 +1,128 @@
+"""Quantized GEMM benchmarks: thrifty W4A16 / W8A16 / W8A8 against torch bf16 matmul,
+torch._weight_int8pack_mm and torch._weight_int4pack_mm_for_cpu, in the same run, with the
+machine's read bandwidth measured in the same run.
+
+CPU weights (K=4096, N=14336) and (K=14336, N=4096) do not fit the L3; M = 1, 8, 64, 256.
+GPU: K=N=8192, M = 1, 16, 256 against cuBLAS bf16 (few cases).
+"""
+from __future__ import annotations
+
+import torch
+
+import thrifty
+from thrifty.bench.common import Bench, timeit
+from thrifty.nn import QuantLinear
+
+
+def measure_read_bandwidth(device, nbytes: int = 512 * 2**20) -> float:
+    """Bytes/s of a pure streaming read (a sum over a tensor far larger than the caches)."""
+    t = torch.randn(nbytes // 4, device=device)
+    s = timeit(lambda: t.sum(), device, warmup=2, min_time=0.5, max_reps=20)
+    return nbytes / s
+
+
+def _torch_int4(w: torch.Tensor, group: int):
+    """torch's own CPU int4 path: (packed weight, scales_and_zeros) for _weight_int4pack_mm_for_cpu."""
+    n, k = w.shape
+    wg = w.float().reshape(n, k // group, group)
+    wmin, wmax = wg.amin(-1), wg.amax(-1)
+    s = ((wmax - wmin) / 15).clamp(min=1e-6)
+    q = torch.clamp(torch.round((wg - wmin[..., None]) / s[..., None]), 0, 15).to(torch.int32).reshape(n, k)
+    # torch's convention: w = (q - 8) * s + zero, with zero = wmin + 8 * s
+    sz = torch.stack([s, wmin + 8 * s], -1).transpose(0, 1).contiguous().bfloat16()  # (K/G, N, 2)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
+    return packed, sz
+
+
+def run(device, quick: bool = False) -> Bench:
+    device = torch.device(device)
+    b = Bench("quant", device, matmul_dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        return _run_gpu(b, device, quick)
+    read_bw = measure_read_bandwidth(device)
+    print(f"  read bandwidth {read_bw / 1e9:.1f} GB/s", flush=True)
+    b.read_bw = read_bw
+    shapes = [(4096, 14336)] if quick else [(4096, 14336), (14336, 4096)]
+    ms = [1, 8, 64] if quick else [1, 8, 64, 256]
+    group = 128
+    for k, n in shapes:
+        lin = torch.nn.Linear(k, n, bias=False)
+        with torch.no_grad():
+            lin.weight.normal_(0, 0.02)
+        w_bf16 = lin.weight.detach().bfloat16()
+        q4 = QuantLinear.from_float(lin, bits=4, group_size=group)
+        q8 = QuantLinear.from_float(lin, bits=8)
+        q8a8 = QuantLinear.from_float(lin, bits=8, act_bits=8)
+        t_i8 = q8.qweight
+        t_s8 = q8.scales.bfloat16()
+        t_i4, t_sz = _torch_int4(lin.weight.detach(), group)
+        del lin
+        w4_bytes = q4.qweight.numel() + 8 * q4.scales.numel()
+        w8_bytes = q8.qweight.numel() + 4 * n
+        for m in ms:
+            x = torch.randn(m, k).bfloat16()
+            shape = f"M={m} K={k} N={n}"
+            fl = 2.0 * m * k * n
+            bf16 = lambda: torch.nn.functional.linear(x, w_bf16)  # noqa: E731
+            if m <= 8:
+                c = b.case(op="W4A16 vs torch int4pack", shape=shape, dtype="bfloat16", thrifty=lambda: q4(x),
+                           torch_fn=lambda: torch._weight_int4pack_mm_for_cpu(x, t_i4, group, t_sz),
+                           bytes=w4_bytes, baseline="int4pack")
+                c.extra["pct_read_bw"] = 100 * w4_bytes / c.thrifty_s / read_bw
+                c = b.case(op="W8A16 vs torch int8pack", shape=shape, dtype="bfloat16", thrifty=lambda: q8(x),
+                           torch_fn=lambda: torch._weight_int8pack_mm(x, t_i8, t_s8), bytes=w8_bytes,
+                           baseline="int8pack")
+                c.extra["pct_read_bw"] = 100 * w8_bytes / c.thrifty_s / read_bw
+                b.case(op="W4A16 vs bf16 matmul", shape=shape, dtype="bfloat16", thrifty=lambda: q4(x),
+                       torch_fn=bf16, bytes=w4_bytes, baseline="bf16")
+            else:
+                b.case(op="W8A8 vs bf16 matmul", shape=shape, dtype="bfloat16", thrifty=lambda: q8a8(x),
+                       torch_fn=bf16, flops=fl, baseline="bf16")
+                b.case(op="W4A16 vs bf16 matmul", shape=shape, dtype="bfloat16", thrifty=lambda: q4(x),
+                       torch_fn=bf16, flops=fl, baseline="bf16")
+                b.case(op="W8A16 vs bf16 matmul", shape=shape, dtype="bfloat16", thrifty=lambda: q8(x),
+                       torch_fn=bf16, flops=fl, baseline="bf16")
+                if not quick:
+                    b.case(op="torch int4pack vs bf16 (ref)", shape=shape, dtype="bfloat16",
+                           thrifty=lambda: torch._weight_int4pack_mm_for_cpu(x, t_i4, group, t_sz),
+                           torch_fn=bf16, flops=fl, baseline="bf16")
+    return b
+
+
+def _run_gpu(b: Bench, device, quick: bool) -> Bench:
+    k = n = 8192
+    lin = torch.nn.Linear(k, n, bias=False, device=device)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.02)
+    w = lin.weight.detach().bfloat16()
+    q4 = QuantLinear.from_float(lin, bits=4, group_size=128)
+    q8a8 = QuantLinear.from_float(lin, bits=8, act_bits=8)
+    for m in ([1, 16] if quick else [1, 4, 16, 256]):
+        x = torch.randn(m, k, device=device).bfloat16()
+        bf16 = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
+        b.case(op="W4A16 vs cuBLAS bf16", shape=f"M={m} K={k} N={n}", dtype="bfloat16", thrifty=lambda: q4(x),
+               torch_fn=bf16, bytes=q4.qweight.numel() + 8 * q4.scales.numel(), baseline="cublas")
+        if m >= 16:
+            b.case(op="W8A8 vs cuBLAS bf16", shape=f"M={m} K={k} N={n}", dtype="bfloat16", thrifty=lambda: q8a8(x),
+                   torch_fn=bf16, flops=2.0 * m * k * n, baseline="cublas")
+    return b
+
+
+def accuracy_table() -> str:
+    """Output relative error per format on a random layer with correlated inputs (RTN and GPTQ)."""
+    torch.manual_seed(0)
+    k, n = 1024, 1024
+    lin = torch.nn.Linear(k, n, bias=False)
+    x = torch.randn(2048, 64) @ torch.randn(64, k) * 0.2 + 0.05 * torch.randn(2048, k)
+    xc, xt = x[:1024], x[1024:]
+    ref = lin(xt).double()
+    rows = ["| format | method | output rel. error |", "|---|---|---|"]
+    for name, kw in [("W8A16", dict(bits=8)), ("W8A8", dict(bits=8, act_bits=8)), ("W4A16 g128", dict(bits=4)),
+                     ("W4A16 g32", dict(bits=4, group_size=32))]:
+        for method in ("rtn", "gptq"):
+            q = QuantLinear.from_float(lin, method=method, calibration=xc, **kw)
+            with torch.no_grad():
+                err = ((q(xt).double() - ref).norm() / ref.norm()).item()
+            rows.append(f"| {name} | {method} | {err:.4f} |")
+    return "\n".join(rows)

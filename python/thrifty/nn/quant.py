@@ -1,0 +1,184 @@
+"""QuantLinear: a drop-in nn.Linear with int8 or int4 weights (W8A16, W4A16, W8A8)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from thrifty.ops import quant as qops
+from thrifty.quant import formats as F
+
+
+class QuantLinear(nn.Module):
+    """y = x @ dequant(W).T + bias with packed weights (docs/QUANT_FORMATS.md, format version 1).
+
+    Buffers: ``qweight`` (int8 (N, K) for bits=8, uint8 (N, K/2) for bits=4), ``scales`` float32
+    ((N,) or (N, K/G)), ``zeros`` float32 (N, K/G) (bits=4), optional ``bias`` (N,), optional ``perm``
+    int64 (K,) (input features reordered: act-order GPTQ), optional ``smooth`` float32 (K,) (W8A8
+    SmoothQuant factors not folded into a previous layer: x is divided by them).
+    ``act_bits=8`` (W8A8, bits=8 only) quantizes activations per token and multiplies in int8.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bits: int = 8,
+                 group_size: int = 128, act_bits: int = 16, device=None, dtype: torch.dtype | None = None,
+                 act_order: bool = False, smooth: bool = False):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"QuantLinear: bits must be 4 or 8, got {bits}")
+        if act_bits not in (8, 16):
+            raise ValueError(f"QuantLinear: act_bits must be 16 or 8, got {act_bits}")
+        if act_bits == 8 and bits != 8:
+            raise ValueError("QuantLinear: act_bits=8 (int8 activations) needs bits=8 weights (W8A8)")
+        if bits == 4 and (group_size <= 0 or group_size % 32 or in_features % group_size):
+            raise ValueError(f"QuantLinear: in_features={in_features} is not a multiple of group_size={group_size} "
+                             "(group_size must be a multiple of 32)")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.act_bits = bits, act_bits
+        self.group_size = group_size if bits == 4 else -1
+        if bits == 8:
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+            self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32, device=device))
+            self.zeros = None
+        else:
+            ng = in_features // group_size
+            self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("scales", torch.ones(out_features, ng, dtype=torch.float32, device=device))
+            self.register_buffer("zeros", torch.zeros(out_features, ng, dtype=torch.float32, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype or torch.float32, device=device))
+        else:
+            self.bias = None
+        self.register_buffer("perm", torch.arange(in_features, device=device) if act_order else None)
+        self.register_buffer("smooth", torch.ones(in_features, device=device) if smooth else None)
+
+    # ---- forward ----
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        if self.smooth is not None:
+            x = x / self.smooth.to(x.dtype)
+        bias = self.bias
+        if bias is not None and bias.dtype not in (x.dtype, torch.float32):
+            bias = bias.to(x.dtype)
+        if self.act_bits == 8:
+            xq, xs = qops.quantize_per_token(x)
+            return qops.int8_linear(xq, xs, self.qweight, self.scales, bias, out_dtype=x.dtype)
+        return qops.quant_linear(x, self.qweight, self.scales, self.zeros, bits=self.bits,
+                                 group_size=self.group_size, bias=bias)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 (out_features, in_features): the weight exactly as the kernels see it (in the
+        original input-feature order, smoothing folded back in)."""
+        w = qops.dequantize(self.qweight, self.scales, self.zeros, bits=self.bits, group_size=self.group_size)
+        if self.smooth is not None:
+            w = w / self.smooth.float()[None, :]
+        if self.perm is not None:
+            out = torch.empty_like(w)
+            out[:, self.perm] = w
+            w = out
+        return w
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"bits={self.bits}, group_size={self.group_size}, act_bits={self.act_bits}"
+                + (", act_order" if self.perm is not None else ""))
+
+    def quant_config(self) -> dict:
+        """What a saved checkpoint needs to rebuild this layer (see thrifty.quant.save_quantized)."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+                "bits": self.bits, "group_size": self.group_size, "act_bits": self.act_bits,
+                "act_order": self.perm is not None, "smooth": self.smooth is not None}
+
+    # ---- constructors ----
+    @classmethod
+    def from_float(cls, linear: nn.Linear, bits: int = 8, group_size: int = 128, method: str = "rtn",
+                   act_bits: int = 16, calibration: torch.Tensor | None = None, *, damp: float = 0.01,
+                   act_order: bool = True, smooth: torch.Tensor | None = None) -> "QuantLinear":
+        """Quantizes an nn.Linear.
+
+        bits=8: symmetric per output channel; bits=4: group-wise asymmetric (group_size).
+        method="rtn" rounds to nearest; method="gptq" needs ``calibration``: input activations
+        (tokens, in_features) (or a (K, K) Hessian 2 X^T X / n given as ``calibration`` with
+        K == tokens is taken as activations: pass activations). act_bits=8 makes a W8A8 layer.
+        smooth: optional (in_features,) SmoothQuant factors kept in the layer (x / smooth,
+        W * smooth); use thrifty.quant.smooth_fold to fold them into the previous layer instead.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"QuantLinear.from_float: expected an nn.Linear, got {type(linear).__name__}")
+        if method not in ("rtn", "gptq"):
+            raise ValueError(f"QuantLinear.from_float: method must be 'rtn' or 'gptq', got {method!r}")
+        k, n = linear.in_features, linear.out_features
+        w = linear.weight.detach().float()
+        if smooth is not None:
+            w = w * smooth.float()[None, :]
+        perm = None
+        if method == "gptq":
+            if calibration is None:
+                raise ValueError("QuantLinear.from_float: method='gptq' needs calibration activations "
+                                 "(tokens, in_features)")
+            if calibration.shape[-1] != k:
+                raise ValueError(f"QuantLinear.from_float: calibration must have in_features={k} columns, "
+                                 f"got shape {tuple(calibration.shape)}")
+            from thrifty.quant.gptq import gptq_quantize, hessian_from_inputs
+            xc = calibration.float()
+            if smooth is not None:
+                xc = xc / smooth.float()
+            h, cnt = hessian_from_inputs(xc)
+            q, s, z, perm = gptq_quantize(w, 2 * h / max(cnt, 1), bits=bits, group_size=group_size, damp=damp,
+                                          act_order=act_order)
+        elif bits == 8:
+            q, s = F.quantize_rtn_w8(w)
+            z = None
+        else:
+            q, s, z = F.quantize_rtn_w4(w, group_size)
+        dev = linear.weight.device
+        m = cls(k, n, linear.bias is not None, bits=bits, group_size=group_size, act_bits=act_bits, device=dev,
+                dtype=linear.bias.dtype if linear.bias is not None else None, act_order=perm is not None,
+                smooth=smooth is not None)
+        m.qweight.copy_(q if bits == 8 else F.pack_int4(q))
+        m.scales.copy_(s)
+        if bits == 4:
+            m.zeros.copy_(z)
+        if perm is not None:
+            m.perm.copy_(perm)
+        if smooth is not None:
+            m.smooth.copy_(smooth.float())
+        if linear.bias is not None:
+            m.bias.copy_(linear.bias.detach())
+        return m
+
+    @classmethod
+    def from_gptq(cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                  g_idx: torch.Tensor | None = None, bias: torch.Tensor | None = None, bits: int = 4) -> "QuantLinear":
+        """From a GPTQ checkpoint: qweight int32 (K/8, N) packed along K, qzeros int32 (groups, N/8)
+        (stored zero + 1 convention, as vLLM and exllama read it), scales (groups, N), g_idx (K,)
+        (act-order) or None. The group size follows from the shapes."""
+        if bits != 4:
+            raise ValueError(f"QuantLinear.from_gptq: only 4-bit GPTQ checkpoints are supported, got bits={bits}")
+        qw, s, z, perm, gs = F.from_gptq_tensors(qweight, qzeros, scales, g_idx)
+        n, k = qw.shape[0], qw.shape[1] * 2
+        m = cls(k, n, bias is not None, bits=4, group_size=gs, device=qweight.device,
+                dtype=bias.dtype if bias is not None else None, act_order=perm is not None)
+        m.qweight.copy_(qw)
+        m.scales.copy_(s)
+        m.zeros.copy_(z)
+        if perm is not None:
+            m.perm.copy_(perm)
+        if bias is not None:
+            m.bias.copy_(bias)
+        return m
+
+    @classmethod
+    def from_awq(cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                 bias: torch.Tensor | None = None, group_size: int = 128) -> "QuantLinear":
+        """From an AWQ (GEMM) checkpoint: qweight int32 (K, N/8) packed along N in AWQ's nibble order
+        [0, 2, 4, 6, 1, 3, 5, 7], qzeros int32 (K/G, N/8) likewise, scales (K/G, N)."""
+        qw, s, z, gs = F.from_awq_tensors(qweight, qzeros, scales, group_size)
+        n, k = qw.shape[0], qw.shape[1] * 2
+        m = cls(k, n, bias is not None, bits=4, group_size=gs, device=qweight.device,
+                dtype=bias.dtype if bias is not None else None)
+        m.qweight.copy_(qw)
+        m.scales.copy_(s)
+        m.zeros.copy_(z)
+        if bias is not None:
+            m.bias.copy_(bias)
+        return m

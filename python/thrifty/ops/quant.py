@@ -1,0 +1,111 @@
+"""Quantized linear layers: W8A16 / W4A16 (``quant_linear``) and W8A8 (``quantize_per_token`` +
+``int8_linear``). Formats (version 1) are documented in docs/QUANT_FORMATS.md.
+
+Math, with N = out_features, K = in_features, G = group_size::
+
+    bits=8: w[n, k] = qweight[n, k] * scales[n]                          qweight int8 (N, K)
+    bits=4: w[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G]   qweight uint8 (N, K/2),
+            q[n, 2i] = qweight[n, i] & 15, q[n, 2i+1] = qweight[n, i] >> 4
+    quant_linear(x) = x @ w.T (+ bias), float32 accumulation, output in x's dtype
+    W8A8: xq, xs = quantize_per_token(x)  (xs = amax|x| / 127 per row, xq = round(x / xs))
+          int8_linear = (xq @ wq.T, exact in int32) * xs * w_scales (+ bias)
+
+Backward of quant_linear (weights are frozen): grad_x = grad_y @ w, grad_bias = sum of grad_y over rows.
+"""
+from __future__ import annotations
+
+import torch
+
+_ops = torch.ops.thrifty
+
+
+def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None, *,
+                 bits: int, group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ dequant(qweight).T (+ bias) for W8A16 (bits=8) and W4A16 (bits=4).
+
+    Args:
+        x: (..., K) float32, bfloat16 or float16.
+        qweight: bits=8: int8 (N, K); bits=4: uint8 (N, K/2), k even in the low nibble.
+        scales: float32, (N,) for bits=8 or (N, K/group_size) for bits=4.
+        zeros: bits=4 only, float32 (N, K/group_size) zero points (w = (q - zeros) * scales).
+        bits: 4 or 8.
+        group_size: bits=4: a multiple of 32 dividing K; bits=8: -1 (per output channel).
+        bias: optional (N,), x's dtype or float32.
+    Returns:
+        (..., N) in x's dtype.
+    """
+    return _ops.quant_linear(x, qweight, scales, zeros, bits, group_size, bias)
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None, *, bits: int,
+               group_size: int) -> torch.Tensor:
+    """The float32 (N, K) weight quant_linear multiplies by (each element rounded once to float32)."""
+    return _ops.quant_dequantize(qweight, scales, zeros, bits, group_size)
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric int8 quantization per row of x (..., K).
+
+    Returns (xq int8 (..., K), scales float32 (..., 1)) with scales = max|x| / 127 over the row
+    and xq = round_half_even(x * 127 / max|x|), so xq * scales ~ x. An all-zero row gets scale 0.
+    """
+    return _ops.quantize_per_token(x)
+
+
+def int8_linear(xq: torch.Tensor, x_scales: torch.Tensor, wq: torch.Tensor, w_scales: torch.Tensor,
+                bias: torch.Tensor | None = None, *, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W8A8: y = (xq @ wq.T accumulated exactly in int32) * x_scales * w_scales (+ bias).
+
+    Args:
+        xq: int8 (..., K); x_scales: float32, one per row ((...) or (..., 1)).
+        wq: int8 (N, K); w_scales: float32 (N,).
+        bias: optional (N,) float.
+        out_dtype: float32 (default), bfloat16 or float16.
+    """
+    return _ops.int8_linear(xq, x_scales, wq, w_scales, bias, out_dtype)
+
+
+# ---- fake (shape-only) implementations ----
+@torch.library.register_fake("thrifty::quant_linear")
+def _quant_linear_fake(x, qweight, scales, zeros, bits, group_size, bias):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@torch.library.register_fake("thrifty::quant_dequantize")
+def _dequantize_fake(qweight, scales, zeros, bits, group_size):
+    k = qweight.shape[1] * (2 if bits == 4 else 1)
+    return qweight.new_empty((qweight.shape[0], k), dtype=torch.float32)
+
+
+@torch.library.register_fake("thrifty::quantize_per_token")
+def _quantize_per_token_fake(x):
+    return (torch.empty_like(x, dtype=torch.int8, memory_format=torch.contiguous_format),
+            x.new_empty((*x.shape[:-1], 1), dtype=torch.float32))
+
+
+@torch.library.register_fake("thrifty::int8_linear")
+def _int8_linear_fake(xq, x_scales, wq, w_scales, bias, out_dtype):
+    return xq.new_empty((*xq.shape[:-1], wq.shape[0]), dtype=out_dtype or torch.float32)
+
+
+# ---- autograd: gradients w.r.t. x and bias (the quantized weight is frozen) ----
+def _setup_quant_linear(ctx, inputs, output):
+    x, qweight, scales, zeros, bits, group_size, bias = inputs
+    ctx.bits, ctx.group_size = bits, group_size
+    ctx.x_dtype = x.dtype
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.save_for_backward(qweight, scales, zeros)
+
+
+def _backward_quant_linear(ctx, grad_y):
+    qweight, scales, zeros = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = _ops.quant_dequantize(qweight, scales, zeros, ctx.bits, ctx.group_size)
+        grad_x = (grad_y.float() @ w).to(ctx.x_dtype)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[6]:
+        grad_bias = grad_y.float().reshape(-1, grad_y.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, None, None, None, grad_bias
+
+
+torch.library.register_autograd("thrifty::quant_linear", _backward_quant_linear, setup_context=_setup_quant_linear)

@@ -1,0 +1,184 @@
+"""`thrifty quantize MODEL_DIR OUT_DIR --bits 4 --group-size 128 --method gptq`
+
+Works on the safetensors level of a Hugging Face Llama-style directory (config.json + *.safetensors,
+sharded index included): every 2-D weight named *_proj.weight (not the LM head, not embeddings) is
+quantized; every other tensor is copied unchanged. OUT_DIR gets model.safetensors (thrifty format
+version 1: <layer>.qweight / .scales / .zeros / .perm, metadata "format"="thrifty-quant" and the per-layer
+config), config.json with a "quantization_config" block, and the tokenizer files.
+
+GPTQ needs calibration activations: the float model is run through Hugging Face transformers (when
+installed) on text from --calibration FILE or an embedded default corpus.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+DEFAULT_CORPUS = """\
+The history of computing is a history of making expensive things cheap. Early machines filled rooms and
+served a handful of scientists; each generation since has put more arithmetic into less silicon, and
+software followed the hardware into every office, pocket and appliance.
+A language model predicts the next token of a text from the tokens before it. Trained on enough text it
+learns spelling, grammar, facts and some reasoning, and serving it costs memory bandwidth above all:
+every weight is read once for every generated token, so smaller weights mean faster answers.
+def fibonacci(n):
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+Rivers carry water from the mountains to the sea, shaping valleys over millions of years. Cities grew
+along them because water meant trade, food and power; bridges, mills and harbours followed.
+In mathematics a group is a set with an associative operation, an identity element and inverses. The
+integers under addition form a group; the rotations of a square form a smaller one with eight elements
+when reflections are included.
+Bread needs flour, water, salt and yeast. Mix, knead until smooth, let it rise until doubled, shape it,
+let it rise again and bake in a hot oven until the crust is brown and the loaf sounds hollow.
+"""
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "generation_config.json", "vocab.json", "merges.txt")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model_dir", help="Hugging Face Llama-style directory (config.json + *.safetensors)")
+    parser.add_argument("out_dir", help="where the quantized model is written")
+    parser.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    parser.add_argument("--group-size", type=int, default=128, help="bits=4 group size (multiple of 32)")
+    parser.add_argument("--method", default="rtn", choices=["rtn", "gptq"])
+    parser.add_argument("--act-bits", type=int, default=16, choices=[16, 8], help="8: W8A8 (bits=8 only)")
+    parser.add_argument("--calibration", help="text file for GPTQ calibration (default: an embedded corpus)")
+    parser.add_argument("--calibration-tokens", type=int, default=4096)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--damp", type=float, default=0.01)
+    parser.add_argument("--no-act-order", action="store_true")
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / f for f in files]
+    return sorted(model_dir.glob("*.safetensors"))
+
+
+def quantizable(name: str, t) -> bool:
+    return (name.endswith("_proj.weight") and t.dim() == 2 and "lm_head" not in name and "embed" not in name)
+
+
+def _hessians_via_transformers(model_dir: Path, names: list[str], args) -> dict:
+    import torch
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit("thrifty quantize: --method gptq needs calibration activations, which this command gets "
+                         "by running the model with Hugging Face transformers; install it (pip install transformers) "
+                         "or use --method rtn")
+    from thrifty.quant.model import collect_hessians
+    text = Path(args.calibration).read_text() if args.calibration else DEFAULT_CORPUS
+    if (model_dir / "tokenizer.json").exists() or (model_dir / "tokenizer_config.json").exists():
+        tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+        ids = tok(text, return_tensors="pt")["input_ids"][0]
+    else:
+        raise SystemExit(f"thrifty quantize: --method gptq needs a tokenizer in {model_dir} (tokenizer.json) to "
+                         "encode the calibration text")
+    while ids.numel() < args.calibration_tokens and ids.numel() > 0:
+        ids = torch.cat([ids, ids])
+    ids = ids[: max(args.seq_len, args.calibration_tokens // args.seq_len * args.seq_len)]
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    model.eval()
+    batches = [ids[i:i + args.seq_len][None] for i in range(0, ids.numel(), args.seq_len)]
+    mods = [n[: -len(".weight")] for n in names]
+    have = dict(model.named_modules())
+    missing = [m for m in mods if m not in have]
+    if missing:
+        raise SystemExit(f"thrifty quantize: layers {missing[:3]} of the checkpoint are not modules of the "
+                         "transformers model; cannot calibrate")
+    print(f"calibrating on {ids.numel()} tokens in {len(batches)} sequences ...", flush=True)
+    return collect_hessians(model, mods, batches)
+
+
+def main(args) -> int:
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from thrifty.quant import formats as F
+    from thrifty.quant.gptq import gptq_quantize
+    from thrifty.quant.model import FORMAT_NAME
+
+    src, out = Path(args.model_dir), Path(args.out_dir)
+    if not (src / "config.json").exists():
+        print(f"thrifty quantize: {src} has no config.json (expected a Hugging Face model directory)", file=sys.stderr)
+        return 2
+    files = _weight_files(src)
+    if not files:
+        print(f"thrifty quantize: no *.safetensors files in {src}", file=sys.stderr)
+        return 2
+    if args.act_bits == 8 and args.bits != 8:
+        print("thrifty quantize: --act-bits 8 needs --bits 8 (W8A8)", file=sys.stderr)
+        return 2
+    if args.bits == 4 and (args.group_size <= 0 or args.group_size % 32):
+        print(f"thrifty quantize: --group-size must be a positive multiple of 32, got {args.group_size}", file=sys.stderr)
+        return 2
+    tensors, meta_in = {}, {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                tensors[k] = fh.get_tensor(k)
+    names = [k for k, t in tensors.items() if quantizable(k, t)]
+    if not names:
+        print(f"thrifty quantize: no *_proj.weight matrices found in {src}", file=sys.stderr)
+        return 2
+    for n in names:
+        if args.bits == 4 and tensors[n].shape[1] % args.group_size:
+            print(f"thrifty quantize: {n}: in_features K={tensors[n].shape[1]} is not a multiple of "
+                  f"group_size={args.group_size}", file=sys.stderr)
+            return 2
+    hessians = _hessians_via_transformers(src, names, args) if args.method == "gptq" else {}
+    outt, layers = {}, {}
+    for k, t in tensors.items():
+        if k not in names:
+            outt[k] = t.contiguous()
+            continue
+        base = k[: -len(".weight")]
+        w = t.float()
+        perm = None
+        if args.method == "gptq":
+            q, s, z, perm = gptq_quantize(w, hessians.pop(base), bits=args.bits, group_size=args.group_size,
+                                          damp=args.damp, act_order=not args.no_act_order)
+        elif args.bits == 8:
+            q, s = F.quantize_rtn_w8(w)
+            z = None
+        else:
+            q, s, z = F.quantize_rtn_w4(w, args.group_size)
+        outt[base + ".qweight"] = q.contiguous() if args.bits == 8 else F.pack_int4(q)
+        outt[base + ".scales"] = s.contiguous()
+        if z is not None:
+            outt[base + ".zeros"] = z.contiguous()
+        if perm is not None:
+            outt[base + ".perm"] = perm.contiguous()
+        bias = tensors.get(base + ".bias")
+        layers[base] = {"in_features": w.shape[1], "out_features": w.shape[0], "bias": bias is not None,
+                        "bits": args.bits, "group_size": args.group_size if args.bits == 4 else -1,
+                        "act_bits": args.act_bits, "act_order": perm is not None, "smooth": False}
+        err = (F.dequantize_reference(F.unpack_int4(outt[base + ".qweight"]) if args.bits == 4 else q, s, z,
+                                      args.group_size) - (w if perm is None else w[:, perm])).norm() / w.norm()
+        print(f"  {base}: {tuple(w.shape)} -> int{args.bits}  weight rel. error {err:.4f}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = {"bits": args.bits, "group_size": args.group_size, "method": args.method, "act_bits": args.act_bits}
+    save_file(outt, str(out / "model.safetensors"),
+              metadata={"format": FORMAT_NAME, "format_version": str(F.FORMAT_VERSION), "layers": json.dumps(layers),
+                        "config": json.dumps(cfg)})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "thrifty", "format_version": F.FORMAT_VERSION, **cfg}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for f in TOKENIZER_FILES:
+        if (src / f).exists():
+            shutil.copy(src / f, out / f)
+    before = sum(t.numel() * t.element_size() for t in tensors.values())
+    after = sum(t.numel() * t.element_size() for t in outt.values())
+    print(f"wrote {out / 'model.safetensors'}: {len(layers)} layers quantized, {before / 2**20:.1f} MiB -> "
+          f"{after / 2**20:.1f} MiB")
+    return 0

@@ -1,0 +1,233 @@
+"""Whole-model quantization: replace nn.Linear layers by QuantLinear, save and load with safetensors."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from thrifty.quant.formats import FORMAT_VERSION
+
+FORMAT_NAME = "thrifty-quant"
+
+
+@dataclass
+class QuantConfig:
+    """bits 8 or 4; group_size for bits=4; method "rtn" or "gptq"; act_bits 16 or 8 (W8A8);
+    skip: layer names (or name suffixes) left in floating point (the LM head by default)."""
+    bits: int = 4
+    group_size: int = 128
+    method: str = "rtn"
+    act_bits: int = 16
+    skip: tuple[str, ...] = ("lm_head",)
+    damp: float = 0.01
+    act_order: bool = True
+
+    @classmethod
+    def make(cls, config) -> "QuantConfig":
+        if isinstance(config, QuantConfig):
+            return config
+        if isinstance(config, dict):
+            unknown = set(config) - set(cls.__dataclass_fields__)
+            if unknown:
+                raise ValueError(f"quantize_model: unknown config keys {sorted(unknown)}; "
+                                 f"known: {sorted(cls.__dataclass_fields__)}")
+            c = dict(config)
+            if "skip" in c:
+                c["skip"] = tuple(c["skip"])
+            return cls(**c)
+        raise TypeError(f"quantize_model: config must be a QuantConfig or a dict, got {type(config).__name__}")
+
+
+def _skipped(name: str, skip) -> bool:
+    return any(name == s or name.endswith("." + s) for s in skip)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _run_calibration(model: nn.Module, calibration) -> None:
+    with torch.no_grad():
+        if callable(calibration) and not isinstance(calibration, torch.Tensor):
+            calibration(model)
+        elif isinstance(calibration, (list, tuple)):
+            for batch in calibration:
+                model(batch)
+        elif isinstance(calibration, dict):
+            model(**calibration)
+        else:
+            model(calibration)
+
+
+def collect_hessians(model: nn.Module, names: list[str], calibration) -> dict[str, torch.Tensor]:
+    """Runs ``calibration`` through the float model and returns H = 2 X^T X / n per named nn.Linear."""
+    sums: dict[str, list] = {n: [None, 0] for n in names}
+    hooks = []
+    for n in names:
+        def hook(mod, args, _out, n=n):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            h = x.t() @ x
+            sums[n][0] = h if sums[n][0] is None else sums[n][0] + h
+            sums[n][1] += x.shape[0]
+        hooks.append(model.get_submodule(n).register_forward_hook(hook))
+    try:
+        _run_calibration(model, calibration)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for n, (s, cnt) in sums.items():
+        if s is None:
+            raise ValueError(f"quantize_model: calibration never reached layer {n!r}")
+        out[n] = 2 * s / cnt
+    return out
+
+
+def quantize_model(model: nn.Module, config=None, calibration=None) -> nn.Module:
+    """Replaces every nn.Linear of ``model`` (except those named in config.skip, the LM head by default)
+    by a QuantLinear, in place, and returns the model.
+
+    config: QuantConfig or dict (bits, group_size, method, act_bits, skip, damp, act_order).
+    calibration: needed by method="gptq": a batch the model takes (tensor, list of tensors, dict of
+    keyword arguments) or a callable(model) that runs it. Hessians come from the float model's inputs
+    to each layer. Save with save_quantized(model, path), load with load_quantized(model, path).
+    """
+    from thrifty.nn.quant import QuantLinear
+    from thrifty.quant.gptq import gptq_quantize
+
+    cfg = QuantConfig.make(config or {})
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _skipped(n, cfg.skip)]
+    hessians = {}
+    if cfg.method == "gptq":
+        if calibration is None:
+            raise ValueError("quantize_model: method='gptq' needs calibration data")
+        hessians = collect_hessians(model, names, calibration)
+    elif cfg.method != "rtn":
+        raise ValueError(f"quantize_model: method must be 'rtn' or 'gptq', got {cfg.method!r}")
+    for n in names:
+        lin = model.get_submodule(n)
+        if cfg.method == "gptq":
+            q, s, z, perm = gptq_quantize(lin.weight.detach().float(), hessians.pop(n), bits=cfg.bits,
+                                          group_size=cfg.group_size, damp=cfg.damp, act_order=cfg.act_order)
+            qm = _from_codes(lin, q, s, z, perm, cfg)
+        else:
+            qm = QuantLinear.from_float(lin, bits=cfg.bits, group_size=cfg.group_size, method="rtn",
+                                        act_bits=cfg.act_bits)
+        _set_module(model, n, qm)
+    model._thrifty_quant_config = asdict(cfg)
+    return model
+
+
+def _from_codes(lin: nn.Linear, q, s, z, perm, cfg: QuantConfig):
+    from thrifty.nn.quant import QuantLinear
+    from thrifty.quant.formats import pack_int4
+
+    dev = lin.weight.device
+    m = QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, bits=cfg.bits,
+                    group_size=cfg.group_size, act_bits=cfg.act_bits, device=dev,
+                    dtype=lin.bias.dtype if lin.bias is not None else None, act_order=perm is not None)
+    m.qweight.copy_(q if cfg.bits == 8 else pack_int4(q))
+    m.scales.copy_(s)
+    if cfg.bits == 4:
+        m.zeros.copy_(z)
+    if perm is not None:
+        m.perm.copy_(perm)
+    if lin.bias is not None:
+        m.bias.copy_(lin.bias.detach())
+    return m
+
+
+def quant_metadata(model: nn.Module) -> dict[str, str]:
+    """safetensors metadata: format name and version, and each QuantLinear's config (JSON)."""
+    from thrifty.nn.quant import QuantLinear
+
+    layers = {n: m.quant_config() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    return {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "layers": json.dumps(layers),
+            "config": json.dumps(getattr(model, "_thrifty_quant_config", {}))}
+
+
+def save_quantized(model: nn.Module, path: str) -> None:
+    """Writes model.state_dict() to one .safetensors file with the quantization metadata."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    # tied weights share storage; safetensors refuses shared tensors, so store copies
+    seen = {}
+    for k, v in sd.items():
+        key = (v.data_ptr(), v.numel(), v.dtype)
+        if v.numel() and key in seen:
+            sd[k] = v.clone()
+        seen[key] = k
+    save_file(sd, path, metadata=quant_metadata(model))
+
+
+def read_metadata(path: str) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path}: not a thrifty quantized checkpoint (metadata format={meta.get('format')!r})")
+    version = int(meta.get("format_version", "0"))
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{path}: quantization format version {version} is newer than this thrifty "
+                         f"supports ({FORMAT_VERSION}); upgrade thrifty")
+    return meta
+
+
+def load_quantized(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
+    """Replaces the layers named in the checkpoint's metadata by empty QuantLinears and loads the tensors.
+    ``model`` is the float model architecture (its weights are overwritten)."""
+    from safetensors.torch import load_file
+
+    from thrifty.nn.quant import QuantLinear
+
+    meta = read_metadata(path)
+    layers = json.loads(meta["layers"])
+    for name, c in layers.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError as err:
+            raise ValueError(f"{path}: quantized layer {name!r} does not exist in the model") from err
+        dev = next(iter(old.parameters()), torch.empty(0)).device
+        bias_dtype = old.bias.dtype if getattr(old, "bias", None) is not None else None
+        _set_module(model, name, QuantLinear(c["in_features"], c["out_features"], c["bias"], bits=c["bits"],
+                                             group_size=c["group_size"] if c["bits"] == 4 else 128,
+                                             act_bits=c["act_bits"], device=dev, dtype=bias_dtype,
+                                             act_order=c["act_order"], smooth=c.get("smooth", False)))
+    sd = load_file(path)
+    model.load_state_dict(sd, strict=strict)
+    model._thrifty_quant_config = json.loads(meta.get("config", "{}"))
+    return model
+
+
+def smooth_fold(prev: nn.Module, linears: list[nn.Linear], act_absmax: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """SmoothQuant: moves activation outliers into the weights, folded into the previous layer.
+
+    s_k = max|x_k|^alpha / max_n |W[n, k]|^(1 - alpha) (over all ``linears`` sharing the input x);
+    prev's output is divided by s (a norm's weight, or the rows of a Linear's weight and bias) and
+    every following linear's columns are multiplied by s, so the float model is unchanged while x / s
+    has smaller outliers for per-token int8. Returns s.
+    """
+    with torch.no_grad():
+        wmax = torch.stack([l.weight.detach().abs().amax(0).float() for l in linears]).amax(0)
+        s = (act_absmax.float().clamp(min=1e-5) ** alpha / wmax.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
+        if isinstance(prev, nn.Linear):
+            if prev.out_features != s.numel():
+                raise ValueError(f"smooth_fold: previous layer has {prev.out_features} outputs, expected {s.numel()}")
+            prev.weight.div_(s.to(prev.weight.dtype)[:, None])
+            if prev.bias is not None:
+                prev.bias.div_(s.to(prev.bias.dtype))
+        elif hasattr(prev, "weight") and prev.weight is not None and prev.weight.dim() == 1:
+            prev.weight.div_(s.to(prev.weight.dtype))
+            if getattr(prev, "bias", None) is not None:
+                prev.bias.div_(s.to(prev.bias.dtype))
+        else:
+            raise TypeError(f"smooth_fold: cannot fold into {type(prev).__name__} (need a norm with a weight or a Linear)")
+        for l in linears:
+            l.weight.mul_(s.to(l.weight.dtype)[None, :])
+    return s

@@ -1,0 +1,504 @@
+"""Quantized linear ops, QuantLinear, importers, GPTQ, whole-model quantization: float64
+references of each op's own dequantized weights, every ISA level, opcheck, bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import thrifty
+from reference import DTYPES, assert_close_to_ref
+from thrifty.nn import QuantLinear
+from thrifty.quant import formats as qf
+
+MS = [1, 3, 8, 9, 300]
+
+
+def ref_unpack4(qweight):
+    """Independent of thrifty: (N, K/2) uint8 -> (N, K) codes, k even in the low nibble."""
+    n, h = qweight.shape
+    out = torch.empty(n, 2 * h, dtype=torch.int64)
+    out[:, 0::2] = (qweight & 15).long()
+    out[:, 1::2] = (qweight >> 4).long()
+    return out
+
+
+def ref_deq4(qweight, scales, zeros, g):
+    q = ref_unpack4(qweight).double()
+    return (q - zeros.double().repeat_interleave(g, 1)) * scales.double().repeat_interleave(g, 1)
+
+
+def rand_w4(n, k, g, device="cpu"):
+    qw = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=device)
+    s = (torch.rand(n, k // g, device=device) + 0.05) * 0.02
+    z = torch.randint(0, 17, (n, k // g), device=device).float()
+    return qw, s, z
+
+
+def rand_w8(n, k, device="cpu"):
+    return (torch.randint(-128, 128, (n, k), dtype=torch.int8, device=device),
+            (torch.rand(n, device=device) + 0.05) * 0.01)
+
+
+def check_linear(y, x, w64, bias, dtype):
+    ref = x.double() @ w64.t()
+    if bias is not None:
+        ref = ref + bias.double()
+    # PyTorch's own result at this precision: float32 matmul of the same weights, rounded to the output dtype
+    low = F.linear(x.float(), w64.float(), None if bias is None else bias.float()).to(dtype)
+    assert y.dtype == dtype
+    assert_close_to_ref(y, ref, low, atol=1e-5 * max(1.0, ref.abs().max().item()))
+
+
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kng", [(96, 37, 32), (192, 65, 64), (384, 19, 128)])
+def test_w4a16(cpu_isa, m, dtype, kng, device):
+    bias = m % 2 == 1  # bias on and off across the M values
+    k, n, g = kng
+    qw, s, z = rand_w4(n, k, g, device)
+    x = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(n, device=device).to(dtype) if bias else None
+    y = thrifty.ops.quant_linear(x, qw, s, z, bits=4, group_size=g, bias=b)
+    check_linear(y, x, ref_deq4(qw.cpu(), s.cpu(), z.cpu(), g).to(device), b, dtype)
+
+
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kn", [(67, 37), (256, 65), (1000, 9)])
+def test_w8a16(cpu_isa, m, dtype, kn, device):
+    bias = m % 2 == 0
+    k, n = kn
+    q, s = rand_w8(n, k, device)
+    x = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(n, device=device) if bias else None  # float32 bias with low-precision x is allowed
+    y = thrifty.ops.quant_linear(x, q, s, None, bits=8, group_size=-1, bias=b)
+    check_linear(y, x, q.double() * s.double()[:, None], b, dtype)
+
+
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("kn", [(67, 37), (256, 65), (1031, 9)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_w8a8(cpu_isa, m, kn, bias, device):
+    out_dtype = torch.bfloat16 if kn[0] == 256 else None
+    k, n = kn
+    wq, ws = rand_w8(n, k, device)
+    xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=device)  # -128 included: must be exact
+    xs = torch.rand(m, 1, device=device) + 0.01
+    b = torch.randn(n, device=device) if bias else None
+    y = thrifty.ops.int8_linear(xq, xs, wq, ws, b, out_dtype=out_dtype)
+    acc = (xq.cpu().long() @ wq.cpu().long().t()).double().to(device)  # exact integer reference
+    ref = acc * xs.double() * ws.double()
+    if bias:
+        ref = ref + b.double()
+    assert y.dtype == (out_dtype or torch.float32)
+    tol = (2 ** -7 if out_dtype == torch.bfloat16 else 1e-6) * ref.abs().max().item()
+    assert (y.double() - ref).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 7), (3, 5, 130), (300, 64)])
+def test_quantize_per_token(cpu_isa, dtype, shape, device):
+    x = (torch.randn(shape, device=device) * 3).to(dtype)
+    x.view(-1, shape[-1])[0].zero_()  # an all-zero row
+    xq, xs = thrifty.ops.quantize_per_token(x)
+    assert xq.dtype == torch.int8 and xq.shape == x.shape and xs.shape == (*shape[:-1], 1)
+    amax = x.float().abs().amax(-1, keepdim=True)
+    torch.testing.assert_close(xs, amax / 127, rtol=0, atol=0)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))  # (127.0 / t is reciprocal * 127)
+    assert torch.equal(xq, torch.round(x.float() * inv).clamp(-127, 127).to(torch.int8))
+    assert (xq.float() * xs - x.float()).abs().le(xs / 2 + 1e-6).all()
+
+
+def test_leading_dims_and_strided_x():
+    qw, s, z = rand_w4(20, 128, 32)
+    x = torch.randn(2, 3, 256)[..., :128]  # row stride 256
+    y = thrifty.ops.quant_linear(x, qw, s, z, bits=4, group_size=32)
+    assert y.shape == (2, 3, 20)
+    ref = x.double() @ ref_deq4(qw, s, z, 32).t()
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dequantize_exact():
+    qw, s, z = rand_w4(13, 256, 64)
+    assert torch.equal(thrifty.ops.dequantize(qw, s, z, bits=4, group_size=64), ref_deq4(qw, s, z, 64).float())
+    q, s8 = rand_w8(13, 77)
+    assert torch.equal(thrifty.ops.dequantize(q, s8, bits=8, group_size=-1), q.float() * s8[:, None])
+
+
+def test_pack_roundtrip():
+    q = torch.randint(0, 16, (9, 64), dtype=torch.uint8)
+    p = qf.pack_int4(q)
+    assert torch.equal(ref_unpack4(p), q.long()) and torch.equal(qf.unpack_int4(p), q)
+    assert torch.equal(qf.to_kernel_layout(p, "cpu"), p)
+
+
+def test_autograd_x_and_bias():
+    qw, s, z = rand_w4(24, 128, 32)
+    x = torch.randn(5, 128, dtype=torch.float64).float().requires_grad_()
+    b = torch.randn(24, requires_grad=True)
+    gy = torch.randn(5, 24)
+    (thrifty.ops.quant_linear(x, qw, s, z, bits=4, group_size=32, bias=b) * gy).sum().backward()
+    w = ref_deq4(qw, s, z, 32)
+    torch.testing.assert_close(x.grad.double(), gy.double() @ w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.grad, gy.sum(0))
+
+
+def test_opcheck():
+    qw, s, z = rand_w4(10, 64, 32)
+    x = torch.randn(3, 64, requires_grad=True)
+    b = torch.randn(10, requires_grad=True)
+    torch.library.opcheck(torch.ops.thrifty.quant_linear, (x, qw, s, z, 4, 32, b))
+    q8, s8 = rand_w8(10, 64)
+    torch.library.opcheck(torch.ops.thrifty.quant_linear, (x, q8, s8, None, 8, -1, None))
+    torch.library.opcheck(torch.ops.thrifty.quant_dequantize, (qw, s, z, 4, 32))
+    torch.library.opcheck(torch.ops.thrifty.quantize_per_token, (torch.randn(2, 3, 65),))
+    xq, xs = torch.ops.thrifty.quantize_per_token(torch.randn(4, 64))
+    torch.library.opcheck(torch.ops.thrifty.int8_linear, (xq, xs, q8, s8, b.detach(), None))
+
+
+def test_torch_compile_fullgraph():
+    lin = nn.Linear(64, 32)
+    m4 = QuantLinear.from_float(lin, bits=4, group_size=32)
+    m8 = QuantLinear.from_float(lin, bits=8, act_bits=8)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(x):
+        return m4(x) + m8(x)
+
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(f(x), m4(x) + m8(x))
+
+
+# ---------------- QuantLinear ----------------
+@pytest.mark.parametrize("bits,act_bits,method", [(8, 16, "rtn"), (4, 16, "rtn"), (8, 8, "rtn"), (4, 16, "gptq"),
+                                                  (8, 16, "gptq")])
+def test_quantlinear_matches_its_dequantized_weight(bits, act_bits, method):
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 48)
+    calib = torch.randn(256, 128)
+    m = QuantLinear.from_float(lin, bits=bits, group_size=64, method=method, act_bits=act_bits, calibration=calib)
+    w = m.dequantize()
+    assert w.dtype == torch.float32 and w.shape == (48, 128)
+    x = torch.randn(7, 128)
+    if act_bits == 8:
+        xq, xs = thrifty.ops.quantize_per_token(x)
+        ref = (xq.double() * xs.double()) @ w.double().t() + lin.bias.double()
+    else:
+        ref = x.double() @ w.double().t() + lin.bias.double()
+    torch.testing.assert_close(m(x).double(), ref, rtol=1e-5, atol=1e-5)
+    # and the quantization itself is close to the float layer
+    rel = (w - lin.weight).norm() / lin.weight.norm()
+    assert rel < (0.02 if bits == 8 else 0.2)
+
+
+def test_quantlinear_bf16_input_and_module_api():
+    lin = nn.Linear(256, 40, bias=False)
+    m = QuantLinear.from_float(lin, bits=4, group_size=128)
+    y = m(torch.randn(2, 256).bfloat16())
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 40)
+    assert "bits=4" in repr(m)
+    with pytest.raises(ValueError, match="needs calibration"):
+        QuantLinear.from_float(lin, bits=4, method="gptq")
+    with pytest.raises(ValueError, match="act_bits=8"):
+        QuantLinear.from_float(lin, bits=4, act_bits=8)
+    with pytest.raises(ValueError, match="not a multiple of group_size"):
+        QuantLinear.from_float(nn.Linear(100, 8), bits=4, group_size=32)
+
+
+# ---------------- importers ----------------
+def gptq_pack_reference(q_kn, zeros_minus1, scales):
+    """GPTQ/AutoGPTQ packing written out plainly: qweight[i, n] holds q[8i + j, n] at bits 4j;
+    qzeros[g, c] holds (zero - 1) of column 8c + j at bits 4j."""
+    k, n = q_kn.shape
+    qw = torch.zeros(k // 8, n, dtype=torch.int64)
+    for j in range(8):
+        qw |= q_kn[j::8].long() << (4 * j)
+    qz = torch.zeros(zeros_minus1.shape[0], n // 8, dtype=torch.int64)
+    for j in range(8):
+        qz |= zeros_minus1[:, j::8].long() << (4 * j)
+    to32 = lambda t: (t - ((t >> 31) << 32)).to(torch.int32)  # noqa: E731
+    return to32(qw), to32(qz), scales.half()
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("g", [32, 128])
+def test_gptq_import_roundtrip(act_order, g):
+    k, n = 256, 24
+    ng = k // g
+    q = torch.randint(0, 16, (k, n))
+    zm1 = torch.randint(0, 16, (ng, n))
+    zm1[0, :8] = 15  # stored 15 -> zero point 16
+    scales = torch.rand(ng, n) * 0.1 + 0.01
+    qweight, qzeros, sc = gptq_pack_reference(q, zm1, scales)
+    g_idx = torch.arange(k) // g
+    if act_order:
+        g_idx = g_idx[torch.randperm(k)].int()
+    # vLLM / exllama reading: w[n, k] = (q - (stored + 1)) * s, all in float32
+    ref = ((q.float() - (zm1[g_idx.long()] + 1).float()) * sc.float()[g_idx.long()]).t()
+    bias = torch.randn(n)
+    m = QuantLinear.from_gptq(qweight, qzeros, sc, g_idx if act_order else None, bias=bias)
+    assert torch.equal(m.dequantize(), ref)
+    assert torch.equal(qf.gptq_dequantize_reference(qweight, qzeros, sc, g_idx), ref)
+    assert m.group_size == g and (m.perm is not None) == act_order
+    x = torch.randn(5, k)
+    torch.testing.assert_close(m(x).double(), x.double() @ ref.double().t() + bias.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_awq_import_roundtrip():
+    k, n, g = 256, 32, 64
+    q = torch.randint(0, 16, (k, n))
+    z = torch.randint(0, 16, (k // g, n))
+    scales = (torch.rand(k // g, n) * 0.1 + 0.01).half()
+    order_map = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's WQLinear_GEMM.from_linear packing
+
+    def awq_pack(t):
+        out = torch.zeros(t.shape[0], t.shape[1] // 8, dtype=torch.int64)
+        for col in range(t.shape[1] // 8):
+            for i in range(8):
+                out[:, col] |= t[:, col * 8 + order_map[i]].long() << (i * 4)
+        return (out - ((out >> 31) << 32)).to(torch.int32)
+
+    qweight, qzeros = awq_pack(q), awq_pack(z)
+    ref = ((q.float() - z.repeat_interleave(g, 0).float()) * scales.float().repeat_interleave(g, 0)).t()
+    m = QuantLinear.from_awq(qweight, qzeros, scales, group_size=g)
+    assert torch.equal(m.dequantize(), ref)
+    assert torch.equal(qf.awq_dequantize_reference(qweight, qzeros, scales), ref)
+    with pytest.raises(ValueError, match="does not match the shapes"):
+        QuantLinear.from_awq(qweight, qzeros, scales, group_size=128)
+
+
+def test_gptq_awq_writers_roundtrip():
+    k, n, g = 128, 16, 32
+    q = torch.randint(0, 16, (k, n))
+    z1 = torch.randint(1, 17, (k // g, n))
+    s = torch.rand(k // g, n) + 0.1
+    qw, qz, sc = qf.to_gptq_tensors(q, z1, s)
+    assert torch.equal(QuantLinear.from_gptq(qw, qz, sc).dequantize(),
+                       ((q.float() - z1.float().repeat_interleave(g, 0)) * sc.float().repeat_interleave(g, 0)).t())
+    z = torch.randint(0, 16, (k // g, n))
+    qw, qz, sc = qf.to_awq_tensors(q, z, s)
+    assert torch.equal(QuantLinear.from_awq(qw, qz, sc, group_size=g).dequantize(),
+                       ((q.float() - z.float().repeat_interleave(g, 0)) * sc.float().repeat_interleave(g, 0)).t())
+
+
+IMPORT_BAD = [
+    (lambda: QuantLinear.from_gptq(torch.zeros(16, 8, dtype=torch.int64), torch.zeros(1, 1, dtype=torch.int32),
+                                   torch.ones(1, 8)), TypeError, "qweight must be int32"),
+    (lambda: QuantLinear.from_gptq(torch.zeros(16, 8, dtype=torch.int32), torch.zeros(1, 2, dtype=torch.int32),
+                                   torch.ones(1, 8)), ValueError, "qzeros must have shape"),
+    (lambda: QuantLinear.from_gptq(torch.zeros(16, 8, dtype=torch.int32), torch.zeros(3, 1, dtype=torch.int32),
+                                   torch.ones(3, 8)), ValueError, "does not divide K=128"),
+    (lambda: QuantLinear.from_gptq(torch.zeros(16, 8, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32),
+                                   torch.ones(1, 9)), ValueError, "scales must have shape"),
+    (lambda: QuantLinear.from_gptq(torch.zeros(16, 8, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32),
+                                   torch.ones(1, 8), g_idx=torch.zeros(64, dtype=torch.int32)), ValueError, "g_idx must have shape"),
+    (lambda: QuantLinear.from_gptq(torch.zeros(16, 8, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32),
+                                   torch.ones(1, 8), bits=8), ValueError, "only 4-bit"),
+    (lambda: QuantLinear.from_gptq(torch.zeros(2, 8, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32),
+                                   torch.ones(1, 8)), ValueError, "not a multiple of 32"),
+    (lambda: QuantLinear.from_awq(torch.zeros(128, 2, dtype=torch.int32), torch.zeros(1, 2, dtype=torch.int32),
+                                  torch.ones(1, 16, dtype=torch.int8), group_size=128), TypeError, "scales must be float"),
+    (lambda: QuantLinear.from_awq(torch.zeros(128, 2, dtype=torch.int32), torch.zeros(2, 2, dtype=torch.int32),
+                                  torch.ones(1, 16), group_size=128), ValueError, "qzeros must have shape"),
+]
+
+
+@pytest.mark.parametrize("i", range(len(IMPORT_BAD)))
+def test_import_bad_input(i):
+    fn, exc, msg = IMPORT_BAD[i]
+    with pytest.raises(exc, match=msg):
+        fn()
+
+
+# ---------------- bad input to the ops ----------------
+_qw, _s, _z = rand_w4(8, 64, 32)
+_q8, _s8 = rand_w8(8, 64)
+_x = torch.randn(2, 64)
+OP_BAD = [
+    (lambda: thrifty.ops.quant_linear(torch.randn(2, 100), torch.zeros(8, 50, dtype=torch.uint8), torch.ones(8, 3),
+                                      torch.zeros(8, 3), bits=4, group_size=32), ValueError,
+     "in_features K=100 is not a multiple of group_size=32"),
+    (lambda: thrifty.ops.quant_linear(_x, _qw, _s, _z, bits=4, group_size=48), ValueError, "multiple of 32"),
+    (lambda: thrifty.ops.quant_linear(_x, _qw, _s, _z, bits=3, group_size=32), ValueError, "'bits' must be 4 or 8"),
+    (lambda: thrifty.ops.quant_linear(_x, _qw.to(torch.int8), _s, _z, bits=4, group_size=32), TypeError, "'qweight' must have dtype Byte"),
+    (lambda: thrifty.ops.quant_linear(_x, _qw[:, :16].contiguous(), _s, _z, bits=4, group_size=32), ValueError, "'qweight' must have size 32"),
+    (lambda: thrifty.ops.quant_linear(_x, _qw, _s[:, :1].contiguous(), _z, bits=4, group_size=32), ValueError, "'scales' must have shape"),
+    (lambda: thrifty.ops.quant_linear(_x, _qw, _s.half(), _z, bits=4, group_size=32), TypeError, "'scales' must have dtype Float"),
+    (lambda: thrifty.ops.quant_linear(_x, _qw, _s, None, bits=4, group_size=32), ValueError, "'zeros' is required"),
+    (lambda: thrifty.ops.quant_linear(_x, _qw, _s, _z[:1], bits=4, group_size=32), ValueError, "'zeros' must have the same shape"),
+    (lambda: thrifty.ops.quant_linear(_x.double(), _qw, _s, _z, bits=4, group_size=32), TypeError, "'x' must have dtype"),
+    (lambda: thrifty.ops.quant_linear(_x, _qw, _s, _z, bits=4, group_size=32, bias=torch.ones(9)), ValueError, "'bias' must have size 8"),
+    (lambda: thrifty.ops.quant_linear(_x, _qw.t(), _s, _z, bits=4, group_size=32), ValueError, "'qweight' must have size"),
+    (lambda: thrifty.ops.quant_linear(_x, _q8, _s8, None, bits=8, group_size=128), ValueError, "per output channel"),
+    (lambda: thrifty.ops.quant_linear(_x, _q8, _s8, _z, bits=8, group_size=-1), ValueError, "'zeros' must be None"),
+    (lambda: thrifty.ops.quant_linear(_x, _q8.to(torch.uint8), _s8, None, bits=8, group_size=-1), TypeError, "'qweight' must have dtype Char"),
+    (lambda: thrifty.ops.quant_linear(torch.randn(2, 63), _q8, _s8, None, bits=8, group_size=-1), ValueError, "'qweight' must have size 63"),
+    (lambda: thrifty.ops.int8_linear(torch.zeros(2, 64, dtype=torch.int8), torch.ones(2), _q8, _s8[:3]), ValueError, "'w_scales' must have shape"),
+    (lambda: thrifty.ops.int8_linear(torch.zeros(2, 64, dtype=torch.int8), torch.ones(3), _q8, _s8), ValueError, "'x_scales' must have one value per row"),
+    (lambda: thrifty.ops.int8_linear(torch.zeros(2, 64), torch.ones(2), _q8, _s8), TypeError, "'xq' must have dtype Char"),
+    (lambda: thrifty.ops.int8_linear(torch.zeros(2, 64, dtype=torch.int8), torch.ones(2).half(), _q8, _s8), TypeError, "'x_scales' must have dtype Float"),
+    (lambda: thrifty.ops.int8_linear(torch.zeros(2, 63, dtype=torch.int8), torch.ones(2), _q8, _s8), ValueError, "'wq' must have size 63"),
+    (lambda: thrifty.ops.int8_linear(torch.zeros(2, 64, dtype=torch.int8), torch.ones(2), _q8, _s8, out_dtype=torch.int32), TypeError, "'out_dtype'"),
+    (lambda: thrifty.ops.quantize_per_token(torch.zeros(2, 3, dtype=torch.int32)), TypeError, "'x' must have dtype"),
+]
+
+
+@pytest.mark.parametrize("i", range(len(OP_BAD)))
+def test_op_bad_input(i):
+    fn, exc, msg = OP_BAD[i]
+    with pytest.raises(exc, match=msg):
+        fn()
+
+
+# ---------------- GPTQ vs RTN and whole models ----------------
+class TinyLM(nn.Module):
+    """A small decoder: embedding, 2 pre-norm blocks (attention q/k/v/o, MLP up/down), LM head."""
+
+    def __init__(self, vocab=96, d=128, heads=4, ff=256, layers=2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.heads = heads
+        self.blocks = nn.ModuleList()
+        for _ in range(layers):
+            b = nn.Module()
+            b.norm1, b.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            b.q_proj, b.k_proj, b.v_proj, b.o_proj = (nn.Linear(d, d) for _ in range(4))
+            b.up_proj, b.down_proj = nn.Linear(d, ff), nn.Linear(ff, d)
+            self.blocks.append(b)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        bsz, t, d = h.shape
+        for b in self.blocks:
+            x = b.norm1(h)
+            q, k, v = (p(x).view(bsz, t, self.heads, -1).transpose(1, 2) for p in (b.q_proj, b.k_proj, b.v_proj))
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(bsz, t, d)
+            h = h + b.o_proj(a)
+            h = h + b.down_proj(F.gelu(b.up_proj(b.norm2(h))))
+        return self.lm_head(h)
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    m = TinyLM()
+    with torch.no_grad():  # correlated embedding features (as trained models have): low rank + noise
+        m.embed.weight.copy_(torch.randn(96, 8) @ torch.randn(8, 128) * 0.5 + 0.1 * torch.randn(96, 128))
+    return m.eval()
+
+
+def test_gptq_beats_rtn_on_small_transformer():
+    calib = torch.randint(0, 96, (8, 64))
+    test = torch.randint(0, 96, (4, 64))
+    ref = _tiny_model()(test)
+    errs = {}
+    for method in ("rtn", "gptq"):
+        m = thrifty.quant.quantize_model(_tiny_model(), {"bits": 4, "group_size": 32, "method": method}, calibration=calib)
+        assert isinstance(m.blocks[0].q_proj, QuantLinear) and isinstance(m.lm_head, nn.Linear)
+        with torch.no_grad():
+            errs[method] = ((m(test) - ref).norm() / ref.norm()).item()
+    assert errs["gptq"] < 0.8 * errs["rtn"], errs
+
+
+@pytest.mark.parametrize("cfg", [{"bits": 4, "group_size": 64}, {"bits": 8}, {"bits": 8, "act_bits": 8},
+                                 {"bits": 4, "group_size": 32, "method": "gptq"}])
+def test_quantize_model_save_load(tmp_path, cfg):
+    calib = torch.randint(0, 96, (2, 32))
+    m = thrifty.quant.quantize_model(_tiny_model(), cfg, calibration=calib)
+    path = str(tmp_path / "q.safetensors")
+    thrifty.quant.save_quantized(m, path)
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == "thrifty-quant" and meta["format_version"] == "1"
+    assert "blocks.0.q_proj" in json.loads(meta["layers"])
+    m2 = thrifty.quant.load_quantized(_tiny_model(), path)
+    ids = torch.randint(0, 96, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(m(ids), m2(ids))
+
+
+def test_quantize_model_skip_and_bad_config():
+    m = thrifty.quant.quantize_model(_tiny_model(), {"bits": 8, "skip": ["lm_head", "down_proj"]})
+    assert isinstance(m.blocks[1].down_proj, nn.Linear) and isinstance(m.blocks[1].up_proj, QuantLinear)
+    with pytest.raises(ValueError, match="unknown config keys"):
+        thrifty.quant.quantize_model(_tiny_model(), {"bitz": 4})
+    with pytest.raises(ValueError, match="needs calibration"):
+        thrifty.quant.quantize_model(_tiny_model(), {"method": "gptq"})
+
+
+def test_smoothquant_fold_keeps_float_model_and_helps_w8a8():
+    torch.manual_seed(0)
+    norm, lin = nn.LayerNorm(128), nn.Linear(128, 64)
+    with torch.no_grad():
+        norm.weight.copy_(torch.ones(128))
+        norm.weight[:4] = 30.0  # activation outlier channels
+    x = torch.randn(64, 128)
+    y = lin(norm(x))
+    plain = QuantLinear.from_float(lin, bits=8, act_bits=8)
+    err_plain = ((plain(norm(x)) - y).norm() / y.norm()).item()
+    amax = norm(x).abs().amax(0)
+    thrifty.quant.smooth_fold(norm, [lin], amax, alpha=0.5)
+    torch.testing.assert_close(lin(norm(x)), y, rtol=1e-4, atol=1e-4)  # float model unchanged
+    smooth = QuantLinear.from_float(lin, bits=8, act_bits=8)
+    err_smooth = ((smooth(norm(x)) - y).norm() / y.norm()).item()
+    assert err_smooth < err_plain
+
+
+def test_cli_rtn_on_safetensors_dir(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from thrifty.quant import cli
+    src, out = tmp_path / "m", tmp_path / "q"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 64}))
+    w = {"model.layers.0.self_attn.q_proj.weight": torch.randn(64, 64).bfloat16(),
+         "model.layers.0.mlp.down_proj.weight": torch.randn(64, 128).bfloat16(),
+         "model.embed_tokens.weight": torch.randn(10, 64).bfloat16(),
+         "lm_head.weight": torch.randn(10, 64).bfloat16(),
+         "model.norm.weight": torch.ones(64).bfloat16()}
+    save_file(w, str(src / "model.safetensors"))
+    import argparse
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    assert cli.main(p.parse_args([str(src), str(out), "--bits", "4", "--group-size", "32", "--method", "rtn"])) == 0
+    t = load_file(str(out / "model.safetensors"))
+    assert t["model.layers.0.self_attn.q_proj.qweight"].shape == (64, 32)
+    assert "lm_head.weight" in t and "model.embed_tokens.weight" in t and "model.norm.weight" in t
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "thrifty" and cfg["quantization_config"]["bits"] == 4
+    deq = thrifty.ops.dequantize(t["model.layers.0.mlp.down_proj.qweight"], t["model.layers.0.mlp.down_proj.scales"],
+                                 t["model.layers.0.mlp.down_proj.zeros"], bits=4, group_size=32)
+    ref = w["model.layers.0.mlp.down_proj.weight"].float()
+    assert (deq - ref).norm() / ref.norm() < 0.15
+
+
+def test_cli_gptq_via_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from thrifty.quant import cli
+    src, out = tmp_path / "m", tmp_path / "q"
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator([cli.DEFAULT_CORPUS], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"]))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    cfg = transformers.LlamaConfig(vocab_size=fast.vocab_size, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(src))
+    fast.save_pretrained(str(src))
+    import argparse
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    args = p.parse_args([str(src), str(out), "--bits", "4", "--group-size", "32", "--method", "gptq",
+                         "--calibration-tokens", "256", "--seq-len", "128"])
+    assert cli.main(args) == 0
+    meta = thrifty.quant.model.read_metadata(str(out / "model.safetensors"))
+    layers = json.loads(meta["layers"])
+    assert "model.layers.0.mlp.down_proj" in layers and layers["model.layers.0.mlp.down_proj"]["act_order"]
+    assert (out / "tokenizer.json").exists()
