@@ -1,6 +1,7 @@
 """Typed wrappers over torch.ops.thrifty, with fake (meta) and autograd registrations."""
 from thrifty.ops.norm import rms_norm
+from thrifty.ops.loss import linear_cross_entropy
 
 
 
-__all__ = ["rms_norm", "rotary_embedding", "build_rotary_cache", "swiglu"]
+__all__ = ["rms_norm", "rotary_embedding", "build_rotary_cache", "swiglu", "linear_cross_entropy"]
