@@ -4,9 +4,9 @@ In place, on the instance (transformers stays optional: nothing here imports it)
 - every *RMSNorm -> thrifty.ops.rms_norm
 - every MLP -> the thrifty SwiGLU path of thrifty.models (same gate/up/down weights)
 - attention -> thrifty rotary + the model's attention interface (thrifty.models.attention.attend)
-  whenever there is no KV cache and no explicit mask (training, scoring). With a cache or a
-  padding mask (generation, batched padded input) the layer runs transformers' own attention
-  code: that path is the serving engine's job, not this patch's.
+  (transformers' own KV cache included, so generate works) whenever there is no explicit mask;
+  with a padding mask (batched padded input) the layer runs transformers' own attention code,
+  since the attention interface has no arbitrary-mask case.
 - the loss: forward(..., labels=...) uses thrifty.ops.linear_cross_entropy on the final
   hidden states (no logits materialised; logits are returned only in eval mode).
 """
@@ -38,7 +38,7 @@ def _attention_forward(orig):
             cache = kwargs.pop("past_key_values", None)
         else:
             kwargs.pop("past_key_values", None)
-        if cache is not None or attention_mask is not None or position_embeddings is None:
+        if attention_mask is not None or position_embeddings is None:
             return orig(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
                         cache=cache, **kwargs)
         lead = hidden_states.shape[:-1]
@@ -53,6 +53,9 @@ def _attention_forward(orig):
         cache_cs = torch.cat([cos[..., : d // 2], sin[..., : d // 2]], dim=-1).reshape(-1, d).float()
         positions = torch.arange(cache_cs.shape[0], device=q.device).view(lead)
         q, k = K.rotary(q, k, positions, cache_cs)
+        if cache is not None:  # transformers' cache keeps (batch, heads, seq, d); queries are its last tokens
+            kt, vt = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+            k, v = kt.transpose(1, 2), vt.transpose(1, 2)
         window = getattr(self, "sliding_window", None) or kwargs.get("sliding_window")
         out = attend(q, k, v, AttnMeta(scale=self.scaling, window=window))
         return self.o_proj(out.reshape(*lead, -1)), None
