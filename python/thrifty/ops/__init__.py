@@ -1,5 +1,7 @@
 """Typed wrappers over torch.ops.thrifty, with fake (meta) and autograd registrations."""
 from thrifty.ops.norm import rms_norm
+from thrifty.ops.rotary import build_rotary_cache, rotary_embedding
+from thrifty.ops.activation import swiglu
 from thrifty.ops.loss import linear_cross_entropy
 
 
