@@ -59,4 +59,11 @@ TORCH_LIBRARY(thrifty, m) {
   m.def("quantize_per_token(Tensor x) -> (Tensor xq, Tensor scales)");
   // W8A8: y = (xq @ wq.T in int32) * x_scales * w_scales (+ bias), xq int8 (..., K), wq int8 (N, K); out_dtype default Float.
   m.def("int8_linear(Tensor xq, Tensor x_scales, Tensor wq, Tensor w_scales, Tensor? bias, ScalarType? out_dtype) -> Tensor");
+  // ---- loss ----
+  // Cross-entropy of hidden (tokens, H) @ weight (V, H)^T against labels (tokens,) int64, chunked over tokens so the
+  // (tokens, V) logits never exist. reduction 0 none / 1 mean / 2 sum; softcap > 0 caps logits c*tanh(x/c).
+  // Returns the loss (hidden's dtype; scalar, or (tokens,) for none) and lse (tokens,) float32 for the backward.
+  m.def("linear_cross_entropy(Tensor hidden, Tensor weight, Tensor labels, int ignore_index, int reduction, float label_smoothing, float softcap, int chunk_size) -> (Tensor loss, Tensor lse)");
+  // Gradients w.r.t. hidden and weight, recomputing the logits block by block over the vocab from lse.
+  m.def("linear_cross_entropy_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor labels, Tensor lse, int ignore_index, int reduction, float label_smoothing, float softcap, int chunk_size) -> (Tensor grad_hidden, Tensor grad_weight)");
 }

@@ -4,7 +4,11 @@ from thrifty.ops.rotary import build_rotary_cache, rotary_embedding
 from thrifty.ops.activation import swiglu
 from thrifty.ops.attention import flash_attention, flash_attention_varlen
 from thrifty.ops.optim import multi_tensor_l2norm
+from thrifty.ops.loss import linear_cross_entropy
 
 from thrifty.ops.quant import dequantize, int8_linear, quant_linear, quantize_per_token
 
-__all__ = ["rms_norm", "build_rotary_cache", "rotary_embedding", "swiglu", "flash_attention", "flash_attention_varlen", "multi_tensor_l2norm", "dequantize", "int8_linear", "quant_linear", "quantize_per_token"]
+
+           "linear_cross_entropy"]
+
+__all__ = ["rms_norm", "build_rotary_cache", "rotary_embedding", "swiglu", "flash_attention", "flash_attention_varlen", "multi_tensor_l2norm", "linear_cross_entropy", "dequantize", "int8_linear", "quant_linear", "quantize_per_token"]
