@@ -33,4 +33,19 @@ TORCH_LIBRARY(thrifty, m) {
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
   // (grad * up * silu'(gate), grad * silu(gate)), recomputing silu(gate) instead of storing it.
   m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor grad_gate, Tensor grad_up)");
+
+  // ---- optim ----
+  // Global L2 norm of a list of tensors (float32 0-d; float32 sums per chunk, a fixed-order sum: deterministic on CPU).
+  // NaN/inf when any element is: the optimizers use it as their fused inf/nan check.
+  m.def("multi_tensor_l2norm(Tensor[] tensors) -> Tensor");
+  // One fused AdamW step over many tensors (one pass / one launch): per tensor, g *= grad_coef; p *= 1 - lr wd;
+  // m = lerp(m, g, 1 - b1); v = b2 v + (1 - b2) g^2; p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps),
+  // t = steps[i] + 1, then steps[i] = t. masters (float32, or an empty list) are updated and rounded into params.
+  // Nothing changes (steps included) when found_inf is nonzero. lr, grad_coef, found_inf: one-value float32 tensors.
+  m.def("adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] masters, Tensor(e!)[] steps, Tensor lr, float beta1, float beta2, float eps, float weight_decay, Tensor? grad_coef, Tensor? found_inf) -> ()");
+  // adamw_step with 8-bit moments: uint8 codes into the 256-value maps qmap_m (signed) / qmap_v (unsigned), scaled
+  // per 256-element block by absmax_m / absmax_v; dequantize, update, new absmax, requantize to the nearest code.
+  m.def("adamw8bit_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] absmax_m, Tensor(e!)[] absmax_v, Tensor qmap_m, Tensor qmap_v, Tensor(f!)[] masters, Tensor(g!)[] steps, Tensor lr, float beta1, float beta2, float eps, float weight_decay, Tensor? grad_coef, Tensor? found_inf) -> ()");
+  // One fused Lion step: c = lerp(m, g, 1 - b1); p = p (1 - lr wd) - lr sign(c); m = lerp(m, g, 1 - b2).
+  m.def("lion_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] masters, Tensor lr, float beta1, float beta2, float weight_decay, Tensor? grad_coef, Tensor? found_inf) -> ()");
 }

@@ -33,6 +33,7 @@ _C = _load_extension()
 
 from thrifty import ops  # noqa: E402  (registers fake and autograd implementations)
 from thrifty import nn  # noqa: E402
+from thrifty import optim  # noqa: E402
 from thrifty._info import info, info_dict  # noqa: E402
 
 __all__ = ["ops", "nn", "info", "info_dict", "__version__"]

@@ -1,5 +1,6 @@
 """Typed wrappers over torch.ops.thrifty, with fake (meta) and autograd registrations."""
 from thrifty.ops.norm import rms_norm
+from thrifty.ops.optim import multi_tensor_l2norm
 
 
 

@@ -1,0 +1,150 @@
+// Device-agnostic argument checks and table building for the fused optimizer ops; the CPU
+// and CUDA glue both call these, then run their kernels over the table.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/optim_params.h"
+
+namespace thrifty {
+
+struct OptimTable {
+  std::vector<OptimTensor> tensors;  // non-empty tensors only
+  std::vector<int64_t> offsets;      // chunk prefix sums, size tensors.size() + 1
+  std::vector<int64_t> src_index;    // index of each table entry in the op's lists
+};
+
+inline void check_hparam(const char* op, const char* name, double x, double lo, double hi, bool hi_open) {
+  TORCH_CHECK_VALUE(std::isfinite(x) && x >= lo && (hi_open ? x < hi : x <= hi), "thrifty.", op, ": '", name,
+                    "' must be finite and in [", lo, ", ", hi, hi_open ? ")" : "]", " (got ", x, ")");
+}
+
+inline void check_scalar_tensor(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& ref) {
+  check_dtype(op, arg, t, {at::kFloat});
+  TORCH_CHECK_VALUE(t.numel() == 1, "thrifty.", op, ": argument '", arg, "' must hold one value (got shape ", t.sizes(),
+                    ")");
+  check_same_device(op, arg, t, "params[0]", ref);
+}
+
+inline void check_list_len(const char* op, const char* arg, at::TensorList l, size_t n) {
+  TORCH_CHECK_VALUE(l.size() == n, "thrifty.", op, ": list '", arg, "' must have one tensor per param (", n,
+                    "), got ", l.size());
+}
+
+inline void check_elem(const char* op, const char* arg, size_t i, const at::Tensor& t, const at::Tensor& param,
+                       at::ScalarType dtype, int64_t numel) {
+  const std::string name = std::string(arg) + "[" + std::to_string(i) + "]";
+  TORCH_CHECK(t.layout() == at::kStrided, "thrifty.", op, ": '", name, "' must be a dense (strided) tensor, got ",
+              t.layout(), (std::string(arg) == "grads" ? " (sparse gradients are not supported)" : ""));
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "thrifty.", op, ": '", name, "' must have dtype ", dtype,
+                   (std::string(arg) == "grads" ? " (the dtype of its param)" : ""), ", got ", t.scalar_type());
+  check_same_device(op, name.c_str(), t, "params[0]", param);
+  TORCH_CHECK_VALUE(t.numel() == numel, "thrifty.", op, ": '", name, "' must have ", numel, " elements, got shape ",
+                    t.sizes());
+  TORCH_CHECK_VALUE(t.is_contiguous(), "thrifty.", op, ": '", name, "' must be contiguous (got strides ", t.strides(),
+                    ")");
+}
+
+// Checks every list and fills the table. exp_avg_sqs may be empty (Lion); masters may be empty
+// (no master weights); absmax lists only for 8-bit (quant = true); steps may be empty (Lion).
+inline OptimTable optim_build_table(const char* op, at::TensorList params, at::TensorList grads,
+                                    at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList masters,
+                                    at::TensorList absmax_m, at::TensorList absmax_v, at::TensorList steps,
+                                    bool quant, bool need_sq, bool need_steps, int64_t chunk_size, DType& pdtype) {
+  const size_t n = params.size();
+  OptimTable tab;
+  tab.offsets.push_back(0);
+  if (n == 0) return tab;
+  check_list_len(op, "grads", grads, n);
+  check_list_len(op, "exp_avgs", exp_avgs, n);
+  if (need_sq) check_list_len(op, "exp_avg_sqs", exp_avg_sqs, n);
+  if (!masters.empty()) check_list_len(op, "masters", masters, n);
+  if (quant) {
+    check_list_len(op, "absmax_m", absmax_m, n);
+    check_list_len(op, "absmax_v", absmax_v, n);
+  }
+  if (need_steps) check_list_len(op, "steps", steps, n);
+  const at::Tensor& p0 = params[0];
+  check_floating(op, "params[0]", p0);
+  pdtype = to_dtype(op, "params[0]", p0);
+  const auto state_dtype = quant ? at::kByte : at::kFloat;
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    const int64_t numel = p.numel();
+    check_elem(op, "params", i, p, p0, p0.scalar_type(), numel);
+    check_elem(op, "grads", i, grads[i], p0, p.scalar_type(), numel);
+    check_elem(op, "exp_avgs", i, exp_avgs[i], p0, state_dtype, numel);
+    if (need_sq) check_elem(op, "exp_avg_sqs", i, exp_avg_sqs[i], p0, state_dtype, numel);
+    if (!masters.empty()) check_elem(op, "masters", i, masters[i], p0, at::kFloat, numel);
+    const int64_t nblocks = (numel + kQuantBlock - 1) / kQuantBlock;
+    if (quant) {
+      check_elem(op, "absmax_m", i, absmax_m[i], p0, at::kFloat, nblocks);
+      check_elem(op, "absmax_v", i, absmax_v[i], p0, at::kFloat, nblocks);
+    }
+    if (need_steps) check_elem(op, "steps", i, steps[i], p0, at::kFloat, 1);
+    if (numel == 0) continue;
+    OptimTensor t;
+    t.param = p.data_ptr();
+    t.grad = grads[i].data_ptr();
+    t.exp_avg = exp_avgs[i].data_ptr();
+    if (need_sq) t.exp_avg_sq = exp_avg_sqs[i].data_ptr();
+    if (!masters.empty()) t.master = masters[i].data_ptr<float>();
+    if (quant) {
+      t.absmax_m = absmax_m[i].data_ptr<float>();
+      t.absmax_v = absmax_v[i].data_ptr<float>();
+    }
+    if (need_steps) t.step = steps[i].data_ptr<float>();
+    t.n = numel;
+    t.dtype = pdtype;
+    tab.tensors.push_back(t);
+    tab.src_index.push_back(static_cast<int64_t>(i));
+    tab.offsets.push_back(tab.offsets.back() + (numel + chunk_size - 1) / chunk_size);
+  }
+  return tab;
+}
+
+inline void optim_check_hparams(const char* op, double beta1, double beta2, double eps, double weight_decay,
+                                bool adam) {
+  check_hparam(op, "beta1", beta1, 0.0, 1.0, true);
+  check_hparam(op, "beta2", beta2, 0.0, adam ? 1.0 : 1.0, true);
+  if (adam) check_hparam(op, "eps", eps, 0.0, INFINITY, true);
+  TORCH_CHECK_VALUE(std::isfinite(weight_decay), "thrifty.", op, ": 'weight_decay' must be finite (got ",
+                    weight_decay, ")");
+}
+
+// Table for the L2 norm: any floating dtype per tensor, any device-consistent list.
+inline OptimTable l2norm_build_table(const char* op, at::TensorList tensors, int64_t chunk_size) {
+  OptimTable tab;
+  tab.offsets.push_back(0);
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    const std::string name = "tensors[" + std::to_string(i) + "]";
+    check_floating(op, name.c_str(), t);
+    check_same_device(op, name.c_str(), t, "tensors[0]", tensors[0]);
+    TORCH_CHECK(t.layout() == at::kStrided, "thrifty.", op, ": '", name, "' must be a dense (strided) tensor, got ",
+                t.layout());
+    TORCH_CHECK_VALUE(t.is_contiguous(), "thrifty.", op, ": '", name, "' must be contiguous (got strides ",
+                      t.strides(), ")");
+    if (t.numel() == 0) continue;
+    OptimTensor e;
+    e.grad = t.data_ptr();
+    e.n = t.numel();
+    e.dtype = to_dtype(op, name.c_str(), t);
+    tab.tensors.push_back(e);
+    tab.src_index.push_back(static_cast<int64_t>(i));
+    tab.offsets.push_back(tab.offsets.back() + (e.n + chunk_size - 1) / chunk_size);
+  }
+  return tab;
+}
+
+inline void check_qmap(const char* op, const char* arg, const at::Tensor& q, const at::Tensor& ref) {
+  check_dtype(op, arg, q, {at::kFloat});
+  check_same_device(op, arg, q, "params[0]", ref);
+  TORCH_CHECK_VALUE(q.dim() == 1 && q.size(0) == 256 && q.is_contiguous(), "thrifty.", op, ": argument '", arg,
+                    "' must be a contiguous (256,) code map, got shape ", q.sizes());
+}
+
+}  // namespace thrifty

@@ -1,0 +1,134 @@
+// CPU glue for the fused optimizer ops: check, build the multi-tensor table, run one pass.
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "common/optim_glue.h"
+#include "cpu/optim/optim_kernels.h"
+
+namespace thrifty {
+namespace {
+
+constexpr int64_t kCpuChunk = 1 << 16;  // elements per chunk (a multiple of kQuantBlock)
+
+float read_scalar(const at::Tensor& t) { return t.data_ptr<float>()[0]; }
+
+// Common driver: found_inf / lr / grad_coef / bias corrections, the kernel, then step += 1.
+void run_step(const char* op, OptimStepParams& s, OptimTable& tab, const at::Tensor& p0, const at::Tensor& lr,
+              const c10::optional<at::Tensor>& grad_coef, const c10::optional<at::Tensor>& found_inf, bool steps) {
+  check_device_type(op, "params[0]", p0, c10::DeviceType::CPU);
+  check_scalar_tensor(op, "lr", lr, p0);
+  if (grad_coef.has_value()) check_scalar_tensor(op, "grad_coef", *grad_coef, p0);
+  if (found_inf.has_value()) check_scalar_tensor(op, "found_inf", *found_inf, p0);
+  if (found_inf.has_value() && read_scalar(*found_inf) != 0.0f) return;  // skipped: nothing moves, steps stay
+  s.lr = read_scalar(lr);
+  TORCH_CHECK_VALUE(std::isfinite(s.lr), "thrifty.", op, ": 'lr' must be finite (got ", s.lr, ")");
+  s.grad_coef = grad_coef.has_value() ? read_scalar(*grad_coef) : 1.0f;
+  if (steps) {
+    for (auto& t : tab.tensors) {
+      const double st = static_cast<double>(*t.step) + 1.0;
+      t.bias_c1 = static_cast<float>(1.0 - std::pow(static_cast<double>(s.beta1), st));
+      t.bias_c2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(static_cast<double>(s.beta2), st)));
+    }
+  }
+  s.num_tensors = static_cast<int64_t>(tab.tensors.size());
+  s.tensors = tab.tensors.data();
+  s.chunk_offsets = tab.offsets.data();
+  s.total_chunks = tab.offsets.back();
+  s.chunk_size = kCpuChunk;
+  if (s.total_chunks > 0) THRIFTY_CPU_DISPATCH(optim_step, s);
+  if (steps)
+    for (auto& t : tab.tensors) *t.step += 1.0f;
+}
+
+void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                    at::TensorList masters, at::TensorList steps, const at::Tensor& lr, double beta1, double beta2,
+                    double eps, double weight_decay, const c10::optional<at::Tensor>& grad_coef,
+                    const c10::optional<at::Tensor>& found_inf) {
+  const char* op = "adamw_step";
+  optim_check_hparams(op, beta1, beta2, eps, weight_decay, true);
+  if (params.empty()) return;
+  OptimStepParams s;
+  s.kind = OptimKind::adamw;
+  auto tab = optim_build_table(op, params, grads, exp_avgs, exp_avg_sqs, masters, {}, {}, steps, false, true, true,
+                               kCpuChunk, s.pdtype);
+  s.has_master = !masters.empty();
+  s.beta1 = beta1, s.beta2 = beta2, s.eps = eps, s.weight_decay = weight_decay;
+  run_step(op, s, tab, params[0], lr, grad_coef, found_inf, true);
+  // tensors with no elements still count a step
+  if (!(found_inf.has_value() && read_scalar(*found_inf) != 0.0f))
+    for (size_t i = 0; i < params.size(); ++i)
+      if (params[i].numel() == 0) steps[i].add_(1);
+}
+
+void adamw8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                        at::TensorList exp_avg_sqs, at::TensorList absmax_m, at::TensorList absmax_v,
+                        const at::Tensor& qmap_m, const at::Tensor& qmap_v, at::TensorList masters,
+                        at::TensorList steps, const at::Tensor& lr, double beta1, double beta2, double eps,
+                        double weight_decay, const c10::optional<at::Tensor>& grad_coef,
+                        const c10::optional<at::Tensor>& found_inf) {
+  const char* op = "adamw8bit_step";
+  optim_check_hparams(op, beta1, beta2, eps, weight_decay, true);
+  if (params.empty()) return;
+  OptimStepParams s;
+  s.kind = OptimKind::adamw8bit;
+  auto tab = optim_build_table(op, params, grads, exp_avgs, exp_avg_sqs, masters, absmax_m, absmax_v, steps, true,
+                               true, true, kCpuChunk, s.pdtype);
+  check_qmap(op, "qmap_m", qmap_m, params[0]);
+  check_qmap(op, "qmap_v", qmap_v, params[0]);
+  s.qmap_m = qmap_m.data_ptr<float>();
+  s.qmap_v = qmap_v.data_ptr<float>();
+  s.has_master = !masters.empty();
+  s.beta1 = beta1, s.beta2 = beta2, s.eps = eps, s.weight_decay = weight_decay;
+  run_step(op, s, tab, params[0], lr, grad_coef, found_inf, true);
+  if (!(found_inf.has_value() && read_scalar(*found_inf) != 0.0f))
+    for (size_t i = 0; i < params.size(); ++i)
+      if (params[i].numel() == 0) steps[i].add_(1);
+}
+
+void lion_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList masters,
+                   const at::Tensor& lr, double beta1, double beta2, double weight_decay,
+                   const c10::optional<at::Tensor>& grad_coef, const c10::optional<at::Tensor>& found_inf) {
+  const char* op = "lion_step";
+  optim_check_hparams(op, beta1, beta2, 0.0, weight_decay, false);
+  if (params.empty()) return;
+  OptimStepParams s;
+  s.kind = OptimKind::lion;
+  auto tab = optim_build_table(op, params, grads, exp_avgs, {}, masters, {}, {}, {}, false, false, false, kCpuChunk,
+                               s.pdtype);
+  s.has_master = !masters.empty();
+  s.beta1 = beta1, s.beta2 = beta2, s.weight_decay = weight_decay;
+  run_step(op, s, tab, params[0], lr, grad_coef, found_inf, false);
+}
+
+at::Tensor multi_tensor_l2norm_cpu(at::TensorList tensors) {
+  const char* op = "multi_tensor_l2norm";
+  if (tensors.empty()) return at::zeros({}, at::TensorOptions().dtype(at::kFloat));
+  check_device_type(op, "tensors[0]", tensors[0], c10::DeviceType::CPU);
+  auto tab = l2norm_build_table(op, tensors, kCpuChunk);
+  L2NormParams p;
+  p.num_tensors = static_cast<int64_t>(tab.tensors.size());
+  p.tensors = tab.tensors.data();
+  p.chunk_offsets = tab.offsets.data();
+  p.total_chunks = tab.offsets.back();
+  p.chunk_size = kCpuChunk;
+  std::vector<float> partial(static_cast<size_t>(p.total_chunks));
+  p.partial = partial.data();
+  if (p.total_chunks > 0) THRIFTY_CPU_DISPATCH(optim_l2norm_partials, p);
+  double total = 0.0;  // fixed order: deterministic for any thread count
+  for (float x : partial) total += static_cast<double>(x);
+  auto out = at::empty({}, tensors[0].options().dtype(at::kFloat));
+  out.data_ptr<float>()[0] = static_cast<float>(std::sqrt(total));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(thrifty, CPU, m) {
+  m.impl("adamw_step", &adamw_step_cpu);
+  m.impl("adamw8bit_step", &adamw8bit_step_cpu);
+  m.impl("lion_step", &lion_step_cpu);
+  m.impl("multi_tensor_l2norm", &multi_tensor_l2norm_cpu);
+}
+
+}  // namespace thrifty

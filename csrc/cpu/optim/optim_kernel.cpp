@@ -1,0 +1,231 @@
+// Fused multi-tensor AdamW / 8-bit AdamW / Lion on CPU, and the multi-tensor L2 norm.
+//
+// thrifty::parallel_for runs over the chunks of all tensors at once; each chunk streams its
+// elements once through Vec registers: read p (or the float32 master), g, m, v; write p
+// (+ master), m, v. 8-bit AdamW works one 256-element block at a time: dequantize m and v
+// into L1, update, find the new block absmax, requantize to the nearest code.
+#include "cpu/optim/optim_kernels.h"
+#include "common/parallel.h"
+#include "cpu/optim/optim_vec.h"
+
+namespace thrifty::cpu::THRIFTY_ISA_NS {
+namespace {
+
+template <bool kTail, typename T>
+THRIFTY_INLINE Vec ld(const T* p, int n) {
+  if constexpr (kTail) return Vec::load(p, n); else return Vec::load(p);
+}
+template <bool kTail, typename T>
+THRIFTY_INLINE void st(Vec v, T* p, int n) {
+  if constexpr (kTail) v.store(p, n); else v.store(p);
+}
+
+// Constants of one tensor's step.
+struct StepConsts {
+  Vec decay, coef, b1, omb1, b2, omb2, step_size, inv_bc2, eps, lr;
+};
+
+THRIFTY_INLINE StepConsts consts(const OptimStepParams& s, const OptimTensor& t) {
+  StepConsts c;
+  c.decay = Vec::set1(1.0f - s.lr * s.weight_decay);
+  c.coef = Vec::set1(s.grad_coef);
+  c.b1 = Vec::set1(s.beta1);
+  c.omb1 = Vec::set1(1.0f - s.beta1);
+  c.b2 = Vec::set1(s.beta2);
+  c.omb2 = Vec::set1(1.0f - s.beta2);
+  c.step_size = Vec::set1(s.lr / t.bias_c1);
+  c.inv_bc2 = Vec::set1(1.0f / t.bias_c2_sqrt);
+  c.eps = Vec::set1(s.eps);
+  c.lr = Vec::set1(s.lr);
+  return c;
+}
+
+// AdamW on W (or the n < W tail) elements in registers; m, v updated in place.
+THRIFTY_INLINE Vec adamw_math(const StepConsts& c, Vec p, Vec g, Vec& m, Vec& v) {
+  g = g * c.coef;
+  p = p * c.decay;
+  m = fma(c.omb1, g - m, m);  // lerp(m, g, 1 - beta1)
+  v = fma(c.omb2, g * g, v * c.b2);
+  Vec denom = fma(vsqrt(v), c.inv_bc2, c.eps);
+  return p - c.step_size * (m / denom);
+}
+
+template <bool kTail, typename P, bool kMaster>
+THRIFTY_INLINE void adamw_vec(const StepConsts& c, const OptimTensor& t, int64_t i, int n) {
+  P* p = static_cast<P*>(t.param) + i;
+  const P* g = static_cast<const P*>(t.grad) + i;
+  float* m = static_cast<float*>(t.exp_avg) + i;
+  float* v = static_cast<float*>(t.exp_avg_sq) + i;
+  Vec pv = kMaster ? ld<kTail>(t.master + i, n) : ld<kTail>(p, n);
+  Vec mv = ld<kTail>(m, n), vv = ld<kTail>(v, n);
+  pv = adamw_math(c, pv, ld<kTail>(g, n), mv, vv);
+  st<kTail>(mv, m, n);
+  st<kTail>(vv, v, n);
+  if constexpr (kMaster) st<kTail>(pv, t.master + i, n);
+  st<kTail>(pv, p, n);
+}
+
+template <typename P, bool kMaster>
+void adamw_chunk(const OptimStepParams& s, const OptimTensor& t, int64_t begin, int64_t end) {
+  const StepConsts c = consts(s, t);
+  int64_t i = begin;
+  for (; i + Vec::W <= end; i += Vec::W) adamw_vec<false, P, kMaster>(c, t, i, Vec::W);
+  if (i < end) adamw_vec<true, P, kMaster>(c, t, i, static_cast<int>(end - i));
+}
+
+// Lion: c = lerp(m, g, 1 - beta1); p = p * (1 - lr wd) - lr sign(c); m = lerp(m, g, 1 - beta2).
+template <bool kTail, typename P, bool kMaster>
+THRIFTY_INLINE void lion_vec(const StepConsts& c, const OptimTensor& t, int64_t i, int n) {
+  P* p = static_cast<P*>(t.param) + i;
+  const P* g = static_cast<const P*>(t.grad) + i;
+  float* m = static_cast<float*>(t.exp_avg) + i;
+  Vec pv = kMaster ? ld<kTail>(t.master + i, n) : ld<kTail>(p, n);
+  Vec mv = ld<kTail>(m, n);
+  Vec gv = ld<kTail>(g, n) * c.coef;
+  Vec u = fma(c.omb1, gv - mv, mv);
+  pv = pv * c.decay - c.lr * vsign(u);
+  mv = fma(c.omb2, gv - mv, mv);
+  st<kTail>(mv, m, n);
+  if constexpr (kMaster) st<kTail>(pv, t.master + i, n);
+  st<kTail>(pv, p, n);
+}
+
+template <typename P, bool kMaster>
+void lion_chunk(const OptimStepParams& s, const OptimTensor& t, int64_t begin, int64_t end) {
+  const StepConsts c = consts(s, t);
+  int64_t i = begin;
+  for (; i + Vec::W <= end; i += Vec::W) lion_vec<false, P, kMaster>(c, t, i, Vec::W);
+  if (i < end) lion_vec<true, P, kMaster>(c, t, i, static_cast<int>(end - i));
+}
+
+// Index of the code nearest to x in the sorted 256-entry map q (ties go to the lower code;
+// NaN gives 0). The same rule as the Python reference (searchsorted, then the nearer neighbour).
+THRIFTY_INLINE uint8_t quantize_nearest(const float* q, float x) {
+  int lo = 0;
+  for (int step = 128; step > 0; step >>= 1)
+    if (q[lo + step] <= x) lo += step;  // lo + step <= 255: the steps sum to 255
+  if (lo < 255 && (q[lo + 1] - x) < (x - q[lo])) ++lo;
+  return static_cast<uint8_t>(lo);
+}
+
+template <bool kTail, typename P, bool kMaster>
+THRIFTY_INLINE void adamw8_vec(const StepConsts& c, const OptimTensor& t, int64_t i, int n, float* mb, float* vb,
+                               Vec& mmax, Vec& vmax) {
+  P* p = static_cast<P*>(t.param) + i;
+  const P* g = static_cast<const P*>(t.grad) + i;
+  Vec pv = kMaster ? ld<kTail>(t.master + i, n) : ld<kTail>(p, n);
+  Vec mv = ld<kTail>(mb, n), vv = ld<kTail>(vb, n);
+  pv = adamw_math(c, pv, ld<kTail>(g, n), mv, vv);
+  st<kTail>(mv, mb, n);
+  st<kTail>(vv, vb, n);
+  mmax = max(mmax, vabs(mv));  // tail lanes hold 0 (loaded as 0, lerp of zeros)
+  vmax = max(vmax, vv);
+  if constexpr (kMaster) st<kTail>(pv, t.master + i, n);
+  st<kTail>(pv, p, n);
+}
+
+template <typename P, bool kMaster>
+void adamw8bit_chunk(const OptimStepParams& s, const OptimTensor& t, int64_t begin, int64_t end) {
+  const StepConsts c = consts(s, t);
+  const float* qm = s.qmap_m;
+  const float* qv = s.qmap_v;
+  alignas(64) float mb[kQuantBlock];
+  alignas(64) float vb[kQuantBlock];
+  for (int64_t b0 = begin; b0 < end; b0 += kQuantBlock) {
+    const int nb = static_cast<int>(end - b0 < kQuantBlock ? end - b0 : kQuantBlock);
+    const int64_t blk = b0 / kQuantBlock;
+    uint8_t* cm = static_cast<uint8_t*>(t.exp_avg) + b0;
+    uint8_t* cv = static_cast<uint8_t*>(t.exp_avg_sq) + b0;
+    const float am = t.absmax_m[blk], av = t.absmax_v[blk];
+    for (int j = 0; j < nb; ++j) {
+      mb[j] = qm[cm[j]] * am;
+      vb[j] = qv[cv[j]] * av;
+    }
+    Vec mmax = Vec::zero(), vmax = Vec::zero();
+    int j = 0;
+    for (; j + Vec::W <= nb; j += Vec::W)
+      adamw8_vec<false, P, kMaster>(c, t, b0 + j, Vec::W, mb + j, vb + j, mmax, vmax);
+    if (j < nb) adamw8_vec<true, P, kMaster>(c, t, b0 + j, nb - j, mb + j, vb + j, mmax, vmax);
+    const float nam = mmax.reduce_max(), nav = vmax.reduce_max();
+    t.absmax_m[blk] = nam;
+    t.absmax_v[blk] = nav;
+    for (int k = 0; k < nb; ++k) {
+      cm[k] = quantize_nearest(qm, nam > 0.0f ? mb[k] / nam : 0.0f);
+      cv[k] = quantize_nearest(qv, nav > 0.0f ? vb[k] / nav : 0.0f);
+    }
+  }
+}
+
+using ChunkFn = void (*)(const OptimStepParams&, const OptimTensor&, int64_t, int64_t);
+
+template <typename P>
+ChunkFn pick_for(OptimKind kind, bool master) {
+  switch (kind) {
+    case OptimKind::adamw: return master ? &adamw_chunk<P, true> : &adamw_chunk<P, false>;
+    case OptimKind::adamw8bit: return master ? &adamw8bit_chunk<P, true> : &adamw8bit_chunk<P, false>;
+    default: return master ? &lion_chunk<P, true> : &lion_chunk<P, false>;
+  }
+}
+
+template <typename T>
+float sumsq(const T* x, int64_t n) {
+  Vec a0 = Vec::zero(), a1 = Vec::zero(), a2 = Vec::zero(), a3 = Vec::zero();
+  int64_t i = 0;
+  for (; i + 4 * Vec::W <= n; i += 4 * Vec::W) {
+    Vec x0 = Vec::load(x + i), x1 = Vec::load(x + i + Vec::W);
+    Vec x2 = Vec::load(x + i + 2 * Vec::W), x3 = Vec::load(x + i + 3 * Vec::W);
+    a0 = fma(x0, x0, a0);
+    a1 = fma(x1, x1, a1);
+    a2 = fma(x2, x2, a2);
+    a3 = fma(x3, x3, a3);
+  }
+  for (; i + Vec::W <= n; i += Vec::W) {
+    Vec x0 = Vec::load(x + i);
+    a0 = fma(x0, x0, a0);
+  }
+  if (i < n) {
+    Vec x0 = Vec::load(x + i, static_cast<int>(n - i));
+    a0 = fma(x0, x0, a0);
+  }
+  return ((a0 + a1) + (a2 + a3)).reduce_add();
+}
+
+}  // namespace
+
+void optim_step(const OptimStepParams& s) {
+  ChunkFn fn;
+  switch (s.pdtype) {
+    case DType::bf16: fn = pick_for<bf16_t>(s.kind, s.has_master); break;
+    case DType::f16: fn = pick_for<f16_t>(s.kind, s.has_master); break;
+    default: fn = pick_for<float>(s.kind, s.has_master); break;
+  }
+  parallel_for(0, s.total_chunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      const int64_t ti = optim_find_tensor(s.chunk_offsets, s.num_tensors, c);
+      const OptimTensor& t = s.tensors[ti];
+      const int64_t begin = (c - s.chunk_offsets[ti]) * s.chunk_size;
+      const int64_t end = begin + s.chunk_size < t.n ? begin + s.chunk_size : t.n;
+      fn(s, t, begin, end);
+    }
+  });
+}
+
+void optim_l2norm_partials(const L2NormParams& p) {
+  parallel_for(0, p.total_chunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      const int64_t ti = optim_find_tensor(p.chunk_offsets, p.num_tensors, c);
+      const OptimTensor& t = p.tensors[ti];
+      const int64_t begin = (c - p.chunk_offsets[ti]) * p.chunk_size;
+      const int64_t n = (begin + p.chunk_size < t.n ? begin + p.chunk_size : t.n) - begin;
+      float s;
+      switch (t.dtype) {
+        case DType::bf16: s = sumsq(static_cast<const bf16_t*>(t.grad) + begin, n); break;
+        case DType::f16: s = sumsq(static_cast<const f16_t*>(t.grad) + begin, n); break;
+        default: s = sumsq(static_cast<const float*>(t.grad) + begin, n); break;
+      }
+      p.partial[c] = s;
+    }
+  });
+}
+
+}  // namespace thrifty::cpu::THRIFTY_ISA_NS

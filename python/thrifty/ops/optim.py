@@ -1,0 +1,123 @@
+"""Fused multi-tensor optimizer steps (the kernels under :mod:`thrifty.optim`).
+
+Every op updates a whole list of tensors in one parallel pass (CPU) or one launch (CUDA),
+reading each element once (p or its float32 master, g, m, v) and writing it once. Hyper-
+parameters that change per step (lr) and the grad scale / inf flag are one-value float32
+tensors, so CUDA never syncs with the host and torch.compile never recompiles for them.
+
+AdamW (decoupled weight decay, torch.optim.AdamW's math), with t = step + 1::
+
+    g = g * grad_coef                           # 1 / loss scale, times the clipping coefficient
+    p = p * (1 - lr * wd)
+    m = m + (1 - b1) * (g - m)
+    v = b2 * v + (1 - b2) * g^2
+    p = p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+Lion: ``c = m + (1 - b1)(g - m); p = p (1 - lr wd) - lr sign(c); m = m + (1 - b2)(g - m)``.
+
+8-bit AdamW keeps m and v as uint8 codes into the bitsandbytes dynamic maps (signed for m,
+unsigned for v) with one float32 absmax per 256-element block: dequantize, update (the
+parameter update uses the float m, v), take the block's new absmax, requantize each value
+to the nearest code.
+
+When ``found_inf`` is nonzero, nothing is written (steps included): the GradScaler protocol.
+These are optimizer updates: not differentiable.
+"""
+from __future__ import annotations
+
+import torch
+
+_ops = torch.ops.thrifty
+
+QUANT_BLOCK = 256
+
+
+def multi_tensor_l2norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """sqrt(sum of x^2 over every element of every tensor), float32 0-d, on the tensors' device.
+
+    Float32 partial sums per fixed chunk, then a fixed-order float64 sum (CPU): deterministic
+    whatever the thread count. NaN/inf in any element makes it NaN/inf.
+    """
+    return _ops.multi_tensor_l2norm(list(tensors))
+
+
+def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
+    """The bitsandbytes dynamic quantization map: 256 sorted float32 values in [-1, 1] (signed)
+    or [0, 1] (unsigned), a decimal exponent plus a linear fraction that gets more bits as the
+    exponent grows (Dettmers, 8-Bit Approximations for Parallelism in Deep Learning)."""
+    data = []
+    non_sign_bits = total_bits - 1
+    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
+    for i in range(max_exponent_bits):
+        fraction_items = int(2 ** (i + non_sign_bits - max_exponent_bits) + 1 if signed
+                             else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1)
+        boundaries = torch.linspace(0.1, 1, fraction_items, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    if additional_items > 0:
+        boundaries = torch.linspace(0.1, 1, additional_items + 1, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    data.append(0)
+    data.append(1.0)
+    assert len(data) == 2 ** total_bits
+    data += [0] * (256 - len(data))
+    data.sort()
+    return torch.tensor(data, dtype=torch.float32)
+
+
+def quantize_blockwise(x: torch.Tensor, qmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference quantizer (the kernels' rule): per 256-element block absmax = max|x|, codes =
+    index of the map value nearest to x / absmax (ties to the lower code). Returns (codes uint8, absmax)."""
+    flat = x.detach().reshape(-1).float()
+    n = flat.numel()
+    nb = (n + QUANT_BLOCK - 1) // QUANT_BLOCK
+    pad = torch.zeros(nb * QUANT_BLOCK, dtype=torch.float32, device=flat.device)
+    pad[:n] = flat
+    blocks = pad.view(nb, QUANT_BLOCK)
+    absmax = blocks.abs().amax(dim=1)
+    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    xn = torch.where(absmax[:, None] > 0, blocks / safe[:, None], torch.zeros_like(blocks)).reshape(-1)[:n]
+    q = qmap.to(xn.device)
+    lo = (torch.searchsorted(q, xn, right=True) - 1).clamp(0, 255)
+    hi = (lo + 1).clamp(max=255)
+    up = (lo < 255) & ((q[hi] - xn) < (xn - q[lo]))
+    codes = torch.where(up, hi, lo).to(torch.uint8)
+    return codes.view(x.shape), absmax
+
+
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
+    """float32 values of ``codes`` (uint8, any shape) with per-256-block scales ``absmax``."""
+    flat = codes.reshape(-1).long()
+    n = flat.numel()
+    scale = absmax.repeat_interleave(QUANT_BLOCK)[:n]
+    return (qmap.to(codes.device)[flat] * scale).view(codes.shape)
+
+
+# ---- fake implementations: the steps mutate in place and return nothing ----
+@torch.library.register_fake("thrifty::multi_tensor_l2norm")
+def _l2norm_fake(tensors):
+    if len(tensors) == 0:
+        return torch.empty((), dtype=torch.float32)
+    return tensors[0].new_empty((), dtype=torch.float32)
+
+
+@torch.library.register_fake("thrifty::adamw_step")
+def _adamw_step_fake(params, grads, exp_avgs, exp_avg_sqs, masters, steps, lr, beta1, beta2, eps, weight_decay,
+                     grad_coef, found_inf):
+    return None
+
+
+@torch.library.register_fake("thrifty::adamw8bit_step")
+def _adamw8bit_step_fake(params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v, qmap_m, qmap_v, masters, steps,
+                         lr, beta1, beta2, eps, weight_decay, grad_coef, found_inf):
+    return None
+
+
+@torch.library.register_fake("thrifty::lion_step")
+def _lion_step_fake(params, grads, exp_avgs, masters, lr, beta1, beta2, weight_decay, grad_coef, found_inf):
+    return None

@@ -1,0 +1,207 @@
+"""Shared machinery of thrifty's fused optimizers: validation, the fused grad-norm / inf check,
+lr as a tensor, per-bucket dispatch, and a load_state_dict that keeps float32 state float32."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from itertools import chain
+
+import torch
+
+import thrifty.ops.optim  # noqa: F401  (fake registrations)
+
+_ops = torch.ops.thrifty
+
+
+def _check_finite(name: str, value, lo: float | None = None, hi: float | None = None, hi_open: bool = False) -> None:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a float or a one-value tensor (got shape {tuple(value.shape)})")
+        if value.device.type != "cpu":  # reading a device value would sync: checked by the kernel's caller instead
+            return
+        value = value.item()
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a float (got {type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite (got {value})")
+    if lo is not None and value < lo:
+        raise ValueError(f"{name} must be >= {lo} (got {value})")
+    if hi is not None and (value >= hi if hi_open else value > hi):
+        raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi} (got {value})")
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Base of AdamW, AdamW8bit and Lion. Subclasses implement ``_init_state`` and ``_step_bucket``.
+
+    Reports: ``last_step_skipped`` (bool: the last step() found inf/nan grads and changed
+    nothing), ``skipped_steps`` (int, running count), ``last_grad_norm`` (float32 tensor, the
+    global grad norm of the last step when clipping or the inf check computed it, else None).
+    Reading them on CUDA syncs; the step itself never does.
+    """
+
+    # torch.amp.GradScaler sets .grad_scale and .found_inf and lets step() unscale and skip.
+    _step_supports_amp_scaling = True
+    _needs_steps = True
+
+    def __init__(self, params, defaults: dict, *, max_grad_norm: float | None, skip_nonfinite: bool):
+        if max_grad_norm is not None:
+            _check_finite("max_grad_norm", max_grad_norm, lo=0.0)
+            if max_grad_norm <= 0:
+                raise ValueError(f"max_grad_norm must be > 0 or None (got {max_grad_norm})")
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.skip_nonfinite = bool(skip_nonfinite)
+        super().__init__(params, defaults)
+        self._lr_cache: dict = {}
+        self._found: list[torch.Tensor] = []
+        self._skipped_total: torch.Tensor | None = None
+        self.last_grad_norm: torch.Tensor | None = None
+
+    # ---- reporting ----
+    @property
+    def last_step_skipped(self) -> bool:
+        return any(bool(f.item()) for f in self._found)
+
+    @property
+    def skipped_steps(self) -> int:
+        return 0 if self._skipped_total is None else int(self._skipped_total.item())
+
+    # ---- hooks for subclasses ----
+    def _validate_group(self, group: dict) -> None:
+        raise NotImplementedError
+
+    def _init_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
+        raise NotImplementedError
+
+    def _bucket_key(self, p: torch.Tensor, group: dict, state: dict):
+        return (p.device, p.dtype, "master" in state)
+
+    def _step_bucket(self, key, group: dict, params: list, grads: list, states: list, lr: torch.Tensor,
+                     coef: torch.Tensor | None, found: torch.Tensor | None) -> None:
+        raise NotImplementedError
+
+    # ---- helpers ----
+    def _lr_tensor(self, lr, device: torch.device) -> torch.Tensor:
+        if isinstance(lr, torch.Tensor):
+            return lr.detach().to(device=device, dtype=torch.float32).reshape(())
+        key = (device, float(lr))
+        t = self._lr_cache.get(key)
+        if t is None:
+            if len(self._lr_cache) > 64:
+                self._lr_cache.clear()
+            t = torch.full((), float(lr), dtype=torch.float32, device=device)
+            self._lr_cache[key] = t
+        return t
+
+    def _collect(self):
+        """(group, params with grads, grads) per group, checked."""
+        out = []
+        for gi, group in enumerate(self.param_groups):
+            self._validate_group(group)
+            ps, gs = [], []
+            for pi, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                where = f"param_groups[{gi}]['params'][{pi}]"
+                if g.is_sparse or g.layout != torch.strided:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
+                                       f"({where} has a {g.layout} grad)")
+                if g.dtype != p.dtype:
+                    raise TypeError(f"{type(self).__name__}: the grad of {where} has dtype {g.dtype}, "
+                                    f"its param has {p.dtype}: they must match")
+                if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                    raise TypeError(f"{type(self).__name__}: {where} has dtype {p.dtype}; "
+                                    "expected float32, bfloat16 or float16")
+                if not p.is_contiguous():
+                    raise ValueError(f"{type(self).__name__}: {where} must be contiguous "
+                                     f"(got shape {tuple(p.shape)}, strides {p.stride()})")
+                if g.shape != p.shape:
+                    raise ValueError(f"{type(self).__name__}: the grad of {where} has shape {tuple(g.shape)}, "
+                                     f"its param {tuple(p.shape)}")
+                ps.append(p)
+                gs.append(g if g.is_contiguous() else g.contiguous())
+            out.append((group, ps, gs))
+        return out
+
+    def _prepare(self, all_grads: list[torch.Tensor]):
+        """Per device: (coef, found) tensors, or None where not needed. No host sync."""
+        grad_scale = getattr(self, "grad_scale", None)
+        scaler_found = getattr(self, "found_inf", None)
+        devices = sorted({g.device for g in all_grads}, key=str)
+        need_norm = self.max_grad_norm is not None or (self.skip_nonfinite and scaler_found is None)
+        norm = None
+        if need_norm and all_grads:
+            by_dev = defaultdict(list)
+            for g in all_grads:
+                by_dev[g.device].append(g)
+            norms = [_ops.multi_tensor_l2norm(by_dev[d]) for d in devices]
+            if len(norms) == 1:
+                norm = norms[0]
+            else:
+                norm = torch.stack([n.to(devices[0]) for n in norms]).square().sum().sqrt()
+            if grad_scale is not None:
+                norm = norm / grad_scale.to(norm.device, torch.float32)
+        self.last_grad_norm = norm
+        found0 = None
+        if norm is not None and (self.skip_nonfinite or self.max_grad_norm is not None):
+            found0 = (~torch.isfinite(norm)).float()
+        if scaler_found is not None:
+            sf = torch.as_tensor(scaler_found).float().reshape(()).to(devices[0] if devices else "cpu")
+            found0 = sf if found0 is None else found0.to(sf.device) + sf
+        coef0 = None
+        if self.max_grad_norm is not None and norm is not None:
+            coef0 = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        if grad_scale is not None:
+            inv = grad_scale.to(torch.float32).reciprocal().reshape(())
+            coef0 = inv if coef0 is None else coef0 * inv.to(coef0.device)
+        per_dev = {}
+        for d in devices:
+            per_dev[d] = (None if coef0 is None else coef0.to(d).reshape(()),
+                          None if found0 is None else found0.to(d).reshape(()))
+        return per_dev
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        collected = self._collect()
+        all_grads = list(chain.from_iterable(gs for _, _, gs in collected))
+        per_dev = self._prepare(all_grads)
+        self._found = [f for _, f in per_dev.values() if f is not None]
+        for f in self._found[:1]:
+            s = (f > 0).to(torch.int64)
+            self._skipped_total = s if self._skipped_total is None else self._skipped_total + s.to(
+                self._skipped_total.device)
+        for group, ps, gs in collected:
+            buckets = defaultdict(lambda: ([], [], []))
+            for p, g in zip(ps, gs):
+                state = self.state[p]
+                if len(state) == 0:
+                    self._init_state(p, group, state)
+                b = buckets[self._bucket_key(p, group, state)]
+                b[0].append(p)
+                b[1].append(g)
+                b[2].append(state)
+            for key, (bp, bg, bs) in buckets.items():
+                dev = bp[0].device
+                coef, found = per_dev[dev]
+                self._step_bucket(key, group, bp, bg, bs, self._lr_tensor(group["lr"], dev), coef, found)
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load_state_dict, but state tensors keep their saved dtype (torch would cast float32
+        master weights, moments and scales to the param's bfloat16) and move to the param's device."""
+        saved_state = state_dict["state"]
+        saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+        super().load_state_dict(state_dict)
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        for sid, p in zip(saved_ids, params):
+            if sid not in saved_state:
+                continue
+            st = self.state[p]
+            for k, v in saved_state[sid].items():
+                if isinstance(v, torch.Tensor):
+                    st[k] = v.detach().to(device=p.device, copy=True)
+        self._lr_cache = {}

@@ -1,0 +1,120 @@
+"""Fused AdamW and 8-bit AdamW."""
+from __future__ import annotations
+
+import torch
+
+from thrifty.ops.optim import QUANT_BLOCK, create_dynamic_map
+from thrifty.optim._base import FusedOptimizer, _check_finite
+
+_ops = torch.ops.thrifty
+
+
+def _check_adam_hparams(lr, betas, eps, weight_decay):
+    _check_finite("lr", lr, lo=0.0)
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2) (got {betas!r})")
+    _check_finite("betas[0]", betas[0], lo=0.0, hi=1.0, hi_open=True)
+    _check_finite("betas[1]", betas[1], lo=0.0, hi=1.0, hi_open=True)
+    _check_finite("eps", eps, lo=0.0)
+    _check_finite("weight_decay", weight_decay)
+
+
+class AdamW(FusedOptimizer):
+    """AdamW (torch.optim.AdamW's math, decoupled weight decay) as one fused multi-tensor step.
+
+    Args:
+        params: iterable of tensors or param-group dicts (float32, bfloat16 or float16).
+        lr: float or one-value tensor (a tensor is read on device: no sync, no recompilation).
+        betas, eps, weight_decay: as torch.optim.AdamW.
+        master_weights: keep a float32 master copy of every bfloat16/float16 param; the step
+            updates the master and writes the rounded value into the param in the same pass.
+        max_grad_norm: clip the global L2 norm of all grads to this (clip_grad_norm_'s
+            coefficient min(1, max_norm / (norm + 1e-6))), applied inside the step.
+        skip_nonfinite: skip the whole step (params, moments and step counts untouched) when any
+            grad is inf/nan; reported by ``last_step_skipped`` / ``skipped_steps``. The check reuses
+            the clipping norm, else costs one read of the grads. Under torch.amp.GradScaler the
+            scaler's found_inf is used instead.
+
+    Moments (and masters) are float32 whatever the param dtype.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, master_weights=False,
+                 max_grad_norm=None, skip_nonfinite=True):
+        _check_adam_hparams(lr, betas, eps, weight_decay)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        master_weights=bool(master_weights))
+        super().__init__(params, defaults, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite)
+
+    def _validate_group(self, group):
+        _check_adam_hparams(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+
+    def _init_float_state(self, p, group, state):
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+        if group.get("master_weights", False) and p.dtype != torch.float32:
+            state["master"] = p.detach().float().contiguous()
+
+    def _init_state(self, p, group, state):
+        self._init_float_state(p, group, state)
+
+    def _step_float(self, group, params, grads, states, lr, coef, found):
+        b1, b2 = group["betas"]
+        masters = [s["master"] for s in states] if "master" in states[0] else []
+        _ops.adamw_step(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], masters,
+                        [s["step"] for s in states], lr, float(b1), float(b2), float(group["eps"]),
+                        float(group["weight_decay"]), coef, found)
+
+    def _step_bucket(self, key, group, params, grads, states, lr, coef, found):
+        self._step_float(group, params, grads, states, lr, coef, found)
+
+
+class AdamW8bit(AdamW):
+    """AdamW with 8-bit moments: m and v stored as uint8 codes of the bitsandbytes dynamic maps
+    (signed for m, unsigned for v) with a float32 absmax per 256-element block: about 2 bytes of
+    state per parameter instead of 8. Tensors with fewer than ``min_8bit_size`` (4096) elements
+    keep float32 moments. Same interface and semantics as :class:`AdamW` otherwise; the param
+    update uses the freshly computed float moments, which are then requantized.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, master_weights=False,
+                 max_grad_norm=None, skip_nonfinite=True, min_8bit_size=4096):
+        super().__init__(params, lr, betas, eps, weight_decay, master_weights=master_weights,
+                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite)
+        self.min_8bit_size = int(min_8bit_size)
+        self._qmaps: dict = {}
+
+    def _qmap(self, device):
+        q = self._qmaps.get(device)
+        if q is None:
+            q = (create_dynamic_map(True).to(device), create_dynamic_map(False).to(device))
+            self._qmaps[device] = q
+        return q
+
+    def _init_state(self, p, group, state):
+        if p.numel() < self.min_8bit_size:
+            self._init_float_state(p, group, state)
+            return
+        qm, qv = self._qmap(p.device)
+        nb = (p.numel() + QUANT_BLOCK - 1) // QUANT_BLOCK
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        state["exp_avg"] = torch.full(p.shape, int((qm == 0).nonzero()[0]), dtype=torch.uint8, device=p.device)
+        state["exp_avg_sq"] = torch.full(p.shape, int((qv == 0).nonzero()[0]), dtype=torch.uint8, device=p.device)
+        state["absmax_m"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
+        state["absmax_v"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
+        if group.get("master_weights", False) and p.dtype != torch.float32:
+            state["master"] = p.detach().float().contiguous()
+
+    def _bucket_key(self, p, group, state):
+        return (p.device, p.dtype, "master" in state, "absmax_m" in state)
+
+    def _step_bucket(self, key, group, params, grads, states, lr, coef, found):
+        if not key[3]:
+            return self._step_float(group, params, grads, states, lr, coef, found)
+        b1, b2 = group["betas"]
+        qm, qv = self._qmap(params[0].device)
+        masters = [s["master"] for s in states] if key[2] else []
+        _ops.adamw8bit_step(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                            [s["absmax_m"] for s in states], [s["absmax_v"] for s in states], qm, qv, masters,
+                            [s["step"] for s in states], lr, float(b1), float(b2), float(group["eps"]),
+                            float(group["weight_decay"]), coef, found)
