@@ -48,4 +48,13 @@ TORCH_LIBRARY(thrifty, m) {
   m.def("adamw8bit_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] absmax_m, Tensor(e!)[] absmax_v, Tensor qmap_m, Tensor qmap_v, Tensor(f!)[] masters, Tensor(g!)[] steps, Tensor lr, float beta1, float beta2, float eps, float weight_decay, Tensor? grad_coef, Tensor? found_inf) -> ()");
   // One fused Lion step: c = lerp(m, g, 1 - b1); p = p (1 - lr wd) - lr sign(c); m = lerp(m, g, 1 - b2).
   m.def("lion_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] masters, Tensor lr, float beta1, float beta2, float weight_decay, Tensor? grad_coef, Tensor? found_inf) -> ()");
+
+  // ---- loss ----
+  // Cross-entropy of hidden (tokens, H) @ weight (V, H)^T against labels (tokens,) int64, chunked over tokens so the
+  // (tokens, V) logits never exist. reduction 0 none / 1 mean / 2 sum; softcap > 0 caps logits c*tanh(x/c).
+  // compute_grad (mean/sum) also returns the gradients of the loss in the same pass (else empty); lse (tokens,) f32.
+  m.def("linear_cross_entropy(Tensor hidden, Tensor weight, Tensor labels, int ignore_index, int reduction, float label_smoothing, float softcap, bool compute_grad, int chunk_size) -> (Tensor loss, Tensor lse, Tensor grad_hidden, Tensor grad_weight)");
+  // Gradients w.r.t. hidden and weight: the forward's precomputed ones scaled by grad_loss when given, else recomputed
+  // chunk by chunk with per-token grad_loss (reduction none) or the scalar grad_loss (mean/sum).
+  m.def("linear_cross_entropy_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor labels, Tensor? grad_hidden, Tensor? grad_weight, int ignore_index, int reduction, float label_smoothing, float softcap, int chunk_size) -> (Tensor grad_hidden, Tensor grad_weight)");
 }

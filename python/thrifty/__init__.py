@@ -35,5 +35,7 @@ from thrifty import ops  # noqa: E402  (registers fake and autograd implementati
 from thrifty import nn  # noqa: E402
 from thrifty import optim  # noqa: E402
 from thrifty._info import info, info_dict  # noqa: E402
+from thrifty import models  # noqa: E402
+from thrifty.models.patch import patch_hf  # noqa: E402
 
-__all__ = ["ops", "nn", "info", "info_dict", "__version__"]
+__all__ = ["ops", "nn", "models", "patch_hf", "info", "info_dict", "__version__"]

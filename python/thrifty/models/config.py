@@ -1,0 +1,224 @@
+"""LlamaConfig: the Hugging Face config.json fields of the Llama family (Llama 2/3, Mistral,
+Qwen2), the presets, and the rotary frequencies (default, linear and Llama-3 scaling)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ROPE_TYPES = ("default", "linear", "llama3")
+# config.json keys that only describe training or tooling: read and dropped.
+_IGNORED = {"architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "initializer_range",
+            "use_cache", "attention_dropout", "pretraining_tp", "max_window_layers", "_name_or_path",
+            "output_attentions", "output_hidden_states", "return_dict", "is_decoder", "tokenizer_class",
+            "_attn_implementation_autoset", "layer_types", "use_sliding_window", "rope_parameters", "rope_scaling",
+            "rope_theta", "id2label", "label2id", "problem_type", "chunk_size_feed_forward"}
+
+
+class ConfigError(ValueError):
+    """A config.json field (or architecture) thrifty's Llama does not support; the message names it."""
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None   # None: = num_attention_heads (no GQA)
+    head_dim: int | None = None              # None: hidden_size // num_attention_heads
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None         # {"rope_type": "linear"|"llama3", "factor": ..., ...}
+    attention_bias: bool = False             # Llama: bias on q, k, v and o
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None        # Mistral: a token sees itself and the sliding_window - 1 before it
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+    model_type: str = "llama"                # "llama", "mistral" or "qwen2" (Qwen2: bias on q, k, v only)
+    extra: dict = field(default_factory=dict, repr=False)  # other config.json keys, written back on save
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        self.validate()
+
+    # ---- derived ----
+    @property
+    def qkv_bias(self) -> bool:
+        return self.attention_bias or self.model_type == "qwen2"
+
+    @property
+    def o_bias(self) -> bool:
+        return self.attention_bias and self.model_type != "qwen2"
+
+    @property
+    def eos_ids(self) -> list[int]:
+        e = self.eos_token_id
+        return [] if e is None else ([e] if isinstance(e, int) else list(e))
+
+    def validate(self) -> None:
+        if self.model_type not in ARCHITECTURES:
+            raise ConfigError(f"config field 'model_type' = {self.model_type!r} is not supported "
+                              f"(thrifty.models.Llama supports {sorted(ARCHITECTURES)})")
+        if self.hidden_act != "silu":
+            raise ConfigError(f"config field 'hidden_act' = {self.hidden_act!r} is not supported (only 'silu')")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"config field 'num_key_value_heads' = {self.num_key_value_heads} must divide "
+                              f"num_attention_heads = {self.num_attention_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"config field 'head_dim' = {self.head_dim} must be even (rotary embedding)")
+        rs = self.rope_scaling
+        if rs is not None:
+            kind = rs.get("rope_type", rs.get("type", "default"))
+            if kind not in ROPE_TYPES:
+                raise ConfigError(f"config field 'rope_scaling' (rope_parameters) has rope_type {kind!r}, "
+                                  f"not supported (supported: {', '.join(ROPE_TYPES)})")
+            if kind == "llama3":
+                for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+                    if k not in rs:
+                        raise ConfigError(f"config field 'rope_scaling' (llama3) lacks {k!r}")
+            if kind == "linear" and "factor" not in rs:
+                raise ConfigError("config field 'rope_scaling' (linear) lacks 'factor'")
+
+    # ---- config.json ----
+    @classmethod
+    def from_dict(cls, d: dict) -> "LlamaConfig":
+        d = dict(d)
+        arch = d.get("architectures") or []
+        mt = d.get("model_type", "llama")
+        if mt not in ARCHITECTURES:
+            raise ConfigError(f"config field 'model_type' = {mt!r} is not supported "
+                              f"(thrifty.models.Llama supports {sorted(ARCHITECTURES)})")
+        for a in arch:
+            if a not in ARCHITECTURES.values():
+                raise ConfigError(f"config field 'architectures' = {arch!r}: {a!r} is not supported "
+                                  f"(supported: {', '.join(ARCHITECTURES.values())})")
+        for key, ok in (("quantization_config", None), ("attn_logit_softcapping", None),
+                        ("final_logit_softcapping", None), ("num_local_experts", None), ("num_experts", None),
+                        ("partial_rotary_factor", 1.0)):
+            if d.get(key, ok) not in (ok,):
+                raise ConfigError(f"config field {key!r} = {d[key]!r} is not supported by thrifty.models.Llama")
+        if d.get("pretraining_tp", 1) != 1:
+            raise ConfigError(f"config field 'pretraining_tp' = {d['pretraining_tp']} is not supported (only 1)")
+        # rope: transformers 5 writes rope_parameters {"rope_type", "rope_theta", ...}; older files rope_theta + rope_scaling
+        rope = dict(d.get("rope_parameters") or {})
+        theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+        scaling = rope or d.get("rope_scaling")
+        if scaling:
+            scaling = dict(scaling)
+            kind = scaling.pop("type", None)
+            scaling.setdefault("rope_type", kind or "default")
+            if scaling["rope_type"] == "default":
+                scaling = None
+        sliding = d.get("sliding_window")
+        if mt == "qwen2":
+            if d.get("use_sliding_window"):
+                raise ConfigError("config field 'use_sliding_window' = true is not supported for qwen2")
+            sliding = None
+        elif mt == "llama" and sliding is not None:
+            raise ConfigError(f"config field 'sliding_window' = {sliding} is not supported for llama")
+        lt = d.get("layer_types")
+        if lt and any(t != "full_attention" for t in lt) and mt != "mistral":
+            raise ConfigError(f"config field 'layer_types' = {lt!r}: only full_attention layers are supported")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_theta", "rope_scaling", "sliding_window",
+                                                               "model_type"}
+        kw = {k: d[k] for k in names if k in d}
+        extra = {k: v for k, v in d.items() if k not in names and k not in _IGNORED and k != "sliding_window"}
+        return cls(**kw, rope_theta=float(theta), rope_scaling=scaling, sliding_window=sliding, model_type=mt,
+                   extra=extra)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "LlamaConfig":
+        p = Path(path)
+        if p.is_dir():
+            p = p / "config.json"
+        return cls.from_dict(json.loads(p.read_text()))
+
+    def to_dict(self, dtype: torch.dtype | None = None) -> dict:
+        """config.json as transformers writes it (both rope_parameters and the older rope_theta/rope_scaling)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        d.update(self.extra)
+        d["architectures"] = [ARCHITECTURES[self.model_type]]
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling:
+            rope.update(self.rope_scaling)
+        d["rope_parameters"] = rope
+        if self.model_type == "qwen2":
+            d.pop("attention_bias")
+            d["use_sliding_window"] = False
+            d["sliding_window"] = None
+        elif self.model_type == "llama":
+            d.pop("sliding_window")
+        if dtype is not None:
+            d["dtype"] = str(dtype).removeprefix("torch.")
+        return d
+
+    def save(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
+        Path(path, "config.json").write_text(json.dumps(self.to_dict(dtype), indent=2, sort_keys=True) + "\n")
+
+    # ---- presets ----
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "LlamaConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r} (available: {', '.join(PRESETS)})")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def num_params(self) -> int:
+        h, d, kv = self.hidden_size, self.head_dim, self.num_key_value_heads
+        attn = h * d * (2 * self.num_attention_heads + 2 * kv)
+        mlp = 3 * h * self.intermediate_size
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * (attn + mlp + 2 * h) + emb + h
+
+
+# Embedded defaults: `tiny` (~10M parameters, trains visibly in minutes on 2 CPU cores) and `small` (~125M).
+PRESETS: dict[str, dict] = {
+    "tiny": dict(vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                 tie_word_embeddings=True, rope_theta=10000.0),
+    "small": dict(vocab_size=32000, hidden_size=768, intermediate_size=2560, num_hidden_layers=12,
+                  num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=2048,
+                  tie_word_embeddings=True, rope_theta=10000.0),
+}
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    """The (head_dim / 2,) float32 inverse frequencies, as transformers computes them."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    rs = cfg.rope_scaling
+    if not rs:
+        return inv
+    kind = rs["rope_type"]
+    if kind == "linear":
+        return inv / rs["factor"]
+    # llama3: low frequencies divided by factor, high kept, a smooth blend between
+    factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old = rs["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old / lo, old / hi
+    wavelen = 2 * math.pi / inv
+    out = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * out / factor + smooth * out
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, out)
+
+
+def build_cos_sin(cfg: LlamaConfig, max_position: int, device=None) -> torch.Tensor:
+    """(max_position, head_dim) float32 [cos | sin] of position * inv_freq (the thrifty rotary cache layout)."""
+    inv = rope_inv_freq(cfg).to(device)
+    freqs = torch.arange(max_position, device=device, dtype=torch.int64).float()[:, None] * inv[None, :]
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)

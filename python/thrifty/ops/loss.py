@@ -1,0 +1,111 @@
+"""Fused linear + cross-entropy: the loss of ``hidden @ weight.T`` without the (tokens, vocab) logits.
+
+With z = hidden @ weight.T (capped: z = c * tanh(z / c) when ``softcap`` c > 0), y the labels,
+eps the label smoothing and V the vocab, per token::
+
+    lse_i  = log sum_j exp(z_ij)
+    loss_i = (1 - eps) * (lse_i - z_iy) + eps * (lse_i - mean_j z_ij)     (0 where y_i == ignore_index)
+
+reduced like ``F.cross_entropy``: "mean" divides the sum by the number of tokens not ignored.
+
+Backward, with s_i = d L / d loss_i (1/count for mean, 1 for sum, the incoming gradient for none)::
+
+    G_ij         = s_i * (softmax(z_i)_j - eps / V - (1 - eps) [j == y_i]) * (1 - (z_ij / c)^2 if softcap)
+    grad_hidden  = G @ weight
+    grad_weight  = G.T @ hidden
+
+Memory: the op walks the tokens in chunks (about 2^26 logits each); per chunk a matmul makes
+the logits, one fused kernel turns them into loss, lse and G in place, and two matmuls add the
+chunk's share of grad_hidden and grad_weight. For "mean" and "sum" the gradients are computed
+in the forward pass whenever autograd will need them (one logits matmul in all, like the
+unfused path) and the backward only scales them by the incoming scalar; for "none" the
+backward needs the per-token incoming gradient, so it recomputes each chunk's logits (one
+extra matmul) — this is exactly the case public fused losses get wrong, and it is tested.
+"""
+from __future__ import annotations
+
+import torch
+
+from thrifty.ops._common import register_no_double_backward
+
+_ops = torch.ops.thrifty
+_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                         ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                         softcap: float = 0.0, chunk_size: int = 0) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T`` against ``labels``, never materialising the logits.
+
+    Args:
+        hidden: (..., H) float32/bfloat16/float16.
+        weight: (V, H), hidden's dtype (the lm_head / tied embedding weight).
+        labels: (...) int64, leading dims of hidden; values in [0, V) or ``ignore_index``.
+        reduction: "mean" (over tokens not ignored), "sum" or "none" (a loss per token, shape of labels).
+        label_smoothing: eps in [0, 1], as in ``F.cross_entropy``.
+        softcap: > 0 applies ``softcap * tanh(logits / softcap)`` first (Gemma 2 style); 0 disables it.
+        chunk_size: tokens per chunk (0 picks about 2^26 logits per chunk).
+    Returns:
+        the loss in hidden's dtype: a scalar, or labels' shape for "none".
+    """
+    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
+        raise ValueError(f"thrifty.linear_cross_entropy: argument 'reduction' must be 'mean', 'sum' or 'none', "
+                         f"got {reduction!r}")
+    if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise TypeError("thrifty.linear_cross_entropy: hidden, weight and labels must be tensors")
+    if hidden.dim() < 1 or labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"thrifty.linear_cross_entropy: argument 'labels' must have the leading dims of 'hidden' "
+                         f"{tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}")
+    red = _REDUCTIONS[reduction]
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    l2 = labels.reshape(-1)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    loss, _, _, _ = _ops.linear_cross_entropy(h2, weight, l2, ignore_index, red, float(label_smoothing),
+                                              float(softcap), needs_grad and red != 0, chunk_size)
+    return loss.view(labels.shape) if red == 0 else loss
+
+
+# ---- fake (shape-only) implementations ----
+@torch.library.register_fake("thrifty::linear_cross_entropy")
+def _lce_fake(hidden, weight, labels, ignore_index, reduction, label_smoothing, softcap, compute_grad, chunk_size):
+    T = hidden.shape[0]
+    loss = hidden.new_empty((T,) if reduction == 0 else ())
+    lse = hidden.new_empty((T,), dtype=torch.float32)
+    if compute_grad:
+        return loss, lse, torch.empty_like(hidden, memory_format=torch.contiguous_format), \
+            torch.empty_like(weight, memory_format=torch.contiguous_format)
+    return loss, lse, hidden.new_empty((0,)), hidden.new_empty((0,))
+
+
+@torch.library.register_fake("thrifty::linear_cross_entropy_backward")
+def _lce_backward_fake(grad_loss, hidden, weight, labels, grad_hidden, grad_weight, ignore_index, reduction,
+                       label_smoothing, softcap, chunk_size):
+    return (torch.empty_like(hidden, memory_format=torch.contiguous_format),
+            torch.empty_like(weight, memory_format=torch.contiguous_format))
+
+
+# ---- autograd ----
+def _setup(ctx, inputs, output):
+    hidden, weight, labels, ignore_index, reduction, label_smoothing, softcap, compute_grad, chunk_size = inputs
+    _, _, gh, gw = output
+    ctx.args = (ignore_index, reduction, label_smoothing, softcap, chunk_size)
+    ctx.pre = bool(compute_grad)
+    if ctx.pre:
+        ctx.save_for_backward(hidden, weight, labels, gh, gw)
+    else:
+        ctx.save_for_backward(hidden, weight, labels)
+
+
+def _backward(ctx, grad_loss, _g_lse, _g_gh, _g_gw):
+    if ctx.pre:
+        hidden, weight, labels, gh, gw = ctx.saved_tensors
+    else:
+        (hidden, weight, labels), gh, gw = ctx.saved_tensors, None, None
+    ignore_index, reduction, label_smoothing, softcap, chunk_size = ctx.args
+    grad_h, grad_w = _ops.linear_cross_entropy_backward(grad_loss, hidden, weight, labels, gh, gw, ignore_index,
+                                                        reduction, label_smoothing, softcap, chunk_size)
+    return grad_h, grad_w, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("thrifty::linear_cross_entropy", _backward, setup_context=_setup)
+register_no_double_backward("thrifty::linear_cross_entropy_backward")
