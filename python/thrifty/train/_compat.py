@@ -18,6 +18,8 @@ def model_api():
 def preset_config(name: str, **overrides):
     Llama, LlamaConfig, is_thrifty = model_api()
     base = None
+    if is_thrifty and hasattr(LlamaConfig, "preset"):
+        return LlamaConfig.preset(name, **overrides)
     if is_thrifty:
         import thrifty.models as tm
         for attr in ("preset_config", "get_preset"):
@@ -60,11 +62,11 @@ def make_optimizer(name: str, groups, *, lr: float, betas, weight_decay: float, 
         if to is None:
             raise ValueError(f"--optimizer {name} needs thrifty.optim, which this build lacks; use --optimizer adamw")
         if name == "adamw8bit":
-            return to.AdamW8bit(groups, lr=lr, betas=betas, weight_decay=weight_decay)
-        return to.Lion(groups, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
+            return to.AdamW8bit(groups, lr=lr, betas=betas, weight_decay=weight_decay, master_weights=master_weights)
+        return to.Lion(groups, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay, master_weights=master_weights)
     raise ValueError(f"--optimizer: expected adamw, adamw8bit or lion, got {name!r}")
 
 
 def supports_master_weights(name: str) -> bool:
     """bf16 parameters with float32 master copies inside the optimizer (thrifty.optim.AdamW)."""
-    return name == "adamw" and thrifty_optim() is not None
+    return name in ("adamw", "adamw8bit", "lion") and thrifty_optim() is not None

@@ -129,13 +129,13 @@ class WarmupCosine:
 _PEAK_CACHE: dict = {}
 
 
-def measured_bf16_matmul_flops(device: torch.device) -> float:
-    """bf16 matmul FLOP/s measured on this device now (the MFU denominator)."""
-    key = str(device)
+def measured_matmul_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Matmul FLOP/s in ``dtype`` measured on this device now (the MFU denominator)."""
+    key = f"{device}-{dtype}"
     if key not in _PEAK_CACHE:
-        n = 4096 if device.type == "cuda" else 1024
-        a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-        b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        n = 4096 if device.type == "cuda" else 512
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
         for _ in range(2):
             a @ b
         if device.type == "cuda":
@@ -263,6 +263,8 @@ class Trainer:
                 raise TrainError(f"tokenizer/model vocab mismatch: the tokenizer has {vocab} tokens, "
                                  f"the model config embeds {cfg.vocab_size}")
             model = Llama(cfg)
+            if hasattr(model, "init_weights"):
+                model.init_weights()
         mcfg = model.config
         if c.seq_len > getattr(mcfg, "max_position_embeddings", c.seq_len):
             raise TrainError(f"--seq-len {c.seq_len} exceeds the model's max_position_embeddings "
@@ -350,10 +352,6 @@ class Trainer:
             self.data = prep()
         self.tokenizer = self.data.tokenizer
         gb = c.batch_size * c.grad_accum * self.world
-        if len(self.data.train) < gb:
-            raise TrainError(f"the training split has {len(self.data.train)} rows of {c.seq_len} tokens, fewer than "
-                             f"one global batch of {gb} (batch-size {c.batch_size} x grad-accum {c.grad_accum} x "
-                             f"{self.world} processes): add data or lower --batch-size/--seq-len")
         self.global_batch = gb
         vocab = tokmod.vocab_size(self.tokenizer)
 
@@ -375,6 +373,10 @@ class Trainer:
                 self.autocast = False
         self.raw_model = model
         self._check_fits(model)
+        if len(self.data.train) < gb:
+            raise TrainError(f"the training split has {len(self.data.train)} rows of {c.seq_len} tokens, fewer than "
+                             f"one global batch of {gb} (batch-size {c.batch_size} x grad-accum {c.grad_accum} x "
+                             f"{self.world} processes): add data or lower --batch-size/--seq-len")
         if c.activation_checkpointing:
             self._apply_activation_checkpointing(model)
         self.n_params = sum(p.numel() for p in model.parameters())
@@ -417,7 +419,8 @@ class Trainer:
         self.nan_skipped = 0
         self.elapsed_before = 0.0
         self.flops_per_token = model_flops_per_token(self.model_config, c.seq_len)
-        self.peak_flops = measured_bf16_matmul_flops(self.device) * (1 if c.precision == "bf16" else 0.5)
+        # MFU against the matmul rate of the compute dtype, measured in this run
+        self.peak_flops = measured_matmul_flops(self.device, torch.bfloat16 if c.precision == "bf16" else torch.float32)
 
     @staticmethod
     def _layers(model) -> list[nn.Module]:
@@ -476,6 +479,9 @@ class Trainer:
         shell.load_state_dict({k: v.detach().cpu() for k, v in msd.items()}, strict=False, assign=True)
         if getattr(self.model_config, "tie_word_embeddings", False):
             shell.lm_head.weight = shell.model.embed_tokens.weight
+        left = [n for n, p in shell.named_parameters() if p.is_meta]
+        if left:
+            raise TrainError(f"export: parameters missing from the state dict: {left[:4]}")
         shell.save_pretrained(str(dest))
         tokmod.save_tokenizer(self.tokenizer, dest)
 
@@ -563,9 +569,11 @@ class Trainer:
 
     def _forward_loss(self, b: dict) -> torch.Tensor:
         dev = self.device
+        ids, pos, lab = b["input_ids"], b["positions"], b["labels"]
+        if self.thrifty_model:  # thrifty.models takes packed documents as one flat (1, tokens) row
+            ids, pos, lab = ids.reshape(1, -1), pos.reshape(1, -1), lab.reshape(1, -1)
         with self._autocast():
-            return self.model(b["input_ids"].to(dev), positions=b["positions"].to(dev), labels=b["labels"].to(dev),
-                              cu_seqlens=b["cu_seqlens"].to(dev))
+            return self.model(ids.to(dev), positions=pos.to(dev), labels=lab.to(dev), cu_seqlens=b["cu_seqlens"].to(dev))
 
     def _no_sync(self, last: bool):
         if last or not self.distributed:
