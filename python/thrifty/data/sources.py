@@ -26,7 +26,7 @@ class Document:
 
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ".py"}
-SUPPORTED = sorted(TEXT_SUFFIXES | {".jsonl", ".json", ".parquet"})
+SUPPORTED = sorted(TEXT_SUFFIXES | {".jsonl", ".parquet"})
 
 
 def _decode(raw: bytes, source: str) -> Document:
@@ -72,7 +72,7 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
 
 def read_file(path: Path, text_field: str = "text") -> Iterator[Document]:
     suf = path.suffix.lower()
-    if suf in (".jsonl", ".json"):
+    if suf == ".jsonl":
         yield from _read_jsonl(path, text_field)
     elif suf == ".parquet":
         yield from _read_parquet(path, text_field)

@@ -570,8 +570,8 @@ class Trainer:
     def _forward_loss(self, b: dict) -> torch.Tensor:
         dev = self.device
         ids, pos, lab = b["input_ids"], b["positions"], b["labels"]
-        if self.thrifty_model:  # thrifty.models takes packed documents as one flat (1, tokens) row
-            ids, pos, lab = ids.reshape(1, -1), pos.reshape(1, -1), lab.reshape(1, -1)
+        if self.thrifty_model:  # thrifty.models takes packed documents as one flat (tokens,) sequence
+            ids, pos, lab = ids.reshape(-1), pos.reshape(-1), lab.reshape(-1)
         with self._autocast():
             return self.model(ids.to(dev), positions=pos.to(dev), labels=lab.to(dev), cu_seqlens=b["cu_seqlens"].to(dev))
 
