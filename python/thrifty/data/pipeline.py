@@ -1,0 +1,145 @@
+"""From raw text to packed train/validation token streams, cached in the run directory.
+
+    bundle = prepare_data(data=None, cache_dir="runs/x", seq_len=256)   # None: embedded default
+    bundle.train.batch([0, 1])  # input_ids / labels / positions / cu_seqlens
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from thrifty.data import tokenizer as tokmod
+from thrifty.data.packing import PackedDataset, pack_documents
+from thrifty.data.preprocess import FilterConfig, preprocess
+from thrifty.data.sources import DataError, default_corpus_files, list_files, load_default_corpus, load_documents
+
+log = logging.getLogger("thrifty.data")
+CACHE_VERSION = 1
+
+
+@dataclass
+class DataBundle:
+    tokenizer: object
+    train: PackedDataset
+    val: PackedDataset
+    stats: dict = field(default_factory=dict)
+    tokenizer_path: Path | None = None
+
+
+def _fingerprint(files: list[Path], extra: dict) -> str:
+    h = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _split(texts: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """Held-out split by a hash of each document (stable whatever the order or the other documents)."""
+    if len(texts) < 2 or val_fraction <= 0:
+        return texts, []
+    key = [int.from_bytes(hashlib.sha1(t.encode("utf-8", "replace")).digest()[:4], "little") / 2**32 for t in texts]
+    val = [t for t, k in zip(texts, key) if k < val_fraction]
+    train = [t for t, k in zip(texts, key) if k >= val_fraction]
+    if not val:  # at least one held-out document
+        i = int(np.argmin(key))
+        val, train = [texts[i]], texts[:i] + texts[i + 1:]
+    if not train:
+        i = int(np.argmax(key))
+        train, val = [texts[i]], [t for j, t in enumerate(texts) if j != i]
+    return train, val
+
+
+def prepare_data(data: str | os.PathLike | None, cache_dir: str | os.PathLike, seq_len: int, *,
+                 tokenizer: str | os.PathLike | None = None, vocab_size: int = 8192, val_fraction: float = 0.05,
+                 filter_config: FilterConfig | None = None, near_dup: bool = True, scrub_pii: bool = True,
+                 text_field: str = "text", default_caps: dict | None = None, log_fn=None) -> DataBundle:
+    """Loads, cleans, tokenizes and packs ``data`` (None: the embedded standard-library corpus).
+
+    The tokenizer is loaded from ``tokenizer`` (a tokenizer.json or a directory holding one) or
+    trained (byte-level BPE, ``vocab_size``) and saved as ``cache_dir/tokenizer.json``; the token
+    streams are cached under ``cache_dir/data/`` and reused while the sources, the tokenizer and
+    the options are unchanged. Raises :class:`DataError` on missing/empty data.
+    """
+    say = log_fn or log.info
+    cache_dir = Path(cache_dir)
+    cfg = filter_config or FilterConfig()
+    files = list_files(data) if data is not None else default_corpus_files(**(default_caps or {}))
+    tok_src = Path(tokenizer) if tokenizer is not None else None
+    if tok_src is not None and tok_src.is_dir():
+        tok_src = tok_src / "tokenizer.json"
+    if tok_src is not None and not tok_src.is_file():
+        raise DataError(f"--tokenizer: no tokenizer.json at {str(tok_src)!r}")
+    tok_hash = hashlib.sha256(tok_src.read_bytes()).hexdigest()[:16] if tok_src else None
+    fp = _fingerprint(files, {"v": CACHE_VERSION, "tok": tok_hash, "vocab": vocab_size, "val": val_fraction,
+                              "filters": asdict(cfg), "near": near_dup, "scrub": scrub_pii, "field": text_field,
+                              "data": str(data)})
+    ddir = cache_dir / "data"
+    meta_path = ddir / "meta.json"
+    tok_out = cache_dir / "tokenizer.json"
+    if meta_path.is_file() and tok_out.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("fingerprint") == fp:
+            tok = tokmod.load_tokenizer(tok_out)
+            z = np.load(ddir / "streams.npz")
+            say(f"data: reusing the tokenized cache in {ddir} ({meta['stats'].get('train_tokens')} train tokens)")
+            return DataBundle(tok, PackedDataset(z["train"], z["train_starts"], seq_len),
+                              _val_dataset(z["val"], z["val_starts"], seq_len), meta["stats"], tok_out)
+
+    t0 = time.perf_counter()
+    src_desc = str(data) if data is not None else f"embedded default corpus (Python standard library, {len(files)} files)"
+    say(f"data: reading {src_desc}")
+    if data is None:
+        docs = load_default_corpus(**(default_caps or {}))
+    else:
+        docs = load_documents(data, text_field)
+    texts, stats = preprocess(docs, cfg, near_dup=near_dup, scrub_pii=scrub_pii, log_fn=say)
+    if not texts:
+        raise DataError(f"no text left after filtering {stats['documents_in']} documents from {src_desc} "
+                        f"(dropped: {stats['quality_dropped']}, exact duplicates {stats['exact_duplicates']}); "
+                        "give more or longer documents")
+    train_txt, val_txt = _split(texts, val_fraction)
+    if tok_src is not None:
+        tok = tokmod.load_tokenizer(tok_src)
+        say(f"tokenizer: loaded {tok_src} (vocab {tokmod.vocab_size(tok)})")
+    else:
+        t1 = time.perf_counter()
+        tok = train_tokenizer_for(train_txt, vocab_size)
+        say(f"tokenizer: trained byte-level BPE, vocab {tokmod.vocab_size(tok)} in {time.perf_counter() - t1:.1f} s")
+    eos = tokmod.eos_id(tok)
+    enc = lambda ts: [e.ids for e in tok.encode_batch(ts)] if ts else []  # noqa: E731
+    tr_stream, tr_starts = pack_documents(enc(train_txt), eos)
+    va_stream, va_starts = pack_documents(enc(val_txt), eos)
+    stats.update(train_documents=len(train_txt), val_documents=len(val_txt), train_tokens=int(len(tr_stream)),
+                 val_tokens=int(len(va_stream)), vocab_size=tokmod.vocab_size(tok),
+                 prep_seconds=round(time.perf_counter() - t0, 2))
+    say(f"data: {len(train_txt)} train / {len(val_txt)} validation documents, {len(tr_stream)} / {len(va_stream)} tokens "
+        f"({stats['prep_seconds']} s)")
+    # write: tokenizer (unless given), then streams, then meta last (its presence marks a complete cache)
+    ddir.mkdir(parents=True, exist_ok=True)
+    tokmod.save_tokenizer(tok, cache_dir)
+    tmp = ddir / ".streams.tmp.npz"
+    np.savez(tmp, train=tr_stream, train_starts=tr_starts, val=va_stream, val_starts=va_starts)
+    os.replace(tmp, ddir / "streams.npz")
+    tmpm = ddir / ".meta.json.tmp"
+    tmpm.write_text(json.dumps({"fingerprint": fp, "stats": stats, "source": src_desc}, indent=1))
+    os.replace(tmpm, meta_path)
+    return DataBundle(tok, PackedDataset(tr_stream, tr_starts, seq_len), _val_dataset(va_stream, va_starts, seq_len),
+                      stats, cache_dir / "tokenizer.json")
+
+
+def train_tokenizer_for(texts: list[str], vocab_size: int):
+    return tokmod.train_tokenizer(texts, vocab_size=vocab_size)
+
+
+def _val_dataset(stream, starts, seq_len) -> PackedDataset:
+    # a short held-out split still gives one (shorter) row
+    n = len(stream)
+    return PackedDataset(stream, starts, seq_len if n >= seq_len or n < 2 else n) if n >= 2 else PackedDataset(stream, starts, seq_len)

@@ -1,0 +1,198 @@
+"""Preprocessing: quality filters, exact and near-duplicate removal, privacy scrubbing.
+
+Each step logs how many documents it saw, kept and dropped (and why); :func:`preprocess` returns
+the cleaned texts and a stats dict with those counts.
+"""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import re
+import string
+import zlib
+from dataclasses import dataclass
+
+from thrifty.data.sources import Document
+
+log = logging.getLogger("thrifty.data")
+
+
+@dataclass
+class FilterConfig:
+    min_chars: int = 64            # shorter documents are dropped ("too_short")
+    min_text_ratio: float = 0.80   # share of letters/digits/whitespace/punctuation ("mostly_non_text")
+    max_mean_line_len: int = 1000  # minified blobs, base64 ("mostly_non_text")
+    max_dup_line_frac: float = 0.5  # share of repeated non-empty lines ("repetitive")
+    min_compress_ratio: float = 0.10  # zlib size / size below this is "repetitive"
+    near_dup_threshold: float = 0.8  # MinHash LSH Jaccard threshold
+    num_perm: int = 64
+    shingle_words: int = 5
+    max_shingles: int = 4000
+
+
+_TEXTLIKE = set(string.ascii_letters + string.digits + string.whitespace + string.punctuation)
+
+
+def quality_reason(text: str, cfg: FilterConfig = FilterConfig()) -> str | None:
+    """Why ``text`` fails the quality filters (a short reason), or None when it passes."""
+    stripped = text.strip()
+    if len(stripped) < cfg.min_chars:
+        return "too_short"
+    ok = sum(1 for c in stripped if c in _TEXTLIKE or c.isalnum() or c.isspace())
+    if ok < cfg.min_text_ratio * len(stripped):
+        return "mostly_non_text"
+    lines = [ln.strip() for ln in stripped.splitlines() if ln.strip()]
+    if lines and len(stripped) / len(lines) > cfg.max_mean_line_len:
+        return "mostly_non_text"
+    if len(lines) >= 10 and 1 - len(set(lines)) / len(lines) > cfg.max_dup_line_frac:
+        return "repetitive"
+    raw = stripped.encode("utf-8", "replace")
+    if len(raw) >= 512 and len(zlib.compress(raw, 1)) / len(raw) < cfg.min_compress_ratio:
+        return "repetitive"
+    return None
+
+
+def exact_dedup(texts: list[str]) -> tuple[list[str], int]:
+    """Drops exact duplicates (SHA-256 of the whitespace-stripped text); keeps the first."""
+    seen, out = set(), []
+    for t in texts:
+        h = hashlib.sha256(t.strip().encode("utf-8", "replace")).digest()
+        if h not in seen:
+            seen.add(h)
+            out.append(t)
+    return out, len(texts) - len(out)
+
+
+def _shingles(text: str, k: int, cap: int) -> list[bytes]:
+    words = text.split()
+    if len(words) < k:
+        return [" ".join(words).encode()]
+    sh = {" ".join(words[i:i + k]) for i in range(len(words) - k + 1)}
+    return [s.encode("utf-8", "replace") for s in sorted(sh)[:cap]] if len(sh) > cap else [s.encode("utf-8", "replace") for s in sh]
+
+
+def near_dedup(texts: list[str], threshold: float = 0.8, num_perm: int = 64, shingle_words: int = 5,
+               max_shingles: int = 4000, seed: int = 1) -> tuple[list[str], int]:
+    """Drops near-duplicates with MinHash LSH (datasketch): a document whose estimated Jaccard
+    similarity of word ``shingle_words``-grams with an earlier kept one reaches ``threshold``."""
+    try:
+        from datasketch import MinHash, MinHashLSH
+    except ImportError as err:
+        raise ImportError("near-duplicate removal needs datasketch (pip install datasketch)") from err
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    out = []
+    for i, t in enumerate(texts):
+        m = MinHash(num_perm=num_perm, seed=seed)
+        m.update_batch(_shingles(t, shingle_words, max_shingles))
+        if lsh.query(m):
+            continue
+        lsh.insert(str(i), m)
+        out.append(t)
+    return out, len(texts) - len(out)
+
+
+# ---- privacy scrubbing ----
+EMAIL_RE = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+IPV4_RE = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.]*\d)")
+IPV6_RE = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?:%\w+)?(?![\w:])")
+SECRET_RES = [
+    re.compile(r"\bAKIA[0-9A-Z]{16}\b"),                       # AWS access key id
+    re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}\b"),             # GitHub tokens
+    re.compile(r"\bgithub_pat_[A-Za-z0-9_]{30,}\b"),
+    re.compile(r"\bsk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}\b"),   # OpenAI / Anthropic style
+    re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}\b"),           # Slack
+    re.compile(r"\bAIza[0-9A-Za-z_-]{35}\b"),                  # Google API key
+    re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"),                    # Hugging Face token
+    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----"),
+]
+# key = "value" assignments whose name says secret
+ASSIGN_SECRET_RE = re.compile(
+    r"""(?i)\b([\w-]*(?:api[_-]?key|secret|token|passwd|password|access[_-]?key)[\w-]*)(\s*[:=]\s*)(["'])([^"'\s]{12,})\3""")
+
+PLACEHOLDERS = {"email": "<EMAIL>", "ip": "<IP_ADDRESS>", "secret": "<SECRET>"}
+
+
+def _ipv4(m: re.Match) -> str:
+    s = m.group(0)
+    try:
+        ipaddress.IPv4Address(s)
+    except ValueError:
+        return s
+    return PLACEHOLDERS["ip"]
+
+
+def _ipv6(m: re.Match) -> str:
+    s = m.group(0)
+    groups = [g for g in s.split("%")[0].split(":") if g]
+    # Python slices like x[1::2] are valid IPv6 text: demand an address-looking shape.
+    if len(groups) < 3 and not any(len(g) == 4 for g in groups):
+        return s
+    try:
+        ipaddress.IPv6Address(s.split("%")[0])
+    except ValueError:
+        return s
+    return PLACEHOLDERS["ip"]
+
+
+def scrub(text: str) -> tuple[str, dict[str, int]]:
+    """Replaces e-mail addresses, IPv4/IPv6 addresses and API-key-like secrets with placeholders
+    (``<EMAIL>``, ``<IP_ADDRESS>``, ``<SECRET>``). Returns the text and counts per kind."""
+    counts = {"email": 0, "ip": 0, "secret": 0}
+    for r in SECRET_RES:
+        text, n = r.subn(PLACEHOLDERS["secret"], text)
+        counts["secret"] += n
+    text, n = ASSIGN_SECRET_RE.subn(lambda m: f"{m.group(1)}{m.group(2)}{m.group(3)}{PLACEHOLDERS['secret']}{m.group(3)}", text)
+    counts["secret"] += n
+    text, n = EMAIL_RE.subn(PLACEHOLDERS["email"], text)
+    counts["email"] += n
+    before = text
+    text = IPV4_RE.sub(_ipv4, text)
+    counts["ip"] += text.count(PLACEHOLDERS["ip"]) - before.count(PLACEHOLDERS["ip"])
+    before = text
+    if ":" in text:
+        text = IPV6_RE.sub(_ipv6, text)
+        counts["ip"] += text.count(PLACEHOLDERS["ip"]) - before.count(PLACEHOLDERS["ip"])
+    return text, counts
+
+
+def preprocess(docs: list[Document], cfg: FilterConfig | None = None, *, near_dup: bool = True,
+               scrub_pii: bool = True, log_fn=None) -> tuple[list[str], dict]:
+    """Quality filters -> exact dedup -> near-dup removal -> scrubbing, with counts per step."""
+    cfg = cfg or FilterConfig()
+    say = log_fn or log.info
+    stats: dict = {"documents_in": len(docs)}
+    rejected: dict[str, int] = {}
+    texts = []
+    for d in docs:
+        reason = d.rejected or (quality_reason(d.text, cfg) if d.text is not None else "binary_or_non_utf8")
+        if reason:
+            rejected[reason] = rejected.get(reason, 0) + 1
+        else:
+            texts.append(d.text)
+    stats["quality_dropped"] = rejected
+    say(f"quality filters: {len(docs)} documents in, {len(texts)} kept, dropped "
+        + (", ".join(f"{k}={v}" for k, v in sorted(rejected.items())) or "none"))
+    texts, n = exact_dedup(texts)
+    stats["exact_duplicates"] = n
+    say(f"exact dedup: {n} duplicates removed, {len(texts)} left")
+    if near_dup and len(texts) > 1:
+        texts, n = near_dedup(texts, cfg.near_dup_threshold, cfg.num_perm, cfg.shingle_words, cfg.max_shingles)
+    else:
+        n = 0
+    stats["near_duplicates"] = n
+    say(f"near-dup (MinHash LSH, Jaccard >= {cfg.near_dup_threshold}): {n} removed, {len(texts)} left")
+    tot = {"email": 0, "ip": 0, "secret": 0}
+    if scrub_pii:
+        out = []
+        for t in texts:
+            t, c = scrub(t)
+            for k in tot:
+                tot[k] += c[k]
+            out.append(t)
+        texts = out
+    stats["scrubbed"] = tot
+    say(f"privacy scrub: {tot['email']} e-mails, {tot['ip']} IP addresses, {tot['secret']} secrets replaced")
+    stats["documents_out"] = len(texts)
+    stats["chars_out"] = sum(len(t) for t in texts)
+    return texts, stats

@@ -1,0 +1,143 @@
+"""Text sources: a directory of .txt / .jsonl ("text" field) / .parquet (a text column) files,
+a single such file, or the embedded default corpus (the Python standard library's own source).
+
+Every loader yields :class:`Document` objects; bytes that are not UTF-8 or look binary are kept as
+``text=None`` with ``rejected="binary_or_non_utf8"`` so the preprocessing step can count them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+
+class DataError(ValueError):
+    """Bad or unusable training data (missing path, empty corpus, unreadable format)."""
+
+
+@dataclass
+class Document:
+    text: str | None
+    source: str
+    rejected: str | None = None
+
+
+TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ".py"}
+SUPPORTED = sorted(TEXT_SUFFIXES | {".jsonl", ".parquet"})
+
+
+def _decode(raw: bytes, source: str) -> Document:
+    if b"\x00" in raw[:8192]:
+        return Document(None, source, "binary_or_non_utf8")
+    try:
+        return Document(raw.decode("utf-8"), source)
+    except UnicodeDecodeError:
+        return Document(None, source, "binary_or_non_utf8")
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            src = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                yield Document(None, src, "binary_or_non_utf8")
+                continue
+            if not isinstance(obj, dict) or text_field not in obj:
+                raise DataError(f"{src}: expected a JSON object with a {text_field!r} field, got "
+                                f"{type(obj).__name__}{' with keys ' + str(sorted(obj)[:8]) if isinstance(obj, dict) else ''}")
+            t = obj[text_field]
+            yield Document(t if isinstance(t, str) else None, src, None if isinstance(t, str) else "binary_or_non_utf8")
+
+
+def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise DataError(f"{path}: reading parquet needs pyarrow, which is not installed "
+                        "(pip install pyarrow), or convert the data to .jsonl/.txt") from err
+    table = pq.read_table(path)
+    if text_field not in table.column_names:
+        raise DataError(f"{path}: no {text_field!r} column in the parquet file; columns are {table.column_names}")
+    for i, t in enumerate(table.column(text_field).to_pylist()):
+        yield Document(t if isinstance(t, str) else None, f"{path}:{i}", None if isinstance(t, str) else "binary_or_non_utf8")
+
+
+def read_file(path: Path, text_field: str = "text") -> Iterator[Document]:
+    suf = path.suffix.lower()
+    if suf == ".jsonl":
+        yield from _read_jsonl(path, text_field)
+    elif suf == ".parquet":
+        yield from _read_parquet(path, text_field)
+    else:
+        yield _decode(path.read_bytes(), str(path))
+
+
+def list_files(path: str | os.PathLike) -> list[Path]:
+    """The data files under ``path`` (a file or a directory, searched recursively), sorted."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data path {str(p)!r} does not exist")
+    if p.is_file():
+        return [p]
+    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUPPORTED
+                   and not any(part.startswith(".") for part in f.relative_to(p).parts))
+    if not files:
+        raise DataError(f"data directory {str(p)!r} holds no data files (looked for {', '.join(SUPPORTED)})")
+    return files
+
+
+def load_documents(path: str | os.PathLike, text_field: str = "text") -> list[Document]:
+    """Every document under ``path``; raises :class:`DataError` when there is none."""
+    docs: list[Document] = []
+    for f in list_files(path):
+        docs.extend(read_file(f, text_field))
+    if not docs:
+        raise DataError(f"data path {str(path)!r} holds no documents (all files empty)")
+    return docs
+
+
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths().get("stdlib") or os.path.dirname(os.__file__))
+
+
+def default_corpus_files(max_files: int = 400, max_bytes: int = 4_000_000, max_file_bytes: int = 200_000) -> list[Path]:
+    """The embedded default corpus: the standard library's own .py files (no tests, no site-packages),
+    in a fixed order, capped so preprocessing stays a few seconds on 2 cores."""
+    root = stdlib_dir()
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3", "turtledemo"}
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip and not d.startswith("."))
+        for fn in sorted(filenames):
+            if fn.endswith(".py"):
+                files.append(Path(dirpath) / fn)
+    out, total = [], 0
+    for f in files:
+        try:
+            size = f.stat().st_size
+        except OSError:
+            continue
+        if size > max_file_bytes:
+            continue
+        if total + size > max_bytes or len(out) >= max_files:
+            break
+        out.append(f)
+        total += size
+    if not out:
+        raise DataError(f"found no Python source files under {root} for the embedded default corpus; pass --data")
+    return out
+
+
+def load_default_corpus(**caps) -> list[Document]:
+    docs = []
+    for f in default_corpus_files(**caps):
+        docs.extend(read_file(f))
+    return docs

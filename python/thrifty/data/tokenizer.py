@@ -1,0 +1,83 @@
+"""Byte-level BPE tokenizer (Hugging Face `tokenizers`): trained on the corpus, or loaded from a
+tokenizer.json (so any Hugging Face tokenizer works)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+_EOS_CANDIDATES = (EOS_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>", "<|eot_id|>")
+
+
+def _tk():
+    try:
+        import tokenizers
+    except ImportError as err:
+        raise ImportError("the tokenizer needs the `tokenizers` package (pip install tokenizers)") from err
+    return tokenizers
+
+
+def train_tokenizer(texts, vocab_size: int = 8192, min_frequency: int = 2):
+    """Trains a byte-level BPE on ``texts`` (an iterable of str). ``<|endoftext|>`` is id 0 and
+    ``<|pad|>`` id 1; every byte is in the alphabet, so any text encodes."""
+    tk = _tk()
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 300:
+        raise ValueError(f"vocab_size: expected at least 300 (256 bytes + merges + specials), got {vocab_size}")
+    tok = tk.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+                                  special_tokens=[EOS_TOKEN, PAD_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def save_tokenizer(tok, directory: str | os.PathLike) -> Path:
+    """Writes tokenizer.json and a tokenizer_config.json that transformers' AutoTokenizer reads."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / "tokenizer.json"
+    tmp = d / ".tokenizer.json.tmp"
+    tok.save(str(tmp))
+    os.replace(tmp, path)
+    eos = eos_token(tok)
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30}
+    if eos:
+        cfg.update(eos_token=eos, bos_token=eos)
+    if tok.token_to_id(PAD_TOKEN) is not None:
+        cfg["pad_token"] = PAD_TOKEN
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
+    return path
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """Loads a tokenizer.json (a file, or a directory holding one)."""
+    tk = _tk()
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"tokenizer: no tokenizer.json at {str(p)!r}")
+    return tk.Tokenizer.from_file(str(p))
+
+
+def eos_token(tok) -> str | None:
+    for t in _EOS_CANDIDATES:
+        if tok.token_to_id(t) is not None:
+            return t
+    return None
+
+
+def eos_id(tok) -> int | None:
+    t = eos_token(tok)
+    return None if t is None else tok.token_to_id(t)
+
+
+def vocab_size(tok) -> int:
+    """Size of the id space (max id + 1, added tokens included)."""
+    return tok.get_vocab_size(with_added_tokens=True)

@@ -1,0 +1,112 @@
+"""`thrifty train`: train or fine-tune a Llama-family model from raw text.
+
+With no arguments it trains the `tiny` preset on the embedded default corpus (the Python
+standard library's own sources) into runs/default. Under torchrun it runs data-parallel:
+    torchrun --nproc-per-node 2 -m thrifty.cli train --data corpus/ [--fsdp]
+Exit codes: 0 done, 2 bad input / does not fit (nothing half-written), 3 stopped on repeated NaN.
+"""
+from __future__ import annotations
+
+import sys
+
+from thrifty.train.lora import DEFAULT_TARGETS
+
+
+def add_arguments(p) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="directory or file of .txt / .jsonl (\"text\" field) / .parquet; "
+                                  "default: the embedded corpus (Python's standard library sources)")
+    g.add_argument("--text-field", default="text", help="the text field of .jsonl / column of .parquet (default text)")
+    g.add_argument("--tokenizer", help="a tokenizer.json to use (default: the --model's, else train a byte-level BPE)")
+    g.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary when training one (default 8192)")
+    g.add_argument("--val-fraction", type=float, default=0.05, help="documents held out for validation (default 0.05)")
+    g = p.add_argument_group("model")
+    m = g.add_mutually_exclusive_group()
+    m.add_argument("--preset", choices=["tiny", "small"], default="tiny", help="train from scratch (default tiny)")
+    m.add_argument("--model", help="Hugging Face model directory to fine-tune (Llama, Mistral, Qwen2)")
+    g = p.add_argument_group("schedule")
+    s = g.add_mutually_exclusive_group()
+    s.add_argument("--steps", type=int, help="optimizer steps (default 1000 unless --time-budget)")
+    s.add_argument("--time-budget", help="train for this long: 90s, 10m, 1h30m")
+    g.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch per process (default 8)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 scratch, 5e-5 fine-tune, 5e-4 LoRA)")
+    g.add_argument("--warmup", type=int, help="warmup steps (default 5%% of the steps, at most 100)")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
+    g.add_argument("--optimizer", choices=["adamw", "adamw8bit", "lion"], default="adamw")
+    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="bf16: bf16 weights + fp32 master weights in the optimizer; auto: bf16 where the device "
+                        "has fast bf16 matmul (GPU, AVX512-BF16/AMX CPU), else fp32")
+    g.add_argument("--activation-checkpointing", action="store_true", help="recompute each layer in the backward")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora-rank", type=int, default=0, help="train rank-R adapters only (merged on export)")
+    g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 2 x rank)")
+    g.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS), help="comma-separated linear layer names")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", help="run directory (default runs/default for the embedded corpus, else runs/run-<time>)")
+    g.add_argument("--save-every", type=int, help="checkpoint every N steps (always one at the end)")
+    g.add_argument("--keep-last", type=int, default=2, help="checkpoints kept (default 2)")
+    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    g.add_argument("--eval-every", type=int, help="validation every N steps (default steps/10)")
+    g.add_argument("--eval-batches", type=int, default=8)
+    g.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 fully_shard instead of DDP")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 (default: the local GPU if any)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--max-nan-steps", type=int, default=5, help="consecutive non-finite steps that stop the run")
+
+
+def config_from_args(args):
+    from thrifty.train.trainer import TrainConfig
+
+    return TrainConfig(
+        data=args.data, text_field=args.text_field, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction, preset=args.preset, model=args.model, steps=args.steps,
+        time_budget=args.time_budget, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
+        lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        optimizer=args.optimizer, precision=args.precision, activation_checkpointing=args.activation_checkpointing,
+        compile=args.compile, seed=args.seed, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()), out=args.out,
+        save_every=args.save_every, keep_last=args.keep_last, resume=args.resume, eval_every=args.eval_every,
+        eval_batches=args.eval_batches, fsdp=args.fsdp, device=args.device, progress=not args.no_progress,
+        max_nan_steps=args.max_nan_steps)
+
+
+def run(config, prog: str = "thrifty train") -> int:
+    """Runs a TrainConfig; maps failures to a message on stderr and an exit code."""
+    from thrifty.train.trainer import Trainer, TrainError, TrainStopped
+
+    try:
+        Trainer(config).train()
+    except TrainError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except TrainStopped as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; the last checkpoint (if any) is intact: continue with --resume", file=sys.stderr)
+        return 130
+    finally:
+        try:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:
+            pass
+    return 0
+
+
+def main(args) -> int:
+    return run(config_from_args(args))
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="thrifty train")
+    add_arguments(ap)
+    sys.exit(main(ap.parse_args()))

@@ -1,0 +1,86 @@
+"""`thrifty generate RUN_DIR --prompt "..."`: sample from a trained run or any Hugging Face
+Llama-family directory (config.json + *.safetensors + tokenizer.json)."""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model_dir", metavar="RUN_DIR", help="a run directory of `thrifty train` or a Hugging Face model directory")
+    p.add_argument("--prompt", action="append", help="prompt text (repeat for several; default: an empty prompt)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+
+
+def resolve_model_dir(path) -> Path:
+    """RUN_DIR itself when it holds an exported model, else its latest checkpoint."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return p
+    ck = p / "checkpoints"
+    if ck.is_dir():
+        steps = sorted(d for d in ck.iterdir() if re.fullmatch(r"step_\d+", d.name) and (d / "config.json").is_file())
+        if steps:
+            return steps[-1]
+    raise FileNotFoundError(f"{str(p)!r} holds no model (no config.json, no checkpoints/step_*)")
+
+
+def load(path, device=None, dtype=None):
+    """(model, tokenizer) from a run or Hugging Face directory."""
+    import torch
+
+    from thrifty.data import load_tokenizer
+    from thrifty.train._compat import model_api
+
+    d = resolve_model_dir(path)
+    Llama, _, _ = model_api()
+    model = Llama.from_pretrained(str(d), dtype=dtype)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(dev).eval()
+    tok_dir = d if (d / "tokenizer.json").is_file() else Path(path)
+    return model, load_tokenizer(tok_dir)
+
+
+def generate_text(model, tok, prompts, max_new_tokens=64, temperature=0.8, top_k=50, top_p=0.95, seed=0) -> list[str]:
+    import torch
+
+    from thrifty.data import eos_id
+
+    torch.manual_seed(seed)
+    dev = next(model.parameters()).device
+    outs = []
+    eos = eos_id(tok)
+    for prompt in prompts:
+        ids = tok.encode(prompt).ids or ([eos] if eos is not None else [0])
+        x = torch.tensor([ids], device=dev)
+        kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+        if eos is not None:
+            kw["eos_token_id"] = eos
+        y = model.generate(x, **kw)
+        new = [t for t in y[0, len(ids):].tolist() if t != eos]
+        outs.append(prompt + tok.decode(new))
+    return outs
+
+
+def main(args) -> int:
+    try:
+        model, tok = load(args.model_dir, args.device)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"thrifty generate: error: {e}", file=sys.stderr)
+        return 2
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    if vocab > model.config.vocab_size:
+        print(f"thrifty generate: error: tokenizer/model vocab mismatch: the tokenizer has {vocab} tokens, the model "
+              f"{model.config.vocab_size}", file=sys.stderr)
+        return 2
+    for text in generate_text(model, tok, args.prompt or [""], args.max_new_tokens, args.temperature, args.top_k,
+                              args.top_p, args.seed):
+        print(text)
+        print("-" * 40)
+    return 0

@@ -1,0 +1,816 @@
+"""`thrifty.train.Trainer`: from raw text to a Hugging Face checkpoint.
+
+    from thrifty.train import Trainer, TrainConfig
+    result = Trainer(TrainConfig(preset="tiny", steps=200, out="runs/tiny")).train()
+
+One process, or one per device under torchrun (DDP by default, FSDP2 ``fully_shard`` with
+``fsdp=True``; gloo on CPU, NCCL on GPU). See :class:`TrainConfig` for every knob.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from thrifty.data import IGNORE_INDEX, DataError, ResumableSampler, prepare_data
+from thrifty.data import tokenizer as tokmod
+from thrifty.train import _compat, lora as loramod
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or continue (bad input, does not fit); the CLI exits with code 2."""
+
+
+class TrainStopped(RuntimeError):
+    """Repeated non-finite losses stopped the run (the last good checkpoint is intact); exit code 3."""
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str | None = None                 # dir/file of .txt/.jsonl/.parquet; None: embedded stdlib corpus
+    text_field: str = "text"
+    tokenizer: str | None = None            # tokenizer.json (or dir); None: train BPE (or use --model's)
+    vocab_size: int = 8192
+    val_fraction: float = 0.05
+    default_corpus_caps: dict | None = None
+    # model
+    preset: str = "tiny"
+    model: str | None = None                # HF directory to fine-tune from
+    model_overrides: dict | None = None     # LlamaConfig fields over the preset (tests, experiments)
+    # schedule
+    steps: int | None = None
+    time_budget: float | str | None = None  # seconds or "10m", "1h30m"
+    batch_size: int = 8                     # sequences per micro-batch per process
+    grad_accum: int = 1
+    seq_len: int = 256
+    lr: float | None = None
+    min_lr_ratio: float = 0.1
+    warmup: int | None = None
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.95)
+    grad_clip: float = 1.0
+    optimizer: str = "adamw"
+    precision: str = "auto"                 # bf16 | fp32 | auto (bf16 where the device has fast bf16 matmul)
+    activation_checkpointing: bool = False
+    compile: bool = False
+    # LoRA
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_targets: tuple = loramod.DEFAULT_TARGETS
+    lora_dropout: float = 0.0
+    # run dir, checkpoints, logging
+    out: str | None = None
+    save_every: int | None = None
+    keep_last: int = 2
+    resume: bool = False
+    eval_every: int | None = None
+    eval_batches: int = 8
+    log_every: int = 1
+    seed: int = 0
+    max_nan_steps: int = 5                  # consecutive non-finite steps that stop the run
+    fsdp: bool = False
+    device: str | None = None
+    progress: bool = True
+    plot: bool = True
+    # testing hooks
+    stop_at_step: int | None = None         # leave as if killed after this step (after its checkpoint)
+    inject_nan_steps: tuple = ()            # steps whose loss is made NaN
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise TypeError(f"TrainConfig: unknown fields {unknown}")
+        return cls(**d)
+
+
+def parse_duration(v) -> float | None:
+    """'10m' / '90s' / '1h30m' / '600' -> seconds."""
+    if v is None or isinstance(v, (int, float)):
+        return None if v is None else float(v)
+    s = str(v).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        return float(s)
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", s)
+    if not parts or "".join(a + b for a, b in parts) != s.replace(" ", ""):
+        raise TrainError(f"--time-budget: expected a duration like 90s, 10m or 1h30m, got {v!r}")
+    return sum(float(a) * {"h": 3600, "m": 60, "s": 1}[u] for a, u in parts)
+
+
+class WarmupCosine:
+    """lr multiplier: linear warmup, then cosine to ``min_ratio`` at ``total`` steps (a picklable
+    callable, so LambdaLR's state_dict carries it)."""
+
+    def __init__(self, warmup: int, total: int, min_ratio: float):
+        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        t = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+_PEAK_CACHE: dict = {}
+
+
+def measured_matmul_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Matmul FLOP/s in ``dtype`` measured on this device now (the MFU denominator)."""
+    key = f"{device}-{dtype}"
+    if key not in _PEAK_CACHE:
+        n = 4096 if device.type == "cuda" else 512
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        for _ in range(2):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        reps, t0 = 0, time.perf_counter()
+        while reps < 3 or time.perf_counter() - t0 < 0.2:
+            a @ b
+            reps += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        _PEAK_CACHE[key] = 2 * n**3 * reps / (time.perf_counter() - t0)
+    return _PEAK_CACHE[key]
+
+
+def model_flops_per_token(cfg, seq_len: int) -> float:
+    """6 N (matmul parameters, LM head included) + 6 L d S (causal attention scores and values)."""
+    d, L = cfg.hidden_size, cfg.num_hidden_layers
+    H, K = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+    hd = getattr(cfg, "head_dim", None) or d // H
+    per_layer = d * hd * (H + 2 * K) + H * hd * d + 3 * d * cfg.intermediate_size
+    n = L * per_layer + d * cfg.vocab_size
+    return 6 * n + 6 * L * H * hd * seq_len
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively (CUDA with bf16, or a CPU with AVX512-BF16/AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and "avx512" in open("/proc/cpuinfo").read().split("flags", 1)[-1][:4000] \
+            and "avx512_bf16" in open("/proc/cpuinfo").read()
+    except Exception:
+        return False
+
+
+def _available_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _rank_info():
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+class Trainer:
+    """Builds data, model and optimizer from a :class:`TrainConfig` and runs :meth:`train`."""
+
+    def __init__(self, config: TrainConfig | None = None, **kwargs):
+        self.cfg = copy.deepcopy(config) if config is not None else TrainConfig()
+        for k, v in kwargs.items():
+            if not hasattr(self.cfg, k):
+                raise TypeError(f"Trainer: unknown option {k!r}")
+            setattr(self.cfg, k, v)
+        self.rank, self.world, self.local_rank = _rank_info()
+        self.is_main = self.rank == 0
+        self._bar = None
+
+    # ---------- logging ----------
+    def log(self, msg: str) -> None:
+        if not self.is_main:
+            return
+        if self._bar is not None:
+            self._bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    # ---------- setup ----------
+    def _setup_distributed(self):
+        c = self.cfg
+        if c.device:
+            dev = torch.device(c.device)
+        elif torch.cuda.is_available():
+            dev = torch.device("cuda", self.local_rank)
+        else:
+            dev = torch.device("cpu")
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        self.device = dev
+        self.distributed = self.world > 1
+        if self.distributed:
+            import torch.distributed as dist
+            if not dist.is_initialized():
+                dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+
+    def _run_dir(self) -> Path:
+        c = self.cfg
+        if c.out:
+            return Path(c.out)
+        return Path("runs") / ("default" if c.data is None and c.model is None else time.strftime("run-%Y%m%d-%H%M%S"))
+
+    def _build_model(self, vocab: int, eos: int | None):
+        c = self.cfg
+        Llama, LlamaConfig, is_thrifty = _compat.model_api()
+        self.thrifty_model = is_thrifty
+        if not is_thrifty:
+            self.log("note: thrifty.models is not in this build; training the plain-PyTorch stand-in Llama")
+        torch.manual_seed(c.seed)
+        if c.model:
+            mdir = Path(c.model)
+            if not (mdir / "config.json").is_file():
+                raise TrainError(f"--model: {str(mdir)!r} is not a Hugging Face model directory (no config.json)")
+            model = Llama.from_pretrained(str(mdir))
+            mv = model.config.vocab_size
+            if vocab > mv:
+                raise TrainError(f"tokenizer/model vocab mismatch: the tokenizer has {vocab} tokens but the model "
+                                 f"at {mdir} embeds only {mv}; use the model's own tokenizer.json (--tokenizer)")
+        else:
+            over = dict(c.model_overrides or {})
+            over.setdefault("vocab_size", int(math.ceil(vocab / 64) * 64))
+            over.setdefault("max_position_embeddings", max(2048, c.seq_len))
+            if eos is not None:
+                over.setdefault("eos_token_id", eos)
+                over.setdefault("bos_token_id", eos)
+            cfg = _compat.preset_config(c.preset, **over)
+            if vocab > cfg.vocab_size:
+                raise TrainError(f"tokenizer/model vocab mismatch: the tokenizer has {vocab} tokens, "
+                                 f"the model config embeds {cfg.vocab_size}")
+            model = Llama(cfg)
+            if hasattr(model, "init_weights"):
+                model.init_weights()
+        mcfg = model.config
+        if c.seq_len > getattr(mcfg, "max_position_embeddings", c.seq_len):
+            raise TrainError(f"--seq-len {c.seq_len} exceeds the model's max_position_embeddings "
+                             f"{mcfg.max_position_embeddings}")
+        return model
+
+    def _check_fits(self, model) -> None:
+        """Refuses a micro-batch that clearly cannot fit in memory, before allocating it."""
+        c, mc = self.cfg, self.model_config
+        n_params = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        pbytes = 2 if self.param_dtype == torch.bfloat16 else 4
+        opt_bytes = {"adamw": 8 + (4 if self.master_weights else 0), "adamw8bit": 2.1, "lion": 4}[c.optimizer]
+        static = n_params * pbytes + trainable * (pbytes + opt_bytes)
+        if self.distributed and c.fsdp:
+            static /= self.world
+        B, S, d, L = c.batch_size, c.seq_len, mc.hidden_size, mc.num_hidden_layers
+        H = mc.num_attention_heads
+        act_b = 2 if c.precision == "bf16" else 4
+        per_layer = B * S * d * 17 * act_b + B * H * S * S * act_b * (0 if self.device.type == "cuda" else 1)
+        acts = (B * S * d * act_b * L + per_layer) if c.activation_checkpointing else per_layer * L
+        logits = B * S * mc.vocab_size * 4 * 2
+        need = static + acts + logits
+        avail = _available_memory(self.device)
+        if avail is not None and need > 0.9 * avail:
+            raise TrainError(
+                f"a micro-batch of {B} x {S} tokens does not fit: about {need / 2**30:.1f} GiB needed "
+                f"(parameters, gradients and optimizer state {static / 2**30:.1f} GiB, activations {acts / 2**30:.1f} GiB, "
+                f"logits {logits / 2**30:.1f} GiB), {avail / 2**30:.1f} GiB available on {self.device}; lower "
+                "--batch-size (raise --grad-accum to keep the global batch) or --seq-len, or add --activation-checkpointing")
+
+    def setup(self) -> None:
+        c = self.cfg
+        self._setup_distributed()
+        if c.precision not in ("bf16", "fp32", "auto"):
+            raise TrainError(f"--precision: expected bf16, fp32 or auto, got {c.precision!r}")
+        if c.precision == "auto":
+            c.precision = "bf16" if fast_bf16(self.device) else "fp32"
+            self.log(f"precision: {c.precision} ({'this device has fast bf16 matmul' if c.precision == 'bf16' else 'no native bf16 matmul on this CPU (AVX2 only): bf16 would run several times slower than fp32'})")
+        if c.optimizer not in ("adamw", "adamw8bit", "lion"):
+            raise TrainError(f"--optimizer: expected adamw, adamw8bit or lion, got {c.optimizer!r}")
+        for name in ("batch_size", "grad_accum", "seq_len"):
+            if getattr(c, name) < 1 or (name == "seq_len" and c.seq_len < 8):
+                raise TrainError(f"--{name.replace('_', '-')}: expected a positive value (seq-len >= 8), got {getattr(c, name)}")
+        if c.steps is not None and c.steps < 1:
+            raise TrainError(f"--steps: expected a positive number, got {c.steps}")
+        self.time_budget = parse_duration(c.time_budget)
+        if c.steps is None and self.time_budget is None:
+            c.steps = 1000
+        self.run_dir = self._run_dir()
+        if not c.resume and (self.run_dir / "checkpoints").is_dir() and any((self.run_dir / "checkpoints").iterdir()):
+            raise TrainError(f"{self.run_dir} already holds checkpoints: pass --resume to continue it, or another --out")
+        if c.resume and not self._latest_checkpoint():
+            raise TrainError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+        torch.manual_seed(c.seed)
+        random.seed(c.seed)
+        np.random.seed(c.seed)
+
+        # ---- data (rank 0 prepares, the others wait and read the cache)
+        tok_arg = c.tokenizer
+        if tok_arg is None and c.model and (Path(c.model) / "tokenizer.json").is_file():
+            tok_arg = str(Path(c.model) / "tokenizer.json")
+        if tok_arg is None and c.resume and (self.run_dir / "tokenizer.json").is_file():
+            pass  # the cache fingerprint covers the trained tokenizer
+        prep = lambda: prepare_data(c.data, self.run_dir, c.seq_len, tokenizer=tok_arg, vocab_size=c.vocab_size,  # noqa: E731
+                                    val_fraction=c.val_fraction, text_field=c.text_field,
+                                    default_caps=c.default_corpus_caps, log_fn=self.log)
+        if self.distributed:
+            import torch.distributed as dist
+            if self.is_main:
+                try:
+                    self.data = prep()
+                    ok = torch.tensor(1)
+                except Exception:
+                    dist.broadcast(torch.tensor(0), 0)
+                    raise
+                dist.broadcast(ok, 0)
+            else:
+                ok = torch.tensor(0)
+                dist.broadcast(ok, 0)
+                if not ok.item():
+                    raise TrainError("rank 0 failed to prepare the data")
+                self.data = prep()
+        else:
+            self.data = prep()
+        self.tokenizer = self.data.tokenizer
+        gb = c.batch_size * c.grad_accum * self.world
+        self.global_batch = gb
+        vocab = tokmod.vocab_size(self.tokenizer)
+
+        # ---- model
+        model = self._build_model(vocab, tokmod.eos_id(self.tokenizer))
+        self.model_config = model.config
+        self.master_weights = c.precision == "bf16" and _compat.supports_master_weights(c.optimizer) and not c.lora_rank
+        self.param_dtype = torch.bfloat16 if self.master_weights else torch.float32
+        if c.lora_rank and c.precision == "bf16":
+            self.param_dtype = torch.bfloat16  # frozen base in bf16, adapters float32
+        self.autocast = c.precision == "bf16" and self.param_dtype == torch.float32
+        model.to(device=self.device, dtype=self.param_dtype)
+        if c.lora_rank:
+            try:
+                self.lora_names = loramod.apply_lora(model, c.lora_rank, c.lora_targets, c.lora_alpha, c.lora_dropout)
+            except ValueError as e:
+                raise TrainError(str(e)) from None
+            if c.precision == "bf16":
+                self.autocast = False
+        self.raw_model = model
+        self._check_fits(model)
+        if len(self.data.train) < gb:
+            raise TrainError(f"the training split has {len(self.data.train)} rows of {c.seq_len} tokens, fewer than "
+                             f"one global batch of {gb} (batch-size {c.batch_size} x grad-accum {c.grad_accum} x "
+                             f"{self.world} processes): add data or lower --batch-size/--seq-len")
+        if c.activation_checkpointing:
+            self._apply_activation_checkpointing(model)
+        self.n_params = sum(p.numel() for p in model.parameters())
+        self.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+        # ---- optimizer + schedule
+        decay, no_decay = [], []
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 and "lora_" not in n else no_decay).append(p)
+        groups = [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        if c.lr is None:
+            c.lr = 5e-4 if c.lora_rank else (5e-5 if c.model else 1e-3)
+        try:
+            self.optimizer = _compat.make_optimizer(c.optimizer, groups, lr=c.lr, betas=tuple(c.betas),
+                                                    weight_decay=c.weight_decay, master_weights=self.master_weights)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+        total = c.steps or 10**9
+        warm = c.warmup if c.warmup is not None else max(1, min(100, (c.steps or 2000) // 20))
+        self.schedule = WarmupCosine(warm, total, c.min_lr_ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
+
+        # ---- distributed wrappers, compile
+        self.model = model
+        if self.distributed:
+            if c.fsdp:
+                from torch.distributed.fsdp import fully_shard
+                for layer in self._layers(model):
+                    fully_shard(layer)
+                fully_shard(model)
+            else:
+                from torch.nn.parallel import DistributedDataParallel as DDP
+                self.model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if c.compile:
+            self.model = torch.compile(self.model)
+        self.sampler = ResumableSampler(len(self.data.train), gb, seed=c.seed)
+        self.step = 0
+        self.tokens_seen = 0
+        self.nan_skipped = 0
+        self.elapsed_before = 0.0
+        self.flops_per_token = model_flops_per_token(self.model_config, c.seq_len)
+        # MFU against the matmul rate of the compute dtype, measured in this run
+        self.peak_flops = measured_matmul_flops(self.device, torch.bfloat16 if c.precision == "bf16" else torch.float32)
+
+    @staticmethod
+    def _layers(model) -> list[nn.Module]:
+        inner = getattr(model, "model", model)
+        layers = getattr(inner, "layers", None)
+        if layers is None:
+            raise TrainError("the model has no .model.layers / .layers list to shard or checkpoint")
+        return list(layers)
+
+    def _apply_activation_checkpointing(self, model) -> None:
+        from torch.utils.checkpoint import checkpoint
+        for layer in self._layers(model):
+            fwd = layer.forward
+            layer.forward = (lambda f: (lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k)))(fwd)
+
+    # ---------- checkpoints ----------
+    def _ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def _latest_checkpoint(self) -> Path | None:
+        root = self._ckpt_root()
+        if not root.is_dir():
+            return None
+        cks = sorted(p for p in root.iterdir() if re.fullmatch(r"step_\d+", p.name) and (p / "trainer_state.pt").is_file())
+        return cks[-1] if cks else None
+
+    def _full_state(self):
+        """(model state dict in HF names with LoRA merged, lora state, optimizer state) on every rank."""
+        c = self.cfg
+        if self.distributed and c.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            msd = get_model_state_dict(self.raw_model, options=opts)
+            osd = get_optimizer_state_dict(self.raw_model, self.optimizer, options=opts)
+        else:
+            msd = self.raw_model.state_dict()
+            osd = self.optimizer.state_dict()
+        return msd, osd
+
+    def _export_model(self, msd: dict, dest: Path) -> None:
+        """config.json + model.safetensors (LoRA merged) + tokenizer files into ``dest``."""
+        Llama, _, _ = _compat.model_api()
+        if self.cfg.lora_rank:
+            merged = {}
+            scale = {n: m.scale for n, m in loramod.lora_modules(self.raw_model).items()}
+            for k, v in msd.items():
+                if ".lora_" in k:
+                    continue
+                merged[k.replace(".base.", ".")] = v
+            for n, s in scale.items():
+                w = msd[f"{n}.base.weight"]
+                merged[f"{n}.weight"] = (w.float() + s * (msd[f"{n}.lora_B"].float() @ msd[f"{n}.lora_A"].float())).to(w.dtype)
+            msd = merged
+        with torch.device("meta"):
+            shell = Llama(self.model_config)
+        shell.load_state_dict({k: v.detach().cpu() for k, v in msd.items()}, strict=False, assign=True)
+        if getattr(self.model_config, "tie_word_embeddings", False):
+            shell.lm_head.weight = shell.model.embed_tokens.weight
+        left = [n for n, p in shell.named_parameters() if p.is_meta]
+        if left:
+            raise TrainError(f"export: parameters missing from the state dict: {left[:4]}")
+        shell.save_pretrained(str(dest))
+        tokmod.save_tokenizer(self.tokenizer, dest)
+
+    def save_checkpoint(self) -> Path | None:
+        msd, osd = self._full_state()
+        if not self.is_main:
+            self._barrier()
+            return None
+        root = self._ckpt_root()
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"step_{self.step:06d}"
+        tmp = root / f".tmp-step_{self.step:06d}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        self._export_model(msd, tmp)
+        state = {
+            "step": self.step, "tokens_seen": self.tokens_seen, "nan_skipped": self.nan_skipped,
+            "elapsed": self.elapsed_before + (time.perf_counter() - self._t_start),
+            "optimizer": osd, "scheduler": self.scheduler.state_dict(), "schedule_total": self.schedule.total,
+            "sampler": self.sampler.state_dict(), "config": asdict(self.cfg),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }
+        if self.cfg.lora_rank:
+            state["lora"] = {k: v.detach().cpu() for k, v in msd.items() if ".lora_" in k}
+        torch.save(state, tmp / "trainer_state.pt")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        cks = sorted(p for p in root.iterdir() if re.fullmatch(r"step_\d+", p.name))
+        for old in cks[:-max(1, self.cfg.keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
+        return final
+
+    def _barrier(self):
+        if self.distributed:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        from safetensors.torch import load_file
+        if self.cfg.lora_rank:
+            loramod.load_lora_state_dict(self.raw_model, state["lora"])
+        else:
+            sd = load_file(str(path / "model.safetensors"))
+            if self.distributed and self.cfg.fsdp:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+                set_model_state_dict(self.raw_model, sd, options=StateDictOptions(full_state_dict=True, strict=False))
+            else:
+                missing, unexpected = self.raw_model.load_state_dict(sd, strict=False)
+                missing = [m for m in missing if m != "lm_head.weight"]
+                if missing or unexpected:
+                    raise TrainError(f"checkpoint {path}: does not match the model (missing {missing[:4]}, unexpected {unexpected[:4]})")
+        if self.distributed and self.cfg.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(self.raw_model, self.optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.total = state["schedule_total"]
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.schedule.total = state["schedule_total"]
+        self.sampler.load_state_dict(state["sampler"])
+        self.step, self.tokens_seen, self.nan_skipped = state["step"], state["tokens_seen"], state["nan_skipped"]
+        self.elapsed_before = state["elapsed"]
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.log(f"resumed from {path} at step {self.step}")
+
+    # ---------- steps ----------
+    def _autocast(self):
+        if self.autocast:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _forward_loss(self, b: dict) -> torch.Tensor:
+        dev = self.device
+        ids, pos, lab = b["input_ids"], b["positions"], b["labels"]
+        if self.thrifty_model:  # thrifty.models takes packed documents as one flat (tokens,) sequence
+            ids, pos, lab = ids.reshape(-1), pos.reshape(-1), lab.reshape(-1)
+        with self._autocast():
+            return self.model(ids.to(dev), positions=pos.to(dev), labels=lab.to(dev), cu_seqlens=b["cu_seqlens"].to(dev))
+
+    def _no_sync(self, last: bool):
+        if last or not self.distributed:
+            return contextlib.nullcontext()
+        if self.cfg.fsdp:
+            self.raw_model.set_requires_gradient_sync(False)
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def train_step(self) -> dict:
+        c = self.cfg
+        batch = self.sampler.next_batch()
+        # the loss is the mean over every target of the global batch, whatever the split across ranks
+        # and micro-batches: each micro-batch loss is weighted by its share of the targets.
+        ds = self.data.train
+        n_targets = [int((ds.batch([i])["labels"][:, 1:] != IGNORE_INDEX).sum()) for i in batch]
+        total = max(1, sum(n_targets))
+        mine = ResumableSampler.shard(list(range(len(batch))), self.rank, self.world)
+        micro = [mine[k * c.batch_size:(k + 1) * c.batch_size] for k in range(c.grad_accum)]
+        loss_acc = torch.zeros((), device=self.device, dtype=torch.float32)
+        if self.distributed and c.fsdp:
+            self.raw_model.set_requires_gradient_sync(True)
+        for k, idx in enumerate(micro):
+            b = ds.batch([batch[i] for i in idx])
+            w = sum(n_targets[i] for i in idx) / total
+            with self._no_sync(k == len(micro) - 1):
+                if self.distributed and c.fsdp:
+                    self.raw_model.set_requires_gradient_sync(k == len(micro) - 1)
+                loss = self._forward_loss(b)
+                if self.step + 1 in c.inject_nan_steps:
+                    loss = loss * float("nan")
+                (loss.float() * (w * self.world)).backward()
+            loss_acc += loss.detach().float() * w
+        if self.distributed:
+            import torch.distributed as dist
+            dist.all_reduce(loss_acc)
+        loss_val = float(loss_acc)
+        params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        gnorm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip and c.grad_clip > 0 else float("inf"))
+        gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        skipped = not (math.isfinite(loss_val) and math.isfinite(gnorm))
+        if skipped:
+            self.nan_skipped += 1
+            self._consecutive_nan += 1
+        else:
+            self.optimizer.step()
+            self._consecutive_nan = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        self.tokens_seen += len(batch) * c.seq_len
+        return {"loss": loss_val, "grad_norm": gnorm, "lr": lr, "skipped": skipped}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        c = self.cfg
+        ds = self.data.val
+        if len(ds) == 0:
+            return {}
+        self.model.eval()
+        tot, n = 0.0, 0
+        rows = list(range(min(len(ds), c.eval_batches * c.batch_size)))
+        for k in range(0, len(rows), c.batch_size):
+            b = ds.batch(rows[k:k + c.batch_size])
+            m = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+            loss = self._forward_loss(b)
+            tot += float(loss) * m
+            n += m
+        self.model.train()
+        vl = tot / max(1, n)
+        return {"val_loss": vl, "val_ppl": math.exp(min(vl, 50))}
+
+    # ---------- the loop ----------
+    def train(self) -> dict:
+        """Runs the whole job; returns a summary dict (final loss, val loss, paths, counters)."""
+        c = self.cfg
+        created = not (Path(c.out) if c.out else self._run_dir()).exists()
+        try:
+            self.setup()
+            if c.resume:
+                self.load_checkpoint(self._latest_checkpoint())
+        except (TrainError, DataError, OSError, ValueError) as e:
+            self._cleanup_failed(created)
+            if isinstance(e, TrainError):
+                raise
+            raise TrainError(str(e)) from e
+        except BaseException:
+            self._cleanup_failed(created)
+            raise
+        return self._loop()
+
+    def _cleanup_failed(self, created: bool) -> None:
+        rd = getattr(self, "run_dir", None) or (Path(self.cfg.out) if self.cfg.out else None)
+        if created and rd is not None and rd.exists() and self.is_main:
+            shutil.rmtree(rd, ignore_errors=True)
+
+    def _loop(self) -> dict:
+        c = self.cfg
+        rd = self.run_dir
+        if self.is_main:
+            rd.mkdir(parents=True, exist_ok=True)
+            (rd / "train_config.json").write_text(json.dumps(asdict(c), indent=1, default=str))
+        metrics_path = rd / "metrics.jsonl"
+        if self.is_main:
+            lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+            keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= self.step] if c.resume else []
+            metrics_path.write_text("".join(ln + "\n" for ln in keep))
+        self._consecutive_nan = 0
+        eval_every = c.eval_every or max(1, (c.steps or 1000) // 10)
+        mc = self.model_config
+        self.log(f"model: {self.n_params / 1e6:.2f}M parameters ({self.n_trainable / 1e6:.2f}M trainable), "
+                 f"{mc.num_hidden_layers} layers x {mc.hidden_size}, vocab {mc.vocab_size}; "
+                 f"{'thrifty' if self.thrifty_model else 'stand-in'} model, optimizer {type(self.optimizer).__module__}."
+                 f"{type(self.optimizer).__name__}; precision {c.precision} "
+                 f"({'bf16 params + fp32 master weights' if self.master_weights else 'autocast over fp32 params' if self.autocast else str(self.param_dtype)}); "
+                 f"{self.world} process(es) on {self.device}{' FSDP2' if c.fsdp and self.distributed else ' DDP' if self.distributed else ''}; "
+                 f"global batch {self.global_batch} x {c.seq_len} tokens")
+        from tqdm import tqdm
+        self._t_start = time.perf_counter()
+        total_steps = c.steps
+        self._bar = tqdm(total=total_steps, initial=self.step, disable=not (c.progress and self.is_main),
+                         dynamic_ncols=True, file=sys.stderr, unit="step")
+        last_good = None
+        start_step = self.step
+        out = {"loss": None}
+        result = {"run_dir": str(rd)}
+        t_window, tok_window = time.perf_counter(), 0
+        val = {}
+        stopped_early = False
+        mf = open(metrics_path, "a") if self.is_main else None
+        try:
+            self.model.train()
+            while True:
+                if total_steps is not None and self.step >= total_steps:
+                    break
+                elapsed = self.elapsed_before + time.perf_counter() - self._t_start
+                if self.time_budget is not None and total_steps is None and self.step >= start_step + 3:
+                    per = (time.perf_counter() - self._t_start) / (self.step - start_step)
+                    remaining = self.time_budget - (self.elapsed_before + time.perf_counter() - self._t_start)
+                    total_steps = max(self.step + 1, self.step + int(remaining / per))
+                    self.schedule.total = total_steps
+                    self._bar.total = total_steps
+                    self._bar.refresh()
+                try:
+                    out = self.train_step()
+                except torch.OutOfMemoryError as e:
+                    raise TrainError(f"out of memory in a training step (micro-batch {c.batch_size} x {c.seq_len}): lower "
+                                     "--batch-size (raise --grad-accum), --seq-len, or add --activation-checkpointing") from e
+                tok_window += self.global_batch * c.seq_len
+                now = time.perf_counter()
+                tps = tok_window / max(1e-9, now - t_window)
+                mfu = tps * self.flops_per_token / self.peak_flops
+                row = {"step": self.step, "loss": out["loss"], "lr": out["lr"], "tokens_per_s": tps, "mfu": mfu,
+                       "grad_norm": out["grad_norm"], "tokens": self.tokens_seen,
+                       "elapsed_s": self.elapsed_before + now - self._t_start}
+                if out["skipped"]:
+                    row["skipped"] = True
+                    self.log(f"step {self.step}: non-finite loss/gradients ({out['loss']}), step skipped "
+                             f"({self.nan_skipped} so far)")
+                if mf and (self.step % c.log_every == 0 or out["skipped"]):
+                    mf.write(json.dumps(row) + "\n")
+                    mf.flush()
+                self._bar.update(1)
+                self._bar.set_postfix_str(f"loss {out['loss']:.3f} | {tps:,.0f} tok/s | MFU {100 * mfu:.1f}%"
+                                          + (f" | val {val['val_loss']:.3f}" if val else ""), refresh=False)
+                if self.step % 10 == 0:
+                    t_window, tok_window = time.perf_counter(), 0
+                if self._consecutive_nan >= c.max_nan_steps:
+                    raise TrainStopped(f"stopped: {self._consecutive_nan} consecutive steps with a non-finite loss "
+                                       f"(step {self.step}); the last good checkpoint is "
+                                       f"{last_good or self._latest_checkpoint() or 'none (no checkpoint was written)'}")
+                done = (total_steps is not None and self.step >= total_steps) or (
+                    self.time_budget is not None and self.elapsed_before + time.perf_counter() - self._t_start >= self.time_budget)
+                if self.step % eval_every == 0 or done:
+                    val = self.evaluate()
+                    if val and mf:
+                        mf.write(json.dumps({"step": self.step, **val}) + "\n")
+                        mf.flush()
+                    if val:
+                        self.log(f"step {self.step}: train loss {out['loss']:.4f}, val loss {val['val_loss']:.4f}, "
+                                 f"perplexity {val['val_ppl']:.2f}")
+                if c.save_every and self.step % c.save_every == 0 and self._consecutive_nan == 0:
+                    last_good = self.save_checkpoint()
+                if c.stop_at_step is not None and self.step >= c.stop_at_step:
+                    stopped_early = True
+                    break
+                if done:
+                    break
+        finally:
+            self._bar.close()
+            self._bar = None
+            if mf:
+                mf.close()
+        result.update(steps=self.step, final_loss=out["loss"] if self.step else None, nan_skipped=self.nan_skipped,
+                      tokens=self.tokens_seen, **val)
+        if stopped_early:
+            return result
+        if c.save_every is None or self.step % (c.save_every or 1) != 0:
+            last_good = self.save_checkpoint() if self._consecutive_nan == 0 else last_good
+        msd, _ = self._full_state()
+        if self.is_main:
+            tmp = rd / f".tmp-export-{os.getpid()}"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            self._export_model(msd, tmp)
+            for f in tmp.iterdir():
+                os.replace(f, rd / f.name)
+            tmp.rmdir()
+            if c.plot:
+                self.plot_loss(metrics_path, rd / "loss_curve.png")
+            (rd / "summary.json").write_text(json.dumps(result, indent=1))
+            self.log(f"done: {self.step} steps, final train loss {result['final_loss']:.4f}"
+                     + (f", val loss {result['val_loss']:.4f} (perplexity {result['val_ppl']:.2f})" if "val_loss" in result else "")
+                     + f"; model in {rd} (Hugging Face format), checkpoints in {self._ckpt_root()}")
+        self._barrier()
+        return result
+
+    @staticmethod
+    def plot_loss(metrics_path: Path, png: Path) -> None:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        rows = [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines() if ln.strip()]
+        tr = [(r["step"], r["loss"]) for r in rows if "loss" in r and math.isfinite(r["loss"])]
+        va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if tr:
+            ax.plot(*zip(*tr), label="train loss", lw=1)
+        if va:
+            ax.plot(*zip(*va), "o-", label="validation loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tmp = png.with_name("." + png.name + ".tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, png)

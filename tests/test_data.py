@@ -1,0 +1,187 @@
+"""thrifty.data: filters, dedup, scrubbing, tokenizer, packing + cu_seqlens, sampler, pipeline cache."""
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from thrifty.data import (DataError, PackedDataset, ResumableSampler, default_corpus_files, eos_id, exact_dedup,
+                          load_documents, load_tokenizer, near_dedup, pack_documents, prepare_data, preprocess,
+                          quality_reason, save_tokenizer, scrub, train_tokenizer)
+from thrifty.data.sources import Document
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+         "upsilon phi chi psi omega model train data token loss step").split()
+
+
+def prose(seed: int, n_words: int = 200) -> str:
+    r = random.Random(seed)
+    lines = []
+    for _ in range(n_words // 10):
+        lines.append(" ".join(r.choice(WORDS) for _ in range(10)) + ".")
+    return "\n".join(lines)
+
+
+def write_corpus(d, n=24, words=200):
+    d.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (d / f"doc{i:02d}.txt").write_text(prose(i, words))
+    return d
+
+
+# ---- filters ----
+def test_quality_filters():
+    assert quality_reason(prose(0)) is None
+    assert quality_reason("tiny") == "too_short"
+    assert quality_reason("\n".join(["same line here"] * 40)) == "repetitive"
+    assert quality_reason("ab" * 2000) == "mostly_non_text"  # one 4000-char line
+    assert quality_reason("".join(chr(0x2500 + (i % 50)) for i in range(500))) == "mostly_non_text"
+
+
+def test_binary_and_non_utf8_dropped(tmp_path):
+    write_corpus(tmp_path, 2)
+    (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02" * 100)
+    (tmp_path / "latin1.txt").write_bytes(("caf\xe9 " * 50).encode("latin-1"))
+    docs = load_documents(tmp_path)
+    assert sorted(d.rejected or "" for d in docs) == ["", "", "binary_or_non_utf8", "binary_or_non_utf8"]
+    texts, stats = preprocess(docs, near_dup=False)
+    assert len(texts) == 2 and stats["quality_dropped"] == {"binary_or_non_utf8": 2}
+
+
+def test_exact_and_near_dedup():
+    a = prose(1, 300)
+    words = a.split()
+    words[150] = "CHANGED"
+    near = " ".join(words)
+    texts, n = exact_dedup([a, prose(2), a + "\n", a])
+    assert n == 2 and len(texts) == 2
+    kept, n = near_dedup([a, prose(2, 300), near, prose(3, 300)])
+    assert n == 1 and kept == [a, prose(2, 300), prose(3, 300)]
+
+
+def test_preprocess_counts(tmp_path):
+    docs = [Document(prose(i), f"d{i}") for i in range(5)] + [Document(prose(0), "dup"), Document("x", "short")]
+    texts, stats = preprocess(docs)
+    assert len(texts) == 5
+    assert stats["exact_duplicates"] == 1 and stats["quality_dropped"] == {"too_short": 1}
+    assert stats["documents_in"] == 7 and stats["documents_out"] == 5
+
+
+def test_scrub():
+    t = ("mail jane.doe+x@example.co.uk or root@localhost.org; server 192.168.1.20 and 2001:db8::8a2e:370:7334, "
+         "key AKIAIOSFODNN7EXAMPLE tok ghp_" + "a" * 36 + "\napi_key = \"zq81JHf7ad8s7f6a5s\"\n")
+    out, c = scrub(t)
+    assert "jane.doe" not in out and "192.168" not in out and "2001:db8" not in out
+    assert "AKIA" not in out and "ghp_" not in out and "zq81" not in out
+    assert out.count("<EMAIL>") == 2 and out.count("<IP_ADDRESS>") == 2 and c["secret"] == 3
+    assert "api_key = \"<SECRET>\"" in out
+    # code and versions are not addresses
+    code = "x = a[1::2]; y = b[::3]; v = '3.11.7'; t = 12:30:45; f(d)\n"
+    assert scrub(code)[0] == code
+    assert scrub("999.1.1.1 is not an address")[0] == "999.1.1.1 is not an address"
+
+
+# ---- tokenizer ----
+def test_tokenizer_train_save_load(tmp_path):
+    texts = [prose(i) for i in range(30)]
+    tok = train_tokenizer(texts, vocab_size=400)
+    assert tok.get_vocab_size() <= 400
+    assert eos_id(tok) == 0
+    s = "gamma delta ünïcödé 🙂 \t\n x"
+    assert tok.decode(tok.encode(s).ids) == s  # byte level: any text round-trips
+    save_tokenizer(tok, tmp_path)
+    tok2 = load_tokenizer(tmp_path / "tokenizer.json")
+    assert tok2.encode(s).ids == tok.encode(s).ids
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["eos_token"] == "<|endoftext|>"
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_tokenizer(texts, vocab_size=100)
+
+
+# ---- packing ----
+def test_packing_and_cu_seqlens():
+    docs = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14, 15, 16], [17]]
+    stream, starts = pack_documents(docs, eos_id=0)
+    assert stream.tolist() == [5, 6, 7, 0, 8, 9, 0, 10, 11, 12, 13, 14, 15, 16, 0, 17, 0]
+    assert starts.tolist() == [0, 4, 7, 15]
+    ds = PackedDataset(stream, starts, seq_len=5)
+    assert len(ds) == 3
+    b = ds.batch([0, 1])
+    assert b["input_ids"].tolist() == [[5, 6, 7, 0, 8], [9, 0, 10, 11, 12]]
+    # row 0: doc of 4 then a doc starting at 4; row 1: the tail of doc 2 (2 tokens) then doc 3
+    assert b["cu_seqlens"].tolist() == [0, 4, 5, 7, 10] and b["cu_seqlens"].dtype == torch.int32
+    assert b["positions"].tolist() == [[0, 1, 2, 3, 0], [0, 1, 0, 1, 2]]
+    assert b["labels"].tolist() == [[5, 6, 7, 0, -100], [9, 0, -100, 11, 12]]
+    assert b["max_seqlen"] == 4
+    assert sum(ds.row_segments(2)) == 5
+
+
+# ---- sampler ----
+def test_sampler_deterministic_and_resumable():
+    a = ResumableSampler(10, 4, seed=3)
+    full = [a.next_batch() for _ in range(7)]
+    again = ResumableSampler(10, 4, seed=3)
+    assert [again.next_batch() for _ in range(7)] == full
+    assert sorted(sum(full[:5], [])[:10]) == list(range(10))  # an epoch covers every row once
+    b = ResumableSampler(10, 4, seed=3)
+    for _ in range(3):
+        b.next_batch()
+    sd = json.loads(json.dumps(b.state_dict()))
+    c = ResumableSampler(10, 4, seed=3)
+    c.load_state_dict(sd)
+    assert [c.next_batch() for _ in range(4)] == full[3:]
+    assert ResumableSampler(10, 4, seed=4).next_batch() != full[0]
+    assert ResumableSampler.shard([1, 2, 3, 4, 5, 6], 1, 2) == [2, 4, 6]
+    with pytest.raises(ValueError, match="rows"):
+        ResumableSampler(11, 4).load_state_dict(sd)
+
+
+# ---- pipeline ----
+def test_prepare_data_and_cache(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "c", 20)
+    (corpus / "dup.txt").write_text(prose(0))
+    (corpus / "more.jsonl").write_text("\n".join(json.dumps({"text": prose(100 + i), "id": i}) for i in range(4)))
+    msgs = []
+    b = prepare_data(corpus, tmp_path / "run", seq_len=32, vocab_size=320, log_fn=msgs.append)
+    assert b.stats["exact_duplicates"] == 1 and b.stats["documents_out"] == 24
+    assert any("near-dup" in m for m in msgs) and any("privacy scrub" in m for m in msgs)
+    assert (tmp_path / "run" / "tokenizer.json").is_file()
+    assert len(b.train) > 0 and len(b.val) > 0 and b.stats["val_documents"] >= 1
+    msgs2 = []
+    b2 = prepare_data(corpus, tmp_path / "run", seq_len=32, vocab_size=320, log_fn=msgs2.append)
+    assert any("reusing" in m for m in msgs2)
+    assert np.array_equal(b.train.stream, b2.train.stream)
+    # a given tokenizer.json is used as is
+    b3 = prepare_data(corpus, tmp_path / "run3", seq_len=32, tokenizer=tmp_path / "run" / "tokenizer.json", log_fn=msgs2.append)
+    assert np.array_equal(b3.train.stream, b.train.stream)
+
+
+def test_data_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        prepare_data(tmp_path / "nope", tmp_path / "r", seq_len=16)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no data files"):
+        prepare_data(tmp_path / "empty", tmp_path / "r", seq_len=16)
+    (tmp_path / "short").mkdir()
+    (tmp_path / "short" / "a.txt").write_text("hi")
+    with pytest.raises(DataError, match="no text left after filtering"):
+        prepare_data(tmp_path / "short", tmp_path / "r", seq_len=16)
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(DataError, match="'text' field"):
+        prepare_data(tmp_path / "bad.jsonl", tmp_path / "r", seq_len=16)
+    assert not (tmp_path / "r").exists()
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        (tmp_path / "x.parquet").write_bytes(b"PAR1")
+        with pytest.raises(DataError, match="pyarrow"):
+            prepare_data(tmp_path / "x.parquet", tmp_path / "r", seq_len=16)
+
+
+def test_default_corpus_is_stdlib():
+    files = default_corpus_files(max_files=50, max_bytes=500_000)
+    assert 0 < len(files) <= 50 and all(f.suffix == ".py" for f in files)
+    assert sum(f.stat().st_size for f in files) <= 500_000
+    assert not any("site-packages" in str(f) for f in files)

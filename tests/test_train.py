@@ -1,0 +1,240 @@
+"""thrifty.train: a few-step run (metrics, checkpoints, HF export), exact resume, LoRA, 2-process
+gloo DDP against one process, failure handling, NaN skipping, generate. Micro models, CPU."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+
+from thrifty.data import save_tokenizer, train_tokenizer
+from thrifty.train import TrainConfig, Trainer, parse_duration
+from thrifty.train._compat import model_api
+from thrifty.train.cli import run
+
+from test_data import prose
+
+MICRO = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    for i in range(24):
+        (d / f"doc{i:02d}.txt").write_text(prose(i, 200))
+    tok = train_tokenizer([prose(i, 200) for i in range(24)], vocab_size=320)
+    save_tokenizer(tok, d / "tok")
+    return d
+
+
+@pytest.fixture(scope="module")
+def base_model(corpus, tmp_path_factory):
+    """A micro Llama saved in Hugging Face format with the corpus tokenizer."""
+    Llama, LlamaConfig, _ = model_api()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=320, max_position_embeddings=128, eos_token_id=0, bos_token_id=0,
+                      tie_word_embeddings=False, **MICRO)
+    m = Llama(cfg)
+    if hasattr(m, "init_weights"):
+        m.init_weights()
+    d = tmp_path_factory.mktemp("base")
+    m.save_pretrained(str(d))
+    save_tokenizer(__import__("thrifty.data", fromlist=["load_tokenizer"]).load_tokenizer(corpus / "tok"), d)
+    return d
+
+
+def cfg(corpus, out, **kw) -> TrainConfig:
+    base = dict(data=str(corpus), tokenizer=str(corpus / "tok" / "tokenizer.json"), model_overrides=MICRO,
+                batch_size=2, seq_len=32, steps=4, lr=3e-3, warmup=1, progress=False, precision="fp32", plot=False,
+                eval_batches=2, out=str(out))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def losses(run_dir) -> dict:
+    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_parse_duration():
+    assert parse_duration("10m") == 600 and parse_duration("1h30m") == 5400 and parse_duration("90") == 90
+    with pytest.raises(Exception, match="duration"):
+        parse_duration("ten minutes")
+
+
+def test_train_metrics_checkpoint_export(corpus, tmp_path):
+    out = tmp_path / "run"
+    res = Trainer(cfg(corpus, out, steps=12, save_every=4, keep_last=2, eval_every=6, plot=True)).train()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    tr = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in tr] == list(range(1, 13))
+    assert all({"step", "loss", "lr", "tokens_per_s", "mfu"} <= set(r) for r in tr)
+    assert tr[-1]["loss"] < tr[0]["loss"]
+    va = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in va] == [6, 12] and all(r["val_ppl"] > 1 for r in va)
+    assert res["steps"] == 12 and abs(res["val_loss"] - va[-1]["val_loss"]) < 1e-12
+    cks = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert cks == ["step_000008", "step_000012"]  # last 2 kept, no temp dirs left
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt"):
+        assert (out / "checkpoints" / "step_000012" / f).is_file()
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    # the export loads in thrifty and in transformers, with the same logits
+    Llama, _, _ = model_api()
+    m = Llama.from_pretrained(str(out)).float().eval()
+    x = torch.randint(0, 320, (1, 16))
+    with torch.no_grad():
+        ours = m(x)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf(x).logits
+    assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_resume_same_trajectory(corpus, tmp_path):
+    a = tmp_path / "a"
+    Trainer(cfg(corpus, a, steps=6, save_every=3)).train()
+    b = tmp_path / "b"
+    Trainer(cfg(corpus, b, steps=6, save_every=3, stop_at_step=3)).train()  # as if killed after step 3's checkpoint
+    assert sorted(losses(b)) == [1, 2, 3]
+    Trainer(cfg(corpus, b, steps=6, save_every=3, resume=True)).train()
+    la, lb = losses(a), losses(b)
+    assert sorted(lb) == list(range(1, 7))
+    assert lb == la  # bit-identical
+
+
+def test_lora_trains_only_adapters_and_merges(corpus, base_model, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "lora"
+    t = Trainer(cfg(corpus, out, model=str(base_model), model_overrides=None, lora_rank=4,
+                    lora_targets=("q_proj", "v_proj"), steps=3, lr=5e-2))
+    t.train()
+    named = dict(t.raw_model.named_parameters())
+    trainable = {n for n, p in named.items() if p.requires_grad}
+    assert trainable and all(".lora_A" in n or ".lora_B" in n for n in trainable)
+    assert t.n_trainable == sum(named[n].numel() for n in trainable)
+    base = load_file(str(base_model / "model.safetensors"))
+    merged = load_file(str(out / "model.safetensors"))
+    assert set(merged) == set(base)  # original names, adapters folded in
+    state = torch.load(out / "checkpoints" / "step_000003" / "trainer_state.pt", weights_only=False)
+    changed = []
+    for k, w in base.items():
+        if k.endswith(("q_proj.weight", "v_proj.weight")):
+            mod = k[: -len(".weight")]
+            A, B = state["lora"][f"{mod}.lora_A"], state["lora"][f"{mod}.lora_B"]
+            expect = w.float() + t.raw_model.get_submodule(mod).scale * (B.float() @ A.float())
+            assert torch.allclose(merged[k].float(), expect, atol=1e-6)
+            changed.append(not torch.equal(merged[k], w))
+        else:
+            assert torch.equal(merged[k], w), k  # the frozen base is untouched
+    assert all(changed)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_match_single(corpus, base_model, tmp_path):
+    common = ["--model", str(base_model), "--data", str(corpus), "--seq-len", "32", "--steps", "3", "--lr", "1e-2",
+              "--warmup", "1", "--precision", "fp32", "--no-progress", "--eval-every", "100"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    ddp = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-port", str(_free_port()), "-m", "thrifty.cli", "train", *common,
+                        "--batch-size", "2", "--out", str(ddp)], env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 process(es)" in r.stderr and "DDP" in r.stderr
+    single = tmp_path / "single"
+    assert run(cfg(corpus, single, model=str(base_model), model_overrides=None, batch_size=2, grad_accum=2, steps=3,
+                   lr=1e-2, eval_every=100)) == 0
+    ld, ls = losses(ddp), losses(single)
+    assert sorted(ld) == [1, 2, 3]
+    for k in ld:
+        assert abs(ld[k] - ls[k]) <= 1e-5 * abs(ls[k]), (k, ld[k], ls[k])
+
+
+# ---- failures ----
+def _fails(capsys, config, code, pattern, out):
+    assert run(config) == code
+    err = capsys.readouterr().err
+    assert pattern in err, err[-2000:]
+    return err
+
+
+def test_failures_leave_nothing(corpus, base_model, tmp_path, capsys):
+    out = tmp_path / "r"
+    _fails(capsys, cfg(corpus, out, data=str(tmp_path / "missing")), 2, "does not exist", out)
+    assert not out.exists()
+    (tmp_path / "empty").mkdir()
+    _fails(capsys, cfg(corpus, out, data=str(tmp_path / "empty")), 2, "no data files", out)
+    (tmp_path / "short").mkdir()
+    (tmp_path / "short" / "a.txt").write_text("too short")
+    _fails(capsys, cfg(corpus, out, data=str(tmp_path / "short"), tokenizer=None), 2, "no text left after filtering", out)
+    assert not out.exists()
+    # a tokenizer larger than the model's vocabulary
+    Llama, LlamaConfig, _ = model_api()
+    small = tmp_path / "small_vocab"
+    Llama(LlamaConfig(vocab_size=64, max_position_embeddings=128, **MICRO)).save_pretrained(str(small))
+    _fails(capsys, cfg(corpus, out, model=str(small), model_overrides=None), 2, "vocab mismatch", out)
+    assert not out.exists()
+    # a batch that cannot fit in memory
+    _fails(capsys, cfg(corpus, out, batch_size=1_000_000, seq_len=64), 2, "does not fit", out)
+    assert not out.exists()
+    _fails(capsys, cfg(corpus, out, resume=True), 2, "no checkpoint", out)
+    assert not out.exists()
+
+
+def test_existing_run_needs_resume(corpus, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert run(cfg(corpus, out, steps=2)) == 0
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    _fails(capsys, cfg(corpus, out, steps=2), 2, "--resume", out)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before and (out / "model.safetensors").is_file()
+
+
+def test_nan_step_skipped(corpus, tmp_path):
+    out = tmp_path / "r"
+    res = Trainer(cfg(corpus, out, steps=4, inject_nan_steps=(2,))).train()
+    assert res["nan_skipped"] == 1
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("skipped", False) for r in rows if "loss" in r] == [False, True, False, False]
+    from safetensors.torch import load_file
+    assert all(torch.isfinite(p).all() for p in load_file(str(out / "model.safetensors")).values())
+
+
+def test_repeated_nan_stops_with_good_checkpoint(corpus, tmp_path, capsys):
+    out = tmp_path / "r"
+    err = _fails(capsys, cfg(corpus, out, steps=10, save_every=2, max_nan_steps=2, inject_nan_steps=tuple(range(3, 11))),
+                 3, "consecutive steps with a non-finite loss", out)
+    assert "step_000002" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002"]
+    assert not (out / "model.safetensors").exists()  # no final export from a diverged run
+    Llama, _, _ = model_api()
+    m = Llama.from_pretrained(str(out / "checkpoints" / "step_000002"))
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_generate_cli(corpus, tmp_path, capsys):
+    from thrifty.train import generate_cli
+
+    out = tmp_path / "r"
+    assert run(cfg(corpus, out, steps=2)) == 0
+    capsys.readouterr()
+    args = Namespace(model_dir=str(out), prompt=["alpha beta"], max_new_tokens=8, temperature=0.0, top_k=50,
+                     top_p=0.95, seed=0, device="cpu")
+    assert generate_cli.main(args) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("alpha beta")
+    args.model_dir = str(tmp_path / "nothing")
+    assert generate_cli.main(args) == 2
