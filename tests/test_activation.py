@@ -159,3 +159,12 @@ def test_bad_input(i):
 def test_device_mismatch():
     with pytest.raises(RuntimeError, match="'up' must be on the same device"):
         thrifty.ops.swiglu(torch.randn(3, 8, device="cuda"), torch.randn(3, 8))
+
+
+def test_fused_gate_up_slices_are_not_copied():
+    gate_up = torch.randn(3, 4, 2 * 100)
+    g, u = gate_up.chunk(2, dim=-1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.ops.thrifty.swiglu(g, u)
+        torch.ops.thrifty.swiglu_backward(torch.randn(3, 4, 100), g, u)
+    assert [e.name for e in prof.events() if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")] == []

@@ -314,3 +314,22 @@ def test_device_mismatch_and_range_on_cuda():
     with pytest.raises(ValueError, match="'positions' must lie in"):
         thrifty.ops.rotary_embedding(a["q"].cuda(), a["k"].cuda(), torch.tensor([0, 1, 99, 2], device="cuda"),
                                      a["cos_sin_cache"].cuda())
+
+
+def _copies(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in prof.events() if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")]
+
+
+def test_fused_qkv_slices_are_not_copied():
+    t, hq, hk, d = 9, 4, 2, 64
+    qkv = torch.randn(2, t, (hq + 2 * hk) * d)
+    q, k, _ = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+    q, k = q.view(2, t, hq, d), k.view(2, t, hk, d)
+    pos = torch.randint(0, MAX_POS, (2, t))
+    cache = thrifty.ops.build_rotary_cache(d, MAX_POS)
+    assert _copies(lambda: torch.ops.thrifty.rotary_embedding(q, k, pos, cache, False)) == []
+    # a layout that cannot collapse is copied (and still right, see test_strided_fused_qkv)
+    assert _copies(lambda: torch.ops.thrifty.rotary_embedding(q.transpose(0, 1), k.transpose(0, 1), pos.t(), cache,
+                                                              False)) != []

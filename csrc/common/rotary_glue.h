@@ -62,8 +62,9 @@ inline void check_positions_range(const char* op, const at::Tensor& pos, int64_t
     }
   } else {
     auto mm = at::aminmax(pos);
-    lo = std::get<0>(mm).item<int64_t>();
-    hi = std::get<1>(mm).item<int64_t>();
+    auto both = at::stack({std::get<0>(mm), std::get<1>(mm)}).to(at::kCPU, at::kLong);  // one sync
+    lo = both.data_ptr<int64_t>()[0];
+    hi = both.data_ptr<int64_t>()[1];
   }
   TORCH_CHECK_VALUE(lo >= 0 && hi < max_position, "thrifty.", op, ": argument 'positions' must lie in [0, ",
                     max_position, ") (the rows of 'cos_sin_cache'), got values from ", lo, " to ", hi);
