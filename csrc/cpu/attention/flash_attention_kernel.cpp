@@ -34,7 +34,8 @@ namespace {
 
 constexpr int W = Vec::W;
 constexpr int MR = 6;  // rows of the micro-kernel's register tile (x 2 vectors of columns)
-constexpr int BQ = kAttnCpuBlockQ;
+constexpr int BQ = kAttnCpuBlockQ;  // backward query tile
+constexpr int FBQ = 128;            // forward query tile (K/V tile packing amortised over more rows)
 constexpr int BK = kAttnCpuBlockK;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -233,7 +234,7 @@ void fwd(const AttentionParams& p) {
   const int D = p.head_dim;
   const int Dp = static_cast<int>(round_up(D, W));
   const int group = p.heads / p.kv_heads;
-  const int64_t nqt = (static_cast<int64_t>(p.seqlen_q) + BQ - 1) / BQ;
+  const int64_t nqt = (static_cast<int64_t>(p.seqlen_q) + FBQ - 1) / FBQ;
   const int64_t items = static_cast<int64_t>(p.batch) * p.heads * nqt;
   const T* Q = static_cast<const T*>(p.q);
   const T* K = static_cast<const T*>(p.k);
@@ -243,19 +244,19 @@ void fwd(const AttentionParams& p) {
   const float cap = p.softcap;
 
   parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    const int64_t f_qt = static_cast<int64_t>(D) * BQ, f_acc = static_cast<int64_t>(BQ) * Dp,
-                  f_kv = static_cast<int64_t>(BK) * Dp, f_s = static_cast<int64_t>(BK) * BQ;
-    Buffer buf(f_qt + f_acc + 2 * f_kv + f_s + 5 * BQ);
-    float* qt = buf.ptr;       // Qs^T [D][BQ]
-    float* acc = qt + f_qt;    // O    [BQ][Dp]
+    const int64_t f_qt = static_cast<int64_t>(D) * FBQ, f_acc = static_cast<int64_t>(FBQ) * Dp,
+                  f_kv = static_cast<int64_t>(BK) * Dp, f_s = static_cast<int64_t>(BK) * FBQ;
+    Buffer buf(f_qt + f_acc + 2 * f_kv + f_s + 5 * FBQ);
+    float* qt = buf.ptr;       // Qs^T [D][FBQ]
+    float* acc = qt + f_qt;    // O    [FBQ][Dp]
     float* kbuf = acc + f_acc; // K    [BK][Dp] (widened copy)
     float* vbuf = kbuf + f_kv; // V    [BK][Dp]
-    float* st = vbuf + f_kv;   // S^T -> P^T [BK][BQ]
+    float* st = vbuf + f_kv;   // S^T -> P^T [BK][FBQ]
     float* m = st + f_s;
-    float* l = m + BQ;
-    float* alpha = l + BQ;
-    float* msafe = alpha + BQ;
-    float* mx = msafe + BQ;
+    float* l = m + FBQ;
+    float* alpha = l + FBQ;
+    float* msafe = alpha + FBQ;
+    float* mx = msafe + FBQ;
     for (int64_t item = begin; item < end; ++item) {
       // Tiles of one head alternate between the two ends of the sequence so that contiguous
       // ranges of items (the thread pool's static split) carry equal causal work.
@@ -263,9 +264,9 @@ void fwd(const AttentionParams& p) {
       const int64_t qti = (t % 2 == 0) ? t / 2 : nqt - 1 - t / 2;
       const int b = static_cast<int>(bh / p.heads), h = static_cast<int>(bh % p.heads), kvh = h / group;
       const Seq sq = seq_of(p, b);
-      const int64_t i0 = qti * BQ;
+      const int64_t i0 = qti * FBQ;
       if (i0 >= sq.sq) continue;
-      const int mq = static_cast<int>(sq.sq - i0 < BQ ? sq.sq - i0 : BQ);
+      const int mq = static_cast<int>(sq.sq - i0 < FBQ ? sq.sq - i0 : FBQ);
       const int nq = static_cast<int>(round_up(mq, W));
       const T* qb = Q + b * p.q_batch_stride + (sq.q_row0 + i0) * p.q_row_stride + h * p.q_head_stride;
       const T* kb = K + b * p.k_batch_stride + sq.k_row0 * p.k_row_stride + kvh * p.k_head_stride;
@@ -275,10 +276,10 @@ void fwd(const AttentionParams& p) {
 
       for (int r = 0; r < mq; ++r) {
         const T* x = qb + r * p.q_row_stride;
-        for (int d = 0; d < D; ++d) qt[d * BQ + r] = p.softmax_scale * to_float(x[d]);
+        for (int d = 0; d < D; ++d) qt[d * FBQ + r] = p.softmax_scale * to_float(x[d]);
       }
       for (int d = 0; d < D; ++d)
-        for (int r = mq; r < nq; ++r) qt[d * BQ + r] = 0.0f;
+        for (int r = mq; r < nq; ++r) qt[d * FBQ + r] = 0.0f;
       for (int r = 0; r < nq; ++r) {
         m[r] = kNegInf;
         l[r] = 0.0f;
@@ -295,20 +296,20 @@ void fwd(const AttentionParams& p) {
         const float* vp = vbuf;
         const int64_t lk = Dp, lv = Dp;
         const int nv = Dp;
-        gemm_s<0>(kn, nq, D, kp, lk, 1, qt, BQ, st, BQ);  // S^T = K Qs^T
+        gemm_s<0>(kn, nq, D, kp, lk, 1, qt, FBQ, st, FBQ);  // S^T = K Qs^T
         if (cap > 0.0f)
-          for (int j = 0; j < kn; ++j) apply_softcap(st + j * BQ, nq, cap, nullptr);
+          for (int j = 0; j < kn; ++j) apply_softcap(st + j * FBQ, nq, cap, nullptr);
         if (!attention_tile_unmasked(i0, i0 + mq, j0, j0 + kn, sq.sq, sq.sk, wl, wr)) {
           for (int r = 0; r < mq; ++r) {
             const Cols c = visible_cols(false, i0 + r, j0, kn, sq.sq, sq.sk, wl, wr);
             const int a = c.a < c.b ? c.a : kn;
-            for (int j = 0; j < a; ++j) st[j * BQ + r] = kNegInf;
-            for (int j = c.b > a ? c.b : a; j < kn; ++j) st[j * BQ + r] = kNegInf;
+            for (int j = 0; j < a; ++j) st[j * FBQ + r] = kNegInf;
+            for (int j = c.b > a ? c.b : a; j < kn; ++j) st[j * FBQ + r] = kNegInf;
           }
         }
         for (int ib = 0; ib < nq; ib += W) {
           Vec vm = Vec::set1(kNegInf);
-          for (int j = 0; j < kn; ++j) vm = max(vm, Vec::load(st + j * BQ + ib));
+          for (int j = 0; j < kn; ++j) vm = max(vm, Vec::load(st + j * FBQ + ib));
           vm.store(mx + ib);
         }
         for (int r = 0; r < nq; ++r) {
@@ -327,21 +328,21 @@ void fwd(const AttentionParams& p) {
           Vec s0 = Vec::zero(), s1 = Vec::zero();
           int j = 0;
           for (; j + 2 <= kn; j += 2) {
-            const Vec e0 = exp(Vec::load(st + j * BQ + ib) - vm);
-            const Vec e1 = exp(Vec::load(st + (j + 1) * BQ + ib) - vm);
-            e0.store(st + j * BQ + ib);
-            e1.store(st + (j + 1) * BQ + ib);
+            const Vec e0 = exp(Vec::load(st + j * FBQ + ib) - vm);
+            const Vec e1 = exp(Vec::load(st + (j + 1) * FBQ + ib) - vm);
+            e0.store(st + j * FBQ + ib);
+            e1.store(st + (j + 1) * FBQ + ib);
             s0 = s0 + e0;
             s1 = s1 + e1;
           }
           if (j < kn) {
-            const Vec e0 = exp(Vec::load(st + j * BQ + ib) - vm);
-            e0.store(st + j * BQ + ib);
+            const Vec e0 = exp(Vec::load(st + j * FBQ + ib) - vm);
+            e0.store(st + j * FBQ + ib);
             s0 = s0 + e0;
           }
           fma(Vec::load(l + ib), Vec::load(alpha + ib), s0 + s1).store(l + ib);
         }
-        gemm_s<2>(mq, nv, kn, st, 1, BQ, vp, lv, acc, Dp, alpha);  // O = alpha O + P V
+        gemm_s<2>(mq, nv, kn, st, 1, FBQ, vp, lv, acc, Dp, alpha);  // O = alpha O + P V
       }
       for (int r = 0; r < mq; ++r) {
         T* orow = ob + r * p.o_row_stride;
