@@ -1,6 +1,8 @@
 // Fused attention (FlashAttention-2 style) on the CPU; compiled once per ISA level.
 //
-// Forward, per (batch, head, tile of BQ query rows), never materialising seqlen_q x seqlen_k:
+// Tiles: forward 128 query rows x 64 keys, backward 64 x 64; GEMMs on float32 tiles with a
+// 6 x 2-vector register-tiled FMA micro-kernel (12 accumulators on AVX2, B panel kept in L1).
+// Forward, per (batch, head, tile of query rows), never materialising seqlen_q x seqlen_k:
 //   Qs = softmax_scale * Q_tile (float32)
 //   for each tile of BK keys the rows can see (causal / window tiles wholly masked are skipped):
 //     S = Qs K^T                       (register-tiled FMA micro-kernel, K packed transposed)
@@ -10,7 +12,8 @@
 //     l = alpha l + rowsum P;  O = alpha O + P V
 //   out = O / l;  lse = m + log l     (a row with no visible key: out 0, lse -inf)
 // All arithmetic is float32 whatever the storage type: bf16/f16 tiles are widened into
-// per-thread float buffers (on AVX-512 BF16 the same structure runs; see the BF16 note below).
+// per-thread float buffers. TODO: an avx512_bf16 path with _mm512_dpbf16_ps (VNNI-packed K/V
+// tiles) is not written yet; that level runs the same float32 FMA code with 16-lane vectors.
 //
 // Backward (recomputing P from lse), with D = rowsum(dO * O):
 //   dV = P^T dO;  dP = dO V^T;  dS = P * (dP - D)  (times 1 - tanh^2 under softcap)
@@ -18,7 +21,8 @@
 // Parallel over (batch, kv_head, chunk of key tiles): each task owns its key tiles, so dK
 // and dV are summed over the query tiles and the heads of the GQA group by one thread in a
 // fixed order; dQ goes to a float32 accumulator per chunk, summed in chunk order at the end.
-// Extra memory: O(heads x rows x head_dim) floats, never O(seqlen^2).
+// Extra memory: D (heads x rows floats) and chunks x heads x rows x head_dim float dq
+// accumulators (chunks <= 16, see attention_cpu_bwd_chunks), never O(seqlen^2).
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
