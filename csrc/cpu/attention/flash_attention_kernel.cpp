@@ -1,6 +1,8 @@
 // Fused attention (FlashAttention-2 style) on the CPU; compiled once per ISA level.
 //
-// Forward, per (batch, head, tile of BQ query rows), never materialising seqlen_q x seqlen_k:
+// Tiles: forward 128 query rows x 64 keys, backward 64 x 64; GEMMs on float32 tiles with a
+// 6 x 2-vector register-tiled FMA micro-kernel (12 accumulators on AVX2, B panel kept in L1).
+// Forward, per (batch, head, tile of query rows), never materialising seqlen_q x seqlen_k:
 //   Qs = softmax_scale * Q_tile (float32)
 //   for each tile of BK keys the rows can see (causal / window tiles wholly masked are skipped):
 //     S = Qs K^T                       (register-tiled FMA micro-kernel, K packed transposed)
@@ -10,7 +12,8 @@
 //     l = alpha l + rowsum P;  O = alpha O + P V
 //   out = O / l;  lse = m + log l     (a row with no visible key: out 0, lse -inf)
 // All arithmetic is float32 whatever the storage type: bf16/f16 tiles are widened into
-// per-thread float buffers (on AVX-512 BF16 the same structure runs; see the BF16 note below).
+// per-thread float buffers. TODO: an avx512_bf16 path with _mm512_dpbf16_ps (VNNI-packed K/V
+// tiles) is not written yet; that level runs the same float32 FMA code with 16-lane vectors.
 //
 // Backward (recomputing P from lse), with D = rowsum(dO * O):
 //   dV = P^T dO;  dP = dO V^T;  dS = P * (dP - D)  (times 1 - tanh^2 under softcap)
@@ -18,7 +21,8 @@
 // Parallel over (batch, kv_head, chunk of key tiles): each task owns its key tiles, so dK
 // and dV are summed over the query tiles and the heads of the GQA group by one thread in a
 // fixed order; dQ goes to a float32 accumulator per chunk, summed in chunk order at the end.
-// Extra memory: O(heads x rows x head_dim) floats, never O(seqlen^2).
+// Extra memory: D (heads x rows floats) and chunks x heads x rows x head_dim float dq
+// accumulators (chunks <= 16, see attention_cpu_bwd_chunks), never O(seqlen^2).
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -34,7 +38,8 @@ namespace {
 
 constexpr int W = Vec::W;
 constexpr int MR = 6;  // rows of the micro-kernel's register tile (x 2 vectors of columns)
-constexpr int BQ = kAttnCpuBlockQ;
+constexpr int BQ = kAttnCpuBlockQ;  // backward query tile
+constexpr int FBQ = 128;            // forward query tile (K/V tile packing amortised over more rows)
 constexpr int BK = kAttnCpuBlockK;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -45,7 +50,7 @@ THRIFTY_INLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m *
 // B row-major with N a multiple of W (packed, padded), C row-major.
 // MODE 0: C = AB;  MODE 1: C += AB;  MODE 2: C = alpha[row] * C + AB.
 template <int R, int NC, int MODE>
-THRIFTY_INLINE void micro(const float* __restrict A, int64_t lda, const float* __restrict B, int64_t ldb,
+THRIFTY_INLINE void micro(const float* __restrict A, int64_t lda, int64_t aks, const float* __restrict B, int64_t ldb,
                           float* __restrict C, int64_t ldc, int K, const float* alpha) {
   Vec acc[R][NC];
 #pragma GCC unroll 8
@@ -67,7 +72,7 @@ THRIFTY_INLINE void micro(const float* __restrict A, int64_t lda, const float* _
     for (int c = 0; c < NC; ++c) b[c] = Vec::load(B + k * ldb + c * W);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const Vec a = Vec::set1(A[r * lda + k]);
+      const Vec a = Vec::set1(A[r * lda + k * aks]);
 #pragma GCC unroll 4
       for (int c = 0; c < NC; ++c) acc[r][c] = fma(a, b[c], acc[r][c]);
     }
@@ -80,28 +85,30 @@ THRIFTY_INLINE void micro(const float* __restrict A, int64_t lda, const float* _
 }
 
 template <int NC, int MODE>
-THRIFTY_INLINE void rows_block(int M, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-                               int K, const float* alpha) {
+THRIFTY_INLINE void rows_block(int M, const float* A, int64_t lda, int64_t aks, const float* B, int64_t ldb, float* C,
+                               int64_t ldc, int K, const float* alpha) {
   int r = 0;
   for (; r + MR <= M; r += MR)
-    micro<MR, NC, MODE>(A + r * lda, lda, B, ldb, C + r * ldc, ldc, K, alpha ? alpha + r : nullptr);
+    micro<MR, NC, MODE>(A + r * lda, lda, aks, B, ldb, C + r * ldc, ldc, K, alpha ? alpha + r : nullptr);
   const float* a = A + r * lda;
   float* c = C + r * ldc;
   const float* al = alpha ? alpha + r : nullptr;
   switch (M - r) {
-    case 1: micro<1, NC, MODE>(a, lda, B, ldb, c, ldc, K, al); break;
-    case 2: micro<2, NC, MODE>(a, lda, B, ldb, c, ldc, K, al); break;
-    case 3: micro<3, NC, MODE>(a, lda, B, ldb, c, ldc, K, al); break;
-    case 4: micro<4, NC, MODE>(a, lda, B, ldb, c, ldc, K, al); break;
-    case 5: micro<5, NC, MODE>(a, lda, B, ldb, c, ldc, K, al); break;
+    case 1: micro<1, NC, MODE>(a, lda, aks, B, ldb, c, ldc, K, al); break;
+    case 2: micro<2, NC, MODE>(a, lda, aks, B, ldb, c, ldc, K, al); break;
+    case 3: micro<3, NC, MODE>(a, lda, aks, B, ldb, c, ldc, K, al); break;
+    case 4: micro<4, NC, MODE>(a, lda, aks, B, ldb, c, ldc, K, al); break;
+    case 5: micro<5, NC, MODE>(a, lda, aks, B, ldb, c, ldc, K, al); break;
     default: break;
   }
 }
 
-// N must be a multiple of W. Column blocks outer (the B panel stays in L1), rows inner.
+// C[M x N] (op)= A B with A[r][k] at A[r * lda + k * aks] (aks = 1: row-major; lda = 1:
+// A given transposed). N must be a multiple of W (B's padded columns must be readable).
+// Column blocks outer (the B panel stays in L1), rows inner.
 template <int MODE>
-void gemm(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-          const float* alpha = nullptr) {
+void gemm_s(int M, int N, int K, const float* A, int64_t lda, int64_t aks, const float* B, int64_t ldb, float* C,
+            int64_t ldc, const float* alpha = nullptr) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     if (MODE == 1) return;
@@ -110,8 +117,14 @@ void gemm(int M, int N, int K, const float* A, int64_t lda, const float* B, int6
     return;
   }
   int n = 0;
-  for (; n + 2 * W <= N; n += 2 * W) rows_block<2, MODE>(M, A, lda, B + n, ldb, C + n, ldc, K, alpha);
-  if (n < N) rows_block<1, MODE>(M, A, lda, B + n, ldb, C + n, ldc, K, alpha);
+  for (; n + 2 * W <= N; n += 2 * W) rows_block<2, MODE>(M, A, lda, aks, B + n, ldb, C + n, ldc, K, alpha);
+  if (n < N) rows_block<1, MODE>(M, A, lda, aks, B + n, ldb, C + n, ldc, K, alpha);
+}
+
+template <int MODE>
+THRIFTY_INLINE void gemm(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                         int64_t ldc, const float* alpha = nullptr) {
+  gemm_s<MODE>(M, N, K, A, lda, 1, B, ldb, C, ldc, alpha);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -217,12 +230,15 @@ struct Buffer {
 // ---------------------------------------------------------------------------------------
 // Forward
 
+// Scores are computed transposed, S^T = K Qs^T ([keys][queries]): K rows are broadcast
+// from a contiguous float copy of the tile, Qs^T is packed once per query tile, and the softmax statistics of the queries live in vector lanes (no horizontal
+// reductions). O = alpha O + P V then reads P^T as a transposed A operand.
 template <typename T>
 void fwd(const AttentionParams& p) {
   const int D = p.head_dim;
   const int Dp = static_cast<int>(round_up(D, W));
   const int group = p.heads / p.kv_heads;
-  const int64_t nqt = (static_cast<int64_t>(p.seqlen_q) + BQ - 1) / BQ;
+  const int64_t nqt = (static_cast<int64_t>(p.seqlen_q) + FBQ - 1) / FBQ;
   const int64_t items = static_cast<int64_t>(p.batch) * p.heads * nqt;
   const T* Q = static_cast<const T*>(p.q);
   const T* K = static_cast<const T*>(p.k);
@@ -232,35 +248,43 @@ void fwd(const AttentionParams& p) {
   const float cap = p.softcap;
 
   parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    const int64_t f_qs = static_cast<int64_t>(BQ) * Dp, f_kt = static_cast<int64_t>(D) * BK,
-                  f_v = static_cast<int64_t>(BK) * Dp, f_s = static_cast<int64_t>(BQ) * BK;
-    Buffer buf(f_qs * 2 + f_kt + f_v + f_s + 3 * BQ);
-    float* qs = buf.ptr;
-    float* acc = qs + f_qs;
-    float* kt = acc + f_qs;
-    float* vp = kt + f_kt;
-    float* s = vp + f_v;
-    float* m = s + f_s;
-    float* l = m + BQ;
-    float* alpha = l + BQ;
+    const int64_t f_qt = static_cast<int64_t>(D) * FBQ, f_acc = static_cast<int64_t>(FBQ) * Dp,
+                  f_kv = static_cast<int64_t>(BK) * Dp, f_s = static_cast<int64_t>(BK) * FBQ;
+    Buffer buf(f_qt + f_acc + 2 * f_kv + f_s + 5 * FBQ);
+    float* qt = buf.ptr;       // Qs^T [D][FBQ]
+    float* acc = qt + f_qt;    // O    [FBQ][Dp]
+    float* kbuf = acc + f_acc; // K    [BK][Dp] (widened copy)
+    float* vbuf = kbuf + f_kv; // V    [BK][Dp]
+    float* st = vbuf + f_kv;   // S^T -> P^T [BK][FBQ]
+    float* m = st + f_s;
+    float* l = m + FBQ;
+    float* alpha = l + FBQ;
+    float* msafe = alpha + FBQ;
+    float* mx = msafe + FBQ;
     for (int64_t item = begin; item < end; ++item) {
       // Tiles of one head alternate between the two ends of the sequence so that contiguous
       // ranges of items (the thread pool's static split) carry equal causal work.
       const int64_t bh = item / nqt, t = item % nqt;
-      const int64_t qt = (t % 2 == 0) ? t / 2 : nqt - 1 - t / 2;
+      const int64_t qti = (t % 2 == 0) ? t / 2 : nqt - 1 - t / 2;
       const int b = static_cast<int>(bh / p.heads), h = static_cast<int>(bh % p.heads), kvh = h / group;
       const Seq sq = seq_of(p, b);
-      const int64_t i0 = qt * BQ;
+      const int64_t i0 = qti * FBQ;
       if (i0 >= sq.sq) continue;
-      const int mq = static_cast<int>(sq.sq - i0 < BQ ? sq.sq - i0 : BQ);
+      const int mq = static_cast<int>(sq.sq - i0 < FBQ ? sq.sq - i0 : FBQ);
+      const int nq = static_cast<int>(round_up(mq, W));
       const T* qb = Q + b * p.q_batch_stride + (sq.q_row0 + i0) * p.q_row_stride + h * p.q_head_stride;
       const T* kb = K + b * p.k_batch_stride + sq.k_row0 * p.k_row_stride + kvh * p.k_head_stride;
       const T* vb = V + b * p.v_batch_stride + sq.k_row0 * p.v_row_stride + kvh * p.v_head_stride;
       T* ob = O + b * p.o_batch_stride + (sq.q_row0 + i0) * p.o_row_stride + h * p.o_head_stride;
       float* lse = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + sq.q_row0 + i0;
 
-      pack_rows(qb, p.q_row_stride, mq, D, Dp, p.softmax_scale, qs);
       for (int r = 0; r < mq; ++r) {
+        const T* x = qb + r * p.q_row_stride;
+        for (int d = 0; d < D; ++d) qt[d * FBQ + r] = p.softmax_scale * to_float(x[d]);
+      }
+      for (int d = 0; d < D; ++d)
+        for (int r = mq; r < nq; ++r) qt[d * FBQ + r] = 0.0f;
+      for (int r = 0; r < nq; ++r) {
         m[r] = kNegInf;
         l[r] = 0.0f;
       }
@@ -268,53 +292,61 @@ void fwd(const AttentionParams& p) {
       const KeyRange kr = attention_tile_key_range(i0, i0 + mq, sq.sq, sq.sk, wl, wr);
       for (int64_t j0 = kr.lo; j0 < kr.hi; j0 += BK) {
         const int kn = static_cast<int>(kr.hi - j0 < BK ? kr.hi - j0 : BK);
-        const int nk = static_cast<int>(round_up(kn, W));
-        pack_transposed(kb + j0 * p.k_row_stride, p.k_row_stride, kn, D, BK, kt);
-        pack_rows(vb + j0 * p.v_row_stride, p.v_row_stride, kn, D, Dp, 1.0f, vp);
-        gemm<0>(mq, nk, D, qs, Dp, kt, BK, s, BK);
-        const bool unmasked = attention_tile_unmasked(i0, i0 + mq, j0, j0 + kn, sq.sq, sq.sk, wl, wr);
-        for (int r = 0; r < mq; ++r) {
-          float* sr = s + r * BK;
-          if (cap > 0.0f) apply_softcap(sr, kn, cap, nullptr);
-          const Cols c = visible_cols(unmasked, i0 + r, j0, kn, sq.sq, sq.sk, wl, wr);
-          float mx = kNegInf;
-          {
-            Vec vm = Vec::set1(kNegInf);
-            int j = c.a;
-            for (; j + W <= c.b; j += W) vm = max(vm, Vec::load(sr + j));
-            mx = vm.reduce_max();
-            for (; j < c.b; ++j) mx = sr[j] > mx ? sr[j] : mx;
+        // K and V tiles are copied (widened) into contiguous float rows: cheap next to the
+        // two GEMMs, and free of the L1 set conflicts of the tensors' large row strides.
+        pack_rows(kb + j0 * p.k_row_stride, p.k_row_stride, kn, D, Dp, 1.0f, kbuf);
+        pack_rows(vb + j0 * p.v_row_stride, p.v_row_stride, kn, D, Dp, 1.0f, vbuf);
+        const float* kp = kbuf;
+        const float* vp = vbuf;
+        const int64_t lk = Dp, lv = Dp;
+        const int nv = Dp;
+        gemm_s<0>(kn, nq, D, kp, lk, 1, qt, FBQ, st, FBQ);  // S^T = K Qs^T
+        if (cap > 0.0f)
+          for (int j = 0; j < kn; ++j) apply_softcap(st + j * FBQ, nq, cap, nullptr);
+        if (!attention_tile_unmasked(i0, i0 + mq, j0, j0 + kn, sq.sq, sq.sk, wl, wr)) {
+          for (int r = 0; r < mq; ++r) {
+            const Cols c = visible_cols(false, i0 + r, j0, kn, sq.sq, sq.sk, wl, wr);
+            const int a = c.a < c.b ? c.a : kn;
+            for (int j = 0; j < a; ++j) st[j * FBQ + r] = kNegInf;
+            for (int j = c.b > a ? c.b : a; j < kn; ++j) st[j * FBQ + r] = kNegInf;
           }
-          const float m_new = mx > m[r] ? mx : m[r];
-          if (m_new == kNegInf) {  // nothing visible yet: P = 0, O stays 0
-            alpha[r] = 1.0f;
-            for (int j = 0; j < kn; ++j) sr[j] = 0.0f;
-            continue;
-          }
-          alpha[r] = std::exp(m[r] - m_new);  // 0 when m[r] = -inf
-          m[r] = m_new;
-          for (int j = 0; j < c.a; ++j) sr[j] = 0.0f;
-          const Vec vmn = Vec::set1(m_new);
-          Vec vs = Vec::zero();
-          int j = c.a;
-          for (; j + W <= c.b; j += W) {
-            const Vec e = exp(Vec::load(sr + j) - vmn);
-            e.store(sr + j);
-            vs = vs + e;
-          }
-          if (j < c.b) {
-            const Vec e = exp(Vec::load(sr + j, c.b - j) - vmn);
-            e.store(sr + j, c.b - j);
-            // lanes past c.b - j hold exp(0 - m): sum only the stored ones
-            float part = 0.0f;
-            for (int jj = j; jj < c.b; ++jj) part += sr[jj];
-            l[r] = l[r] * alpha[r] + vs.reduce_add() + part;
-          } else {
-            l[r] = l[r] * alpha[r] + vs.reduce_add();
-          }
-          for (int jj = c.b; jj < kn; ++jj) sr[jj] = 0.0f;
         }
-        gemm<2>(mq, Dp, kn, s, BK, vp, Dp, acc, Dp, alpha);
+        for (int ib = 0; ib < nq; ib += W) {
+          Vec vm = Vec::set1(kNegInf);
+          for (int j = 0; j < kn; ++j) vm = max(vm, Vec::load(st + j * FBQ + ib));
+          vm.store(mx + ib);
+        }
+        for (int r = 0; r < nq; ++r) {
+          const float mn = mx[r] > m[r] ? mx[r] : m[r];
+          if (mn == kNegInf) {  // nothing visible yet: P = 0, O stays 0
+            alpha[r] = 1.0f;
+            msafe[r] = 0.0f;
+          } else {
+            alpha[r] = std::exp(m[r] - mn);  // 0 when m[r] = -inf
+            msafe[r] = mn;
+          }
+          m[r] = mn;
+        }
+        for (int ib = 0; ib < nq; ib += W) {
+          const Vec vm = Vec::load(msafe + ib);
+          Vec s0 = Vec::zero(), s1 = Vec::zero();
+          int j = 0;
+          for (; j + 2 <= kn; j += 2) {
+            const Vec e0 = exp(Vec::load(st + j * FBQ + ib) - vm);
+            const Vec e1 = exp(Vec::load(st + (j + 1) * FBQ + ib) - vm);
+            e0.store(st + j * FBQ + ib);
+            e1.store(st + (j + 1) * FBQ + ib);
+            s0 = s0 + e0;
+            s1 = s1 + e1;
+          }
+          if (j < kn) {
+            const Vec e0 = exp(Vec::load(st + j * FBQ + ib) - vm);
+            e0.store(st + j * FBQ + ib);
+            s0 = s0 + e0;
+          }
+          fma(Vec::load(l + ib), Vec::load(alpha + ib), s0 + s1).store(l + ib);
+        }
+        gemm_s<2>(mq, nv, kn, st, 1, FBQ, vp, lv, acc, Dp, alpha);  // O = alpha O + P V
       }
       for (int r = 0; r < mq; ++r) {
         T* orow = ob + r * p.o_row_stride;
@@ -395,7 +427,7 @@ void bwd(const AttentionBwdParams& p) {
   parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     const int64_t f_kt = static_cast<int64_t>(D) * BK, f_k = static_cast<int64_t>(BK) * Dp,
                   f_q = static_cast<int64_t>(BQ) * Dp, f_s = static_cast<int64_t>(BQ) * BK;
-    Buffer buf(f_kt * 2 + f_k + 2 * f_q + 4 * f_s + 2 * f_k + 2 * BQ);
+    Buffer buf(f_kt * 2 + f_k + 2 * f_q + 3 * f_s + 2 * f_k + 2 * BQ);
     float* kt = buf.ptr;         // K^T  [D][BK]
     float* vt = kt + f_kt;       // V^T  [D][BK]
     float* kp = vt + f_kt;       // K    [BK][Dp]
@@ -403,8 +435,7 @@ void bwd(const AttentionBwdParams& p) {
     float* gp = qs + f_q;        // dO   [BQ][Dp]
     float* s = gp + f_q;         // S -> P [BQ][BK]
     float* dp = s + f_s;         // dP -> dS [BQ][BK]
-    float* tr = dp + f_s;        // P^T / dS^T [BK][BQ]
-    float* dsc = tr + f_s;       // 1 - tanh^2 [BQ][BK] (softcap)
+    float* dsc = dp + f_s;       // 1 - tanh^2 [BQ][BK] (softcap)
     float* dk_acc = dsc + f_s;   // [BK][Dp]
     float* dv_acc = dk_acc + f_k;
     float* lse_r = dv_acc + f_k;
@@ -487,16 +518,12 @@ void bwd(const AttentionBwdParams& p) {
                 ds.store(dpr + j, n);
               }
             }
-            // dV += P^T dO
-            for (int j = 0; j < kn; ++j)
-              for (int r = 0; r < mq; ++r) tr[j * BQ + r] = s[r * BK + j];
-            gemm<1>(kn, Dp, mq, tr, BQ, gp, Dp, dv_acc, Dp);
+            // dV += P^T dO  (P read transposed through the A strides)
+            gemm_s<1>(kn, Dp, mq, s, 1, BK, gp, Dp, dv_acc, Dp);
             // dQ (partial, unscaled) += dS K
             gemm<1>(mq, Dp, kn, dp, BK, kp, Dp, dqa + i0 * Dw, Dw);
             // dK += dS^T Qs
-            for (int j = 0; j < kn; ++j)
-              for (int r = 0; r < mq; ++r) tr[j * BQ + r] = dp[r * BK + j];
-            gemm<1>(kn, Dp, mq, tr, BQ, qs, Dp, dk_acc, Dp);
+            gemm_s<1>(kn, Dp, mq, dp, 1, BK, qs, Dp, dk_acc, Dp);
           }
         }
         for (int j = 0; j < kn; ++j) {
