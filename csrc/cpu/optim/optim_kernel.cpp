@@ -161,9 +161,16 @@ void adamw8bit_chunk(const OptimStepParams& s, const OptimTensor& t, int64_t beg
     const float nam = mmax.reduce_max(), nav = vmax.reduce_max();
     t.absmax_m[blk] = nam;
     t.absmax_v[blk] = nav;
+    // normalize in vector registers (IEEE division, as the reference), then the table lookups
+    const Vec sm = Vec::set1(nam > 0.0f ? nam : 1.0f), sv = Vec::set1(nav > 0.0f ? nav : 1.0f);
+    const Vec km = Vec::set1(nam > 0.0f ? 1.0f : 0.0f), kv = Vec::set1(nav > 0.0f ? 1.0f : 0.0f);
+    for (int k = 0; k < kQuantBlock; k += Vec::W) {  // the buffers hold 256 floats; lanes >= nb are unused
+      ((Vec::load(mb + k) * km) / sm).store(mb + k);
+      ((Vec::load(vb + k) * kv) / sv).store(vb + k);
+    }
     for (int k = 0; k < nb; ++k) {
-      cm[k] = quant_lookup(lm, nam > 0.0f ? mb[k] / nam : 0.0f);
-      cv[k] = quant_lookup(lv, nav > 0.0f ? vb[k] / nav : 0.0f);
+      cm[k] = quant_lookup(lm, mb[k]);
+      cv[k] = quant_lookup(lv, vb[k]);
     }
   }
 }
