@@ -123,14 +123,13 @@ def test_lr_tensor(device):
     ours, refs = run_pair(lambda ps: thrifty.optim.AdamW(ps, lr=lr),
                           lambda ps: torch.optim.AdamW(ps, lr=2e-3, foreach=False),
                           params, [torch.float64, torch.float32], steps=2)
-    lr.fill_(1e-3)  # changing the tensor changes the next step, no new optimizer
-    for r in refs.values():
-        pass
     check_against(params, refs[torch.float64], refs[torch.float32])
+    lr.fill_(0.0)  # the tensor is read at each step: lr 0 (no weight decay) leaves the params as they are
+    ours.param_groups[0]["weight_decay"] = 0.0
     before = [p.detach().clone() for p in params]
     set_grads(params, random_grads(params, 9))
     ours.step()
-    assert all(not torch.equal(b, p) for b, p in zip(before, params))
+    assert all(torch.equal(b, p) for b, p in zip(before, params))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -526,10 +525,6 @@ def test_grad_dtype_mismatch_raises(opt_name):
     opt = getattr(thrifty.optim, opt_name)([p], master_weights=True)
     p.grad = torch.zeros(8, dtype=torch.bfloat16)
     opt.step()
-    p.grad = None
-    p.__dict__  # noqa: B018
-    with torch.no_grad():
-        p.grad = torch.zeros(8, dtype=torch.bfloat16)
     # a float32 grad on a bfloat16 param cannot be attached by autograd; through the op it is refused too
     st = opt.state[p]
     with pytest.raises(TypeError, match=r"'grads\[0\]' must have dtype BFloat16 \(the dtype of its param\)"):

@@ -13,6 +13,8 @@
 
 namespace thrifty {
 
+struct QuantLut;
+
 // One tensor of a multi-tensor call. All element pointers index the same n contiguous elements.
 struct OptimTensor {
   void* param = nullptr;       // (n,) pdtype, updated in place (the rounded master when master != nullptr)
@@ -52,6 +54,8 @@ struct OptimStepParams {
   const float* found_inf_ptr = nullptr; // optional 0-d float32: nonzero -> the whole step is skipped
   const float* qmap_m = nullptr;        // 8-bit: 256 sorted code values of exp_avg (signed dynamic map)
   const float* qmap_v = nullptr;        // 8-bit: 256 sorted code values of exp_avg_sq (unsigned dynamic map)
+  const struct QuantLut* lut_m = nullptr;  // 8-bit, CPU: quantizer tables of qmap_m / qmap_v (common/optim_quant.h)
+  const struct QuantLut* lut_v = nullptr;
 };
 
 // Global L2 norm over a list of tensors: per-chunk float32 sums of squares, then a fixed-order sum.

@@ -113,23 +113,25 @@ __global__ void __launch_bounds__(kThreads) optim_step_kernel(OptimStepParams s)
   }
 }
 
-__device__ __forceinline__ int quantize_nearest(const float* q, float x) {
-  int lo = 0;
+// Number of code midpoints below x (mids sorted, 255 used entries): the nearest code, ties to the lower.
+__device__ __forceinline__ int quantize_nearest(const float* mids, float x) {
+  int c = 0;
 #pragma unroll
   for (int step = 128; step > 0; step >>= 1)
-    if (q[lo + step] <= x) lo += step;
-  if (lo < 255 && (q[lo + 1] - x) < (x - q[lo])) ++lo;
-  return lo;
+    if (mids[c + step - 1] < x) c += step;
+  return c;
 }
 
 // 8-bit AdamW: one warp per 256-element quantization block; lane l owns elements l + 32 k.
 template <typename P, bool kMaster>
 __global__ void __launch_bounds__(kThreads8) adamw8bit_kernel(OptimStepParams s) {
-  __shared__ float qm[256], qv[256];
+  __shared__ float qm[256], qv[256], mid_m[256], mid_v[256];
   if (s.found_inf_ptr != nullptr && *s.found_inf_ptr != 0.0f) return;
   for (int i = threadIdx.x; i < 256; i += blockDim.x) {
     qm[i] = s.qmap_m[i];
     qv[i] = s.qmap_v[i];
+    mid_m[i] = i < 255 ? (s.qmap_m[i] + s.qmap_m[i + 1]) * 0.5f : INFINITY;
+    mid_v[i] = i < 255 ? (s.qmap_v[i] + s.qmap_v[i + 1]) * 0.5f : INFINITY;
   }
   const int64_t chunk = blockIdx.x;
   const int64_t ti = optim_find_tensor(s.chunk_offsets, s.num_tensors, chunk);
@@ -180,8 +182,8 @@ __global__ void __launch_bounds__(kThreads8) adamw8bit_kernel(OptimStepParams s)
     for (int k = 0; k < E; ++k) {
       const int64_t i = b0 + lane + 32 * k;
       if (i < end) {
-        cm[i] = static_cast<uint8_t>(quantize_nearest(qm, mmax > 0.0f ? mv[k] / mmax : 0.0f));
-        cv[i] = static_cast<uint8_t>(quantize_nearest(qv, vmax > 0.0f ? vv[k] / vmax : 0.0f));
+        cm[i] = static_cast<uint8_t>(quantize_nearest(mid_m, mmax > 0.0f ? mv[k] / mmax : 0.0f));
+        cv[i] = static_cast<uint8_t>(quantize_nearest(mid_v, vmax > 0.0f ? vv[k] / vmax : 0.0f));
       }
     }
   }
