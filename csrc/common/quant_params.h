@@ -26,7 +26,8 @@ struct QuantLinearParams {
   const float* zeros = nullptr;   // bits 4: (N, K/G), contiguous
   const void* bias = nullptr;     // optional (N,), dtype bias_dtype
   void* y = nullptr;              // (M, N) contiguous, dtype
-  float* xbuf = nullptr;          // CPU scratch: M * K floats (x in float32, reordered for the kernel)
+  float* xbuf = nullptr;          // CPU scratch: M rows of xbuf_stride floats (x in float32, reordered for the kernel,
+  int64_t xbuf_stride = 0;        //   zero padded from K to xbuf_stride = round_up(K, 32))
   float* xsum = nullptr;          // CPU scratch: M * (K/G) floats (per-group sums of x, W4 GEMV)
 };
 

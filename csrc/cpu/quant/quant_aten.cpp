@@ -14,7 +14,8 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   auto r = quant_linear_prepare("quant_linear", x, qweight, scales, zeros, bits, group_size, bias, p);
   if (p.M == 0 || p.N == 0) return r.y;
   if (p.K == 0) return r.bias.defined() ? r.y.copy_(r.bias.expand_as(r.y)) : r.y.zero_();
-  auto xbuf = at::empty({p.M * p.K}, x.options().dtype(at::kFloat));
+  p.xbuf_stride = (p.K + 31) / 32 * 32;
+  auto xbuf = at::empty({p.M * p.xbuf_stride}, x.options().dtype(at::kFloat));
   auto xsum = at::empty({p.M * (p.K / p.group_size)}, x.options().dtype(at::kFloat));
   p.xbuf = xbuf.data_ptr<float>();
   p.xsum = xsum.data_ptr<float>();

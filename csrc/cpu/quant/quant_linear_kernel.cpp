@@ -7,8 +7,9 @@
 //       x is reordered per block of 2W k (even k first, then odd k) to match the nibbles.
 //   W8: y = s * sum_k x[k] * q[k].
 // GEMM path (M > 8): tiles of MB rows x NB columns; per KB-deep slice the weight panel is
-// dequantized to float32 (k-major, NB wide, 64 KB: stays in L2) and an MR x NR register-tiled
-// FMA micro-kernel multiplies it by x (float32). The panel holds exactly dequant(W) =
+// dequantized to float32 row by row with vector ops (NB rows of KB, 128 KB: stays in L2; W4 rows
+// in the same even/odd order as x) and an MR x NR micro-kernel of vector dot products (MR * NR
+// accumulators, reduced once per panel) multiplies it by x. The panel holds exactly dequant(W) =
 // (q - z) * s rounded to float32, the values quant_dequantize returns.
 #include <algorithm>
 #include <cmath>
@@ -22,10 +23,10 @@ namespace {
 
 constexpr int W = Vec::W;
 constexpr int64_t kGemvMaxM = 8;
-constexpr int NR = 2 * W;   // micro-tile columns
-constexpr int MR = 6;       // micro-tile rows
-constexpr int64_t NB = 64;  // panel columns (a multiple of NR on every level)
-constexpr int64_t KB = 256; // panel depth
+constexpr int NR = 4;       // micro-tile columns (dot products)
+constexpr int MR = 2;       // micro-tile rows
+constexpr int64_t NB = 64;  // panel columns (a multiple of NR)
+constexpr int64_t KB = 512; // panel depth (a multiple of 32)
 constexpr int64_t MB = 192; // rows of x per tile (a multiple of MR)
 
 THRIFTY_INLINE float load_any(const void* p, int64_t i, DType dt) {
@@ -51,7 +52,8 @@ void prep_x(const QuantLinearParams& p, bool interleave) {
   parallel_for(0, p.M, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m) {
       const T* xr = x + m * p.x_stride;
-      float* d = p.xbuf + m * K;
+      float* d = p.xbuf + m * p.xbuf_stride;
+      for (int64_t k = K; k < p.xbuf_stride; ++k) d[k] = 0.0f;
       if (!interleave) {
         int64_t k = 0;
         for (; k + W <= K; k += W) Vec::load(xr + k).store(d + k);
@@ -102,7 +104,7 @@ THRIFTY_INLINE void gemv_w4(const QuantLinearParams& p, int64_t n0) {
         Vec lo, hi;
         nibbles(q[r] + k / 2, lo, hi);
         for (int m = 0; m < MT; ++m) {
-          const float* xm = p.xbuf + m * K + k;
+          const float* xm = p.xbuf + m * p.xbuf_stride + k;
           if (TWO) {
             alo[m][r] = fma(Vec::load(xm), lo, alo[m][r]);
             ahi[m][r] = fma(Vec::load(xm + W), hi, ahi[m][r]);
@@ -136,7 +138,7 @@ THRIFTY_INLINE void gemv_w8(const QuantLinearParams& p, int64_t n0) {
     for (int r = 0; r < R; ++r) {
       const Vec w0 = load_i8f(q[r] + k), w1 = load_i8f(q[r] + k + W);
       for (int m = 0; m < MT; ++m) {
-        const float* xm = p.xbuf + m * K + k;
+        const float* xm = p.xbuf + m * p.xbuf_stride + k;
         if (TWO) {
           a0[m][r] = fma(Vec::load(xm), w0, a0[m][r]);
           a1[m][r] = fma(Vec::load(xm + W), w1, a1[m][r]);
@@ -149,7 +151,7 @@ THRIFTY_INLINE void gemv_w8(const QuantLinearParams& p, int64_t n0) {
   for (int m = 0; m < MT; ++m)
     for (int r = 0; r < R; ++r) {
       float t = TWO ? (a0[m][r] + a1[m][r]).reduce_add() : a0[m][r].reduce_add();
-      const float* xm = p.xbuf + m * K;
+      const float* xm = p.xbuf + m * p.xbuf_stride;
       for (int64_t kk = k; kk < K; ++kk) t += xm[kk] * static_cast<float>(q[r][kk]);
       finish(p, m, n0 + r, t * p.scales[n0 + r]);
     }
@@ -173,17 +175,22 @@ void gemv(const QuantLinearParams& p) {
 }
 
 // ---------------- GEMM ----------------
-// bpack[k][j] = dequant(W)[n0 + j][k0 + k] for j < nw, 0 for nw <= j < NB.
-void pack_panel(const QuantLinearParams& p, int64_t n0, int64_t nw, int64_t k0, int64_t kw, float* bpack) {
+// bpack[j][0..kwp) = dequant(W)[n0 + j][k0 .. k0 + kw) (W4: per block of 2W, even k then odd k, as x),
+// zero past kw (up to kwp = round_up(kw, W)) and for nw <= j < NB.
+void pack_panel(const QuantLinearParams& p, int64_t n0, int64_t nw, int64_t k0, int64_t kw, int64_t kwp,
+                float* bpack) {
   const int64_t K = p.K;
-  if (nw < NB)
-    for (int64_t k = 0; k < kw; ++k)
-      for (int64_t j = nw; j < NB; ++j) bpack[k * NB + j] = 0.0f;
+  for (int64_t j = nw; j < NB; ++j)
+    for (int64_t k = 0; k < kwp; ++k) bpack[j * KB + k] = 0.0f;
   if (p.bits == 8) {
     for (int64_t j = 0; j < nw; ++j) {
       const int8_t* q = static_cast<const int8_t*>(p.qweight) + (n0 + j) * K + k0;
-      const float s = p.scales[n0 + j];
-      for (int64_t k = 0; k < kw; ++k) bpack[k * NB + j] = static_cast<float>(q[k]) * s;
+      float* d = bpack + j * KB;
+      const Vec s = Vec::set1(p.scales[n0 + j]);
+      int64_t k = 0;
+      for (; k + W <= kw; k += W) (load_i8f(q + k) * s).store(d + k);
+      for (; k < kw; ++k) d[k] = static_cast<float>(q[k]) * p.scales[n0 + j];
+      for (; k < kwp; ++k) d[k] = 0.0f;
     }
     return;
   }
@@ -192,50 +199,38 @@ void pack_panel(const QuantLinearParams& p, int64_t n0, int64_t nw, int64_t k0, 
     const uint8_t* q = static_cast<const uint8_t*>(p.qweight) + (n0 + j) * (K / 2);
     const float* s = p.scales + (n0 + j) * ng;
     const float* z = p.zeros + (n0 + j) * ng;
-    for (int64_t k = k0; k < k0 + kw;) {
-      const int64_t g = k / G, kend = std::min(k0 + kw, (g + 1) * G);
-      const float sg = s[g], zg = z[g];
-      for (; k < kend; k += 2) {
-        const uint8_t b = q[k / 2];
-        bpack[(k - k0) * NB + j] = (static_cast<float>(b & 15) - zg) * sg;
-        bpack[(k - k0 + 1) * NB + j] = (static_cast<float>(b >> 4) - zg) * sg;
-      }
+    float* d = bpack + j * KB;
+    for (int64_t k = 0; k < kw; k += 2 * W) {  // kw is a multiple of 32 >= 2W
+      const int64_t g = (k0 + k) / G;
+      const Vec sv = Vec::set1(s[g]), zv = Vec::set1(z[g]);
+      Vec lo, hi;
+      nibbles(q + (k0 + k) / 2, lo, hi);
+      ((lo - zv) * sv).store(d + k);
+      ((hi - zv) * sv).store(d + k + W);
     }
   }
 }
 
-// c[m][0..NR) += sum_k a[m][k] * b[k][0..NR)
+// c[m][j] += sum_k a[m][k] * b[j][k] for m < MR_, j < NR (kwp a multiple of W)
 template <int MR_>
-THRIFTY_INLINE void micro(const float* a, int64_t lda, const float* b, int64_t kw, float* c) {
-  Vec acc[MR_][2];
-  for (int m = 0; m < MR_; ++m) acc[m][0] = acc[m][1] = Vec::zero();
-  for (int64_t k = 0; k < kw; ++k) {
-    const Vec b0 = Vec::load(b + k * NB), b1 = Vec::load(b + k * NB + W);
+THRIFTY_INLINE void micro(const float* a, int64_t lda, const float* b, int64_t kwp, float* c) {
+  Vec acc[MR_][NR];
+  for (int m = 0; m < MR_; ++m)
+    for (int j = 0; j < NR; ++j) acc[m][j] = Vec::zero();
+  for (int64_t k = 0; k < kwp; k += W) {
+    Vec bv[NR];
+    for (int j = 0; j < NR; ++j) bv[j] = Vec::load(b + j * KB + k);
     for (int m = 0; m < MR_; ++m) {
-      const Vec av = Vec::set1(a[m * lda + k]);
-      acc[m][0] = fma(av, b0, acc[m][0]);
-      acc[m][1] = fma(av, b1, acc[m][1]);
+      const Vec av = Vec::load(a + m * lda + k);
+      for (int j = 0; j < NR; ++j) acc[m][j] = fma(av, bv[j], acc[m][j]);
     }
   }
-  for (int m = 0; m < MR_; ++m) {
-    (Vec::load(c + m * NB) + acc[m][0]).store(c + m * NB);
-    (Vec::load(c + m * NB + W) + acc[m][1]).store(c + m * NB + W);
-  }
-}
-
-void micro_any(int mr, const float* a, int64_t lda, const float* b, int64_t kw, float* c) {
-  switch (mr) {
-    case 1: return micro<1>(a, lda, b, kw, c);
-    case 2: return micro<2>(a, lda, b, kw, c);
-    case 3: return micro<3>(a, lda, b, kw, c);
-    case 4: return micro<4>(a, lda, b, kw, c);
-    case 5: return micro<5>(a, lda, b, kw, c);
-    default: return micro<6>(a, lda, b, kw, c);
-  }
+  for (int m = 0; m < MR_; ++m)
+    for (int j = 0; j < NR; ++j) c[m * NB + j] += acc[m][j].reduce_add();
 }
 
 void gemm(const QuantLinearParams& p) {
-  const int64_t M = p.M, N = p.N, K = p.K;
+  const int64_t M = p.M, N = p.N, K = p.K, xs = p.xbuf_stride;
   const int64_t mt = (M + MB - 1) / MB, nt = (N + NB - 1) / NB;
   parallel_for(0, mt * nt, 1, [&](int64_t b, int64_t e) {
     float* bpack = new float[KB * NB];
@@ -246,13 +241,14 @@ void gemm(const QuantLinearParams& p) {
       const int64_t m0 = mb * MB, mw = std::min(MB, M - m0);
       for (int64_t i = 0; i < mw * NB; ++i) cbuf[i] = 0.0f;
       for (int64_t k0 = 0; k0 < K; k0 += KB) {
-        const int64_t kw = std::min(KB, K - k0);
-        pack_panel(p, n0, nw, k0, kw, bpack);
-        for (int64_t i = 0; i < mw; i += MR) {
-          const int mr = static_cast<int>(std::min<int64_t>(MR, mw - i));
-          for (int64_t j = 0; j < nw; j += NR)
-            micro_any(mr, p.xbuf + (m0 + i) * K + k0, K, bpack + j, kw, cbuf + i * NB + j);
-        }
+        const int64_t kw = std::min(KB, K - k0), kwp = (kw + W - 1) / W * W;
+        pack_panel(p, n0, nw, k0, kw, kwp, bpack);
+        const float* a0 = p.xbuf + m0 * xs + k0;
+        int64_t i = 0;
+        for (; i + MR <= mw; i += MR)
+          for (int64_t j = 0; j < nw; j += NR) micro<MR>(a0 + i * xs, xs, bpack + j * KB, kwp, cbuf + i * NB + j);
+        for (; i < mw; ++i)
+          for (int64_t j = 0; j < nw; j += NR) micro<1>(a0 + i * xs, xs, bpack + j * KB, kwp, cbuf + i * NB + j);
       }
       for (int64_t i = 0; i < mw; ++i)
         for (int64_t j = 0; j < nw; ++j) finish(p, m0 + i, n0 + j, cbuf[i * NB + j]);
@@ -266,7 +262,7 @@ void gemm(const QuantLinearParams& p) {
 
 void quant_linear_fwd(const QuantLinearParams& p) {
   const bool use_gemv = p.M <= kGemvMaxM;
-  const bool interleave = use_gemv && p.bits == 4;
+  const bool interleave = p.bits == 4;  // GEMV and GEMM both read W4 rows in even/odd order
   switch (p.dtype) {
     case DType::f32: prep_x<float>(p, interleave); break;
     case DType::bf16: prep_x<bf16_t>(p, interleave); break;

@@ -36,7 +36,7 @@ def _torch_int4(w: torch.Tensor, group: int):
 
 def run(device, quick: bool = False) -> Bench:
     device = torch.device(device)
-    b = Bench("quant", device, matmul_dtype=torch.bfloat16)
+    b = Bench("quant", device, matmul_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(0)
     if device.type == "cuda":
         return _run_gpu(b, device, quick)
