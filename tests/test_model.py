@@ -45,11 +45,18 @@ def rel_err(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-@pytest.fixture(params=list(CASES))
-def case(request, tmp_path):
+@pytest.fixture(scope="module", params=list(CASES))
+def saved(request, tmp_path_factory):
     hf = hf_model(request.param)
-    hf.save_pretrained(tmp_path / "hf")
-    return request.param, hf, tmp_path
+    tmp = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(tmp / "hf")
+    return request.param, hf, tmp
+
+
+@pytest.fixture
+def case(saved):
+    name, hf, tmp = saved
+    return name, copy.deepcopy(hf), tmp
 
 
 def test_load_logits_float32(case):
