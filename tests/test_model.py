@@ -239,6 +239,12 @@ def test_presets():
         LlamaConfig.preset("huge")
 
 
+def test_to_bfloat16_keeps_float32_rotary_cache():
+    m = tiny().to(torch.bfloat16)
+    assert m.cos_sin.dtype == torch.float32 and m.lm_head.weight.dtype == torch.bfloat16
+    assert m.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2).shape == (1, 5)
+
+
 def test_generate_too_long_is_an_error():
     with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
         tiny().generate(torch.zeros(1, 100, dtype=torch.long), max_new_tokens=100)
