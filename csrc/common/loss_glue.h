@@ -2,9 +2,9 @@
 // and CUDA glue: argument checks and the loops that call the matmuls (at::mm, so cuBLAS or the
 // CPU BLAS) and the fused kernels handed in as function pointers.
 //
-// Forward, over chunks of tokens (~2^26 logits each): logits = h_c @ W^T, then ce_fwd gives
+// Forward, over chunks of tokens (<= 2^26 logits each, >= 8 chunks for large inputs): logits = h_c @ W^T, then ce_fwd gives
 // per-token lse and loss. Only lse (tokens floats) is saved.
-// Backward, recomputing, over blocks of vocab rows of W (~2^26 logits each):
+// Backward, recomputing, over blocks of vocab rows of W (sized the same way):
 //   Z_b = h @ W_b^T (tokens, block);  ce_grad: Z_b <- G_b = scale * d loss / d Z_b in place
 //   grad_W_b = G_b^T @ h      (each row of grad_W written once: one rounding in bf16/f16)
 //   grad_h  += G_b @ W_b      (accumulated in float32, rounded once at the end)
@@ -25,7 +25,7 @@ using CeFwdFn = void (*)(const CeFwdParams&);
 using CeGradFn = void (*)(const CeGradParams&);
 
 enum LceReduction : int64_t { kLceNone = 0, kLceMean = 1, kLceSum = 2 };
-constexpr int64_t kLceBudget = int64_t(1) << 26;  // logits per chunk / block
+constexpr int64_t kLceBudget = int64_t(1) << 26;  // most logits per chunk / block
 
 inline void lce_check(const char* op, const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
                       int64_t reduction, double label_smoothing, double softcap, int64_t chunk_size) {
@@ -72,9 +72,12 @@ inline at::Tensor lce_operand(const at::Tensor& t) {
   return up ? t.to(at::kFloat) : t;
 }
 
+// Rows of a chunk (tokens) or block (vocab columns): at most kLceBudget logits, and at least 8
+// chunks once the whole (tokens x vocab) matrix passes 8 x 2^20 logits.
 inline int64_t lce_block(int64_t n, int64_t other, int64_t chunk_size) {
   if (chunk_size > 0) return std::min(chunk_size, std::max<int64_t>(n, 1));
-  return std::max<int64_t>(1, std::min<int64_t>(n, kLceBudget / std::max<int64_t>(other, 1)));
+  const int64_t budget = std::min(kLceBudget, std::max<int64_t>(int64_t(1) << 20, n * other / 8));
+  return std::max<int64_t>(1, std::min<int64_t>(n, budget / std::max<int64_t>(other, 1)));
 }
 
 inline std::tuple<at::Tensor, at::Tensor> lce_forward(const at::Tensor& hidden, const at::Tensor& weight,
