@@ -45,11 +45,18 @@ def rel_err(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-@pytest.fixture(params=list(CASES))
-def case(request, tmp_path):
+@pytest.fixture(scope="module", params=list(CASES))
+def saved(request, tmp_path_factory):
     hf = hf_model(request.param)
-    hf.save_pretrained(tmp_path / "hf")
-    return request.param, hf, tmp_path
+    tmp = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(tmp / "hf")
+    return request.param, hf, tmp
+
+
+@pytest.fixture
+def case(saved):
+    name, hf, tmp = saved
+    return name, copy.deepcopy(hf), tmp
 
 
 def test_load_logits_float32(case):
@@ -230,6 +237,12 @@ def test_presets():
         assert Llama(s).num_params() == s.num_params()
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         LlamaConfig.preset("huge")
+
+
+def test_to_bfloat16_keeps_float32_rotary_cache():
+    m = tiny().to(torch.bfloat16)
+    assert m.cos_sin.dtype == torch.float32 and m.lm_head.weight.dtype == torch.bfloat16
+    assert m.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2).shape == (1, 5)
 
 
 def test_generate_too_long_is_an_error():

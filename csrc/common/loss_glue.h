@@ -2,9 +2,9 @@
 // and CUDA glue: argument checks and the loops that call the matmuls (at::mm, so cuBLAS or the
 // CPU BLAS) and the fused kernels handed in as function pointers.
 //
-// Forward, over chunks of tokens (~2^26 logits each): logits = h_c @ W^T, then ce_fwd gives
+// Forward, over chunks of tokens (<= 2^26 logits each, >= 8 chunks for large inputs): logits = h_c @ W^T, then ce_fwd gives
 // per-token lse and loss. Only lse (tokens floats) is saved.
-// Backward, recomputing, over blocks of vocab rows of W (~2^26 logits each):
+// Backward, recomputing, over blocks of vocab rows of W (sized the same way):
 //   Z_b = h @ W_b^T (tokens, block);  ce_grad: Z_b <- G_b = scale * d loss / d Z_b in place
 //   grad_W_b = G_b^T @ h      (each row of grad_W written once: one rounding in bf16/f16)
 //   grad_h  += G_b @ W_b      (accumulated in float32, rounded once at the end)
@@ -16,6 +16,7 @@
 #include <ATen/ATen.h>
 
 #include "common/checks.h"
+#include "common/cpu_isa.h"
 #include "common/loss_params.h"
 
 namespace thrifty {
@@ -24,7 +25,7 @@ using CeFwdFn = void (*)(const CeFwdParams&);
 using CeGradFn = void (*)(const CeGradParams&);
 
 enum LceReduction : int64_t { kLceNone = 0, kLceMean = 1, kLceSum = 2 };
-constexpr int64_t kLceBudget = int64_t(1) << 26;  // logits per chunk / block
+constexpr int64_t kLceBudget = int64_t(1) << 26;  // most logits per chunk / block
 
 inline void lce_check(const char* op, const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
                       int64_t reduction, double label_smoothing, double softcap, int64_t chunk_size) {
@@ -64,9 +65,19 @@ inline int64_t lce_count_labels(const char* op, const at::Tensor& labels, int64_
   return stats[1].item<int64_t>();
 }
 
+// Matmul operands: on a CPU without native bf16 dot products (below avx512_bf16) torch's bf16/f16
+// GEMM is ~30x slower than float32, so the matmuls (and the kernels) run on float32 copies there.
+inline at::Tensor lce_operand(const at::Tensor& t) {
+  const bool up = t.device().is_cpu() && t.scalar_type() != at::kFloat && cpu_isa_current() != CpuIsa::avx512_bf16;
+  return up ? t.to(at::kFloat) : t;
+}
+
+// Rows of a chunk (tokens) or block (vocab columns): at most kLceBudget logits, and at least 8
+// chunks once the whole (tokens x vocab) matrix passes 8 x 2^20 logits.
 inline int64_t lce_block(int64_t n, int64_t other, int64_t chunk_size) {
   if (chunk_size > 0) return std::min(chunk_size, std::max<int64_t>(n, 1));
-  return std::max<int64_t>(1, std::min<int64_t>(n, kLceBudget / std::max<int64_t>(other, 1)));
+  const int64_t budget = std::min(kLceBudget, std::max<int64_t>(int64_t(1) << 20, n * other / 8));
+  return std::max<int64_t>(1, std::min<int64_t>(n, budget / std::max<int64_t>(other, 1)));
 }
 
 inline std::tuple<at::Tensor, at::Tensor> lce_forward(const at::Tensor& hidden, const at::Tensor& weight,
@@ -77,7 +88,7 @@ inline std::tuple<at::Tensor, at::Tensor> lce_forward(const at::Tensor& hidden, 
   lce_check(op, hidden, weight, labels, reduction, label_smoothing, softcap, chunk_size);
   const int64_t T = hidden.size(0), V = weight.size(0);
   const int64_t count = lce_count_labels(op, labels, V, ignore_index);
-  auto h = hidden.contiguous(), w = weight.contiguous(), lab = labels.contiguous();
+  auto h = lce_operand(hidden.contiguous()), w = lce_operand(weight.contiguous()), lab = labels.contiguous();
   auto f32 = hidden.options().dtype(at::kFloat);
   auto loss_rows = at::empty({T}, f32), lse = at::empty({T}, f32);
   const int64_t rows = lce_block(T, V, chunk_size);
@@ -130,14 +141,15 @@ inline std::tuple<at::Tensor, at::Tensor> lce_backward(const at::Tensor& grad_lo
     TORCH_CHECK_VALUE(grad_loss.numel() == 1, "thrifty.", op,
                       ": argument 'grad_loss' must be a scalar for reduction mean or sum, got shape ", grad_loss.sizes());
   }
-  auto h = hidden.contiguous(), w = weight.contiguous(), lab = labels.contiguous(), l = lse.contiguous();
+  auto h = lce_operand(hidden.contiguous()), w = lce_operand(weight.contiguous());
+  auto lab = labels.contiguous(), l = lse.contiguous();
   at::Tensor scale = grad_loss.to(at::kFloat).reshape({-1}).contiguous();
   if (reduction == kLceMean) {
     const int64_t count = labels.ne(ignore_index).sum().item<int64_t>();
     scale = scale / static_cast<double>(count > 0 ? count : 1);
   }
   auto gw = at::empty({V, H}, hidden.options());
-  const bool f32 = hidden.scalar_type() == at::kFloat;
+  const bool f32 = h.scalar_type() == at::kFloat, same = h.scalar_type() == hidden.scalar_type();
   auto gh_acc = at::zeros({T, H}, hidden.options().dtype(at::kFloat));
   if (T == 0) {
     gw.zero_();
@@ -165,13 +177,16 @@ inline std::tuple<at::Tensor, at::Tensor> lce_backward(const at::Tensor& grad_lo
     p.grad_scale_stride = scale.numel() == 1 ? 0 : 1;
     grad_fn(p);
     auto gwb = gw.narrow(0, v0, n);
-    at::mm_out(gwb, z.t(), h);
+    if (same)
+      at::mm_out(gwb, z.t(), h);
+    else
+      gwb.copy_(at::mm(z.t(), h));
     if (f32)
       gh_acc.addmm_(z, wb);
     else
       gh_acc.add_(at::mm(z, wb));
   }
-  return {f32 ? gh_acc : gh_acc.to(hidden.scalar_type()), gw};
+  return {hidden.scalar_type() == at::kFloat ? gh_acc : gh_acc.to(hidden.scalar_type()), gw};
 }
 
 }  // namespace thrifty

@@ -2,7 +2,7 @@
 attention) on the same weights, and the fused linear_cross_entropy's peak memory vs torch.
 
 CPU: the `small` preset in bfloat16: a forward+backward training step on batch 8 x 512
-(--quick: 2 x 128) and batch-1 greedy decode tokens/s; linear_cross_entropy peak memory on a
+(--quick: the `tiny` preset, 2 x 64) and batch-1 greedy decode tokens/s; linear_cross_entropy peak memory on a
 CPU-sized case (vocab 32768, 2048 tokens, hidden 1024; the 128k x 8k x 2048 case of the issue
 is ~13 TFLOP, too slow for 2 cores), measured as peak RSS growth of a fresh subprocess.
 CUDA: the same step and decode, and the 128k vocab x 8k tokens x 2048 hidden loss case with
@@ -116,7 +116,7 @@ def run(device, quick: bool = False) -> Bench:
     cuda = device.type == "cuda"
 
     # 1. linear_cross_entropy peak memory (fresh subprocesses), and its time
-    T, V, H, ldt = (8192, 128256, 2048, torch.bfloat16) if cuda else ((512, 32768, 1024, torch.float32) if quick
+    T, V, H, ldt = (8192, 128256, 2048, torch.bfloat16) if cuda else ((256, 8192, 512, torch.float32) if quick
                                                                        else (2048, 32768, 1024, torch.float32))
     m_ours = _peak_mem("thrifty", T, V, H, ldt, device)
     m_torch = _peak_mem("torch", T, V, H, ldt, device)
@@ -134,8 +134,9 @@ def run(device, quick: bool = False) -> Bench:
     del hh, ww, yy
 
     # 2. training step of the small preset
-    ours, hf = _models(dtype, device)
-    bs, seq = (2, 128) if quick else (8, 512)
+    preset = "tiny" if quick and not cuda else "small"
+    ours, hf = _models(dtype, device, preset)
+    bs, seq = (2, 64) if quick else (8, 512)
     ids = torch.randint(0, ours.config.vocab_size, (bs, seq), device=device)
 
     def step_ours():
@@ -154,12 +155,12 @@ def run(device, quick: bool = False) -> Bench:
     extra = {"tokens_per_s": round(bs * seq / t), "hf_tokens_per_s": round(bs * seq / tt)}
     if cuda:
         extra.update(peak_mem_MB=round(mem_o / 2**20), hf_peak_mem_MB=round(mem_h / 2**20))
-    _record(b, "small train step fwd+bwd", f"{bs}x{seq}", dtype, t, tt, **extra)
+    _record(b, f"{preset} train step fwd+bwd", f"{bs}x{seq}", dtype, t, tt, **extra)
     ours.zero_grad(set_to_none=True)
     hf.zero_grad(set_to_none=True)
 
     # 3. batch-1 greedy decode
-    new = 16 if quick else 64
+    new = 8 if quick else 64
     prompt = torch.randint(0, ours.config.vocab_size, (1, 16), device=device)
     ours.eval()
     hf.eval()
@@ -173,12 +174,12 @@ def run(device, quick: bool = False) -> Bench:
     with torch.inference_mode():
         t = timeit(gen_ours, device, warmup=1, reps=3)
         tt = timeit(gen_hf, device, warmup=1, reps=3)
-    _record(b, "small decode batch 1", f"16+{new} tokens", dtype, t, tt, tokens_per_s=round(new / t, 1),
+    _record(b, f"{preset} decode batch 1", f"16+{new} tokens", dtype, t, tt, tokens_per_s=round(new / t, 1),
             hf_tokens_per_s=round(new / tt, 1))
     if not cuda:
         # CPU peak memory of a training step: each model in its own fresh process
         for name in ("thrifty", "transformers"):
-            mb = _cpu_step_peak(name, bs, seq)
+            mb = _cpu_step_peak(name, bs, seq, preset)
             b.cases[1].extra[("peak_rss_MB" if name == "thrifty" else "hf_peak_rss_MB")] = round(mb / 2**20)
         print(f"  train step peak RSS growth: {b.cases[1].extra}", flush=True)
     return b
@@ -187,8 +188,8 @@ def run(device, quick: bool = False) -> Bench:
 _STEP_MEM_SCRIPT = r"""
 import json, sys, torch
 from thrifty.bench.model import _models, reset_peak, peak
-which, bs, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-ours, hf = _models(torch.bfloat16, torch.device("cpu"))
+which, bs, seq, preset = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+ours, hf = _models(torch.bfloat16, torch.device("cpu"), preset)
 m = ours if which == "thrifty" else hf
 del ours, hf
 ids = torch.randint(0, 32000, (bs, seq))
@@ -199,7 +200,7 @@ print(json.dumps({"peak": peak() - base}))
 """
 
 
-def _cpu_step_peak(which, bs, seq) -> float:
-    out = subprocess.run([sys.executable, "-c", _STEP_MEM_SCRIPT, which, str(bs), str(seq)], capture_output=True,
+def _cpu_step_peak(which, bs, seq, preset) -> float:
+    out = subprocess.run([sys.executable, "-c", _STEP_MEM_SCRIPT, which, str(bs), str(seq), preset], capture_output=True,
                          text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak"]

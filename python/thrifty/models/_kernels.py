@@ -1,10 +1,43 @@
-"""The model's kernel choices in one place: thrifty's rotary embedding and SwiGLU MLP."""
+"""The model's kernel choices in one place: thrifty's rotary embedding and SwiGLU MLP, and the
+linear layers' compute dtype on CPUs without native bf16 dot products."""
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import thrifty
 from thrifty.nn import SwiGLU as MLP  # noqa: F401  (gate_proj / up_proj / down_proj, fused silu * up)
 from thrifty.ops import rotary_embedding
+
+# Below avx512_bf16, torch's bf16/f16 CPU GEMM takes a slow path (0.2 GFLOP/s vs 11 for float32
+# on the shared 2-core AVX2 box), so low-precision CPU linears over >= 8 rows multiply float32
+# copies there (float32 accumulation either way; one rounding of the output to the input dtype).
+# Decode (1 row) gains nothing from it: converting the weights costs as much as the slow GEMV.
+_CPU_NATIVE_BF16 = thrifty._C.cpu_isa_detected() == "avx512_bf16"
 
 
 def rotary(q, k, positions, cos_sin):
     """neox-style rotary of q (..., heads, d) and k (..., kv_heads, d) at positions (...)."""
     return rotary_embedding(q, k, positions, cos_sin)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state_dict) with float32 compute for bf16/f16 on CPUs
+    without native bf16 dot products."""
+
+    def forward(self, x):
+        w = self.weight
+        if (w.device.type == "cpu" and w.dtype != torch.float32 and not _CPU_NATIVE_BF16
+                and x.numel() >= 8 * w.shape[1]):
+            b = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), w.float(), b).to(x.dtype)
+        return F.linear(x, w, self.bias)
+
+
+def use_fast_linear(module: nn.Module) -> nn.Module:
+    """Turns every plain nn.Linear of module into :class:`Linear` in place."""
+    for m in module.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = Linear
+    return module

@@ -83,10 +83,17 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("cos_sin", build_cos_sin(config, config.max_position_embeddings), persistent=False)
         self.meta = AttnMeta(scale=config.head_dim ** -0.5, window=config.sliding_window)
+        K.use_fast_linear(self)
 
     def reset_rope(self) -> None:
         """Recomputes the rotary cache (after building on the meta device, say)."""
         self.cos_sin = build_cos_sin(self.config, self.config.max_position_embeddings, self.lm_head.weight.device)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.cos_sin.dtype != torch.float32:  # model.to(bfloat16) must not round the rotary cache
+            self.cos_sin = build_cos_sin(self.config, self.config.max_position_embeddings, self.cos_sin.device)
+        return self
 
     def init_weights(self, std: float = 0.02) -> "Llama":
         for name, p in self.named_parameters():

@@ -14,9 +14,10 @@ Backward, with s_i = d L / d loss_i (1/count for mean, 1 for sum, the incoming g
     grad_hidden  = G @ weight
     grad_weight  = G.T @ hidden
 
-Memory: the forward walks the tokens in chunks of about 2^26 logits: a matmul makes a chunk's
+Memory: the forward walks the tokens in chunks of at most 2^26 logits (and at least 8 chunks for
+large inputs): a matmul makes a chunk's
 logits and one fused kernel reduces them to loss and log-sum-exp; only lse (tokens floats) is
-kept. The backward recomputes the logits block by block over the vocab (about 2^26 at a
+kept. The backward recomputes the logits block by block over the vocab (sized alike at a
 time): one fused kernel turns a block into G in place, then grad_weight's rows for the block
 are written once (G_b.T @ hidden) and grad_hidden accumulates G_b @ weight_b in float32.
 Recomputing costs one extra logits matmul (8 instead of 6 tokens x vocab x hidden FLOPs);
@@ -47,7 +48,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         reduction: "mean" (over tokens not ignored), "sum" or "none" (a loss per token, shape of labels).
         label_smoothing: eps in [0, 1], as in ``F.cross_entropy``.
         softcap: > 0 applies ``softcap * tanh(logits / softcap)`` first (Gemma 2 style); 0 disables it.
-        chunk_size: tokens per chunk (0 picks about 2^26 logits per chunk).
+        chunk_size: tokens per forward chunk and vocab rows per backward block (0: automatic).
     Returns:
         the loss in hidden's dtype: a scalar, or labels' shape for "none".
     """
