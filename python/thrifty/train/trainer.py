@@ -313,7 +313,8 @@ class Trainer:
             raise TrainError(f"--steps: expected a positive number, got {c.steps}")
         self.time_budget = parse_duration(c.time_budget)
         if c.steps is None and self.time_budget is None:
-            c.steps = 1000
+            self.time_budget = 600.0
+            self.log("schedule: neither --steps nor --time-budget given: training for 10 minutes")
         self.run_dir = self._run_dir()
         if not c.resume and (self.run_dir / "checkpoints").is_dir() and any((self.run_dir / "checkpoints").iterdir()):
             raise TrainError(f"{self.run_dir} already holds checkpoints: pass --resume to continue it, or another --out")
@@ -694,7 +695,7 @@ class Trainer:
             keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= self.step] if c.resume else []
             metrics_path.write_text("".join(ln + "\n" for ln in keep))
         self._consecutive_nan = 0
-        eval_every = c.eval_every or max(1, (c.steps or 1000) // 10)
+        eval_every = c.eval_every or max(1, (c.steps or 500) // 10)
         mc = self.model_config
         self.log(f"model: {self.n_params / 1e6:.2f}M parameters ({self.n_trainable / 1e6:.2f}M trainable), "
                  f"{mc.num_hidden_layers} layers x {mc.hidden_size}, vocab {mc.vocab_size}; "
