@@ -52,9 +52,8 @@ TORCH_LIBRARY(thrifty, m) {
   // ---- loss ----
   // Cross-entropy of hidden (tokens, H) @ weight (V, H)^T against labels (tokens,) int64, chunked over tokens so the
   // (tokens, V) logits never exist. reduction 0 none / 1 mean / 2 sum; softcap > 0 caps logits c*tanh(x/c).
-  // compute_grad (mean/sum) also returns the gradients of the loss in the same pass (else empty); lse (tokens,) f32.
-  m.def("linear_cross_entropy(Tensor hidden, Tensor weight, Tensor labels, int ignore_index, int reduction, float label_smoothing, float softcap, bool compute_grad, int chunk_size) -> (Tensor loss, Tensor lse, Tensor grad_hidden, Tensor grad_weight)");
-  // Gradients w.r.t. hidden and weight: the forward's precomputed ones scaled by grad_loss when given, else recomputed
-  // chunk by chunk with per-token grad_loss (reduction none) or the scalar grad_loss (mean/sum).
-  m.def("linear_cross_entropy_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor labels, Tensor? grad_hidden, Tensor? grad_weight, int ignore_index, int reduction, float label_smoothing, float softcap, int chunk_size) -> (Tensor grad_hidden, Tensor grad_weight)");
+  // Returns the loss (hidden's dtype; scalar, or (tokens,) for none) and lse (tokens,) float32 for the backward.
+  m.def("linear_cross_entropy(Tensor hidden, Tensor weight, Tensor labels, int ignore_index, int reduction, float label_smoothing, float softcap, int chunk_size) -> (Tensor loss, Tensor lse)");
+  // Gradients w.r.t. hidden and weight, recomputing the logits block by block over the vocab from lse.
+  m.def("linear_cross_entropy_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor labels, Tensor lse, int ignore_index, int reduction, float label_smoothing, float softcap, int chunk_size) -> (Tensor grad_hidden, Tensor grad_weight)");
 }

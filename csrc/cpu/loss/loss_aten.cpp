@@ -1,5 +1,5 @@
-// CPU glue for linear_cross_entropy: the shared chunk loop (common/loss_glue.h) with the
-// ISA-dispatched fused softmax / loss / gradient kernel.
+// CPU glue for linear_cross_entropy: the shared loops (common/loss_glue.h) with the
+// ISA-dispatched fused softmax / loss / gradient kernels.
 #include <torch/library.h>
 
 #include "common/loss_glue.h"
@@ -8,24 +8,22 @@
 namespace thrifty {
 namespace {
 
-void ce_chunk_cpu(const CeChunkParams& p) { THRIFTY_CPU_DISPATCH(ce_chunk, p); }
+void ce_fwd_cpu(const CeFwdParams& p) { THRIFTY_CPU_DISPATCH(ce_fwd, p); }
+void ce_grad_cpu(const CeGradParams& p) { THRIFTY_CPU_DISPATCH(ce_grad, p); }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lce_cpu(const at::Tensor& hidden, const at::Tensor& weight,
-                                                                   const at::Tensor& labels, int64_t ignore_index,
-                                                                   int64_t reduction, double label_smoothing,
-                                                                   double softcap, bool compute_grad, int64_t chunk_size) {
-  return lce_forward(hidden, weight, labels, ignore_index, reduction, label_smoothing, softcap, compute_grad, chunk_size,
-                     &ce_chunk_cpu);
+std::tuple<at::Tensor, at::Tensor> lce_cpu(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+                                           int64_t ignore_index, int64_t reduction, double label_smoothing,
+                                           double softcap, int64_t chunk_size) {
+  return lce_forward(hidden, weight, labels, ignore_index, reduction, label_smoothing, softcap, chunk_size,
+                     &ce_fwd_cpu);
 }
 
 std::tuple<at::Tensor, at::Tensor> lce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& hidden,
                                                     const at::Tensor& weight, const at::Tensor& labels,
-                                                    const c10::optional<at::Tensor>& grad_hidden,
-                                                    const c10::optional<at::Tensor>& grad_weight, int64_t ignore_index,
-                                                    int64_t reduction, double label_smoothing, double softcap,
-                                                    int64_t chunk_size) {
-  return lce_backward(grad_loss, hidden, weight, labels, grad_hidden, grad_weight, ignore_index, reduction,
-                      label_smoothing, softcap, chunk_size, &ce_chunk_cpu);
+                                                    const at::Tensor& lse, int64_t ignore_index, int64_t reduction,
+                                                    double label_smoothing, double softcap, int64_t chunk_size) {
+  return lce_backward(grad_loss, hidden, weight, labels, lse, ignore_index, reduction, label_smoothing, softcap,
+                      chunk_size, &ce_grad_cpu);
 }
 
 }  // namespace

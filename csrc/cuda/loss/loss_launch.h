@@ -1,4 +1,4 @@
-// Torch-free launcher of the fused cross-entropy chunk kernel (ce_chunk.cu), called by loss_cuda.cpp.
+// Torch-free launchers of the fused cross-entropy kernels (ce.cu), called by loss_cuda.cpp.
 #pragma once
 #include <cuda_runtime_api.h>
 
@@ -6,6 +6,7 @@
 
 namespace thrifty::cuda {
 
-void launch_ce_chunk(const CeChunkParams& p, cudaStream_t stream);
+void launch_ce_fwd(const CeFwdParams& p, cudaStream_t stream);
+void launch_ce_grad(const CeGradParams& p, cudaStream_t stream);
 
 }  // namespace thrifty::cuda

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from thrifty.ops import flash_attention, flash_attention_varlen
 
 
 @dataclass
@@ -50,50 +51,16 @@ class KVCache:
         self.pos += n
 
 
-def _mask(sq: int, sk: int, window: int | None, device) -> torch.Tensor | None:
-    """Boolean (sq, sk) mask, causal aligned to the bottom right (the queries are the last sq keys)."""
-    qi = torch.arange(sk - sq, sk, device=device)[:, None]
-    ki = torch.arange(sk, device=device)[None, :]
-    m = ki <= qi
-    if window is not None:
-        m &= ki > qi - window
-    return m
-
-
-def _sdpa(q, k, v, meta: AttnMeta, mask_needed: bool):
-    # (b, s, h, d) -> (b, h, s, d) for SDPA
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    sq, sk = q.shape[1], k.shape[1]
-    gqa = q.shape[2] != k.shape[2]
-    if not mask_needed or (sq == 1 and (meta.window is None or sk <= meta.window)):
-        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=mask_needed and sq > 1, scale=meta.scale,
-                                             enable_gqa=gqa)
-    elif sq == sk and (meta.window is None or sk <= meta.window):
-        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=meta.scale, enable_gqa=gqa)
-    else:
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=_mask(sq, sk, meta.window, q.device),
-                                             scale=meta.scale, enable_gqa=gqa)
-    return out.transpose(1, 2)
-
-
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta, cache=None,
            layer: int = 0) -> torch.Tensor:
-    """Causal attention of q over k, v (plus what ``cache`` holds for this layer)."""
+    """Causal attention of q over k, v (plus what ``cache`` holds for this layer), through
+    thrifty.ops.flash_attention (masks aligned bottom-right: the queries are the last keys)."""
+    window = (meta.window - 1 if meta.window else -1, 0)
     if meta.cu_seqlens is not None:
         if cache is not None:
             raise ValueError("attention: packed documents (cu_seqlens) cannot be used with a KV cache")
-        return _varlen(q, k, v, meta)
+        return flash_attention_varlen(q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
+                                      causal=True, softmax_scale=meta.scale, window=window)
     if cache is not None:
         k, v = cache.update(layer, k, v)
-    return _sdpa(q, k, v, meta, True)
-
-
-def _varlen(q, k, v, meta: AttnMeta):
-    # packed documents: one SDPA call over (1, tokens) with a block-diagonal causal mask
-    t = q.shape[0]
-    doc = torch.searchsorted(meta.cu_seqlens[1:].long(), torch.arange(t, device=q.device), right=True)
-    m = _mask(t, t, meta.window, q.device) & (doc[:, None] == doc[None, :])
-    qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
-    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=m, scale=meta.scale,
-                                         enable_gqa=q.shape[1] != k.shape[1])
-    return out[0].transpose(0, 1)
+    return flash_attention(q, k, v, causal=True, softmax_scale=meta.scale, window=window)

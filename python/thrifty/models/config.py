@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -195,30 +194,8 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
-    """The (head_dim / 2,) float32 inverse frequencies, as transformers computes them."""
-    dim = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    rs = cfg.rope_scaling
-    if not rs:
-        return inv
-    kind = rs["rope_type"]
-    if kind == "linear":
-        return inv / rs["factor"]
-    # llama3: low frequencies divided by factor, high kept, a smooth blend between
-    factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
-    old = rs["original_max_position_embeddings"]
-    low_wavelen, high_wavelen = old / lo, old / hi
-    wavelen = 2 * math.pi / inv
-    out = torch.where(wavelen > low_wavelen, inv / factor, inv)
-    smooth = (old / wavelen - lo) / (hi - lo)
-    smoothed = (1 - smooth) * out / factor + smooth * out
-    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
-    return torch.where(medium, smoothed, out)
-
-
 def build_cos_sin(cfg: LlamaConfig, max_position: int, device=None) -> torch.Tensor:
-    """(max_position, head_dim) float32 [cos | sin] of position * inv_freq (the thrifty rotary cache layout)."""
-    inv = rope_inv_freq(cfg).to(device)
-    freqs = torch.arange(max_position, device=device, dtype=torch.int64).float()[:, None] * inv[None, :]
-    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+    """(max_position, head_dim) float32 [cos | sin] rotary cache (thrifty.ops.build_rotary_cache, which computes
+    the frequencies as transformers does for default, linear and llama3 rope)."""
+    from thrifty.ops import build_rotary_cache
+    return build_rotary_cache(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling, device=device)

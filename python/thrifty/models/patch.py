@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from thrifty.models import _kernels as K
 from thrifty.models.attention import AttnMeta, attend
-from thrifty.ops import linear_cross_entropy, rms_norm
+from thrifty.ops import linear_cross_entropy, rms_norm, swiglu
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -29,7 +29,7 @@ def _norm_forward(self, x):
 
 
 def _mlp_forward(self, x):
-    return K.MLP.forward(self, x)
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 def _attention_forward(orig):

@@ -14,13 +14,16 @@ Backward, with s_i = d L / d loss_i (1/count for mean, 1 for sum, the incoming g
     grad_hidden  = G @ weight
     grad_weight  = G.T @ hidden
 
-Memory: the op walks the tokens in chunks (about 2^26 logits each); per chunk a matmul makes
-the logits, one fused kernel turns them into loss, lse and G in place, and two matmuls add the
-chunk's share of grad_hidden and grad_weight. For "mean" and "sum" the gradients are computed
-in the forward pass whenever autograd will need them (one logits matmul in all, like the
-unfused path) and the backward only scales them by the incoming scalar; for "none" the
-backward needs the per-token incoming gradient, so it recomputes each chunk's logits (one
-extra matmul) — this is exactly the case public fused losses get wrong, and it is tested.
+Memory: the forward walks the tokens in chunks of about 2^26 logits: a matmul makes a chunk's
+logits and one fused kernel reduces them to loss and log-sum-exp; only lse (tokens floats) is
+kept. The backward recomputes the logits block by block over the vocab (about 2^26 at a
+time): one fused kernel turns a block into G in place, then grad_weight's rows for the block
+are written once (G_b.T @ hidden) and grad_hidden accumulates G_b @ weight_b in float32.
+Recomputing costs one extra logits matmul (8 instead of 6 tokens x vocab x hidden FLOPs);
+in exchange every reduction, "none" included (whose gradient needs the per-token incoming
+gradient, only known in the backward; public fused losses get it wrong), has one tested code
+path, nothing but lse is stored between forward and backward, and grad_weight is rounded to
+bf16/f16 once rather than once per token chunk.
 """
 from __future__ import annotations
 
@@ -59,52 +62,36 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     red = _REDUCTIONS[reduction]
     h2 = hidden.reshape(-1, hidden.shape[-1])
     l2 = labels.reshape(-1)
-    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    loss, _, _, _ = _ops.linear_cross_entropy(h2, weight, l2, ignore_index, red, float(label_smoothing),
-                                              float(softcap), needs_grad and red != 0, chunk_size)
+    loss, _ = _ops.linear_cross_entropy(h2, weight, l2, int(ignore_index), red, float(label_smoothing),
+                                        float(softcap), int(chunk_size))
     return loss.view(labels.shape) if red == 0 else loss
 
 
 # ---- fake (shape-only) implementations ----
 @torch.library.register_fake("thrifty::linear_cross_entropy")
-def _lce_fake(hidden, weight, labels, ignore_index, reduction, label_smoothing, softcap, compute_grad, chunk_size):
+def _lce_fake(hidden, weight, labels, ignore_index, reduction, label_smoothing, softcap, chunk_size):
     T = hidden.shape[0]
-    loss = hidden.new_empty((T,) if reduction == 0 else ())
-    lse = hidden.new_empty((T,), dtype=torch.float32)
-    if compute_grad:
-        return loss, lse, torch.empty_like(hidden, memory_format=torch.contiguous_format), \
-            torch.empty_like(weight, memory_format=torch.contiguous_format)
-    return loss, lse, hidden.new_empty((0,)), hidden.new_empty((0,))
+    return hidden.new_empty((T,) if reduction == 0 else ()), hidden.new_empty((T,), dtype=torch.float32)
 
 
 @torch.library.register_fake("thrifty::linear_cross_entropy_backward")
-def _lce_backward_fake(grad_loss, hidden, weight, labels, grad_hidden, grad_weight, ignore_index, reduction,
-                       label_smoothing, softcap, chunk_size):
+def _lce_backward_fake(grad_loss, hidden, weight, labels, lse, ignore_index, reduction, label_smoothing, softcap,
+                       chunk_size):
     return (torch.empty_like(hidden, memory_format=torch.contiguous_format),
             torch.empty_like(weight, memory_format=torch.contiguous_format))
 
 
 # ---- autograd ----
 def _setup(ctx, inputs, output):
-    hidden, weight, labels, ignore_index, reduction, label_smoothing, softcap, compute_grad, chunk_size = inputs
-    _, _, gh, gw = output
-    ctx.args = (ignore_index, reduction, label_smoothing, softcap, chunk_size)
-    ctx.pre = bool(compute_grad)
-    if ctx.pre:
-        ctx.save_for_backward(hidden, weight, labels, gh, gw)
-    else:
-        ctx.save_for_backward(hidden, weight, labels)
+    hidden, weight, labels, *args = inputs
+    ctx.args = args
+    ctx.save_for_backward(hidden, weight, labels, output[1])
 
 
-def _backward(ctx, grad_loss, _g_lse, _g_gh, _g_gw):
-    if ctx.pre:
-        hidden, weight, labels, gh, gw = ctx.saved_tensors
-    else:
-        (hidden, weight, labels), gh, gw = ctx.saved_tensors, None, None
-    ignore_index, reduction, label_smoothing, softcap, chunk_size = ctx.args
-    grad_h, grad_w = _ops.linear_cross_entropy_backward(grad_loss, hidden, weight, labels, gh, gw, ignore_index,
-                                                        reduction, label_smoothing, softcap, chunk_size)
-    return grad_h, grad_w, None, None, None, None, None, None, None
+def _backward(ctx, grad_loss, _grad_lse):
+    hidden, weight, labels, lse = ctx.saved_tensors
+    grad_h, grad_w = _ops.linear_cross_entropy_backward(grad_loss, hidden, weight, labels, lse, *ctx.args)
+    return grad_h, grad_w, None, None, None, None, None, None
 
 
 torch.library.register_autograd("thrifty::linear_cross_entropy", _backward, setup_context=_setup)

@@ -1,0 +1,4 @@
+from thrifty.bench.model import run
+from thrifty.bench.common import main
+
+main(run)

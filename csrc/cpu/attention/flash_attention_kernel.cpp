@@ -1,0 +1,555 @@
+// Fused attention (FlashAttention-2 style) on the CPU; compiled once per ISA level.
+//
+// Forward, per (batch, head, tile of BQ query rows), never materialising seqlen_q x seqlen_k:
+//   Qs = softmax_scale * Q_tile (float32)
+//   for each tile of BK keys the rows can see (causal / window tiles wholly masked are skipped):
+//     S = Qs K^T                       (register-tiled FMA micro-kernel, K packed transposed)
+//     S = softcap * tanh(S / softcap)  (if softcap)
+//     masked entries -> -inf
+//     m' = max(m, rowmax S);  P = exp(S - m');  alpha = exp(m - m')
+//     l = alpha l + rowsum P;  O = alpha O + P V
+//   out = O / l;  lse = m + log l     (a row with no visible key: out 0, lse -inf)
+// All arithmetic is float32 whatever the storage type: bf16/f16 tiles are widened into
+// per-thread float buffers (on AVX-512 BF16 the same structure runs; see the BF16 note below).
+//
+// Backward (recomputing P from lse), with D = rowsum(dO * O):
+//   dV = P^T dO;  dP = dO V^T;  dS = P * (dP - D)  (times 1 - tanh^2 under softcap)
+//   dQ = scale * dS K;  dK = dS^T Qs
+// Parallel over (batch, kv_head, chunk of key tiles): each task owns its key tiles, so dK
+// and dV are summed over the query tiles and the heads of the GQA group by one thread in a
+// fixed order; dQ goes to a float32 accumulator per chunk, summed in chunk order at the end.
+// Extra memory: O(heads x rows x head_dim) floats, never O(seqlen^2).
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+#include "common/attention_mask.h"
+#include "common/parallel.h"
+#include "cpu/attention/attention_kernels.h"
+#include "cpu/vec.h"
+
+namespace thrifty::cpu::THRIFTY_ISA_NS {
+namespace {
+
+constexpr int W = Vec::W;
+constexpr int MR = 6;  // rows of the micro-kernel's register tile (x 2 vectors of columns)
+constexpr int BQ = kAttnCpuBlockQ;
+constexpr int BK = kAttnCpuBlockK;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+THRIFTY_INLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ---------------------------------------------------------------------------------------
+// GEMM on float tiles: C[M x N] (op)= A[M x K] B[K x N], A row-major (elements broadcast),
+// B row-major with N a multiple of W (packed, padded), C row-major.
+// MODE 0: C = AB;  MODE 1: C += AB;  MODE 2: C = alpha[row] * C + AB.
+template <int R, int NC, int MODE>
+THRIFTY_INLINE void micro(const float* __restrict A, int64_t lda, const float* __restrict B, int64_t ldb,
+                          float* __restrict C, int64_t ldc, int K, const float* alpha) {
+  Vec acc[R][NC];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c) {
+      if (MODE == 0) {
+        acc[r][c] = Vec::zero();
+      } else if (MODE == 1) {
+        acc[r][c] = Vec::load(C + r * ldc + c * W);
+      } else {
+        acc[r][c] = Vec::load(C + r * ldc + c * W) * Vec::set1(alpha[r]);
+      }
+    }
+  }
+  for (int k = 0; k < K; ++k) {
+    Vec b[NC];
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c) b[c] = Vec::load(B + k * ldb + c * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const Vec a = Vec::set1(A[r * lda + k]);
+#pragma GCC unroll 4
+      for (int c = 0; c < NC; ++c) acc[r][c] = fma(a, b[c], acc[r][c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c) acc[r][c].store(C + r * ldc + c * W);
+  }
+}
+
+template <int NC, int MODE>
+THRIFTY_INLINE void rows_block(int M, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                               int K, const float* alpha) {
+  int r = 0;
+  for (; r + MR <= M; r += MR)
+    micro<MR, NC, MODE>(A + r * lda, lda, B, ldb, C + r * ldc, ldc, K, alpha ? alpha + r : nullptr);
+  const float* a = A + r * lda;
+  float* c = C + r * ldc;
+  const float* al = alpha ? alpha + r : nullptr;
+  switch (M - r) {
+    case 1: micro<1, NC, MODE>(a, lda, B, ldb, c, ldc, K, al); break;
+    case 2: micro<2, NC, MODE>(a, lda, B, ldb, c, ldc, K, al); break;
+    case 3: micro<3, NC, MODE>(a, lda, B, ldb, c, ldc, K, al); break;
+    case 4: micro<4, NC, MODE>(a, lda, B, ldb, c, ldc, K, al); break;
+    case 5: micro<5, NC, MODE>(a, lda, B, ldb, c, ldc, K, al); break;
+    default: break;
+  }
+}
+
+// N must be a multiple of W. Column blocks outer (the B panel stays in L1), rows inner.
+template <int MODE>
+void gemm(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+          const float* alpha = nullptr) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    if (MODE == 1) return;
+    for (int r = 0; r < M; ++r)
+      for (int n = 0; n < N; ++n) C[r * ldc + n] = MODE == 0 ? 0.0f : C[r * ldc + n] * alpha[r];
+    return;
+  }
+  int n = 0;
+  for (; n + 2 * W <= N; n += 2 * W) rows_block<2, MODE>(M, A, lda, B + n, ldb, C + n, ldc, K, alpha);
+  if (n < N) rows_block<1, MODE>(M, A, lda, B + n, ldb, C + n, ldc, K, alpha);
+}
+
+// ---------------------------------------------------------------------------------------
+// Packing: storage rows -> float tiles.
+
+// dst[r][0..D) = scale * src[r * stride + d], zero-padded to Dp columns; rows < n.
+template <typename T>
+THRIFTY_INLINE void pack_rows(const T* src, int64_t stride, int n, int D, int Dp, float scale, float* dst) {
+  const Vec s = Vec::set1(scale);
+  for (int r = 0; r < n; ++r) {
+    const T* x = src + r * stride;
+    float* y = dst + static_cast<int64_t>(r) * Dp;
+    int d = 0;
+    for (; d + W <= D; d += W) (Vec::load(x + d) * s).store(y + d);
+    if (d < D) (Vec::load(x + d, D - d) * s).store(y + d, D - d);
+    for (int e = D; e < Dp; ++e) y[e] = 0.0f;
+  }
+}
+
+// dst[d][j] = src[j * stride + d] for j < n, zero for n <= j < ldd (transposed tile).
+template <typename T>
+THRIFTY_INLINE void pack_transposed(const T* src, int64_t stride, int n, int D, int ldd, float* dst) {
+  for (int j = 0; j < n; ++j) {
+    const T* x = src + j * stride;
+    for (int d = 0; d < D; ++d) dst[static_cast<int64_t>(d) * ldd + j] = to_float(x[d]);
+  }
+  if (n < ldd)
+    for (int d = 0; d < D; ++d)
+      for (int j = n; j < ldd; ++j) dst[static_cast<int64_t>(d) * ldd + j] = 0.0f;
+}
+
+template <typename T>
+THRIFTY_INLINE void store_row(const float* x, float scale, int D, T* y) {
+  const Vec s = Vec::set1(scale);
+  int d = 0;
+  for (; d + W <= D; d += W) (Vec::load(x + d) * s).store(y + d);
+  if (d < D) (Vec::load(x + d, D - d) * s).store(y + d, D - d);
+}
+
+// tanh through exp: t = (e - 1) / (e + 1), e = exp(2x), |x| clamped to 9 (tanh(9) = 1 - 3e-8).
+THRIFTY_INLINE Vec tanh_vec(Vec x) {
+  const Vec c = Vec::set1(9.0f);
+  const Vec xc = min(max(x, Vec::zero() - c), c);
+  const Vec e = exp(xc + xc);
+  return (e - Vec::set1(1.0f)) / (e + Vec::set1(1.0f));
+}
+
+// s[0..n) = cap * tanh(s / cap); if dsc, dsc[j] = 1 - tanh^2 (the derivative).
+THRIFTY_INLINE void apply_softcap(float* s, int n, float cap, float* dsc) {
+  const Vec vc = Vec::set1(cap), vi = Vec::set1(1.0f / cap), one = Vec::set1(1.0f);
+  int j = 0;
+  for (; j + W <= n; j += W) {
+    const Vec t = tanh_vec(Vec::load(s + j) * vi);
+    (t * vc).store(s + j);
+    if (dsc) (one - t * t).store(dsc + j);
+  }
+  if (j < n) {
+    const int m = n - j;
+    const Vec t = tanh_vec(Vec::load(s + j, m) * vi);
+    (t * vc).store(s + j, m);
+    if (dsc) (one - t * t).store(dsc + j, m);
+  }
+}
+
+// Visible columns [a, b) of local row r of a (query tile at i0) x (key tile at j0, kn keys).
+struct Cols {
+  int a, b;
+};
+THRIFTY_INLINE Cols visible_cols(bool unmasked, int64_t i, int64_t j0, int kn, int64_t sq, int64_t sk, int wl,
+                                 int wr) {
+  if (unmasked) return Cols{0, kn};
+  const KeyRange kr = attention_key_range(i, sq, sk, wl, wr);
+  int64_t a = kr.lo - j0, b = kr.hi - j0;
+  if (a < 0) a = 0;
+  if (b > kn) b = kn;
+  if (a >= b) return Cols{0, 0};
+  return Cols{static_cast<int>(a), static_cast<int>(b)};
+}
+
+// One sequence's geometry: rows of q/k in the tensors and lengths.
+struct Seq {
+  int64_t q_row0, k_row0, sq, sk;
+};
+THRIFTY_INLINE Seq seq_of(const AttentionParams& p, int b) {
+  if (p.varlen) {
+    const int64_t q0 = p.cu_seqlens_q[b], q1 = p.cu_seqlens_q[b + 1];
+    const int64_t k0 = p.cu_seqlens_k[b], k1 = p.cu_seqlens_k[b + 1];
+    return Seq{q0, k0, q1 - q0, k1 - k0};
+  }
+  return Seq{0, 0, p.seqlen_q, p.seqlen_k};
+}
+
+struct Buffer {
+  float* ptr = nullptr;
+  explicit Buffer(int64_t floats) {
+    ptr = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(round_up(floats * 4, 64))));
+  }
+  ~Buffer() { std::free(ptr); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+};
+
+// ---------------------------------------------------------------------------------------
+// Forward
+
+template <typename T>
+void fwd(const AttentionParams& p) {
+  const int D = p.head_dim;
+  const int Dp = static_cast<int>(round_up(D, W));
+  const int group = p.heads / p.kv_heads;
+  const int64_t nqt = (static_cast<int64_t>(p.seqlen_q) + BQ - 1) / BQ;
+  const int64_t items = static_cast<int64_t>(p.batch) * p.heads * nqt;
+  const T* Q = static_cast<const T*>(p.q);
+  const T* K = static_cast<const T*>(p.k);
+  const T* V = static_cast<const T*>(p.v);
+  T* O = static_cast<T*>(p.out);
+  const int wl = p.window_left, wr = p.window_right;
+  const float cap = p.softcap;
+
+  parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    const int64_t f_qs = static_cast<int64_t>(BQ) * Dp, f_kt = static_cast<int64_t>(D) * BK,
+                  f_v = static_cast<int64_t>(BK) * Dp, f_s = static_cast<int64_t>(BQ) * BK;
+    Buffer buf(f_qs * 2 + f_kt + f_v + f_s + 3 * BQ);
+    float* qs = buf.ptr;
+    float* acc = qs + f_qs;
+    float* kt = acc + f_qs;
+    float* vp = kt + f_kt;
+    float* s = vp + f_v;
+    float* m = s + f_s;
+    float* l = m + BQ;
+    float* alpha = l + BQ;
+    for (int64_t item = begin; item < end; ++item) {
+      // Tiles of one head alternate between the two ends of the sequence so that contiguous
+      // ranges of items (the thread pool's static split) carry equal causal work.
+      const int64_t bh = item / nqt, t = item % nqt;
+      const int64_t qt = (t % 2 == 0) ? t / 2 : nqt - 1 - t / 2;
+      const int b = static_cast<int>(bh / p.heads), h = static_cast<int>(bh % p.heads), kvh = h / group;
+      const Seq sq = seq_of(p, b);
+      const int64_t i0 = qt * BQ;
+      if (i0 >= sq.sq) continue;
+      const int mq = static_cast<int>(sq.sq - i0 < BQ ? sq.sq - i0 : BQ);
+      const T* qb = Q + b * p.q_batch_stride + (sq.q_row0 + i0) * p.q_row_stride + h * p.q_head_stride;
+      const T* kb = K + b * p.k_batch_stride + sq.k_row0 * p.k_row_stride + kvh * p.k_head_stride;
+      const T* vb = V + b * p.v_batch_stride + sq.k_row0 * p.v_row_stride + kvh * p.v_head_stride;
+      T* ob = O + b * p.o_batch_stride + (sq.q_row0 + i0) * p.o_row_stride + h * p.o_head_stride;
+      float* lse = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + sq.q_row0 + i0;
+
+      pack_rows(qb, p.q_row_stride, mq, D, Dp, p.softmax_scale, qs);
+      for (int r = 0; r < mq; ++r) {
+        m[r] = kNegInf;
+        l[r] = 0.0f;
+      }
+      std::memset(acc, 0, sizeof(float) * mq * Dp);
+      const KeyRange kr = attention_tile_key_range(i0, i0 + mq, sq.sq, sq.sk, wl, wr);
+      for (int64_t j0 = kr.lo; j0 < kr.hi; j0 += BK) {
+        const int kn = static_cast<int>(kr.hi - j0 < BK ? kr.hi - j0 : BK);
+        const int nk = static_cast<int>(round_up(kn, W));
+        pack_transposed(kb + j0 * p.k_row_stride, p.k_row_stride, kn, D, BK, kt);
+        pack_rows(vb + j0 * p.v_row_stride, p.v_row_stride, kn, D, Dp, 1.0f, vp);
+        gemm<0>(mq, nk, D, qs, Dp, kt, BK, s, BK);
+        const bool unmasked = attention_tile_unmasked(i0, i0 + mq, j0, j0 + kn, sq.sq, sq.sk, wl, wr);
+        for (int r = 0; r < mq; ++r) {
+          float* sr = s + r * BK;
+          if (cap > 0.0f) apply_softcap(sr, kn, cap, nullptr);
+          const Cols c = visible_cols(unmasked, i0 + r, j0, kn, sq.sq, sq.sk, wl, wr);
+          float mx = kNegInf;
+          {
+            Vec vm = Vec::set1(kNegInf);
+            int j = c.a;
+            for (; j + W <= c.b; j += W) vm = max(vm, Vec::load(sr + j));
+            mx = vm.reduce_max();
+            for (; j < c.b; ++j) mx = sr[j] > mx ? sr[j] : mx;
+          }
+          const float m_new = mx > m[r] ? mx : m[r];
+          if (m_new == kNegInf) {  // nothing visible yet: P = 0, O stays 0
+            alpha[r] = 1.0f;
+            for (int j = 0; j < kn; ++j) sr[j] = 0.0f;
+            continue;
+          }
+          alpha[r] = std::exp(m[r] - m_new);  // 0 when m[r] = -inf
+          m[r] = m_new;
+          for (int j = 0; j < c.a; ++j) sr[j] = 0.0f;
+          const Vec vmn = Vec::set1(m_new);
+          Vec vs = Vec::zero();
+          int j = c.a;
+          for (; j + W <= c.b; j += W) {
+            const Vec e = exp(Vec::load(sr + j) - vmn);
+            e.store(sr + j);
+            vs = vs + e;
+          }
+          if (j < c.b) {
+            const Vec e = exp(Vec::load(sr + j, c.b - j) - vmn);
+            e.store(sr + j, c.b - j);
+            // lanes past c.b - j hold exp(0 - m): sum only the stored ones
+            float part = 0.0f;
+            for (int jj = j; jj < c.b; ++jj) part += sr[jj];
+            l[r] = l[r] * alpha[r] + vs.reduce_add() + part;
+          } else {
+            l[r] = l[r] * alpha[r] + vs.reduce_add();
+          }
+          for (int jj = c.b; jj < kn; ++jj) sr[jj] = 0.0f;
+        }
+        gemm<2>(mq, Dp, kn, s, BK, vp, Dp, acc, Dp, alpha);
+      }
+      for (int r = 0; r < mq; ++r) {
+        T* orow = ob + r * p.o_row_stride;
+        if (l[r] > 0.0f) {
+          store_row(acc + static_cast<int64_t>(r) * Dp, 1.0f / l[r], D, orow);
+          lse[r] = m[r] + std::log(l[r]);
+        } else {
+          for (int d = 0; d < D; ++d) orow[d] = from_float<T>(0.0f);
+          lse[r] = kNegInf;
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward
+
+template <typename T>
+void bwd(const AttentionBwdParams& p) {
+  const int D = p.head_dim;
+  const int Dp = static_cast<int>(round_up(D, W));
+  const int64_t Dw = attention_cpu_pad_dim(D);  // row length of the dq accumulators
+  const int group = p.heads / p.kv_heads;
+  const int nc = attention_cpu_bwd_chunks(p);
+  const int64_t rows = attention_cpu_q_rows(p);
+  const T* Q = static_cast<const T*>(p.q);
+  const T* K = static_cast<const T*>(p.k);
+  const T* V = static_cast<const T*>(p.v);
+  const T* Ot = static_cast<const T*>(p.out);
+  const T* dO = static_cast<const T*>(p.dout);
+  T* dQ = static_cast<T*>(p.dq);
+  T* dK = static_cast<T*>(p.dk);
+  T* dV = static_cast<T*>(p.dv);
+  const int wl = p.window_left, wr = p.window_right;
+  const float cap = p.softcap;
+  float* Dsum = static_cast<float*>(p.workspace);  // [heads][rows]
+  float* dq_acc = Dsum + p.heads * rows;           // [nc][heads][rows][Dw]
+
+  // Maps a query row index (0..rows) to (batch, row in the tensors).
+  auto row_of = [&](int64_t r, int& b, int64_t& trow) {
+    if (p.varlen) {
+      int lo = 0, hi = p.batch;  // find b with cu[b] <= r < cu[b+1] (first such; skips empty ones)
+      while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        if (p.cu_seqlens_q[mid] <= r) lo = mid; else hi = mid;
+      }
+      b = lo;
+      trow = r;
+    } else {
+      b = static_cast<int>(r / p.seqlen_q);
+      trow = r % p.seqlen_q;
+    }
+  };
+
+  // Pass 1: D = rowsum(dO * O); zero the dq accumulators.
+  parallel_for(0, static_cast<int64_t>(p.heads) * rows, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t x = begin; x < end; ++x) {
+      const int h = static_cast<int>(x / rows);
+      const int64_t r = x % rows;
+      int b;
+      int64_t tr;
+      row_of(r, b, tr);
+      const T* o = Ot + b * p.o_batch_stride + tr * p.o_row_stride + h * p.o_head_stride;
+      const T* g = dO + b * p.do_batch_stride + tr * p.do_row_stride + h * p.do_head_stride;
+      Vec a = Vec::zero();
+      int d = 0;
+      for (; d + W <= D; d += W) a = fma(Vec::load(o + d), Vec::load(g + d), a);
+      if (d < D) a = fma(Vec::load(o + d, D - d), Vec::load(g + d, D - d), a);
+      Dsum[x] = a.reduce_add();
+      for (int c = 0; c < nc; ++c) std::memset(dq_acc + ((c * p.heads + h) * rows + r) * Dw, 0, sizeof(float) * Dw);
+    }
+  });
+
+  // Pass 2: per (batch, kv_head, chunk of key tiles): dK, dV final; dQ partial sums.
+  const int64_t nkt = (static_cast<int64_t>(p.seqlen_k) + BK - 1) / BK;
+  const int64_t tasks = static_cast<int64_t>(p.batch) * p.kv_heads * nc;
+  parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t f_kt = static_cast<int64_t>(D) * BK, f_k = static_cast<int64_t>(BK) * Dp,
+                  f_q = static_cast<int64_t>(BQ) * Dp, f_s = static_cast<int64_t>(BQ) * BK;
+    Buffer buf(f_kt * 2 + f_k + 2 * f_q + 4 * f_s + 2 * f_k + 2 * BQ);
+    float* kt = buf.ptr;         // K^T  [D][BK]
+    float* vt = kt + f_kt;       // V^T  [D][BK]
+    float* kp = vt + f_kt;       // K    [BK][Dp]
+    float* qs = kp + f_k;        // scale * Q [BQ][Dp]
+    float* gp = qs + f_q;        // dO   [BQ][Dp]
+    float* s = gp + f_q;         // S -> P [BQ][BK]
+    float* dp = s + f_s;         // dP -> dS [BQ][BK]
+    float* tr = dp + f_s;        // P^T / dS^T [BK][BQ]
+    float* dsc = tr + f_s;       // 1 - tanh^2 [BQ][BK] (softcap)
+    float* dk_acc = dsc + f_s;   // [BK][Dp]
+    float* dv_acc = dk_acc + f_k;
+    float* lse_r = dv_acc + f_k;
+    float* d_r = lse_r + BQ;
+    for (int64_t task = begin; task < end; ++task) {
+      const int c = static_cast<int>(task % nc);
+      const int64_t bk = task / nc;
+      const int b = static_cast<int>(bk / p.kv_heads), kvh = static_cast<int>(bk % p.kv_heads);
+      const Seq sq = seq_of(p, b);
+      const int64_t q_base_row = p.varlen ? sq.q_row0 : static_cast<int64_t>(b) * p.seqlen_q;  // in `rows`
+      const T* kb = K + b * p.k_batch_stride + sq.k_row0 * p.k_row_stride + kvh * p.k_head_stride;
+      const T* vb = V + b * p.v_batch_stride + sq.k_row0 * p.v_row_stride + kvh * p.v_head_stride;
+      T* dkb = dK + b * p.dk_batch_stride + sq.k_row0 * p.dk_row_stride + kvh * p.dk_head_stride;
+      T* dvb = dV + b * p.dv_batch_stride + sq.k_row0 * p.dv_row_stride + kvh * p.dv_head_stride;
+      for (int64_t kt_i = c; kt_i < nkt; kt_i += nc) {
+        const int64_t j0 = kt_i * BK;
+        if (j0 >= sq.sk) break;
+        const int kn = static_cast<int>(sq.sk - j0 < BK ? sq.sk - j0 : BK);
+        const int nk = static_cast<int>(round_up(kn, W));
+        std::memset(dk_acc, 0, sizeof(float) * kn * Dp);
+        std::memset(dv_acc, 0, sizeof(float) * kn * Dp);
+        int64_t qlo = 0, qhi = 0;
+        if (sq.sq > 0) {
+          const QueryRange a = attention_query_range(j0, sq.sq, sq.sk, wl, wr);
+          const QueryRange z = attention_query_range(j0 + kn - 1, sq.sq, sq.sk, wl, wr);
+          qlo = a.lo;
+          qhi = z.hi;
+        }
+        if (qlo < qhi) {
+          pack_transposed(kb + j0 * p.k_row_stride, p.k_row_stride, kn, D, BK, kt);
+          pack_transposed(vb + j0 * p.v_row_stride, p.v_row_stride, kn, D, BK, vt);
+          pack_rows(kb + j0 * p.k_row_stride, p.k_row_stride, kn, D, Dp, 1.0f, kp);
+        }
+        for (int hh = 0; hh < group && qlo < qhi; ++hh) {
+          const int h = kvh * group + hh;
+          const T* qb = Q + b * p.q_batch_stride + sq.q_row0 * p.q_row_stride + h * p.q_head_stride;
+          const T* gb = dO + b * p.do_batch_stride + sq.q_row0 * p.do_row_stride + h * p.do_head_stride;
+          const float* lseb = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + sq.q_row0;
+          const float* db = Dsum + h * rows + q_base_row;
+          float* dqa = dq_acc + ((static_cast<int64_t>(c) * p.heads + h) * rows + q_base_row) * Dw;
+          for (int64_t i0 = qlo; i0 < qhi; i0 += BQ) {
+            const int mq = static_cast<int>(qhi - i0 < BQ ? qhi - i0 : BQ);
+            pack_rows(qb + i0 * p.q_row_stride, p.q_row_stride, mq, D, Dp, p.softmax_scale, qs);
+            pack_rows(gb + i0 * p.do_row_stride, p.do_row_stride, mq, D, Dp, 1.0f, gp);
+            for (int r = 0; r < mq; ++r) {
+              lse_r[r] = lseb[i0 + r];
+              d_r[r] = db[i0 + r];
+            }
+            gemm<0>(mq, nk, D, qs, Dp, kt, BK, s, BK);   // S = Qs K^T
+            gemm<0>(mq, nk, D, gp, Dp, vt, BK, dp, BK);  // dP = dO V^T
+            const bool unmasked = attention_tile_unmasked(i0, i0 + mq, j0, j0 + kn, sq.sq, sq.sk, wl, wr);
+            for (int r = 0; r < mq; ++r) {
+              float* sr = s + r * BK;
+              float* dpr = dp + r * BK;
+              float* dcr = dsc + r * BK;
+              if (cap > 0.0f) apply_softcap(sr, kn, cap, dcr);
+              const Cols cc = visible_cols(unmasked, i0 + r, j0, kn, sq.sq, sq.sk, wl, wr);
+              const float lz = lse_r[r];
+              if (lz == kNegInf || cc.a >= cc.b) {
+                for (int j = 0; j < kn; ++j) sr[j] = dpr[j] = 0.0f;
+                continue;
+              }
+              for (int j = 0; j < cc.a; ++j) sr[j] = dpr[j] = 0.0f;
+              for (int j = cc.b; j < kn; ++j) sr[j] = dpr[j] = 0.0f;
+              const Vec vl = Vec::set1(lz), vd = Vec::set1(d_r[r]);
+              int j = cc.a;
+              for (; j + W <= cc.b; j += W) {
+                const Vec pv = exp(Vec::load(sr + j) - vl);
+                pv.store(sr + j);
+                Vec ds = pv * (Vec::load(dpr + j) - vd);
+                if (cap > 0.0f) ds = ds * Vec::load(dcr + j);
+                ds.store(dpr + j);
+              }
+              if (j < cc.b) {
+                const int n = cc.b - j;
+                const Vec pv = exp(Vec::load(sr + j, n) - vl);
+                pv.store(sr + j, n);
+                Vec ds = pv * (Vec::load(dpr + j, n) - vd);
+                if (cap > 0.0f) ds = ds * Vec::load(dcr + j, n);
+                ds.store(dpr + j, n);
+              }
+            }
+            // dV += P^T dO
+            for (int j = 0; j < kn; ++j)
+              for (int r = 0; r < mq; ++r) tr[j * BQ + r] = s[r * BK + j];
+            gemm<1>(kn, Dp, mq, tr, BQ, gp, Dp, dv_acc, Dp);
+            // dQ (partial, unscaled) += dS K
+            gemm<1>(mq, Dp, kn, dp, BK, kp, Dp, dqa + i0 * Dw, Dw);
+            // dK += dS^T Qs
+            for (int j = 0; j < kn; ++j)
+              for (int r = 0; r < mq; ++r) tr[j * BQ + r] = dp[r * BK + j];
+            gemm<1>(kn, Dp, mq, tr, BQ, qs, Dp, dk_acc, Dp);
+          }
+        }
+        for (int j = 0; j < kn; ++j) {
+          store_row(dk_acc + static_cast<int64_t>(j) * Dp, 1.0f, D, dkb + (j0 + j) * p.dk_row_stride);
+          store_row(dv_acc + static_cast<int64_t>(j) * Dp, 1.0f, D, dvb + (j0 + j) * p.dv_row_stride);
+        }
+      }
+    }
+  });
+
+  // Pass 3: dQ = scale * sum over chunks (in chunk order) of the partials.
+  parallel_for(0, static_cast<int64_t>(p.heads) * rows, 64, [&](int64_t begin, int64_t end) {
+    const Vec sc = Vec::set1(p.softmax_scale);
+    for (int64_t x = begin; x < end; ++x) {
+      const int h = static_cast<int>(x / rows);
+      const int64_t r = x % rows;
+      int b;
+      int64_t trow;
+      row_of(r, b, trow);
+      T* out = dQ + b * p.dq_batch_stride + trow * p.dq_row_stride + h * p.dq_head_stride;
+      const float* src = dq_acc + (static_cast<int64_t>(h) * rows + r) * Dw;
+      const int64_t cstride = static_cast<int64_t>(p.heads) * rows * Dw;
+      int d = 0;
+      for (; d + W <= D; d += W) {
+        Vec a = Vec::load(src + d);
+        for (int c = 1; c < nc; ++c) a = a + Vec::load(src + c * cstride + d);
+        (a * sc).store(out + d);
+      }
+      if (d < D) {
+        Vec a = Vec::load(src + d, D - d);
+        for (int c = 1; c < nc; ++c) a = a + Vec::load(src + c * cstride + d, D - d);
+        (a * sc).store(out + d, D - d);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void flash_attention_fwd_cpu(const AttentionParams& p) {
+  switch (p.dtype) {
+    case DType::f32: return fwd<float>(p);
+    case DType::bf16: return fwd<bf16_t>(p);
+    case DType::f16: return fwd<f16_t>(p);
+  }
+}
+
+void flash_attention_bwd_cpu(const AttentionBwdParams& p) {
+  switch (p.dtype) {
+    case DType::f32: return bwd<float>(p);
+    case DType::bf16: return bwd<bf16_t>(p);
+    case DType::f16: return bwd<f16_t>(p);
+  }
+}
+
+}  // namespace thrifty::cpu::THRIFTY_ISA_NS

@@ -1,0 +1,77 @@
+"""Fused attention benchmark: thrifty vs torch.nn.functional.scaled_dot_product_attention in
+the same run. FLOPs counted the FlashAttention way: forward 4 * b * s^2 * h * d (halved for
+causal), backward 2.5x the forward (so forward+backward is 3.5x).
+
+CPU: batch 1, 8 heads, seqlen 2048 and 8192, head_dim 64 and 128, causal and not; float32
+forward, bfloat16 forward, float32 forward+backward (quick: seqlen 2048 only).
+CUDA: head_dim 128, bfloat16, seqlen 1k..16k, causal and not (few cases).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import thrifty
+from thrifty.bench.common import Bench
+
+
+def _flops(b, s, h, d, causal):
+    f = 4.0 * b * s * s * h * d
+    return f / 2 if causal else f
+
+
+def _inputs(b, s, h, d, dtype, device, requires_grad=False):
+    # thrifty layout (b, s, h, d); torch's SDPA gets transposed views of the same data
+    q, k, v = (torch.randn(b, s, h, d, dtype=dtype, device=device, requires_grad=requires_grad) for _ in range(3))
+    return q, k, v
+
+
+def _cases(b, seqs, dims, causals, dtypes, kinds, bench: Bench):
+    dev = bench.device
+    for kind in kinds:
+        for dtype in dtypes:
+            if kind == "fwd+bwd" and dtype != torch.float32 and dev.type == "cpu":
+                continue
+            for s in seqs:
+                for d in dims:
+                    for causal in causals:
+                        h = 8 if dev.type == "cpu" else max(1, 2048 // d) if s <= 4096 else 16
+                        grad = kind == "fwd+bwd"
+                        q, k, v = _inputs(b, s, h, d, dtype, dev, grad)
+                        qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_(grad) for t in (q, k, v))
+                        flops = _flops(b, s, h, d, causal) * (3.5 if grad else 1.0)
+                        if grad:
+                            go = torch.randn_like(q)
+                            got = go.transpose(1, 2)
+
+                            def th(q=q, k=k, v=v, go=go, causal=causal):
+                                thrifty.ops.flash_attention(q, k, v, causal=causal).backward(go)
+                                q.grad = k.grad = v.grad = None
+
+                            def tt(q=qt, k=kt, v=vt, go=got, causal=causal):
+                                F.scaled_dot_product_attention(q, k, v, is_causal=causal).backward(go)
+                                q.grad = k.grad = v.grad = None
+                        else:
+                            def th(q=q, k=k, v=v, causal=causal):
+                                with torch.no_grad():
+                                    thrifty.ops.flash_attention(q, k, v, causal=causal)
+
+                            def tt(q=qt, k=kt, v=vt, causal=causal):
+                                with torch.no_grad():
+                                    F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                        bench.case(op=f"attention {kind}{' causal' if causal else ''}", shape=f"b{b} h{h} s{s} d{d}",
+                                   dtype=dtype, thrifty=th, torch_fn=tt, flops=flops,
+                                   baseline="torch SDPA")
+
+
+def run(device, quick: bool = False) -> Bench:
+    device = torch.device(device)
+    bench = Bench("attention", device)
+    if device.type == "cuda":
+        seqs = [1024, 4096] if quick else [1024, 4096, 16384]
+        _cases(1 if quick else 2, seqs, [128], [False, True], [torch.bfloat16], ["fwd", "fwd+bwd"], bench)
+        return bench
+    seqs = [2048] if quick else [2048, 8192]
+    _cases(1, seqs, [64, 128], [False, True], [torch.float32, torch.bfloat16], ["fwd"], bench)
+    _cases(1, seqs, [64, 128], [False, True], [torch.float32], ["fwd+bwd"], bench)
+    return bench

@@ -1,0 +1,80 @@
+"""Functional drop-ins for torch.nn.functional built on thrifty's fused ops."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from thrifty.ops.attention import flash_attention
+
+__all__ = ["scaled_dot_product_attention"]
+
+_NAME = "thrifty.nn.functional.scaled_dot_product_attention"
+
+
+def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                                 scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on thrifty's fused
+    kernel, with torch's layout and conventions.
+
+    Args:
+        query: (..., heads, L, E); key, value: (..., kv_heads, S, E) (3-D inputs mean one head).
+            value's last dim must equal E.
+        attn_mask: only None is fused; any mask is refused with a ValueError (no silent slow path).
+        is_causal: torch's convention: query i sees keys j <= i (top-left aligned, also when L != S).
+        scale: default 1/sqrt(E).
+        enable_gqa: as torch: heads may be a multiple of kv_heads (each kv head serves
+            heads // kv_heads consecutive query heads); without it they must be equal.
+    Returns:
+        (..., heads, L, E) in query's dtype (a transposed view of a contiguous (..., L, heads, E)).
+    Dropout is not supported (not in the signature).
+    """
+    if attn_mask is not None:
+        raise ValueError(f"{_NAME}: attn_mask cannot be fused into the kernel (only attn_mask=None, with or without "
+                         f"is_causal, is supported); got a mask of shape {tuple(attn_mask.shape)}. Express causal or "
+                         "sliding-window masks with is_causal or thrifty.ops.flash_attention(window=...).")
+    if query.dim() < 3 or key.dim() != query.dim() or value.dim() != query.dim():
+        raise ValueError(f"{_NAME}: query, key and value must have one rank >= 3, (..., heads, L, E); got shapes "
+                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+    if value.shape[-1] != query.shape[-1] or key.shape[-1] != query.shape[-1]:
+        raise ValueError(f"{_NAME}: key and value must have the embedding size E of query ({query.shape[-1]}), got "
+                         f"key {tuple(key.shape)}, value {tuple(value.shape)}")
+    if key.shape[:-1] != value.shape[:-1]:
+        raise ValueError(f"{_NAME}: key and value shapes differ: {tuple(key.shape)} vs {tuple(value.shape)}")
+    if query.dim() == 3:
+        q, k, v = query.unsqueeze(-3), key.unsqueeze(-3), value.unsqueeze(-3)
+    else:
+        q, k, v = query, key, value
+    lead = q.shape[:-3]
+    if k.shape[:-3] != lead:
+        raise ValueError(f"{_NAME}: batch dims of query {tuple(query.shape)} and key {tuple(key.shape)} differ")
+    hq, hk = q.shape[-3], k.shape[-3]
+    if hq != hk:
+        if not enable_gqa:
+            raise ValueError(f"{_NAME}: query has {hq} heads and key/value {hk}; pass enable_gqa=True for grouped-query "
+                             "attention")
+        if hk == 0 or hq % hk != 0:
+            raise ValueError(f"{_NAME}: query heads ({hq}) must be a multiple of key/value heads ({hk})")
+    L, S = q.shape[-2], k.shape[-2]
+    # to (batch, seq, heads, E) views (no copy: only the last dim needs unit stride)
+    nb = math.prod(lead)
+    q4 = q.reshape(nb, hq, L, q.shape[-1]).transpose(1, 2)
+    k4 = k.reshape(nb, hk, S, k.shape[-1]).transpose(1, 2)
+    v4 = v.reshape(nb, hk, S, v.shape[-1]).transpose(1, 2)
+    window = (-1, -1)
+    causal = False
+    if is_causal:
+        # torch aligns causal top-left: query i sees keys j <= i. thrifty aligns bottom-right
+        # (j <= i + S - L + right), so: L >= S is window right = L - S; L < S sees no key past
+        # L - 1, so the keys are cut to the first L and the diagonals coincide.
+        if L >= S:
+            window = (-1, L - S)
+        else:
+            k4, v4 = k4[:, :L], v4[:, :L]
+            causal = True
+    sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    out = flash_attention(q4, k4, v4, causal=causal, softmax_scale=sc, window=window)
+    out = out.transpose(1, 2)  # (batch, heads, L, E)
+    out = out.reshape(*lead, hq, L, q.shape[-1])
+    return out.squeeze(-3) if query.dim() == 3 else out

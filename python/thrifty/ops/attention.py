@@ -1,0 +1,154 @@
+"""Fused exact attention (FlashAttention-style), batched and varlen, with its backward.
+
+Forward, per batch b and head h (kv head ``h // (heads // kv_heads)``: GQA/MQA), never
+materialising the seqlen_q x seqlen_k matrix (tiles, online softmax, float32 accumulation)::
+
+    S   = softmax_scale * Q K^T                    (softmax_scale defaults to 1/sqrt(head_dim))
+    S   = softcap * tanh(S / softcap)              (if softcap > 0)
+    S[i, j] = -inf where key j is not visible to query i (see below)
+    lse = logsumexp(S, -1)                         (float32; returned with return_lse=True)
+    out = softmax(S) V                             (a row that sees no key: out 0, lse -inf)
+
+Visibility, aligned bottom-right (offset = seqlen_k - seqlen_q, so the last query sits at
+the last key, as for a chunk of new queries after a cached prefix)::
+
+    query i sees key j  iff  i + offset - window_left <= j <= i + offset + window_right
+
+with -1 meaning unbounded on that side; ``causal=True`` is ``window_right = 0``.
+
+Backward (recomputing the probabilities P = exp(S - lse) tile by tile), with
+D = rowsum(dO * out)::
+
+    dV = P^T dO
+    dP = dO V^T
+    dS = P * (dP - D)        (times 1 - tanh(S_raw / softcap)^2 under softcap)
+    dQ = softmax_scale * dS K
+    dK = softmax_scale * dS^T Q      (summed over the heads sharing a kv head)
+
+The lse output is not differentiable (it is marked so for autograd).
+On CPU the backward is deterministic (fixed split of work, fixed summation order); on CUDA
+``deterministic`` follows ``torch.are_deterministic_algorithms_enabled()``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from thrifty.ops._common import register_no_double_backward
+
+_ops = torch.ops.thrifty
+
+__all__ = ["flash_attention", "flash_attention_varlen"]
+
+
+def _window(window) -> tuple[int, int]:
+    try:
+        wl, wr = window
+    except (TypeError, ValueError):
+        raise ValueError(f"thrifty.flash_attention: 'window' must be a pair (left, right) of ints >= -1 (got {window!r})") from None
+    if isinstance(wl, bool) or isinstance(wr, bool) or not isinstance(wl, int) or not isinstance(wr, int):
+        raise ValueError(f"thrifty.flash_attention: 'window' must be a pair (left, right) of ints >= -1 (got {window!r})")
+    if wl < -1 or wr < -1:
+        raise ValueError(f"thrifty.flash_attention: 'window' values must be >= -1 (-1 = unbounded), got {window!r}")
+    return wl, wr
+
+
+def _scale(q: torch.Tensor, softmax_scale) -> float:
+    if softmax_scale is None:
+        d = q.shape[-1]
+        if d == 0:
+            raise ValueError("thrifty.flash_attention: head_dim must be >= 1 (got 0)")
+        return 1.0 / math.sqrt(d)
+    return float(softmax_scale)
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                    softmax_scale: float | None = None, window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                    return_lse: bool = False):
+    """Exact attention over batched sequences of one length.
+
+    Args:
+        q: (batch, seqlen_q, heads, head_dim); float32, bfloat16 or float16 (CPU),
+            bfloat16 or float16 (CUDA). Only the last dim needs unit stride.
+        k, v: (batch, seqlen_k, kv_heads, head_dim), q's dtype and device; heads must be a
+            multiple of kv_heads (GQA/MQA).
+        causal: mask keys after the bottom-right-aligned diagonal (window_right = 0).
+        softmax_scale: multiplies Q K^T; default 1/sqrt(head_dim).
+        window: (left, right) sliding window around the diagonal, -1 = unbounded.
+        softcap: if > 0, scores become softcap * tanh(scores / softcap).
+        return_lse: also return lse (batch, heads, seqlen_q) float32.
+    Returns:
+        out like q (contiguous), or (out, lse).
+    """
+    wl, wr = _window(window)
+    out, lse = _ops.flash_attention_fwd(q, k, v, None, None, q.shape[1] if q.dim() == 4 else 0,
+                                        k.shape[1] if k.dim() == 4 else 0, _scale(q, softmax_scale), bool(causal),
+                                        wl, wr, float(softcap))
+    return (out, lse) if return_lse else out
+
+
+def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                           cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
+                           softmax_scale: float | None = None, window: tuple[int, int] = (-1, -1),
+                           softcap: float = 0.0, return_lse: bool = False):
+    """Exact attention over packed sequences of different lengths (documents packed for
+    training, prompts batched for prefill).
+
+    Args:
+        q: (total_q, heads, head_dim); k, v: (total_k, kv_heads, head_dim).
+        cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,), starting at 0, non-decreasing:
+            sequence b is rows cu_seqlens_q[b]:cu_seqlens_q[b+1] of q and
+            cu_seqlens_k[b]:cu_seqlens_k[b+1] of k and v (zero-length sequences allowed).
+        max_seqlen_q, max_seqlen_k: the longest sequence lengths (upper bounds).
+        Keywords as in :func:`flash_attention`; masks align each sequence's own diagonal.
+    Returns:
+        out (total_q, heads, head_dim), or (out, lse) with lse (heads, total_q) float32.
+        Rows of q past cu_seqlens_q[-1] get out 0, lse -inf.
+    """
+    wl, wr = _window(window)
+    out, lse = _ops.flash_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                                        _scale(q, softmax_scale), bool(causal), wl, wr, float(softcap))
+    return (out, lse) if return_lse else out
+
+
+# ---- fake (shape-only) implementations: torch.compile and meta tensors ----
+@torch.library.register_fake("thrifty::flash_attention_fwd")
+def _flash_attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                              window_left, window_right, softcap):
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if cu_seqlens_q is None:
+        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    else:
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.register_fake("thrifty::flash_attention_bwd")
+def _flash_attention_bwd_fake(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                              softmax_scale, causal, window_left, window_right, softcap, deterministic):
+    cf = torch.contiguous_format
+    return (torch.empty_like(q, memory_format=cf), torch.empty_like(k, memory_format=cf),
+            torch.empty_like(v, memory_format=cf))
+
+
+# ---- autograd ----
+def _setup_fwd(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, wl, wr, softcap = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.args = (max_q, max_k, scale, causal, wl, wr, softcap)
+
+
+def _backward_fwd(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    max_q, max_k, scale, causal, wl, wr, softcap = ctx.args
+    deterministic = q.device.type == "cpu" or torch.are_deterministic_algorithms_enabled()
+    dq, dk, dv = _ops.flash_attention_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, wl, wr,
+                                          softcap, deterministic)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("thrifty::flash_attention_fwd", _backward_fwd, setup_context=_setup_fwd)
+register_no_double_backward("thrifty::flash_attention_bwd")

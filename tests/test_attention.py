@@ -1,0 +1,439 @@
+"""Fused attention: float64 references on odd shapes (GQA, causal both alignments, window,
+softcap, varlen with empty sequences), gradients, determinism, opcheck, compile, the SDPA
+drop-in, bad input, and the O(seqlen) memory bound."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import thrifty
+from reference import assert_close_to_ref
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+NEG_INF = float("-inf")
+
+
+def visible(sq, sk, causal=False, window=(-1, -1), device="cpu"):
+    """(sq, sk) bool: query i sees key j (bottom-right aligned)."""
+    wl, wr = window
+    if causal:
+        wr = 0
+    i = torch.arange(sq, device=device)[:, None]
+    j = torch.arange(sk, device=device)[None, :]
+    off = sk - sq
+    vis = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if wl >= 0:
+        vis &= j >= i + off - wl
+    if wr >= 0:
+        vis &= j <= i + off + wr
+    return vis
+
+
+def ref_attention(q, k, v, causal=False, window=(-1, -1), softcap=0.0, scale=None, dtype=torch.float64):
+    """Plain softmax(QK^T)V in `dtype` on (b, s, h, d) tensors; returns out (b, sq, h, d), lse (b, h, sq)."""
+    b, sq, h, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    qd, kd, vd = (t.to(dtype).transpose(1, 2) for t in (q, k, v))
+    kd = kd.repeat_interleave(h // hk, 1)
+    vd = vd.repeat_interleave(h // hk, 1)
+    s = (qd @ kd.transpose(-1, -2)) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~visible(sq, sk, causal, window, q.device), NEG_INF)
+    lse = torch.logsumexp(s.float() if dtype != torch.float64 else s, -1)
+    p = torch.softmax(s.float() if dtype != torch.float64 else s, -1).nan_to_num(0.0).to(dtype)
+    return (p @ vd).transpose(1, 2), lse
+
+
+def torch_lowp(q, k, v, causal=False, window=(-1, -1), softcap=0.0, scale=None):
+    """What stock PyTorch computes at q's dtype: its SDPA with the same mask (its error sets the bar)."""
+    if softcap > 0:
+        return ref_attention(q, k, v, causal, window, softcap, scale, dtype=q.dtype)[0]
+    b, sq, h, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    kt = kt.repeat_interleave(h // hk, 1)
+    vt = vt.repeat_interleave(h // hk, 1)
+    mask = visible(sq, sk, causal, window, q.device)
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).nan_to_num(0.0)
+
+
+def rand(*shape, dtype=torch.float32, device="cpu", scale=1.0):
+    return (torch.randn(*shape, device=device) * scale).to(dtype)
+
+
+# (batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, causal, window, softcap)
+CASES = [
+    (2, 1, 1, 4, 4, 64, False, (-1, -1), 0.0),
+    (1, 1, 255, 8, 1, 128, True, (-1, -1), 0.0),      # decode step: one query after a cache
+    (2, 17, 17, 4, 1, 40, False, (-1, -1), 0.0),       # MQA-like, head_dim 40
+    (1, 17, 255, 8, 2, 80, True, (-1, -1), 0.0),       # causal, seqlen_q < seqlen_k (bottom-right)
+    (1, 255, 17, 8, 1, 64, True, (-1, -1), 0.0),       # causal, seqlen_q > seqlen_k: early rows see nothing
+    (1, 255, 255, 2, 2, 256, False, (32, 7), 0.0),     # sliding window both sides, head_dim 256
+    (1, 130, 200, 4, 4, 128, False, (50, -1), 30.0),   # left window + softcap
+    (1, 70, 70, 8, 8, 64, True, (-1, -1), 5.0),        # causal + strong softcap
+    (1, 100, 100, 2, 2, 17, False, (-1, 0), 0.0),      # odd head_dim, window as causal
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward(cpu_isa, case, dtype, device):
+    b, sq, sk, h, hk, d, causal, window, softcap = case
+    q, k, v = rand(b, sq, h, d, dtype=dtype, device=device), rand(b, sk, hk, d, dtype=dtype, device=device), \
+        rand(b, sk, hk, d, dtype=dtype, device=device)
+    out, lse = thrifty.ops.flash_attention(q, k, v, causal=causal, window=window, softcap=softcap, return_lse=True)
+    assert out.dtype == dtype and out.shape == q.shape and lse.shape == (b, h, sq) and lse.dtype == torch.float32
+    ref, ref_lse = ref_attention(q, k, v, causal, window, softcap)
+    assert_close_to_ref(out, ref, torch_lowp(q, k, v, causal, window, softcap), atol=1e-5)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite), "lse must be -inf exactly for rows with no visible key"
+    assert (lse[~finite] == NEG_INF).all() and (out.transpose(1, 2)[~finite] == 0).all()
+    torch.testing.assert_close(lse[finite].double(), ref_lse[finite], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seqlen,d,gqa", [(1000, 64, 8), (1000, 128, 1)])
+def test_forward_long(seqlen, d, gqa):
+    q = rand(1, seqlen, 8, d)
+    k, v = rand(1, seqlen, 8 // gqa, d), rand(1, seqlen, 8 // gqa, d)
+    for causal in (False, True):
+        out = thrifty.ops.flash_attention(q, k, v, causal=causal)
+        assert_close_to_ref(out, ref_attention(q, k, v, causal)[0], torch_lowp(q, k, v, causal), atol=1e-5)
+
+
+def test_softmax_scale_and_large_scores():
+    q, k, v = rand(1, 33, 2, 64, scale=10.0), rand(1, 40, 2, 64, scale=10.0), rand(1, 40, 2, 64)
+    out = thrifty.ops.flash_attention(q, k, v, softmax_scale=0.5)
+    assert_close_to_ref(out, ref_attention(q, k, v, scale=0.5)[0], torch_lowp(q, k, v, scale=0.5), atol=1e-5)
+
+
+def test_strided_inputs_used_in_place():
+    base = rand(2, 50, 3, 8, 64)  # q, k, v interleaved as from a fused qkv projection
+    q, k, v = base[:, :, 0], base[:, :, 1], base[:, :, 2]
+    out = thrifty.ops.flash_attention(q, k, v, causal=True)
+    torch.testing.assert_close(out, ref_attention(q, k, v, True)[0].float(), atol=1e-5, rtol=1e-5)
+    qt = rand(2, 8, 50, 64).transpose(1, 2)  # (b, s, h, d) view of (b, h, s, d)
+    out = thrifty.ops.flash_attention(qt, k, v)
+    torch.testing.assert_close(out, ref_attention(qt, k, v)[0].float(), atol=1e-5, rtol=1e-5)
+
+
+def test_no_keys():
+    q = rand(2, 5, 4, 64)
+    k = v = rand(2, 0, 2, 64)
+    out, lse = thrifty.ops.flash_attention(q, k, v, return_lse=True)
+    assert (out == 0).all() and (lse == NEG_INF).all()
+
+
+# ---- varlen ----
+def _varlen_case(lens_q, lens_k, h, hk, d, dtype):
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32)
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32)
+    q = rand(int(cu_q[-1]), h, d, dtype=dtype)
+    k, v = rand(int(cu_k[-1]), hk, d, dtype=dtype), rand(int(cu_k[-1]), hk, d, dtype=dtype)
+    return q, k, v, cu_q, cu_k
+
+
+VARLEN = [
+    # lens_q, lens_k, heads, kv_heads, head_dim, causal, window, softcap
+    ([5, 0, 17, 64, 1], [5, 0, 17, 64, 1], 4, 2, 64, True, (-1, -1), 0.0),   # packed documents, one empty
+    ([3, 0, 40, 1], [30, 4, 40, 100], 8, 8, 80, True, (-1, -1), 0.0),        # prefill after cached prefixes
+    ([20, 7, 0], [20, 30, 9], 4, 1, 40, False, (8, 3), 10.0),
+]
+
+
+@pytest.mark.parametrize("case", VARLEN, ids=[str(i) for i in range(len(VARLEN))])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_varlen(cpu_isa, case, dtype):
+    lens_q, lens_k, h, hk, d, causal, window, softcap = case
+    q, k, v, cu_q, cu_k = _varlen_case(lens_q, lens_k, h, hk, d, dtype)
+    out, lse = thrifty.ops.flash_attention_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
+                                                  window=window, softcap=softcap, return_lse=True)
+    assert out.shape == q.shape and lse.shape == (h, q.shape[0])
+    refs, lows, ref_lses = [], [], []
+    for i in range(len(lens_q)):
+        qs, ks, vs = (t[c[i]:c[i + 1]].unsqueeze(0) for t, c in ((q, cu_q), (k, cu_k), (v, cu_k)))
+        r, rl = ref_attention(qs, ks, vs, causal, window, softcap)
+        refs.append(r[0])
+        ref_lses.append(rl[0])
+        lows.append(torch_lowp(qs, ks, vs, causal, window, softcap)[0] if qs.shape[1] and ks.shape[1] else r[0].to(dtype))
+    assert_close_to_ref(out, torch.cat(refs), torch.cat(lows), atol=1e-5)
+    ref_lse = torch.cat(ref_lses, 1)
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin)
+    torch.testing.assert_close(lse[fin].double(), ref_lse[fin], atol=2e-5, rtol=1e-5)
+
+
+def test_varlen_grad():
+    q, k, v, cu_q, cu_k = _varlen_case([9, 0, 30], [12, 5, 30], 4, 2, 64, torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    g = torch.randn_like(q)
+    thrifty.ops.flash_attention_varlen(q, k, v, cu_q, cu_k, 30, 30, causal=True).backward(g)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    outs = []
+    for i in range(3):
+        qs, ks, vs = (t[c[i]:c[i + 1]].unsqueeze(0) for t, c in ((q64, cu_q), (k64, cu_k), (v64, cu_k)))
+        outs.append(ref_attention(qs, ks, vs, True)[0][0])
+    (torch.cat(outs) * g.double()).sum().backward()
+    for got, ref in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-4)
+
+
+# ---- gradients ----
+GRAD_CASES = [
+    (2, 17, 17, 4, 4, 64, False, (-1, -1), 0.0),
+    (1, 40, 100, 8, 2, 80, True, (-1, -1), 0.0),
+    (1, 100, 30, 4, 1, 40, True, (-1, -1), 0.0),
+    (1, 90, 90, 2, 2, 128, False, (20, 5), 20.0),
+    (1, 1, 70, 8, 1, 256, False, (-1, -1), 0.0),
+]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=[str(i) for i in range(len(GRAD_CASES))])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward(cpu_isa, case, dtype, device):
+    b, sq, sk, h, hk, d, causal, window, softcap = case
+    q = rand(b, sq, h, d, dtype=dtype, device=device).requires_grad_()
+    k = rand(b, sk, hk, d, dtype=dtype, device=device).requires_grad_()
+    v = rand(b, sk, hk, d, dtype=dtype, device=device).requires_grad_()
+    g = rand(b, sq, h, d, dtype=dtype, device=device)
+    thrifty.ops.flash_attention(q, k, v, causal=causal, window=window, softcap=softcap).backward(g)
+
+    def run_ref(cast):
+        qs, ks, vs = (t.detach().to(cast).requires_grad_() for t in (q, k, v))
+        if cast == torch.float64:
+            out = ref_attention(qs, ks, vs, causal, window, softcap)[0]
+        else:
+            out = torch_lowp(qs, ks, vs, causal, window, softcap)
+        (out * g.to(cast)).sum().backward()
+        return qs.grad, ks.grad, vs.grad
+
+    for got, ref, low, name in zip((q.grad, k.grad, v.grad), run_ref(torch.float64), run_ref(dtype), "qkv"):
+        assert got.dtype == dtype and got.shape == ref.shape
+        assert_close_to_ref(got, ref, low, atol=1e-4, name=f"d{name}")
+
+
+def test_backward_deterministic():
+    q = rand(1, 300, 8, 64).requires_grad_()
+    k = rand(1, 300, 2, 64).requires_grad_()
+    v = rand(1, 300, 2, 64).requires_grad_()
+    g = torch.randn_like(q)
+    outs = []
+    prev = torch.get_num_threads()
+    for threads in (1, 2, 2):
+        torch.set_num_threads(threads)
+        try:
+            q.grad = k.grad = v.grad = None
+            thrifty.ops.flash_attention(q, k, v, causal=True).backward(g)
+            outs.append((q.grad.clone(), k.grad.clone(), v.grad.clone()))
+        finally:
+            torch.set_num_threads(prev)
+    for o in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], o))
+
+
+def test_lse_not_differentiable():
+    q, k, v = (rand(1, 5, 2, 64).requires_grad_() for _ in range(3))
+    out, lse = thrifty.ops.flash_attention(q, k, v, return_lse=True)
+    assert out.requires_grad and not lse.requires_grad
+
+
+# ---- opcheck / compile ----
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck(dtype):
+    q, k, v = rand(2, 9, 4, 64, dtype=dtype), rand(2, 13, 2, 64, dtype=dtype), rand(2, 13, 2, 64, dtype=dtype)
+    for t in (q, k, v):
+        t.requires_grad_()
+    args = (q, k, v, None, None, 9, 13, 0.125, True, -1, -1, 0.0)
+    torch.library.opcheck(torch.ops.thrifty.flash_attention_fwd, args)
+    out, lse = torch.ops.thrifty.flash_attention_fwd(*args)
+    g = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.thrifty.flash_attention_bwd,
+                          (g, q.detach(), k.detach(), v.detach(), out.detach(), lse, None, None, 9, 13, 0.125, True,
+                           -1, -1, 0.0, True))
+    qv, kv, vv, cu_q, cu_k = _varlen_case([4, 0, 7], [6, 2, 7], 4, 2, 64, dtype)
+    for t in (qv, kv, vv):
+        t.requires_grad_()
+    vargs = (qv, kv, vv, cu_q, cu_k, 7, 7, 0.125, False, 3, 2, 0.0)
+    torch.library.opcheck(torch.ops.thrifty.flash_attention_fwd, vargs)
+    out, lse = torch.ops.thrifty.flash_attention_fwd(*vargs)
+    torch.library.opcheck(torch.ops.thrifty.flash_attention_bwd,
+                          (torch.randn_like(out), qv.detach(), kv.detach(), vv.detach(), out.detach(), lse, cu_q, cu_k,
+                           7, 7, 0.125, False, 3, 2, 0.0, True))
+
+
+def test_torch_compile_fullgraph():
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(q, k, v, cu_q, cu_k):
+        a = thrifty.ops.flash_attention(q, k, v, causal=True, window=(8, -1))
+        b = thrifty.ops.flash_attention_varlen(q[0], k[0], v[0], cu_q, cu_k, 12, 12, causal=True)
+        c = thrifty.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                               v.transpose(1, 2), is_causal=True, enable_gqa=True)
+        return a.sum() + b.sum() + c.sum()
+
+    q = rand(1, 20, 4, 64).requires_grad_()
+    k = rand(1, 20, 2, 64).requires_grad_()
+    v = rand(1, 20, 2, 64).requires_grad_()
+    cu = torch.tensor([0, 8, 20], dtype=torch.int32)
+    out = f(q, k, v, cu, cu)
+    out.backward()
+    with torch.no_grad():
+        ref = (thrifty.ops.flash_attention(q, k, v, causal=True, window=(8, -1)).sum()
+               + thrifty.ops.flash_attention_varlen(q[0], k[0], v[0], cu, cu, 12, 12, causal=True).sum()
+               + thrifty.ops.flash_attention(q, k, v, causal=True).sum())
+    torch.testing.assert_close(out, ref)
+    assert q.grad is not None and k.grad is not None
+
+
+# ---- SDPA drop-in ----
+@pytest.mark.parametrize("L,S", [(1, 1), (17, 17), (9, 40), (40, 9), (0, 5)])
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("gqa", [False, True])
+def test_sdpa_drop_in(L, S, is_causal, gqa):
+    q = torch.randn(2, 8, L, 64)
+    k, v = torch.randn(2, 2 if gqa else 8, S, 64), torch.randn(2, 2 if gqa else 8, S, 64)
+    got = thrifty.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=gqa)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=gqa)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_drop_in_scale_3d_and_grad():
+    q, k, v = (torch.randn(3, 11, 32, requires_grad=True) for _ in range(3))
+    got = thrifty.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3)
+    ref = F.scaled_dot_product_attention(q, k, v, scale=0.3)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(got)
+    gq = torch.autograd.grad(got, q, g)[0]
+    rq = torch.autograd.grad(ref, q, g)[0]
+    torch.testing.assert_close(gq, rq, atol=1e-5, rtol=1e-4)
+
+
+def test_sdpa_refuses_masks():
+    q = torch.randn(1, 2, 4, 16)
+    with pytest.raises(ValueError, match="attn_mask cannot be fused"):
+        thrifty.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="enable_gqa=True"):
+        thrifty.nn.functional.scaled_dot_product_attention(q, q[:, :1], q[:, :1])
+
+
+# ---- bad input ----
+def _fa(**kw):
+    a = dict(q=rand(1, 4, 4, 64), k=rand(1, 4, 2, 64), v=rand(1, 4, 2, 64))
+    a.update(kw)
+    return lambda: thrifty.ops.flash_attention(a["q"], a["k"], a["v"], **{x: y for x, y in kw.items() if x not in "qkv"})
+
+
+def _fv(cu_q=None, cu_k=None, max_q=4, max_k=4, q=None):
+    q = rand(8, 4, 64) if q is None else q
+    k, v = rand(8, 2, 64), rand(8, 2, 64)
+    cu = torch.tensor([0, 4, 8], dtype=torch.int32)
+    return lambda: thrifty.ops.flash_attention_varlen(q, k, v, cu if cu_q is None else cu_q, cu if cu_k is None else cu_k,
+                                                      max_q, max_k)
+
+
+BAD = [
+    (_fa(k=rand(1, 4, 3, 64), v=rand(1, 4, 3, 64)), ValueError, r"heads of 'q' \(4\) must be a positive multiple of the kv_heads"),
+    (_fa(q=rand(1, 4, 4, 300), k=rand(1, 4, 2, 300), v=rand(1, 4, 2, 300)), ValueError, r"head_dim must be in \[1, 256\]"),
+    (_fa(k=rand(1, 4, 2, 32), v=rand(1, 4, 2, 32)), ValueError, "must have the head_dim of 'q'"),
+    (_fa(v=rand(1, 5, 2, 64)), ValueError, "'v' must have the same shape as 'k'"),
+    (_fa(q=rand(1, 4, 4, 64, dtype=torch.float64)), TypeError, "'q' must have dtype"),
+    (_fa(k=rand(1, 4, 2, 64, dtype=torch.bfloat16)), TypeError, "'k' must have the same dtype as 'q'"),
+    (_fa(q=rand(4, 4, 64)), ValueError, "'q' must be 4-D"),
+    (_fa(k=rand(2, 4, 2, 64), v=rand(2, 4, 2, 64)), ValueError, "batch size of 'q'"),
+    (_fa(window=(-2, 0)), ValueError, "'window' values must be >= -1"),
+    (_fa(window=(1,)), ValueError, "'window' must be a pair"),
+    (_fa(softcap=-1.0), ValueError, "'softcap' must be finite and >= 0"),
+    (_fa(softmax_scale=float("nan")), ValueError, "'softmax_scale' must be finite and > 0"),
+    (_fa(softmax_scale=0.0), ValueError, "'softmax_scale' must be finite and > 0"),
+    (_fv(cu_q=torch.tensor([0, 4, 8], dtype=torch.int64)), TypeError, "'cu_seqlens_q' must have dtype Int"),
+    (_fv(cu_k=torch.tensor([0, 5, 4], dtype=torch.int32), max_k=8), ValueError, "'cu_seqlens_k' must be non-decreasing"),
+    (_fv(cu_q=torch.tensor([1, 4, 8], dtype=torch.int32)), ValueError, "'cu_seqlens_q' must start at 0"),
+    (_fv(cu_q=torch.tensor([0, 4, 9], dtype=torch.int32), max_q=5), ValueError, "ends at 9, past the 8 rows"),
+    (_fv(cu_k=torch.tensor([0, 8], dtype=torch.int32), max_k=8), ValueError, "'cu_seqlens_k' must have batch \\+ 1 = 3"),
+    (_fv(cu_q=torch.tensor([[0, 4, 8]], dtype=torch.int32)), ValueError, "'cu_seqlens_q' must be 1-D"),
+    (_fv(max_q=3), ValueError, "has length 4, more than 'max_seqlen_q' = 3"),
+    (_fv(q=rand(1, 8, 4, 64)), ValueError, "'q' must be 3-D"),
+    (lambda: torch.ops.thrifty.flash_attention_fwd(rand(8, 4, 64), rand(8, 2, 64), rand(8, 2, 64),
+                                                   torch.tensor([0, 8], dtype=torch.int32), None, 8, 8, 0.1, False,
+                                                   -1, -1, 0.0), ValueError, "must both be given"),
+    (lambda: torch.ops.thrifty.flash_attention_bwd(rand(1, 4, 4, 64), rand(1, 4, 4, 64), rand(1, 4, 2, 64),
+                                                   rand(1, 4, 2, 64), rand(1, 4, 4, 64), torch.zeros(1, 4, 3), None,
+                                                   None, 4, 4, 0.1, False, -1, -1, 0.0, True),
+     ValueError, r"'lse' must have shape \(batch, heads, seqlen_q\)"),
+    (lambda: torch.ops.thrifty.flash_attention_bwd(rand(1, 4, 4, 64), rand(1, 4, 4, 64), rand(1, 4, 2, 64),
+                                                   rand(1, 4, 2, 64), rand(1, 4, 4, 32), torch.zeros(1, 4, 4), None,
+                                                   None, 4, 4, 0.1, False, -1, -1, 0.0, True),
+     ValueError, "'out' must have the same shape as 'q'"),
+]
+
+
+@pytest.mark.parametrize("i", range(len(BAD)))
+def test_bad_input(i):
+    fn, exc, msg = BAD[i]
+    with pytest.raises(exc, match=msg):
+        fn()
+
+
+@pytest.mark.cuda
+def test_device_mismatch():
+    with pytest.raises(RuntimeError, match="'k' must be on the same device"):
+        thrifty.ops.flash_attention(rand(1, 4, 2, 64, device="cuda"), rand(1, 4, 2, 64), rand(1, 4, 2, 64))
+
+
+# ---- memory: O(seqlen), never O(seqlen^2) ----
+_MEM_SCRIPT = textwrap.dedent("""
+    import sys, torch, thrifty
+    def hwm():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    s, causal, wl = int(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3])
+    q, k, v = (torch.randn(1, s, 8, 64, requires_grad=True) for _ in range(3))
+    g = torch.randn(1, s, 8, 64)
+    base = hwm()
+    out = thrifty.ops.flash_attention(q, k, v, causal=causal, window=(wl, -1))
+    out.backward(g)
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+    print(hwm() - base)
+""")
+
+
+def _peak_growth(seqlen, causal, window_left):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    res = subprocess.run([sys.executable, "-c", _MEM_SCRIPT, str(seqlen), "1" if causal else "0", str(window_left)],
+                         capture_output=True, text=True, env=env, timeout=3600)
+    assert res.returncode == 0, res.stderr
+    return int(res.stdout.strip().splitlines()[-1])
+
+
+def _memory_bound(seqlen):
+    # inputs, out, grads and the backward's float32 accumulators: a few dozen (seqlen, 8, 64)
+    # float32 tensors; one float32 score matrix for ONE head alone would be seqlen^2 * 4 bytes.
+    io = seqlen * 8 * 64 * 4
+    return 24 * io + (64 << 20)
+
+
+def test_memory_seqlen_32k_windowed():
+    """seqlen 32768 forward and backward (sliding window: cheap to run); the kernels' memory
+    does not depend on the mask, so this bounds the dense case's memory as well."""
+    s = 32768
+    growth = _peak_growth(s, True, 256)
+    assert growth < _memory_bound(s) < s * s * 4, f"peak RSS grew {growth / 2**20:.0f} MiB"
+
+
+@pytest.mark.slow
+def test_memory_seqlen_32k_dense():
+    """The issue's case as stated: seqlen 32768, batch 1, 8 heads, dim 64, float32, dense causal
+    forward + backward (minutes on 2 cores)."""
+    s = 32768
+    growth = _peak_growth(s, True, -1)
+    assert growth < _memory_bound(s) < s * s * 4, f"peak RSS grew {growth / 2**20:.0f} MiB"

@@ -1,0 +1,158 @@
+"""linear_cross_entropy: against F.cross_entropy(hidden @ W.T) in float64 for every reduction
+(gradients of "none" included), ignore_index, label smoothing, softcap, float32 and bfloat16,
+chunking, opcheck, torch.compile, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import thrifty
+from reference import assert_close_to_ref
+
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+def make(T, H, V, dtype, device, ignore_frac=0.2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(T, H, generator=g) * 1.5).to(dtype).to(device)
+    w = (torch.randn(V, H, generator=g) / H ** 0.5 * 2).to(dtype).to(device)
+    y = torch.randint(0, V, (T,), generator=g)
+    y[torch.rand(T, generator=g) < ignore_frac] = -100
+    return h, w, y.to(device)
+
+
+def torch_loss(h, w, y, reduction, label_smoothing=0.0, softcap=0.0, ignore_index=-100):
+    z = h @ w.T
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    return F.cross_entropy(z, y, reduction=reduction, label_smoothing=label_smoothing, ignore_index=ignore_index)
+
+
+def run(fn, h, w, y, gout, **kw):
+    h = h.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    loss = fn(h, w, y, **kw)
+    (loss.double() * gout).sum().backward()
+    return loss.detach(), h.grad, w.grad
+
+
+LS_CAP = dict(label_smoothing=0.25, softcap=2.5)
+GRID = [((37, 24, 101), 8, {}), ((37, 24, 101), 8, dict(label_smoothing=0.1)), ((37, 24, 101), 8, dict(softcap=4.0)),
+        ((64, 65, 1000), 0, LS_CAP), ((5, 16, 7), 2, {}), ((5, 16, 7), 2, LS_CAP)]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,chunk,opts", GRID,
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else
+                         ("-".join(f"{k}{x}" for k, x in v.items()) or "plain") if isinstance(v, dict) else f"c{v}")
+def test_against_torch(cpu_isa, device, reduction, dtype, shape, chunk, opts):
+    T, H, V = shape
+    h, w, y = make(T, H, V, dtype, device)
+    gout = torch.randn(T if reduction == "none" else (), dtype=torch.float64, device=device)
+    ours = run(thrifty.ops.linear_cross_entropy, h, w, y, gout, reduction=reduction, chunk_size=chunk, **opts)
+    ref = run(torch_loss, h.double(), w.double(), y, gout, reduction=reduction, **opts)
+    lowp = run(torch_loss, h, w, y, gout, reduction=reduction, **opts)
+    assert ours[0].dtype == dtype
+    for name, a, r, l in zip(("loss", "grad_hidden", "grad_weight"), ours, ref, lowp):
+        if dtype == torch.float32:
+            scale = r.abs().max().item() + 1e-6
+            assert (a.double() - r).abs().max().item() <= 2e-5 * scale + 1e-6, name
+        else:
+            assert_close_to_ref(a, r, l, factor=2.0, atol=1e-3 * (r.abs().max().item() + 1e-3), name=name)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_ignore_index_and_leading_dims(reduction):
+    h, w, y = make(2 * 9, 32, 50, torch.float32, "cpu", ignore_frac=0.4)
+    y[y == -100] = 7
+    y[::3] = 3  # ignore the label 3 instead of -100
+    h3, y2 = h.view(2, 9, 32), y.view(2, 9)
+    gout = torch.randn(y2.shape if reduction == "none" else (), dtype=torch.float64)
+    ours = run(thrifty.ops.linear_cross_entropy, h3, w, y2, gout, reduction=reduction, ignore_index=3)
+    ref = run(lambda a, b, c, **k: torch_loss(a.reshape(-1, 32), b, c.reshape(-1), **k).reshape(
+        c.shape if reduction == "none" else ()), h3.double(), w.double(), y2, gout, reduction=reduction,
+        ignore_index=3)
+    assert ours[0].shape == ref[0].shape
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a.double(), r, rtol=2e-5, atol=1e-6)
+
+
+def test_all_ignored_matches_torch():
+    h, w, _ = make(6, 8, 11, torch.float32, "cpu")
+    y = torch.full((6,), -100)
+    loss, gh, gw = run(thrifty.ops.linear_cross_entropy, h, w, y, torch.tensor(1.0, dtype=torch.float64))
+    assert torch.isnan(loss) and torch.equal(gh, torch.zeros_like(gh)) and torch.equal(gw, torch.zeros_like(gw))
+
+
+def test_no_grad_forward_and_weight_only_grad():
+    h, w, y = make(20, 16, 30, torch.float32, "cpu")
+    with torch.no_grad():
+        a = thrifty.ops.linear_cross_entropy(h, w, y)
+    torch.testing.assert_close(a, torch_loss(h, w, y, "mean"))
+    w2 = w.clone().requires_grad_()
+    thrifty.ops.linear_cross_entropy(h, w2, y, reduction="sum").backward()
+    w3 = w.clone().requires_grad_()
+    torch_loss(h, w3, y, "sum").backward()
+    torch.testing.assert_close(w2.grad, w3.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(dtype, device):
+    h, w, y = make(13, 24, 40, dtype, device)
+    h.requires_grad_()
+    w.requires_grad_()
+    for red in (0, 1, 2):
+        torch.library.opcheck(torch.ops.thrifty.linear_cross_entropy, (h, w, y, -100, red, 0.1, 3.0, 4))
+    hd, wd = h.detach(), w.detach()
+    _, lse = torch.ops.thrifty.linear_cross_entropy(hd, wd, y, -100, 0, 0.0, 0.0, 0)
+    torch.library.opcheck(torch.ops.thrifty.linear_cross_entropy_backward,
+                          (torch.randn(13, device=device), hd, wd, y, lse, -100, 0, 0.0, 0.0, 7))
+    torch.library.opcheck(torch.ops.thrifty.linear_cross_entropy_backward,
+                          (torch.tensor(2.0, device=device), hd, wd, y, lse, -100, 1, 0.1, 2.0, 0))
+
+
+def test_torch_compile_fullgraph():
+    h, w, y = make(16, 32, 64, torch.float32, "cpu")
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(h, w, y):
+        return thrifty.ops.linear_cross_entropy(h * 2, w, y, label_smoothing=0.1)
+
+    hc, wc = h.clone().requires_grad_(), w.clone().requires_grad_()
+    f(hc, wc, y).backward()
+    he, we = h.clone().requires_grad_(), w.clone().requires_grad_()
+    thrifty.ops.linear_cross_entropy(he * 2, we, y, label_smoothing=0.1).backward()
+    torch.testing.assert_close(hc.grad, he.grad)
+    torch.testing.assert_close(wc.grad, we.grad)
+
+
+BAD = [
+    (lambda h, w, y: (h, w.double(), y), {}, TypeError, "'weight' must have the same dtype as 'hidden'"),
+    (lambda h, w, y: (h.long(), w, y), {}, TypeError, "'hidden' must have dtype Float, BFloat16 or Half"),
+    (lambda h, w, y: (h, w, y.int()), {}, TypeError, "'labels' must have dtype Long"),
+    (lambda h, w, y: (h, w[:, :-1], y), {}, ValueError, "'weight' must have size 16 in dimension 1"),
+    (lambda h, w, y: (h, w, y[:-1]), {}, ValueError, "'labels' must have the leading dims of 'hidden'"),
+    (lambda h, w, y: (h, w, y.clone().fill_(30)), {}, ValueError, r"'labels' must be in \[0, 30\)"),
+    (lambda h, w, y: (h, w, y.clone().fill_(-5)), {}, ValueError, r"labels\[0\] = -5"),
+    (lambda h, w, y: (h, w, y), dict(reduction="avg"), ValueError, "'reduction' must be 'mean', 'sum' or 'none'"),
+    (lambda h, w, y: (h, w, y), dict(label_smoothing=1.5), ValueError, r"'label_smoothing' must be in \[0, 1\]"),
+    (lambda h, w, y: (h, w, y), dict(softcap=-1.0), ValueError, "'softcap' must be finite and >= 0"),
+    (lambda h, w, y: (h, w[:0], y), {}, ValueError, "'weight' must have at least one row"),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=lambda c: c[3][:40])
+def test_bad_input(case):
+    make_args, kw, exc, msg = case
+    h, w, y = make(6, 16, 30, torch.float32, "cpu", ignore_frac=0.0)
+    with pytest.raises(exc, match=msg):
+        thrifty.ops.linear_cross_entropy(*make_args(h, w, y), **kw)
+
+
+@pytest.mark.cuda
+def test_cuda_device_mismatch():
+    h, w, y = make(6, 16, 30, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="'weight' must be on the same device"):
+        thrifty.ops.linear_cross_entropy(h, w.cuda(), y)

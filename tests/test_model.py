@@ -1,0 +1,244 @@
+"""thrifty.models.Llama against Hugging Face transformers (skipped without it): checkpoints in and
+out, logits (float32 and bfloat16), loss and gradients, greedy generation, packed documents,
+the KV cache, patch_hf; config parsing and its errors; presets."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import thrifty
+from thrifty.models import ConfigError, Llama, LlamaConfig, PRESETS
+from reference import assert_close_to_ref
+
+SMALL = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, vocab_size=211,
+             max_position_embeddings=128)
+# name -> (transformers config class, causal LM class, extra config fields)
+CASES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=4)),
+    "gqa": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2, rope_theta=500000.0)),
+    "qwen2_bias": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2)),
+    "tied": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    "llama3_rope": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=32), max_position_embeddings=256)),
+    "mistral_window": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=6)),
+}
+
+
+def hf_model(name, seed=0):
+    transformers = pytest.importorskip("transformers")
+    cfg_cls, lm_cls, extra = CASES[name]
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, cfg_cls)(**{**SMALL, **extra}, attn_implementation="sdpa")
+    model = getattr(transformers, lm_cls)(cfg).eval()
+    with torch.no_grad():  # non-trivial norms and biases
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight") or n.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def saved(request, tmp_path_factory):
+    hf = hf_model(request.param)
+    tmp = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(tmp / "hf")
+    return request.param, hf, tmp
+
+
+@pytest.fixture
+def case(saved):
+    name, hf, tmp = saved
+    return name, copy.deepcopy(hf), tmp
+
+
+def test_load_logits_float32(case):
+    name, hf, tmp = case
+    ours = Llama.from_pretrained(tmp / "hf", dtype=torch.float32)
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 17))
+    with torch.no_grad():
+        assert rel_err(ours(ids), hf(ids).logits) <= 1e-4
+
+
+def test_loss_and_gradients(case):
+    name, hf, tmp = case
+    ours = Llama.from_pretrained(tmp / "hf", dtype=torch.float32).train()
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 15))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    hf.train()
+    l_hf = hf(ids, labels=labels).loss
+    l_ours = ours(ids, labels=labels)
+    assert abs(l_hf.item() - l_ours.item()) <= 1e-5 * abs(l_hf.item())
+    l_hf.backward()
+    l_ours.backward()
+    ref = dict(hf.named_parameters())
+    for n, p in ours.named_parameters():
+        g, gr = p.grad, ref[n].grad
+        assert (g - gr).abs().max().item() <= 1e-4 * gr.abs().max().item() + 1e-7, n
+
+
+def test_greedy_generation_identical(case):
+    name, hf, tmp = case
+    ours = Llama.from_pretrained(tmp / "hf", dtype=torch.float32)
+    ids = torch.randint(0, SMALL["vocab_size"], (1, 7))
+    want = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    got = ours.generate(ids, max_new_tokens=12, temperature=0.0, eos_token_id=[])
+    assert torch.equal(got, want)
+
+
+def test_bfloat16_within_torch_error(case):
+    name, hf, tmp = case
+    ours = Llama.from_pretrained(tmp / "hf", dtype=torch.bfloat16)
+    assert ours.lm_head.weight.dtype == torch.bfloat16
+    hf16 = copy.deepcopy(hf).to(torch.bfloat16)
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 17))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        assert_close_to_ref(ours(ids), ref, hf16(ids).logits, factor=2.0, atol=1e-2, name="bf16 logits")
+
+
+def test_save_then_transformers_loads(case):
+    name, hf, tmp = case
+    transformers = pytest.importorskip("transformers")
+    ours = Llama.from_pretrained(tmp / "hf", dtype=torch.float32)
+    ours.save_pretrained(tmp / "ours")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp / "ours", dtype=torch.float32).eval()
+    assert type(back).__name__ == type(hf).__name__
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 11))
+    with torch.no_grad():
+        assert rel_err(back(ids).logits, ours(ids)) <= 1e-4
+
+
+def test_patch_hf_keeps_logits_and_gradients(case):
+    name, hf, tmp = case
+    patched = thrifty.patch_hf(copy.deepcopy(hf))
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 13))
+    with torch.no_grad():
+        assert rel_err(patched(ids).logits, hf(ids).logits) <= 1e-4
+    hf.train()
+    patched.train()
+    l_ref, l_p = hf(ids, labels=ids).loss, patched(ids, labels=ids).loss
+    assert abs(l_ref.item() - l_p.item()) <= 1e-5 * l_ref.item()
+    l_ref.backward()
+    l_p.backward()
+    for (n, a), (_, b) in zip(hf.named_parameters(), patched.named_parameters()):
+        assert (a.grad - b.grad).abs().max().item() <= 1e-4 * a.grad.abs().max().item() + 1e-7, n
+
+
+def test_patch_hf_uses_thrifty_attention(monkeypatch):
+    import thrifty.models.patch as P
+    calls = []
+    orig = P.attend
+    monkeypatch.setattr(P, "attend", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    model = thrifty.patch_hf(hf_model("gqa"))
+    model(torch.randint(0, SMALL["vocab_size"], (1, 9)))
+    assert len(calls) == SMALL["num_hidden_layers"]
+    with pytest.raises(TypeError, match="model must be one of"):
+        thrifty.patch_hf(torch.nn.Linear(2, 2))
+
+
+# ---- without transformers ----
+def tiny(**kw):
+    cfg = LlamaConfig(**{**SMALL, "num_key_value_heads": 2, **kw})
+    torch.manual_seed(0)
+    return Llama(cfg).init_weights(0.05).eval()
+
+
+def test_kv_cache_decode_matches_full_forward():
+    m = tiny()
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 12))
+    full = m(ids)
+    from thrifty.models import KVCache
+    cache = KVCache(2, 2, 16, 2, 16, torch.float32)
+    steps = [m(ids[:, :8], cache=cache)] + [m(ids[:, i:i + 1], cache=cache) for i in range(8, 12)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_documents_match_separate():
+    m = tiny()
+    a, b = torch.randint(0, SMALL["vocab_size"], (7,)), torch.randint(0, SMALL["vocab_size"], (5,))
+    cu = torch.tensor([0, 7, 12], dtype=torch.int32)
+    packed = m(torch.cat([a, b]), cu_seqlens=cu)
+    torch.testing.assert_close(packed, torch.cat([m(a[None])[0], m(b[None])[0]]), rtol=1e-5, atol=1e-5)
+    loss = m(torch.cat([a, b]), labels=torch.cat([a, b]), cu_seqlens=cu)
+    la, lb = m(a[None], labels=a[None]), m(b[None], labels=b[None])
+    torch.testing.assert_close(loss, (la * 6 + lb * 4) / 10)
+
+
+def test_sampling_and_eos():
+    m = tiny()
+    ids = torch.randint(0, SMALL["vocab_size"], (3, 4))
+    g = torch.Generator().manual_seed(0)
+    out = m.generate(ids, max_new_tokens=5, temperature=0.8, top_k=20, top_p=0.9, generator=g)
+    assert out.shape == (3, 9) and torch.equal(out[:, :4], ids)
+    first = m.generate(ids[:1], max_new_tokens=1)[0, -1].item()
+    stop = m.generate(ids[:1], max_new_tokens=10, eos_token_id=first)
+    assert stop.shape == (1, 5)
+
+
+def test_sharded_round_trip(tmp_path):
+    m = tiny(tie_word_embeddings=False)
+    m.save_pretrained(tmp_path, max_shard_size=40_000)
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    back = Llama.from_pretrained(tmp_path)
+    ids = torch.randint(0, SMALL["vocab_size"], (1, 9))
+    torch.testing.assert_close(back(ids), m(ids))
+
+
+def _write_cfg(tmp_path, **fields):
+    base = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **SMALL}
+    (tmp_path / "config.json").write_text(json.dumps({**base, **fields}))
+    return LlamaConfig.from_json(tmp_path)
+
+
+def test_config_old_and_new_rope_fields(tmp_path):
+    scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
+    old = _write_cfg(tmp_path, rope_theta=5e5, rope_scaling={"type": "llama3", **scaling})
+    new = _write_cfg(tmp_path, rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, **scaling})
+    assert old.rope_theta == new.rope_theta == 5e5
+    assert old.rope_scaling == new.rope_scaling == {"rope_type": "llama3", **scaling}
+    plain = _write_cfg(tmp_path, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    assert plain.rope_theta == 1e6 and plain.rope_scaling is None
+    d = new.to_dict()
+    assert d["rope_parameters"]["rope_type"] == "llama3" and d["architectures"] == ["LlamaForCausalLM"]
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(model_type="gpt2", architectures=["GPT2LMHeadModel"]), "'model_type' = 'gpt2'"),
+    (dict(architectures=["LlamaForSequenceClassification"]), "'architectures'"),
+    (dict(hidden_act="gelu"), "'hidden_act' = 'gelu'"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}), "rope_type 'yarn'"),
+    (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_type 'dynamic'"),
+    (dict(num_key_value_heads=3), "'num_key_value_heads' = 3"),
+    (dict(quantization_config={"quant_method": "gptq"}), "'quantization_config'"),
+    (dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], use_sliding_window=True), "'use_sliding_window'"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "lacks 'low_freq_factor'"),
+])
+def test_config_errors_name_the_field(tmp_path, fields, match):
+    with pytest.raises(ConfigError, match=match):
+        _write_cfg(tmp_path, **fields)
+
+
+def test_presets():
+    assert set(PRESETS) >= {"tiny", "small"}
+    t, s = LlamaConfig.preset("tiny"), LlamaConfig.preset("small")
+    assert 8e6 <= t.num_params() <= 13e6
+    assert 110e6 <= s.num_params() <= 140e6
+    with torch.device("meta"):
+        assert Llama(t).num_params() == t.num_params()
+        assert Llama(s).num_params() == s.num_params()
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        LlamaConfig.preset("huge")
+
+
+def test_generate_too_long_is_an_error():
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
+        tiny().generate(torch.zeros(1, 100, dtype=torch.long), max_new_tokens=100)
