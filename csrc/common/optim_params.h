@@ -13,6 +13,8 @@
 
 namespace thrifty {
 
+struct QuantLut;
+
 // One tensor of a multi-tensor call. All element pointers index the same n contiguous elements.
 struct OptimTensor {
   void* param = nullptr;       // (n,) pdtype, updated in place (the rounded master when master != nullptr)
@@ -44,6 +46,7 @@ struct OptimStepParams {
   int64_t total_chunks = 0;
   int64_t chunk_size = 0;              // elements per chunk (a multiple of kQuantBlock for 8-bit)
   float beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f, weight_decay = 0.0f;
+  float one_minus_beta1 = 0.1f, one_minus_beta2 = 0.001f;  // computed in double (1 - 0.999f is off by 1e-5)
   // CPU: the values. CUDA: read on device from the pointers (no host sync, no recompilation).
   float lr = 0.0f, grad_coef = 1.0f;
   const float* lr_ptr = nullptr;        // 0-d float32
@@ -51,6 +54,8 @@ struct OptimStepParams {
   const float* found_inf_ptr = nullptr; // optional 0-d float32: nonzero -> the whole step is skipped
   const float* qmap_m = nullptr;        // 8-bit: 256 sorted code values of exp_avg (signed dynamic map)
   const float* qmap_v = nullptr;        // 8-bit: 256 sorted code values of exp_avg_sq (unsigned dynamic map)
+  const struct QuantLut* lut_m = nullptr;  // 8-bit, CPU: quantizer tables of qmap_m / qmap_v (common/optim_quant.h)
+  const struct QuantLut* lut_v = nullptr;
 };
 
 // Global L2 norm over a list of tensors: per-chunk float32 sums of squares, then a fixed-order sum.

@@ -2,8 +2,10 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <memory>
 
 #include "common/optim_glue.h"
+#include "common/optim_quant.h"
 #include "cpu/optim/optim_kernels.h"
 
 namespace thrifty {
@@ -53,7 +55,7 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   auto tab = optim_build_table(op, params, grads, exp_avgs, exp_avg_sqs, masters, {}, {}, steps, false, true, true,
                                kCpuChunk, s.pdtype);
   s.has_master = !masters.empty();
-  s.beta1 = beta1, s.beta2 = beta2, s.eps = eps, s.weight_decay = weight_decay;
+  s.beta1 = beta1, s.beta2 = beta2, s.one_minus_beta1 = 1.0 - beta1, s.one_minus_beta2 = 1.0 - beta2, s.eps = eps, s.weight_decay = weight_decay;
   run_step(op, s, tab, params[0], lr, grad_coef, found_inf, true);
   // tensors with no elements still count a step
   if (!(found_inf.has_value() && read_scalar(*found_inf) != 0.0f))
@@ -78,8 +80,13 @@ void adamw8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
   check_qmap(op, "qmap_v", qmap_v, params[0]);
   s.qmap_m = qmap_m.data_ptr<float>();
   s.qmap_v = qmap_v.data_ptr<float>();
+  auto luts = std::make_unique<QuantLut[]>(2);
+  TORCH_CHECK_VALUE(build_quant_lut(s.qmap_m, luts[0]) && build_quant_lut(s.qmap_v, luts[1]), "thrifty.", op,
+                    ": the code maps are too dense for the CPU quantizer (two midpoints in one 2^-8 relative bucket)");
+  s.lut_m = &luts[0];
+  s.lut_v = &luts[1];
   s.has_master = !masters.empty();
-  s.beta1 = beta1, s.beta2 = beta2, s.eps = eps, s.weight_decay = weight_decay;
+  s.beta1 = beta1, s.beta2 = beta2, s.one_minus_beta1 = 1.0 - beta1, s.one_minus_beta2 = 1.0 - beta2, s.eps = eps, s.weight_decay = weight_decay;
   run_step(op, s, tab, params[0], lr, grad_coef, found_inf, true);
   if (!(found_inf.has_value() && read_scalar(*found_inf) != 0.0f))
     for (size_t i = 0; i < params.size(); ++i)
@@ -97,7 +104,7 @@ void lion_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   auto tab = optim_build_table(op, params, grads, exp_avgs, {}, masters, {}, {}, {}, false, false, false, kCpuChunk,
                                s.pdtype);
   s.has_master = !masters.empty();
-  s.beta1 = beta1, s.beta2 = beta2, s.weight_decay = weight_decay;
+  s.beta1 = beta1, s.beta2 = beta2, s.one_minus_beta1 = 1.0 - beta1, s.one_minus_beta2 = 1.0 - beta2, s.weight_decay = weight_decay;
   run_step(op, s, tab, params[0], lr, grad_coef, found_inf, false);
 }
 

@@ -5,6 +5,7 @@
 // (+ master), m, v. 8-bit AdamW works one 256-element block at a time: dequantize m and v
 // into L1, update, find the new block absmax, requantize to the nearest code.
 #include "cpu/optim/optim_kernels.h"
+#include "common/optim_quant.h"
 #include "common/parallel.h"
 #include "cpu/optim/optim_vec.h"
 
@@ -30,9 +31,9 @@ THRIFTY_INLINE StepConsts consts(const OptimStepParams& s, const OptimTensor& t)
   c.decay = Vec::set1(1.0f - s.lr * s.weight_decay);
   c.coef = Vec::set1(s.grad_coef);
   c.b1 = Vec::set1(s.beta1);
-  c.omb1 = Vec::set1(1.0f - s.beta1);
+  c.omb1 = Vec::set1(s.one_minus_beta1);
   c.b2 = Vec::set1(s.beta2);
-  c.omb2 = Vec::set1(1.0f - s.beta2);
+  c.omb2 = Vec::set1(s.one_minus_beta2);
   c.step_size = Vec::set1(s.lr / t.bias_c1);
   c.inv_bc2 = Vec::set1(1.0f / t.bias_c2_sqrt);
   c.eps = Vec::set1(s.eps);
@@ -98,14 +99,23 @@ void lion_chunk(const OptimStepParams& s, const OptimTensor& t, int64_t begin, i
   if (i < end) lion_vec<true, P, kMaster>(c, t, i, static_cast<int>(end - i));
 }
 
-// Index of the code nearest to x in the sorted 256-entry map q (ties go to the lower code;
-// NaN gives 0). The same rule as the Python reference (searchsorted, then the nearer neighbour).
-THRIFTY_INLINE uint8_t quantize_nearest(const float* q, float x) {
-  int lo = 0;
-  for (int step = 128; step > 0; step >>= 1)
-    if (q[lo + step] <= x) lo += step;  // lo + step <= 255: the steps sum to 255
-  if (lo < 255 && (q[lo + 1] - x) < (x - q[lo])) ++lo;
-  return static_cast<uint8_t>(lo);
+// The code of x: the number of code midpoints below x, from the table (common/optim_quant.h).
+THRIFTY_INLINE int quant_lut_index(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  const uint32_t s = u >> 31;
+  int e = static_cast<int>((u >> 23) & 0xffu);
+  uint32_t m8 = (u >> 15) & 0xffu;
+  if (e > 127) {  // |x| > 1, inf, NaN: clamp to the top bucket
+    e = 127;
+    m8 = 255;
+  }
+  return e < kQExpMin ? kQTiny : static_cast<int>((s * kQExps + static_cast<uint32_t>(e - kQExpMin)) * 256 + m8);
+}
+
+THRIFTY_INLINE uint8_t quant_lookup(const QuantLut& lut, float x) {
+  const int i = quant_lut_index(x);
+  return static_cast<uint8_t>(lut.code[i] + (x > lut.thr[i] ? 1 : 0));
 }
 
 template <bool kTail, typename P, bool kMaster>
@@ -129,6 +139,8 @@ void adamw8bit_chunk(const OptimStepParams& s, const OptimTensor& t, int64_t beg
   const StepConsts c = consts(s, t);
   const float* qm = s.qmap_m;
   const float* qv = s.qmap_v;
+  const QuantLut& lm = *s.lut_m;
+  const QuantLut& lv = *s.lut_v;
   alignas(64) float mb[kQuantBlock];
   alignas(64) float vb[kQuantBlock];
   for (int64_t b0 = begin; b0 < end; b0 += kQuantBlock) {
@@ -149,9 +161,16 @@ void adamw8bit_chunk(const OptimStepParams& s, const OptimTensor& t, int64_t beg
     const float nam = mmax.reduce_max(), nav = vmax.reduce_max();
     t.absmax_m[blk] = nam;
     t.absmax_v[blk] = nav;
+    // normalize in vector registers (IEEE division, as the reference), then the table lookups
+    const Vec sm = Vec::set1(nam > 0.0f ? nam : 1.0f), sv = Vec::set1(nav > 0.0f ? nav : 1.0f);
+    const Vec km = Vec::set1(nam > 0.0f ? 1.0f : 0.0f), kv = Vec::set1(nav > 0.0f ? 1.0f : 0.0f);
+    for (int k = 0; k < kQuantBlock; k += Vec::W) {  // the buffers hold 256 floats; lanes >= nb are unused
+      ((Vec::load(mb + k) * km) / sm).store(mb + k);
+      ((Vec::load(vb + k) * kv) / sv).store(vb + k);
+    }
     for (int k = 0; k < nb; ++k) {
-      cm[k] = quantize_nearest(qm, nam > 0.0f ? mb[k] / nam : 0.0f);
-      cv[k] = quantize_nearest(qv, nav > 0.0f ? vb[k] / nav : 0.0f);
+      cm[k] = quant_lookup(lm, mb[k]);
+      cv[k] = quant_lookup(lv, vb[k]);
     }
   }
 }

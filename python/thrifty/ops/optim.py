@@ -72,7 +72,7 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
 
 def quantize_blockwise(x: torch.Tensor, qmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference quantizer (the kernels' rule): per 256-element block absmax = max|x|, codes =
-    index of the map value nearest to x / absmax (ties to the lower code). Returns (codes uint8, absmax)."""
+    the number of code midpoints (q[k] + q[k+1]) / 2 below x / absmax: the nearest code, ties to the lower. Returns (codes uint8, absmax)."""
     flat = x.detach().reshape(-1).float()
     n = flat.numel()
     nb = (n + QUANT_BLOCK - 1) // QUANT_BLOCK
@@ -82,11 +82,9 @@ def quantize_blockwise(x: torch.Tensor, qmap: torch.Tensor) -> tuple[torch.Tenso
     absmax = blocks.abs().amax(dim=1)
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     xn = torch.where(absmax[:, None] > 0, blocks / safe[:, None], torch.zeros_like(blocks)).reshape(-1)[:n]
-    q = qmap.to(xn.device)
-    lo = (torch.searchsorted(q, xn, right=True) - 1).clamp(0, 255)
-    hi = (lo + 1).clamp(max=255)
-    up = (lo < 255) & ((q[hi] - xn) < (xn - q[lo]))
-    codes = torch.where(up, hi, lo).to(torch.uint8)
+    q = qmap.to(device=xn.device, dtype=torch.float32)
+    mids = (q[:-1] + q[1:]) * 0.5
+    codes = torch.searchsorted(mids, xn.contiguous(), side="left").to(torch.uint8)  # #mids below x
     return codes.view(x.shape), absmax
 
 

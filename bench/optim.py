@@ -1,0 +1,5 @@
+"""Fused optimizer benchmark (see python/thrifty/bench/optim.py): python bench/optim.py [--device cuda] [--quick]"""
+from thrifty.bench.optim import run
+from thrifty.bench.common import main
+
+main(run)

@@ -1,0 +1,570 @@
+"""Fused optimizers: float64 references over several steps, odd sizes, many tensors, groups,
+master weights, clipping, inf skipping, GradScaler, state_dict round trips, every CPU ISA,
+8-bit convergence, opcheck and bad input."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import thrifty
+from thrifty.ops.optim import create_dynamic_map, dequantize_blockwise, quantize_blockwise
+from reference import max_err
+
+SIZES = [1, 7, 4097, 1_000_003]
+
+
+def make_params(sizes, device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, generator=g).to(device=device, dtype=dtype).requires_grad_() for n in sizes]
+
+
+def random_grads(params, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(p.shape, generator=g) * scale).to(device=p.device, dtype=p.dtype) for p in params]
+
+
+def set_grads(params, grads):
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+
+
+def clones(params, dtype):
+    return [p.detach().clone().to(dtype).requires_grad_() for p in params]
+
+
+def check_against(out, ref64, lowp, factor=2.0, atol=1e-6, name="param"):
+    for i, (o, r, l) in enumerate(zip(out, ref64, lowp)):
+        err = max_err(o, r)
+        bar = factor * max_err(l, r) + atol
+        assert err <= bar, f"{name}[{i}] (numel {o.numel()}): max error {err:.3g} > {factor} x torch's " \
+                           f"{max_err(l, r):.3g} + {atol}"
+
+
+def run_pair(make_ours, make_ref, params, dtypes, steps, grad_seed=100, grad_scale=1.0):
+    """Runs thrifty on params and torch.optim.AdamW on clones in each of `dtypes` with the same grads."""
+    ref_sets = {dt: clones(params, dt) for dt in dtypes}
+    ours = make_ours(params)
+    refs = {dt: make_ref(ps) for dt, ps in ref_sets.items()}
+    for s in range(steps):
+        gs = random_grads(params, grad_seed + s, grad_scale)
+        set_grads(params, gs)
+        ours.step()
+        for dt, ps in ref_sets.items():
+            set_grads(ps, [g.to(dt) for g in gs])
+            refs[dt].step()
+    return ours, ref_sets
+
+
+# ---------------- AdamW ----------------
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adamw_matches_torch(cpu_isa, device, weight_decay):
+    params = make_params(SIZES, device)
+    kw = dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-7, weight_decay=weight_decay)
+    ours, refs = run_pair(lambda ps: thrifty.optim.AdamW(ps, **kw),
+                          lambda ps: torch.optim.AdamW(ps, foreach=False, **kw),
+                          params, [torch.float64, torch.float32], steps=5)
+    check_against(params, refs[torch.float64], refs[torch.float32])
+    for p, r in zip(params, refs[torch.float64]):
+        st = ours.state[p]
+        assert st["step"].item() == 5 and st["exp_avg"].dtype == torch.float32
+
+
+def test_many_small_tensors(cpu_isa, device):
+    g = torch.Generator().manual_seed(1)
+    sizes = torch.randint(1, 300, (257,), generator=g).tolist()
+    params = make_params(sizes, device)
+    kw = dict(lr=1e-2, weight_decay=0.05)
+    ours, refs = run_pair(lambda ps: thrifty.optim.AdamW(ps, **kw), lambda ps: torch.optim.AdamW(ps, foreach=False, **kw),
+                          params, [torch.float64, torch.float32], steps=4)
+    check_against(params, refs[torch.float64], refs[torch.float32])
+
+
+def test_param_groups_and_scheduler(device):
+    params = make_params([33, 5000, 17, 4096], device)
+
+    def groups(ps):
+        return [{"params": ps[:2], "lr": 1e-2}, {"params": ps[2:], "lr": 3e-3, "weight_decay": 0.0,
+                                                   "betas": (0.8, 0.95)}]
+
+    scheds = []
+
+    def ours_fn(ps):
+        o = thrifty.optim.AdamW(groups(ps), weight_decay=0.1)
+        scheds.append(torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5))
+        return o
+
+    def ref_fn(ps):
+        o = torch.optim.AdamW(groups(ps), weight_decay=0.1, foreach=False)
+        scheds.append(torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5))
+        return o
+
+    ref_sets = {dt: clones(params, dt) for dt in (torch.float64, torch.float32)}
+    ours = ours_fn(params)
+    refs = {dt: ref_fn(ps) for dt, ps in ref_sets.items()}
+    for s in range(6):
+        gs = random_grads(params, 7 + s)
+        set_grads(params, gs)
+        ours.step()
+        for dt, ps in ref_sets.items():
+            set_grads(ps, [g.to(dt) for g in gs])
+            refs[dt].step()
+        for sc in scheds:
+            sc.step()
+    assert ours.param_groups[0]["lr"] == pytest.approx(1e-2 / 8)
+    check_against(params, ref_sets[torch.float64], ref_sets[torch.float32])
+
+
+def test_lr_tensor(device):
+    params = make_params([1000, 3], device)
+    lr = torch.tensor(2e-3, device=device)
+    ours, refs = run_pair(lambda ps: thrifty.optim.AdamW(ps, lr=lr),
+                          lambda ps: torch.optim.AdamW(ps, lr=2e-3, foreach=False),
+                          params, [torch.float64, torch.float32], steps=2)
+    lr.fill_(1e-3)  # changing the tensor changes the next step, no new optimizer
+    for r in refs.values():
+        pass
+    check_against(params, refs[torch.float64], refs[torch.float32])
+    before = [p.detach().clone() for p in params]
+    set_grads(params, random_grads(params, 9))
+    ours.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, params))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_master_weights(cpu_isa, device, dtype):
+    params = make_params([1, 7, 4097, 100_003], device, dtype)
+    kw = dict(lr=1e-3, weight_decay=0.1)
+    ours, refs = run_pair(lambda ps: thrifty.optim.AdamW(ps, master_weights=True, **kw),
+                          lambda ps: torch.optim.AdamW(ps, foreach=False, **kw),
+                          params, [torch.float64, torch.float32], steps=4)
+    masters = [ours.state[p]["master"] for p in params]
+    assert all(m.dtype == torch.float32 for m in masters)
+    # the master follows the float64 trajectory like float32 AdamW does ...
+    check_against(masters, refs[torch.float64], refs[torch.float32], name="master")
+    # ... and the param is exactly the master rounded, written in the same pass
+    for p, m in zip(params, masters):
+        assert p.dtype == dtype and torch.equal(p.detach(), m.to(dtype))
+
+
+def test_low_precision_params_without_master(cpu_isa, device):
+    params = make_params([4097, 5], device, torch.bfloat16)
+    kw = dict(lr=1e-2, weight_decay=0.0)
+    ours, refs = run_pair(lambda ps: thrifty.optim.AdamW(ps, **kw), lambda ps: torch.optim.AdamW(ps, foreach=False, **kw),
+                          params, [torch.float64, torch.bfloat16], steps=3)
+    check_against(params, refs[torch.float64], refs[torch.bfloat16], factor=1.0, atol=1e-3)
+
+
+def test_clipping(cpu_isa, device):
+    params = make_params([4097, 7, 1], device)
+    kw = dict(lr=1e-2, weight_decay=0.01)
+    ours = thrifty.optim.AdamW(params, max_grad_norm=1.0, **kw)
+    ref_sets = {dt: clones(params, dt) for dt in (torch.float64, torch.float32)}
+    refs = {dt: torch.optim.AdamW(ps, foreach=False, **kw) for dt, ps in ref_sets.items()}
+    for s in range(4):
+        gs = random_grads(params, 50 + s, scale=0.5 if s == 2 else 3.0)  # step 2 is under the threshold
+        set_grads(params, gs)
+        ours.step()
+        norm64 = torch.linalg.vector_norm(torch.cat([g.double().flatten() for g in gs]))
+        assert ours.last_grad_norm.item() == pytest.approx(norm64.item(), rel=1e-5)
+        for dt, ps in ref_sets.items():
+            set_grads(ps, [g.to(dt) for g in gs])
+            torch.nn.utils.clip_grad_norm_(ps, 1.0)
+            refs[dt].step()
+    check_against(params, ref_sets[torch.float64], ref_sets[torch.float32])
+
+
+@pytest.mark.parametrize("opt_name", ["AdamW", "AdamW8bit", "Lion"])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), -float("inf")])
+def test_nonfinite_grads_skip_the_step(cpu_isa, device, opt_name, bad):
+    params = make_params([5000, 3], device, torch.bfloat16)
+    opt = getattr(thrifty.optim, opt_name)(params, lr=1e-2, master_weights=True)
+    set_grads(params, random_grads(params, 1))
+    opt.step()
+    assert not opt.last_step_skipped and opt.skipped_steps == 0
+    snap = copy.deepcopy(opt.state_dict())
+    before = [p.detach().clone() for p in params]
+    gs = random_grads(params, 2)
+    gs[1][1] = bad
+    set_grads(params, gs)
+    opt.step()
+    assert opt.last_step_skipped and opt.skipped_steps == 1
+    assert all(torch.equal(b, p.detach()) for b, p in zip(before, params))
+    for i, p in enumerate(params):
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, snap["state"][i][k]), f"state {k} changed on a skipped step"
+    set_grads(params, random_grads(params, 3))
+    opt.step()
+    assert not opt.last_step_skipped and opt.skipped_steps == 1
+
+
+def test_skip_nonfinite_off_lets_nan_through():
+    p = torch.zeros(10, requires_grad=True)
+    opt = thrifty.optim.AdamW([p], skip_nonfinite=False)
+    p.grad = torch.full((10,), float("nan"))
+    opt.step()
+    assert torch.isnan(p).all() and not opt.last_step_skipped
+
+
+def test_grad_scaler(device):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1)).to(device)
+    ref_model = copy.deepcopy(model)
+    x, y = torch.randn(32, 16, device=device), torch.randn(32, 1, device=device)
+    ours = thrifty.optim.AdamW(model.parameters(), lr=1e-2)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, foreach=False)
+    s1 = torch.amp.GradScaler(device.type, init_scale=2.0**10, growth_interval=2)
+    s2 = torch.amp.GradScaler(device.type, init_scale=2.0**10, growth_interval=2)
+    for step in range(6):
+        for m, opt, sc in ((model, ours, s1), (ref_model, ref, s2)):
+            opt.zero_grad()
+            sc.scale(torch.nn.functional.mse_loss(m(x), y)).backward()
+            if step == 3:  # an overflow: both must skip and halve the scale
+                next(m.parameters()).grad[0, 0] = float("inf")
+            sc.step(opt)
+            sc.update()
+        if step == 3:
+            assert ours.last_step_skipped
+        assert s1.get_scale() == s2.get_scale()
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert ours.skipped_steps == 1
+
+
+def test_grad_scaler_after_unscale(device):
+    torch.manual_seed(0)
+    p = torch.randn(300, device=device, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    ours, ref = thrifty.optim.AdamW([p], lr=1e-2, max_grad_norm=0.5), torch.optim.AdamW([q], lr=1e-2, foreach=False)
+    sc1, sc2 = torch.amp.GradScaler(device.type, init_scale=256.0), torch.amp.GradScaler(device.type, init_scale=256.0)
+    for _ in range(3):
+        g = torch.randn(300, device=device)
+        for t, opt, sc in ((p, ours, sc1), (q, ref, sc2)):
+            opt.zero_grad()
+            sc.scale((t * g).sum()).backward()
+            sc.unscale_(opt)
+            if opt is ref:
+                torch.nn.utils.clip_grad_norm_([q], 0.5)
+            sc.step(opt)
+            sc.update()
+    torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+# ---------------- state_dict ----------------
+@pytest.mark.parametrize("opt_name", ["AdamW", "AdamW8bit", "Lion"])
+def test_state_dict_round_trip_is_bit_identical(device, opt_name):
+    cls = getattr(thrifty.optim, opt_name)
+    params = make_params([5000, 100, 3], device, torch.bfloat16)
+    opt = cls(params, lr=1e-3, master_weights=True, max_grad_norm=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+    for s in range(3):
+        set_grads(params, random_grads(params, s))
+        opt.step()
+        sched.step()
+    saved = copy.deepcopy(opt.state_dict())
+    saved_sched = copy.deepcopy(sched.state_dict())
+    saved_params = [p.detach().clone() for p in params]
+    for s in range(3, 5):
+        set_grads(params, random_grads(params, s))
+        opt.step()
+        sched.step()
+    # resume into fresh params and a fresh optimizer
+    params2 = [p.clone().requires_grad_() for p in saved_params]
+    opt2 = cls(params2, lr=1e-3, master_weights=True, max_grad_norm=1.0)
+    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0 / (s + 1))
+    opt2.load_state_dict(saved)
+    sched2.load_state_dict(saved_sched)
+    for p in params2:
+        for k, v in opt2.state[p].items():
+            if k in ("master", "exp_avg", "exp_avg_sq", "absmax_m", "absmax_v"):
+                assert v.dtype in (torch.float32, torch.uint8), f"{k} became {v.dtype}"
+    for s in range(3, 5):
+        set_grads(params2, random_grads(params2, s))
+        opt2.step()
+        sched2.step()
+    for a, b in zip(params, params2):
+        assert torch.equal(a, b)
+    for a, b in zip(params, params2):
+        for k in opt.state[a]:
+            assert torch.equal(opt.state[a][k], opt2.state[b][k]), k
+
+
+# ---------------- Lion ----------------
+def lion_ref64(p, g, m, lr, b1, b2, wd):
+    p, g, m = p.double(), g.double(), m.double()
+    c = b1 * m + (1 - b1) * g
+    return p * (1 - lr * wd) - lr * torch.sign(c), b2 * m + (1 - b2) * g, c
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_lion_matches_reference(cpu_isa, device, weight_decay):
+    params = make_params(SIZES, device)
+    lr, b1, b2 = 1e-3, 0.9, 0.99
+    opt = thrifty.optim.Lion(params, lr=lr, betas=(b1, b2), weight_decay=weight_decay)
+    for s in range(4):
+        gs = random_grads(params, 30 + s)
+        set_grads(params, gs)
+        prev = [(p.detach().clone(), opt.state[p]["exp_avg"].clone() if p in opt.state else torch.zeros_like(p))
+                for p in params]
+        opt.step()
+        for p, g, (p0, m0) in zip(params, gs, prev):
+            rp, rm, c = lion_ref64(p0, g, m0, lr, b1, b2, weight_decay)
+            torch.testing.assert_close(opt.state[p]["exp_avg"].double(), rm, rtol=0, atol=1e-6)
+            bad = (p.detach().double() - rp).abs() > 1e-6
+            # a sign may flip only where c is zero within float32 rounding
+            assert (c[bad].abs() <= 1e-6 * (m0.double()[bad].abs() + g.double()[bad].abs())).all()
+
+
+# ---------------- AdamW8bit ----------------
+def adamw8bit_ref(p, g, st, lr, b1, b2, eps, wd, qm, qv):
+    """One step from the current 8-bit state: dequantize, float64 update, requantize."""
+    step = st["step"].item() + 1
+    m = dequantize_blockwise(st["exp_avg"], st["absmax_m"], qm).double()
+    v = dequantize_blockwise(st["exp_avg_sq"], st["absmax_v"], qv).double()
+    g, p = g.double(), (st["master"] if "master" in st else p.detach()).double()
+    p = p * (1 - lr * wd)
+    m = m + (1 - b1) * (g - m)
+    v = b2 * v + (1 - b2) * g * g
+    p = p - lr / (1 - b1**step) * m / (v.sqrt() / math.sqrt(1 - b2**step) + eps)
+    cm, am = quantize_blockwise(m.float(), qm)
+    cv, av = quantize_blockwise(v.float(), qv)
+    return p, cm, am, cv, av
+
+
+def test_dynamic_maps():
+    qm, qv = create_dynamic_map(True), create_dynamic_map(False)
+    assert qm.shape == (256,) and qv.shape == (256,)
+    assert (qm.diff() > 0).all() and (qv.diff() > 0).all()
+    assert qm.min() < -0.99 and qm.max() == 1.0 and (qm == 0).sum() == 1
+    assert qv.min() == 0.0 and qv.max() == 1.0
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("master", [False, True])
+def test_adamw8bit_matches_reference(cpu_isa, device, weight_decay, master):
+    dtype = torch.bfloat16 if master else torch.float32
+    params = make_params([1, 7, 4096, 4097, 70_001], device, dtype)
+    lr, b1, b2, eps = 1e-3, 0.9, 0.999, 1e-8
+    opt = thrifty.optim.AdamW8bit(params, lr=lr, betas=(b1, b2), eps=eps, weight_decay=weight_decay,
+                                  master_weights=master)
+    qm, qv = create_dynamic_map(True).to(device), create_dynamic_map(False).to(device)
+    for s in range(3):
+        gs = random_grads(params, 60 + s)
+        set_grads(params, gs)
+        before = {i: copy.deepcopy(opt.state[p]) for i, p in enumerate(params) if p in opt.state}
+        p0 = [p.detach().clone() for p in params]
+        opt.step()
+        for i, (p, g) in enumerate(zip(params, gs)):
+            st = opt.state[p]
+            if p.numel() < 4096:
+                assert st["exp_avg"].dtype == torch.float32  # small tensors keep float32 state
+                continue
+            assert st["exp_avg"].dtype == torch.uint8 and st["absmax_m"].numel() == (p.numel() + 255) // 256
+            prev = before.get(i)
+            if prev is None:  # first step: zero state
+                prev = {"step": torch.zeros(()), "exp_avg": torch.full_like(st["exp_avg"], 127),
+                        "exp_avg_sq": torch.zeros_like(st["exp_avg_sq"]), "absmax_m": torch.zeros_like(st["absmax_m"]),
+                        "absmax_v": torch.zeros_like(st["absmax_v"])}
+                if master:
+                    prev["master"] = p0[i].float()
+            rp, cm, am, cv, av = adamw8bit_ref(p0[i], g, prev, lr, b1, b2, eps, weight_decay, qm, qv)
+            out = st["master"] if master else p.detach()
+            assert max_err(out, rp) <= 2e-6 * (1 + rp.abs().max().item()), f"param[{i}] step {s}"
+            torch.testing.assert_close(st["absmax_m"], am, rtol=1e-5, atol=0)
+            torch.testing.assert_close(st["absmax_v"], av, rtol=1e-5, atol=0)
+            for codes, ref in ((st["exp_avg"], cm), (st["exp_avg_sq"], cv)):
+                diff = (codes.long() - ref.long()).abs()
+                assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, "codes differ beyond rounding"
+
+
+def test_adamw8bit_state_memory():
+    p = torch.zeros(1 << 20, requires_grad=True)
+    opt = thrifty.optim.AdamW8bit([p])
+    p.grad = torch.randn_like(p)
+    opt.step()
+    nbytes = sum(v.numel() * v.element_size() for v in opt.state[p].values())
+    assert nbytes < 2.1 * p.numel()
+
+
+def test_convergence_8bit_within_2_percent():
+    """A small MLP fits a random teacher MLP for 300 steps: AdamW8bit ends within 2% of AdamW."""
+    def train(cls):
+        torch.manual_seed(0)
+        teacher = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+        model = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.GELU(), torch.nn.Linear(128, 128),
+                                    torch.nn.GELU(), torch.nn.Linear(128, 1))
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(1024, 32, generator=g)
+        with torch.no_grad():
+            y = teacher(x)
+            loss0 = torch.nn.functional.mse_loss(model(x), y).item()
+        opt = cls(model.parameters(), lr=2e-3, weight_decay=0.01)
+        for step in range(300):
+            idx = torch.randint(0, 1024, (64,), generator=g)
+            loss = torch.nn.functional.mse_loss(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            return loss0, torch.nn.functional.mse_loss(model(x), y).item(), opt
+
+    n0 = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add overhead (and the test box is shared)
+    try:
+        loss0, l32, _ = train(thrifty.optim.AdamW)
+        _, l8, opt8 = train(thrifty.optim.AdamW8bit)
+    finally:
+        torch.set_num_threads(n0)
+    assert sum(st["exp_avg"].dtype == torch.uint8 for st in opt8.state.values()) == 2  # the 4096+ weights
+    assert l32 < 0.2 * loss0, f"AdamW did not train (loss {loss0:.4f} -> {l32:.4f})"
+    # within 2% of AdamW's final loss (or better: 8-bit noise may land lower)
+    assert l8 <= 1.02 * l32, f"AdamW8bit final loss {l8:.5f} vs AdamW {l32:.5f}"
+
+
+# ---------------- the L2 norm op ----------------
+def test_l2norm(cpu_isa, device):
+    ts = [torch.randn(n, device=device, dtype=dt) for n, dt in ((1, torch.float32), (70_001, torch.bfloat16),
+                                                                (300_000, torch.float32), (5, torch.float16))]
+    out = thrifty.ops.multi_tensor_l2norm(ts)
+    ref = torch.linalg.vector_norm(torch.cat([t.double().flatten() for t in ts]))
+    assert out.dtype == torch.float32 and out.shape == ()
+    assert abs(out.item() - ref.item()) <= 1e-5 * ref.item()
+    assert torch.equal(out, thrifty.ops.multi_tensor_l2norm(ts))
+    ts[2][12345] = float("inf")
+    assert not torch.isfinite(thrifty.ops.multi_tensor_l2norm(ts))
+
+
+def test_l2norm_deterministic_across_threads():
+    ts = [torch.randn(1_000_003), torch.randn(77)]
+    n0 = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = thrifty.ops.multi_tensor_l2norm(ts)
+        torch.set_num_threads(max(2, n0))
+        b = thrifty.ops.multi_tensor_l2norm(ts)
+    finally:
+        torch.set_num_threads(n0)
+    assert torch.equal(a, b)
+
+
+# ---------------- opcheck ----------------
+def _op_args(device, kind):
+    ps = [torch.randn(n, device=device) for n in (300, 5)]
+    gs = [torch.randn_like(p) for p in ps]
+    steps = [torch.zeros((), device=device) for _ in ps]
+    lr = torch.tensor(1e-3, device=device)
+    coef = torch.tensor(0.5, device=device)
+    found = torch.zeros((), device=device)
+    if kind == "adamw":
+        return (ps, gs, [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps], [], steps, lr, 0.9,
+                0.999, 1e-8, 0.01, coef, found)
+    if kind == "adamw8bit":
+        nb = [(p.numel() + 255) // 256 for p in ps]
+        return (ps, gs, [torch.full(p.shape, 127, dtype=torch.uint8, device=device) for p in ps],
+                [torch.zeros(p.shape, dtype=torch.uint8, device=device) for p in ps],
+                [torch.zeros(n, device=device) for n in nb], [torch.zeros(n, device=device) for n in nb],
+                create_dynamic_map(True).to(device), create_dynamic_map(False).to(device), [], steps, lr, 0.9, 0.999,
+                1e-8, 0.01, None, found)
+    return (ps, gs, [torch.zeros_like(p) for p in ps], [], lr, 0.9, 0.99, 0.0, coef, None)
+
+
+@pytest.mark.parametrize("kind", ["adamw", "adamw8bit", "lion"])
+def test_opcheck_steps(device, kind):
+    op = {"adamw": torch.ops.thrifty.adamw_step, "adamw8bit": torch.ops.thrifty.adamw8bit_step,
+          "lion": torch.ops.thrifty.lion_step}[kind]
+    torch.library.opcheck(op, _op_args(device, kind),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_opcheck_l2norm(device):
+    ts = [torch.randn(1000, device=device), torch.randn(3, device=device, dtype=torch.bfloat16)]
+    torch.library.opcheck(torch.ops.thrifty.multi_tensor_l2norm, (ts,))
+
+
+# ---------------- bad input ----------------
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(lr=float("nan")), "lr must be finite"),
+    (dict(lr=-1.0), "lr must be >= 0"),
+    (dict(betas=(0.9, float("inf"))), r"betas\[1\] must be finite"),
+    (dict(betas=(1.0, 0.999)), r"betas\[0\] must be < 1"),
+    (dict(eps=float("nan")), "eps must be finite"),
+    (dict(weight_decay=float("inf")), "weight_decay must be finite"),
+    (dict(max_grad_norm=float("nan")), "max_grad_norm must be finite"),
+    (dict(max_grad_norm=0.0), "max_grad_norm must be > 0"),
+])
+@pytest.mark.parametrize("opt_name", ["AdamW", "AdamW8bit", "Lion"])
+def test_bad_hyperparameters(opt_name, kwargs, msg):
+    if opt_name == "Lion" and "eps" in kwargs:
+        pytest.skip("Lion has no eps")
+    with pytest.raises(ValueError, match=msg):
+        getattr(thrifty.optim, opt_name)([torch.zeros(3, requires_grad=True)], **kwargs)
+
+
+def test_nonfinite_lr_set_later_raises():
+    p = torch.zeros(3, requires_grad=True)
+    opt = thrifty.optim.AdamW([p])
+    opt.param_groups[0]["lr"] = float("inf")
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="lr must be finite"):
+        opt.step()
+
+
+@pytest.mark.parametrize("opt_name", ["AdamW", "AdamW8bit", "Lion"])
+def test_sparse_grad_raises(opt_name):
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = getattr(thrifty.optim, opt_name)(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
+
+
+@pytest.mark.parametrize("opt_name", ["AdamW", "AdamW8bit", "Lion"])
+def test_grad_dtype_mismatch_raises(opt_name):
+    p = torch.zeros(8, dtype=torch.bfloat16, requires_grad=True)
+    opt = getattr(thrifty.optim, opt_name)([p], master_weights=True)
+    p.grad = torch.zeros(8, dtype=torch.bfloat16)
+    opt.step()
+    p.grad = None
+    p.__dict__  # noqa: B018
+    with torch.no_grad():
+        p.grad = torch.zeros(8, dtype=torch.bfloat16)
+    # a float32 grad on a bfloat16 param cannot be attached by autograd; through the op it is refused too
+    st = opt.state[p]
+    with pytest.raises(TypeError, match=r"'grads\[0\]' must have dtype BFloat16 \(the dtype of its param\)"):
+        if opt_name == "Lion":
+            torch.ops.thrifty.lion_step([p.detach()], [torch.zeros(8)], [st["exp_avg"]], [], torch.tensor(1e-3), 0.9,
+                                        0.99, 0.0, None, None)
+        else:
+            torch.ops.thrifty.adamw_step([p.detach()], [torch.zeros(8)], [torch.zeros(8)], [torch.zeros(8)], [],
+                                         [torch.zeros(())], torch.tensor(1e-3), 0.9, 0.999, 1e-8, 0.0, None, None)
+
+
+def test_op_bad_lists():
+    p = [torch.zeros(4)]
+    with pytest.raises(ValueError, match="list 'grads' must have one tensor per param"):
+        torch.ops.thrifty.adamw_step(p, [], [torch.zeros(4)], [torch.zeros(4)], [], [torch.zeros(())],
+                                     torch.tensor(1e-3), 0.9, 0.999, 1e-8, 0.0, None, None)
+    with pytest.raises(ValueError, match=r"'exp_avgs\[0\]' must have 4 elements"):
+        torch.ops.thrifty.adamw_step(p, [torch.zeros(4)], [torch.zeros(5)], [torch.zeros(4)], [], [torch.zeros(())],
+                                     torch.tensor(1e-3), 0.9, 0.999, 1e-8, 0.0, None, None)
+    with pytest.raises(TypeError, match=r"'exp_avg_sqs\[0\]' must have dtype Float"):
+        torch.ops.thrifty.adamw_step(p, [torch.zeros(4)], [torch.zeros(4)], [torch.zeros(4, dtype=torch.half)], [],
+                                     [torch.zeros(())], torch.tensor(1e-3), 0.9, 0.999, 1e-8, 0.0, None, None)
+    with pytest.raises(ValueError, match="'beta2' must be finite"):
+        torch.ops.thrifty.adamw_step(p, [torch.zeros(4)], [torch.zeros(4)], [torch.zeros(4)], [], [torch.zeros(())],
+                                     torch.tensor(1e-3), 0.9, float("nan"), 1e-8, 0.0, None, None)
+    with pytest.raises(ValueError, match="'qmap_m' must be a contiguous \\(256,\\) code map"):
+        torch.ops.thrifty.adamw8bit_step(p, [torch.zeros(4)], [torch.zeros(4, dtype=torch.uint8)],
+                                         [torch.zeros(4, dtype=torch.uint8)], [torch.zeros(1)], [torch.zeros(1)],
+                                         torch.zeros(10), torch.zeros(256), [], [torch.zeros(())], torch.tensor(1e-3),
+                                         0.9, 0.999, 1e-8, 0.0, None, None)
+
+
+def test_non_contiguous_param_raises():
+    w = torch.randn(8, 6).t().contiguous().t().detach().requires_grad_()
+    opt = thrifty.optim.AdamW([w])
+    w.grad = torch.randn(6, 8).t()
+    with pytest.raises(ValueError, match="must be contiguous"):
+        opt.step()
