@@ -264,3 +264,12 @@ def test_fsdp_two_processes_match_single(corpus, base_model, tmp_path):
     # the gathered full checkpoint loads as a plain model
     Llama, _, _ = model_api()
     Llama.from_pretrained(str(fs / "checkpoints" / "step_000003"))
+
+
+def test_bf16_master_weights(corpus, tmp_path):
+    t = Trainer(cfg(corpus, tmp_path / "r", precision="bf16", steps=2))
+    res = t.train()
+    assert all(p.dtype == torch.bfloat16 for p in t.raw_model.parameters())
+    if t.master_weights:  # thrifty.optim present: float32 masters live in the optimizer
+        assert type(t.optimizer).__module__.startswith("thrifty.optim")
+    assert res["final_loss"] == res["final_loss"] and res["steps"] == 2

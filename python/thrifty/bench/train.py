@@ -101,6 +101,7 @@ def run(device, quick: bool = False) -> Bench:
     # ---- thrifty: packed flat input, one document per row, fused loss, master-weight AdamW
     torch.manual_seed(0)
     model = Llama(cfg).init_weights().to(device=device, dtype=torch.bfloat16)
+    model.reset_rope()  # rotary cache back to float32
     opt = AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, master_weights=True)
     cu = torch.arange(0, tokens + 1, seq, dtype=torch.int32, device=device)
     pos = torch.arange(seq, device=device).repeat(batch)

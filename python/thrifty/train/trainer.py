@@ -371,6 +371,8 @@ class Trainer:
             self.param_dtype = torch.bfloat16  # frozen base in bf16, adapters float32
         self.autocast = c.precision == "bf16" and self.param_dtype == torch.float32
         model.to(device=self.device, dtype=self.param_dtype)
+        if hasattr(model, "reset_rope"):  # the rotary cache stays float32 whatever the parameter dtype
+            model.reset_rope()
         if c.lora_rank:
             try:
                 self.lora_names = loramod.apply_lora(model, c.lora_rank, c.lora_targets, c.lora_alpha, c.lora_dropout)
