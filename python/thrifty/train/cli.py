@@ -26,7 +26,7 @@ def add_arguments(p) -> None:
     m.add_argument("--model", help="Hugging Face model directory to fine-tune (Llama, Mistral, Qwen2)")
     g = p.add_argument_group("schedule")
     s = g.add_mutually_exclusive_group()
-    s.add_argument("--steps", type=int, help="optimizer steps (default 1000 unless --time-budget)")
+    s.add_argument("--steps", type=int, help="optimizer steps (default: a 10-minute --time-budget)")
     s.add_argument("--time-budget", help="train for this long: 90s, 10m, 1h30m")
     g.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch per process (default 8)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")

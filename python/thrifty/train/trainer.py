@@ -313,7 +313,8 @@ class Trainer:
             raise TrainError(f"--steps: expected a positive number, got {c.steps}")
         self.time_budget = parse_duration(c.time_budget)
         if c.steps is None and self.time_budget is None:
-            c.steps = 1000
+            self.time_budget = 600.0
+            self.log("schedule: neither --steps nor --time-budget given: training for 10 minutes")
         self.run_dir = self._run_dir()
         if not c.resume and (self.run_dir / "checkpoints").is_dir() and any((self.run_dir / "checkpoints").iterdir()):
             raise TrainError(f"{self.run_dir} already holds checkpoints: pass --resume to continue it, or another --out")
@@ -358,12 +359,20 @@ class Trainer:
         # ---- model
         model = self._build_model(vocab, tokmod.eos_id(self.tokenizer))
         self.model_config = model.config
-        self.master_weights = c.precision == "bf16" and _compat.supports_master_weights(c.optimizer) and not c.lora_rank
+        # FSDP2 parameters are DTensors, which thrifty.optim's fused kernels do not take (no sharding strategy):
+        # under --fsdp the optimizer is torch.optim.AdamW over fp32 shards, bf16 by autocast
+        self.fsdp = self.distributed and c.fsdp
+        if self.fsdp and c.optimizer != "adamw":
+            raise TrainError(f"--fsdp supports --optimizer adamw only (torch.optim.AdamW on DTensor shards), got {c.optimizer}")
+        self.master_weights = (c.precision == "bf16" and _compat.supports_master_weights(c.optimizer) and not c.lora_rank
+                               and not self.fsdp)
         self.param_dtype = torch.bfloat16 if self.master_weights else torch.float32
         if c.lora_rank and c.precision == "bf16":
             self.param_dtype = torch.bfloat16  # frozen base in bf16, adapters float32
         self.autocast = c.precision == "bf16" and self.param_dtype == torch.float32
         model.to(device=self.device, dtype=self.param_dtype)
+        if hasattr(model, "reset_rope"):  # the rotary cache stays float32 whatever the parameter dtype
+            model.reset_rope()
         if c.lora_rank:
             try:
                 self.lora_names = loramod.apply_lora(model, c.lora_rank, c.lora_targets, c.lora_alpha, c.lora_dropout)
@@ -382,6 +391,13 @@ class Trainer:
         self.n_params = sum(p.numel() for p in model.parameters())
         self.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
+        # ---- FSDP2 shards the parameters (they become DTensors): before the optimizer sees them
+        if self.distributed and c.fsdp:
+            from torch.distributed.fsdp import fully_shard
+            for layer in self._layers(model):
+                fully_shard(layer)
+            fully_shard(model)
+
         # ---- optimizer + schedule
         decay, no_decay = [], []
         for n, p in model.named_parameters():
@@ -391,8 +407,11 @@ class Trainer:
         if c.lr is None:
             c.lr = 5e-4 if c.lora_rank else (5e-5 if c.model else 1e-3)
         try:
-            self.optimizer = _compat.make_optimizer(c.optimizer, groups, lr=c.lr, betas=tuple(c.betas),
-                                                    weight_decay=c.weight_decay, master_weights=self.master_weights)
+            if self.fsdp:
+                self.optimizer = torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
+            else:
+                self.optimizer = _compat.make_optimizer(c.optimizer, groups, lr=c.lr, betas=tuple(c.betas),
+                                                        weight_decay=c.weight_decay, master_weights=self.master_weights)
         except ValueError as e:
             raise TrainError(str(e)) from None
         total = c.steps or 10**9
@@ -403,12 +422,7 @@ class Trainer:
         # ---- distributed wrappers, compile
         self.model = model
         if self.distributed:
-            if c.fsdp:
-                from torch.distributed.fsdp import fully_shard
-                for layer in self._layers(model):
-                    fully_shard(layer)
-                fully_shard(model)
-            else:
+            if not c.fsdp:
                 from torch.nn.parallel import DistributedDataParallel as DDP
                 self.model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if c.compile:
@@ -683,7 +697,7 @@ class Trainer:
             keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= self.step] if c.resume else []
             metrics_path.write_text("".join(ln + "\n" for ln in keep))
         self._consecutive_nan = 0
-        eval_every = c.eval_every or max(1, (c.steps or 1000) // 10)
+        eval_every = c.eval_every or max(1, (c.steps or 500) // 10)
         mc = self.model_config
         self.log(f"model: {self.n_params / 1e6:.2f}M parameters ({self.n_trainable / 1e6:.2f}M trainable), "
                  f"{mc.num_hidden_layers} layers x {mc.hidden_size}, vocab {mc.vocab_size}; "
