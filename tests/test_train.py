@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import thrifty
 from thrifty.data import save_tokenizer, train_tokenizer
 from thrifty.train import TrainConfig, Trainer, parse_duration
 from thrifty.train._compat import model_api
@@ -21,7 +22,9 @@ from thrifty.train.cli import run
 from test_data import prose
 
 MICRO = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-ROOT = Path(__file__).resolve().parents[1]
+# Where the thrifty under test lives (the source tree with an in-place _C, or site-packages after
+# pip install): subprocesses must import that same one.
+THRIFTY_PATH = str(Path(thrifty.__file__).resolve().parents[1])
 # micro models: one thread avoids OpenMP barrier stalls on a shared, oversubscribed box
 torch.set_num_threads(1)
 
@@ -149,7 +152,7 @@ def _free_port() -> int:
 def test_ddp_two_processes_match_single(corpus, base_model, tmp_path):
     common = ["--model", str(base_model), "--data", str(corpus), "--seq-len", "32", "--steps", "3", "--lr", "1e-2",
               "--warmup", "1", "--precision", "fp32", "--no-progress", "--eval-every", "100"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    env = {**os.environ, "PYTHONPATH": THRIFTY_PATH + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
     ddp = tmp_path / "ddp"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
@@ -246,7 +249,7 @@ def test_generate_cli(corpus, tmp_path, capsys):
 def test_fsdp_two_processes_match_single(corpus, base_model, tmp_path):
     common = ["--model", str(base_model), "--data", str(corpus), "--seq-len", "32", "--steps", "3", "--lr", "1e-2",
               "--warmup", "1", "--precision", "fp32", "--no-progress", "--eval-every", "100", "--save-every", "3"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    env = {**os.environ, "PYTHONPATH": THRIFTY_PATH + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
     fs = tmp_path / "fsdp"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
