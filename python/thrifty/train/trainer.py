@@ -239,8 +239,6 @@ class Trainer:
         c = self.cfg
         Llama, LlamaConfig, is_thrifty = _compat.model_api()
         self.thrifty_model = is_thrifty
-        if not is_thrifty:
-            self.log("note: thrifty.models is not in this build; training the plain-PyTorch stand-in Llama")
         torch.manual_seed(c.seed)
         if c.model:
             mdir = Path(c.model)
