@@ -45,6 +45,24 @@ def test_backward(cpu_isa, shape, dtype, device):
     assert_close_to_ref(u.grad, ru, lu, atol=1e-6, name="grad_up")
 
 
+# Outputs of 8 MiB and more take the streaming-store path when rows are 64-byte aligned
+# ((1024, 4096)); (2049, 1031) is as large with unaligned rows (normal stores).
+@pytest.mark.parametrize("shape", [(1024, 4096), (2049, 1031)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_output(cpu_isa, shape, dtype):
+    g = torch.randn(shape, dtype=dtype) * 3
+    u = torch.randn(shape, dtype=dtype)
+    assert_close_to_ref(thrifty.ops.swiglu(g, u), ref(g, u), ref(g, u, dtype), atol=1e-6)
+    go = torch.randn(shape, dtype=dtype)
+    gg, gu = torch.ops.thrifty.swiglu_backward(go, g, u)
+    g64 = g.double().requires_grad_()
+    (F.silu(g64) * u.double() * go.double()).sum().backward()
+    gl = g.clone().requires_grad_()
+    (F.silu(gl) * u * go).sum().backward()
+    assert_close_to_ref(gg, g64.grad, gl.grad, atol=1e-6, name="grad_gate")
+    assert_close_to_ref(gu, go.double() * F.silu(g.double()), go * F.silu(g), atol=1e-6, name="grad_up")
+
+
 def test_extreme_values():
     g = torch.tensor([-1e4, -100.0, -20.0, 0.0, 20.0, 100.0, 1e4, float("inf")])
     u = torch.ones_like(g)

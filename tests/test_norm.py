@@ -31,6 +31,21 @@ def test_forward(cpu_isa, shape, dtype, device):
     assert_close_to_ref(y, ref_rms_norm(x, w, 1e-5), torch_lowp(x, w, 1e-5), atol=1e-5)
 
 
+# Outputs of 8 MiB and more take the streaming-store path: rows aligned (4096) and rows whose
+# start drifts off the vector alignment (769: a peeled head each row), with bf16 and f32 weights.
+@pytest.mark.parametrize("shape", [(1024, 4096), (5462, 769), (2731, 771)])
+@pytest.mark.parametrize("dtype,wdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                          (torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
+def test_forward_large_output(cpu_isa, shape, dtype, wdtype):
+    x = torch.randn(shape, dtype=dtype) * 3
+    w = torch.randn(shape[-1], dtype=wdtype)
+    y = thrifty.ops.rms_norm(x, w, 1e-5)
+    assert_close_to_ref(y, ref_rms_norm(x, w, 1e-5), torch_lowp(x, w, 1e-5), atol=1e-5)
+    y2, h = thrifty.ops.rms_norm(x, w, 1e-5, residual=x)
+    assert torch.equal(h, x + x)
+    assert_close_to_ref(y2, ref_rms_norm(x + x, w, 1e-5), torch_lowp(x + x, w, 1e-5), atol=1e-5)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_add(cpu_isa, shape, dtype, device):

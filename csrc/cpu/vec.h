@@ -8,6 +8,8 @@
 //   Vec::load(p) / store(p)     from/to float, bf16_t, f16_t (16-bit types widen to float)
 //   Vec::load(p, n)/store(p, n) the first n < W lanes (tails); other lanes load as 0
 //   + - * / fma max min, reduce_add, reduce_max, exp, sigmoid
+//   Vec::stream(p), stream_fence()  streaming (non-temporal) full-vector stores
+//   load_pair/store_pair(bf16_t*)   2W bf16 as (even, odd) lanes without shuffles
 // Rounding to bf16 is round-to-nearest-even with NaN kept NaN; f16 uses F16C (hardware
 // RNE) where the level has it.
 #pragma once
@@ -146,6 +148,12 @@ struct Vec {
   THRIFTY_INLINE void store(f16_t* p, int n) const {
     _mm256_mask_storeu_epi16(p, mask(n), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
+  // Non-temporal (streaming) stores: p aligned to the stored width (64 B for float, 32 B for 16-bit).
+  THRIFTY_INLINE void stream(float* p) const { _mm512_stream_ps(p, v); }
+  THRIFTY_INLINE void stream(bf16_t* p) const { _mm256_stream_si256((__m256i*)p, to_bf16_bits()); }
+  THRIFTY_INLINE void stream(f16_t* p) const {
+    _mm256_stream_si256((__m256i*)p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
 
   THRIFTY_INLINE friend Vec operator+(Vec a, Vec b) { return _mm512_add_ps(a.v, b.v); }
   THRIFTY_INLINE friend Vec operator-(Vec a, Vec b) { return _mm512_sub_ps(a.v, b.v); }
@@ -179,6 +187,54 @@ THRIFTY_INLINE Vec exp(Vec x) {
   y = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x.v, hi, _CMP_GT_OQ), y, _mm512_set1_ps(INFINITY));
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q), y, x.v);  // NaN stays NaN
 }
+
+// sigmoid(x) = 1 / (1 + exp(-x)) (and 1 - that) for activations: -x clamped to +-87 (sigmoid has saturated
+// there), so 2^n needs no overflow handling; reciprocal by rcp14 + one Newton step (~1 ulp)
+// instead of a division. NaN propagates (the clamps return their second operand on NaN).
+THRIFTY_INLINE Vec sigmoid(Vec x, Vec& one_minus_s) {
+  __m512 z = _mm512_sub_ps(_mm512_setzero_ps(), x.v);
+  z = _mm512_min_ps(_mm512_set1_ps(87.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), z));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(z, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), z);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  __m512 t = _mm512_scalef_ps(p, n);  // exp(-x)
+  __m512 d = _mm512_add_ps(t, _mm512_set1_ps(1.0f));
+  __m512 e = _mm512_rcp14_ps(d);
+  e = _mm512_fmadd_ps(e, _mm512_fnmadd_ps(d, e, _mm512_set1_ps(1.0f)), e);
+  one_minus_s = _mm512_mul_ps(t, e);
+  return e;
+}
+
+// bf16 in pairs: 2W consecutive bf16 values as two float vectors, `even` holding elements
+// 0, 2, 4, ... and `odd` elements 1, 3, 5, ...: widening and rounding stay inside 32-bit lanes
+// (no cross-lane shuffles), for elementwise maths whose lane order does not matter.
+THRIFTY_INLINE void load_pair(const bf16_t* p, Vec& even, Vec& odd) {
+  __m512i v = _mm512_loadu_si512(p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+// float -> bf16 bits in the high half of each lane (round to nearest even, NaN kept NaN).
+THRIFTY_INLINE __m512i bf16_high(Vec a) {
+  __m512i u = _mm512_castps_si512(a.v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q), r,
+                                 _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+}
+THRIFTY_INLINE __m512i pack_pair(Vec even, Vec odd) {
+  return _mm512_or_si512(_mm512_srli_epi32(bf16_high(even), 16),
+                         _mm512_and_si512(bf16_high(odd), _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+THRIFTY_INLINE void store_pair(bf16_t* p, Vec even, Vec odd) { _mm512_storeu_si512(p, pack_pair(even, odd)); }
+THRIFTY_INLINE void stream_pair(bf16_t* p, Vec even, Vec odd) { _mm512_stream_si512((__m512i*)p, pack_pair(even, odd)); }
 
 #elif defined(__AVX2__)
 // ======================= AVX2 + FMA + F16C: 8 float lanes =======================
@@ -230,6 +286,10 @@ struct Vec {
   THRIFTY_INLINE __m128i to_f16_bits() const { return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   THRIFTY_INLINE void store(f16_t* p) const { _mm_storeu_si128((__m128i*)p, to_f16_bits()); }
   THRIFTY_INLINE void store(f16_t* p, int n) const { store_partial16(&p->bits, to_f16_bits(), n); }
+  // Non-temporal (streaming) stores: p aligned to the stored width (32 B for float, 16 B for 16-bit).
+  THRIFTY_INLINE void stream(float* p) const { _mm256_stream_ps(p, v); }
+  THRIFTY_INLINE void stream(bf16_t* p) const { _mm_stream_si128((__m128i*)p, to_bf16_bits()); }
+  THRIFTY_INLINE void stream(f16_t* p) const { _mm_stream_si128((__m128i*)p, to_f16_bits()); }
 
   THRIFTY_INLINE friend Vec operator+(Vec a, Vec b) { return _mm256_add_ps(a.v, b.v); }
   THRIFTY_INLINE friend Vec operator-(Vec a, Vec b) { return _mm256_sub_ps(a.v, b.v); }
@@ -277,6 +337,57 @@ THRIFTY_INLINE Vec exp(Vec x) {
   return _mm256_blendv_ps(y, x.v, _mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q));
 }
 
+// sigmoid(x) = 1 / (1 + exp(-x)) (and 1 - that) for activations: -x clamped to +-87 (sigmoid has saturated
+// there), so 2^n is a single exponent field and needs no overflow handling; reciprocal by
+// rcp + one Newton step (~1 ulp) instead of a division. NaN propagates (the clamps return
+// their second operand on NaN).
+THRIFTY_INLINE Vec sigmoid(Vec x, Vec& one_minus_s) {
+  __m256 z = _mm256_sub_ps(_mm256_setzero_ps(), x.v);
+  z = _mm256_min_ps(_mm256_set1_ps(87.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), z));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(z, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), z);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256 scale = _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+  __m256 t = _mm256_mul_ps(p, scale);  // exp(-x)
+  __m256 d = _mm256_add_ps(t, _mm256_set1_ps(1.0f));
+  __m256 e = _mm256_rcp_ps(d);
+  e = _mm256_fmadd_ps(e, _mm256_fnmadd_ps(d, e, _mm256_set1_ps(1.0f)), e);
+  one_minus_s = _mm256_mul_ps(t, e);
+  return e;
+}
+
+// bf16 in pairs: 2W consecutive bf16 values as two float vectors, `even` holding elements
+// 0, 2, 4, ... and `odd` elements 1, 3, 5, ...: widening and rounding stay inside 32-bit lanes
+// (no cross-lane shuffles), for elementwise maths whose lane order does not matter.
+THRIFTY_INLINE void load_pair(const bf16_t* p, Vec& even, Vec& odd) {
+  __m256i v = _mm256_loadu_si256((const __m256i*)p);
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+// float -> bf16 bits in the high half of each lane (round to nearest even, NaN kept NaN).
+THRIFTY_INLINE __m256i bf16_high(Vec a) {
+  __m256i u = _mm256_castps_si256(a.v);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
+}
+THRIFTY_INLINE __m256i pack_pair(Vec even, Vec odd) {
+  return _mm256_or_si256(_mm256_srli_epi32(bf16_high(even), 16),
+                         _mm256_and_si256(bf16_high(odd), _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+THRIFTY_INLINE void store_pair(bf16_t* p, Vec even, Vec odd) { _mm256_storeu_si256((__m256i*)p, pack_pair(even, odd)); }
+THRIFTY_INLINE void stream_pair(bf16_t* p, Vec even, Vec odd) { _mm256_stream_si256((__m256i*)p, pack_pair(even, odd)); }
+
 #else
 // ======================= portable: 1 lane =======================
 struct Vec {
@@ -296,6 +407,8 @@ struct Vec {
   THRIFTY_INLINE void store(T* p, int n) const {
     if (n > 0) *p = from_float<T>(v);
   }
+  template <typename T>
+  THRIFTY_INLINE void stream(T* p) const { *p = from_float<T>(v); }
   THRIFTY_INLINE friend Vec operator+(Vec a, Vec b) { return a.v + b.v; }
   THRIFTY_INLINE friend Vec operator-(Vec a, Vec b) { return a.v - b.v; }
   THRIFTY_INLINE friend Vec operator*(Vec a, Vec b) { return a.v * b.v; }
@@ -307,9 +420,44 @@ struct Vec {
   THRIFTY_INLINE float reduce_max() const { return v; }
 };
 THRIFTY_INLINE Vec exp(Vec x) { return std::exp(x.v); }
+// sigmoid(x) = 1 / (1 + exp(-x)); exp saturates to inf for x << 0, giving exactly 0.
+THRIFTY_INLINE Vec sigmoid(Vec x, Vec& one_minus_s) {
+  one_minus_s = 1.0f / (1.0f + std::exp(x.v));
+  return 1.0f / (1.0f + std::exp(-x.v));
+}
+// bf16 pairs (see the AVX2 level): here simply two consecutive elements.
+THRIFTY_INLINE void load_pair(const bf16_t* p, Vec& even, Vec& odd) {
+  even = to_float(p[0]);
+  odd = to_float(p[1]);
+}
+THRIFTY_INLINE void store_pair(bf16_t* p, Vec even, Vec odd) {
+  p[0] = from_float<bf16_t>(even.v);
+  p[1] = from_float<bf16_t>(odd.v);
+}
+THRIFTY_INLINE void stream_pair(bf16_t* p, Vec even, Vec odd) { store_pair(p, even, odd); }
 #endif
 
-// sigmoid(x) = 1 / (1 + exp(-x)); exp saturates to inf for x << 0, giving exactly 0.
-THRIFTY_INLINE Vec sigmoid(Vec x) { return Vec::set1(1.0f) / (Vec::set1(1.0f) + exp(Vec::zero() - x)); }
+// sigmoid(x) alone. sigmoid(x, one_minus_s) also gives 1 - sigmoid(x) = sigmoid(-x) to full
+// relative accuracy (1 - s would cancel for large x, where silu' = s + x s (1 - s) needs it).
+THRIFTY_INLINE Vec sigmoid(Vec x) {
+  Vec unused;
+  return sigmoid(x, unused);
+}
+
+// Orders the streaming stores of this thread before what follows (end of a parallel chunk).
+#if defined(__AVX2__) || defined(__AVX512F__)
+THRIFTY_INLINE void stream_fence() { _mm_sfence(); }
+#else
+THRIFTY_INLINE void stream_fence() {}
+#endif
+
+// Elements of T before p reaches the alignment of a streaming store of `bytes` (by default a
+// full vector of T: W * sizeof(T); a bf16 pair needs 2 * W * 2).
+template <typename T>
+THRIFTY_INLINE int stream_head(const T* p, int bytes = Vec::W * static_cast<int>(sizeof(T))) {
+  const uintptr_t a = static_cast<uintptr_t>(bytes);
+  const uintptr_t off = reinterpret_cast<uintptr_t>(p) % a;
+  return off == 0 ? 0 : static_cast<int>((a - off) / sizeof(T));
+}
 
 }  // namespace thrifty::cpu::THRIFTY_ISA_NS

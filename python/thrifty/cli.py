@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 # name -> (module, one-line help)
@@ -39,12 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in COMMANDS:
         name = argv[0]
         if name == "bench":
-            # Huge pages for PyTorch's CPU allocator: without them page faults on freshly allocated
-            # outputs dominate every memory-bound op, thrifty's and the torch baseline's alike.
-            # torch reads the variable once, and it is already loaded here: re-run with it set.
-            if "THP_MEM_ALLOC_ENABLE" not in os.environ:
-                os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
-                os.execv(sys.executable, [sys.executable, "-m", "thrifty.cli", *argv])
+            # Allocator settings under which fresh outputs do not page-fault on every call
+            # (thrifty.bench._env says why); they act only in a new process.
+            from thrifty.bench._env import reexec_with_bench_env
+
+            reexec_with_bench_env(["-m", "thrifty.cli", *argv])
         module, help_text = COMMANDS[name]
         mod = importlib.import_module(module)
         p = argparse.ArgumentParser(prog=f"thrifty {name}", description=help_text)

@@ -13,6 +13,7 @@
 // chunk order: the result does not depend on the thread count.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "common/parallel.h"
 #include "cpu/norm/norm_kernels.h"
@@ -27,6 +28,17 @@ template <typename T>
 THRIFTY_INLINE float sum_squares(const T* x, int64_t n) {
   Vec a0 = Vec::zero(), a1 = Vec::zero(), a2 = Vec::zero(), a3 = Vec::zero();
   int64_t i = 0;
+  if constexpr (std::is_same_v<T, bf16_t>) {  // pairs: no widening shuffles
+    for (; i + 4 * W <= n; i += 4 * W) {
+      Vec v0, v1, v2, v3;
+      load_pair(x + i, v0, v1);
+      load_pair(x + i + 2 * W, v2, v3);
+      a0 = fma(v0, v0, a0);
+      a1 = fma(v1, v1, a1);
+      a2 = fma(v2, v2, a2);
+      a3 = fma(v3, v3, a3);
+    }
+  }
   for (; i + 4 * W <= n; i += 4 * W) {
     Vec v0 = Vec::load(x + i), v1 = Vec::load(x + i + W), v2 = Vec::load(x + i + 2 * W),
         v3 = Vec::load(x + i + 3 * W);
@@ -71,23 +83,53 @@ THRIFTY_INLINE float add_store_sum_squares(const T* x, const T* r, T* h, int64_t
   return (a0 + a1).reduce_add();
 }
 
-template <typename T, typename TW>
+template <bool kStream, typename T>
+THRIFTY_INLINE void put(Vec v, T* p) {
+  if constexpr (kStream)
+    v.stream(p);
+  else
+    v.store(p);
+}
+
+// y = x * rstd * w. kStream: full vectors go out as streaming stores (y must then be aligned
+// from the head onwards; a misaligned head is stored normally).
+template <bool kStream, typename T, typename TW>
 THRIFTY_INLINE void scale_store(const T* x, const TW* w, float rstd, T* y, int64_t n) {
   const Vec r = Vec::set1(rstd);
   int64_t i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
-    (Vec::load(x + i) * r * Vec::load(w + i)).store(y + i);
-    (Vec::load(x + i + W) * r * Vec::load(w + i + W)).store(y + i + W);
+  constexpr bool kPair = std::is_same_v<T, bf16_t> && std::is_same_v<TW, bf16_t>;
+  if constexpr (kStream) {
+    const int64_t head = std::min<int64_t>(stream_head(y, kPair ? 4 * W : W * static_cast<int>(sizeof(T))), n);
+    for (; i < head; i += W) {
+      const int m = static_cast<int>(std::min<int64_t>(W, head - i));
+      (Vec::load(x + i, m) * r * Vec::load(w + i, m)).store(y + i, m);
+    }
+    i = head;
   }
-  for (; i + W <= n; i += W) (Vec::load(x + i) * r * Vec::load(w + i)).store(y + i);
+  if constexpr (kPair) {  // bf16 x and weight: pairs, no shuffles
+    for (; i + 2 * W <= n; i += 2 * W) {
+      Vec x0, x1, w0, w1;
+      load_pair(x + i, x0, x1);
+      load_pair(w + i, w0, w1);
+      if constexpr (kStream)
+        stream_pair(y + i, x0 * r * w0, x1 * r * w1);
+      else
+        store_pair(y + i, x0 * r * w0, x1 * r * w1);
+    }
+  }
+  for (; i + 2 * W <= n; i += 2 * W) {
+    put<kStream>(Vec::load(x + i) * r * Vec::load(w + i), y + i);
+    put<kStream>(Vec::load(x + i + W) * r * Vec::load(w + i + W), y + i + W);
+  }
+  for (; i + W <= n; i += W) put<kStream>(Vec::load(x + i) * r * Vec::load(w + i), y + i);
   if (i < n) {
     int m = static_cast<int>(n - i);
     (Vec::load(x + i, m) * r * Vec::load(w + i, m)).store(y + i, m);
   }
 }
 
-template <typename T, typename TW>
-void fwd(const RmsNormParams& p) {
+template <bool kStream, typename T, typename TW>
+void fwd_impl(const RmsNormParams& p) {
   const int64_t n = p.hidden;
   const T* x = static_cast<const T*>(p.x);
   const T* res = static_cast<const T*>(p.residual);
@@ -109,9 +151,22 @@ void fwd(const RmsNormParams& p) {
       }
       const float rstd = 1.0f / std::sqrt(ss / static_cast<float>(n) + p.eps);
       p.rstd[row] = rstd;
-      scale_store(src, w, rstd, y + row * n, n);
+      scale_store<kStream>(src, w, rstd, y + row * n, n);
     }
+    if constexpr (kStream) stream_fence();
   });
+}
+
+// An output larger than this bypasses the caches (streaming stores): it could not stay in
+// them anyway, and a normal store would first read every line of y from memory.
+constexpr int64_t kStreamBytes = 8ll << 20;
+
+template <typename T, typename TW>
+void fwd(const RmsNormParams& p) {
+  if (p.rows * p.hidden * static_cast<int64_t>(sizeof(T)) >= kStreamBytes)
+    fwd_impl<true, T, TW>(p);
+  else
+    fwd_impl<false, T, TW>(p);
 }
 
 template <typename T, typename TW>

@@ -20,12 +20,15 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from thrifty.bench._env import allocator_description, reexec_with_bench_env
 
 
 def results_dir() -> Path:
@@ -193,7 +196,8 @@ class Bench:
         if self.matmul_flops:
             roof.append(f"{self.matmul_dtype} matmul {self.matmul_flops / 1e12:.3f} TFLOP/s")
         return (f"### {self.family} on {machine_description(self.device)}\n"
-                f"Rooflines measured in this run: {', '.join(roof) or 'not measured'}\n\n" + hdr + "\n" + "\n".join(rows))
+                f"Rooflines measured in this run: {', '.join(roof) or 'not measured'}\n"
+                f"Allocator: {allocator_description()}\n\n" + hdr + "\n" + "\n".join(rows))
 
     def report(self, out_dir: Path | None = None) -> Path:
         """Prints the markdown table and writes <results_dir>/<family>-<device>.json."""
@@ -208,6 +212,7 @@ class Bench:
             "device": self.device.type,
             "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "allocator": allocator_description(),
             "copy_bandwidth_Bps": self.copy_bw,
             "matmul_flops": self.matmul_flops,
             "cases": [asdict(c) for c in self.cases],
@@ -225,4 +230,5 @@ def main(run, argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--quick", action="store_true", help="fewer, smaller cases")
     args = ap.parse_args(argv)
+    reexec_with_bench_env([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
     run(torch.device(args.device), quick=args.quick).report()
