@@ -9,6 +9,7 @@
 // Memory traffic: one read of q and k, one write of the outputs, one cache row per token.
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "common/parallel.h"
 #include "cpu/rotary/rotary_kernels.h"
@@ -39,22 +40,57 @@ THRIFTY_INLINE Vec swap_pairs(Vec x) { return _mm256_permute_ps(x.v, 0xB1); }
 #endif
 
 // One head: neox half-split rotation of x (h pairs) into y.
+// n pairs starting at x; the partner of x[i] is x[i + half] (half = h for a whole head).
 template <typename T>
-THRIFTY_INLINE void rotate_neox(const T* x, T* y, const float* c, const float* s, int64_t h, Vec sgn) {
+THRIFTY_INLINE void rotate_neox(const T* x, T* y, const float* c, const float* s, int64_t n, Vec sgn, int64_t half) {
+  const int64_t h = half;
   int64_t i = 0;
-  for (; i + W <= h; i += W) {
+  for (; i + W <= n; i += W) {
     Vec x1 = Vec::load(x + i), x2 = Vec::load(x + h + i);
     Vec cv = Vec::load(c + i), sv = Vec::load(s + i) * sgn;
     (x1 * cv - x2 * sv).store(y + i);
     fma(x1, sv, x2 * cv).store(y + h + i);
   }
-  if (i < h) {
-    const int m = static_cast<int>(h - i);
+  if (i < n) {
+    const int m = static_cast<int>(n - i);
     Vec x1 = Vec::load(x + i, m), x2 = Vec::load(x + h + i, m);
     Vec cv = Vec::load(c + i, m), sv = Vec::load(s + i, m) * sgn;
     (x1 * cv - x2 * sv).store(y + i, m);
     fma(x1, sv, x2 * cv).store(y + h + i, m);
   }
+}
+
+// bf16 neox heads in pairs (vec.h load_pair: even and odd elements of 2W, no shuffles). The
+// token's cos/sin row is rearranged once into that lane order (ce/co, se/so: W floats per
+// 2W-chunk each, sin already signed) and reused by every head of the token.
+constexpr int64_t kPairMaxHalf = 256;  // h up to this uses the pair path (head_dim <= 512)
+
+struct PairAngles {
+  alignas(64) float ce[kPairMaxHalf / 2], co[kPairMaxHalf / 2], se[kPairMaxHalf / 2], so[kPairMaxHalf / 2];
+  void fill(const float* c, const float* s, int64_t h, float sign) {
+    for (int64_t j = 0; j + 2 * W <= h; j += 2 * W)
+      for (int k = 0; k < W; ++k) {
+        ce[j / 2 + k] = c[j + 2 * k];
+        co[j / 2 + k] = c[j + 2 * k + 1];
+        se[j / 2 + k] = s[j + 2 * k] * sign;
+        so[j / 2 + k] = s[j + 2 * k + 1] * sign;
+      }
+  }
+};
+
+THRIFTY_INLINE void rotate_neox_pairs(const bf16_t* x, bf16_t* y, const float* c, const float* s,
+                                      const PairAngles& a, int64_t h, Vec sgn) {
+  int64_t i = 0;
+  for (; i + 2 * W <= h; i += 2 * W) {
+    Vec x1e, x1o, x2e, x2o;
+    load_pair(x + i, x1e, x1o);
+    load_pair(x + h + i, x2e, x2o);
+    const Vec ce = Vec::load(a.ce + i / 2), co = Vec::load(a.co + i / 2);
+    const Vec se = Vec::load(a.se + i / 2), so = Vec::load(a.so + i / 2);
+    store_pair(y + i, x1e * ce - x2e * se, x1o * co - x2o * so);
+    store_pair(y + h + i, fma(x1e, se, x2e * ce), fma(x1o, so, x2o * co));
+  }
+  if (i < h) rotate_neox(x + i, y + i, c + i, s + i, h - i, sgn, h);
 }
 
 // One head: GPT-J interleaved rotation of x (2h features) into y.
@@ -99,17 +135,25 @@ void run(const RotaryParams& p) {
   T* ko = static_cast<T*>(p.k_out);
   const int64_t per_token = (p.q_heads + p.k_heads) * hd;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(per_token, 1));
+  const bool use_pairs = std::is_same_v<T, bf16_t> && !p.interleaved && h <= kPairMaxHalf;
   parallel_for(0, p.tokens, grain, [&](int64_t b, int64_t e) {
+    PairAngles angles;
     for (int64_t t = b; t < e; ++t) {
       const int64_t pos = p.positions_int32 ? static_cast<const int32_t*>(p.positions)[t]
                                             : static_cast<const int64_t*>(p.positions)[t];
       const float* c = p.cos_sin + pos * p.rot_dim;
       const float* s = c + h;
+      if (use_pairs) angles.fill(c, s, h, sign);
       auto head = [&](const T* x, T* y) {
         if (p.interleaved)
           rotate_gptj(x, y, c, s, h, sign);
-        else
-          rotate_neox(x, y, c, s, h, sgn);
+        else if constexpr (std::is_same_v<T, bf16_t>) {
+          if (use_pairs)
+            rotate_neox_pairs(x, y, c, s, angles, h, sgn);
+          else
+            rotate_neox(x, y, c, s, h, sgn, h);
+        } else
+          rotate_neox(x, y, c, s, h, sgn, h);
         if (rest > 0) std::memcpy(y + p.rot_dim, x + p.rot_dim, rest * sizeof(T));
       };
       for (int64_t hh = 0; hh < p.q_heads; ++hh)
