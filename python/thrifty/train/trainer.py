@@ -275,7 +275,7 @@ class Trainer:
         n_params = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         pbytes = 2 if self.param_dtype == torch.bfloat16 else 4
-        opt_bytes = {"adamw": 8 + (4 if self.master_weights else 0), "adamw8bit": 2.1, "lion": 4}[c.optimizer]
+        opt_bytes = {"adamw": 8, "adamw8bit": 2.1, "lion": 4}[c.optimizer] + (4 if self.master_weights else 0)
         static = n_params * pbytes + trainable * (pbytes + opt_bytes)
         if self.distributed and c.fsdp:
             static /= self.world
@@ -409,7 +409,8 @@ class Trainer:
                 self.optimizer = torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
             else:
                 self.optimizer = _compat.make_optimizer(c.optimizer, groups, lr=c.lr, betas=tuple(c.betas),
-                                                        weight_decay=c.weight_decay, master_weights=self.master_weights)
+                                                        weight_decay=c.weight_decay, master_weights=self.master_weights,
+                                                        max_grad_norm=c.grad_clip if c.grad_clip and c.grad_clip > 0 else None)
         except ValueError as e:
             raise TrainError(str(e)) from None
         total = c.steps or 10**9
@@ -429,6 +430,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.nan_skipped = 0
+        self._consecutive_nan = 0
         self.elapsed_before = 0.0
         self.flops_per_token = model_flops_per_token(self.model_config, c.seq_len)
         # MFU against the matmul rate of the compute dtype, measured in this run
@@ -623,16 +625,26 @@ class Trainer:
             import torch.distributed as dist
             dist.all_reduce(loss_acc)
         loss_val = float(loss_acc)
-        params = [p for p in self.raw_model.parameters() if p.requires_grad]
-        gnorm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip and c.grad_clip > 0 else float("inf"))
-        gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
         lr = self.optimizer.param_groups[0]["lr"]
-        skipped = not (math.isfinite(loss_val) and math.isfinite(gnorm))
+        if self.fsdp:  # torch.optim.AdamW over DTensor shards: torch's clipping, then a host-side check
+            params = [p for p in self.raw_model.parameters() if p.requires_grad]
+            gnorm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip and c.grad_clip > 0 else float("inf"))
+            gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+            skipped = not (math.isfinite(loss_val) and math.isfinite(gnorm))
+            if not skipped:
+                self.optimizer.step()
+        elif math.isfinite(loss_val):
+            # thrifty's fused optimizer: one fused grad norm clips inside the step (same coefficient as
+            # clip_grad_norm_, min(1, clip / (norm + 1e-6))) and skips the step on non-finite grads
+            self.optimizer.step()
+            gnorm = float(self.optimizer.last_grad_norm)
+            skipped = self.optimizer.last_step_skipped
+        else:
+            gnorm, skipped = float("nan"), True
         if skipped:
             self.nan_skipped += 1
             self._consecutive_nan += 1
         else:
-            self.optimizer.step()
             self._consecutive_nan = 0
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
