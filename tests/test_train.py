@@ -276,3 +276,15 @@ def test_bf16_master_weights(corpus, tmp_path):
     if t.master_weights:  # thrifty.optim present: float32 masters live in the optimizer
         assert type(t.optimizer).__module__.startswith("thrifty.optim")
     assert res["final_loss"] == res["final_loss"] and res["steps"] == 2
+
+
+def test_bf16_without_master_weights(corpus, tmp_path):
+    """--no-master-weights (with 8-bit moments: the leanest setup): bf16 params updated in place, no float32
+    copies in the optimizer state, and the run still learns."""
+    t = Trainer(cfg(corpus, tmp_path / "r", precision="bf16", steps=6, master_weights=False, optimizer="adamw8bit",
+                    activation_checkpointing=True, lr=1e-2))
+    t.train()
+    assert not t.master_weights and all(p.dtype == torch.bfloat16 for p in t.raw_model.parameters())
+    assert t.optimizer.state and not any("master" in s for s in t.optimizer.state.values())
+    tr = losses(tmp_path / "r")
+    assert tr[6] < tr[1]

@@ -65,6 +65,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     optimizer: str = "adamw"
     precision: str = "auto"                 # bf16 | fp32 | auto (bf16 where the device has fast bf16 matmul)
+    master_weights: bool = True             # bf16: float32 master weights in the optimizer (False: the bf16
+                                            # params are updated directly, 4 bytes/param less, like a plain bf16 loop)
     activation_checkpointing: bool = False
     compile: bool = False
     # LoRA
@@ -362,9 +364,9 @@ class Trainer:
         self.fsdp = self.distributed and c.fsdp
         if self.fsdp and c.optimizer != "adamw":
             raise TrainError(f"--fsdp supports --optimizer adamw only (torch.optim.AdamW on DTensor shards), got {c.optimizer}")
-        self.master_weights = (c.precision == "bf16" and _compat.supports_master_weights(c.optimizer) and not c.lora_rank
-                               and not self.fsdp)
-        self.param_dtype = torch.bfloat16 if self.master_weights else torch.float32
+        bf16_params = c.precision == "bf16" and _compat.supports_master_weights(c.optimizer) and not c.lora_rank and not self.fsdp
+        self.master_weights = bf16_params and c.master_weights
+        self.param_dtype = torch.bfloat16 if bf16_params else torch.float32
         if c.lora_rank and c.precision == "bf16":
             self.param_dtype = torch.bfloat16  # frozen base in bf16, adapters float32
         self.autocast = c.precision == "bf16" and self.param_dtype == torch.float32
@@ -713,7 +715,7 @@ class Trainer:
                  f"{mc.num_hidden_layers} layers x {mc.hidden_size}, vocab {mc.vocab_size}; "
                  f"{'thrifty' if self.thrifty_model else 'stand-in'} model, optimizer {type(self.optimizer).__module__}."
                  f"{type(self.optimizer).__name__}; precision {c.precision} "
-                 f"({'bf16 params + fp32 master weights' if self.master_weights else 'autocast over fp32 params' if self.autocast else str(self.param_dtype)}); "
+                 f"({'bf16 params + fp32 master weights' if self.master_weights else 'autocast over fp32 params' if self.autocast else 'bf16 params, no master weights' if self.param_dtype == torch.bfloat16 and not c.lora_rank else str(self.param_dtype)}); "
                  f"{self.world} process(es) on {self.device}{' FSDP2' if c.fsdp and self.distributed else ' DDP' if self.distributed else ''}; "
                  f"global batch {self.global_batch} x {c.seq_len} tokens")
         from tqdm import tqdm
