@@ -187,6 +187,19 @@ def _available_memory(device: torch.device) -> int | None:
     return None
 
 
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _rank_info():
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
@@ -316,7 +329,7 @@ class Trainer:
             self.time_budget = 600.0
             self.log("schedule: neither --steps nor --time-budget given: training for 10 minutes")
         self.run_dir = self._run_dir()
-        if not c.resume and (self.run_dir / "checkpoints").is_dir() and any((self.run_dir / "checkpoints").iterdir()):
+        if not c.resume and self._checkpoints():
             raise TrainError(f"{self.run_dir} already holds checkpoints: pass --resume to continue it, or another --out")
         if c.resume and not self._latest_checkpoint():
             raise TrainError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
@@ -456,12 +469,26 @@ class Trainer:
     def _ckpt_root(self) -> Path:
         return self.run_dir / "checkpoints"
 
-    def _latest_checkpoint(self) -> Path | None:
+    def _checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first (a killed save leaves only a .tmp-* directory, never a step_*)."""
         root = self._ckpt_root()
         if not root.is_dir():
-            return None
-        cks = sorted(p for p in root.iterdir() if re.fullmatch(r"step_\d+", p.name) and (p / "trainer_state.pt").is_file())
+            return []
+        return sorted(p for p in root.iterdir() if re.fullmatch(r"step_\d+", p.name) and (p / "trainer_state.pt").is_file())
+
+    def _latest_checkpoint(self) -> Path | None:
+        cks = self._checkpoints()
         return cks[-1] if cks else None
+
+    def _remove_stale_temps(self) -> None:
+        """Removes what a killed run was writing (checkpoints/.tmp-step_*, .tmp-export-*): never read, only in the way."""
+        for d in (self._ckpt_root(), self.run_dir):
+            if d.is_dir():
+                for p in d.glob(".tmp-*"):
+                    if p.is_dir():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
 
     def _full_state(self):
         """(model state dict in HF names with LoRA merged, lora state, optimizer state) on every rank."""
@@ -531,6 +558,7 @@ class Trainer:
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
+        _fsync_dir(root)  # the rename itself survives a power cut, not only a kill
         cks = sorted(p for p in root.iterdir() if re.fullmatch(r"step_\d+", p.name))
         for old in cks[:-max(1, self.cfg.keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
@@ -702,6 +730,7 @@ class Trainer:
         rd = self.run_dir
         if self.is_main:
             rd.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_temps()
             (rd / "train_config.json").write_text(json.dumps(asdict(c), indent=1, default=str))
         metrics_path = rd / "metrics.jsonl"
         if self.is_main:
