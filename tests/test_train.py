@@ -327,6 +327,44 @@ def test_fsdp_two_processes_match_single(corpus, base_model, tmp_path):
     Llama.from_pretrained(str(fs / "checkpoints" / "step_000003"))
 
 
+@pytest.mark.slow
+def test_compile_matches_eager(corpus, tmp_path):
+    """--compile: the model runs through torch.compile (inductor) and trains to the eager losses."""
+    import torch._dynamo
+
+    eager = Trainer(cfg(corpus, tmp_path / "eager", steps=2, eval_every=100)).train()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    t = Trainer(cfg(corpus, tmp_path / "compiled", steps=2, eval_every=100, compile=True))
+    res = t.train()
+    assert isinstance(t.model, torch._dynamo.eval_frame.OptimizedModule)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    le, lc = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert sorted(lc) == [1, 2]
+    for k in le:
+        assert abs(lc[k] - le[k]) <= 1e-4 * abs(le[k]), (k, lc[k], le[k])
+    assert abs(res["val_loss"] - eager["val_loss"]) <= 1e-4 * abs(eager["val_loss"])
+    torch._dynamo.reset()
+
+
+def test_train_on_parquet(tmp_path):
+    """`--data file.parquet --text-field body` trains like a directory of .txt files."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from test_data import write_corpus
+
+    texts = [prose(i, 200) for i in range(24)]
+    pq.write_table(pa.table({"body": texts, "n": list(range(24))}), tmp_path / "docs.parquet")
+    tok = tmp_path / "tok"
+    save_tokenizer(train_tokenizer(texts, vocab_size=320), tok)
+    common = dict(tokenizer=str(tok / "tokenizer.json"), steps=3, eval_every=100)
+    res = Trainer(cfg(tmp_path, tmp_path / "pq", data=str(tmp_path / "docs.parquet"), text_field="body", **common)).train()
+    txt = write_corpus(tmp_path / "txt", 24)
+    ref = Trainer(cfg(tmp_path, tmp_path / "txt_run", data=str(txt), **common)).train()
+    assert res["steps"] == 3 and losses(tmp_path / "pq") == losses(tmp_path / "txt_run")
+    assert res["val_loss"] == ref["val_loss"]
+
+
 def test_bf16_master_weights(corpus, tmp_path):
     t = Trainer(cfg(corpus, tmp_path / "r", precision="bf16", steps=2))
     res = t.train()
