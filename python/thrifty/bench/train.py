@@ -25,6 +25,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -216,15 +217,18 @@ def run(device, quick: bool = False, *, preset=None, batch=None, seq=None, reps=
     flops = model_flops_per_token(cfg, seq) * tokens
     run_dir = tempfile.mkdtemp(prefix="thrifty-bench-train-")
     results = {}
-    for case in cases:
-        spec = dict(case=case, device=str(device), preset=preset, batch=batch, seq=seq, run_dir=run_dir,
-                    warmup=0 if (case == "hf" and slow_hf) else 1, reps=hf_reps if case == "hf" else reps)
-        t0 = time.perf_counter()
-        r = results[case] = _spawn(spec)
-        s = statistics.median(r["times"])
-        print(f"  {case:8s} {tokens / s:9.1f} tok/s  step {s:8.2f} s (runs {', '.join(f'{x:.2f}' for x in r['times'])})"
-              f"  peak +{r['peak'] / 2**20:.0f} MiB  loss {r['loss']:.3f}  [{time.perf_counter() - t0:.0f} s]  "
-              f"{r['config']}", flush=True)
+    try:
+        for case in cases:
+            spec = dict(case=case, device=str(device), preset=preset, batch=batch, seq=seq, run_dir=run_dir,
+                        warmup=0 if (case == "hf" and slow_hf) else 1, reps=hf_reps if case == "hf" else reps)
+            t0 = time.perf_counter()
+            r = results[case] = _spawn(spec)
+            s = statistics.median(r["times"])
+            print(f"  {case:8s} {tokens / s:9.1f} tok/s  step {s:8.2f} s (runs {', '.join(f'{x:.2f}' for x in r['times'])})"
+                  f"  peak +{r['peak'] / 2**20:.0f} MiB  loss {r['loss']:.3f}  [{time.perf_counter() - t0:.0f} s]  "
+                  f"{r['config']}", flush=True)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
     hf = results.get("hf")
     t_hf = statistics.median(hf["times"]) if hf else None
     for case in [c for c in cases if c != "hf"]:
