@@ -1,4 +1,3 @@
-from thrifty.bench.train import run
-from thrifty.bench.common import main
+from thrifty.bench.train import main
 
-main(run)
+main()

@@ -180,6 +180,29 @@ def test_data_errors(tmp_path):
             prepare_data(tmp_path / "x.parquet", tmp_path / "r", seq_len=16)
 
 
+def test_parquet_source(tmp_path):
+    """A parquet file's text column (any name, via text_field) goes through the same pipeline as .txt
+    files: same documents in, same token stream out; a null cell is dropped as non-text."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    texts = [prose(i) for i in range(12)]
+    table = pa.table({"id": list(range(13)), "body": texts + [None]})
+    pq.write_table(table, tmp_path / "docs.parquet")
+    docs = load_documents(tmp_path / "docs.parquet", text_field="body")
+    assert [d.text for d in docs[:12]] == texts and docs[12].rejected == "binary_or_non_utf8"
+    tok = tmp_path / "tok"
+    save_tokenizer(train_tokenizer(texts, vocab_size=320), tok)
+    b = prepare_data(tmp_path / "docs.parquet", tmp_path / "run", seq_len=32, tokenizer=tok, text_field="body",
+                     near_dup=False, val_fraction=0.0)
+    txt = write_corpus(tmp_path / "txt", 12)
+    b_txt = prepare_data(txt, tmp_path / "run_txt", seq_len=32, tokenizer=tok, near_dup=False, val_fraction=0.0)
+    assert b.stats["documents_in"] == 13 and b.stats["documents_out"] == 12
+    assert np.array_equal(b.train.stream, b_txt.train.stream)
+    with pytest.raises(DataError, match="no 'text' column"):
+        prepare_data(tmp_path / "docs.parquet", tmp_path / "r2", seq_len=32, tokenizer=tok)
+    assert not (tmp_path / "r2").exists()
+
+
 def test_default_corpus_is_stdlib():
     files = default_corpus_files(max_files=50, max_bytes=500_000)
     assert 0 < len(files) <= 50 and all(f.suffix == ".py" for f in files)

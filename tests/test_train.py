@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -115,6 +117,57 @@ def test_resume_same_trajectory(corpus, tmp_path):
     assert lb == la  # bit-identical
 
 
+def test_kill_and_resume_matches_uninterrupted(corpus, base_model, tmp_path):
+    """`thrifty train` in a subprocess, SIGKILLed as soon as a checkpoint exists (wherever it then is:
+    mid-step, mid-eval, mid-save), resumed with --resume: the losses of every step and the final
+    weights are bit-identical to an uninterrupted run, and no half-written checkpoint is used or left."""
+    from safetensors.torch import load_file
+
+    steps, every = 30, 4
+    tok = str(corpus / "tok" / "tokenizer.json")
+    argv = ["--model", str(base_model), "--tokenizer", tok, "--data", str(corpus), "--seq-len", "32", "--batch-size", "2",
+            "--steps", str(steps), "--lr", "3e-3", "--warmup", "1", "--precision", "fp32", "--no-progress",
+            "--eval-every", "10", "--eval-batches", "2", "--save-every", str(every), "--keep-last", "2"]
+    env = {**os.environ, "PYTHONPATH": THRIFTY_PATH + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}  # one thread as in this process: same reductions, bit-identical results
+    killed = tmp_path / "killed"
+    ckroot = killed / "checkpoints"
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "thrifty.cli", "train", *argv, "--out", str(killed)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 240
+            while proc.poll() is None and time.monotonic() < deadline:
+                if ckroot.is_dir() and any(p.name.startswith("step_") for p in ckroot.iterdir()):
+                    proc.send_signal(signal.SIGKILL)
+                    break
+                time.sleep(0.002)
+        finally:
+            if proc.poll() is None and time.monotonic() >= deadline:
+                proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    done = sorted(int(p.name[5:]) for p in ckroot.iterdir() if p.name.startswith("step_"))
+    assert done and done[-1] < steps and not (killed / "model.safetensors").exists()  # killed mid-run
+    # what a kill during a save leaves: a temp directory with a truncated state (never renamed)
+    half = ckroot / f".tmp-step_{done[-1] + every:06d}-999999"
+    half.mkdir(exist_ok=True)
+    (half / "trainer_state.pt").write_bytes(b"PK\x03\x04 truncated")
+
+    common = dict(model=str(base_model), model_overrides=None, steps=steps, save_every=every, keep_last=2,
+                  eval_every=10, lr=3e-3)
+    assert run(cfg(corpus, killed, resume=True, **common)) == 0
+    ref = tmp_path / "ref"
+    assert run(cfg(corpus, ref, **common)) == 0
+    lk, lr_ = losses(killed), losses(ref)
+    assert sorted(lk) == list(range(1, steps + 1))
+    assert lk == lr_  # bit-identical trajectory across the kill
+    wk, wr = load_file(str(killed / "model.safetensors")), load_file(str(ref / "model.safetensors"))
+    assert wk.keys() == wr.keys() and all(torch.equal(wk[k], wr[k]) for k in wr)
+    assert not list(killed.rglob(".tmp-*"))
+    assert sorted(p.name for p in ckroot.iterdir()) == [f"step_{steps // every * every:06d}", f"step_{steps:06d}"]
+
+
 def test_lora_trains_only_adapters_and_merges(corpus, base_model, tmp_path):
     from safetensors.torch import load_file
 
@@ -206,6 +259,11 @@ def test_existing_run_needs_resume(corpus, tmp_path, capsys):
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
     _fails(capsys, cfg(corpus, out, steps=2), 2, "--resume", out)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before and (out / "model.safetensors").is_file()
+    # a run killed while writing its first checkpoint left only a temp directory: a fresh run may start there
+    stale = tmp_path / "stale"
+    (stale / "checkpoints" / ".tmp-step_000002-123").mkdir(parents=True)
+    assert run(cfg(corpus, stale, steps=2)) == 0
+    assert not list(stale.rglob(".tmp-*")) and (stale / "checkpoints" / "step_000002").is_dir()
 
 
 def test_nan_step_skipped(corpus, tmp_path):
@@ -269,6 +327,44 @@ def test_fsdp_two_processes_match_single(corpus, base_model, tmp_path):
     Llama.from_pretrained(str(fs / "checkpoints" / "step_000003"))
 
 
+@pytest.mark.slow
+def test_compile_matches_eager(corpus, tmp_path):
+    """--compile: the model runs through torch.compile (inductor) and trains to the eager losses."""
+    import torch._dynamo
+
+    eager = Trainer(cfg(corpus, tmp_path / "eager", steps=2, eval_every=100)).train()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    t = Trainer(cfg(corpus, tmp_path / "compiled", steps=2, eval_every=100, compile=True))
+    res = t.train()
+    assert isinstance(t.model, torch._dynamo.eval_frame.OptimizedModule)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    le, lc = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert sorted(lc) == [1, 2]
+    for k in le:
+        assert abs(lc[k] - le[k]) <= 1e-4 * abs(le[k]), (k, lc[k], le[k])
+    assert abs(res["val_loss"] - eager["val_loss"]) <= 1e-4 * abs(eager["val_loss"])
+    torch._dynamo.reset()
+
+
+def test_train_on_parquet(tmp_path):
+    """`--data file.parquet --text-field body` trains like a directory of .txt files."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from test_data import write_corpus
+
+    texts = [prose(i, 200) for i in range(24)]
+    pq.write_table(pa.table({"body": texts, "n": list(range(24))}), tmp_path / "docs.parquet")
+    tok = tmp_path / "tok"
+    save_tokenizer(train_tokenizer(texts, vocab_size=320), tok)
+    common = dict(tokenizer=str(tok / "tokenizer.json"), steps=3, eval_every=100)
+    res = Trainer(cfg(tmp_path, tmp_path / "pq", data=str(tmp_path / "docs.parquet"), text_field="body", **common)).train()
+    txt = write_corpus(tmp_path / "txt", 24)
+    ref = Trainer(cfg(tmp_path, tmp_path / "txt_run", data=str(txt), **common)).train()
+    assert res["steps"] == 3 and losses(tmp_path / "pq") == losses(tmp_path / "txt_run")
+    assert res["val_loss"] == ref["val_loss"]
+
+
 def test_bf16_master_weights(corpus, tmp_path):
     t = Trainer(cfg(corpus, tmp_path / "r", precision="bf16", steps=2))
     res = t.train()
@@ -276,3 +372,15 @@ def test_bf16_master_weights(corpus, tmp_path):
     if t.master_weights:  # thrifty.optim present: float32 masters live in the optimizer
         assert type(t.optimizer).__module__.startswith("thrifty.optim")
     assert res["final_loss"] == res["final_loss"] and res["steps"] == 2
+
+
+def test_bf16_without_master_weights(corpus, tmp_path):
+    """--no-master-weights (with 8-bit moments: the leanest setup): bf16 params updated in place, no float32
+    copies in the optimizer state, and the run still learns."""
+    t = Trainer(cfg(corpus, tmp_path / "r", precision="bf16", steps=6, master_weights=False, optimizer="adamw8bit",
+                    activation_checkpointing=True, lr=1e-2))
+    t.train()
+    assert not t.master_weights and all(p.dtype == torch.bfloat16 for p in t.raw_model.parameters())
+    assert t.optimizer.state and not any("master" in s for s in t.optimizer.state.values())
+    tr = losses(tmp_path / "r")
+    assert tr[6] < tr[1]

@@ -15,15 +15,20 @@ def preset_config(name: str, **overrides) -> LlamaConfig:
     return LlamaConfig.preset(name, **overrides)
 
 
-def make_optimizer(name: str, groups, *, lr: float, betas, weight_decay: float, master_weights: bool):
+def make_optimizer(name: str, groups, *, lr: float, betas, weight_decay: float, master_weights: bool,
+                   max_grad_norm: float | None = None):
+    """thrifty's fused optimizer ``name``; ``max_grad_norm`` clips the global grad norm inside the step
+    (one fused norm, no extra pass over the grads); non-finite grads skip the step."""
     for g in groups:
         g.setdefault("weight_decay", weight_decay)
+    kw = dict(weight_decay=weight_decay, master_weights=master_weights, max_grad_norm=max_grad_norm,
+              skip_nonfinite=True)
     if name == "adamw":
-        return _optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, master_weights=master_weights)
+        return _optim.AdamW(groups, lr=lr, betas=betas, **kw)
     if name == "adamw8bit":
-        return _optim.AdamW8bit(groups, lr=lr, betas=betas, weight_decay=weight_decay, master_weights=master_weights)
+        return _optim.AdamW8bit(groups, lr=lr, betas=betas, **kw)
     if name == "lion":
-        return _optim.Lion(groups, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay, master_weights=master_weights)
+        return _optim.Lion(groups, lr=lr, betas=(0.9, 0.99), **kw)
     raise ValueError(f"--optimizer: expected adamw, adamw8bit or lion, got {name!r}")
 
 

@@ -39,6 +39,8 @@ def add_arguments(p) -> None:
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="bf16: bf16 weights + fp32 master weights in the optimizer; auto: bf16 where the device "
                         "has fast bf16 matmul (GPU, AVX512-BF16/AMX CPU), else fp32")
+    g.add_argument("--no-master-weights", action="store_true",
+                   help="bf16: update the bf16 weights directly, without float32 master copies (4 bytes/param less)")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each layer in the backward")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--seed", type=int, default=0)
@@ -67,7 +69,8 @@ def config_from_args(args):
         val_fraction=args.val_fraction, preset=args.preset, model=args.model, steps=args.steps,
         time_budget=args.time_budget, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
         lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-        optimizer=args.optimizer, precision=args.precision, activation_checkpointing=args.activation_checkpointing,
+        optimizer=args.optimizer, precision=args.precision, master_weights=not args.no_master_weights,
+        activation_checkpointing=args.activation_checkpointing,
         compile=args.compile, seed=args.seed, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()), out=args.out,
         save_every=args.save_every, keep_last=args.keep_last, resume=args.resume, eval_every=args.eval_every,

@@ -65,6 +65,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     optimizer: str = "adamw"
     precision: str = "auto"                 # bf16 | fp32 | auto (bf16 where the device has fast bf16 matmul)
+    master_weights: bool = True             # bf16: float32 master weights in the optimizer (False: the bf16
+                                            # params are updated directly, 4 bytes/param less, like a plain bf16 loop)
     activation_checkpointing: bool = False
     compile: bool = False
     # LoRA
@@ -185,6 +187,19 @@ def _available_memory(device: torch.device) -> int | None:
     return None
 
 
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _rank_info():
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
@@ -275,7 +290,7 @@ class Trainer:
         n_params = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         pbytes = 2 if self.param_dtype == torch.bfloat16 else 4
-        opt_bytes = {"adamw": 8 + (4 if self.master_weights else 0), "adamw8bit": 2.1, "lion": 4}[c.optimizer]
+        opt_bytes = {"adamw": 8, "adamw8bit": 2.1, "lion": 4}[c.optimizer] + (4 if self.master_weights else 0)
         static = n_params * pbytes + trainable * (pbytes + opt_bytes)
         if self.distributed and c.fsdp:
             static /= self.world
@@ -314,7 +329,7 @@ class Trainer:
             self.time_budget = 600.0
             self.log("schedule: neither --steps nor --time-budget given: training for 10 minutes")
         self.run_dir = self._run_dir()
-        if not c.resume and (self.run_dir / "checkpoints").is_dir() and any((self.run_dir / "checkpoints").iterdir()):
+        if not c.resume and self._checkpoints():
             raise TrainError(f"{self.run_dir} already holds checkpoints: pass --resume to continue it, or another --out")
         if c.resume and not self._latest_checkpoint():
             raise TrainError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
@@ -362,9 +377,9 @@ class Trainer:
         self.fsdp = self.distributed and c.fsdp
         if self.fsdp and c.optimizer != "adamw":
             raise TrainError(f"--fsdp supports --optimizer adamw only (torch.optim.AdamW on DTensor shards), got {c.optimizer}")
-        self.master_weights = (c.precision == "bf16" and _compat.supports_master_weights(c.optimizer) and not c.lora_rank
-                               and not self.fsdp)
-        self.param_dtype = torch.bfloat16 if self.master_weights else torch.float32
+        bf16_params = c.precision == "bf16" and _compat.supports_master_weights(c.optimizer) and not c.lora_rank and not self.fsdp
+        self.master_weights = bf16_params and c.master_weights
+        self.param_dtype = torch.bfloat16 if bf16_params else torch.float32
         if c.lora_rank and c.precision == "bf16":
             self.param_dtype = torch.bfloat16  # frozen base in bf16, adapters float32
         self.autocast = c.precision == "bf16" and self.param_dtype == torch.float32
@@ -409,7 +424,8 @@ class Trainer:
                 self.optimizer = torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
             else:
                 self.optimizer = _compat.make_optimizer(c.optimizer, groups, lr=c.lr, betas=tuple(c.betas),
-                                                        weight_decay=c.weight_decay, master_weights=self.master_weights)
+                                                        weight_decay=c.weight_decay, master_weights=self.master_weights,
+                                                        max_grad_norm=c.grad_clip if c.grad_clip and c.grad_clip > 0 else None)
         except ValueError as e:
             raise TrainError(str(e)) from None
         total = c.steps or 10**9
@@ -429,6 +445,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.nan_skipped = 0
+        self._consecutive_nan = 0
         self.elapsed_before = 0.0
         self.flops_per_token = model_flops_per_token(self.model_config, c.seq_len)
         # MFU against the matmul rate of the compute dtype, measured in this run
@@ -452,12 +469,26 @@ class Trainer:
     def _ckpt_root(self) -> Path:
         return self.run_dir / "checkpoints"
 
-    def _latest_checkpoint(self) -> Path | None:
+    def _checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first (a killed save leaves only a .tmp-* directory, never a step_*)."""
         root = self._ckpt_root()
         if not root.is_dir():
-            return None
-        cks = sorted(p for p in root.iterdir() if re.fullmatch(r"step_\d+", p.name) and (p / "trainer_state.pt").is_file())
+            return []
+        return sorted(p for p in root.iterdir() if re.fullmatch(r"step_\d+", p.name) and (p / "trainer_state.pt").is_file())
+
+    def _latest_checkpoint(self) -> Path | None:
+        cks = self._checkpoints()
         return cks[-1] if cks else None
+
+    def _remove_stale_temps(self) -> None:
+        """Removes what a killed run was writing (checkpoints/.tmp-step_*, .tmp-export-*): never read, only in the way."""
+        for d in (self._ckpt_root(), self.run_dir):
+            if d.is_dir():
+                for p in d.glob(".tmp-*"):
+                    if p.is_dir():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
 
     def _full_state(self):
         """(model state dict in HF names with LoRA merged, lora state, optimizer state) on every rank."""
@@ -527,6 +558,7 @@ class Trainer:
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
+        _fsync_dir(root)  # the rename itself survives a power cut, not only a kill
         cks = sorted(p for p in root.iterdir() if re.fullmatch(r"step_\d+", p.name))
         for old in cks[:-max(1, self.cfg.keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
@@ -623,16 +655,26 @@ class Trainer:
             import torch.distributed as dist
             dist.all_reduce(loss_acc)
         loss_val = float(loss_acc)
-        params = [p for p in self.raw_model.parameters() if p.requires_grad]
-        gnorm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip and c.grad_clip > 0 else float("inf"))
-        gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
         lr = self.optimizer.param_groups[0]["lr"]
-        skipped = not (math.isfinite(loss_val) and math.isfinite(gnorm))
+        if self.fsdp:  # torch.optim.AdamW over DTensor shards: torch's clipping, then a host-side check
+            params = [p for p in self.raw_model.parameters() if p.requires_grad]
+            gnorm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip and c.grad_clip > 0 else float("inf"))
+            gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+            skipped = not (math.isfinite(loss_val) and math.isfinite(gnorm))
+            if not skipped:
+                self.optimizer.step()
+        elif math.isfinite(loss_val):
+            # thrifty's fused optimizer: one fused grad norm clips inside the step (same coefficient as
+            # clip_grad_norm_, min(1, clip / (norm + 1e-6))) and skips the step on non-finite grads
+            self.optimizer.step()
+            gnorm = float(self.optimizer.last_grad_norm)
+            skipped = self.optimizer.last_step_skipped
+        else:
+            gnorm, skipped = float("nan"), True
         if skipped:
             self.nan_skipped += 1
             self._consecutive_nan += 1
         else:
-            self.optimizer.step()
             self._consecutive_nan = 0
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -688,6 +730,7 @@ class Trainer:
         rd = self.run_dir
         if self.is_main:
             rd.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_temps()
             (rd / "train_config.json").write_text(json.dumps(asdict(c), indent=1, default=str))
         metrics_path = rd / "metrics.jsonl"
         if self.is_main:
@@ -701,7 +744,7 @@ class Trainer:
                  f"{mc.num_hidden_layers} layers x {mc.hidden_size}, vocab {mc.vocab_size}; "
                  f"{'thrifty' if self.thrifty_model else 'stand-in'} model, optimizer {type(self.optimizer).__module__}."
                  f"{type(self.optimizer).__name__}; precision {c.precision} "
-                 f"({'bf16 params + fp32 master weights' if self.master_weights else 'autocast over fp32 params' if self.autocast else str(self.param_dtype)}); "
+                 f"({'bf16 params + fp32 master weights' if self.master_weights else 'autocast over fp32 params' if self.autocast else 'bf16 params, no master weights' if self.param_dtype == torch.bfloat16 and not c.lora_rank else str(self.param_dtype)}); "
                  f"{self.world} process(es) on {self.device}{' FSDP2' if c.fsdp and self.distributed else ' DDP' if self.distributed else ''}; "
                  f"global batch {self.global_batch} x {c.seq_len} tokens")
         from tqdm import tqdm
