@@ -2,7 +2,10 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <memory>
+#include <mutex>
+#include <vector>
 
 #include "common/optim_glue.h"
 #include "common/optim_quant.h"
@@ -14,6 +17,47 @@ namespace {
 constexpr int64_t kCpuChunk = 1 << 16;  // elements per chunk (a multiple of kQuantBlock)
 
 float read_scalar(const at::Tensor& t) { return t.data_ptr<float>()[0]; }
+
+// The quantizer table of a code map (common/optim_quant.h). The optimizer passes the same two maps
+// every step, so tables are built once per distinct map (about a millisecond for the dynamic maps)
+// and kept in a small cache, keyed by the 256 values; shared_ptr keeps an entry alive while a step
+// that holds it runs, whatever the other threads evict.
+struct QuantTable {
+  float q[256];
+  std::vector<uint32_t> entry;
+  QuantLut lut;
+};
+
+std::shared_ptr<const QuantTable> quant_table(const char* op, const char* arg, const at::Tensor& qmap) {
+  static std::mutex mu;
+  static std::vector<std::shared_ptr<const QuantTable>> cache;  // at most kCacheSize, newest last
+  constexpr size_t kCacheSize = 8;
+  const float* q = qmap.data_ptr<float>();
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (const auto& t : cache)
+      if (std::memcmp(t->q, q, sizeof(t->q)) == 0) return t;
+  }
+  float mids[255];
+  TORCH_CHECK_VALUE(quant_mids(q, mids), "thrifty.", op, ": '", arg,
+                    "' must hold 256 finite values in increasing order whose midpoints (q[k] + q[k+1]) / 2 strictly ",
+                    "increase (no value repeated three times)");
+  const int shift = quant_lut_shift(mids);
+  TORCH_CHECK_VALUE(shift >= 0, "thrifty.", op, ": '", arg, "' is too dense for the CPU quantizer: two neighbouring ",
+                    "midpoints (q[k] + q[k+1]) / 2 agree in sign, exponent and the top ", kQMaxMantBits,
+                    " mantissa bits");
+  auto t = std::make_shared<QuantTable>();
+  t->entry.resize(quant_lut_size(shift));
+  TORCH_CHECK_VALUE(fill_quant_lut(mids, shift, t->entry.data()), "thrifty.", op, ": '", arg,
+                    "' is too dense for the CPU quantizer: a midpoint at 0 shares a denormal bucket with another");
+  std::memcpy(t->q, q, sizeof(t->q));
+  t->lut.shift = static_cast<uint32_t>(shift);
+  t->lut.entry = t->entry.data();
+  std::lock_guard<std::mutex> lock(mu);
+  cache.push_back(t);
+  if (cache.size() > kCacheSize) cache.erase(cache.begin());
+  return t;
+}
 
 // Common driver: found_inf / lr / grad_coef / bias corrections, the kernel, then step += 1.
 void run_step(const char* op, OptimStepParams& s, OptimTable& tab, const at::Tensor& p0, const at::Tensor& lr,
@@ -80,11 +124,9 @@ void adamw8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
   check_qmap(op, "qmap_v", qmap_v, params[0]);
   s.qmap_m = qmap_m.data_ptr<float>();
   s.qmap_v = qmap_v.data_ptr<float>();
-  auto luts = std::make_unique<QuantLut[]>(2);
-  TORCH_CHECK_VALUE(build_quant_lut(s.qmap_m, luts[0]) && build_quant_lut(s.qmap_v, luts[1]), "thrifty.", op,
-                    ": the code maps are too dense for the CPU quantizer (two midpoints in one 2^-8 relative bucket)");
-  s.lut_m = &luts[0];
-  s.lut_v = &luts[1];
+  const auto lut_m = quant_table(op, "qmap_m", qmap_m), lut_v = quant_table(op, "qmap_v", qmap_v);
+  s.lut_m = &lut_m->lut;
+  s.lut_v = &lut_v->lut;
   s.has_master = !masters.empty();
   s.beta1 = beta1, s.beta2 = beta2, s.one_minus_beta1 = 1.0 - beta1, s.one_minus_beta2 = 1.0 - beta2, s.eps = eps, s.weight_decay = weight_decay;
   run_step(op, s, tab, params[0], lr, grad_coef, found_inf, true);
