@@ -378,6 +378,133 @@ def test_adamw8bit_matches_reference(cpu_isa, device, weight_decay, master):
                 assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, "codes differ beyond rounding"
 
 
+def _quantizer_test_values(q: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """float32 values in [-1, 1] that stress the nearest-code rule of the map q: the codes, the
+    midpoints (ties) and their float neighbours, zeros, denormals, +-1, and random bit patterns
+    over every exponent (bucket edges: low mantissa bits all 0 or all 1)."""
+    g = torch.Generator().manual_seed(seed)
+    mids = (q[:-1] + q[1:]) * 0.5
+    pts = torch.cat([q, mids, -q, -mids])
+    inf = torch.tensor(float("inf"))
+    near = torch.cat([pts, torch.nextafter(pts, inf), torch.nextafter(pts, -inf)])
+    tiny = torch.finfo(torch.float32).tiny
+    special = torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-45, -1e-45, tiny, -tiny, tiny / 3, -tiny / 7, 2.0**-24,
+                            -(2.0**-24), 2.0**-25, 2.0**-126, 1 - 2.0**-24, -(1 - 2.0**-24)])
+    n = 1 << 15
+    sign = torch.randint(0, 2, (n,), generator=g, dtype=torch.int64) << 31
+    expo = torch.randint(0, 127, (n,), generator=g, dtype=torch.int64) << 23  # |x| < 1, denormals included
+    mant = torch.randint(0, 1 << 23, (n,), generator=g, dtype=torch.int64)
+    low = torch.randint(0, 3, (n,), generator=g)  # 0: as drawn, 1: low 15 bits cleared, 2: low 15 bits set
+    mant = torch.where(low == 1, mant & ~0x7FFF, torch.where(low == 2, mant | 0x7FFF, mant))
+    rnd = (sign | expo | mant).to(torch.int32).view(torch.float32)
+    x = torch.cat([near, special, rnd, torch.rand(n // 4, generator=g) * 2 - 1])
+    return x[x.abs() <= 1]
+
+
+def _quantize_with_kernel(x: torch.Tensor, qmap_m: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes the fused 8-bit step gives the values x (|x| <= 1) with the map qmap_m. With beta1 = beta2 = 0
+    and zero state the step's new m is the grad and v its square; each block's first element is 1.0 so
+    the block absmax is 1 and the normalized m is x itself. Returns (m codes, v codes) of x."""
+    per = 255
+    nb = (x.numel() + per - 1) // per
+    tail = x.numel() - (nb - 1) * per  # the last block is partial: the kernel's tail path
+    blocks = torch.zeros(nb, 256)
+    blocks[:, 0] = 1.0
+    flat = torch.cat([x, torch.zeros(nb * per - x.numel())]).view(nb, per)
+    blocks[:, 1:] = flat
+    grad = blocks.reshape(-1)[: (nb - 1) * 256 + 1 + tail].contiguous()
+    n = grad.numel()
+    qm, qv = qmap_m.to(device), create_dynamic_map(False).to(device)
+    cm = torch.full((n,), int((qm.abs()).argmin()), dtype=torch.uint8, device=device)
+    cv = torch.zeros(n, dtype=torch.uint8, device=device)
+    am, av = torch.zeros(nb, device=device), torch.zeros(nb, device=device)
+    torch.ops.thrifty.adamw8bit_step([torch.zeros(n, device=device)], [grad.to(device)], [cm], [cv], [am], [av], qm, qv,
+                                     [], [torch.zeros((), device=device)], torch.tensor(0.0, device=device), 0.0, 0.0,
+                                     1e-8, 0.0, None, None)
+    assert (am.cpu() == 1.0).all() and (av.cpu() == 1.0).all()
+    keep = torch.ones(nb, 256, dtype=torch.bool)
+    keep[:, 0] = False
+    keep = keep.reshape(-1)[:n]
+    return cm.cpu()[keep][: x.numel()], cv.cpu()[keep][: x.numel()]
+
+
+def _maps():
+    g = torch.Generator().manual_seed(3)
+    gaps = torch.rand(255, generator=g) + 0.5  # uneven, but no two codes much closer than 1/256
+    rand = torch.cat([torch.zeros(1), gaps.cumsum(0)])
+    rand = (rand / rand[-1] * 2 - 1).float()
+    return {"signed dynamic": create_dynamic_map(True), "unsigned dynamic": create_dynamic_map(False),
+            "random": rand, "linear (a midpoint at 0)": torch.linspace(-1, 1, 256)}
+
+
+@pytest.mark.parametrize("name", list(_maps()))
+def test_8bit_quantizer_is_brute_force_nearest_code(cpu_isa, device, name):
+    """The kernels' quantizer (CPU: table lookup, vectorized per ISA level; CUDA: binary search) against
+    brute force over the 256 codes: the number of float32 midpoints below x (the rule), and argmin |x - q|
+    in float64 with ties to the lower code (the same, except between a float32-rounded midpoint and the
+    exact one)."""
+    q = _maps()[name]
+    x = _quantizer_test_values(q)
+    cm, cv = _quantize_with_kernel(x, q, device)
+    mids = (q[:-1] + q[1:]) * 0.5
+    rule = (mids[None, :] < x[:, None]).sum(1)
+    bad = (cm.long() != rule).nonzero().flatten()
+    assert bad.numel() == 0, f"{bad.numel()} codes differ from the rule, e.g. x={x[bad[:5]].tolist()} " \
+                             f"got {cm[bad[:5]].tolist()} want {rule[bad[:5]].tolist()}"
+    x64, q64 = x.double()[:, None], q.double()[None, :]
+    d = x64 - q64
+    bb = d - x64
+    argmin = d.abs().argmin(1)  # the first minimum: ties go to the lower code
+    # trusted where the float64 distances to the argmin and its neighbours are exact (TwoSum error 0):
+    # rounding is monotonic, so farther codes cannot overtake, and tiny x near two codes can tie
+    err_free = (x64 - (d - bb)) + (-q64 - bb) == 0
+    cols = (argmin[:, None] + torch.tensor([-1, 0, 1])).clamp(0, 255)
+    exact = err_free.gather(1, cols).all(1)
+    mids64 = (q.double()[:-1] + q.double()[1:]) / 2
+    rounded = (mids64[None, :] < x.double()[:, None]).sum(1) != rule  # x between a float32 midpoint and the exact one
+    check = exact & ~rounded
+    assert torch.equal(cm.long()[check], argmin[check])
+    big = x.abs() >= 2.0**-24  # below, float64 distances to the codes round (checked against the rule above)
+    assert check[big].float().mean() > 0.99
+    # v = x^2 (float32) with the unsigned dynamic map
+    qv = create_dynamic_map(False)
+    midv = (qv[:-1] + qv[1:]) * 0.5
+    assert torch.equal(cv.long(), (midv[None, :] < (x * x)[:, None]).sum(1))
+
+
+def test_8bit_quantizer_all_zero_block(cpu_isa, device):
+    """absmax 0: every code is the code of 0 and the scale stays 0."""
+    x = torch.zeros(300)
+    n = x.numel()
+    qm, qv = create_dynamic_map(True).to(device), create_dynamic_map(False).to(device)
+    cm = torch.full((n,), 7, dtype=torch.uint8, device=device)
+    cv = torch.full((n,), 9, dtype=torch.uint8, device=device)
+    am, av = torch.zeros(2, device=device), torch.zeros(2, device=device)
+    torch.ops.thrifty.adamw8bit_step([torch.zeros(n, device=device)], [x.to(device)], [cm], [cv], [am], [av], qm, qv,
+                                     [], [torch.zeros((), device=device)], torch.tensor(0.0, device=device), 0.0, 0.0,
+                                     1e-8, 0.0, None, None)
+    assert (am == 0).all() and (av == 0).all()
+    assert (cm.cpu() == int((qm.cpu() < 0).sum())).all() and (cv.cpu() == 0).all()
+
+
+def test_8bit_bad_code_maps_raise():
+    p = [torch.zeros(4)]
+
+    def step(qm):
+        torch.ops.thrifty.adamw8bit_step(p, [torch.zeros(4)], [torch.zeros(4, dtype=torch.uint8)],
+                                         [torch.zeros(4, dtype=torch.uint8)], [torch.zeros(1)], [torch.zeros(1)], qm,
+                                         create_dynamic_map(False), [], [torch.zeros(())], torch.tensor(1e-3), 0.9,
+                                         0.999, 1e-8, 0.0, None, None)
+
+    with pytest.raises(ValueError, match="'qmap_m' must hold 256 finite values in increasing order"):
+        step(create_dynamic_map(True).flip(0).contiguous())
+    with pytest.raises(ValueError, match="'qmap_m' must hold 256 finite values"):
+        step(torch.cat([create_dynamic_map(True)[:-1], torch.tensor([float("nan")])]))
+    dense = torch.cat([torch.linspace(-1, 0, 128), 0.5 + torch.arange(1, 129) * 2.0**-20])  # neighbours 2^-20 apart
+    with pytest.raises(ValueError, match="'qmap_m' is too dense for the CPU quantizer"):
+        step(dense)
+
+
 def test_adamw8bit_state_memory():
     p = torch.zeros(1 << 20, requires_grad=True)
     opt = thrifty.optim.AdamW8bit([p])

@@ -115,6 +115,80 @@ inline void optim_check_hparams(const char* op, double beta1, double beta2, doub
                     weight_decay, ")");
 }
 
+// Hyperparameters into the step params; 1 - beta in double (1 - 0.999f is off by 1e-5).
+inline void optim_set_hparams(OptimStepParams& s, double beta1, double beta2, double eps, double weight_decay) {
+  s.beta1 = static_cast<float>(beta1);
+  s.beta2 = static_cast<float>(beta2);
+  s.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  s.eps = static_cast<float>(eps);
+  s.weight_decay = static_cast<float>(weight_decay);
+}
+
+// What each step op checks and fills the same way on every device: hyperparameters (checked even
+// when params is empty), the lists (into the returned table, chunked by the device kernel's chunk
+// size) and the device-independent fields of s. The device glue then checks lr / grad_coef /
+// found_inf (optim_check_scalars), fills what its kernel reads and runs. Callers return early when
+// params is empty (nothing else is checked then, as nothing is touched).
+inline OptimTable adamw_prepare(const char* op, OptimStepParams& s, at::TensorList params, at::TensorList grads,
+                                at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList masters,
+                                at::TensorList steps, double beta1, double beta2, double eps, double weight_decay,
+                                int64_t chunk_size) {
+  optim_check_hparams(op, beta1, beta2, eps, weight_decay, true);
+  s.kind = OptimKind::adamw;
+  s.has_master = !masters.empty();
+  optim_set_hparams(s, beta1, beta2, eps, weight_decay);
+  return optim_build_table(op, params, grads, exp_avgs, exp_avg_sqs, masters, {}, {}, steps, false, true, true,
+                           chunk_size, s.pdtype);
+}
+
+inline void check_qmap(const char* op, const char* arg, const at::Tensor& q, const at::Tensor& ref) {
+  check_dtype(op, arg, q, {at::kFloat});
+  check_same_device(op, arg, q, "params[0]", ref);
+  TORCH_CHECK_VALUE(q.dim() == 1 && q.size(0) == 256 && q.is_contiguous(), "thrifty.", op, ": argument '", arg,
+                    "' must be a contiguous (256,) code map, got shape ", q.sizes());
+}
+
+inline OptimTable adamw8bit_prepare(const char* op, OptimStepParams& s, at::TensorList params, at::TensorList grads,
+                                    at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList absmax_m,
+                                    at::TensorList absmax_v, const at::Tensor& qmap_m, const at::Tensor& qmap_v,
+                                    at::TensorList masters, at::TensorList steps, double beta1, double beta2,
+                                    double eps, double weight_decay, int64_t chunk_size) {
+  optim_check_hparams(op, beta1, beta2, eps, weight_decay, true);
+  s.kind = OptimKind::adamw8bit;
+  s.has_master = !masters.empty();
+  optim_set_hparams(s, beta1, beta2, eps, weight_decay);
+  auto tab = optim_build_table(op, params, grads, exp_avgs, exp_avg_sqs, masters, absmax_m, absmax_v, steps, true,
+                               true, true, chunk_size, s.pdtype);
+  if (params.empty()) return tab;
+  check_qmap(op, "qmap_m", qmap_m, params[0]);
+  check_qmap(op, "qmap_v", qmap_v, params[0]);
+  s.qmap_m = qmap_m.data_ptr<float>();
+  s.qmap_v = qmap_v.data_ptr<float>();
+  return tab;
+}
+
+inline OptimTable lion_prepare(const char* op, OptimStepParams& s, at::TensorList params, at::TensorList grads,
+                               at::TensorList exp_avgs, at::TensorList masters, double beta1, double beta2,
+                               double weight_decay, int64_t chunk_size) {
+  optim_check_hparams(op, beta1, beta2, 0.0, weight_decay, false);
+  s.kind = OptimKind::lion;
+  s.has_master = !masters.empty();
+  optim_set_hparams(s, beta1, beta2, s.eps, weight_decay);  // eps unused
+  return optim_build_table(op, params, grads, exp_avgs, {}, masters, {}, {}, {}, false, false, false, chunk_size,
+                           s.pdtype);
+}
+
+// The one-value tensors of a step: float32, on the params' device, which must be of `type`.
+inline void optim_check_scalars(const char* op, c10::DeviceType type, const at::Tensor& p0, const at::Tensor& lr,
+                                const c10::optional<at::Tensor>& grad_coef,
+                                const c10::optional<at::Tensor>& found_inf) {
+  check_device_type(op, "params[0]", p0, type);
+  check_scalar_tensor(op, "lr", lr, p0);
+  if (grad_coef.has_value()) check_scalar_tensor(op, "grad_coef", *grad_coef, p0);
+  if (found_inf.has_value()) check_scalar_tensor(op, "found_inf", *found_inf, p0);
+}
+
 // Table for the L2 norm: any floating dtype per tensor, any device-consistent list.
 inline OptimTable l2norm_build_table(const char* op, at::TensorList tensors, int64_t chunk_size) {
   OptimTable tab;
@@ -138,13 +212,6 @@ inline OptimTable l2norm_build_table(const char* op, at::TensorList tensors, int
     tab.offsets.push_back(tab.offsets.back() + (e.n + chunk_size - 1) / chunk_size);
   }
   return tab;
-}
-
-inline void check_qmap(const char* op, const char* arg, const at::Tensor& q, const at::Tensor& ref) {
-  check_dtype(op, arg, q, {at::kFloat});
-  check_same_device(op, arg, q, "params[0]", ref);
-  TORCH_CHECK_VALUE(q.dim() == 1 && q.size(0) == 256 && q.is_contiguous(), "thrifty.", op, ": argument '", arg,
-                    "' must be a contiguous (256,) code map, got shape ", q.sizes());
 }
 
 }  // namespace thrifty

@@ -1,10 +1,24 @@
-// 8-bit optimizer state quantizer shared by the CPU glue and kernels (torch-free).
+// 8-bit optimizer state quantizer tables, built by the CPU glue and read by the CPU kernels (torch-free).
 //
 // Rule (also the Python reference's and the CUDA kernel's): the code of a normalized value x
 // (|x| <= 1) is the number of code midpoints mid[k] = (q[k] + q[k+1]) / 2 (float32) below x, i.e.
-// the nearest code, ties to the lower one. On CPU a lookup table indexed by x's sign, exponent and
-// top 8 mantissa bits gives it in two loads: every such bucket holds at most one midpoint t
-// (checked when the table is built), so code = base + (x > t).
+// the nearest code, ties to the lower one.
+//
+// CPU: a table indexed by x's bits above bit `shift` — sign, exponent and the top mbits = 23 - shift
+// mantissa bits, a "bucket" — gives the code in one 32-bit load, so a vector of codes is one table
+// lookup per lane with no search and no branches. The build picks the largest shift (smallest
+// table) at which no two midpoints share a bucket, so code = base + (x > t) with t the bucket's
+// midpoint if it has one. Within a bucket x > t depends only on the bits below `shift`, so the
+// entry packs base and t's position there:
+//   entry = base << 24 | t_pos,   code = base + (pos(x) > t_pos),
+//   pos(x) = x's bits below `shift`, flipped for negative x (so that pos grows with x);
+//   t_pos = kQNoMid (above any pos) when the bucket holds no midpoint.
+// The table covers every float, so the lookup needs no clamping: zeros, denormals and values
+// beyond 1 follow the rule exactly. NaN takes the code of infinity of its sign (the last code for
+// +NaN, the first for -NaN), as the earlier clamping lookup gave for any map with |codes| < 1.99.
+// The dynamic maps need mbits = 6 (signed, 128 KB) and 7 (unsigned, 256 KB), of which the steps
+// touch a few KB. The per-element lookup (scalar and vector) lives in the ISA-compiled kernel
+// (cpu/optim/optim_vec.h); the build functions below are for the CPU glue only.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -12,56 +26,78 @@
 
 namespace thrifty {
 
-constexpr int kQExpMin = 127 - 24;  // |x| < 2^-24: the "tiny" bucket (no midpoint there for the dynamic maps)
-constexpr int kQExps = 128 - kQExpMin;
-constexpr int kQTiny = 2 * kQExps * 256;
-constexpr int kQLutSize = kQTiny + 1;
+constexpr int kQMaxMantBits = 8;  // at most 2^(9 + 8) entries (512 KB) per table
+constexpr uint32_t kQNoMid = 0xffffffu;
 
+// What the kernels read: the bucket shift and the 2^(32 - shift) entries.
 struct QuantLut {
-  uint8_t code[kQLutSize];
-  float thr[kQLutSize];
+  uint32_t shift = 23;
+  const uint32_t* entry = nullptr;
 };
 
-inline int quant_count_below(const float* mids, float x) {  // #{k < 255: mids[k] < x}
-  int c = 0;
-  for (int step = 128; step > 0; step >>= 1)
-    if (c + step - 1 < 255 && mids[c + step - 1] < x) c += step;
-  return c;
+// static: each translation unit keeps its own copy, so no copy compiled for one ISA level can be
+// picked by the linker for another (ARCHITECTURE.md); the kernels never call these.
+static inline uint32_t quant_float_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return u;
 }
 
-// Builds the table of the sorted 256-value map q. Returns false if a bucket holds two midpoints.
-inline bool build_quant_lut(const float* q, QuantLut& lut) {
-  float mids[255];
-  for (int k = 0; k < 255; ++k) mids[k] = (q[k] + q[k + 1]) * 0.5f;
-  auto bits_to_float = [](uint32_t u) {
+// The 255 midpoints of the 256-value map q; false unless q is finite and the midpoints strictly increase.
+static inline bool quant_mids(const float* q, float* mids) {
+  for (int k = 0; k < 255; ++k) {
+    if (!std::isfinite(q[k]) || !std::isfinite(q[k + 1])) return false;
+    mids[k] = (q[k] + q[k + 1]) * 0.5f;
+    if (k > 0 && !(mids[k - 1] < mids[k])) return false;
+  }
+  return true;
+}
+
+// The largest bucket shift at which no two midpoints share a bucket, or -1 if that needs more than
+// kQMaxMantBits mantissa bits. Buckets are intervals, so it suffices that neighbours differ above it.
+static inline int quant_lut_shift(const float* mids) {
+  int shift = 23;
+  for (int k = 0; k + 1 < 255; ++k) {
+    const uint32_t d = quant_float_bits(mids[k]) ^ quant_float_bits(mids[k + 1]);
+    const int top = 31 - __builtin_clz(d);  // d != 0: the midpoints strictly increase
+    if (top < shift) shift = top;
+  }
+  return shift < 23 - kQMaxMantBits ? -1 : shift;
+}
+
+static inline uint32_t quant_lut_size(int shift) { return 1u << (32 - shift); }
+
+// Fills the quant_lut_size(shift) entries (layout above). Returns false if a bucket would hold two
+// midpoints (cannot happen at quant_lut_shift's shift except for a midpoint at +0 next to a
+// negative one within the same denormal bucket).
+static inline bool fill_quant_lut(const float* mids, int shift, uint32_t* entry) {
+  const uint32_t nkeys = 1u << (31 - shift), low = (1u << shift) - 1u;
+  auto as_float = [](uint32_t u) {
     float f;
     std::memcpy(&f, &u, 4);
     return f;
   };
-  for (uint32_t s = 0; s < 2; ++s)
-    for (int e = kQExpMin; e < 128; ++e)
-      for (uint32_t m8 = 0; m8 < 256; ++m8) {
-        const uint32_t lo = static_cast<uint32_t>(e) << 23 | m8 << 15, hi = lo | 0x7fffu;
-        const float vmin = s ? -bits_to_float(hi) : bits_to_float(lo);
-        const float vmax = s ? -bits_to_float(lo) : bits_to_float(hi);
-        const int base = quant_count_below(mids, vmin);
-        int upto = base;  // #{mids <= vmax}
-        while (upto < 255 && mids[upto] <= vmax) ++upto;
-        if (upto - base > 1) return false;
-        const int idx = static_cast<int>((s * kQExps + static_cast<uint32_t>(e - kQExpMin)) * 256 + m8);
-        lut.code[idx] = static_cast<uint8_t>(base);
-        lut.thr[idx] = upto > base ? mids[base] : INFINITY;
+  for (uint32_t s = 0; s < 2; ++s) {
+    int c = 0;  // #{mids < vmin of the bucket}: buckets are visited by increasing value
+    for (uint32_t i = 0; i < nkeys; ++i) {
+      const uint32_t key = s ? nkeys - 1 - i : i;  // negative: descending magnitudes
+      const uint32_t lo = key << shift, hi = lo | low;
+      if ((lo >> 23) == 255) {  // inf and NaN: the code of +inf (255) or -inf (0)
+        entry[s * nkeys + key] = (s ? 0u : 255u) << 24 | kQNoMid;
+        continue;
       }
-  const float tiny = std::ldexp(1.0f, kQExpMin - 127);
-  const int base = quant_count_below(mids, -tiny);
-  int upto = base;
-  while (upto < 255 && mids[upto] <= tiny) ++upto;
-  if (upto != base) return false;
-  lut.code[kQTiny] = static_cast<uint8_t>(base);
-  lut.thr[kQTiny] = INFINITY;
+      const float vmin = s ? -as_float(hi) : as_float(lo);
+      const float vmax = s ? -as_float(lo) : as_float(hi);
+      while (c < 255 && mids[c] < vmin) ++c;
+      int upto = c;  // #{mids <= vmax}
+      while (upto < 255 && mids[upto] <= vmax) ++upto;
+      if (upto - c > 1) return false;
+      uint32_t tpos = kQNoMid;
+      if (upto > c) tpos = (quant_float_bits(mids[c]) & low) ^ (s ? low : 0u);
+      entry[s * nkeys + key] = static_cast<uint32_t>(c) << 24 | tpos;
+    }
+  }
   return true;
 }
-
-// quant_lut_index / quant_lookup (the per-element lookup) live in the ISA-compiled kernel.
 
 }  // namespace thrifty

@@ -2,7 +2,10 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <memory>
+#include <mutex>
+#include <vector>
 
 #include "common/optim_glue.h"
 #include "common/optim_quant.h"
@@ -15,23 +18,63 @@ constexpr int64_t kCpuChunk = 1 << 16;  // elements per chunk (a multiple of kQu
 
 float read_scalar(const at::Tensor& t) { return t.data_ptr<float>()[0]; }
 
-// Common driver: found_inf / lr / grad_coef / bias corrections, the kernel, then step += 1.
-void run_step(const char* op, OptimStepParams& s, OptimTable& tab, const at::Tensor& p0, const at::Tensor& lr,
-              const c10::optional<at::Tensor>& grad_coef, const c10::optional<at::Tensor>& found_inf, bool steps) {
-  check_device_type(op, "params[0]", p0, c10::DeviceType::CPU);
-  check_scalar_tensor(op, "lr", lr, p0);
-  if (grad_coef.has_value()) check_scalar_tensor(op, "grad_coef", *grad_coef, p0);
-  if (found_inf.has_value()) check_scalar_tensor(op, "found_inf", *found_inf, p0);
-  if (found_inf.has_value() && read_scalar(*found_inf) != 0.0f) return;  // skipped: nothing moves, steps stay
+// The quantizer table of a code map (common/optim_quant.h). The optimizer passes the same two maps
+// every step, so tables are built once per distinct map (about a millisecond for the dynamic maps)
+// and kept in a small cache, keyed by the 256 values; shared_ptr keeps an entry alive while a step
+// that holds it runs, whatever the other threads evict.
+struct QuantTable {
+  float q[256];
+  std::vector<uint32_t> entry;
+  QuantLut lut;
+};
+
+std::shared_ptr<const QuantTable> quant_table(const char* op, const char* arg, const at::Tensor& qmap) {
+  static std::mutex mu;
+  static std::vector<std::shared_ptr<const QuantTable>> cache;  // at most kCacheSize, newest last
+  constexpr size_t kCacheSize = 8;
+  const float* q = qmap.data_ptr<float>();
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (const auto& t : cache)
+      if (std::memcmp(t->q, q, sizeof(t->q)) == 0) return t;
+  }
+  float mids[255];
+  TORCH_CHECK_VALUE(quant_mids(q, mids), "thrifty.", op, ": '", arg,
+                    "' must hold 256 finite values in increasing order whose midpoints (q[k] + q[k+1]) / 2 strictly ",
+                    "increase (no value repeated three times)");
+  const int shift = quant_lut_shift(mids);
+  TORCH_CHECK_VALUE(shift >= 0, "thrifty.", op, ": '", arg, "' is too dense for the CPU quantizer: two neighbouring ",
+                    "midpoints (q[k] + q[k+1]) / 2 agree in sign, exponent and the top ", kQMaxMantBits,
+                    " mantissa bits");
+  auto t = std::make_shared<QuantTable>();
+  t->entry.resize(quant_lut_size(shift));
+  TORCH_CHECK_VALUE(fill_quant_lut(mids, shift, t->entry.data()), "thrifty.", op, ": '", arg,
+                    "' is too dense for the CPU quantizer: a midpoint at 0 shares a denormal bucket with another");
+  std::memcpy(t->q, q, sizeof(t->q));
+  t->lut.shift = static_cast<uint32_t>(shift);
+  t->lut.entry = t->entry.data();
+  std::lock_guard<std::mutex> lock(mu);
+  cache.push_back(t);
+  if (cache.size() > kCacheSize) cache.erase(cache.begin());
+  return t;
+}
+
+// Common driver: found_inf / lr / grad_coef / bias corrections, the kernel, then step += 1 (for
+// every listed tensor, the empty ones included). A set found_inf skips everything: nothing moves,
+// the steps stay.
+void run_step(const char* op, OptimStepParams& s, OptimTable& tab, at::TensorList params, at::TensorList steps,
+              const at::Tensor& lr, const c10::optional<at::Tensor>& grad_coef,
+              const c10::optional<at::Tensor>& found_inf) {
+  optim_check_scalars(op, c10::DeviceType::CPU, params[0], lr, grad_coef, found_inf);
+  if (found_inf.has_value() && read_scalar(*found_inf) != 0.0f) return;
   s.lr = read_scalar(lr);
   TORCH_CHECK_VALUE(std::isfinite(s.lr), "thrifty.", op, ": 'lr' must be finite (got ", s.lr, ")");
   s.grad_coef = grad_coef.has_value() ? read_scalar(*grad_coef) : 1.0f;
-  if (steps) {
-    for (auto& t : tab.tensors) {
-      const double st = static_cast<double>(*t.step) + 1.0;
-      t.bias_c1 = static_cast<float>(1.0 - std::pow(static_cast<double>(s.beta1), st));
-      t.bias_c2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(static_cast<double>(s.beta2), st)));
-    }
+  for (auto& t : tab.tensors) {
+    if (t.step == nullptr) continue;  // Lion: no step counts
+    const double st = static_cast<double>(*t.step) + 1.0;
+    t.bias_c1 = static_cast<float>(1.0 - std::pow(static_cast<double>(s.beta1), st));
+    t.bias_c2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(static_cast<double>(s.beta2), st)));
   }
   s.num_tensors = static_cast<int64_t>(tab.tensors.size());
   s.tensors = tab.tensors.data();
@@ -39,8 +82,7 @@ void run_step(const char* op, OptimStepParams& s, OptimTable& tab, const at::Ten
   s.total_chunks = tab.offsets.back();
   s.chunk_size = kCpuChunk;
   if (s.total_chunks > 0) THRIFTY_CPU_DISPATCH(optim_step, s);
-  if (steps)
-    for (auto& t : tab.tensors) *t.step += 1.0f;
+  for (const auto& st : steps) st.data_ptr<float>()[0] += 1.0f;
 }
 
 void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -48,19 +90,11 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     double eps, double weight_decay, const c10::optional<at::Tensor>& grad_coef,
                     const c10::optional<at::Tensor>& found_inf) {
   const char* op = "adamw_step";
-  optim_check_hparams(op, beta1, beta2, eps, weight_decay, true);
-  if (params.empty()) return;
   OptimStepParams s;
-  s.kind = OptimKind::adamw;
-  auto tab = optim_build_table(op, params, grads, exp_avgs, exp_avg_sqs, masters, {}, {}, steps, false, true, true,
-                               kCpuChunk, s.pdtype);
-  s.has_master = !masters.empty();
-  s.beta1 = beta1, s.beta2 = beta2, s.one_minus_beta1 = 1.0 - beta1, s.one_minus_beta2 = 1.0 - beta2, s.eps = eps, s.weight_decay = weight_decay;
-  run_step(op, s, tab, params[0], lr, grad_coef, found_inf, true);
-  // tensors with no elements still count a step
-  if (!(found_inf.has_value() && read_scalar(*found_inf) != 0.0f))
-    for (size_t i = 0; i < params.size(); ++i)
-      if (params[i].numel() == 0) steps[i].add_(1);
+  auto tab = adamw_prepare(op, s, params, grads, exp_avgs, exp_avg_sqs, masters, steps, beta1, beta2, eps,
+                           weight_decay, kCpuChunk);
+  if (params.empty()) return;
+  run_step(op, s, tab, params, steps, lr, grad_coef, found_inf);
 }
 
 void adamw8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -70,42 +104,24 @@ void adamw8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
                         double weight_decay, const c10::optional<at::Tensor>& grad_coef,
                         const c10::optional<at::Tensor>& found_inf) {
   const char* op = "adamw8bit_step";
-  optim_check_hparams(op, beta1, beta2, eps, weight_decay, true);
-  if (params.empty()) return;
   OptimStepParams s;
-  s.kind = OptimKind::adamw8bit;
-  auto tab = optim_build_table(op, params, grads, exp_avgs, exp_avg_sqs, masters, absmax_m, absmax_v, steps, true,
-                               true, true, kCpuChunk, s.pdtype);
-  check_qmap(op, "qmap_m", qmap_m, params[0]);
-  check_qmap(op, "qmap_v", qmap_v, params[0]);
-  s.qmap_m = qmap_m.data_ptr<float>();
-  s.qmap_v = qmap_v.data_ptr<float>();
-  auto luts = std::make_unique<QuantLut[]>(2);
-  TORCH_CHECK_VALUE(build_quant_lut(s.qmap_m, luts[0]) && build_quant_lut(s.qmap_v, luts[1]), "thrifty.", op,
-                    ": the code maps are too dense for the CPU quantizer (two midpoints in one 2^-8 relative bucket)");
-  s.lut_m = &luts[0];
-  s.lut_v = &luts[1];
-  s.has_master = !masters.empty();
-  s.beta1 = beta1, s.beta2 = beta2, s.one_minus_beta1 = 1.0 - beta1, s.one_minus_beta2 = 1.0 - beta2, s.eps = eps, s.weight_decay = weight_decay;
-  run_step(op, s, tab, params[0], lr, grad_coef, found_inf, true);
-  if (!(found_inf.has_value() && read_scalar(*found_inf) != 0.0f))
-    for (size_t i = 0; i < params.size(); ++i)
-      if (params[i].numel() == 0) steps[i].add_(1);
+  auto tab = adamw8bit_prepare(op, s, params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v, qmap_m, qmap_v,
+                               masters, steps, beta1, beta2, eps, weight_decay, kCpuChunk);
+  if (params.empty()) return;
+  const auto lut_m = quant_table(op, "qmap_m", qmap_m), lut_v = quant_table(op, "qmap_v", qmap_v);
+  s.lut_m = &lut_m->lut;
+  s.lut_v = &lut_v->lut;
+  run_step(op, s, tab, params, steps, lr, grad_coef, found_inf);
 }
 
 void lion_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList masters,
                    const at::Tensor& lr, double beta1, double beta2, double weight_decay,
                    const c10::optional<at::Tensor>& grad_coef, const c10::optional<at::Tensor>& found_inf) {
   const char* op = "lion_step";
-  optim_check_hparams(op, beta1, beta2, 0.0, weight_decay, false);
-  if (params.empty()) return;
   OptimStepParams s;
-  s.kind = OptimKind::lion;
-  auto tab = optim_build_table(op, params, grads, exp_avgs, {}, masters, {}, {}, {}, false, false, false, kCpuChunk,
-                               s.pdtype);
-  s.has_master = !masters.empty();
-  s.beta1 = beta1, s.beta2 = beta2, s.one_minus_beta1 = 1.0 - beta1, s.one_minus_beta2 = 1.0 - beta2, s.weight_decay = weight_decay;
-  run_step(op, s, tab, params[0], lr, grad_coef, found_inf, false);
+  auto tab = lion_prepare(op, s, params, grads, exp_avgs, masters, beta1, beta2, weight_decay, kCpuChunk);
+  if (params.empty()) return;
+  run_step(op, s, tab, params, {}, lr, grad_coef, found_inf);
 }
 
 at::Tensor multi_tensor_l2norm_cpu(at::TensorList tensors) {

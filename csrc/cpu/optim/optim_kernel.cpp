@@ -2,10 +2,9 @@
 //
 // thrifty::parallel_for runs over the chunks of all tensors at once; each chunk streams its
 // elements once through Vec registers: read p (or the float32 master), g, m, v; write p
-// (+ master), m, v. 8-bit AdamW works one 256-element block at a time: dequantize m and v
-// into L1, update, find the new block absmax, requantize to the nearest code.
+// (+ master), m, v. 8-bit AdamW works one 256-element block at a time: look m and v up from
+// their codes, update, find the new block absmax, requantize to the nearest code by table lookup.
 #include "cpu/optim/optim_kernels.h"
-#include "common/optim_quant.h"
 #include "common/parallel.h"
 #include "cpu/optim/optim_vec.h"
 
@@ -99,32 +98,15 @@ void lion_chunk(const OptimStepParams& s, const OptimTensor& t, int64_t begin, i
   if (i < end) lion_vec<true, P, kMaster>(c, t, i, static_cast<int>(end - i));
 }
 
-// The code of x: the number of code midpoints below x, from the table (common/optim_quant.h).
-THRIFTY_INLINE int quant_lut_index(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  const uint32_t s = u >> 31;
-  int e = static_cast<int>((u >> 23) & 0xffu);
-  uint32_t m8 = (u >> 15) & 0xffu;
-  if (e > 127) {  // |x| > 1, inf, NaN: clamp to the top bucket
-    e = 127;
-    m8 = 255;
-  }
-  return e < kQExpMin ? kQTiny : static_cast<int>((s * kQExps + static_cast<uint32_t>(e - kQExpMin)) * 256 + m8);
-}
-
-THRIFTY_INLINE uint8_t quant_lookup(const QuantLut& lut, float x) {
-  const int i = quant_lut_index(x);
-  return static_cast<uint8_t>(lut.code[i] + (x > lut.thr[i] ? 1 : 0));
-}
-
+// 8-bit AdamW on W (or the n < W tail) elements of one block: m and v come in dequantized (the
+// full-W path looks them up from the codes in registers, the tail from the block buffers), the
+// updated m and v go to the block buffers for the requantization pass, and the block maxima grow.
 template <bool kTail, typename P, bool kMaster>
-THRIFTY_INLINE void adamw8_vec(const StepConsts& c, const OptimTensor& t, int64_t i, int n, float* mb, float* vb,
-                               Vec& mmax, Vec& vmax) {
+THRIFTY_INLINE void adamw8_vec(const StepConsts& c, const OptimTensor& t, int64_t i, int n, Vec mv, Vec vv,
+                               float* mb, float* vb, Vec& mmax, Vec& vmax) {
   P* p = static_cast<P*>(t.param) + i;
   const P* g = static_cast<const P*>(t.grad) + i;
   Vec pv = kMaster ? ld<kTail>(t.master + i, n) : ld<kTail>(p, n);
-  Vec mv = ld<kTail>(mb, n), vv = ld<kTail>(vb, n);
   pv = adamw_math(c, pv, ld<kTail>(g, n), mv, vv);
   st<kTail>(mv, mb, n);
   st<kTail>(vv, vb, n);
@@ -134,6 +116,13 @@ THRIFTY_INLINE void adamw8_vec(const StepConsts& c, const OptimTensor& t, int64_
   st<kTail>(pv, p, n);
 }
 
+// One 256-element block per iteration, two passes over it, both in vector registers:
+//  1. look m and v up from their codes (dequant8), AdamW, write p (+ master), keep the new m and v
+//     in an L1 buffer and their block maxima in registers;
+//  2. normalize by the new absmax (IEEE division, as the reference) and requantize with one table
+//     lookup per lane, no search, no branch (quant8_store; the rule is in common/optim_quant.h).
+// The buffer is needed because the codes depend on the block's absmax, known only after pass 1.
+// Block tails (the last n % 256 elements of a tensor) take the same math with scalar lookups.
 template <typename P, bool kMaster>
 void adamw8bit_chunk(const OptimStepParams& s, const OptimTensor& t, int64_t begin, int64_t end) {
   const StepConsts c = consts(s, t);
@@ -141,6 +130,7 @@ void adamw8bit_chunk(const OptimStepParams& s, const OptimTensor& t, int64_t beg
   const float* qv = s.qmap_v;
   const QuantLut& lm = *s.lut_m;
   const QuantLut& lv = *s.lut_v;
+  const QuantConsts qcm = quant_consts(lm), qcv = quant_consts(lv);
   alignas(64) float mb[kQuantBlock];
   alignas(64) float vb[kQuantBlock];
   for (int64_t b0 = begin; b0 < end; b0 += kQuantBlock) {
@@ -149,28 +139,36 @@ void adamw8bit_chunk(const OptimStepParams& s, const OptimTensor& t, int64_t beg
     uint8_t* cm = static_cast<uint8_t*>(t.exp_avg) + b0;
     uint8_t* cv = static_cast<uint8_t*>(t.exp_avg_sq) + b0;
     const float am = t.absmax_m[blk], av = t.absmax_v[blk];
-    for (int j = 0; j < nb; ++j) {
-      mb[j] = qm[cm[j]] * am;
-      vb[j] = qv[cv[j]] * av;
-    }
+    const Vec amv = Vec::set1(am), avv = Vec::set1(av);
     Vec mmax = Vec::zero(), vmax = Vec::zero();
     int j = 0;
     for (; j + Vec::W <= nb; j += Vec::W)
-      adamw8_vec<false, P, kMaster>(c, t, b0 + j, Vec::W, mb + j, vb + j, mmax, vmax);
-    if (j < nb) adamw8_vec<true, P, kMaster>(c, t, b0 + j, nb - j, mb + j, vb + j, mmax, vmax);
+      adamw8_vec<false, P, kMaster>(c, t, b0 + j, Vec::W, dequant8(cm + j, qm, amv), dequant8(cv + j, qv, avv),
+                                    mb + j, vb + j, mmax, vmax);
+    if (j < nb) {
+      for (int k = j; k < nb; ++k) {
+        mb[k] = qm[cm[k]] * am;
+        vb[k] = qv[cv[k]] * av;
+      }
+      const int n = nb - j;
+      adamw8_vec<true, P, kMaster>(c, t, b0 + j, n, Vec::load(mb + j, n), Vec::load(vb + j, n), mb + j, vb + j, mmax,
+                                   vmax);
+    }
     const float nam = mmax.reduce_max(), nav = vmax.reduce_max();
     t.absmax_m[blk] = nam;
     t.absmax_v[blk] = nav;
-    // normalize in vector registers (IEEE division, as the reference), then the table lookups
-    const Vec sm = Vec::set1(nam > 0.0f ? nam : 1.0f), sv = Vec::set1(nav > 0.0f ? nav : 1.0f);
-    const Vec km = Vec::set1(nam > 0.0f ? 1.0f : 0.0f), kv = Vec::set1(nav > 0.0f ? 1.0f : 0.0f);
-    for (int k = 0; k < kQuantBlock; k += Vec::W) {  // the buffers hold 256 floats; lanes >= nb are unused
-      ((Vec::load(mb + k) * km) / sm).store(mb + k);
-      ((Vec::load(vb + k) * kv) / sv).store(vb + k);
+    // x / absmax, or 0 for an all-zero block (x * 0 / 1: the same zeros the reference gives)
+    const float smf = nam > 0.0f ? nam : 1.0f, svf = nav > 0.0f ? nav : 1.0f;
+    const float kmf = nam > 0.0f ? 1.0f : 0.0f, kvf = nav > 0.0f ? 1.0f : 0.0f;
+    const Vec sm = Vec::set1(smf), sv = Vec::set1(svf), km = Vec::set1(kmf), kv = Vec::set1(kvf);
+    int k = 0;
+    for (; k + Vec::W <= nb; k += Vec::W) {
+      quant8_store(qcm, (Vec::load(mb + k) * km) / sm, cm + k);
+      quant8_store(qcv, (Vec::load(vb + k) * kv) / sv, cv + k);
     }
-    for (int k = 0; k < nb; ++k) {
-      cm[k] = quant_lookup(lm, mb[k]);
-      cv[k] = quant_lookup(lv, vb[k]);
+    for (; k < nb; ++k) {  // the same IEEE operations, one lane
+      cm[k] = quant_code(lm, (mb[k] * kmf) / smf);
+      cv[k] = quant_code(lv, (vb[k] * kvf) / svf);
     }
   }
 }

@@ -41,10 +41,7 @@ void run_step(const char* op, OptimStepParams& s, const OptimTable& tab, at::Ten
               const at::Tensor& lr, const c10::optional<at::Tensor>& grad_coef,
               const c10::optional<at::Tensor>& found_inf, int64_t chunk) {
   const at::Tensor& p0 = params[0];
-  check_device_type(op, "params[0]", p0, c10::DeviceType::CUDA);
-  check_scalar_tensor(op, "lr", lr, p0);
-  if (grad_coef.has_value()) check_scalar_tensor(op, "grad_coef", *grad_coef, p0);
-  if (found_inf.has_value()) check_scalar_tensor(op, "found_inf", *found_inf, p0);
+  optim_check_scalars(op, c10::DeviceType::CUDA, p0, lr, grad_coef, found_inf);
   const c10::cuda::CUDAGuard guard(p0.device());
   std::vector<float*> step_ptrs;
   for (const auto& st : steps) step_ptrs.push_back(st.data_ptr<float>());
@@ -65,14 +62,10 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      double eps, double weight_decay, const c10::optional<at::Tensor>& grad_coef,
                      const c10::optional<at::Tensor>& found_inf) {
   const char* op = "adamw_step";
-  optim_check_hparams(op, beta1, beta2, eps, weight_decay, true);
-  if (params.empty()) return;
   OptimStepParams s;
-  s.kind = OptimKind::adamw;
-  auto tab = optim_build_table(op, params, grads, exp_avgs, exp_avg_sqs, masters, {}, {}, steps, false, true, true,
-                               cuda::kOptimChunk, s.pdtype);
-  s.has_master = !masters.empty();
-  s.beta1 = beta1, s.beta2 = beta2, s.one_minus_beta1 = 1.0 - beta1, s.one_minus_beta2 = 1.0 - beta2, s.eps = eps, s.weight_decay = weight_decay;
+  auto tab = adamw_prepare(op, s, params, grads, exp_avgs, exp_avg_sqs, masters, steps, beta1, beta2, eps,
+                           weight_decay, cuda::kOptimChunk);
+  if (params.empty()) return;
   run_step(op, s, tab, params, steps, lr, grad_coef, found_inf, cuda::kOptimChunk);
 }
 
@@ -83,18 +76,10 @@ void adamw8bit_step_cuda(at::TensorList params, at::TensorList grads, at::Tensor
                          double weight_decay, const c10::optional<at::Tensor>& grad_coef,
                          const c10::optional<at::Tensor>& found_inf) {
   const char* op = "adamw8bit_step";
-  optim_check_hparams(op, beta1, beta2, eps, weight_decay, true);
-  if (params.empty()) return;
   OptimStepParams s;
-  s.kind = OptimKind::adamw8bit;
-  auto tab = optim_build_table(op, params, grads, exp_avgs, exp_avg_sqs, masters, absmax_m, absmax_v, steps, true,
-                               true, true, cuda::kOptim8bitChunk, s.pdtype);
-  check_qmap(op, "qmap_m", qmap_m, params[0]);
-  check_qmap(op, "qmap_v", qmap_v, params[0]);
-  s.qmap_m = qmap_m.data_ptr<float>();
-  s.qmap_v = qmap_v.data_ptr<float>();
-  s.has_master = !masters.empty();
-  s.beta1 = beta1, s.beta2 = beta2, s.one_minus_beta1 = 1.0 - beta1, s.one_minus_beta2 = 1.0 - beta2, s.eps = eps, s.weight_decay = weight_decay;
+  auto tab = adamw8bit_prepare(op, s, params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v, qmap_m, qmap_v,
+                               masters, steps, beta1, beta2, eps, weight_decay, cuda::kOptim8bitChunk);
+  if (params.empty()) return;
   run_step(op, s, tab, params, steps, lr, grad_coef, found_inf, cuda::kOptim8bitChunk);
 }
 
@@ -102,14 +87,9 @@ void lion_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     const at::Tensor& lr, double beta1, double beta2, double weight_decay,
                     const c10::optional<at::Tensor>& grad_coef, const c10::optional<at::Tensor>& found_inf) {
   const char* op = "lion_step";
-  optim_check_hparams(op, beta1, beta2, 0.0, weight_decay, false);
-  if (params.empty()) return;
   OptimStepParams s;
-  s.kind = OptimKind::lion;
-  auto tab = optim_build_table(op, params, grads, exp_avgs, {}, masters, {}, {}, {}, false, false, false,
-                               cuda::kOptimChunk, s.pdtype);
-  s.has_master = !masters.empty();
-  s.beta1 = beta1, s.beta2 = beta2, s.one_minus_beta1 = 1.0 - beta1, s.one_minus_beta2 = 1.0 - beta2, s.weight_decay = weight_decay;
+  auto tab = lion_prepare(op, s, params, grads, exp_avgs, masters, beta1, beta2, weight_decay, cuda::kOptimChunk);
+  if (params.empty()) return;
   run_step(op, s, tab, params, {}, lr, grad_coef, found_inf, cuda::kOptimChunk);
 }
 
