@@ -1,6 +1,6 @@
 """thrifty.ops.linear: float64 references on odd shapes at every ISA level (the GEMV rows and the GEMM
 path past kLinearGemvMaxM = 16 rows), strides and leading dims, autograd, opcheck, torch.compile,
-bad input."""
+bad input, and the model's Linear using it for decode rows."""
 from __future__ import annotations
 
 import pytest
@@ -168,3 +168,18 @@ def test_cuda_matches_cpu_checks():
         thrifty.ops.linear(x, torch.randn(4, 8, device="cuda"))
     with pytest.raises(RuntimeError, match="argument 'weight' must be on the same device as 'x'"):
         thrifty.ops.linear(x, torch.randn(4, 8, dtype=torch.bfloat16))
+
+
+# ---- the model's Linear: decode rows go through thrifty.ops.linear ----
+@pytest.mark.parametrize("rows", [1, GEMV_MAX_M, GEMV_MAX_M + 1])
+def test_model_linear_decode_rows(monkeypatch, rows):
+    from thrifty.models import _kernels
+
+    calls = []
+    real = thrifty.ops.linear
+    monkeypatch.setattr(_kernels, "linear", lambda *a: calls.append(1) or real(*a))
+    lin = _kernels.use_fast_linear(torch.nn.Sequential(torch.nn.Linear(48, 40))).bfloat16()[0]
+    x = torch.randn(1, rows, 48, dtype=torch.bfloat16)
+    y = lin(x)
+    assert bool(calls) == (rows <= GEMV_MAX_M)
+    check(y.reshape(rows, 40), x.reshape(rows, 48), lin.weight, lin.bias)
