@@ -15,9 +15,11 @@ from thrifty.ops import linear, rotary_embedding
 # on the shared 2-core AVX2 box), so low-precision CPU linears over >= 8 rows multiply float32
 # copies there (float32 accumulation either way; one rounding of the output to the input dtype).
 # Decode rows (at most _GEMV_ROWS, prefill of short prompts included) go to thrifty.ops.linear on every
-# CPU instead: its GEMV streams the weight once, widening bf16/f16 in registers, at memory bandwidth
-# (torch's bf16 GEMV on the AVX2 box runs 3-25x slower; converting the weights costs as much as that).
+# CPU instead: its GEMV streams the weight once, widening bf16/f16 in registers, at memory bandwidth.
+# torch's bf16 GEMV on the AVX2 box is erratic: close to that on an idle machine, 10-30x slower with the
+# cores shared, and slow for 4096 x 4096 or the LM head; converting the weights costs as much as that.
 _CPU_NATIVE_BF16 = thrifty._C.cpu_isa_detected() == "avx512_bf16"
+_LOWP = (torch.bfloat16, torch.float16)
 _GEMV_ROWS = 16  # kLinearGemvMaxM in csrc/common/linear_params.h: the op's own GEMV / GEMM switch
 
 
@@ -31,16 +33,14 @@ class Linear(nn.Linear):
     CPU, and float32 compute for more rows on CPUs without native bf16 dot products."""
 
     def forward(self, x):
-        w = self.weight
-        b = self.bias
-        if (w.device.type == "cpu" and w.dtype != torch.float32 and x.dtype == w.dtype and w.stride(-1) == 1
-                and (b is None or b.dtype == w.dtype) and x.numel() <= _GEMV_ROWS * w.shape[1]):
-            return linear(x, w, b)
-        if (w.device.type == "cpu" and w.dtype != torch.float32 and not _CPU_NATIVE_BF16
-                and x.numel() >= 8 * w.shape[1]):
-            b = None if self.bias is None else self.bias.float()
-            return F.linear(x.float(), w.float(), b).to(x.dtype)
-        return F.linear(x, w, self.bias)
+        w, b = self.weight, self.bias
+        if w.is_cpu and w.dtype in _LOWP:
+            if (x.numel() <= _GEMV_ROWS * w.shape[1] and x.dtype is w.dtype and w.stride(-1) == 1
+                    and (b is None or b.dtype is w.dtype)):
+                return linear(x, w, b)
+            if not _CPU_NATIVE_BF16 and x.numel() >= 8 * w.shape[1]:
+                return F.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
+        return F.linear(x, w, b)
 
 
 def use_fast_linear(module: nn.Module) -> nn.Module:
