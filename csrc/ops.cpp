@@ -48,6 +48,10 @@ TORCH_LIBRARY(thrifty, m) {
   m.def("adamw8bit_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] absmax_m, Tensor(e!)[] absmax_v, Tensor qmap_m, Tensor qmap_v, Tensor(f!)[] masters, Tensor(g!)[] steps, Tensor lr, float beta1, float beta2, float eps, float weight_decay, Tensor? grad_coef, Tensor? found_inf) -> ()");
   // One fused Lion step: c = lerp(m, g, 1 - b1); p = p (1 - lr wd) - lr sign(c); m = lerp(m, g, 1 - b2).
   m.def("lion_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] masters, Tensor lr, float beta1, float beta2, float weight_decay, Tensor? grad_coef, Tensor? found_inf) -> ()");
+  // ---- linear ----
+  // y = x @ weight.T (+ bias): x (..., K), weight (N, K), bias (N,), one dtype (float32/bfloat16/float16), float32
+  // accumulation, y (..., N) in that dtype. CPU: a bandwidth-bound GEMV for few rows (decode), ATen's GEMM above.
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   // ---- quant ----
   // y = x @ dequant(qweight).T (+ bias), x (..., K) float32/bfloat16/float16. bits 8: qweight int8 (N, K), scales (N,),
   // w = q * s; bits 4: qweight uint8 (N, K/2) (k even in the low nibble), scales/zeros float32 (N, K/group_size),

@@ -2,7 +2,11 @@
 attention) on the same weights, and the fused linear_cross_entropy's peak memory vs torch.
 
 CPU: the `small` preset in bfloat16: a forward+backward training step on batch 8 x 512
-(--quick: the `tiny` preset, 2 x 64) and batch-1 greedy decode tokens/s; linear_cross_entropy peak memory on a
+(--quick: the `tiny` preset, 2 x 64) and batch-1 greedy decode tokens/s (always `small`: 16-token
+prompt + 32 new tokens, thrifty's generate vs transformers' generate on the same weights), the
+decode GEMV thrifty.ops.linear vs F.linear in bf16 (M 1: K 768 x N 3072 and 4096 x 4096, weights
+cycled through more memory than any cache holds) in GB/s against this run's copy bandwidth;
+linear_cross_entropy peak memory on a
 CPU-sized case (vocab 32768, 2048 tokens, hidden 1024; the 128k x 8k x 2048 case of the issue
 is ~13 TFLOP, too slow for 2 cores), measured as peak RSS growth of a fresh subprocess.
 CUDA: the same step and decode, and the 128k vocab x 8k tokens x 2048 hidden loss case with
@@ -156,32 +160,66 @@ def run(device, quick: bool = False) -> Bench:
     if cuda:
         extra.update(peak_mem_MB=round(mem_o / 2**20), hf_peak_mem_MB=round(mem_h / 2**20))
     _record(b, f"{preset} train step fwd+bwd", f"{bs}x{seq}", dtype, t, tt, **extra)
+    train_case = b.cases[-1]
     ours.zero_grad(set_to_none=True)
     hf.zero_grad(set_to_none=True)
 
-    # 3. batch-1 greedy decode
-    new = 8 if quick else 64
+    # 3. batch-1 greedy decode: the `small` preset (on the CPU too: thrifty's decode GEMV makes it quick;
+    # transformers' bf16 GEMV takes ~1 s per token on the AVX2 box, hence 32 new tokens there)
+    if preset != "small":
+        del ours, hf
+        ours, hf = _models(dtype, device, "small")
+    new = 64 if cuda else 32
     prompt = torch.randint(0, ours.config.vocab_size, (1, 16), device=device)
     ours.eval()
     hf.eval()
 
-    def gen_ours():
-        return ours.generate(prompt, max_new_tokens=new, eos_token_id=[])
+    def gen_ours(n=new):
+        return ours.generate(prompt, max_new_tokens=n, eos_token_id=[])
 
-    def gen_hf():
-        return hf.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    def gen_hf(n=new):
+        return hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
     with torch.inference_mode():
         t = timeit(gen_ours, device, warmup=1, reps=3)
         tt = timeit(gen_hf, device, warmup=1, reps=3)
-    _record(b, f"{preset} decode batch 1", f"16+{new} tokens", dtype, t, tt, tokens_per_s=round(new / t, 1),
-            hf_tokens_per_s=round(new / tt, 1))
+        # prefill + first token alone, so the steady decode rate (tokens 2..new) is known too
+        t1 = timeit(lambda: gen_ours(1), device, warmup=1, reps=3)
+        tt1 = timeit(lambda: gen_hf(1), device, warmup=1, reps=3)
+        same = torch.equal(gen_ours(), gen_hf())
+    _record(b, "small decode batch 1", f"16+{new} tokens", dtype, t, tt, tokens_per_s=round(new / t, 1),
+            hf_tokens_per_s=round(new / tt, 1), decode_only_tokens_per_s=round((new - 1) / (t - t1), 1),
+            hf_decode_only_tokens_per_s=round((new - 1) / (tt - tt1), 1),
+            decode_only_speedup=round((tt - tt1) / (t - t1), 2), same_tokens=same)
+    del ours, hf
+
+    # 4. the decode GEMV alone: y (1, N) = x (1, K) @ W.T in bf16, W cycled through >= 96 MB of copies
+    for k, n in ((768, 3072), (4096, 4096)):
+        ws = [torch.randn(n, k, device=device).to(dtype) for _ in range(max(2, 96 * 2**20 // (2 * n * k)))]
+        x = torch.randn(1, k, device=device).to(dtype)
+        it = {"i": 0}
+
+        def nxt():
+            it["i"] = (it["i"] + 1) % len(ws)
+            return ws[it["i"]]
+
+        b.case(op="linear GEMV (decode)", shape=f"M1 K{k} N{n}", dtype=dtype, bytes=2 * (n * k + k + n),
+               thrifty=lambda: thrifty.ops.linear(x, nxt()), torch_fn=lambda: F.linear(x, nxt()),
+               baseline="F.linear")
+        c = b.cases[-1]
+        c.extra["torch_GBps"] = round(c.bytes / c.torch_s / 1e9, 2)
+        if b.copy_bw:
+            c.extra["torch_pct_copy"] = round(100 * c.bytes / c.torch_s / b.copy_bw)
+        print(f"    {c.gbps:.2f} GB/s ({c.pct_roofline:.0f}% of copy {b.copy_bw / 1e9:.2f} GB/s) vs F.linear "
+              f"{c.extra['torch_GBps']} GB/s", flush=True)
+        del ws
+
     if not cuda:
         # CPU peak memory of a training step: each model in its own fresh process
         for name in ("thrifty", "transformers"):
             mb = _cpu_step_peak(name, bs, seq, preset)
-            b.cases[1].extra[("peak_rss_MB" if name == "thrifty" else "hf_peak_rss_MB")] = round(mb / 2**20)
-        print(f"  train step peak RSS growth: {b.cases[1].extra}", flush=True)
+            train_case.extra[("peak_rss_MB" if name == "thrifty" else "hf_peak_rss_MB")] = round(mb / 2**20)
+        print(f"  train step peak RSS growth: {train_case.extra}", flush=True)
     return b
 
 
