@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 
 #include "common/cpu_isa.h"
+#include "common/parallel.h"
 
 #ifdef THRIFTY_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -52,4 +53,10 @@ PYBIND11_MODULE(_C, m) {
     return std::string(thrifty::cpu_isa_name(thrifty::set_cpu_isa(name)));
   }, py::arg("name"), "Switch the CPU kernels to ISA level `name`; returns the previous level. "
                       "Raises ValueError for unknown levels or levels this CPU lacks.");
+  m.def("parallel_threads_used", [](int64_t items) {
+    py::gil_scoped_release no_gil;
+    return thrifty::parallel_threads_used(items);
+  }, py::arg("items") = 64,
+     "How many threads a thrifty parallel loop over `items` equal work items ran on "
+     "(1 means the kernels are not using ATen's thread pool).");
 }

@@ -16,6 +16,9 @@ using RangeFn = void (*)(void* ctx, int64_t begin, int64_t end);
 // Splits [begin, end) into chunks of at least `grain` and calls fn on each, in parallel.
 void parallel_for_raw(int64_t begin, int64_t end, int64_t grain, RangeFn fn, void* ctx);
 int parallel_num_threads();
+// How many distinct threads a parallel_for over `items` equal items ran on: the check
+// that the kernels really use ATen's pool (tests, `thrifty info`).
+int parallel_threads_used(int64_t items);
 
 template <typename F>
 inline void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {

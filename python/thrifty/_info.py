@@ -23,6 +23,8 @@ def info_dict() -> dict:
         "cpu_isa_in_use": _C.cpu_isa(),
         "cpu_isa_env": os.environ.get("THRIFTY_CPU_ISA", ""),
         "threads": torch.get_num_threads(),
+        # Measured, not assumed: a build without OpenMP would run every CPU kernel on one thread.
+        "threads_in_kernels": _C.parallel_threads_used(),
         "cuda_built": built["cuda"],
         "cuda_version_built": built["cuda_version"],
         "cuda_archs": built["cuda_archs"],
@@ -45,7 +47,7 @@ def info() -> str:
         f"python       {d['python']}",
         f"CPU ISA      detected {d['cpu_isa_detected']}, in use {d['cpu_isa_in_use']}"
         f"{' (THRIFTY_CPU_ISA=' + d['cpu_isa_env'] + ')' if d['cpu_isa_env'] else ''}; compiled {d['cpu_isa_compiled']}",
-        f"threads      {d['threads']}",
+        f"threads      {d['threads']} (a thrifty CPU kernel loop ran on {d['threads_in_kernels']})",
         f"CUDA         " + (f"built with CUDA {d['cuda_version_built']} for {d['cuda_archs']}" if d["cuda_built"]
                             else "not built (CPU-only extension)"),
         f"GPUs seen    " + (", ".join(d["gpus"]) if d["gpus"] else "none"),
