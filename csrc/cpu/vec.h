@@ -188,27 +188,26 @@ THRIFTY_INLINE Vec exp(Vec x) {
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q), y, x.v);  // NaN stays NaN
 }
 
-// sigmoid(x) = 1 / (1 + exp(-x)) (and 1 - that) for activations: -x clamped to +-87 (sigmoid has saturated
-// there), so 2^n needs no overflow handling; reciprocal by rcp14 + one Newton step (~1 ulp)
-// instead of a division. NaN propagates (the clamps return their second operand on NaN).
+// sigmoid(x) = 1 / (1 + exp(-x)) (and 1 - that) for activations; the AVX2 version below says why it
+// is written this way (latency-bound: -x folded into constants, Estrin polynomial, one division).
+// x is clamped to +-87 (sigmoid has saturated there). NaN propagates (min/max return their
+// second operand on NaN).
 THRIFTY_INLINE Vec sigmoid(Vec x, Vec& one_minus_s) {
-  __m512 z = _mm512_sub_ps(_mm512_setzero_ps(), x.v);
-  z = _mm512_min_ps(_mm512_set1_ps(87.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), z));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(z, _mm512_set1_ps(1.44269504088896341f)),
+  __m512 xc = _mm512_min_ps(_mm512_set1_ps(87.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x.v));
+  // t = exp(-x) = 2^n exp(r), n = round(-x / ln2), r = -x - n ln2 (two-constant ln2)
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(-1.44269504088896341f)),
                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), z);
+  __m512 r = _mm512_fnmsub_ps(n, _mm512_set1_ps(0.693359375f), xc);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  // exp(r) = 1 + r + r^2 (c2 + c3 r + r^2 (c4 + c5 r + c6 r^2))
+  __m512 r2 = _mm512_mul_ps(r, r);
+  __m512 a = _mm512_fmadd_ps(_mm512_set1_ps(1.6666665459e-1f), r, _mm512_set1_ps(5.0000001201e-1f));
+  __m512 b = _mm512_fmadd_ps(_mm512_set1_ps(8.3334519073e-3f), r, _mm512_set1_ps(4.1665795894e-2f));
+  __m512 c = _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500e-4f), r, _mm512_set1_ps(1.3981999507e-3f));
+  __m512 q = _mm512_fmadd_ps(_mm512_fmadd_ps(c, r2, b), r2, a);
+  __m512 p = _mm512_fmadd_ps(q, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   __m512 t = _mm512_scalef_ps(p, n);  // exp(-x)
-  __m512 d = _mm512_add_ps(t, _mm512_set1_ps(1.0f));
-  __m512 e = _mm512_rcp14_ps(d);
-  e = _mm512_fmadd_ps(e, _mm512_fnmadd_ps(d, e, _mm512_set1_ps(1.0f)), e);
+  __m512 e = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(t, _mm512_set1_ps(1.0f)));
   one_minus_s = _mm512_mul_ps(t, e);
   return e;
 }
@@ -337,30 +336,30 @@ THRIFTY_INLINE Vec exp(Vec x) {
   return _mm256_blendv_ps(y, x.v, _mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q));
 }
 
-// sigmoid(x) = 1 / (1 + exp(-x)) (and 1 - that) for activations: -x clamped to +-87 (sigmoid has saturated
-// there), so 2^n is a single exponent field and needs no overflow handling; reciprocal by
-// rcp + one Newton step (~1 ulp) instead of a division. NaN propagates (the clamps return
-// their second operand on NaN).
+// sigmoid(x) = 1 / (1 + exp(-x)) (and 1 - that) for activations. x is clamped to +-87 (sigmoid has
+// saturated there) so 2^n is a single exponent field. Written for a short dependency chain: at
+// ~27 vector ops per element the loop is bound by latency over the out-of-order window, not by
+// throughput, so -x is folded into the constants, the polynomial is evaluated Estrin-style
+// (3 dependent FMAs instead of 6) and 1/(1+t) is one division (shorter than rcp + Newton, and
+// exact). NaN propagates (min/max return their second operand on NaN).
 THRIFTY_INLINE Vec sigmoid(Vec x, Vec& one_minus_s) {
-  __m256 z = _mm256_sub_ps(_mm256_setzero_ps(), x.v);
-  z = _mm256_min_ps(_mm256_set1_ps(87.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), z));
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(z, _mm256_set1_ps(1.44269504088896341f)),
+  __m256 xc = _mm256_min_ps(_mm256_set1_ps(87.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), x.v));
+  // t = exp(-x) = 2^n exp(r), n = round(-x / ln2), r = -x - n ln2 (two-constant ln2)
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(-1.44269504088896341f)),
                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), z);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   __m256 scale = _mm256_castsi256_ps(
       _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+  __m256 r = _mm256_fnmsub_ps(n, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  // exp(r) = 1 + r + r^2 (c2 + c3 r + r^2 (c4 + c5 r + c6 r^2))
+  __m256 r2 = _mm256_mul_ps(r, r);
+  __m256 a = _mm256_fmadd_ps(_mm256_set1_ps(1.6666665459e-1f), r, _mm256_set1_ps(5.0000001201e-1f));
+  __m256 b = _mm256_fmadd_ps(_mm256_set1_ps(8.3334519073e-3f), r, _mm256_set1_ps(4.1665795894e-2f));
+  __m256 c = _mm256_fmadd_ps(_mm256_set1_ps(1.9875691500e-4f), r, _mm256_set1_ps(1.3981999507e-3f));
+  __m256 q = _mm256_fmadd_ps(_mm256_fmadd_ps(c, r2, b), r2, a);
+  __m256 p = _mm256_fmadd_ps(q, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   __m256 t = _mm256_mul_ps(p, scale);  // exp(-x)
-  __m256 d = _mm256_add_ps(t, _mm256_set1_ps(1.0f));
-  __m256 e = _mm256_rcp_ps(d);
-  e = _mm256_fmadd_ps(e, _mm256_fnmadd_ps(d, e, _mm256_set1_ps(1.0f)), e);
+  __m256 e = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(t, _mm256_set1_ps(1.0f)));
   one_minus_s = _mm256_mul_ps(t, e);
   return e;
 }

@@ -5,8 +5,9 @@
 //   backward: grad_up   = grad * g * s
 //             grad_gate = grad * u * s * (1 + g * (1 - s))  (silu'(g) = s * (1 + g * (1 - s)))
 // silu(g) is recomputed in the backward, never stored. Each element is read once and
-// written once: the bandwidth floor. bf16 goes through load_pair/store_pair (no shuffles) and
-// sigmoid avoids the division (vec.h): this op is otherwise compute-bound on AVX2.
+// written once: the bandwidth floor. bf16 goes through load_pair/store_pair (no shuffles), and
+// the products not on sigmoid's critical path (g * u, grad * g) are formed beside it: on AVX2
+// the op is bound by the latency of sigmoid's chain (vec.h).
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
@@ -99,20 +100,20 @@ void fwd_impl(const SwigluParams& p) {
     T* orow = o + r * p.cols + c0;
     auto part = [&](int64_t i, int m) {
       Vec gv = ld(gr + i, m);
-      st(gv * sigmoid(gv) * ld(ur + i, m), orow + i, m);
+      st(gv * ld(ur + i, m) * sigmoid(gv), orow + i, m);
     };
     if constexpr (std::is_same_v<T, bf16_t>) {
       over_row(len, [&](int64_t i) {
         Vec g0, g1, u0, u1;
         load_pair(gr + i, g0, g1);
         load_pair(ur + i, u0, u1);
-        put_pair<kStream>(g0 * sigmoid(g0) * u0, g1 * sigmoid(g1) * u1, orow + i);
+        put_pair<kStream>(g0 * u0 * sigmoid(g0), g1 * u1 * sigmoid(g1), orow + i);
       }, part);
     } else {
       over_row(len, [&](int64_t i) {
         Vec g0 = Vec::load(gr + i), g1 = Vec::load(gr + i + W);
-        put<kStream>(g0 * sigmoid(g0) * Vec::load(ur + i), orow + i);
-        put<kStream>(g1 * sigmoid(g1) * Vec::load(ur + i + W), orow + i + W);
+        put<kStream>(g0 * Vec::load(ur + i) * sigmoid(g0), orow + i);
+        put<kStream>(g1 * Vec::load(ur + i + W) * sigmoid(g1), orow + i + W);
       }, part);
     }
   });
@@ -123,7 +124,7 @@ THRIFTY_INLINE void bwd_math(Vec gv, Vec uv, Vec dv, Vec& grad_gate, Vec& grad_u
   Vec oms;  // 1 - s, accurate where s rounds to 1
   Vec s = sigmoid(gv, oms);
   Vec gs = gv * s;
-  grad_up = dv * gs;
+  grad_up = dv * gv * s;
   grad_gate = dv * uv * fma(gs, oms, s);
 }
 
