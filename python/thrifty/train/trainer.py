@@ -833,7 +833,9 @@ class Trainer:
                     self.time_budget is not None and self.elapsed_before + time.perf_counter() - self._t_start >= self.time_budget)
                 evaluated = False
                 if (self.step % eval_every == 0 or done) and self._consecutive_nan < c.max_nan_steps:
+                    t_eval = time.perf_counter()
                     val = self.evaluate()
+                    t_window += time.perf_counter() - t_eval  # tokens/s counts training time only
                     evaluated = bool(val)
                     if val:  # one JSON object per step: the validation metrics join that step's row
                         row.update(val)
