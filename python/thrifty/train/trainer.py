@@ -854,7 +854,9 @@ class Trainer:
                                        f"(step {self.step}); the last good checkpoint is "
                                        f"{last_good or self._latest_checkpoint() or 'none (no checkpoint was written)'}")
                 if c.save_every and self.step % c.save_every == 0 and self._consecutive_nan == 0:
+                    t_save = time.perf_counter()
                     last_good = self.save_checkpoint()
+                    t_window += time.perf_counter() - t_save
                 if c.stop_at_step is not None and self.step >= c.stop_at_step:
                     stopped_early = True
                     break
