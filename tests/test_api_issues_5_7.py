@@ -81,6 +81,19 @@ def test_quantized_model_casts_to_bfloat16():
     assert ((out.float() - ref).norm() / ref.norm()).item() < 0.05
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_quantized_lm_head_when_not_skipped(tmp_path, tie):
+    m = micro_llama(tie_word_embeddings=tie)
+    q = quantize_model(copy.deepcopy(m), {"bits": 4, "group_size": 32, "modules_to_not_convert": []})
+    assert isinstance(q.lm_head, QuantLinear)
+    ids = torch.randint(0, 128, (2, 10))
+    assert abs(q(ids, labels=ids).item() - m(ids, labels=ids).item()) < 0.05
+    assert q.generate(ids[:1], 3, eos_token_id=[]).shape == (1, 13)
+    q.save_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(Llama.from_pretrained(tmp_path / "q")(ids), q(ids))
+
+
 def _quantize_cli(argv) -> int:
     from thrifty.quant import cli
     p = argparse.ArgumentParser()
@@ -296,6 +309,16 @@ def test_qlora_on_a_4bit_base(corpus, base_model, tmp_path):
     ids = torch.randint(0, 320, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(m(ids), t.raw_model.eval()(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_trainer_takes_a_dict_or_keywords():
+    from thrifty.train import Trainer
+    assert Trainer({"steps": 3, "lora_rank": 2}).cfg.steps == 3
+    assert Trainer(steps=5).cfg.steps == 5
+    with pytest.raises(TypeError, match="unknown"):
+        Trainer({"stepz": 3})
+    with pytest.raises(TypeError, match="config"):
+        Trainer("tiny")
 
 
 def test_qlora_cli_flags():

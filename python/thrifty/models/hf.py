@@ -77,11 +77,12 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = None, device=None):
             _quant_layers(model, layers, path)
     expected = model.state_dict()
     keep_dtype = {f"{n}.{b}" for n in layers for b in ("qweight", "scales", "zeros", "perm", "smooth")}
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and "lm_head" not in layers:
         tensors.pop("lm_head.weight", None)
-    elif "lm_head.weight" not in tensors:
+    elif "lm_head.weight" not in tensors and "lm_head" not in layers:
         raise ValueError(f"{path}: checkpoint has no lm_head.weight and config field 'tie_word_embeddings' is false")
-    missing = sorted(set(expected) - set(tensors) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
+    tied = cfg.tie_word_embeddings and "lm_head" not in layers
+    missing = sorted(set(expected) - set(tensors) - ({"lm_head.weight"} if tied else set()))
     unexpected = sorted(n for n in set(tensors) - set(expected) if not n.endswith("rotary_emb.inv_freq"))
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not match the config: missing {missing[:8]}, "
@@ -93,7 +94,7 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = None, device=None):
     state = {n: t.to(device=device) if n in keep_dtype else t.to(device=device, dtype=dtype)
              for n, t in tensors.items() if n in expected}
     model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
+    if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_rope()
     return model.eval()
@@ -130,7 +131,7 @@ def save_pretrained(model, path, max_shard_size: int | None = None) -> None:
     state = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    dtype = model.lm_head.weight.dtype
+    dtype = model.model.embed_tokens.weight.dtype
     meta = {"format": "pt"}
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         from thrifty.quant.formats import FORMAT_VERSION

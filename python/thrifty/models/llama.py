@@ -91,7 +91,8 @@ class Llama(nn.Module):
 
     def reset_rope(self) -> None:
         """Recomputes the rotary cache (after building on the meta device, say)."""
-        self.cos_sin = build_cos_sin(self.config, self.config.max_position_embeddings, self.lm_head.weight.device)
+        self.cos_sin = build_cos_sin(self.config, self.config.max_position_embeddings,
+                                     self.model.embed_tokens.weight.device)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -194,6 +195,9 @@ class Llama(nn.Module):
         if cu_seqlens is not None:  # the last token of a document predicts nothing
             shifted = shifted.clone()
             shifted[cu_seqlens[1:].long() - 1] = -100
+        if not isinstance(self.lm_head, nn.Linear):  # a quantized LM head (quantize_model with skip=()): via logits
+            logits = self.lm_head(h).float()
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1)).to(h.dtype)
         return linear_cross_entropy(h, self.lm_head.weight, shifted)
 
     # ---- generation ----
@@ -230,7 +234,7 @@ class Llama(nn.Module):
         eos = self.config.eos_ids if eos_token_id is None else (
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         eos_t = torch.tensor(eos, device=ids.device, dtype=ids.dtype)
-        w = self.lm_head.weight
+        w = self.model.embed_tokens.weight  # dtype and device of the cache (the LM head may be quantized)
         cache = KVCache(self.config.num_hidden_layers, b, s + max_new_tokens, self.config.num_key_value_heads,
                         self.config.head_dim, w.dtype, w.device)
         out = [ids]

@@ -51,13 +51,18 @@ class QuantConfig:
         if isinstance(config, QuantConfig):
             return config
         if isinstance(config, dict):
-            unknown = set(config) - set(cls.__dataclass_fields__)
+            unknown = set(config) - set(cls.__dataclass_fields__) - {"modules_to_not_convert", "skip_modules"}
             if unknown:
                 raise ValueError(f"quantize_model: unknown config keys {sorted(unknown)}; "
                                  f"known: {sorted(cls.__dataclass_fields__)}")
             c = dict(config)
+            for alias in ("modules_to_not_convert", "skip_modules"):  # Hugging Face quantizers' names for skip
+                if alias in c:
+                    if "skip" in c:
+                        raise ValueError(f"quantize_model: config has both 'skip' and {alias!r}")
+                    c["skip"] = c.pop(alias)
             if "skip" in c:
-                c["skip"] = tuple(c["skip"])
+                c["skip"] = tuple(c["skip"]) if c["skip"] is not None else ()
             return cls(**c)
         raise TypeError(f"quantize_model: config must be a QuantConfig or a dict, got {type(config).__name__}")
 

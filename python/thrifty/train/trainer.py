@@ -209,7 +209,11 @@ def _rank_info():
 class Trainer:
     """Builds data, model and optimizer from a :class:`TrainConfig` and runs :meth:`train`."""
 
-    def __init__(self, config: TrainConfig | None = None, **kwargs):
+    def __init__(self, config: TrainConfig | dict | None = None, **kwargs):
+        if isinstance(config, dict):
+            config = TrainConfig.from_dict(config)
+        elif config is not None and not isinstance(config, TrainConfig):
+            raise TypeError(f"Trainer: config must be a TrainConfig or a dict, got {type(config).__name__}")
         self.cfg = copy.deepcopy(config) if config is not None else TrainConfig()
         for k, v in kwargs.items():
             if not hasattr(self.cfg, k):
