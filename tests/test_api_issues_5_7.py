@@ -203,6 +203,15 @@ def test_llama_config_hf_names(tmp_path):
         LlamaConfig(**MICRO, hidden_act="gelu", initializer_range=0.02)
 
 
+def test_preset_constructors():
+    assert LlamaConfig.from_preset("tiny") == LlamaConfig.preset("tiny")
+    m = Llama.from_preset("tiny", vocab_size=256, num_hidden_layers=1)
+    assert m.config.hidden_size == 256 and m.config.num_hidden_layers == 1
+    assert 5e6 < Llama(LlamaConfig.preset("tiny")).num_params() < 20e6
+    with pytest.raises(ValueError, match="unknown preset"):
+        Llama.from_preset("huge")
+
+
 def _hf_llama():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

@@ -192,6 +192,8 @@ class LlamaConfig:
             raise ValueError(f"unknown preset {name!r} (available: {', '.join(PRESETS)})")
         return cls(**{**PRESETS[name], **overrides})
 
+    from_preset = preset  # alias
+
     def num_params(self) -> int:
         h, d, kv = self.hidden_size, self.head_dim, self.num_key_value_heads
         attn = h * d * (2 * self.num_attention_heads + 2 * kv)

@@ -272,6 +272,12 @@ class Llama(nn.Module):
         from thrifty.models.hf import save_pretrained
         save_pretrained(self, path, max_shard_size=max_shard_size)
 
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "Llama":
+        """A freshly initialised model of a preset ("tiny" ~10M parameters, "small" ~125M), config fields
+        overridable (vocab_size=..., say)."""
+        return cls(LlamaConfig.preset(name, **overrides)).init_weights()
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
