@@ -196,6 +196,7 @@ def test_llama_config_hf_names(tmp_path):
     cfg = LlamaConfig(**MICRO, initializer_range=0.02, use_cache=True,
                       rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
     assert cfg.rope_theta == 500000.0 and cfg.hidden_size == 64
+    assert cfg.rope_parameters == {"rope_type": "default", "rope_theta": 500000.0}
     cfg.save_pretrained(tmp_path / "c")
     back = LlamaConfig.from_pretrained(tmp_path / "c")
     assert back.rope_theta == 500000.0 and back.num_key_value_heads == 2

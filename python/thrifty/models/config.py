@@ -64,6 +64,14 @@ class LlamaConfig:
         return self.attention_bias and self.model_type != "qwen2"
 
     @property
+    def rope_parameters(self) -> dict:
+        """The rope block as transformers 5 names it: {"rope_type", "rope_theta", scaling fields...}."""
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling:
+            rope.update(self.rope_scaling)
+        return rope
+
+    @property
     def eos_ids(self) -> list[int]:
         e = self.eos_token_id
         return [] if e is None else ([e] if isinstance(e, int) else list(e))
@@ -151,10 +159,7 @@ class LlamaConfig:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         d.update(self.extra)
         d["architectures"] = [ARCHITECTURES[self.model_type]]
-        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
-        if self.rope_scaling:
-            rope.update(self.rope_scaling)
-        d["rope_parameters"] = rope
+        d["rope_parameters"] = self.rope_parameters
         if self.model_type == "qwen2":
             d.pop("attention_bias")
             d["use_sliding_window"] = False
