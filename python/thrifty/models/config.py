@@ -64,6 +64,14 @@ class LlamaConfig:
         return self.attention_bias and self.model_type != "qwen2"
 
     @property
+    def rope_parameters(self) -> dict:
+        """The rope block as transformers 5 names it: {"rope_type", "rope_theta", scaling fields...}."""
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling:
+            rope.update(self.rope_scaling)
+        return rope
+
+    @property
     def eos_ids(self) -> list[int]:
         e = self.eos_token_id
         return [] if e is None else ([e] if isinstance(e, int) else list(e))
@@ -151,10 +159,7 @@ class LlamaConfig:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         d.update(self.extra)
         d["architectures"] = [ARCHITECTURES[self.model_type]]
-        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
-        if self.rope_scaling:
-            rope.update(self.rope_scaling)
-        d["rope_parameters"] = rope
+        d["rope_parameters"] = self.rope_parameters
         if self.model_type == "qwen2":
             d.pop("attention_bias")
             d["use_sliding_window"] = False
@@ -168,6 +173,23 @@ class LlamaConfig:
     def save(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
         Path(path, "config.json").write_text(json.dumps(self.to_dict(dtype), indent=2, sort_keys=True) + "\n")
 
+    # Hugging Face names for the same things
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "LlamaConfig":
+        """config.json of a model directory (or the file itself), as transformers' PretrainedConfig reads it."""
+        p = Path(path)
+        if not (p / "config.json" if p.is_dir() else p).is_file():
+            raise FileNotFoundError(f"LlamaConfig.from_pretrained: no config.json at {str(p)!r}")
+        return cls.from_json(p)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Writes ``path``/config.json (created if needed)."""
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self.save(path)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
     # ---- presets ----
     @classmethod
     def preset(cls, name: str, **overrides) -> "LlamaConfig":
@@ -175,12 +197,44 @@ class LlamaConfig:
             raise ValueError(f"unknown preset {name!r} (available: {', '.join(PRESETS)})")
         return cls(**{**PRESETS[name], **overrides})
 
+    from_preset = preset  # alias
+
     def num_params(self) -> int:
         h, d, kv = self.hidden_size, self.head_dim, self.num_key_value_heads
         attn = h * d * (2 * self.num_attention_heads + 2 * kv)
         mlp = 3 * h * self.intermediate_size
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * (attn + mlp + 2 * h) + emb + h
+
+
+def _accept_hf_kwargs(cls):
+    """LlamaConfig(**kwargs) also takes the other config.json names transformers' configs take
+    (rope_parameters, initializer_range, use_cache, ...): read like config.json (from_dict)."""
+    import functools
+
+    init = cls.__init__
+    names = [f.name for f in dataclasses.fields(cls)]
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        if len(args) > len(names):
+            raise TypeError(f"LlamaConfig takes at most {len(names)} positional arguments, got {len(args)}")
+        for name, v in zip(names, args):
+            if name in kwargs:
+                raise TypeError(f"LlamaConfig got multiple values for argument {name!r}")
+            kwargs[name] = v
+        if all(k in names for k in kwargs):
+            init(self, **kwargs)
+            return
+        extra = kwargs.pop("extra", None) or {}
+        built = cls.from_dict({**extra, **kwargs})
+        self.__dict__.update(built.__dict__)
+
+    cls.__init__ = __init__
+    return cls
+
+
+_accept_hf_kwargs(LlamaConfig)
 
 
 # Embedded defaults: `tiny` (~10M parameters, trains visibly in minutes on 2 CPU cores) and `small` (~125M).

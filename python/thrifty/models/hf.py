@@ -28,25 +28,61 @@ def _files(path: Path) -> list[Path]:
     return found
 
 
+def resolve_dtype(dtype) -> torch.dtype | None:
+    """A torch dtype, its name ("bfloat16", "torch.float16", "bf16") or None / "auto" (keep the stored dtype)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        name = dtype.strip().lower().removeprefix("torch.")
+        if name == "auto":
+            return None
+        alias = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+        name = alias.get(name, name)
+        if name in _DTYPES:
+            return _DTYPES[name]
+    raise ValueError(f"from_pretrained: argument 'dtype' must be torch.float32, torch.bfloat16, torch.float16, "
+                     f"their names or 'auto', got {dtype!r}")
+
+
 def load_pretrained(cls, path, dtype: torch.dtype | None = None, device=None):
-    """Builds ``cls(config)`` from a checkpoint folder. dtype None keeps the stored dtype."""
+    """Builds ``cls(config)`` from a checkpoint folder. dtype None (or "auto") keeps the stored dtype."""
+    dtype = resolve_dtype(dtype)
     path = Path(path)
-    cfg = LlamaConfig.from_json(path)
-    tensors = {}
+    if not path.exists():
+        raise FileNotFoundError(f"from_pretrained: {str(path)!r} does not exist (expected a directory with "
+                                "config.json and *.safetensors)")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise FileNotFoundError(f"from_pretrained: {str(path)!r} has no config.json (expected a Hugging Face model "
+                                "directory: config.json and *.safetensors)")
+    raw = json.loads((path / "config.json").read_text())
+    qc = raw.get("quantization_config") if isinstance(raw, dict) else None
+    thrifty_quant = isinstance(qc, dict) and qc.get("quant_method") == "thrifty"
+    if thrifty_quant:  # written by `thrifty quantize` / save_pretrained of a quantized model
+        raw = {k: v for k, v in raw.items() if k != "quantization_config"}
+    cfg = LlamaConfig.from_dict(raw)
+    tensors, layers = {}, {}
     for f in _files(path):
         with safe_open(str(f), framework="pt", device="cpu") as st:
+            if thrifty_quant:
+                from thrifty.quant.model import read_metadata
+                layers.update(json.loads(read_metadata(str(f)).get("layers", "{}")))
             for name in st.keys():
                 tensors[name] = st.get_tensor(name)
     if dtype is None:
-        dtype = next((t.dtype for n, t in tensors.items() if n.endswith("proj.weight")), torch.float32)
+        dtype = next((t.dtype for n, t in tensors.items() if n.endswith("proj.weight") or n.endswith("embed_tokens.weight")),
+                     torch.float32)
     with torch.device("meta"):
         model = cls(cfg)
+        if layers:
+            _quant_layers(model, layers, path)
     expected = model.state_dict()
-    if cfg.tie_word_embeddings:
+    keep_dtype = {f"{n}.{b}" for n in layers for b in ("qweight", "scales", "zeros", "perm", "smooth")}
+    if cfg.tie_word_embeddings and "lm_head" not in layers:
         tensors.pop("lm_head.weight", None)
-    elif "lm_head.weight" not in tensors:
+    elif "lm_head.weight" not in tensors and "lm_head" not in layers:
         raise ValueError(f"{path}: checkpoint has no lm_head.weight and config field 'tie_word_embeddings' is false")
-    missing = sorted(set(expected) - set(tensors) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
+    tied = cfg.tie_word_embeddings and "lm_head" not in layers
+    missing = sorted(set(expected) - set(tensors) - ({"lm_head.weight"} if tied else set()))
     unexpected = sorted(n for n in set(tensors) - set(expected) if not n.endswith("rotary_emb.inv_freq"))
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not match the config: missing {missing[:8]}, "
@@ -55,25 +91,60 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = None, device=None):
         if n in expected and tuple(t.shape) != tuple(expected[n].shape):
             raise ValueError(f"{path}: tensor {n} has shape {tuple(t.shape)}, the config implies "
                              f"{tuple(expected[n].shape)}")
-    state = {n: t.to(device=device, dtype=dtype) for n, t in tensors.items() if n in expected}
+    state = {n: t.to(device=device) if n in keep_dtype else t.to(device=device, dtype=dtype)
+             for n, t in tensors.items() if n in expected}
     model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
+    if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_rope()
     return model.eval()
 
 
+def _quant_layers(model, layers: dict, path) -> None:
+    """Replaces the layers a thrifty-quantized checkpoint names by empty QuantLinears (meta device)."""
+    from thrifty.nn.quant import QuantLinear
+
+    for name, c in layers.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError as err:
+            raise ValueError(f"{path}: quantized layer {name!r} does not exist in the model") from err
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        bias = getattr(old, "bias", None)
+        setattr(parent, child, QuantLinear(
+            c["in_features"], c["out_features"], c["bias"], bits=c["bits"],
+            group_size=c["group_size"] if c["bits"] == 4 else 128, act_bits=c.get("act_bits", 16),
+            dtype=bias.dtype if bias is not None else None, act_order=c.get("act_order", False),
+            smooth=c.get("smooth", False)))
+
+
 def save_pretrained(model, path, max_shard_size: int | None = None) -> None:
-    """Writes config.json and model.safetensors (sharded with an index past max_shard_size bytes)."""
+    """Writes config.json and model.safetensors (sharded with an index past max_shard_size bytes).
+    A model with thrifty.nn.QuantLinear layers (thrifty.quant.quantize_model) is written in the format of
+    `thrifty quantize` (quantization_config in config.json, the layers in the safetensors metadata)."""
+    from thrifty.nn.quant import QuantLinear
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     state = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    dtype = model.lm_head.weight.dtype
-    cfg.save(path, dtype)
+    dtype = model.model.embed_tokens.weight.dtype
     meta = {"format": "pt"}
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        from thrifty.quant.formats import FORMAT_VERSION
+        from thrifty.quant.model import quant_metadata
+
+        meta.update(quant_metadata(model))
+        qcfg = json.loads(meta["config"]) or {}
+        d = cfg.to_dict(dtype)
+        d["quantization_config"] = {"quant_method": "thrifty", "format_version": FORMAT_VERSION,
+                                    **{k: qcfg[k] for k in ("bits", "group_size", "method", "act_bits") if k in qcfg}}
+        (path / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+    else:
+        cfg.save(path, dtype)
     if max_shard_size is None or sum(t.numel() * t.element_size() for t in state.values()) <= max_shard_size:
         save_file(state, str(path / "model.safetensors"), metadata=meta)
         return

@@ -16,6 +16,10 @@ from thrifty.ops import linear_cross_entropy
 from thrifty.models import _kernels as K
 
 
+class TokenIdError(ValueError, IndexError):
+    """An input id outside the vocabulary (a ValueError naming the argument; an IndexError as torch's own)."""
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer: int):
         super().__init__()
@@ -87,7 +91,8 @@ class Llama(nn.Module):
 
     def reset_rope(self) -> None:
         """Recomputes the rotary cache (after building on the meta device, say)."""
-        self.cos_sin = build_cos_sin(self.config, self.config.max_position_embeddings, self.lm_head.weight.device)
+        self.cos_sin = build_cos_sin(self.config, self.config.max_position_embeddings,
+                                     self.model.embed_tokens.weight.device)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -105,35 +110,94 @@ class Llama(nn.Module):
                 nn.init.normal_(p, std=std)
         return self
 
-    def hidden_states(self, input_ids, positions=None, cu_seqlens=None, cache=None):
+    def _check_cu_seqlens(self, cu_seqlens, n_tokens: int, max_seqlen):
+        """cu_seqlens as varlen attention takes it (int32, 1-D, from 0 to the token count) and the longest
+        document; reads the device values only when max_seqlen is not given (one host sync)."""
+        if not isinstance(cu_seqlens, torch.Tensor):
+            cu_seqlens = torch.as_tensor(cu_seqlens, dtype=torch.int32)
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"Llama: argument 'cu_seqlens' must be 1-D (documents + 1,) offsets starting at 0, "
+                             f"got shape {tuple(cu_seqlens.shape)}")
+        if cu_seqlens.dtype != torch.int32:
+            if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
+                raise TypeError(f"Llama: argument 'cu_seqlens' must be an integer tensor (int32), got {cu_seqlens.dtype}")
+            cu_seqlens = cu_seqlens.to(torch.int32)
+        if max_seqlen is None:
+            first, last, longest = torch.stack([cu_seqlens[0], cu_seqlens[-1],
+                                                (cu_seqlens[1:] - cu_seqlens[:-1]).max()]).tolist()
+            if first != 0 or last != n_tokens:
+                raise ValueError(f"Llama: argument 'cu_seqlens' must run from 0 to the number of tokens {n_tokens}, "
+                                 f"got {first} ... {last}")
+            max_seqlen = longest
+        return cu_seqlens, int(max_seqlen)
+
+    def _check_ids(self, input_ids):
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"Llama: argument 'input_ids' must be a tensor of token ids, got {type(input_ids).__name__}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"Llama: argument 'input_ids' must hold integer token ids (int64 or int32), "
+                            f"got {input_ids.dtype}")
+
+    def _embed(self, input_ids):
+        try:
+            return self.model.embed_tokens(input_ids)
+        except IndexError as err:
+            raise TokenIdError(f"Llama: argument 'input_ids' holds ids outside [0, vocab_size={self.config.vocab_size})"
+                                f" ({err})") from err
+
+    def hidden_states(self, input_ids, positions=None, cu_seqlens=None, cache=None, max_seqlen=None):
         """Final-norm hidden states (input_ids' shape + (hidden,))."""
+        self._check_ids(input_ids)
         meta = self.meta
         if cu_seqlens is not None:
             input_ids = input_ids.reshape(-1)
+            cu_seqlens, max_seqlen = self._check_cu_seqlens(cu_seqlens, input_ids.shape[0], max_seqlen)
             if positions is None:
                 starts = cu_seqlens[:-1].long()
                 lens = cu_seqlens[1:].long() - starts
-                positions = torch.arange(input_ids.shape[0], device=input_ids.device) - torch.repeat_interleave(starts, lens)
-            meta = AttnMeta(meta.scale, meta.window, cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
-        elif positions is None:
-            start = cache.pos if cache is not None else 0
-            positions = torch.arange(start, start + input_ids.shape[-1], device=input_ids.device).expand(input_ids.shape)
-        h, delta = self.model.embed_tokens(input_ids), None
+                positions = torch.arange(input_ids.shape[0], device=input_ids.device) - torch.repeat_interleave(
+                    starts, lens, output_size=input_ids.shape[0])
+            else:
+                positions = positions.reshape(-1)
+            meta = AttnMeta(meta.scale, meta.window, cu_seqlens, max_seqlen)
+        else:
+            if input_ids.dim() == 1:  # one unbatched sequence
+                return self.hidden_states(input_ids[None], None if positions is None else positions.reshape(1, -1),
+                                          None, cache)[0]
+            if input_ids.dim() != 2:
+                raise ValueError(f"Llama: argument 'input_ids' must be (batch, seq) (or (tokens,) with cu_seqlens), "
+                                 f"got shape {tuple(input_ids.shape)}")
+            if positions is None:
+                start = cache.pos if cache is not None else 0
+                positions = torch.arange(start, start + input_ids.shape[-1], device=input_ids.device).expand(input_ids.shape)
+        h, delta = self._embed(input_ids), None
         for layer in self.model.layers:
             h, delta = layer(h, delta, positions, self.cos_sin, meta, cache)
         if cache is not None:
             cache.advance(input_ids.shape[-1])
         return self.model.norm(delta, h)[0]
 
-    def forward(self, input_ids, positions=None, labels=None, cu_seqlens=None, cache=None):
-        h = self.hidden_states(input_ids, positions, cu_seqlens, cache)
+    def forward(self, input_ids, positions=None, labels=None, cu_seqlens=None, cache=None, *, max_seqlen=None):
+        """Logits, or with ``labels`` the loss (see the class docstring). ``max_seqlen``: the longest document
+        of ``cu_seqlens`` when the caller knows it (saves reading cu_seqlens back from the device)."""
+        h = self.hidden_states(input_ids, positions, cu_seqlens, cache, max_seqlen=max_seqlen)
         if labels is None:
             return self.lm_head(h)
-        labels = labels.reshape(h.shape[:-1])
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"Llama: argument 'labels' must be a tensor, got {type(labels).__name__}")
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise TypeError(f"Llama: argument 'labels' must hold integer token ids (int64), got {labels.dtype}")
+        if labels.numel() != h.shape[:-1].numel():
+            raise ValueError(f"Llama: argument 'labels' must have the shape of 'input_ids' {tuple(input_ids.shape)}, "
+                             f"got {tuple(labels.shape)}")
+        labels = labels.reshape(h.shape[:-1]).long()
         shifted = F.pad(labels, (0, 1), value=-100)[..., 1:]
         if cu_seqlens is not None:  # the last token of a document predicts nothing
             shifted = shifted.clone()
             shifted[cu_seqlens[1:].long() - 1] = -100
+        if not isinstance(self.lm_head, nn.Linear):  # a quantized LM head (quantize_model with skip=()): via logits
+            logits = self.lm_head(h).float()
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1)).to(h.dtype)
         return linear_cross_entropy(h, self.lm_head.weight, shifted)
 
     # ---- generation ----
@@ -147,6 +211,20 @@ class Llama(nn.Module):
         when every row has produced an eos (the config's when eos_token_id is None); finished
         rows are padded with their eos.
         """
+        self._check_ids(input_ids)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"generate: argument 'max_new_tokens' must be a non-negative int, got {max_new_tokens!r}")
+        if temperature is None:
+            temperature = 0.0
+        if not isinstance(temperature, (int, float)) or temperature != temperature or temperature < 0:
+            raise ValueError(f"generate: argument 'temperature' must be a number >= 0 (0: greedy), got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+            raise ValueError(f"generate: argument 'top_k' must be None or an int >= 0 (0: off), got {top_k!r}")
+        if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            raise ValueError(f"generate: argument 'top_p' must be None or in (0, 1], got {top_p!r}")
+        if input_ids.dim() not in (1, 2) or input_ids.shape[-1] == 0:
+            raise ValueError(f"generate: argument 'input_ids' must be a non-empty (batch, seq) or (seq,) prompt, "
+                             f"got shape {tuple(input_ids.shape)}")
         squeeze = input_ids.dim() == 1
         ids = input_ids[None] if squeeze else input_ids
         b, s = ids.shape
@@ -156,7 +234,7 @@ class Llama(nn.Module):
         eos = self.config.eos_ids if eos_token_id is None else (
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         eos_t = torch.tensor(eos, device=ids.device, dtype=ids.dtype)
-        w = self.lm_head.weight
+        w = self.model.embed_tokens.weight  # dtype and device of the cache (the LM head may be quantized)
         cache = KVCache(self.config.num_hidden_layers, b, s + max_new_tokens, self.config.num_key_value_heads,
                         self.config.head_dim, w.dtype, w.device)
         out = [ids]
@@ -177,13 +255,28 @@ class Llama(nn.Module):
 
     # ---- checkpoints ----
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None) -> "Llama":
+    def from_pretrained(cls, path, dtype: torch.dtype | str | None = None, device=None, *,
+                        torch_dtype: torch.dtype | str | None = None) -> "Llama":
+        """Reads config.json and *.safetensors (sharded index too) from ``path``, without transformers.
+
+        dtype: torch.float32 / bfloat16 / float16 (or its name); None or "auto" keeps the stored dtype.
+        ``torch_dtype`` is accepted as an alias (transformers' older name)."""
         from thrifty.models.hf import load_pretrained
+        if torch_dtype is not None:
+            if dtype is not None and dtype != torch_dtype:
+                raise ValueError(f"from_pretrained: got both dtype={dtype!r} and torch_dtype={torch_dtype!r}")
+            dtype = torch_dtype
         return load_pretrained(cls, path, dtype=dtype, device=device)
 
     def save_pretrained(self, path, max_shard_size: int | None = None) -> None:
         from thrifty.models.hf import save_pretrained
         save_pretrained(self, path, max_shard_size=max_shard_size)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "Llama":
+        """A freshly initialised model of a preset ("tiny" ~10M parameters, "small" ~125M), config fields
+        overridable (vocab_size=..., say)."""
+        return cls(LlamaConfig.preset(name, **overrides)).init_weights()
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -8,7 +8,8 @@ In place, on the instance (transformers stays optional: nothing here imports it)
   with a padding mask (batched padded input) the layer runs transformers' own attention code,
   since the attention interface has no arbitrary-mask case.
 - the loss: forward(..., labels=...) uses thrifty.ops.linear_cross_entropy on the final
-  hidden states (no logits materialised; logits are returned only in eval mode).
+  hidden states (no logits materialised for the loss; ``out.logits`` is computed, with autograd,
+  only when it is read).
 """
 from __future__ import annotations
 
@@ -63,23 +64,97 @@ def _attention_forward(orig):
     return forward
 
 
-def _causal_lm_forward(orig):
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, **kwargs):
-        if labels is None:
-            return orig(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+_LAZY_OUTPUT = None
+
+
+def _lazy_logits_output_class():
+    """CausalLMOutputWithPast whose ``logits`` are computed (lm_head of the final hidden states, with autograd)
+    only when read: the fused loss never needs them, but code that reads ``out.logits`` still gets them."""
+    global _LAZY_OUTPUT
+    if _LAZY_OUTPUT is None:
+        from collections import OrderedDict
+        from dataclasses import fields
+
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
+        class LazyLogitsCausalLMOutput(CausalLMOutputWithPast):
+            def _get_logits(self):
+                v = self.__dict__.get("_logits")
+                make = self.__dict__.get("_make_logits")
+                if v is None and make is not None:
+                    v = make()
+                    self.__dict__["_logits"] = v
+                    self.__dict__["_make_logits"] = None
+                    self._set_logits(v)
+                return v
+
+            def _set_logits(self, v):
+                self.__dict__["_logits"] = v
+                if v is not None:
+                    OrderedDict.__setitem__(self, "logits", v)
+                    for name in self._AFTER_LOGITS:  # keep the field order (to_tuple: loss, logits, cache, ...)
+                        if OrderedDict.__contains__(self, name):
+                            OrderedDict.move_to_end(self, name)
+
+            logits = property(_get_logits, _set_logits)
+            _AFTER_LOGITS = tuple(f.name for f in fields(CausalLMOutputWithPast) if f.name not in ("loss", "logits"))
+
+            def __getitem__(self, k):
+                if (k == "logits" or not isinstance(k, str)) and self.__dict__.get("_make_logits") is not None:
+                    self._get_logits()
+                return super().__getitem__(k)
+
+            def to_tuple(self):
+                if self.__dict__.get("_make_logits") is not None:
+                    self._get_logits()
+                return super().to_tuple()
+
+        _LAZY_OUTPUT = LazyLogitsCausalLMOutput
+    return _LAZY_OUTPUT
+
+
+def _causal_lm_forward(orig):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, *args, labels=None, **kwargs):
+        if args:  # positional past_key_values / cache, inputs_embeds, labels, ... (transformers' order)
+            return orig(input_ids, attention_mask, position_ids, *args, labels=labels, **kwargs)
+        if labels is None:
+            return orig(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        from dataclasses import fields
+
         num_items = kwargs.pop("num_items_in_batch", None)
-        kwargs.pop("logits_to_keep", None)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        logits_to_keep = kwargs.pop("logits_to_keep", 0)
+        return_dict = kwargs.pop("return_dict", None)
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         return_dict=True, **kwargs)
         h = out.last_hidden_state
         shifted = F.pad(labels, (0, 1), value=-100)[..., 1:].to(h.device)
         if num_items is None:
             loss = linear_cross_entropy(h, self.lm_head.weight, shifted)
         else:
-            loss = linear_cross_entropy(h, self.lm_head.weight, shifted, reduction="sum") / num_items
-        logits = None if self.training else self.lm_head(h)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=getattr(out, "past_key_values", None))
+            num = num_items.to(h.device) if isinstance(num_items, torch.Tensor) else num_items
+            loss = linear_cross_entropy(h, self.lm_head.weight, shifted, reduction="sum") / num
+
+        def make_logits():
+            hs = h
+            if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+                hs = h[:, -logits_to_keep:, :]
+            elif isinstance(logits_to_keep, torch.Tensor):
+                hs = h[:, logits_to_keep, :]
+            return self.lm_head(hs)
+
+        cls = _lazy_logits_output_class()
+        names = {f.name for f in fields(cls)}
+        extra = {"hidden_states": getattr(out, "hidden_states", None), "attentions": getattr(out, "attentions", None)}
+        cache_name = "cache" if "cache" in names else "past_key_values"
+        extra[cache_name] = out[cache_name] if cache_name in out.keys() else None
+        res = cls(loss=loss, **{k: v for k, v in extra.items() if k in names})
+        res.__dict__["_make_logits"] = make_logits
+        if not return_dict:
+            res._get_logits()
+            return res.to_tuple()
+        return res
 
     return forward
 

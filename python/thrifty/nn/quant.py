@@ -8,6 +8,26 @@ from thrifty.ops import quant as qops
 from thrifty.quant import formats as F
 
 
+def _check_layer_args(where: str, in_features: int, bits, group_size, act_bits) -> None:
+    """The layer options, checked before any work, each error naming the argument."""
+    for name, v in (("bits", bits), ("group_size", group_size), ("act_bits", act_bits)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{where}: argument '{name}' must be an int, got {type(v).__name__} ({v!r})")
+    if bits not in (4, 8):
+        raise ValueError(f"{where}: argument 'bits' must be 4 or 8, got {bits}")
+    if act_bits not in (8, 16):
+        raise ValueError(f"{where}: argument 'act_bits' must be 16 or 8, got {act_bits}")
+    if act_bits == 8 and bits != 8:
+        raise ValueError(f"{where}: act_bits=8 (int8 activations) needs bits=8 weights (W8A8), got bits={bits}")
+    if bits == 4:
+        if group_size <= 0 or group_size % 32:
+            raise ValueError(f"{where}: argument 'group_size' must be a positive multiple of 32 (32, 64, 128) for "
+                             f"bits=4, got {group_size}")
+        if in_features % group_size:
+            raise ValueError(f"{where}: in_features={in_features} is not a multiple of group_size={group_size} "
+                             "(bits=4 quantizes whole groups of group_size input features)")
+
+
 class QuantLinear(nn.Module):
     """y = x @ dequant(W).T + bias with packed weights (docs/QUANT_FORMATS.md, format version 1).
 
@@ -22,15 +42,7 @@ class QuantLinear(nn.Module):
                  group_size: int = 128, act_bits: int = 16, device=None, dtype: torch.dtype | None = None,
                  act_order: bool = False, smooth: bool = False):
         super().__init__()
-        if bits not in (4, 8):
-            raise ValueError(f"QuantLinear: bits must be 4 or 8, got {bits}")
-        if act_bits not in (8, 16):
-            raise ValueError(f"QuantLinear: act_bits must be 16 or 8, got {act_bits}")
-        if act_bits == 8 and bits != 8:
-            raise ValueError("QuantLinear: act_bits=8 (int8 activations) needs bits=8 weights (W8A8)")
-        if bits == 4 and (group_size <= 0 or group_size % 32 or in_features % group_size):
-            raise ValueError(f"QuantLinear: in_features={in_features} is not a multiple of group_size={group_size} "
-                             "(group_size must be a multiple of 32)")
+        _check_layer_args("QuantLinear", in_features, bits, group_size, act_bits)
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.act_bits = bits, act_bits
         self.group_size = group_size if bits == 4 else -1
@@ -50,8 +62,22 @@ class QuantLinear(nn.Module):
         self.register_buffer("perm", torch.arange(in_features, device=device) if act_order else None)
         self.register_buffer("smooth", torch.ones(in_features, device=device) if smooth else None)
 
+    def _apply(self, fn, recurse=True):
+        """model.to(dtype) / .half() / .bfloat16() move the layer but keep its scales, zero points and smoothing
+        factors float32 (the kernels' format; rounding them would change the weights)."""
+        keep = {n: getattr(self, n) for n in ("scales", "zeros", "smooth") if getattr(self, n, None) is not None}
+        super()._apply(fn, recurse)
+        for n, old in keep.items():
+            new = getattr(self, n)
+            if new.dtype != old.dtype:
+                setattr(self, n, old.to(device=new.device))
+        return self
+
     # ---- forward ----
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"QuantLinear: input must have in_features={self.in_features} in its last dimension, "
+                             f"got shape {tuple(x.shape)}")
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
         if self.smooth is not None:
@@ -107,6 +133,7 @@ class QuantLinear(nn.Module):
         if method not in ("rtn", "gptq"):
             raise ValueError(f"QuantLinear.from_float: method must be 'rtn' or 'gptq', got {method!r}")
         k, n = linear.in_features, linear.out_features
+        _check_layer_args("QuantLinear.from_float", k, bits, group_size, act_bits)
         w = linear.weight.detach().float()
         if smooth is not None:
             w = w * smooth.float()[None, :]

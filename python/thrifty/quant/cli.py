@@ -6,8 +6,9 @@ quantized; every other tensor is copied unchanged. OUT_DIR gets model.safetensor
 version 1: <layer>.qweight / .scales / .zeros / .perm, metadata "format"="thrifty-quant" and the per-layer
 config), config.json with a "quantization_config" block, and the tokenizer files.
 
-GPTQ needs calibration activations: the float model is run through Hugging Face transformers (when
-installed) on text from --calibration FILE or an embedded default corpus.
+GPTQ needs calibration activations: the float model is run through thrifty.models.Llama (no transformers
+needed; transformers' AutoModelForCausalLM for other architectures, when installed) on text from
+--calibration FILE or an embedded default corpus, tokenized with the directory's tokenizer.json.
 """
 from __future__ import annotations
 
@@ -67,36 +68,83 @@ def quantizable(name: str, t) -> bool:
     return (name.endswith("_proj.weight") and t.dim() == 2 and "lm_head" not in name and "embed" not in name)
 
 
-def _hessians_via_transformers(model_dir: Path, names: list[str], args) -> dict:
+def _calibration_ids(model_dir: Path, text: str):
+    """Token ids of the calibration text: tokenizer.json through the `tokenizers` library (no transformers
+    needed), else transformers' AutoTokenizer (tokenizer.model and the like) when it is installed."""
     import torch
+    if (model_dir / "tokenizer.json").is_file():
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            Tokenizer = None
+        if Tokenizer is not None:
+            return torch.tensor(Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(text).ids, dtype=torch.long)
+    if (model_dir / "tokenizer_config.json").exists() or (model_dir / "tokenizer.model").exists():
+        try:
+            import transformers
+        except ImportError:
+            transformers = None
+        if transformers is not None:
+            tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+            return tok(text, return_tensors="pt")["input_ids"][0]
+    raise SystemExit(f"thrifty quantize: --method gptq needs a tokenizer in {model_dir} (tokenizer.json) to "
+                     "encode the calibration text")
+
+
+def _calibration_model(model_dir: Path):
+    """The float model whose layer inputs GPTQ calibrates on: thrifty.models.Llama (Llama, Mistral, Qwen2:
+    no transformers import), else transformers' AutoModelForCausalLM when it is installed."""
+    import torch
+
+    from thrifty.models import ConfigError, Llama
     try:
-        import transformers
-    except ImportError:
-        raise SystemExit("thrifty quantize: --method gptq needs calibration activations, which this command gets "
-                         "by running the model with Hugging Face transformers; install it (pip install transformers) "
-                         "or use --method rtn")
+        return Llama.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    except ConfigError as err:
+        try:
+            import transformers
+        except ImportError:
+            raise SystemExit(f"thrifty quantize: --method gptq runs the model for calibration activations; "
+                             f"thrifty.models.Llama cannot run it ({err}) and transformers is not installed "
+                             "(pip install transformers), or use --method rtn")
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+        return model.eval()
+
+
+def _calibration_hessians(model_dir: Path, names: list[str], args) -> dict:
+    import torch
+
     from thrifty.quant.model import collect_hessians
-    text = Path(args.calibration).read_text() if args.calibration else DEFAULT_CORPUS
-    if (model_dir / "tokenizer.json").exists() or (model_dir / "tokenizer_config.json").exists():
-        tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
-        ids = tok(text, return_tensors="pt")["input_ids"][0]
+    if args.calibration:
+        cal = Path(args.calibration)
+        if not cal.is_file():
+            raise SystemExit(f"thrifty quantize: --calibration: no such file {str(cal)!r}")
+        text = cal.read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            raise SystemExit(f"thrifty quantize: --calibration: {str(cal)!r} is empty")
     else:
-        raise SystemExit(f"thrifty quantize: --method gptq needs a tokenizer in {model_dir} (tokenizer.json) to "
-                         "encode the calibration text")
-    while ids.numel() < args.calibration_tokens and ids.numel() > 0:
+        text = DEFAULT_CORPUS
+    ids = _calibration_ids(model_dir, text)
+    if ids.numel() == 0:
+        raise SystemExit("thrifty quantize: the calibration text encodes to no tokens")
+    model = _calibration_model(model_dir)
+    max_pos = getattr(model.config, "max_position_embeddings", None) or args.seq_len
+    seq_len = max(1, min(args.seq_len, max_pos))
+    while ids.numel() < args.calibration_tokens:
         ids = torch.cat([ids, ids])
-    ids = ids[: max(args.seq_len, args.calibration_tokens // args.seq_len * args.seq_len)]
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
-    model.eval()
-    batches = [ids[i:i + args.seq_len][None] for i in range(0, ids.numel(), args.seq_len)]
+    ids = ids[: max(seq_len, args.calibration_tokens // seq_len * seq_len)]
+    batches = [ids[i:i + seq_len][None] for i in range(0, ids.numel(), seq_len)]
     mods = [n[: -len(".weight")] for n in names]
     have = dict(model.named_modules())
     missing = [m for m in mods if m not in have]
     if missing:
         raise SystemExit(f"thrifty quantize: layers {missing[:3]} of the checkpoint are not modules of the "
-                         "transformers model; cannot calibrate")
+                         "model; cannot calibrate")
     print(f"calibrating on {ids.numel()} tokens in {len(batches)} sequences ...", flush=True)
     return collect_hessians(model, mods, batches)
+
+
+# kept for callers of the earlier name
+_hessians_via_transformers = _calibration_hessians
 
 
 def main(args) -> int:
@@ -119,6 +167,13 @@ def main(args) -> int:
     if args.act_bits == 8 and args.bits != 8:
         print("thrifty quantize: --act-bits 8 needs --bits 8 (W8A8)", file=sys.stderr)
         return 2
+    if args.method == "gptq" and (args.calibration_tokens < 1 or args.seq_len < 1):
+        print(f"thrifty quantize: --calibration-tokens and --seq-len must be positive, got {args.calibration_tokens} "
+              f"and {args.seq_len}", file=sys.stderr)
+        return 2
+    if args.damp < 0:
+        print(f"thrifty quantize: --damp must be >= 0, got {args.damp}", file=sys.stderr)
+        return 2
     if args.bits == 4 and (args.group_size <= 0 or args.group_size % 32):
         print(f"thrifty quantize: --group-size must be a positive multiple of 32, got {args.group_size}", file=sys.stderr)
         return 2
@@ -136,7 +191,7 @@ def main(args) -> int:
             print(f"thrifty quantize: {n}: in_features K={tensors[n].shape[1]} is not a multiple of "
                   f"group_size={args.group_size}", file=sys.stderr)
             return 2
-    hessians = _hessians_via_transformers(src, names, args) if args.method == "gptq" else {}
+    hessians = _calibration_hessians(src, names, args) if args.method == "gptq" else {}
     outt, layers = {}, {}
     for k, t in tensors.items():
         if k not in names:

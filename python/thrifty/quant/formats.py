@@ -128,7 +128,9 @@ def gptq_unpack(qweight, qzeros, scales, g_idx=None):
     _check(scales.shape[1] == n, f"scales must have shape (groups, {n}) to match qweight (K/8, N) = "
                                  f"{tuple(qweight.shape)}, got {tuple(scales.shape)}")
     _check(ng >= 1 and k % ng == 0, f"scales has {ng} groups, which does not divide K={k} (from qweight)")
-    _check(tuple(qzeros.shape) == (ng, n // 8) and n % 8 == 0,
+    _check(n % 8 == 0, f"out_features N={n} (qweight (K/8, N) = {tuple(qweight.shape)}) must be a multiple of 8: "
+                       "GPTQ packs 8 zero points per int32 of qzeros")
+    _check(tuple(qzeros.shape) == (ng, n // 8),
            f"qzeros must have shape (groups, N/8) = ({ng}, {n // 8}), got {tuple(qzeros.shape)}")
     gs = k // ng
     if g_idx is None:

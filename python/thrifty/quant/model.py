@@ -24,18 +24,45 @@ class QuantConfig:
     damp: float = 0.01
     act_order: bool = True
 
+    def __post_init__(self):
+        if isinstance(self.skip, str):
+            self.skip = (self.skip,)
+        self.skip = tuple(self.skip)
+        for name in ("bits", "group_size", "act_bits"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"quantize_model: config '{name}' must be an int, got {type(v).__name__} ({v!r})")
+        if self.bits not in (4, 8):
+            raise ValueError(f"quantize_model: config 'bits' must be 4 or 8, got {self.bits}")
+        if self.act_bits not in (8, 16):
+            raise ValueError(f"quantize_model: config 'act_bits' must be 16 or 8, got {self.act_bits}")
+        if self.act_bits == 8 and self.bits != 8:
+            raise ValueError(f"quantize_model: config act_bits=8 (W8A8) needs bits=8, got bits={self.bits}")
+        if self.bits == 4 and (self.group_size <= 0 or self.group_size % 32):
+            raise ValueError(f"quantize_model: config 'group_size' must be a positive multiple of 32 for bits=4, "
+                             f"got {self.group_size}")
+        if self.method not in ("rtn", "gptq"):
+            raise ValueError(f"quantize_model: config 'method' must be 'rtn' or 'gptq', got {self.method!r}")
+        if not self.damp >= 0:
+            raise ValueError(f"quantize_model: config 'damp' must be >= 0, got {self.damp}")
+
     @classmethod
     def make(cls, config) -> "QuantConfig":
         if isinstance(config, QuantConfig):
             return config
         if isinstance(config, dict):
-            unknown = set(config) - set(cls.__dataclass_fields__)
+            unknown = set(config) - set(cls.__dataclass_fields__) - {"modules_to_not_convert", "skip_modules"}
             if unknown:
                 raise ValueError(f"quantize_model: unknown config keys {sorted(unknown)}; "
                                  f"known: {sorted(cls.__dataclass_fields__)}")
             c = dict(config)
+            for alias in ("modules_to_not_convert", "skip_modules"):  # Hugging Face quantizers' names for skip
+                if alias in c:
+                    if "skip" in c:
+                        raise ValueError(f"quantize_model: config has both 'skip' and {alias!r}")
+                    c["skip"] = c.pop(alias)
             if "skip" in c:
-                c["skip"] = tuple(c["skip"])
+                c["skip"] = tuple(c["skip"]) if c["skip"] is not None else ()
             return cls(**c)
         raise TypeError(f"quantize_model: config must be a QuantConfig or a dict, got {type(config).__name__}")
 
@@ -99,8 +126,16 @@ def quantize_model(model: nn.Module, config=None, calibration=None) -> nn.Module
     from thrifty.nn.quant import QuantLinear
     from thrifty.quant.gptq import gptq_quantize
 
-    cfg = QuantConfig.make(config or {})
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_model: model must be an nn.Module, got {type(model).__name__}")
+    cfg = QuantConfig.make(config if config is not None else {})
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _skipped(n, cfg.skip)]
+    if cfg.bits == 4:
+        bad = [(n, model.get_submodule(n).in_features) for n in names
+               if model.get_submodule(n).in_features % cfg.group_size]
+        if bad:
+            raise ValueError(f"quantize_model: layer {bad[0][0]!r} has in_features={bad[0][1]}, not a multiple of "
+                             f"group_size={cfg.group_size} (list it in config 'skip' or pick another group_size)")
     hessians = {}
     if cfg.method == "gptq":
         if calibration is None:

@@ -48,6 +48,10 @@ def add_arguments(p) -> None:
     g.add_argument("--lora-rank", type=int, default=0, help="train rank-R adapters only (merged on export)")
     g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 2 x rank)")
     g.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS), help="comma-separated linear layer names")
+    g.add_argument("--lora-base-bits", type=int, choices=[16, 8, 4], default=16,
+                   help="QLoRA: 4 (or 8) quantizes the frozen base with thrifty's int4 (int8) layers (default 16: no)")
+    g.add_argument("--qlora", action="store_true", help="shorthand for --lora-base-bits 4")
+    g.add_argument("--lora-group-size", type=int, default=64, help="int4 group size of the QLoRA base (default 64)")
     g = p.add_argument_group("run")
     g.add_argument("--out", help="run directory (default runs/default for the embedded corpus, else runs/run-<time>)")
     g.add_argument("--save-every", type=int, help="checkpoint every N steps (always one at the end)")
@@ -72,7 +76,8 @@ def config_from_args(args):
         optimizer=args.optimizer, precision=args.precision, master_weights=not args.no_master_weights,
         activation_checkpointing=args.activation_checkpointing,
         compile=args.compile, seed=args.seed, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()), out=args.out,
+        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+        lora_base_bits=4 if args.qlora else args.lora_base_bits, lora_group_size=args.lora_group_size, out=args.out,
         save_every=args.save_every, keep_last=args.keep_last, resume=args.resume, eval_every=args.eval_every,
         eval_batches=args.eval_batches, fsdp=args.fsdp, device=args.device, progress=not args.no_progress,
         max_nan_steps=args.max_nan_steps)

@@ -74,6 +74,8 @@ class TrainConfig:
     lora_alpha: float | None = None
     lora_targets: tuple = loramod.DEFAULT_TARGETS
     lora_dropout: float = 0.0
+    lora_base_bits: int = 16                # QLoRA: 4 (or 8) quantizes the frozen base linears (thrifty.nn.QuantLinear)
+    lora_group_size: int = 64               # int4 group size of the quantized base
     # run dir, checkpoints, logging
     out: str | None = None
     save_every: int | None = None
@@ -207,7 +209,11 @@ def _rank_info():
 class Trainer:
     """Builds data, model and optimizer from a :class:`TrainConfig` and runs :meth:`train`."""
 
-    def __init__(self, config: TrainConfig | None = None, **kwargs):
+    def __init__(self, config: TrainConfig | dict | None = None, **kwargs):
+        if isinstance(config, dict):
+            config = TrainConfig.from_dict(config)
+        elif config is not None and not isinstance(config, TrainConfig):
+            raise TypeError(f"Trainer: config must be a TrainConfig or a dict, got {type(config).__name__}")
         self.cfg = copy.deepcopy(config) if config is not None else TrainConfig()
         for k, v in kwargs.items():
             if not hasattr(self.cfg, k):
@@ -319,6 +325,16 @@ class Trainer:
             self.log(f"precision: {c.precision} ({'this device has fast bf16 matmul' if c.precision == 'bf16' else 'no native bf16 matmul on this CPU (AVX2 only): bf16 would run several times slower than fp32'})")
         if c.optimizer not in ("adamw", "adamw8bit", "lion"):
             raise TrainError(f"--optimizer: expected adamw, adamw8bit or lion, got {c.optimizer!r}")
+        if c.lora_rank and (isinstance(c.lora_rank, bool) or not isinstance(c.lora_rank, int) or c.lora_rank < 0):
+            raise TrainError(f"--lora-rank: expected a positive integer (0: off), got {c.lora_rank!r}")
+        if isinstance(c.lora_targets, str):
+            c.lora_targets = tuple(t.strip() for t in c.lora_targets.split(",") if t.strip())
+        if c.lora_base_bits not in (4, 8, 16):
+            raise TrainError(f"--lora-base-bits: expected 16 (floating-point base), 8 or 4 (QLoRA), got {c.lora_base_bits}")
+        if c.lora_base_bits != 16 and not c.lora_rank:
+            raise TrainError(f"--lora-base-bits {c.lora_base_bits} (a quantized frozen base) needs --lora-rank R")
+        if c.lora_base_bits == 4 and (c.lora_group_size <= 0 or c.lora_group_size % 32):
+            raise TrainError(f"--lora-group-size: expected a positive multiple of 32, got {c.lora_group_size}")
         for name in ("batch_size", "grad_accum", "seq_len"):
             if getattr(c, name) < 1 or (name == "seq_len" and c.seq_len < 8):
                 raise TrainError(f"--{name.replace('_', '-')}: expected a positive value (seq-len >= 8), got {getattr(c, name)}")
@@ -387,7 +403,12 @@ class Trainer:
         if hasattr(model, "reset_rope"):  # the rotary cache stays float32 whatever the parameter dtype
             model.reset_rope()
         if c.lora_rank:
+            if c.lora_base_bits != 16 and self.fsdp:
+                raise TrainError("--lora-base-bits 4/8 (QLoRA) does not combine with --fsdp: use DDP (the default)")
             try:
+                if c.lora_base_bits != 16:
+                    self.quantized_names = loramod.quantize_base(model, c.lora_base_bits, c.lora_group_size)
+                    self.log(f"QLoRA: {len(self.quantized_names)} frozen base linears quantized to int{c.lora_base_bits}")
                 self.lora_names = loramod.apply_lora(model, c.lora_rank, c.lora_targets, c.lora_alpha, c.lora_dropout)
             except ValueError as e:
                 raise TrainError(str(e)) from None
@@ -506,7 +527,9 @@ class Trainer:
     def _export_model(self, msd: dict, dest: Path) -> None:
         """config.json + model.safetensors (LoRA merged) + tokenizer files into ``dest``."""
         Llama, _, _ = _compat.model_api()
-        if self.cfg.lora_rank:
+        if self.cfg.lora_rank and self.cfg.lora_base_bits != 16:  # QLoRA: dequantized base + B @ A
+            msd = loramod.merged_state_dict(self.raw_model)
+        elif self.cfg.lora_rank:
             merged = {}
             scale = {n: m.scale for n, m in loramod.lora_modules(self.raw_model).items()}
             for k, v in msd.items():
@@ -617,6 +640,9 @@ class Trainer:
         if self.thrifty_model:  # thrifty.models takes packed documents as one flat (tokens,) sequence
             ids, pos, lab = ids.reshape(-1), pos.reshape(-1), lab.reshape(-1)
         with self._autocast():
+            if self.thrifty_model and "max_seqlen" in b:  # known on the host: no read-back of cu_seqlens
+                return self.model(ids.to(dev), positions=pos.to(dev), labels=lab.to(dev),
+                                  cu_seqlens=b["cu_seqlens"].to(dev), max_seqlen=int(b["max_seqlen"]))
             return self.model(ids.to(dev), positions=pos.to(dev), labels=lab.to(dev), cu_seqlens=b["cu_seqlens"].to(dev))
 
     def _no_sync(self, last: bool):
@@ -705,25 +731,43 @@ class Trainer:
     def train(self) -> dict:
         """Runs the whole job; returns a summary dict (final loss, val loss, paths, counters)."""
         c = self.cfg
-        created = not (Path(c.out) if c.out else self._run_dir()).exists()
+        rd0 = Path(c.out) if c.out else self._run_dir()
+        created = not rd0.exists()
+        # what RUN_DIR held before: a failed start removes only what it added (nothing half-written)
+        before = set() if created or not rd0.is_dir() else {p.name for p in rd0.iterdir()}
         try:
             self.setup()
             if c.resume:
                 self.load_checkpoint(self._latest_checkpoint())
         except (TrainError, DataError, OSError, ValueError) as e:
-            self._cleanup_failed(created)
+            self._cleanup_failed(created, before)
             if isinstance(e, TrainError):
                 raise
             raise TrainError(str(e)) from e
         except BaseException:
-            self._cleanup_failed(created)
+            self._cleanup_failed(created, before)
             raise
-        return self._loop()
+        try:
+            return self._loop()
+        except TrainError:
+            # e.g. the first step ran out of memory: a run that never wrote a checkpoint leaves nothing behind
+            if not c.resume and not self._checkpoints():
+                self._cleanup_failed(created, before)
+            raise
 
-    def _cleanup_failed(self, created: bool) -> None:
+    def _cleanup_failed(self, created: bool, before: set | None = None) -> None:
         rd = getattr(self, "run_dir", None) or (Path(self.cfg.out) if self.cfg.out else None)
-        if created and rd is not None and rd.exists() and self.is_main:
+        if rd is None or not rd.exists() or not self.is_main:
+            return
+        if created:
             shutil.rmtree(rd, ignore_errors=True)
+        elif before is not None and rd.is_dir():
+            for p in rd.iterdir():
+                if p.name not in before:
+                    if p.is_dir() and not p.is_symlink():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
 
     def _loop(self) -> dict:
         c = self.cfg
@@ -789,7 +833,19 @@ class Trainer:
                     row["skipped"] = True
                     self.log(f"step {self.step}: non-finite loss/gradients ({out['loss']}), step skipped "
                              f"({self.nan_skipped} so far)")
-                if mf and (self.step % c.log_every == 0 or out["skipped"]):
+                done = (total_steps is not None and self.step >= total_steps) or (
+                    self.time_budget is not None and self.elapsed_before + time.perf_counter() - self._t_start >= self.time_budget)
+                evaluated = False
+                if (self.step % eval_every == 0 or done) and self._consecutive_nan < c.max_nan_steps:
+                    t_eval = time.perf_counter()
+                    val = self.evaluate()
+                    t_window += time.perf_counter() - t_eval  # tokens/s counts training time only
+                    evaluated = bool(val)
+                    if val:  # one JSON object per step: the validation metrics join that step's row
+                        row.update(val)
+                        self.log(f"step {self.step}: train loss {out['loss']:.4f}, val loss {val['val_loss']:.4f}, "
+                                 f"perplexity {val['val_ppl']:.2f}")
+                if mf and (self.step % c.log_every == 0 or out["skipped"] or evaluated):
                     mf.write(json.dumps(row) + "\n")
                     mf.flush()
                 self._bar.update(1)
@@ -801,18 +857,10 @@ class Trainer:
                     raise TrainStopped(f"stopped: {self._consecutive_nan} consecutive steps with a non-finite loss "
                                        f"(step {self.step}); the last good checkpoint is "
                                        f"{last_good or self._latest_checkpoint() or 'none (no checkpoint was written)'}")
-                done = (total_steps is not None and self.step >= total_steps) or (
-                    self.time_budget is not None and self.elapsed_before + time.perf_counter() - self._t_start >= self.time_budget)
-                if self.step % eval_every == 0 or done:
-                    val = self.evaluate()
-                    if val and mf:
-                        mf.write(json.dumps({"step": self.step, **val}) + "\n")
-                        mf.flush()
-                    if val:
-                        self.log(f"step {self.step}: train loss {out['loss']:.4f}, val loss {val['val_loss']:.4f}, "
-                                 f"perplexity {val['val_ppl']:.2f}")
                 if c.save_every and self.step % c.save_every == 0 and self._consecutive_nan == 0:
+                    t_save = time.perf_counter()
                     last_good = self.save_checkpoint()
+                    t_window += time.perf_counter() - t_save
                 if c.stop_at_step is not None and self.step >= c.stop_at_step:
                     stopped_early = True
                     break
