@@ -14,7 +14,8 @@ _NAME = "thrifty.nn.functional.scaled_dot_product_attention"
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-                                 scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+                                 scale: float | None = None, enable_gqa: bool = False, *,
+                                 dropout_p: float = 0.0) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on thrifty's fused
     kernel, with torch's layout and conventions.
 
@@ -26,10 +27,23 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         scale: default 1/sqrt(E).
         enable_gqa: as torch: heads may be a multiple of kv_heads (each kv head serves
             heads // kv_heads consecutive query heads); without it they must be equal.
+        dropout_p: accepted by keyword so that torch-style calls (``dropout_p=0.0``, what Hugging
+            Face passes outside training) run unchanged; only 0 is supported (dropout is not
+            fused: a nonzero value is a ValueError).
     Returns:
         (..., heads, L, E) in query's dtype (a transposed view of a contiguous (..., L, heads, E)).
-    Dropout is not supported (not in the signature).
+
+    Positional order: this signature has no positional dropout_p (is_causal is the 5th
+    argument); a float in that place is refused with a TypeError rather than read as a flag.
     """
+    if isinstance(is_causal, float):
+        raise TypeError(f"{_NAME}: 'is_causal' must be a bool (got {is_causal!r}); note that here the 5th positional "
+                        "argument is is_causal: pass torch's dropout_p by keyword")
+    if isinstance(scale, bool):
+        raise TypeError(f"{_NAME}: 'scale' must be a float or None (got {scale!r})")
+    if dropout_p != 0.0:
+        raise ValueError(f"{_NAME}: dropout is not fused into the kernel: 'dropout_p' must be 0.0 (got {dropout_p}); "
+                         "use torch.nn.functional.scaled_dot_product_attention for attention dropout")
     if attn_mask is not None:
         raise ValueError(f"{_NAME}: attn_mask cannot be fused into the kernel (only attn_mask=None, with or without "
                          f"is_causal, is supported); got a mask of shape {tuple(attn_mask.shape)}. Express causal or "
