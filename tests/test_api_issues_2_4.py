@@ -126,6 +126,35 @@ def test_sdpa_torch_positional_dropout_is_refused_not_misread():
     torch.testing.assert_close(got, F.scaled_dot_product_attention(q, q, q, is_causal=True), atol=1e-5, rtol=1e-5)
 
 
+def test_sdpa_broadcasts_batch_dims_like_torch():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 7, 32, generator=g, requires_grad=True)
+    k = torch.randn(1, 4, 9, 32, generator=g, requires_grad=True)
+    v = torch.randn(1, 4, 9, 32, generator=g, requires_grad=True)
+    got = thrifty.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    go = torch.randn(ref.shape, generator=g)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="do not broadcast"):
+        thrifty.nn.functional.scaled_dot_product_attention(q, k.expand(3, -1, -1, -1), v.expand(3, -1, -1, -1))
+
+
+@pytest.mark.parametrize("kw,exc,msg", [
+    (dict(query=torch.randn(1, 2, 4, 16, dtype=torch.float64)), TypeError, "'query' must have dtype"),
+    (dict(key=torch.randn(1, 2, 4, 16, dtype=torch.bfloat16)), TypeError, "one dtype"),
+    (dict(value=torch.randn(1, 2, 5, 16)), ValueError, "same heads and length"),
+    (dict(key=torch.randn(1, 2, 4, 8)), ValueError, "embedding size E"),
+    (dict(attn_mask=torch.zeros(4, 4)), ValueError, "attn_mask cannot be fused"),
+])
+def test_sdpa_bad_input_names_the_argument(kw, exc, msg):
+    args = dict(query=torch.randn(1, 2, 4, 16), key=torch.randn(1, 2, 4, 16), value=torch.randn(1, 2, 4, 16))
+    args.update(kw)
+    with pytest.raises(exc, match=msg):
+        thrifty.nn.functional.scaled_dot_product_attention(**args)
+
+
 # ---------------- optimizers: drop-in for torch.optim ----------------
 def _model_and_opt(name, **kw):
     torch.manual_seed(0)
