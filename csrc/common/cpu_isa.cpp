@@ -57,10 +57,22 @@ CpuIsa checked(const std::string& name) {
   return isa;
 }
 
+// THRIFTY_CPU_ISA caps the level: the best level this CPU and build have that is not above
+// the one named (avx512 on an avx2-only machine runs avx2). Unknown names are an error.
+CpuIsa capped(const std::string& name) {
+  const CpuIsa cap = parse(name);
+  CpuIsa best = CpuIsa::scalar;
+  for (int i = 0; i <= static_cast<int>(cap); ++i) {
+    auto isa = static_cast<CpuIsa>(i);
+    if (compiled(isa) && cpu_has(isa)) best = isa;
+  }
+  return best;
+}
+
 std::atomic<int>& current() {
   static std::atomic<int> level([] {
     const char* env = std::getenv("THRIFTY_CPU_ISA");
-    if (env != nullptr && env[0] != '\0') return static_cast<int>(checked(env));
+    if (env != nullptr && env[0] != '\0') return static_cast<int>(capped(env));
     return static_cast<int>(cpu_isa_detected());
   }());
   return level;

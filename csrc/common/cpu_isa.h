@@ -3,8 +3,9 @@
 // Every csrc/cpu/**/*_kernel.cpp is compiled once per level (see CMakeLists.txt) inside
 // namespace thrifty::cpu::<level>; THRIFTY_CPU_DISPATCH calls the copy for the level in
 // use. The level in use starts as the best one the CPU (cpuid) and the build both have,
-// lowered by the environment variable THRIFTY_CPU_ISA, and can be changed at run time
-// with set_cpu_isa() (tests run every level the machine has).
+// lowered by the environment variable THRIFTY_CPU_ISA (a cap: a level above what the machine
+// has leaves the best one in use; an unknown name is an error), and can be changed at run
+// time with set_cpu_isa() (tests run every level the machine has).
 #pragma once
 #include <string>
 #include <vector>

@@ -22,10 +22,13 @@ def _load_extension():
         except ImportError:
             built_desc = "an unknown torch (no _build_info.py found: the extension was never built here)"
         running = f"torch {torch.__version__}" + (f" with CUDA {torch.version.cuda}" if torch.version.cuda else " (CPU only)")
+        if "THRIFTY_CPU_ISA" in str(err):  # a bad environment setting, not a bad build
+            hint = "Set THRIFTY_CPU_ISA to one of scalar, avx2, avx512, avx512_bf16, or unset it."
+        else:
+            hint = "Rebuild it against the running torch: pip install --no-build-isolation ."
         raise ImportError(
             f"thrifty's compiled extension thrifty._C failed to load: {err}\n"
-            f"  built against: {built_desc}\n  running:       {running}\n"
-            "Rebuild it against the running torch: pip install --no-build-isolation .") from err
+            f"  built against: {built_desc}\n  running:       {running}\n{hint}") from err
     return _C
 
 

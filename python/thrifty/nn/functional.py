@@ -10,45 +10,75 @@ from thrifty.ops.attention import flash_attention
 __all__ = ["scaled_dot_product_attention"]
 
 _NAME = "thrifty.nn.functional.scaled_dot_product_attention"
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-                                 scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+                                 scale: float | None = None, enable_gqa: bool = False, *,
+                                 dropout_p: float = 0.0) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on thrifty's fused
     kernel, with torch's layout and conventions.
 
     Args:
         query: (..., heads, L, E); key, value: (..., kv_heads, S, E) (3-D inputs mean one head).
-            value's last dim must equal E.
+            value's last dim must equal E. The batch dims ``...`` broadcast as in torch.
+            float32, bfloat16 or float16, one dtype and device.
         attn_mask: only None is fused; any mask is refused with a ValueError (no silent slow path).
         is_causal: torch's convention: query i sees keys j <= i (top-left aligned, also when L != S).
         scale: default 1/sqrt(E).
         enable_gqa: as torch: heads may be a multiple of kv_heads (each kv head serves
             heads // kv_heads consecutive query heads); without it they must be equal.
+        dropout_p: accepted by keyword so that torch-style calls (``dropout_p=0.0``, what Hugging
+            Face passes outside training) run unchanged; only 0 is supported (dropout is not
+            fused: a nonzero value is a ValueError).
     Returns:
         (..., heads, L, E) in query's dtype (a transposed view of a contiguous (..., L, heads, E)).
-    Dropout is not supported (not in the signature).
+
+    Positional order: this signature has no positional dropout_p (is_causal is the 5th
+    argument); a float in that place is refused with a TypeError rather than read as a flag.
     """
+    if isinstance(is_causal, float):
+        raise TypeError(f"{_NAME}: 'is_causal' must be a bool (got {is_causal!r}); note that here the 5th positional "
+                        "argument is is_causal: pass torch's dropout_p by keyword")
+    if isinstance(scale, bool):
+        raise TypeError(f"{_NAME}: 'scale' must be a float or None (got {scale!r})")
+    if dropout_p != 0.0:
+        raise ValueError(f"{_NAME}: dropout is not fused into the kernel: 'dropout_p' must be 0.0 (got {dropout_p}); "
+                         "use torch.nn.functional.scaled_dot_product_attention for attention dropout")
     if attn_mask is not None:
         raise ValueError(f"{_NAME}: attn_mask cannot be fused into the kernel (only attn_mask=None, with or without "
                          f"is_causal, is supported); got a mask of shape {tuple(attn_mask.shape)}. Express causal or "
                          "sliding-window masks with is_causal or thrifty.ops.flash_attention(window=...).")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{_NAME}: argument '{name}' must have dtype float32, bfloat16 or float16 (got {t.dtype})")
+    if key.dtype != query.dtype or value.dtype != query.dtype:
+        raise TypeError(f"{_NAME}: query, key and value must have one dtype; got {query.dtype}, {key.dtype}, "
+                        f"{value.dtype}")
+    if key.device != query.device or value.device != query.device:
+        raise RuntimeError(f"{_NAME}: query, key and value must be on one device; got {query.device}, {key.device}, "
+                           f"{value.device}")
     if query.dim() < 3 or key.dim() != query.dim() or value.dim() != query.dim():
         raise ValueError(f"{_NAME}: query, key and value must have one rank >= 3, (..., heads, L, E); got shapes "
                          f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
     if value.shape[-1] != query.shape[-1] or key.shape[-1] != query.shape[-1]:
         raise ValueError(f"{_NAME}: key and value must have the embedding size E of query ({query.shape[-1]}), got "
                          f"key {tuple(key.shape)}, value {tuple(value.shape)}")
-    if key.shape[:-1] != value.shape[:-1]:
-        raise ValueError(f"{_NAME}: key and value shapes differ: {tuple(key.shape)} vs {tuple(value.shape)}")
     if query.dim() == 3:
         q, k, v = query.unsqueeze(-3), key.unsqueeze(-3), value.unsqueeze(-3)
     else:
         q, k, v = query, key, value
-    lead = q.shape[:-3]
-    if k.shape[:-3] != lead:
-        raise ValueError(f"{_NAME}: batch dims of query {tuple(query.shape)} and key {tuple(key.shape)} differ")
+    if k.shape[-3:-1] != v.shape[-3:-1]:
+        raise ValueError(f"{_NAME}: key and value must have the same heads and length S: {tuple(key.shape)} vs "
+                         f"{tuple(value.shape)}")
+    # batch dims broadcast as in torch (an expanded view: stride 0, no copy)
+    try:
+        lead = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+    except RuntimeError:
+        raise ValueError(f"{_NAME}: the batch dims of query {tuple(query.shape)}, key {tuple(key.shape)} and value "
+                         f"{tuple(value.shape)} do not broadcast") from None
+    q, k, v = (t if t.shape[:-3] == lead else t.expand(*lead, *t.shape[-3:]) for t in (q, k, v))
     hq, hk = q.shape[-3], k.shape[-3]
     if hq != hk:
         if not enable_gqa:

@@ -15,17 +15,27 @@ class RMSNorm(nn.Module):
     runs the fused add + norm and returns ``(y, x + residual)``.
     """
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None):
+    def __init__(self, hidden_size: int, eps: float | None = 1e-6, device=None, dtype=None):
         super().__init__()
+        if not isinstance(hidden_size, int):  # torch.nn.RMSNorm's normalized_shape as a 1-element list/tuple
+            shape = tuple(hidden_size)
+            if len(shape) != 1:
+                raise ValueError(f"thrifty.nn.RMSNorm normalizes over the last dim only: 'hidden_size' must be an int "
+                                 f"or a 1-element shape (got {shape})")
+            hidden_size = shape[0]
+        hidden_size = int(hidden_size)
+        self.normalized_shape = (hidden_size,)  # torch.nn.RMSNorm's attribute
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
         self.eps = eps
 
     @property
-    def variance_epsilon(self) -> float:  # the Hugging Face attribute name
+    def variance_epsilon(self) -> float | None:  # the Hugging Face attribute name
         return self.eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        return rms_norm(x, self.weight, self.eps, residual=residual)
+        # eps=None is torch.nn.RMSNorm's default: the machine epsilon of x's dtype
+        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        return rms_norm(x, self.weight, eps, residual=residual)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -56,6 +56,38 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._skipped_total: torch.Tensor | None = None
         self.last_grad_norm: torch.Tensor | None = None
 
+    # ---- pickling / copy.deepcopy ----
+    # torch.optim.Optimizer pickles only defaults, state and param_groups; the constructor's
+    # keyword-only settings must travel too, or a copied optimizer cannot step.
+    _pickled_attrs = ("max_grad_norm", "skip_nonfinite")
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        for name in self._pickled_attrs:
+            state[name] = getattr(self, name)
+        state["_skipped_total"] = self._skipped_total
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("max_grad_norm", None)
+        self.__dict__.setdefault("skip_nonfinite", True)
+        self.__dict__.setdefault("_skipped_total", None)
+        self._lr_cache = {}
+        self._found = []
+        self.last_grad_norm = None
+
+    # ---- param groups ----
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's add_param_group, then the group's hyper-parameters are checked at once (a
+        non-finite lr, betas, eps or weight_decay in a group raises here, not at the next step)."""
+        super().add_param_group(param_group)
+        try:
+            self._validate_group(self.param_groups[-1])
+        except (TypeError, ValueError) as err:
+            self.param_groups.pop()
+            raise type(err)(f"param group {len(self.param_groups)}: {err}") from None
+
     # ---- reporting ----
     @property
     def last_step_skipped(self) -> bool:
@@ -112,9 +144,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
                     raise TypeError(f"{type(self).__name__}: {where} has dtype {p.dtype}; "
                                     "expected float32, bfloat16 or float16")
-                if not p.is_contiguous():
-                    raise ValueError(f"{type(self).__name__}: {where} must be contiguous "
-                                     f"(got shape {tuple(p.shape)}, strides {p.stride()})")
                 if g.shape != p.shape:
                     raise ValueError(f"{type(self).__name__}: the grad of {where} has shape {tuple(g.shape)}, "
                                      f"its param {tuple(p.shape)}")
@@ -187,7 +216,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             for key, (bp, bg, bs) in buckets.items():
                 dev = bp[0].device
                 coef, found = per_dev[dev]
-                self._step_bucket(key, group, bp, bg, bs, self._lr_tensor(group["lr"], dev), coef, found)
+                # The kernels update contiguous memory in place; a non-contiguous param (a
+                # transposed or channels_last weight) steps through a contiguous copy written back.
+                work = [p if p.is_contiguous() else p.contiguous() for p in bp]
+                self._step_bucket(key, group, work, bg, bs, self._lr_tensor(group["lr"], dev), coef, found)
+                for p, w in zip(bp, work):
+                    if w is not p:
+                        p.copy_(w)
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -195,7 +230,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         master weights, moments and scales to the param's bfloat16) and move to the param's device."""
         saved_state = state_dict["state"]
         saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+        own_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         super().load_state_dict(state_dict)
+        # settings the saved groups lack (master_weights in a torch.optim.AdamW state dict) keep
+        # this optimizer's values instead of vanishing
+        for own, group in zip(own_groups, self.param_groups):
+            for k, v in own.items():
+                group.setdefault(k, v)
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
         for sid, p in zip(saved_ids, params):
             if sid not in saved_state:
@@ -204,4 +245,15 @@ class FusedOptimizer(torch.optim.Optimizer):
             for k, v in saved_state[sid].items():
                 if isinstance(v, torch.Tensor):
                     st[k] = v.detach().to(device=p.device, copy=True)
+                elif k == "step" and isinstance(v, (int, float)):  # older torch.optim state dicts
+                    st[k] = torch.tensor(float(v), dtype=torch.float32, device=p.device)
+        # a state saved without master copies (e.g. by torch.optim.AdamW) loaded into groups that
+        # keep them: start the masters from the params, as a fresh step would
+        for group in self.param_groups:
+            if not group.get("master_weights", False):
+                continue
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and "master" not in st and p.dtype != torch.float32:
+                    st["master"] = p.detach().float().contiguous()
         self._lr_cache = {}

@@ -77,12 +77,19 @@ class AdamW8bit(AdamW):
     update uses the freshly computed float moments, which are then requantized.
     """
 
+    _pickled_attrs = FusedOptimizer._pickled_attrs + ("min_8bit_size",)
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, master_weights=False,
                  max_grad_norm=None, skip_nonfinite=True, min_8bit_size=4096):
         super().__init__(params, lr, betas, eps, weight_decay, master_weights=master_weights,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite)
         self.min_8bit_size = int(min_8bit_size)
         self._qmaps: dict = {}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("min_8bit_size", 4096)
+        self._qmaps = {}
 
     def _qmap(self, device):
         q = self._qmaps.get(device)
