@@ -44,6 +44,7 @@ constexpr int FBQ = 128;            // forward query tile (K/V tile packing amor
 constexpr int BK = kAttnCpuBlockK;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kFwdHeadCacheBytes = int64_t{16} << 20;  // per thread, see fwd()
+constexpr int64_t kBwdHeadCacheBytes = int64_t{16} << 20;  // per thread, see bwd()
 
 THRIFTY_INLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -488,10 +489,18 @@ void bwd(const AttentionBwdParams& p) {
   // Pass 2: per (batch, kv_head, chunk of key tiles): dK, dV final; dQ partial sums.
   const int64_t nkt = (static_cast<int64_t>(p.seqlen_k) + BK - 1) / BK;
   const int64_t tasks = static_cast<int64_t>(p.batch) * p.kv_heads * nc;
+  // Like the forward's K/V: scale * Q and dO of the heads of the (batch, kv_head) at hand are
+  // widened into contiguous float rows once per thread (tile by tile, as first needed) and
+  // reused by all its key tiles, when that fits kBwdHeadCacheBytes; else packed per tile pair.
+  const int64_t sq_cap = round_up(p.seqlen_q, BQ);  // seqlen_q is max_seqlen_q under varlen
+  const bool head_cache = 2 * group * sq_cap * Dp * static_cast<int64_t>(sizeof(float)) <= kBwdHeadCacheBytes;
   parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     const int64_t f_kt = static_cast<int64_t>(D) * BK, f_k = static_cast<int64_t>(BK) * Dp,
                   f_q = static_cast<int64_t>(BQ) * Dp, f_s = static_cast<int64_t>(BQ) * BK;
     Buffer buf(f_kt * 2 + f_k + 2 * f_q + 3 * f_s + 2 * f_k + 2 * BQ);
+    Buffer hbuf(head_cache ? 2 * group * sq_cap * Dp : 1);  // [group][sq_cap][Dp] scale * Q, then dO
+    std::vector<char> packed(head_cache ? group * sq_cap / BQ : 0);
+    int64_t resident = -1;  // b * kv_heads + kv_head whose Q/dO hbuf holds
     float* kt = buf.ptr;         // K^T  [D][BK]
     float* vt = kt + f_kt;       // V^T  [D][BK]
     float* kp = vt + f_kt;       // K    [BK][Dp]
@@ -514,6 +523,10 @@ void bwd(const AttentionBwdParams& p) {
       const T* vb = V + b * p.v_batch_stride + sq.k_row0 * p.v_row_stride + kvh * p.v_head_stride;
       T* dkb = dK + b * p.dk_batch_stride + sq.k_row0 * p.dk_row_stride + kvh * p.dk_head_stride;
       T* dvb = dV + b * p.dv_batch_stride + sq.k_row0 * p.dv_row_stride + kvh * p.dv_head_stride;
+      if (head_cache && resident != bk) {
+        resident = bk;
+        std::fill(packed.begin(), packed.end(), 0);
+      }
       for (int64_t kt_i = c; kt_i < nkt; kt_i += nc) {
         const int64_t j0 = kt_i * BK;
         if (j0 >= sq.sk) break;
@@ -542,14 +555,32 @@ void bwd(const AttentionBwdParams& p) {
           float* dqa = dq_acc + ((static_cast<int64_t>(c) * p.heads + h) * rows + q_base_row) * Dw;
           for (int64_t i0 = qlo; i0 < qhi; i0 += BQ) {
             const int mq = static_cast<int>(qhi - i0 < BQ ? qhi - i0 : BQ);
-            pack_rows(qb + i0 * p.q_row_stride, p.q_row_stride, mq, D, Dp, p.softmax_scale, qs);
-            pack_rows(gb + i0 * p.do_row_stride, p.do_row_stride, mq, D, Dp, 1.0f, gp);
+            const float* qsp = qs;
+            const float* gpp = gp;
+            if (head_cache) {
+              float* qh = hbuf.ptr + static_cast<int64_t>(hh) * sq_cap * Dp;
+              float* gh = hbuf.ptr + static_cast<int64_t>(group + hh) * sq_cap * Dp;
+              char* pk = packed.data() + static_cast<int64_t>(hh) * (sq_cap / BQ);
+              for (int64_t t = i0 / BQ; t * BQ < i0 + mq; ++t) {
+                if (pk[t]) continue;
+                const int64_t t0 = t * BQ;
+                const int tn = static_cast<int>(sq.sq - t0 < BQ ? sq.sq - t0 : BQ);
+                pack_rows(qb + t0 * p.q_row_stride, p.q_row_stride, tn, D, Dp, p.softmax_scale, qh + t0 * Dp);
+                pack_rows(gb + t0 * p.do_row_stride, p.do_row_stride, tn, D, Dp, 1.0f, gh + t0 * Dp);
+                pk[t] = 1;
+              }
+              qsp = qh + i0 * Dp;
+              gpp = gh + i0 * Dp;
+            } else {
+              pack_rows(qb + i0 * p.q_row_stride, p.q_row_stride, mq, D, Dp, p.softmax_scale, qs);
+              pack_rows(gb + i0 * p.do_row_stride, p.do_row_stride, mq, D, Dp, 1.0f, gp);
+            }
             for (int r = 0; r < mq; ++r) {
               lse_r[r] = lseb[i0 + r];
               d_r[r] = db[i0 + r];
             }
-            gemm<0>(mq, nk, D, qs, Dp, kt, BK, s, BK);   // S = Qs K^T
-            gemm<0>(mq, nk, D, gp, Dp, vt, BK, dp, BK);  // dP = dO V^T
+            gemm<0>(mq, nk, D, qsp, Dp, kt, BK, s, BK);   // S = Qs K^T
+            gemm<0>(mq, nk, D, gpp, Dp, vt, BK, dp, BK);  // dP = dO V^T
             const bool unmasked = attention_tile_unmasked(i0, i0 + mq, j0, j0 + kn, sq.sq, sq.sk, wl, wr);
             for (int r = 0; r < mq; ++r) {
               float* sr = s + r * BK;
@@ -583,11 +614,11 @@ void bwd(const AttentionBwdParams& p) {
               }
             }
             // dV += P^T dO  (P read transposed through the A strides)
-            gemm_s<1>(kn, Dp, mq, s, 1, BK, gp, Dp, dv_acc, Dp);
+            gemm_s<1>(kn, Dp, mq, s, 1, BK, gpp, Dp, dv_acc, Dp);
             // dQ (partial, unscaled) += dS K
             gemm<1>(mq, Dp, kn, dp, BK, kp, Dp, dqa + i0 * Dw, Dw);
             // dK += dS^T Qs
-            gemm_s<1>(kn, Dp, mq, dp, 1, BK, qs, Dp, dk_acc, Dp);
+            gemm_s<1>(kn, Dp, mq, dp, 1, BK, qsp, Dp, dk_acc, Dp);
           }
         }
         for (int j = 0; j < kn; ++j) {
