@@ -27,6 +27,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "common/attention_mask.h"
 #include "common/parallel.h"
@@ -42,6 +43,8 @@ constexpr int BQ = kAttnCpuBlockQ;  // backward query tile
 constexpr int FBQ = 128;            // forward query tile (K/V tile packing amortised over more rows)
 constexpr int BK = kAttnCpuBlockK;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kFwdHeadCacheBytes = int64_t{16} << 20;  // per thread, see fwd()
+constexpr int64_t kBwdHeadCacheBytes = int64_t{16} << 20;  // per thread, see bwd()
 
 THRIFTY_INLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -164,6 +167,49 @@ THRIFTY_INLINE void store_row(const float* x, float scale, int D, T* y) {
   if (d < D) (Vec::load(x + d, D - d) * s).store(y + d, D - d);
 }
 
+// exp for softmax arguments x <= ~0 (s - max, s - lse): exp(x) = 2^n exp(r), n = round(x log2 e)
+// by the 1.5 * 2^23 rounding trick, r = x - n ln2 (two-part ln2), degree-5 polynomial
+// (relative error ~2e-7, ~3 ulp), 2^n from the integer bits of the rounded value. x is
+// clamped below at -88 (n >= -127; n = -127 gives the exponent field 0, so exp(-inf) and
+// anything under ~-87.7 is exactly 0); x must stay under 88 (no overflow handling). NaN
+// propagates (the clamp returns its second operand on NaN). About 13 vector ops instead of
+// ~30 for the general exp of cpu/vec.h.
+#if defined(__AVX512F__)
+THRIFTY_INLINE Vec exp_sm(Vec x) {
+  const __m512 magic = _mm512_set1_ps(12582912.0f);
+  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-88.0f), x.v);
+  const __m512 t = _mm512_fmadd_ps(xc, _mm512_set1_ps(1.44269504088896341f), magic);
+  const __m512 n = _mm512_sub_ps(t, magic);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(8.31156857e-3f), r, _mm512_set1_ps(4.18989286e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.66671529e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.99991715e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_add_epi32(_mm512_slli_epi32(_mm512_castps_si512(t), 23), _mm512_set1_epi32(127 << 23));
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+#elif defined(__AVX2__)
+THRIFTY_INLINE Vec exp_sm(Vec x) {
+  const __m256 magic = _mm256_set1_ps(12582912.0f);
+  const __m256 xc = _mm256_max_ps(_mm256_set1_ps(-88.0f), x.v);
+  const __m256 t = _mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), magic);
+  const __m256 n = _mm256_sub_ps(t, magic);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(8.31156857e-3f), r, _mm256_set1_ps(4.18989286e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.66671529e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.99991715e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_add_epi32(_mm256_slli_epi32(_mm256_castps_si256(t), 23), _mm256_set1_epi32(127 << 23));
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#else
+THRIFTY_INLINE Vec exp_sm(Vec x) { return std::exp(x.v); }
+#endif
+
 // tanh through exp: t = (e - 1) / (e + 1), e = exp(2x), |x| clamped to 9 (tanh(9) = 1 - 3e-8).
 THRIFTY_INLINE Vec tanh_vec(Vec x) {
   const Vec c = Vec::set1(9.0f);
@@ -247,10 +293,21 @@ void fwd(const AttentionParams& p) {
   const int wl = p.window_left, wr = p.window_right;
   const float cap = p.softcap;
 
+  // K and V of the (batch, kv_head) at hand are widened into contiguous float rows once per
+  // thread and reused by all its query tiles of that head (tile by tile, as they are first
+  // needed), when that fits kFwdHeadCacheBytes; else each query tile packs its own K/V tiles.
+  // Reading the tensors' K/V rows (far apart: heads x head_dim elements) once per query tile
+  // cost ~15% of the forward in TLB and cache misses; bf16/f16 are also widened only once.
+  const int64_t sk_cap = round_up(p.seqlen_k, BK);  // seqlen_k is max_seqlen_k under varlen
+  const bool head_cache = 2 * sk_cap * Dp * static_cast<int64_t>(sizeof(float)) <= kFwdHeadCacheBytes;
+
   parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     const int64_t f_qt = static_cast<int64_t>(D) * FBQ, f_acc = static_cast<int64_t>(FBQ) * Dp,
                   f_kv = static_cast<int64_t>(BK) * Dp, f_s = static_cast<int64_t>(BK) * FBQ;
-    Buffer buf(f_qt + f_acc + 2 * f_kv + f_s + 5 * FBQ);
+    Buffer buf(f_qt + f_acc + 2 * f_kv + f_s + 3 * FBQ);
+    Buffer hbuf(head_cache ? 2 * sk_cap * Dp : 1);
+    std::vector<char> packed(head_cache ? sk_cap / BK : 0);
+    int64_t resident = -1;  // b * kv_heads + kv_head whose K/V hbuf holds (the tiles marked in `packed`)
     float* qt = buf.ptr;       // Qs^T [D][FBQ]
     float* acc = qt + f_qt;    // O    [FBQ][Dp]
     float* kbuf = acc + f_acc; // K    [BK][Dp] (widened copy)
@@ -259,8 +316,6 @@ void fwd(const AttentionParams& p) {
     float* m = st + f_s;
     float* l = m + FBQ;
     float* alpha = l + FBQ;
-    float* msafe = alpha + FBQ;
-    float* mx = msafe + FBQ;
     for (int64_t item = begin; item < end; ++item) {
       // Tiles of one head alternate between the two ends of the sequence so that contiguous
       // ranges of items (the thread pool's static split) carry equal causal work.
@@ -277,6 +332,10 @@ void fwd(const AttentionParams& p) {
       const T* vb = V + b * p.v_batch_stride + sq.k_row0 * p.v_row_stride + kvh * p.v_head_stride;
       T* ob = O + b * p.o_batch_stride + (sq.q_row0 + i0) * p.o_row_stride + h * p.o_head_stride;
       float* lse = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + sq.q_row0 + i0;
+      if (head_cache && resident != static_cast<int64_t>(b) * p.kv_heads + kvh) {
+        resident = static_cast<int64_t>(b) * p.kv_heads + kvh;
+        std::fill(packed.begin(), packed.end(), 0);
+      }
 
       for (int r = 0; r < mq; ++r) {
         const T* x = qb + r * p.q_row_stride;
@@ -285,19 +344,34 @@ void fwd(const AttentionParams& p) {
       for (int d = 0; d < D; ++d)
         for (int r = mq; r < nq; ++r) qt[d * FBQ + r] = 0.0f;
       for (int r = 0; r < nq; ++r) {
-        m[r] = kNegInf;
+        m[r] = -std::numeric_limits<float>::max();
         l[r] = 0.0f;
       }
       std::memset(acc, 0, sizeof(float) * mq * Dp);
       const KeyRange kr = attention_tile_key_range(i0, i0 + mq, sq.sq, sq.sk, wl, wr);
       for (int64_t j0 = kr.lo; j0 < kr.hi; j0 += BK) {
         const int kn = static_cast<int>(kr.hi - j0 < BK ? kr.hi - j0 : BK);
-        // K and V tiles are copied (widened) into contiguous float rows: cheap next to the
-        // two GEMMs, and free of the L1 set conflicts of the tensors' large row strides.
-        pack_rows(kb + j0 * p.k_row_stride, p.k_row_stride, kn, D, Dp, 1.0f, kbuf);
-        pack_rows(vb + j0 * p.v_row_stride, p.v_row_stride, kn, D, Dp, 1.0f, vbuf);
+        // K and V tiles as contiguous float rows (widened): free of the L1 set conflicts and
+        // TLB misses of the tensors' large row strides.
         const float* kp = kbuf;
         const float* vp = vbuf;
+        if (head_cache) {
+          float* kh = hbuf.ptr;
+          float* vh = kh + sk_cap * Dp;
+          for (int64_t t = j0 / BK; t * BK < j0 + kn; ++t) {
+            if (packed[t]) continue;
+            const int64_t t0 = t * BK;
+            const int tn = static_cast<int>(sq.sk - t0 < BK ? sq.sk - t0 : BK);
+            pack_rows(kb + t0 * p.k_row_stride, p.k_row_stride, tn, D, Dp, 1.0f, kh + t0 * Dp);
+            pack_rows(vb + t0 * p.v_row_stride, p.v_row_stride, tn, D, Dp, 1.0f, vh + t0 * Dp);
+            packed[t] = 1;
+          }
+          kp = kh + j0 * Dp;
+          vp = vh + j0 * Dp;
+        } else {
+          pack_rows(kb + j0 * p.k_row_stride, p.k_row_stride, kn, D, Dp, 1.0f, kbuf);
+          pack_rows(vb + j0 * p.v_row_stride, p.v_row_stride, kn, D, Dp, 1.0f, vbuf);
+        }
         const int64_t lk = Dp, lv = Dp;
         const int nv = Dp;
         gemm_s<0>(kn, nq, D, kp, lk, 1, qt, FBQ, st, FBQ);  // S^T = K Qs^T
@@ -311,40 +385,31 @@ void fwd(const AttentionParams& p) {
             for (int j = c.b > a ? c.b : a; j < kn; ++j) st[j * FBQ + r] = kNegInf;
           }
         }
+        // m starts at -FLT_MAX (not -inf), so m' is finite: a row with nothing visible yet
+        // gets P = exp(-inf) = 0 and alpha = 0 (O and l are 0 anyway), with no special case.
         for (int ib = 0; ib < nq; ib += W) {
-          Vec vm = Vec::set1(kNegInf);
+          Vec vm = Vec::load(m + ib);
+          const Vec mold = vm;
           for (int j = 0; j < kn; ++j) vm = max(vm, Vec::load(st + j * FBQ + ib));
-          vm.store(mx + ib);
-        }
-        for (int r = 0; r < nq; ++r) {
-          const float mn = mx[r] > m[r] ? mx[r] : m[r];
-          if (mn == kNegInf) {  // nothing visible yet: P = 0, O stays 0
-            alpha[r] = 1.0f;
-            msafe[r] = 0.0f;
-          } else {
-            alpha[r] = std::exp(m[r] - mn);  // 0 when m[r] = -inf
-            msafe[r] = mn;
-          }
-          m[r] = mn;
-        }
-        for (int ib = 0; ib < nq; ib += W) {
-          const Vec vm = Vec::load(msafe + ib);
+          vm.store(m + ib);
+          const Vec va = exp_sm(mold - vm);
+          va.store(alpha + ib);
           Vec s0 = Vec::zero(), s1 = Vec::zero();
           int j = 0;
           for (; j + 2 <= kn; j += 2) {
-            const Vec e0 = exp(Vec::load(st + j * FBQ + ib) - vm);
-            const Vec e1 = exp(Vec::load(st + (j + 1) * FBQ + ib) - vm);
+            const Vec e0 = exp_sm(Vec::load(st + j * FBQ + ib) - vm);
+            const Vec e1 = exp_sm(Vec::load(st + (j + 1) * FBQ + ib) - vm);
             e0.store(st + j * FBQ + ib);
             e1.store(st + (j + 1) * FBQ + ib);
             s0 = s0 + e0;
             s1 = s1 + e1;
           }
           if (j < kn) {
-            const Vec e0 = exp(Vec::load(st + j * FBQ + ib) - vm);
+            const Vec e0 = exp_sm(Vec::load(st + j * FBQ + ib) - vm);
             e0.store(st + j * FBQ + ib);
             s0 = s0 + e0;
           }
-          fma(Vec::load(l + ib), Vec::load(alpha + ib), s0 + s1).store(l + ib);
+          fma(Vec::load(l + ib), va, s0 + s1).store(l + ib);
         }
         gemm_s<2>(mq, nv, kn, st, 1, FBQ, vp, lv, acc, Dp, alpha);  // O = alpha O + P V
       }
@@ -424,10 +489,18 @@ void bwd(const AttentionBwdParams& p) {
   // Pass 2: per (batch, kv_head, chunk of key tiles): dK, dV final; dQ partial sums.
   const int64_t nkt = (static_cast<int64_t>(p.seqlen_k) + BK - 1) / BK;
   const int64_t tasks = static_cast<int64_t>(p.batch) * p.kv_heads * nc;
+  // Like the forward's K/V: scale * Q and dO of the heads of the (batch, kv_head) at hand are
+  // widened into contiguous float rows once per thread (tile by tile, as first needed) and
+  // reused by all its key tiles, when that fits kBwdHeadCacheBytes; else packed per tile pair.
+  const int64_t sq_cap = round_up(p.seqlen_q, BQ);  // seqlen_q is max_seqlen_q under varlen
+  const bool head_cache = 2 * group * sq_cap * Dp * static_cast<int64_t>(sizeof(float)) <= kBwdHeadCacheBytes;
   parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     const int64_t f_kt = static_cast<int64_t>(D) * BK, f_k = static_cast<int64_t>(BK) * Dp,
                   f_q = static_cast<int64_t>(BQ) * Dp, f_s = static_cast<int64_t>(BQ) * BK;
     Buffer buf(f_kt * 2 + f_k + 2 * f_q + 3 * f_s + 2 * f_k + 2 * BQ);
+    Buffer hbuf(head_cache ? 2 * group * sq_cap * Dp : 1);  // [group][sq_cap][Dp] scale * Q, then dO
+    std::vector<char> packed(head_cache ? group * sq_cap / BQ : 0);
+    int64_t resident = -1;  // b * kv_heads + kv_head whose Q/dO hbuf holds
     float* kt = buf.ptr;         // K^T  [D][BK]
     float* vt = kt + f_kt;       // V^T  [D][BK]
     float* kp = vt + f_kt;       // K    [BK][Dp]
@@ -450,6 +523,10 @@ void bwd(const AttentionBwdParams& p) {
       const T* vb = V + b * p.v_batch_stride + sq.k_row0 * p.v_row_stride + kvh * p.v_head_stride;
       T* dkb = dK + b * p.dk_batch_stride + sq.k_row0 * p.dk_row_stride + kvh * p.dk_head_stride;
       T* dvb = dV + b * p.dv_batch_stride + sq.k_row0 * p.dv_row_stride + kvh * p.dv_head_stride;
+      if (head_cache && resident != bk) {
+        resident = bk;
+        std::fill(packed.begin(), packed.end(), 0);
+      }
       for (int64_t kt_i = c; kt_i < nkt; kt_i += nc) {
         const int64_t j0 = kt_i * BK;
         if (j0 >= sq.sk) break;
@@ -478,14 +555,32 @@ void bwd(const AttentionBwdParams& p) {
           float* dqa = dq_acc + ((static_cast<int64_t>(c) * p.heads + h) * rows + q_base_row) * Dw;
           for (int64_t i0 = qlo; i0 < qhi; i0 += BQ) {
             const int mq = static_cast<int>(qhi - i0 < BQ ? qhi - i0 : BQ);
-            pack_rows(qb + i0 * p.q_row_stride, p.q_row_stride, mq, D, Dp, p.softmax_scale, qs);
-            pack_rows(gb + i0 * p.do_row_stride, p.do_row_stride, mq, D, Dp, 1.0f, gp);
+            const float* qsp = qs;
+            const float* gpp = gp;
+            if (head_cache) {
+              float* qh = hbuf.ptr + static_cast<int64_t>(hh) * sq_cap * Dp;
+              float* gh = hbuf.ptr + static_cast<int64_t>(group + hh) * sq_cap * Dp;
+              char* pk = packed.data() + static_cast<int64_t>(hh) * (sq_cap / BQ);
+              for (int64_t t = i0 / BQ; t * BQ < i0 + mq; ++t) {
+                if (pk[t]) continue;
+                const int64_t t0 = t * BQ;
+                const int tn = static_cast<int>(sq.sq - t0 < BQ ? sq.sq - t0 : BQ);
+                pack_rows(qb + t0 * p.q_row_stride, p.q_row_stride, tn, D, Dp, p.softmax_scale, qh + t0 * Dp);
+                pack_rows(gb + t0 * p.do_row_stride, p.do_row_stride, tn, D, Dp, 1.0f, gh + t0 * Dp);
+                pk[t] = 1;
+              }
+              qsp = qh + i0 * Dp;
+              gpp = gh + i0 * Dp;
+            } else {
+              pack_rows(qb + i0 * p.q_row_stride, p.q_row_stride, mq, D, Dp, p.softmax_scale, qs);
+              pack_rows(gb + i0 * p.do_row_stride, p.do_row_stride, mq, D, Dp, 1.0f, gp);
+            }
             for (int r = 0; r < mq; ++r) {
               lse_r[r] = lseb[i0 + r];
               d_r[r] = db[i0 + r];
             }
-            gemm<0>(mq, nk, D, qs, Dp, kt, BK, s, BK);   // S = Qs K^T
-            gemm<0>(mq, nk, D, gp, Dp, vt, BK, dp, BK);  // dP = dO V^T
+            gemm<0>(mq, nk, D, qsp, Dp, kt, BK, s, BK);   // S = Qs K^T
+            gemm<0>(mq, nk, D, gpp, Dp, vt, BK, dp, BK);  // dP = dO V^T
             const bool unmasked = attention_tile_unmasked(i0, i0 + mq, j0, j0 + kn, sq.sq, sq.sk, wl, wr);
             for (int r = 0; r < mq; ++r) {
               float* sr = s + r * BK;
@@ -503,7 +598,7 @@ void bwd(const AttentionBwdParams& p) {
               const Vec vl = Vec::set1(lz), vd = Vec::set1(d_r[r]);
               int j = cc.a;
               for (; j + W <= cc.b; j += W) {
-                const Vec pv = exp(Vec::load(sr + j) - vl);
+                const Vec pv = exp_sm(Vec::load(sr + j) - vl);
                 pv.store(sr + j);
                 Vec ds = pv * (Vec::load(dpr + j) - vd);
                 if (cap > 0.0f) ds = ds * Vec::load(dcr + j);
@@ -511,7 +606,7 @@ void bwd(const AttentionBwdParams& p) {
               }
               if (j < cc.b) {
                 const int n = cc.b - j;
-                const Vec pv = exp(Vec::load(sr + j, n) - vl);
+                const Vec pv = exp_sm(Vec::load(sr + j, n) - vl);
                 pv.store(sr + j, n);
                 Vec ds = pv * (Vec::load(dpr + j, n) - vd);
                 if (cap > 0.0f) ds = ds * Vec::load(dcr + j, n);
@@ -519,11 +614,11 @@ void bwd(const AttentionBwdParams& p) {
               }
             }
             // dV += P^T dO  (P read transposed through the A strides)
-            gemm_s<1>(kn, Dp, mq, s, 1, BK, gp, Dp, dv_acc, Dp);
+            gemm_s<1>(kn, Dp, mq, s, 1, BK, gpp, Dp, dv_acc, Dp);
             // dQ (partial, unscaled) += dS K
             gemm<1>(mq, Dp, kn, dp, BK, kp, Dp, dqa + i0 * Dw, Dw);
             // dK += dS^T Qs
-            gemm_s<1>(kn, Dp, mq, dp, 1, BK, qs, Dp, dk_acc, Dp);
+            gemm_s<1>(kn, Dp, mq, dp, 1, BK, qsp, Dp, dk_acc, Dp);
           }
         }
         for (int j = 0; j < kn; ++j) {
