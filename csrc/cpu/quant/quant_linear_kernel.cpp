@@ -2,8 +2,9 @@
 //
 // GEMV path (M <= 8): each thread takes blocks of R output rows and streams their packed
 // weights exactly once (one contiguous stream per row), dequantizing in registers:
-//   W4: per group g, acc = sum_k x[k] * q[k] (nibbles turned to float), then
-//       y += s[g] * (acc - z[g] * sum_{k in g} x[k])   (zero and scale applied once per group).
+//   W4: per group g, acc_g = sum_k x[k] * q[k] (nibbles turned to float) in a vector register, then
+//       tot += s[g] * acc_g (one broadcast FMA per group, no horizontal sum), and at the end of the row
+//       y = hsum(tot) - sum_g s[g] * z[g] * sum_{k in g} x[k]   (zero points applied once per row).
 //       x is reordered per block of 2W k (even k first, then odd k) to match the nibbles.
 //   W8: y = s * sum_k x[k] * q[k].
 // GEMM path (M > 8): tiles of MB rows x NB columns; per KB-deep slice the weight panel is
@@ -92,9 +93,11 @@ THRIFTY_INLINE void gemv_w4(const QuantLinearParams& p, int64_t n0) {
     s[r] = p.scales + (n0 + r) * ng;
     z[r] = p.zeros + (n0 + r) * ng;
   }
-  float tot[MT][R];
+  // tot = sum_g s[g] * acc_g kept in vector form (one broadcast FMA per group, no per-group reduction);
+  // the zero points are applied once at the end: - sum_g s[g] * z[g] * xsum[g].
+  Vec tot[MT][R];
   for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < R; ++r) tot[m][r] = 0.0f;
+    for (int r = 0; r < R; ++r) tot[m][r] = Vec::zero();
   for (int64_t g = 0; g < ng; ++g) {
     Vec alo[MT][R], ahi[MT][R];
     for (int m = 0; m < MT; ++m)
@@ -114,14 +117,18 @@ THRIFTY_INLINE void gemv_w4(const QuantLinearParams& p, int64_t n0) {
         }
       }
     }
-    for (int m = 0; m < MT; ++m)
-      for (int r = 0; r < R; ++r) {
-        const float a = TWO ? (alo[m][r] + ahi[m][r]).reduce_add() : alo[m][r].reduce_add();
-        tot[m][r] += s[r][g] * (a - z[r][g] * p.xsum[m * ng + g]);
-      }
+    for (int r = 0; r < R; ++r) {
+      const Vec sv = Vec::set1(s[r][g]);
+      for (int m = 0; m < MT; ++m) tot[m][r] = fma(TWO ? alo[m][r] + ahi[m][r] : alo[m][r], sv, tot[m][r]);
+    }
   }
   for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < R; ++r) finish(p, m, n0 + r, tot[m][r]);
+    for (int r = 0; r < R; ++r) {
+      const float* xs = p.xsum + m * ng;
+      float c = 0.0f;
+      for (int64_t g = 0; g < ng; ++g) c += s[r][g] * z[r][g] * xs[g];
+      finish(p, m, n0 + r, tot[m][r].reduce_add() - c);
+    }
 }
 
 template <int MT, int R>
@@ -133,8 +140,7 @@ THRIFTY_INLINE void gemv_w8(const QuantLinearParams& p, int64_t n0) {
   Vec a0[MT][R], a1[MT][R];
   for (int m = 0; m < MT; ++m)
     for (int r = 0; r < R; ++r) a0[m][r] = a1[m][r] = Vec::zero();
-  int64_t k = 0;
-  for (; k + 2 * W <= K; k += 2 * W) {
+  auto step = [&](int64_t k) {
     for (int r = 0; r < R; ++r) {
       const Vec w0 = load_i8f(q[r] + k), w1 = load_i8f(q[r] + k + W);
       for (int m = 0; m < MT; ++m) {
@@ -147,7 +153,9 @@ THRIFTY_INLINE void gemv_w8(const QuantLinearParams& p, int64_t n0) {
         }
       }
     }
-  }
+  };
+  int64_t k = 0;
+  for (; k + 2 * W <= K; k += 2 * W) step(k);
   for (int m = 0; m < MT; ++m)
     for (int r = 0; r < R; ++r) {
       float t = TWO ? (a0[m][r] + a1[m][r]).reduce_add() : a0[m][r].reduce_add();
