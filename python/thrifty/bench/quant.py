@@ -126,3 +126,52 @@ def accuracy_table() -> str:
                 err = ((q(xt).double() - ref).norm() / ref.norm()).item()
             rows.append(f"| {name} | {method} | {err:.4f} |")
     return "\n".join(rows)
+
+
+def cpu_thread_time(ms=(1, 8), reps: int = 15, shapes=((4096, 14336), (14336, 4096)), group: int = 128) -> list[str]:
+    """Single-thread CPU decode comparison that holds up on a busy machine: torch.set_num_threads(1),
+    time.thread_time() per call, thrifty and torch's ops interleaved in one process, medians.
+    Returns one line per (shape, M) with the ratios to torch int4pack / int8pack (and bf16 for M > 1).
+    Bandwidth-bound figures still move with the load; the ratios move less.
+    Run: python -c "from thrifty.bench.quant import cpu_thread_time as f; print('\\n'.join(f()))"
+    """
+    import statistics
+    import time
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    lines = []
+    try:
+        for k, n in shapes:
+            lin = torch.nn.Linear(k, n, bias=False)
+            with torch.no_grad():
+                lin.weight.normal_(0, 0.02)
+            wb = lin.weight.detach().bfloat16()
+            q4 = QuantLinear.from_float(lin, bits=4, group_size=group)
+            q8 = QuantLinear.from_float(lin, bits=8)
+            t_i8, t_s8 = q8.qweight, q8.scales.bfloat16()
+            t_i4, t_sz = _torch_int4(lin.weight.detach(), group)
+            for m in ms:
+                x = torch.randn(m, k).bfloat16()
+                fns = {"w4": lambda: q4(x), "int4pack": lambda: torch._weight_int4pack_mm_for_cpu(x, t_i4, group, t_sz),
+                       "w8": lambda: q8(x), "int8pack": lambda: torch._weight_int8pack_mm(x, t_i8, t_s8)}
+                if m > 1:
+                    fns["bf16"] = lambda: torch.nn.functional.linear(x, wb)  # noqa: E731
+                for f in fns.values():
+                    f()
+                ts = {key: [] for key in fns}
+                for _ in range(reps):
+                    for key, f in fns.items():
+                        t0 = time.thread_time()
+                        f()
+                        ts[key].append(time.thread_time() - t0)
+                md = {key: statistics.median(v) for key, v in ts.items()}
+                line = f"K={k} N={n} M={m}: " + " ".join(f"{key} {v * 1e3:.2f} ms" for key, v in md.items())
+                line += f" | W4A16 {md['int4pack'] / md['w4']:.2f}x int4pack, W8A16 {md['int8pack'] / md['w8']:.2f}x int8pack"
+                if m > 1:
+                    line += f", W4A16 {md['bf16'] / md['w4']:.2f}x bf16"
+                lines.append(line)
+    finally:
+        torch.set_num_threads(old)
+    return lines
