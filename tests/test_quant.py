@@ -14,7 +14,7 @@ from reference import DTYPES, assert_close_to_ref
 from thrifty.nn import QuantLinear
 from thrifty.quant import formats as qf
 
-MS = [1, 3, 8, 9, 300]
+MS = [1, 3, 5, 7, 8, 9, 300]  # 5 and 7: the GEMV splits M > 4 into two passes (3+2, 4+3)
 
 
 def ref_unpack4(qweight):
