@@ -18,8 +18,9 @@
 #include <cstring>
 
 #include "common/dtype.h"
+#include "cpu/isa_macros.h"  // THRIFTY_AVX512*: the compiler's __AVX512*__, or emulated
 
-#if defined(__AVX2__) || defined(__AVX512F__)
+#if defined(__AVX2__) || defined(THRIFTY_AVX512)
 #include <immintrin.h>
 #endif
 
@@ -105,7 +106,7 @@ THRIFTY_INLINE f16_t from_float<f16_t>(float x) {
 // Polynomial exp on [-ln2/2, ln2/2] after range reduction (Cephes coefficients), ~1 ulp.
 THRIFTY_INLINE float exp_scalar(float x) { return std::exp(x); }
 
-#if defined(__AVX512F__)
+#if defined(THRIFTY_AVX512)
 // ======================= AVX-512: 16 float lanes =======================
 struct Vec {
   static constexpr int W = 16;
@@ -127,7 +128,7 @@ struct Vec {
   THRIFTY_INLINE static Vec load(const f16_t* p, int n) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask(n), p)); }
 
   THRIFTY_INLINE __m256i to_bf16_bits() const {
-#if defined(__AVX512BF16__)
+#if defined(THRIFTY_AVX512_BF16)
     return (__m256i)_mm512_cvtneps_pbh(v);
 #else
     __m512i u = _mm512_castps_si512(v);
@@ -444,7 +445,7 @@ THRIFTY_INLINE Vec sigmoid(Vec x) {
 }
 
 // Orders the streaming stores of this thread before what follows (end of a parallel chunk).
-#if defined(__AVX2__) || defined(__AVX512F__)
+#if defined(__AVX2__) || defined(THRIFTY_AVX512)
 THRIFTY_INLINE void stream_fence() { _mm_sfence(); }
 #else
 THRIFTY_INLINE void stream_fence() {}

@@ -2,6 +2,7 @@
 // dequantize and quantize table lookups), one definition per ISA level.
 #pragma once
 #include "common/optim_quant.h"
+#include "cpu/isa_macros.h"
 #include "cpu/vec.h"
 
 namespace thrifty::cpu::THRIFTY_ISA_NS {
@@ -17,7 +18,7 @@ THRIFTY_INLINE uint8_t quant_code(const QuantLut& lut, float x) {
   return static_cast<uint8_t>((e >> 24) + (pos > (e & kQNoMid) ? 1u : 0u));
 }
 
-#if defined(__AVX512F__)
+#if defined(THRIFTY_AVX512)
 THRIFTY_INLINE Vec vsqrt(Vec a) { return _mm512_sqrt_ps(a.v); }
 THRIFTY_INLINE Vec vabs(Vec a) { return _mm512_abs_ps(a.v); }
 // +1 for x > 0, -1 for x < 0, 0 for zeros (and NaN)

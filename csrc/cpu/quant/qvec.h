@@ -11,11 +11,12 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu/isa_macros.h"
 #include "cpu/vec.h"
 
 namespace thrifty::cpu::THRIFTY_ISA_NS {
 
-#if defined(__AVX512F__)
+#if defined(THRIFTY_AVX512)
 THRIFTY_INLINE void nibbles(const uint8_t* p, Vec& lo, Vec& hi) {
   __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
@@ -43,7 +44,7 @@ struct IVec {
   }
   THRIFTY_INLINE friend IVec operator+(IVec a, IVec b) { return _mm512_add_epi32(a.v, b.v); }
   THRIFTY_INLINE friend IVec madd_add(IVec acc, IVec a, IVec b) {
-#if defined(__AVX512VNNI__)
+#if defined(THRIFTY_AVX512_VNNI)
     return _mm512_dpwssd_epi32(acc.v, a.v, b.v);
 #else
     return _mm512_add_epi32(acc.v, _mm512_madd_epi16(a.v, b.v));

@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "common/parallel.h"
+#include "cpu/isa_macros.h"
 #include "cpu/rotary/rotary_kernels.h"
 #include "cpu/vec.h"
 
@@ -20,7 +21,7 @@ namespace {
 
 constexpr int W = Vec::W;
 
-#if defined(__AVX512F__)
+#if defined(THRIFTY_AVX512)
 // [p0, p0, p1, p1, ...]: the first W/2 floats of p (n of them, n <= W/2) each doubled.
 THRIFTY_INLINE Vec load_dup_pairs(const float* p, int n) {
   __m256 h = n >= W / 2 ? _mm256_loadu_ps(p) : _mm256_maskz_loadu_ps(static_cast<__mmask8>((1u << n) - 1u), p);
@@ -96,7 +97,7 @@ THRIFTY_INLINE void rotate_neox_pairs(const bf16_t* x, bf16_t* y, const float* c
 // One head: GPT-J interleaved rotation of x (2h features) into y.
 template <typename T>
 THRIFTY_INLINE void rotate_gptj(const T* x, T* y, const float* c, const float* s, int64_t h, float sign) {
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(THRIFTY_AVX512) || defined(__AVX2__)
   // y = x * [c0 c0 c1 c1 ..] + swap_pairs(x) * [-s0 s0 -s1 s1 ..]
   alignas(64) float alt[W];
   for (int j = 0; j < W; ++j) alt[j] = (j % 2 == 0 ? -sign : sign);
