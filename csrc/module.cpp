@@ -38,6 +38,11 @@ PYBIND11_MODULE(_C, m) {
 #else
     d["fast_build"] = false;
 #endif
+#ifdef THRIFTY_EMULATED_AVX512
+    d["emulated_avx512"] = true;  // avx512 levels run SIMDe's emulation on AVX2 (a test build)
+#else
+    d["emulated_avx512"] = false;
+#endif
     return d;
   }, "How this extension was built: torch version, CUDA version and architectures, CPU ISA levels.");
   m.def("cpu_isa_detected", [] { return std::string(thrifty::cpu_isa_name(thrifty::cpu_isa_detected())); },

@@ -10,6 +10,11 @@ namespace {
 bool cpu_has(CpuIsa isa) {
 #if defined(__x86_64__) || defined(_M_X64)
   __builtin_cpu_init();
+#if defined(THRIFTY_EMULATED_AVX512)
+  // Test build (CMake THRIFTY_EMULATE_AVX512): the avx512 levels are AVX2 code running SIMDe's
+  // emulation of the AVX-512 intrinsics, so an AVX2 CPU runs them.
+  if (isa == CpuIsa::avx512 || isa == CpuIsa::avx512_bf16) return cpu_has(CpuIsa::avx2);
+#endif
   switch (isa) {
     case CpuIsa::scalar:
       return true;

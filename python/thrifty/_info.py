@@ -29,6 +29,8 @@ def info_dict() -> dict:
         "cuda_version_built": built["cuda_version"],
         "cuda_archs": built["cuda_archs"],
         "fast_build": built["fast_build"],
+        # A test build whose avx512 levels are AVX2 code emulating AVX-512 (slow; not for use).
+        "emulated_avx512": built.get("emulated_avx512", False),
         "gpus": [],
     }
     if torch.cuda.is_available():
@@ -46,7 +48,8 @@ def info() -> str:
         f"torch        built against {d['torch_built_against']}, running {d['torch_running']}",
         f"python       {d['python']}",
         f"CPU ISA      detected {d['cpu_isa_detected']}, in use {d['cpu_isa_in_use']}"
-        f"{' (THRIFTY_CPU_ISA=' + d['cpu_isa_env'] + ')' if d['cpu_isa_env'] else ''}; compiled {d['cpu_isa_compiled']}",
+        f"{' (THRIFTY_CPU_ISA=' + d['cpu_isa_env'] + ')' if d['cpu_isa_env'] else ''}; compiled {d['cpu_isa_compiled']}"
+        f"{' (avx512 levels EMULATED on AVX2 with SIMDe: a test build)' if d['emulated_avx512'] else ''}",
         f"threads      {d['threads']} (a thrifty CPU kernel loop ran on {d['threads_in_kernels']})",
         f"CUDA         " + (f"built with CUDA {d['cuda_version_built']} for {d['cuda_archs']}" if d["cuda_built"]
                             else "not built (CPU-only extension)"),
