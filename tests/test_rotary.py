@@ -133,6 +133,19 @@ def test_backward(cpu_isa, case, dtype, interleaved, device):
         torch.testing.assert_close(bq, q.detach(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("d", [32, 80])  # the plain vector path, and the bf16 pair path with a tail
+def test_bf16_denormals_kept_at_position_0(cpu_isa, interleaved, d):
+    # At position 0 (cos 1, sin 0) the rotation is exact: bf16 out == bf16 in (up to the sign of
+    # zeros), for denormals too. avx512_bf16's VCVTNEPS2BF16 alone would flush them to zero.
+    q = (torch.randn(3, 2, d) * 1e-39).to(torch.bfloat16)
+    q[0, 0, :4] = torch.tensor([1e-40, -3e-39, 0.0, -0.0]).to(torch.bfloat16)
+    assert ((q != 0) & (q.float().abs() < torch.finfo(torch.float32).tiny)).any()
+    cache = thrifty.ops.build_rotary_cache(d, 4)
+    qr, kr = thrifty.ops.rotary_embedding(q, q, torch.zeros(3, dtype=torch.int64), cache, interleaved)
+    assert torch.equal(qr.float(), q.float()) and torch.equal(kr.float(), q.float())
+
+
 def test_backward_one_output_used():
     q, k, pos, cache = make((5,), 2, 1, 64, 64, torch.float32, "cpu")
     q.requires_grad_()

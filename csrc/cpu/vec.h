@@ -129,15 +129,17 @@ struct Vec {
 
   THRIFTY_INLINE __m256i to_bf16_bits() const {
 #if defined(THRIFTY_AVX512_BF16)
-    return (__m256i)_mm512_cvtneps_pbh(v);
-#else
+    // VCVTNEPS2BF16 treats denormal inputs as zero whatever MXCSR says (Intel SDM), where the
+    // rule above, the other levels and torch round them to bf16 denormals: a vector holding a
+    // denormal (fpclass 0x20; rare) takes the integer rounding below instead.
+    if (__builtin_expect(_mm512_fpclass_ps_mask(v, 0x20) == 0, 1)) return (__m256i)_mm512_cvtneps_pbh(v);
+#endif
     __m512i u = _mm512_castps_si512(v);
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
     __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     r = _mm512_mask_blend_epi32(nan, r, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
     return _mm512_cvtepi32_epi16(r);
-#endif
   }
   THRIFTY_INLINE void store(float* p) const { _mm512_storeu_ps(p, v); }
   THRIFTY_INLINE void store(float* p, int n) const { _mm512_mask_storeu_ps(p, mask(n), v); }
