@@ -32,6 +32,7 @@
 #include "common/attention_mask.h"
 #include "common/parallel.h"
 #include "cpu/attention/attention_kernels.h"
+#include "cpu/isa_macros.h"
 #include "cpu/vec.h"
 
 namespace thrifty::cpu::THRIFTY_ISA_NS {
@@ -174,7 +175,7 @@ THRIFTY_INLINE void store_row(const float* x, float scale, int D, T* y) {
 // anything under ~-87.7 is exactly 0); x must stay under 88 (no overflow handling). NaN
 // propagates (the clamp returns its second operand on NaN). About 13 vector ops instead of
 // ~30 for the general exp of cpu/vec.h.
-#if defined(__AVX512F__)
+#if defined(THRIFTY_AVX512)
 THRIFTY_INLINE Vec exp_sm(Vec x) {
   const __m512 magic = _mm512_set1_ps(12582912.0f);
   const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-88.0f), x.v);
