@@ -453,6 +453,16 @@ THRIFTY_INLINE void stream_fence() { _mm_sfence(); }
 THRIFTY_INLINE void stream_fence() {}
 #endif
 
+// One full-vector store, streaming or not by a compile-time switch (kernels that stream only
+// outputs too large for the cache instantiate both).
+template <bool kStream, typename T>
+THRIFTY_INLINE void put(Vec v, T* p) {
+  if constexpr (kStream)
+    v.stream(p);
+  else
+    v.store(p);
+}
+
 // Elements of T before p reaches the alignment of a streaming store of `bytes` (by default a
 // full vector of T: W * sizeof(T); a bf16 pair needs 2 * W * 2).
 template <typename T>

@@ -33,13 +33,6 @@ THRIFTY_INLINE void st(Vec v, T* p, int m) {
   else
     v.store(p, m);
 }
-template <bool kStream, typename T>
-THRIFTY_INLINE void put(Vec v, T* p) {
-  if constexpr (kStream)
-    v.stream(p);
-  else
-    v.store(p);
-}
 template <bool kStream>
 THRIFTY_INLINE void put_pair(Vec even, Vec odd, bf16_t* p) {
   if constexpr (kStream)

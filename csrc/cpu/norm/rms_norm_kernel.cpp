@@ -83,13 +83,6 @@ THRIFTY_INLINE float add_store_sum_squares(const T* x, const T* r, T* h, int64_t
   return (a0 + a1).reduce_add();
 }
 
-template <bool kStream, typename T>
-THRIFTY_INLINE void put(Vec v, T* p) {
-  if constexpr (kStream)
-    v.stream(p);
-  else
-    v.store(p);
-}
 
 // y = x * rstd * w. kStream: full vectors go out as streaming stores (y must then be aligned
 // from the head onwards; a misaligned head is stored normally).
