@@ -34,6 +34,19 @@ def _torch_int4(w: torch.Tensor, group: int):
     return packed, sz
 
 
+def _layers(k: int, n: int, group: int):
+    """One random (n, k) layer and what both sides multiply: the float layer, its bf16 weight,
+    thrifty's W4 and W8 QuantLinears, torch's int8pack weight + bf16 scales and int4pack weight +
+    scales/zeros."""
+    lin = torch.nn.Linear(k, n, bias=False)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.02)
+    q4 = QuantLinear.from_float(lin, bits=4, group_size=group)
+    q8 = QuantLinear.from_float(lin, bits=8)
+    t_i4, t_sz = _torch_int4(lin.weight.detach(), group)
+    return lin, lin.weight.detach().bfloat16(), q4, q8, q8.qweight, q8.scales.bfloat16(), t_i4, t_sz
+
+
 def run(device, quick: bool = False) -> Bench:
     device = torch.device(device)
     b = Bench("quant", device, matmul_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -47,16 +60,8 @@ def run(device, quick: bool = False) -> Bench:
     ms = [1, 8, 64] if quick else [1, 8, 64, 256]
     group = 128
     for k, n in shapes:
-        lin = torch.nn.Linear(k, n, bias=False)
-        with torch.no_grad():
-            lin.weight.normal_(0, 0.02)
-        w_bf16 = lin.weight.detach().bfloat16()
-        q4 = QuantLinear.from_float(lin, bits=4, group_size=group)
-        q8 = QuantLinear.from_float(lin, bits=8)
+        lin, w_bf16, q4, q8, t_i8, t_s8, t_i4, t_sz = _layers(k, n, group)
         q8a8 = QuantLinear.from_float(lin, bits=8, act_bits=8)
-        t_i8 = q8.qweight
-        t_s8 = q8.scales.bfloat16()
-        t_i4, t_sz = _torch_int4(lin.weight.detach(), group)
         del lin
         w4_bytes = q4.qweight.numel() + 8 * q4.scales.numel()
         w8_bytes = q8.qweight.numel() + 4 * n
@@ -144,14 +149,7 @@ def cpu_thread_time(ms=(1, 8), reps: int = 15, shapes=((4096, 14336), (14336, 40
     lines = []
     try:
         for k, n in shapes:
-            lin = torch.nn.Linear(k, n, bias=False)
-            with torch.no_grad():
-                lin.weight.normal_(0, 0.02)
-            wb = lin.weight.detach().bfloat16()
-            q4 = QuantLinear.from_float(lin, bits=4, group_size=group)
-            q8 = QuantLinear.from_float(lin, bits=8)
-            t_i8, t_s8 = q8.qweight, q8.scales.bfloat16()
-            t_i4, t_sz = _torch_int4(lin.weight.detach(), group)
+            lin, wb, q4, q8, t_i8, t_s8, t_i4, t_sz = _layers(k, n, group)
             for m in ms:
                 x = torch.randn(m, k).bfloat16()
                 fns = {"w4": lambda: q4(x), "int4pack": lambda: torch._weight_int4pack_mm_for_cpu(x, t_i4, group, t_sz),
