@@ -1,64 +1,96 @@
 #!/usr/bin/env bash
-# GPU check: build thrifty from source on a GPU machine, run the `cuda` tests and the GPU
-# benchmarks, print a short table last. Meant for the lent H100/H200 (no network there):
-#   bash bench/gpu_check.sh            (writes logs and JSON under $OUT, default /tmp/thrifty-gpu-check)
-# Budget: about 8 minutes. Environment knobs:
+# GPU check: build thrifty from source on a GPU machine, run the `cuda` tests (and, on request, the
+# CPU kernel tests on the host CPU at the same time), then the GPU benchmarks one family at a time,
+# and print a short table last. Meant for the lent H100/H200 (no network there; device time is
+# scarce, so every step has a timeout and the whole run keeps inside GPU_CHECK_DEADLINE):
+#   bash bench/gpu_check.sh     (logs and JSON under $GPU_CHECK_LOGS, default /tmp/thrifty-gpu-check,
+#                                bundled into $OUT/gpu_check.tgz at the end: one file to fetch back)
+# Environment knobs:
 #   THRIFTY_CUDA_ARCHS   default 90a (only the machine's own arch, to build fast)
 #   GPU_CHECK_TESTS      pytest selection for the CUDA tests (default: -m cuda)
-#   GPU_CHECK_FAMILIES   benchmark families (default: every family present)
-#   GPU_CHECK_CPU        1 also runs the CPU kernel tests on the host CPU (AVX-512 hosts test the avx512 paths)
+#   GPU_CHECK_TEST_TIMEOUT  seconds for each test run (default 300)
+#   GPU_CHECK_JOBS       pytest-xdist workers for the tests (default 6; 0 = no xdist)
+#   GPU_CHECK_CPU        1 also runs the CPU kernel tests on the host CPU (AVX-512 hosts test the
+#                        avx512 paths natively), concurrently with the CUDA tests
+#   GPU_CHECK_CPU_TESTS  test files for that (default: the kernel families' files)
+#   GPU_CHECK_FAMILIES   benchmark families, in order (default: quant norm optim attention model train)
+#   GPU_CHECK_QUICK      1 runs the benchmarks' --quick cases (default: full GPU sizes)
+#   GPU_CHECK_DEADLINE   seconds from the start by which the benchmarks must end (default 480): each
+#                        family runs under min(GPU_CHECK_FAMILY_TIMEOUT (default 150), time left)
+#   GPU_CHECK_DEVICE     benchmark device (default cuda; `cpu` with THRIFTY_CUDA=off dry-runs the script)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/thrifty-gpu-check}
-mkdir -p "$OUT" "$OUT/results"
+LOGS=${GPU_CHECK_LOGS:-/tmp/thrifty-gpu-check}
+OUT=${OUT:-$LOGS}
+mkdir -p "$LOGS/results" "$OUT"
 PY=${PYTHON:-python3}
+DEV=${GPU_CHECK_DEVICE:-cuda}
+DEADLINE=${GPU_CHECK_DEADLINE:-480}
 t0=$(date +%s)
-stamp() { echo "[gpu_check +$(( $(date +%s) - t0 ))s] $*"; }
+elapsed() { echo $(( $(date +%s) - t0 )); }
+stamp() { echo "[gpu_check +$(elapsed)s] $*"; }
+bundle() { tar -czf "$OUT/gpu_check.tgz" -C "$LOGS" --exclude gpu_check.tgz . 2>/dev/null; }
+trap bundle EXIT
 
 stamp "machine"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-grep -o -m1 'avx512[a-z_0-9]*' /proc/cpuinfo | head -1 | sed 's/^/host CPU has /' || true
-$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1 | tee "$LOGS/gpu.txt"
+grep -o 'avx512[a-z_0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' ' | sed 's/^/host CPU: /'; echo
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+      torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 
-stamp "build (THRIFTY_CUDA_ARCHS=${THRIFTY_CUDA_ARCHS:-90a})"
-export THRIFTY_CUDA=on THRIFTY_CUDA_ARCHS=${THRIFTY_CUDA_ARCHS:-90a}
-if ! PYTHON=$PY JOBS=$(nproc) tools/build_inplace.sh >"$OUT/build.log" 2>&1; then
-  tail -60 "$OUT/build.log"
+export THRIFTY_CUDA=${THRIFTY_CUDA:-on} THRIFTY_CUDA_ARCHS=${THRIFTY_CUDA_ARCHS:-90a}
+stamp "build (THRIFTY_CUDA=$THRIFTY_CUDA, archs $THRIFTY_CUDA_ARCHS, $(nproc) jobs)"
+if ! PYTHON=$PY JOBS=$(nproc) timeout 400 tools/build_inplace.sh >"$LOGS/build.log" 2>&1; then
+  tail -60 "$LOGS/build.log"
   stamp "BUILD FAILED"
   exit 1
 fi
 stamp "built"
 export PYTHONPATH=$PWD/python
-$PY -m thrifty.cli info | tee "$OUT/info.txt"
+$PY -m thrifty.cli info | tee "$LOGS/info.txt"
 
-stamp "cuda tests"
-# shellcheck disable=SC2086
-timeout 300 $PY -m pytest tests ${GPU_CHECK_TESTS:--m cuda} -q -p no:cacheprovider -rfE \
-  --junitxml="$OUT/cuda_tests.xml" >"$OUT/cuda_tests.log" 2>&1
-test_rc=$?
-tail -30 "$OUT/cuda_tests.log"
-
+jobs=${GPU_CHECK_JOBS:-6}
+xdist=()
+if [ "$jobs" != 0 ] && $PY -c "import xdist" 2>/dev/null; then xdist=(-n "$jobs"); fi
+cpu_pid=
 if [ "${GPU_CHECK_CPU:-0}" = 1 ]; then
-  stamp "CPU kernel tests on the host CPU (every ISA level it has)"
-  cpu_files=$(ls tests/test_{norm,rotary,activation,attention,optim,quant,loss}.py 2>/dev/null)
+  stamp "CPU kernel tests on the host CPU, every ISA level it has (in the background)"
+  cpu_files=${GPU_CHECK_CPU_TESTS:-$(ls tests/test_{norm,rotary,activation,attention,optim,quant,loss,linear}.py)}
   # shellcheck disable=SC2086
-  timeout 180 $PY -m pytest $cpu_files -q -p no:cacheprovider -m "not cuda and not slow" -rfE \
-    >"$OUT/cpu_tests.log" 2>&1
-  tail -3 "$OUT/cpu_tests.log"
+  OMP_NUM_THREADS=2 timeout "${GPU_CHECK_TEST_TIMEOUT:-300}" $PY -m pytest $cpu_files -q -p no:cacheprovider -m "not cuda and not slow" \
+    -rfE "${xdist[@]}" >"$LOGS/cpu_tests.log" 2>&1 &
+  cpu_pid=$!
 fi
 
-stamp "GPU benchmarks"
+stamp "cuda tests ${xdist[*]}"
 # shellcheck disable=SC2086
-THRIFTY_BENCH_OUT="$OUT/results" timeout 300 $PY -m thrifty.cli bench --device cuda --quick ${GPU_CHECK_FAMILIES:-} \
-  >"$OUT/bench.log" 2>&1
-bench_rc=$?
+OMP_NUM_THREADS=2 timeout "${GPU_CHECK_TEST_TIMEOUT:-300}" $PY -m pytest tests ${GPU_CHECK_TESTS:--m cuda} -q -p no:cacheprovider -rfE \
+  "${xdist[@]}" --junitxml="$LOGS/cuda_tests.xml" >"$LOGS/cuda_tests.log" 2>&1
+test_rc=$?
+tail -40 "$LOGS/cuda_tests.log"
+if [ -n "$cpu_pid" ]; then
+  wait "$cpu_pid"; stamp "CPU tests rc=$?"
+  tail -25 "$LOGS/cpu_tests.log"
+fi
+
+# One family at a time, each under its own timeout, so one slow family cannot eat the others' time.
+quick=(); [ "${GPU_CHECK_QUICK:-0}" = 1 ] && quick=(--quick)
+bench_rc=0
+for fam in ${GPU_CHECK_FAMILIES:-quant norm optim attention model train}; do
+  left=$(( DEADLINE - $(elapsed) )); ft=${GPU_CHECK_FAMILY_TIMEOUT:-150}; [ "$left" -lt "$ft" ] && ft=$left
+  if [ "$ft" -lt 15 ]; then stamp "bench $fam skipped (the ${DEADLINE}s deadline is near)"; continue; fi
+  stamp "bench $fam (timeout ${ft}s)"
+  THRIFTY_BENCH_OUT="$LOGS/results" timeout "$ft" $PY -m thrifty.cli bench --device "$DEV" "${quick[@]}" "$fam" \
+    >"$LOGS/bench_$fam.log" 2>&1
+  rc=$?
+  if [ $rc != 0 ]; then bench_rc=$rc; stamp "bench $fam rc=$rc"; tail -15 "$LOGS/bench_$fam.log"; fi
+done
 stamp "done (tests rc=$test_rc, bench rc=$bench_rc)"
 
 # Short table last: one line per benchmark case.
-$PY - "$OUT/results" <<'PYEOF'
+$PY - "$LOGS/results" "$DEV" <<'PYEOF'
 import json, pathlib, sys
-rows = []
-for f in sorted(pathlib.Path(sys.argv[1]).glob("*-cuda.json")):
+for f in sorted(pathlib.Path(sys.argv[1]).glob(f"*-{sys.argv[2]}.json")):
     d = json.loads(f.read_text())
     bw = d.get("copy_bandwidth_Bps") or 0
     mm = d.get("matmul_flops") or 0
@@ -67,7 +99,7 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("*-cuda.json")):
         sp = f"x{c['speedup']:.2f}" if c.get("speedup") else "-"
         perf = (f"{c['gbps']:.0f} GB/s" if c.get("gbps") else "") + (f" {c['tflops']:.0f} TFLOP/s" if c.get("tflops") else "")
         pct = f"{c['pct_roofline']:.0f}%" if c.get("pct_roofline") else "-"
-        print(f"  {c['op'][:30]:30s} {c['shape'][:26]:26s} {c['dtype']:8s} {c['thrifty_s']*1e3:8.3f} ms {sp:>7s} {perf:>20s} {pct:>5s}")
+        print(f"  {c['op'][:34]:34s} {c['shape'][:24]:24s} {c['dtype'][:8]:8s} {c['thrifty_s']*1e3:8.3f} ms {sp:>7s} {perf:>20s} {pct:>5s}")
 PYEOF
-grep -E "passed|failed|error" "$OUT/cuda_tests.log" | tail -1
+grep -E "passed|failed|error" "$LOGS/cuda_tests.log" | tail -1
 exit $test_rc
