@@ -107,7 +107,9 @@ def test_quantize_per_token(cpu_isa, dtype, shape, device):
     xq, xs = thrifty.ops.quantize_per_token(x)
     assert xq.dtype == torch.int8 and xq.shape == x.shape and xs.shape == (*shape[:-1], 1)
     amax = x.float().abs().amax(-1, keepdim=True)
-    torch.testing.assert_close(xs, amax / 127, rtol=0, atol=0)
+    # amax / 127 correctly rounded (torch on CUDA turns a division by a Python scalar into a
+    # multiplication by its reciprocal, one ulp off; a tensor divisor divides)
+    torch.testing.assert_close(xs, amax / torch.full_like(amax, 127.0), rtol=0, atol=0)
     inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))  # (127.0 / t is reciprocal * 127)
     assert torch.equal(xq, torch.round(x.float() * inv).clamp(-127, 127).to(torch.int8))
     assert (xq.float() * xs - x.float()).abs().le(xs / 2 + 1e-6).all()

@@ -1,5 +1,5 @@
 // CUDA glue for the SwiGLU ops: check, fill params, launch on the current stream.
-#include <c10/cuda/CUDAGuard.h>
+#include "cuda/guard.h"
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -10,7 +10,7 @@ namespace thrifty {
 namespace {
 
 at::Tensor swiglu_cuda(const at::Tensor& gate, const at::Tensor& up) {
-  const c10::cuda::CUDAGuard guard(gate.device());
+  const c10::cuda::OptionalCUDAGuard guard(cuda::cuda_device_of(gate));
   SwigluParams p;
   std::vector<at::Tensor> keep;
   auto out = swiglu_prepare("swiglu", gate, up, p, keep);
@@ -20,7 +20,7 @@ at::Tensor swiglu_cuda(const at::Tensor& gate, const at::Tensor& up) {
 
 std::tuple<at::Tensor, at::Tensor> swiglu_backward_cuda(const at::Tensor& grad, const at::Tensor& gate,
                                                         const at::Tensor& up) {
-  const c10::cuda::CUDAGuard guard(gate.device());
+  const c10::cuda::OptionalCUDAGuard guard(cuda::cuda_device_of(gate));
   SwigluParams p;
   std::vector<at::Tensor> keep;
   auto out = swiglu_bwd_prepare("swiglu_backward", grad, gate, up, p, keep);

@@ -3,7 +3,7 @@
 // up to 256, run by the kernel sizes 64/96/128/256; 16-byte aligned rows, copied when not),
 // the backward's workspace, the current stream and a device guard.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
+#include "cuda/guard.h"
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -51,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q,
                                                             double softmax_scale, bool causal, int64_t window_left,
                                                             int64_t window_right, double softcap) {
   const char* op = "flash_attention_fwd";
-  const c10::cuda::CUDAGuard guard(q.device());
+  const c10::cuda::OptionalCUDAGuard guard(cuda::cuda_device_of(q));
   check_floating(op, "q", q);
   TORCH_CHECK_VALUE(q.dim() >= 1, "thrifty.", op, ": argument 'q' must have a head_dim axis (got shape ", q.sizes(),
                     ")");
@@ -71,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
     int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal, int64_t window_left,
     int64_t window_right, double softcap, bool deterministic) {
   const char* op = "flash_attention_bwd";
-  const c10::cuda::CUDAGuard guard(q.device());
+  const c10::cuda::OptionalCUDAGuard guard(cuda::cuda_device_of(q));
   check_floating(op, "q", q);
   TORCH_CHECK_VALUE(q.dim() >= 1, "thrifty.", op, ": argument 'q' must have a head_dim axis (got shape ", q.sizes(),
                     ")");

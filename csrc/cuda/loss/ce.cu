@@ -47,7 +47,7 @@ __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(CeFwdParams p) {
   m = block_max(m, scratch);
   zs = block_sum(zs, scratch);
   float se = 0.f;
-  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) se += __expf(capped(to_float(z[j]), cap, inv_cap) - m);
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) se += expf(capped(to_float(z[j]), cap, inv_cap) - m);
   se = block_sum(se, scratch);
   if (threadIdx.x == 0) {
     const float lse = m + logf(se);
@@ -69,7 +69,7 @@ __global__ void ce_grad_kernel(CeGradParams p) {
     const int64_t y = p.labels[r];
     const float s = y == p.ignore_index ? 0.f : p.grad_scale[r * p.grad_scale_stride];
     const float v = capped(to_float(*g), cap, inv_cap);
-    float d = __expf(v - p.lse[r]) - eps_v - (j + p.col0 == y ? on : 0.f);
+    float d = expf(v - p.lse[r]) - eps_v - (j + p.col0 == y ? on : 0.f);
     if (cap > 0.f) d *= 1.f - (v * inv_cap) * (v * inv_cap);
     *g = from_float<T>(s * d);
   }

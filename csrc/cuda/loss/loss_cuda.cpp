@@ -1,6 +1,6 @@
 // CUDA glue for linear_cross_entropy: the shared loops (common/loss_glue.h; matmuls through
 // at::mm, i.e. cuBLAS) with the fused softmax / loss / gradient kernels on the current stream.
-#include <c10/cuda/CUDAGuard.h>
+#include "cuda/guard.h"
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -16,7 +16,7 @@ void ce_grad_cuda(const CeGradParams& p) { cuda::launch_ce_grad(p, c10::cuda::ge
 std::tuple<at::Tensor, at::Tensor> lce_cuda(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
                                             int64_t ignore_index, int64_t reduction, double label_smoothing,
                                             double softcap, int64_t chunk_size) {
-  const c10::cuda::CUDAGuard guard(hidden.device());
+  const c10::cuda::OptionalCUDAGuard guard(cuda::cuda_device_of(hidden));
   return lce_forward(hidden, weight, labels, ignore_index, reduction, label_smoothing, softcap, chunk_size,
                      &ce_fwd_cuda);
 }
@@ -25,7 +25,7 @@ std::tuple<at::Tensor, at::Tensor> lce_backward_cuda(const at::Tensor& grad_loss
                                                      const at::Tensor& weight, const at::Tensor& labels,
                                                      const at::Tensor& lse, int64_t ignore_index, int64_t reduction,
                                                      double label_smoothing, double softcap, int64_t chunk_size) {
-  const c10::cuda::CUDAGuard guard(hidden.device());
+  const c10::cuda::OptionalCUDAGuard guard(cuda::cuda_device_of(hidden));
   return lce_backward(grad_loss, hidden, weight, labels, lse, ignore_index, reduction, label_smoothing, softcap,
                       chunk_size, &ce_grad_cuda);
 }

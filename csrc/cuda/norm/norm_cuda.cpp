@@ -1,5 +1,5 @@
 // CUDA glue for the RMSNorm ops: check, fill params, launch on the current stream.
-#include <c10/cuda/CUDAGuard.h>
+#include "cuda/guard.h"
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -12,7 +12,7 @@ namespace {
 constexpr int64_t kMaxHiddenBwd = 49152;  // grad_weight partials live in shared memory (192 KB)
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::cuda::OptionalCUDAGuard guard(cuda::cuda_device_of(x));
   RmsNormParams p;
   at::Tensor x2, r2;
   auto out = rms_norm_prepare("rms_norm", x, weight, eps, c10::nullopt, p, x2, r2);
@@ -22,7 +22,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_cuda(const at::Tensor& x, const at::
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_add_rms_norm_cuda(const at::Tensor& x, const at::Tensor& residual,
                                                                        const at::Tensor& weight, double eps) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::cuda::OptionalCUDAGuard guard(cuda::cuda_device_of(x));
   RmsNormParams p;
   at::Tensor x2, r2;
   auto out = rms_norm_prepare("fused_add_rms_norm", x, weight, eps, residual, p, x2, r2);
@@ -33,7 +33,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_add_rms_norm_cuda(const at:
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
                                                           const at::Tensor& weight, const at::Tensor& rstd,
                                                           const c10::optional<at::Tensor>& grad_h) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::cuda::OptionalCUDAGuard guard(cuda::cuda_device_of(x));
   RmsNormBwdParams p;
   std::vector<at::Tensor> keep;
   auto out = rms_norm_bwd_prepare("rms_norm_backward", grad_y, x, weight, rstd, grad_h, p, keep);

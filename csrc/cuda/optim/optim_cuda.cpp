@@ -1,6 +1,6 @@
 // CUDA glue for the fused optimizer ops: check, copy the multi-tensor table (tensors, chunk
 // prefix sums, step pointers) to the device in one asynchronous copy, launch once.
-#include <c10/cuda/CUDAGuard.h>
+#include "cuda/guard.h"
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -42,7 +42,7 @@ void run_step(const char* op, OptimStepParams& s, const OptimTable& tab, at::Ten
               const c10::optional<at::Tensor>& found_inf, int64_t chunk) {
   const at::Tensor& p0 = params[0];
   optim_check_scalars(op, c10::DeviceType::CUDA, p0, lr, grad_coef, found_inf);
-  const c10::cuda::CUDAGuard guard(p0.device());
+  const c10::cuda::OptionalCUDAGuard guard(cuda::cuda_device_of(p0));
   std::vector<float*> step_ptrs;
   for (const auto& st : steps) step_ptrs.push_back(st.data_ptr<float>());
   auto d = upload(tab, step_ptrs, p0);
@@ -96,7 +96,7 @@ void lion_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
 at::Tensor multi_tensor_l2norm_cuda(at::TensorList tensors) {
   const char* op = "multi_tensor_l2norm";
   check_device_type(op, "tensors[0]", tensors[0], c10::DeviceType::CUDA);
-  const c10::cuda::CUDAGuard guard(tensors[0].device());
+  const c10::cuda::OptionalCUDAGuard guard(cuda::cuda_device_of(tensors[0]));
   auto tab = l2norm_build_table(op, tensors, cuda::kOptimChunk);
   auto d = upload(tab, {}, tensors[0]);
   L2NormParams p;

@@ -1,5 +1,5 @@
 // CUDA glue for the quantized linear ops: check, fill params, launch on the current stream.
-#include <c10/cuda/CUDAGuard.h>
+#include "cuda/guard.h"
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -12,7 +12,7 @@ namespace {
 at::Tensor quant_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                              const c10::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size,
                              const c10::optional<at::Tensor>& bias) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::cuda::OptionalCUDAGuard guard(cuda::cuda_device_of(x));
   QuantLinearParams p;
   auto r = quant_linear_prepare("quant_linear", x, qweight, scales, zeros, bits, group_size, bias, p);
   TORCH_CHECK_VALUE(bits != 4 || (reinterpret_cast<uintptr_t>(qweight.data_ptr()) & 15) == 0,
@@ -25,7 +25,7 @@ at::Tensor quant_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, con
 
 at::Tensor quant_dequantize_cuda(const at::Tensor& qweight, const at::Tensor& scales,
                                  const c10::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size) {
-  const c10::cuda::CUDAGuard guard(qweight.device());
+  const c10::cuda::OptionalCUDAGuard guard(cuda::cuda_device_of(qweight));
   int64_t K = -1;
   const int64_t N = check_packed_weight("quant_dequantize", qweight, scales, zeros, bits, group_size, K);
   auto s = scales.contiguous();
@@ -50,7 +50,7 @@ at::Tensor quant_dequantize_cuda(const at::Tensor& qweight, const at::Tensor& sc
 at::Tensor int8_linear_cuda(const at::Tensor& xq, const at::Tensor& x_scales, const at::Tensor& wq,
                             const at::Tensor& w_scales, const c10::optional<at::Tensor>& bias,
                             c10::optional<at::ScalarType> out_dtype) {
-  const c10::cuda::CUDAGuard guard(xq.device());
+  const c10::cuda::OptionalCUDAGuard guard(cuda::cuda_device_of(xq));
   Int8LinearParams p;
   auto r = int8_linear_prepare("int8_linear", xq, x_scales, wq, w_scales, bias, out_dtype, p);
   if (p.M == 0 || p.N == 0) return r.y;
@@ -60,7 +60,7 @@ at::Tensor int8_linear_cuda(const at::Tensor& xq, const at::Tensor& x_scales, co
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::cuda::OptionalCUDAGuard guard(cuda::cuda_device_of(x));
   QuantizePerTokenParams p;
   auto r = quantize_per_token_prepare("quantize_per_token", x, p);
   if (p.rows > 0) {

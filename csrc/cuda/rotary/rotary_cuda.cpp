@@ -1,6 +1,6 @@
 // CUDA glue for the rotary-embedding ops: check (positions range with one aminmax on the
 // device), fill params, launch on the current stream.
-#include <c10/cuda/CUDAGuard.h>
+#include "cuda/guard.h"
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -13,7 +13,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> rotary_cuda(const char* op, const char* qn, const char* kn, const at::Tensor& q,
                                                const at::Tensor& k, const at::Tensor& positions,
                                                const at::Tensor& cache, bool interleaved, bool inverse) {
-  const c10::cuda::CUDAGuard guard(q.device());
+  const c10::cuda::OptionalCUDAGuard guard(cuda::cuda_device_of(q));
   RotaryParams p;
   auto out = rotary_prepare(op, qn, kn, q, k, positions, cache, interleaved, inverse, p);
   TORCH_CHECK_VALUE(p.tokens <= 0x7fffffffLL && (p.q_heads + p.k_heads) * p.head_dim <= 0x7fffffffLL, "thrifty.", op,

@@ -237,6 +237,8 @@ class Trainer:
         c = self.cfg
         if c.device:
             dev = torch.device(c.device)
+            if dev.type == "cuda" and dev.index is None:  # "cuda" means this rank's GPU (set_device wants an index)
+                dev = torch.device("cuda", self.local_rank)
         elif torch.cuda.is_available():
             dev = torch.device("cuda", self.local_rank)
         else:
