@@ -329,6 +329,27 @@ def test_device_mismatch_and_range_on_cuda():
                                      a["cos_sin_cache"].cuda())
 
 
+@pytest.mark.cuda
+def test_positions_checked_once_per_tensor_on_cuda():
+    """The range check syncs with the device once per positions tensor (a model passes the same one to
+    every layer); an in-place write to it, or a new tensor, is checked again."""
+    a = _args()
+    q, k, cache = a["q"].cuda(), a["k"].cuda(), a["cos_sin_cache"].cuda()
+    pos = torch.tensor([0, 1, 2, 3], device="cuda")
+    ref = thrifty.ops.rotary_embedding(q, k, pos, cache)  # checked (one sync), remembered
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        again = thrifty.ops.rotary_embedding(q, k, pos, cache)  # remembered: no sync
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(torch.equal(x, y) for x, y in zip(ref, again))
+    pos[2] = 99  # bumps the version counter
+    with pytest.raises(ValueError, match="'positions' must lie in"):
+        thrifty.ops.rotary_embedding(q, k, pos, cache)
+    with pytest.raises(ValueError, match="'positions' must lie in"):
+        thrifty.ops.rotary_embedding(q, k, torch.tensor([0, 1, 2, cache.shape[0]], device="cuda"), cache)
+
+
 def _copies(fn):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()

@@ -2,6 +2,9 @@
 // CPU and CUDA glue both call these, then hand the params to their launcher.
 #pragma once
 #include <ATen/ATen.h>
+#include <c10/util/intrusive_ptr.h>
+
+#include <optional>
 
 #include "common/checks.h"
 #include "common/rotary_params.h"
@@ -38,14 +41,42 @@ inline at::Tensor as_tokens(const at::Tensor& t, int64_t& tok_stride, int64_t& h
   return c;
 }
 
+// The last device positions tensor this thread found in range. A model hands the same positions to
+// every layer (and autograd hands them to every backward), so the check's device sync happens once
+// per positions tensor instead of once per call (per layer, per direction). Keyed on the storage (held
+// weakly: a freed storage never matches), the elements (data pointer, count, dtype, contiguous), the
+// version counter (any in-place write through torch re-checks) and max_position. A write the version
+// counter cannot see (through .data, say) could slip past the check; the kernels clamp positions into
+// the cache, so even then nothing is read out of bounds.
+struct CheckedPositions {
+  std::optional<c10::weak_intrusive_ptr<c10::StorageImpl>> storage;
+  const void* data = nullptr;
+  int64_t numel = 0, version = -1, max_position = 0;
+  at::ScalarType dtype = at::kLong;
+
+  bool matches(const at::Tensor& pos, int64_t max_pos) const {
+    if (!storage || data != pos.data_ptr() || numel != pos.numel() || dtype != pos.scalar_type() ||
+        version != pos._version() || max_position != max_pos)
+      return false;
+    auto alive = storage->lock();
+    return alive.defined() && alive.get() == pos.storage().unsafeGetStorageImpl();
+  }
+  void remember(const at::Tensor& pos, int64_t max_pos) {
+    storage = pos.storage().getWeakStorageImpl();
+    data = pos.data_ptr();
+    numel = pos.numel();
+    version = pos._version();
+    max_position = max_pos;
+    dtype = pos.scalar_type();
+  }
+};
+
 // positions must lie in [0, max_position): checked on the host for CPU tensors (one pass
-// over the indices), with one aminmax (and a device sync) for device tensors.
+// over the indices), with one aminmax (and a device sync) for device tensors not checked before.
 inline void check_positions_range(const char* op, const at::Tensor& pos, int64_t max_position) {
   if (pos.numel() == 0) return;
-  int64_t lo, hi;
+  int64_t lo = INT64_MAX, hi = INT64_MIN;
   if (pos.is_cpu()) {
-    lo = INT64_MAX;
-    hi = INT64_MIN;
     const int64_t n = pos.numel();
     if (pos.scalar_type() == at::kInt) {
       const int32_t* p = pos.data_ptr<int32_t>();
@@ -61,10 +92,13 @@ inline void check_positions_range(const char* op, const at::Tensor& pos, int64_t
       }
     }
   } else {
+    static thread_local CheckedPositions checked;
+    if (pos.is_contiguous() && checked.matches(pos, max_position)) return;
     auto mm = at::aminmax(pos);
     auto both = at::stack({std::get<0>(mm), std::get<1>(mm)}).to(at::kCPU, at::kLong);  // one sync
     lo = both.data_ptr<int64_t>()[0];
     hi = both.data_ptr<int64_t>()[1];
+    if (lo >= 0 && hi < max_position && pos.is_contiguous()) checked.remember(pos, max_position);
   }
   TORCH_CHECK_VALUE(lo >= 0 && hi < max_position, "thrifty.", op, ": argument 'positions' must lie in [0, ",
                     max_position, ") (the rows of 'cos_sin_cache'), got values from ", lo, " to ", hi);

@@ -14,8 +14,11 @@ namespace {
 template <typename T, bool INTERLEAVED, int V>
 __global__ void rotary_kernel(RotaryParams p, float sign) {
   const int64_t t = blockIdx.x;
-  const int64_t pos = p.positions_int32 ? static_cast<int64_t>(static_cast<const int32_t*>(p.positions)[t])
-                                        : static_cast<const int64_t*>(p.positions)[t];
+  int64_t pos = p.positions_int32 ? static_cast<int64_t>(static_cast<const int32_t*>(p.positions)[t])
+                                  : static_cast<const int64_t*>(p.positions)[t];
+  // The glue checked the range (or remembers having checked this very tensor); the clamp only keeps a
+  // write it could not see (common/rotary_glue.h) from reading outside the cache.
+  pos = pos < 0 ? 0 : (pos >= p.max_position ? p.max_position - 1 : pos);
   const int h = static_cast<int>(p.rot_dim / 2), hd = static_cast<int>(p.head_dim);
   const int qh = static_cast<int>(p.q_heads), nh = static_cast<int>(p.q_heads + p.k_heads);
   const float* cs = p.cos_sin + pos * p.rot_dim;
