@@ -115,6 +115,48 @@ def test_quantize_per_token(cpu_isa, dtype, shape, device):
     assert (xq.float() * xs - x.float()).abs().le(xs / 2 + 1e-6).all()
 
 
+# CUDA paths: GEMV buckets M in {1, 2, 4, 8, 16} (vector kernel, and the scalar one for x rows that are not
+# 16-byte aligned), the cuBLAS path above M = 16 (bits 4: dequantized hi/lo split for bf16/f16), and W8A8's
+# at::_int_mm (M > 16, K and N multiples of 8) against the __dp4a kernel for the other shapes.
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [2, 4, 6, 12, 16, 17, 64])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_quant_linear_cuda_paths(m, dtype, bits, aligned):
+    k, n, g = 512, 72, 128
+    base = torch.randn(m, k if aligned else k + 1, device="cuda").to(dtype)
+    x = base[:, :k]  # unaligned: row stride k + 1 elements, not a multiple of 16 bytes
+    b = torch.randn(n, device="cuda").to(dtype) if m % 2 == 0 else None
+    if bits == 4:
+        qw, s, z = rand_w4(n, k, g, "cuda")
+        w64 = ref_deq4(qw.cpu(), s.cpu(), z.cpu(), g).cuda()
+        y = thrifty.ops.quant_linear(x, qw, s, z, bits=4, group_size=g, bias=b)
+    else:
+        qw, s = rand_w8(n, k, "cuda")
+        w64 = qw.double() * s.double()[:, None]
+        y = thrifty.ops.quant_linear(x, qw, s, None, bits=8, group_size=-1, bias=b)
+    check_linear(y, x, w64, b, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [16, 17, 64])
+@pytest.mark.parametrize("kn", [(256, 72), (256, 70), (260, 72)])  # _int_mm; N % 8 != 0 and K % 8 != 0: __dp4a
+@pytest.mark.parametrize("out_dtype", [None, torch.bfloat16, torch.float16])
+def test_int8_linear_cuda_paths(m, kn, out_dtype):
+    k, n = kn
+    wq, ws = rand_w8(n, k, "cuda")
+    xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")
+    xs = torch.rand(m, 1, device="cuda") + 0.01
+    b = torch.randn(n, device="cuda").bfloat16()
+    y = thrifty.ops.int8_linear(xq, xs, wq, ws, b, out_dtype=out_dtype)
+    acc = (xq.cpu().long() @ wq.cpu().long().t()).double().cuda()
+    ref = acc * xs.double() * ws.double() + b.double()
+    assert y.dtype == (out_dtype or torch.float32)
+    tol = (2 ** -7 if out_dtype is not None else 1e-6) * ref.abs().max().item()
+    assert (y.double() - ref).abs().max().item() <= tol
+
+
 def test_leading_dims_and_strided_x():
     qw, s, z = rand_w4(20, 128, 32)
     x = torch.randn(2, 3, 256)[..., :128]  # row stride 256

@@ -1,13 +1,106 @@
 // CUDA glue for the quantized linear ops: check, fill params, launch on the current stream.
+// Small M runs thrifty's GEMV kernels; larger M dequantizes the weight once per call and hands the
+// GEMM to cuBLAS through ATen (at::mm / at::_int_mm), with a thrifty epilogue for scales and bias.
 #include "cuda/guard.h"
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#if __has_include(<torch/headeronly/version.h>)
+#include <torch/headeronly/version.h>
+#elif __has_include(<torch/version.h>)
+#include <torch/version.h>
+#endif
+
 #include "common/quant_glue.h"
 #include "cuda/quant/quant_launch.h"
 
+// at::mm(a, b, out_dtype): bf16/f16 inputs, float32 output (torch >= 2.8).
+#if defined(TORCH_VERSION_MAJOR) && (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8))
+#define THRIFTY_HAVE_MM_OUT_DTYPE 1
+#else
+#define THRIFTY_HAVE_MM_OUT_DTYPE 0
+#endif
+
 namespace thrifty {
 namespace {
+
+cuda::EpilogueParams epilogue_for(const at::Tensor& acc, const at::Tensor& y, int64_t M, int64_t N, DType out_dtype,
+                                  const void* bias, DType bias_dtype) {
+  cuda::EpilogueParams e;
+  e.M = M;
+  e.N = N;
+  e.acc = acc.data_ptr();
+  e.acc_int32 = acc.scalar_type() == at::kInt;
+  e.bias = bias;
+  e.bias_dtype = bias_dtype;
+  e.y = y.data_ptr();
+  e.out_dtype = out_dtype;
+  return e;
+}
+
+// quant_linear for M > kGemvMaxM: y = x @ w.T (+ bias) with the GEMM in cuBLAS, float32 accumulation and a
+// float32 result that the epilogue rounds once to x's dtype (after the bits=8 scale and the bias), as the GEMV does.
+// The weight is dequantized once per call into a temporary that lives until the call returns:
+//   bits 8: the int8 codes converted exactly to x's dtype, N*K*sizeof(x) bytes (2 for bf16/f16); scales[n]
+//           multiply the float32 result in the epilogue;
+//   bits 4, float32 x: w = (q - z) * s in float32, N*K*4 bytes, float32 GEMM (TF32 only if the user enabled it);
+//   bits 4, bf16/f16 x: w split into hi = dtype(w) and lo = dtype(w - hi), stored side by side as an (N, 2K)
+//           matrix (N*K*4 bytes) and multiplied with [x, x] (M*2K*2 bytes): one tensor-core GEMM, twice the
+//           flops, keeps ~16 bits of each float32 weight (one bf16 rounding of w would lose to the float32
+//           reference by more than the output rounding). f16: |w| must stay below 65504.
+// Without at::mm's out_dtype (torch < 2.8) everything runs as float32 GEMMs.
+at::Tensor quant_linear_large_m(const QuantLinearPrep& r, const QuantLinearParams& p, const at::Tensor& qweight) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const at::ScalarType xdt = r.x2.scalar_type();
+  const bool f32 = xdt == at::kFloat || !THRIFTY_HAVE_MM_OUT_DTYPE;
+  at::Tensor acc;
+  const float* col_scale = nullptr;
+  if (p.bits == 8) {
+    col_scale = p.scales;
+    if (f32) {
+      acc = at::mm(r.x2.to(at::kFloat), qweight.to(at::kFloat).t());
+    } else {
+#if THRIFTY_HAVE_MM_OUT_DTYPE
+      acc = at::mm(r.x2, qweight.to(xdt).t(), at::kFloat);
+#endif
+    }
+  } else {
+    cuda::DequantToParams d;
+    d.K = p.K;
+    d.N = p.N;
+    d.group_size = p.group_size;
+    d.qweight = static_cast<const uint8_t*>(p.qweight);
+    d.scales = p.scales;
+    d.zeros = p.zeros;
+    at::Tensor w;
+    if (f32) {
+      w = at::empty({p.N, p.K}, r.x2.options().dtype(at::kFloat));
+      d.dtype = DType::f32;
+      d.split = false;
+      d.ldw = p.K;
+    } else {
+      w = at::empty({p.N, 2 * p.K}, r.x2.options());
+      d.dtype = p.dtype;
+      d.split = true;
+      d.ldw = 2 * p.K;
+    }
+    d.w = w.data_ptr();
+    cuda::launch_dequantize4_to(d, stream);
+    if (f32) {
+      acc = at::mm(r.x2.to(at::kFloat), w.t());
+    } else {
+#if THRIFTY_HAVE_MM_OUT_DTYPE
+      acc = at::mm(at::cat({r.x2, r.x2}, 1), w.t(), at::kFloat);
+#endif
+    }
+  }
+  TORCH_INTERNAL_ASSERT(acc.defined() && acc.scalar_type() == at::kFloat && acc.size(0) == p.M && acc.size(1) == p.N);
+  acc = acc.contiguous();
+  auto e = epilogue_for(acc, r.y, p.M, p.N, p.dtype, p.bias, p.bias_dtype);
+  e.col_scale = col_scale;
+  cuda::launch_scale_bias_epilogue(e, stream);
+  return r.y;
+}
 
 at::Tensor quant_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                              const c10::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size,
@@ -19,6 +112,7 @@ at::Tensor quant_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, con
                     "thrifty.quant_linear: argument 'qweight' must be 16-byte aligned on CUDA (clone it)");
   if (p.M == 0 || p.N == 0) return r.y;
   if (p.K == 0) return r.bias.defined() ? r.y.copy_(r.bias.expand_as(r.y)) : r.y.zero_();
+  if (p.M > cuda::kGemvMaxM) return quant_linear_large_m(r, p, qweight);
   cuda::launch_quant_linear(p, c10::cuda::getCurrentCUDAStream());
   return r.y;
 }
@@ -55,7 +149,18 @@ at::Tensor int8_linear_cuda(const at::Tensor& xq, const at::Tensor& x_scales, co
   auto r = int8_linear_prepare("int8_linear", xq, x_scales, wq, w_scales, bias, out_dtype, p);
   if (p.M == 0 || p.N == 0) return r.y;
   if (p.K == 0) return r.bias.defined() ? r.y.copy_(r.bias.expand_as(r.y)) : r.y.zero_();
-  cuda::launch_int8_linear(p, c10::cuda::getCurrentCUDAStream());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (p.M > cuda::kInt8MmMinM && p.K % 8 == 0 && p.N % 8 == 0) {
+    // cuBLASLt int8 tensor cores (exact int32 sums, like __dp4a); at::_int_mm's CUDA path wants M > 16 and
+    // K, N multiples of 8. The epilogue applies x_scales[m] * w_scales[n] (+ bias) as the __dp4a kernel does.
+    const at::Tensor acc = at::_int_mm(r.xq2, r.wq.t()).contiguous();
+    auto e = epilogue_for(acc, r.y, p.M, p.N, p.out_dtype, p.bias, p.bias_dtype);
+    e.row_scale = p.x_scales;
+    e.col_scale = p.w_scales;
+    cuda::launch_scale_bias_epilogue(e, stream);
+    return r.y;
+  }
+  cuda::launch_int8_linear(p, stream);
   return r.y;
 }
 

@@ -7,11 +7,51 @@
 
 namespace thrifty::cuda {
 
-// W4A16 / W8A16: GEMV (one warp per output row, packed weights streamed once with 16-byte loads and
-// dequantized in registers) for M <= 8; a shared-memory tiled GEMM above.
+// W4A16 / W8A16 with M <= kGemvMaxM rows run the GEMV kernels of quant_linear.cu; above, the glue
+// dequantizes the weight into a temporary and calls cuBLAS (quant_cuda.cpp).
+constexpr int64_t kGemvMaxM = 16;
+// W8A8 with M > kInt8MmMinM (and K % 8 == 0, N % 8 == 0) goes to at::_int_mm (cuBLASLt int8 tensor
+// cores, whose CUDA path needs M > 16); the __dp4a kernel takes the rest.
+constexpr int64_t kInt8MmMinM = 16;
+
+// W4A16 / W8A16 GEMV for 1 <= M <= kGemvMaxM: warps stream R packed weight rows once with 16-byte
+// loads, x comes in 16-byte vectors; a scalar-load kernel takes the shapes the vector one cannot.
 void launch_quant_linear(const QuantLinearParams& p, cudaStream_t stream);
+// The float32 (N, K) weight of quant_dequantize.
 void launch_quant_dequantize(const DequantParams& p, cudaStream_t stream);
-// W8A8: tiled int8 GEMM with __dp4a int32 accumulation.
+
+// Dequantizes a bits=4 weight into a dense (N, ldw) matrix of `dtype` for the cuBLAS path:
+//   split == false: w[n, k] = (q - z) * s rounded once to dtype (use with dtype f32: exact);
+//   split == true (bf16 / f16): w[n, k] = hi, w[n, K + k] = lo with hi = dtype(v), lo = dtype(v - hi),
+//     v = (q - z) * s in float32, so hi + lo keeps ~16 (bf16) / ~22 (f16) bits of v; ldw = 2K.
+struct DequantToParams {
+  int64_t K = 0, N = 0, group_size = 128;
+  const uint8_t* qweight = nullptr;  // (N, K/2), 16-byte aligned
+  const float* scales = nullptr;     // (N, K/G)
+  const float* zeros = nullptr;      // (N, K/G)
+  DType dtype = DType::f32;
+  bool split = false;
+  void* w = nullptr;                 // (N, ldw), 16-byte aligned
+  int64_t ldw = 0;                   // K or 2K (split)
+};
+void launch_dequantize4_to(const DequantToParams& p, cudaStream_t stream);
+
+// y[m, n] = acc[m, n] * row_scale[m] * col_scale[n] + bias[n] (each factor optional, applied in that order
+// in float32), rounded once to out_dtype. acc: (M, N) contiguous float32 or int32.
+struct EpilogueParams {
+  int64_t M = 0, N = 0;
+  const void* acc = nullptr;
+  bool acc_int32 = false;
+  const float* row_scale = nullptr;  // (M,) or null
+  const float* col_scale = nullptr;  // (N,) or null
+  const void* bias = nullptr;        // (N,) or null
+  DType bias_dtype = DType::f32;
+  void* y = nullptr;                 // (M, N) contiguous
+  DType out_dtype = DType::f32;
+};
+void launch_scale_bias_epilogue(const EpilogueParams& p, cudaStream_t stream);
+
+// W8A8: tiled int8 GEMM with __dp4a int32 accumulation (the shapes at::_int_mm does not take).
 void launch_int8_linear(const Int8LinearParams& p, cudaStream_t stream);
 void launch_quantize_per_token(const QuantizePerTokenParams& p, cudaStream_t stream);
 

@@ -1,12 +1,21 @@
 // W4A16 / W8A16 on CUDA (format version 1, common/quant_params.h).
 //
-// GEMV (M <= 8): one warp per output row n; each lane loads 16 bytes of the packed row per step
-// (32 int4 or 16 int8 weights), dequantizes them in registers, (q - z) * s, and accumulates x * w for
-// every row of x in float32; a warp shuffle reduction finishes each output. Weights are read once.
-// GEMM (M > 8): 64 x 64 output tiles, 32-deep k slices; x and the dequantized weight slice go through
-// shared memory as float32 and each of the 256 threads accumulates a 4 x 4 register tile.
-// (A tensor-core mma path, Marlin style, is future work: see docs/QUANT_FORMATS.md.)
+// GEMV (1 <= M <= kGemvMaxM = 16), the decode path. gemv_vec_kernel: each warp owns kRows output rows n;
+// per step a lane loads one 16-byte chunk of each of its packed rows (32 int4 or 16 int8 weights; U
+// chunks in flight per lane), turns the codes into floats with a byte permute into the mantissa of
+// 2^23 (no int->float conversions), and multiplies them with x read as 16-byte vectors (8 values of
+// row m per load, the same 8 k for every row it owns). Per row and m the lane keeps a float32 sum; a
+// warp shuffle reduction finishes each output. Weights are read once, x comes from L1/L2.
+//   bits 4: w = (q - z) * s: the lane sums x * (q - z) over its 32-weight chunk (one group, G % 32 == 0)
+//           and adds that sum times s; bits 8: sum x * q, times s[n] once at the end.
+// gemv_scalar_kernel (the original one-warp-per-row kernel, scalar x loads) takes what the vector kernel
+// cannot: bits 8 with K % 16 != 0 or a misaligned qweight, x rows not 16-byte aligned.
+// M > kGemvMaxM: quant_cuda.cpp dequantizes the weight into a temporary (dequant4_to_kernel below) and
+// calls cuBLAS; scale_bias_epilogue_kernel applies per-channel scales and bias and rounds once.
+// (A tensor-core mma path, Marlin style, that never materializes the weight is future work:
+// see docs/QUANT_FORMATS.md.)
 #include <algorithm>
+#include <stdexcept>
 
 #include "cuda/common.cuh"
 #include "cuda/quant/quant_launch.h"
@@ -14,28 +23,214 @@
 namespace thrifty::cuda {
 namespace {
 
-constexpr int kMaxM = 8;
-
-__device__ __forceinline__ float bias_at(const QuantLinearParams& p, int64_t n) {
-  if (p.bias == nullptr) return 0.0f;
-  switch (p.bias_dtype) {
-    case DType::f32: return static_cast<const float*>(p.bias)[n];
-    case DType::bf16: return to_float(static_cast<const __nv_bfloat16*>(p.bias)[n]);
-    default: return to_float(static_cast<const __half*>(p.bias)[n]);
+__device__ __forceinline__ float load_float(const void* p, int64_t i, DType dt) {
+  switch (dt) {
+    case DType::f32: return static_cast<const float*>(p)[i];
+    case DType::bf16: return to_float(static_cast<const __nv_bfloat16*>(p)[i]);
+    default: return to_float(static_cast<const __half*>(p)[i]);
   }
 }
 
-template <typename T, int BITS>
-__global__ void __launch_bounds__(128) gemv_kernel(QuantLinearParams p) {
+__device__ __forceinline__ float bias_at(const QuantLinearParams& p, int64_t n) {
+  return p.bias == nullptr ? 0.0f : load_float(p.bias, n, p.bias_dtype);
+}
+
+// ---------------------------------------------------------------- vector GEMV
+
+// 2^23 + (byte b of word) as a float: the byte lands in the low mantissa bits of 0x4B000000.
+// byte_perm picks result bytes from {word: 0..3, 0x4B000000: 4..7}: [b, 4 (0x00), 4 (0x00), 7 (0x4B)].
+__device__ __forceinline__ float magic_byte(uint32_t word, int b) {
+  return __uint_as_float(__byte_perm(word, 0x4B000000u, 0x7440u | static_cast<uint32_t>(b)));
+}
+constexpr float kMagic = 8388608.0f;  // 2^23
+
+// x[0..7] as floats; p is 16-byte aligned.
+__device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
+  const float4 a = __ldg(reinterpret_cast<const float4*>(p));
+  const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float (&v)[8]) {
+  const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // element 2i in the low half of word i, 2i + 1 in the high half
+    v[2 * i] = __uint_as_float(w[i] << 16);
+    v[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+  }
+}
+__device__ __forceinline__ void load8(const __half* p, float (&v)[8]) {
+  const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    __half2 h;
+    static_assert(sizeof(h) == sizeof(uint32_t), "half2 is 4 bytes");
+    memcpy(&h, &w[i], sizeof(h));
+    const float2 f = __half22float2(h);
+    v[2 * i] = f.x;
+    v[2 * i + 1] = f.y;
+  }
+}
+
+constexpr int kGemvThreads = 128;                   // 4 warps per block
+constexpr int kRows = 2;                            // output rows n per warp (x loads shared by both)
+constexpr int kRowsPerBlock = kRows * kGemvThreads / 32;
+
+// MB: M rounded up to a power of two (rows m >= M are skipped). x: rows 16-byte aligned. qweight: 16-byte
+// aligned, K % (BITS == 4 ? 32 : 16) == 0, so every row starts on a 16-byte boundary.
+template <typename T, int BITS, int MB>
+__global__ void __launch_bounds__(kGemvThreads) gemv_vec_kernel(QuantLinearParams p) {
+  constexpr int R = kRows;
+  constexpr int KPC = BITS == 4 ? 32 : 16;  // weights per 16-byte chunk
+  constexpr int U = MB <= 4 ? 4 : 2;        // chunks per row in flight per lane
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * (kGemvThreads / 32) + warp) * R;
+  if (n0 >= p.N) return;  // whole warp leaves together
+  const int M = static_cast<int>(p.M);
+  const int nchunk = static_cast<int>(p.K / KPC);  // chunks per row (launcher: < 2^30)
+  const T* x = static_cast<const T*>(p.x);
+  const int64_t xs = p.x_stride;
+
+  int64_t row[R];  // rows past N read row N - 1 again and store nothing
+  const uint4* q[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    row[r] = min(n0 + r, p.N - 1);
+    q[r] = static_cast<const uint4*>(p.qweight) + row[r] * nchunk;
+  }
+  const int64_t ng = BITS == 4 ? p.K / p.group_size : 1;
+  const int cpg = BITS == 4 ? static_cast<int>(p.group_size / KPC) : 1;  // chunks per group
+
+  float acc[MB][R];
+#pragma unroll
+  for (int m = 0; m < MB; ++m)
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[m][r] = 0.0f;
+
+  for (int c0 = lane; c0 < nchunk; c0 += 32 * U) {
+    uint4 raw[U][R];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + 32 * u;
+#pragma unroll
+      for (int r = 0; r < R; ++r) raw[u][r] = c < nchunk ? __ldcs(q[r] + c) : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + 32 * u;
+      if (c >= nchunk) break;
+      const int64_t kc = static_cast<int64_t>(c) * KPC;  // first k of the chunk
+      uint32_t wd[R][4];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        wd[r][0] = raw[u][r].x, wd[r][1] = raw[u][r].y, wd[r][2] = raw[u][r].z, wd[r][3] = raw[u][r].w;
+      }
+      if constexpr (BITS == 4) {
+        const int g = c / cpg;
+        float s[R], z[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          s[r] = __ldg(p.scales + row[r] * ng + g);
+          z[r] = __ldg(p.zeros + row[r] * ng + g);
+        }
+        float part[MB][R];
+#pragma unroll
+        for (int m = 0; m < MB; ++m)
+#pragma unroll
+          for (int r = 0; r < R; ++r) part[m][r] = 0.0f;
+#pragma unroll
+        for (int wi = 0; wi < 4; ++wi) {  // word wi: k = kc + 8 wi .. + 7; byte b: k 2b (low nibble), 2b + 1
+          float w[R][8];
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            const uint32_t lo = wd[r][wi] & 0x0F0F0F0Fu, hi = (wd[r][wi] >> 4) & 0x0F0F0F0Fu;
+#pragma unroll
+            for (int b = 0; b < 4; ++b) {
+              w[r][2 * b] = (magic_byte(lo, b) - kMagic) - z[r];
+              w[r][2 * b + 1] = (magic_byte(hi, b) - kMagic) - z[r];
+            }
+          }
+#pragma unroll
+          for (int m = 0; m < MB; ++m) {
+            if (m < M) {
+              float xv[8];
+              load8(x + m * xs + kc + 8 * wi, xv);
+#pragma unroll
+              for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int j = 0; j < 8; ++j) part[m][r] = fmaf(xv[j], w[r][j], part[m][r]);
+            }
+          }
+        }
+#pragma unroll
+        for (int m = 0; m < MB; ++m)
+#pragma unroll
+          for (int r = 0; r < R; ++r) acc[m][r] = fmaf(part[m][r], s[r], acc[m][r]);
+      } else {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // words 2h, 2h + 1: k = kc + 8 h .. + 7, byte b of word t is k 4t + b
+          float w[R][8];
+#pragma unroll
+          for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int t = 0; t < 2; ++t) {
+              const uint32_t u8 = wd[r][2 * h + t] ^ 0x80808080u;  // int8 q -> q + 128 in [0, 255]
+#pragma unroll
+              for (int b = 0; b < 4; ++b) w[r][4 * t + b] = magic_byte(u8, b) - (kMagic + 128.0f);
+            }
+#pragma unroll
+          for (int m = 0; m < MB; ++m) {
+            if (m < M) {
+              float xv[8];
+              load8(x + m * xs + kc + 8 * h, xv);
+#pragma unroll
+              for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int j = 0; j < 8; ++j) acc[m][r] = fmaf(xv[j], w[r][j], acc[m][r]);
+            }
+          }
+        }
+      }
+    }
+  }
+
+  if constexpr (BITS == 8) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float s = __ldg(p.scales + row[r]);
+#pragma unroll
+      for (int m = 0; m < MB; ++m) acc[m][r] *= s;
+    }
+  }
+  T* y = static_cast<T*>(p.y);
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int64_t n = n0 + r;
+    const float b = n < p.N ? bias_at(p, n) : 0.0f;
+#pragma unroll
+    for (int m = 0; m < MB; ++m) {
+      if (m < M) {
+        const float v = warp_sum(acc[m][r]);
+        if (n < p.N && lane == ((m * R + r) & 31)) y[m * p.N + n] = from_float<T>(v + b);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- scalar GEMV (odd shapes)
+
+template <typename T, int BITS, int MB>
+__global__ void __launch_bounds__(128) gemv_scalar_kernel(QuantLinearParams p) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * 4 + warp;
   if (n >= p.N) return;
   const T* x = static_cast<const T*>(p.x);
   const int M = static_cast<int>(p.M);
   const int64_t K = p.K;
-  float acc[kMaxM];
+  float acc[MB];
 #pragma unroll
-  for (int m = 0; m < kMaxM; ++m) acc[m] = 0.0f;
+  for (int m = 0; m < MB; ++m) acc[m] = 0.0f;
   if (BITS == 4) {
     const int64_t G = p.group_size, ng = K / G;
     const uint8_t* q = static_cast<const uint8_t*>(p.qweight) + n * (K / 2);
@@ -51,105 +246,100 @@ __global__ void __launch_bounds__(128) gemv_kernel(QuantLinearParams p) {
           const float w = (static_cast<float>((words[wi] >> (4 * j)) & 15u) - z) * s;
           const int64_t k = k0 + wi * 8 + j;
 #pragma unroll
-          for (int m = 0; m < kMaxM; ++m)
+          for (int m = 0; m < MB; ++m)
             if (m < M) acc[m] = fmaf(to_float(x[m * p.x_stride + k]), w, acc[m]);
         }
       }
     }
   } else {
     const int8_t* q = static_cast<const int8_t*>(p.qweight) + n * K;
-    const bool vec = (K % 16 == 0) && (reinterpret_cast<uintptr_t>(q) & 15) == 0;
-    int64_t k0 = 0;
-    if (vec) {
-      for (k0 = static_cast<int64_t>(lane) * 16; k0 < K; k0 += 32 * 16) {
-        const int4 pk = *reinterpret_cast<const int4*>(q + k0);
-        const int8_t* b = reinterpret_cast<const int8_t*>(&pk);
+    for (int64_t k = lane; k < K; k += 32) {
+      const float w = static_cast<float>(q[k]);
 #pragma unroll
-        for (int j = 0; j < 16; ++j) {
-          const float w = static_cast<float>(b[j]);
-#pragma unroll
-          for (int m = 0; m < kMaxM; ++m)
-            if (m < M) acc[m] = fmaf(to_float(x[m * p.x_stride + k0 + j]), w, acc[m]);
-        }
-      }
-    } else {
-      for (int64_t k = lane; k < K; k += 32) {
-        const float w = static_cast<float>(q[k]);
-#pragma unroll
-        for (int m = 0; m < kMaxM; ++m)
-          if (m < M) acc[m] = fmaf(to_float(x[m * p.x_stride + k]), w, acc[m]);
-      }
+      for (int m = 0; m < MB; ++m)
+        if (m < M) acc[m] = fmaf(to_float(x[m * p.x_stride + k]), w, acc[m]);
     }
     const float s = p.scales[n];
 #pragma unroll
-    for (int m = 0; m < kMaxM; ++m) acc[m] *= s;
+    for (int m = 0; m < MB; ++m) acc[m] *= s;
   }
   T* y = static_cast<T*>(p.y);
   const float b = bias_at(p, n);
 #pragma unroll
-  for (int m = 0; m < kMaxM; ++m) {
-    const float v = warp_sum(acc[m]);
-    if (m < M && lane == 0) y[m * p.N + n] = from_float<T>(v + b);
+  for (int m = 0; m < MB; ++m) {
+    if (m < M) {
+      const float v = warp_sum(acc[m]);
+      if (lane == 0) y[m * p.N + n] = from_float<T>(v + b);
+    }
   }
 }
 
-template <int BITS>
-__device__ __forceinline__ float dequant_at(const QuantLinearParams& p, int64_t n, int64_t k) {
-  if (BITS == 4) {
-    const int64_t ng = p.K / p.group_size, g = k / p.group_size;
-    const uint8_t b = static_cast<const uint8_t*>(p.qweight)[n * (p.K / 2) + k / 2];
-    const float qv = static_cast<float>((k & 1) ? (b >> 4) : (b & 15));
-    return (qv - p.zeros[n * ng + g]) * p.scales[n * ng + g];
+template <typename T, int BITS, int MB>
+void launch_gemv(const QuantLinearParams& p, bool vec, cudaStream_t stream) {
+  if (vec) {
+    const dim3 grid(static_cast<unsigned>((p.N + kRowsPerBlock - 1) / kRowsPerBlock));
+    gemv_vec_kernel<T, BITS, MB><<<grid, kGemvThreads, 0, stream>>>(p);
+  } else {
+    const dim3 grid(static_cast<unsigned>((p.N + 3) / 4));
+    gemv_scalar_kernel<T, BITS, MB><<<grid, 128, 0, stream>>>(p);
   }
-  return static_cast<float>(static_cast<const int8_t*>(p.qweight)[n * p.K + k]) * p.scales[n];
 }
-
-constexpr int BM = 64, BN = 64, BK = 32;
 
 template <typename T, int BITS>
-__global__ void __launch_bounds__(256) gemm_kernel(QuantLinearParams p) {
-  __shared__ float xs[BK][BM + 4];
-  __shared__ float ws[BK][BN + 4];
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * BM, n0 = static_cast<int64_t>(blockIdx.x) * BN;
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const T* x = static_cast<const T*>(p.x);
-  float acc[4][4] = {};
-  for (int64_t k0 = 0; k0 < p.K; k0 += BK) {
-    for (int i = threadIdx.x; i < BM * BK; i += 256) {
-      const int mm = i / BK, kk = i % BK;
-      const int64_t m = m0 + mm, k = k0 + kk;
-      xs[kk][mm] = (m < p.M && k < p.K) ? to_float(x[m * p.x_stride + k]) : 0.0f;
-    }
-    for (int i = threadIdx.x; i < BN * BK; i += 256) {
-      const int nn = i / BK, kk = i % BK;
-      const int64_t n = n0 + nn, k = k0 + kk;
-      ws[kk][nn] = (n < p.N && k < p.K) ? dequant_at<BITS>(p, n, k) : 0.0f;
-    }
-    __syncthreads();
-#pragma unroll 8
-    for (int kk = 0; kk < BK; ++kk) {
-      float a[4], b[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = xs[kk][ty + 16 * i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = ws[kk][tx + 16 * j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-    }
-    __syncthreads();
-  }
-  T* y = static_cast<T*>(p.y);
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
-      if (m < p.M && n < p.N) y[m * p.N + n] = from_float<T>(acc[i][j] + bias_at(p, n));
-    }
+void launch_gemv_m(const QuantLinearParams& p, bool vec, cudaStream_t stream) {
+  if (p.M <= 1) launch_gemv<T, BITS, 1>(p, vec, stream);
+  else if (p.M <= 2) launch_gemv<T, BITS, 2>(p, vec, stream);
+  else if (p.M <= 4) launch_gemv<T, BITS, 4>(p, vec, stream);
+  else if (p.M <= 8) launch_gemv<T, BITS, 8>(p, vec, stream);
+  else launch_gemv<T, BITS, 16>(p, vec, stream);
 }
 
+// ---------------------------------------------------------------- dequantization (large M, backward)
+
+// 8 consecutive elements from float32 values; p is 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ void store8(T* p, const float (&v)[8]) {
+  if constexpr (sizeof(T) == 4) {
+    const float lo[4] = {v[0], v[1], v[2], v[3]}, hi[4] = {v[4], v[5], v[6], v[7]};
+    store_pack<T, 4>(p, lo);
+    store_pack<T, 4>(p + 4, hi);
+  } else {
+    store_pack<T, 8>(p, v);
+  }
+}
+
+// One thread per packed 32-bit word (8 weights of one row, one group): w = (q - z) * s in float32.
+template <typename T, bool SPLIT>
+__global__ void __launch_bounds__(256) dequant4_to_kernel(DequantToParams d) {
+  const int64_t kw = d.K / 8;  // words per row
+  const int64_t total = d.N * kw, ng = d.K / d.group_size;
+  const uint32_t* q = reinterpret_cast<const uint32_t*>(d.qweight);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t n = i / kw, k = (i - n * kw) * 8;
+    const int64_t gi = n * ng + k / d.group_size;
+    const float s = d.scales[gi], z = d.zeros[gi];
+    const uint32_t word = __ldcs(q + i);
+    float v[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = (static_cast<float>((word >> (4 * j)) & 15u) - z) * s;
+    T* row = static_cast<T*>(d.w) + n * d.ldw;
+    if constexpr (SPLIT) {
+      float hi[8], lo[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        hi[j] = to_float(from_float<T>(v[j]));
+        lo[j] = v[j] - hi[j];  // exact in float32; rounded once more by the store
+      }
+      store8(row + k, hi);
+      store8(row + d.K + k, lo);
+    } else {
+      store8(row + k, v);
+    }
+  }
+}
+
+// quant_dequantize for the shapes dequant4_to_kernel does not take (bits 8, misaligned bits 4).
 __global__ void dequant_kernel(DequantParams d) {
   const int64_t total = d.N * d.K;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
@@ -167,28 +357,106 @@ __global__ void dequant_kernel(DequantParams d) {
   }
 }
 
+unsigned grid_for(int64_t items, int threads) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((items + threads - 1) / threads, 1 << 16)));
+}
+
+// ---------------------------------------------------------------- epilogue
+
+template <typename A, typename O, int V>
+__global__ void __launch_bounds__(256) scale_bias_epilogue_kernel(EpilogueParams e) {
+  const int64_t total = e.M * e.N / V;  // V divides N: the V values of a thread share a row
+  const A* acc = static_cast<const A*>(e.acc);
+  O* y = static_cast<O*>(e.y);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i0 = i * V, m = i0 / e.N, n0 = i0 - m * e.N;
+    A a[V];
+    if constexpr (V == 4) {
+      static_assert(sizeof(A) == 4, "4 x 4 bytes");
+      const uint4 u = *reinterpret_cast<const uint4*>(acc + i0);
+      memcpy(a, &u, sizeof(u));
+    } else {
+      a[0] = acc[i0];
+    }
+    const float rs = e.row_scale != nullptr ? e.row_scale[m] : 1.0f;
+    float v[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      float t = static_cast<float>(a[j]);
+      if (e.row_scale != nullptr) t = t * rs;
+      if (e.col_scale != nullptr) t = t * e.col_scale[n0 + j];
+      if (e.bias != nullptr) t += load_float(e.bias, n0 + j, e.bias_dtype);
+      v[j] = t;
+    }
+    if constexpr (V == 4) {
+      store_pack<O, 4>(y + i0, v);
+    } else {
+      y[i0] = from_float<O>(v[0]);
+    }
+  }
+}
+
+template <typename A>
+void launch_epilogue_a(const EpilogueParams& e, cudaStream_t stream) {
+  const bool vec = e.N % 4 == 0 && aligned16(e.acc) && (reinterpret_cast<uintptr_t>(e.y) & 15u) == 0;
+  const int64_t items = vec ? e.M * e.N / 4 : e.M * e.N;
+  THRIFTY_CUDA_DTYPE_SWITCH(e.out_dtype, O, [&] {
+    if (vec) scale_bias_epilogue_kernel<A, O, 4><<<grid_for(items, 256), 256, 0, stream>>>(e);
+    else scale_bias_epilogue_kernel<A, O, 1><<<grid_for(items, 256), 256, 0, stream>>>(e);
+  });
+}
+
 }  // namespace
 
 void launch_quant_linear(const QuantLinearParams& p, cudaStream_t stream) {
+  if (p.M < 1 || p.M > kGemvMaxM)
+    throw std::logic_error("thrifty: launch_quant_linear is the GEMV for 1 <= M <= 16 (the glue takes larger M)");
   THRIFTY_CUDA_DTYPE_SWITCH(p.dtype, T, [&] {
-    if (p.M <= kMaxM) {
-      const dim3 grid(static_cast<unsigned>((p.N + 3) / 4));
-      if (p.bits == 4) gemv_kernel<T, 4><<<grid, 128, 0, stream>>>(p);
-      else gemv_kernel<T, 8><<<grid, 128, 0, stream>>>(p);
-    } else {
-      const dim3 grid(static_cast<unsigned>((p.N + BN - 1) / BN), static_cast<unsigned>((p.M + BM - 1) / BM));
-      if (p.bits == 4) gemm_kernel<T, 4><<<grid, 256, 0, stream>>>(p);
-      else gemm_kernel<T, 8><<<grid, 256, 0, stream>>>(p);
-    }
+    const int64_t kpc = p.bits == 4 ? 32 : 16;
+    const bool x_ok = aligned16(p.x) && (p.M == 1 || (p.x_stride * static_cast<int64_t>(sizeof(T))) % 16 == 0);
+    const bool vec = x_ok && aligned16(p.qweight) && p.K % kpc == 0 && p.K / kpc < (int64_t{1} << 30);
+    if (p.bits == 4) launch_gemv_m<T, 4>(p, vec, stream);
+    else launch_gemv_m<T, 8>(p, vec, stream);
   });
   check_launch("quant_linear");
 }
 
 void launch_quant_dequantize(const DequantParams& p, cudaStream_t stream) {
-  const int64_t total = p.N * p.K;
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 65535));
-  dequant_kernel<<<blocks, 256, 0, stream>>>(p);
+  if (p.bits == 4 && aligned16(p.qweight) && aligned16(p.w)) {
+    DequantToParams d;
+    d.K = p.K;
+    d.N = p.N;
+    d.group_size = p.group_size;
+    d.qweight = static_cast<const uint8_t*>(p.qweight);
+    d.scales = p.scales;
+    d.zeros = p.zeros;
+    d.dtype = DType::f32;
+    d.w = p.w;
+    d.ldw = p.K;
+    launch_dequantize4_to(d, stream);
+    return;
+  }
+  dequant_kernel<<<grid_for(p.N * p.K, 256), 256, 0, stream>>>(p);
   check_launch("quant_dequantize");
+}
+
+void launch_dequantize4_to(const DequantToParams& d, cudaStream_t stream) {
+  if (!aligned16(d.qweight) || !aligned16(d.w) || d.K % 32 != 0 || d.ldw % 8 != 0 || (d.split && d.dtype == DType::f32))
+    throw std::logic_error("thrifty: launch_dequantize4_to needs 16-byte aligned qweight and w, K % 32 == 0");
+  const unsigned grid = grid_for(d.N * (d.K / 8), 256);
+  THRIFTY_CUDA_DTYPE_SWITCH(d.dtype, T, [&] {
+    if (d.split) dequant4_to_kernel<T, true><<<grid, 256, 0, stream>>>(d);
+    else dequant4_to_kernel<T, false><<<grid, 256, 0, stream>>>(d);
+  });
+  check_launch("quant_linear (dequantize)");
+}
+
+void launch_scale_bias_epilogue(const EpilogueParams& e, cudaStream_t stream) {
+  if (e.M * e.N == 0) return;
+  if (e.acc_int32) launch_epilogue_a<int32_t>(e, stream);
+  else launch_epilogue_a<float>(e, stream);
+  check_launch("quant epilogue");
 }
 
 }  // namespace thrifty::cuda
