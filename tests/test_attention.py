@@ -72,13 +72,20 @@ def rand(*shape, dtype=torch.float32, device="cpu", scale=1.0):
 
 
 def refused_on_cuda(dtype, device, q, k, v):
-    """float32 attention is CPU-only (the issue: bfloat16 and float16 on CUDA): on a GPU the op must
-    refuse it by name. True when that was the case to test."""
-    if not (torch.device(device).type == "cuda" and dtype == torch.float32):
+    """float32 attention and head_dims that are not a multiple of 8 are CPU-only (the issue: bfloat16
+    and float16 on CUDA, head_dim 64/96/128/256 at least, others padded or refused): on a GPU the op
+    must refuse them by name. True when that was the case to test."""
+    if torch.device(device).type != "cuda":
         return False
-    with pytest.raises(TypeError, match="float32 attention runs on CPU only"):
-        thrifty.ops.flash_attention(q, k, v)
-    return True
+    if dtype == torch.float32:
+        with pytest.raises(TypeError, match="float32 attention runs on CPU only"):
+            thrifty.ops.flash_attention(q, k, v)
+        return True
+    if q.shape[-1] % 8:
+        with pytest.raises(ValueError, match="on CUDA head_dim must be a multiple of 8"):
+            thrifty.ops.flash_attention(q, k, v)
+        return True
+    return False
 
 
 # (batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, causal, window, softcap)

@@ -115,11 +115,11 @@ def test_quantize_per_token(cpu_isa, dtype, shape, device):
     assert (xq.float() * xs - x.float()).abs().le(xs / 2 + 1e-6).all()
 
 
-# CUDA paths: GEMV buckets M in {1, 2, 4, 8, 16} (vector kernel, and the scalar one for x rows that are not
-# 16-byte aligned), the cuBLAS path above M = 16 (bits 4: dequantized hi/lo split for bf16/f16), and W8A8's
-# at::_int_mm (M > 16, K and N multiples of 8) against the __dp4a kernel for the other shapes.
+# CUDA paths: GEMV buckets M in {1, 2, 4, 8} (vector kernel, and the scalar one for x rows that are not
+# 16-byte aligned), the cuBLAS path above M = 8 (bits 4: dequantized hi/lo split for bf16/f16), and W8A8's
+# at::_int_mm (K and N multiples of 8; M <= 16 zero-padded) against the __dp4a kernel for the other shapes.
 @pytest.mark.cuda
-@pytest.mark.parametrize("m", [2, 4, 6, 12, 16, 17, 64])
+@pytest.mark.parametrize("m", [2, 4, 6, 8, 9, 12, 16, 17, 64])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("aligned", [True, False])
@@ -140,7 +140,7 @@ def test_quant_linear_cuda_paths(m, dtype, bits, aligned):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("m", [16, 17, 64])
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 64])  # M <= 16: zero-padded for _int_mm
 @pytest.mark.parametrize("kn", [(256, 72), (256, 70), (260, 72)])  # _int_mm; N % 8 != 0 and K % 8 != 0: __dp4a
 @pytest.mark.parametrize("out_dtype", [None, torch.bfloat16, torch.float16])
 def test_int8_linear_cuda_paths(m, kn, out_dtype):

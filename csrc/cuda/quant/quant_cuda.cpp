@@ -150,10 +150,17 @@ at::Tensor int8_linear_cuda(const at::Tensor& xq, const at::Tensor& x_scales, co
   if (p.M == 0 || p.N == 0) return r.y;
   if (p.K == 0) return r.bias.defined() ? r.y.copy_(r.bias.expand_as(r.y)) : r.y.zero_();
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  if (p.M > cuda::kInt8MmMinM && p.K % 8 == 0 && p.N % 8 == 0) {
+  if (p.K % 8 == 0 && p.N % 8 == 0) {
     // cuBLASLt int8 tensor cores (exact int32 sums, like __dp4a); at::_int_mm's CUDA path wants M > 16 and
-    // K, N multiples of 8. The epilogue applies x_scales[m] * w_scales[n] (+ bias) as the __dp4a kernel does.
-    const at::Tensor acc = at::_int_mm(r.xq2, r.wq.t()).contiguous();
+    // K, N multiples of 8. Fewer rows (decode) are padded with zero rows to 2 * kInt8MmMinM: the GEMM
+    // still streams the int8 weight once, where the __dp4a tiles took 20x cuBLAS bf16's time at M = 16
+    // on an H200. The epilogue applies x_scales[m] * w_scales[n] (+ bias) as the __dp4a kernel does.
+    at::Tensor x8 = r.xq2;
+    if (p.M <= cuda::kInt8MmMinM) {
+      x8 = at::zeros({2 * cuda::kInt8MmMinM, p.K}, r.xq2.options());
+      x8.narrow(0, 0, p.M).copy_(r.xq2);
+    }
+    const at::Tensor acc = at::_int_mm(x8, r.wq.t()).narrow(0, 0, p.M).contiguous();
     auto e = epilogue_for(acc, r.y, p.M, p.N, p.out_dtype, p.bias, p.bias_dtype);
     e.row_scale = p.x_scales;
     e.col_scale = p.w_scales;

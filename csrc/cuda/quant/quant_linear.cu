@@ -1,6 +1,6 @@
 // W4A16 / W8A16 on CUDA (format version 1, common/quant_params.h).
 //
-// GEMV (1 <= M <= kGemvMaxM = 16), the decode path. gemv_vec_kernel: each warp owns kRows output rows n;
+// GEMV (1 <= M <= kGemvMaxM = 8), the decode path. gemv_vec_kernel: each warp owns kRows output rows n;
 // per step a lane loads one 16-byte chunk of each of its packed rows (32 int4 or 16 int8 weights; U
 // chunks in flight per lane), turns the codes into floats with a byte permute into the mantissa of
 // 2^23 (no int->float conversions), and multiplies them with x read as 16-byte vectors (8 values of
@@ -290,8 +290,8 @@ void launch_gemv_m(const QuantLinearParams& p, bool vec, cudaStream_t stream) {
   if (p.M <= 1) launch_gemv<T, BITS, 1>(p, vec, stream);
   else if (p.M <= 2) launch_gemv<T, BITS, 2>(p, vec, stream);
   else if (p.M <= 4) launch_gemv<T, BITS, 4>(p, vec, stream);
-  else if (p.M <= 8) launch_gemv<T, BITS, 8>(p, vec, stream);
-  else launch_gemv<T, BITS, 16>(p, vec, stream);
+  else launch_gemv<T, BITS, 8>(p, vec, stream);
+  static_assert(kGemvMaxM == 8, "the M buckets above end at kGemvMaxM");
 }
 
 // ---------------------------------------------------------------- dequantization (large M, backward)
@@ -411,7 +411,7 @@ void launch_epilogue_a(const EpilogueParams& e, cudaStream_t stream) {
 
 void launch_quant_linear(const QuantLinearParams& p, cudaStream_t stream) {
   if (p.M < 1 || p.M > kGemvMaxM)
-    throw std::logic_error("thrifty: launch_quant_linear is the GEMV for 1 <= M <= 16 (the glue takes larger M)");
+    throw std::logic_error("thrifty: launch_quant_linear is the GEMV for 1 <= M <= kGemvMaxM (the glue takes larger M)");
   THRIFTY_CUDA_DTYPE_SWITCH(p.dtype, T, [&] {
     const int64_t kpc = p.bits == 4 ? 32 : 16;
     const bool x_ok = aligned16(p.x) && (p.M == 1 || (p.x_stride * static_cast<int64_t>(sizeof(T))) % 16 == 0);
