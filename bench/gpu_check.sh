@@ -13,6 +13,7 @@
 #   GPU_CHECK_CPU        1 also runs the CPU kernel tests on the host CPU (AVX-512 hosts test the
 #                        avx512 paths natively), concurrently with the CUDA tests
 #   GPU_CHECK_CPU_TESTS  test files for that (default: the kernel families' files)
+#   GPU_CHECK_CPU_ARGS   extra pytest arguments for them (e.g. "-k bad_input")
 #   GPU_CHECK_FAMILIES   benchmark families, in order (default: quant norm optim attention model train)
 #   GPU_CHECK_QUICK      1 runs the benchmarks' --quick cases (default: full GPU sizes)
 #   GPU_CHECK_DEADLINE   seconds from the start by which the benchmarks must end (default 480): each
@@ -46,7 +47,8 @@ if ! PYTHON=$PY JOBS=$(nproc) timeout 400 tools/build_inplace.sh >"$LOGS/build.l
   exit 1
 fi
 stamp "built"
-export PYTHONPATH=$PWD/python
+ldd build/dev-*/_C*.so 2>/dev/null | grep -E "stdc\+\+|gomp" | sed 's/^/_C links /'
+export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}  # keeps carried wheels (/tmp/site) importable
 $PY -m thrifty.cli info | tee "$LOGS/info.txt"
 
 jobs=${GPU_CHECK_JOBS:-6}
@@ -57,8 +59,9 @@ if [ "${GPU_CHECK_CPU:-0}" = 1 ]; then
   stamp "CPU kernel tests on the host CPU, every ISA level it has (in the background)"
   cpu_files=${GPU_CHECK_CPU_TESTS:-$(ls tests/test_{norm,rotary,activation,attention,optim,quant,loss,linear}.py)}
   # shellcheck disable=SC2086
+  # shellcheck disable=SC2086
   OMP_NUM_THREADS=2 timeout "${GPU_CHECK_TEST_TIMEOUT:-300}" $PY -m pytest $cpu_files -q -p no:cacheprovider -m "not cuda and not slow" \
-    -rfE "${xdist[@]}" >"$LOGS/cpu_tests.log" 2>&1 &
+    ${GPU_CHECK_CPU_ARGS:-} -rfE "${xdist[@]}" >"$LOGS/cpu_tests.log" 2>&1 &
   cpu_pid=$!
 fi
 
