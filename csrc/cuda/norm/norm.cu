@@ -4,9 +4,8 @@
 // twice (sum of squares, then scale), the second time from L1/L2, so HBM traffic is one
 // read of x (+ residual) and one write of y (+ h).
 // Backward: a fixed grid of blocks strides over rows; each block keeps float32 grad_weight
-// partial sums for its rows (in registers when a row is one vector per thread, else in shared
-// memory) and writes them once; a second kernel sums the blocks' partials in block order
-// (deterministic for a given GPU).
+// partial sums for its rows in shared memory and writes them once; a second kernel sums
+// the blocks' partials in block order (deterministic for a given GPU).
 #include "cuda/common.cuh"
 #include "cuda/norm/norm_launch.h"
 
@@ -118,90 +117,13 @@ __global__ void rms_norm_bwd_kernel(RmsNormBwdParams p) {
   for (int i = threadIdx.x; i < n; i += blockDim.x) out[i] = dw[i];
 }
 
-// The backward when a row fits the block as one vector per thread (hidden <= 1024 * V): each thread
-// owns columns [V*tid, V*tid + V) for every row, so the weight and the grad_weight sums live in
-// registers, the row's grad_y and x are read once (no second pass), and the next row's loads are issued
-// before this row's block reduction so HBM latency overlaps the barriers.
-template <typename T, typename TW, int V>
-__global__ void rms_norm_bwd_reg_kernel(RmsNormBwdParams p) {
-  __shared__ float scratch[32];
-  const int n = static_cast<int>(p.hidden);
-  const int i = threadIdx.x * V;
-  const bool active = i < n;
-  float w[V], dwr[V], a[V], b[V], e[V];
-#pragma unroll
-  for (int j = 0; j < V; ++j) w[j] = dwr[j] = a[j] = b[j] = e[j] = 0.0f;
-  if (active) load_pack<TW, V>(static_cast<const TW*>(p.weight) + i, w);
-  const T* gy = static_cast<const T*>(p.grad_y);
-  const T* xx = static_cast<const T*>(p.x);
-  const T* gh = static_cast<const T*>(p.grad_h);
-  int64_t row = blockIdx.x;
-  float rstd = 0.0f;
-  if (row < p.rows) {
-    rstd = p.rstd[row];
-    if (active) {
-      load_pack<T, V>(gy + row * p.gy_stride + i, a);
-      load_pack<T, V>(xx + row * p.x_stride + i, b);
-      if (gh != nullptr) load_pack<T, V>(gh + row * p.gh_stride + i, e);
-    }
-  }
-  for (; row < p.rows; row += gridDim.x) {
-    const int64_t next = row + gridDim.x;
-    float an[V], bn[V], en[V], rstd_n = 0.0f;
-#pragma unroll
-    for (int j = 0; j < V; ++j) an[j] = bn[j] = en[j] = 0.0f;
-    if (next < p.rows) {
-      rstd_n = p.rstd[next];
-      if (active) {
-        load_pack<T, V>(gy + next * p.gy_stride + i, an);
-        load_pack<T, V>(xx + next * p.x_stride + i, bn);
-        if (gh != nullptr) load_pack<T, V>(gh + next * p.gh_stride + i, en);
-      }
-    }
-    float dot = 0.0f;
-#pragma unroll
-    for (int j = 0; j < V; ++j) dot += a[j] * w[j] * b[j];
-    dot = block_sum(dot, scratch);  // every thread of the block takes part (inactive ones add 0)
-    const float coef = rstd * rstd * rstd * dot / n;
-    if (active) {
-      float d[V];
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        d[j] = a[j] * w[j] * rstd - b[j] * coef + e[j];
-        dwr[j] += a[j] * b[j] * rstd;
-      }
-      store_pack<T, V>(static_cast<T*>(p.grad_x) + row * p.hidden + i, d);
-    }
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      a[j] = an[j];
-      b[j] = bn[j];
-      e[j] = en[j];
-    }
-    rstd = rstd_n;
-  }
-  if (active) {
-    float* out = p.grad_weight_partial + static_cast<int64_t>(blockIdx.x) * n + i;
-#pragma unroll
-    for (int j = 0; j < V; ++j) out[j] = dwr[j];
-  }
-}
-
 template <typename TW>
 __global__ void reduce_columns_kernel(const float* partial, int chunks, int n, TW* out) {
   const int col = blockIdx.x * blockDim.x + threadIdx.x;
   if (col >= n) return;
-  // four independent sums keep four loads in flight (a fixed order: still deterministic)
-  float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-  int c = 0;
-  for (; c + 4 <= chunks; c += 4) {
-    s0 += partial[static_cast<int64_t>(c) * n + col];
-    s1 += partial[static_cast<int64_t>(c + 1) * n + col];
-    s2 += partial[static_cast<int64_t>(c + 2) * n + col];
-    s3 += partial[static_cast<int64_t>(c + 3) * n + col];
-  }
-  for (; c < chunks; ++c) s0 += partial[static_cast<int64_t>(c) * n + col];
-  out[col] = from_float<TW>((s0 + s1) + (s2 + s3));
+  float s = 0.0f;
+  for (int c = 0; c < chunks; ++c) s += partial[static_cast<int64_t>(c) * n + col];
+  out[col] = from_float<TW>(s);
 }
 
 // Widest vector (16 bytes of T) that every row start and the hidden size allow.
@@ -240,10 +162,6 @@ void fwd(const RmsNormParams& p, cudaStream_t s) {
 
 template <typename T, typename TW, int V>
 void bwd_v(const RmsNormBwdParams& p, cudaStream_t s) {
-  if (p.hidden <= 1024LL * V) {  // one vector per thread: the register kernel
-    rms_norm_bwd_reg_kernel<T, TW, V><<<static_cast<unsigned>(p.chunks), threads_for(p.hidden, V), 0, s>>>(p);
-    return;
-  }
   const size_t smem = p.hidden * sizeof(float);
   auto kernel = rms_norm_bwd_kernel<T, TW, V>;
   if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
@@ -277,9 +195,9 @@ void launch_rms_norm_fwd(const RmsNormParams& p, cudaStream_t s) {
 }
 
 int rms_norm_bwd_blocks(int64_t rows, int num_sms) {
-  // 4 blocks per SM (2048 threads at hidden 4096 bf16): 2 left the backward latency-bound at 46% of
-  // an H200's copy bandwidth (each row's two block reductions stall the block).
-  int64_t b = rows < 4LL * num_sms ? rows : 4LL * num_sms;
+  // 2 blocks per SM. The backward is latency-bound (each row's two block reductions stall the block):
+  // 46% of an H200's copy bandwidth at 16384 x 4096 bf16; 4 blocks per SM measured 43%.
+  int64_t b = rows < 2LL * num_sms ? rows : 2LL * num_sms;
   return static_cast<int>(b < 1 ? 1 : b);
 }
 
