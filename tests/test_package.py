@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 
@@ -58,3 +59,40 @@ def test_bad_isa_env_fails_import_clearly():
 def test_set_cpu_isa_rejects_unknown_level():
     with pytest.raises(ValueError, match="avx9000"):
         thrifty._C.set_cpu_isa("avx9000")
+
+
+def _elf_needed(path: str) -> list[str] | None:
+    """The DT_NEEDED entries of a 64-bit little-endian ELF file (None for any other format)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return None
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    for _name, typ, _flags, _addr, off, size, link, *_ in sections:
+        if typ != 6:  # SHT_DYNAMIC
+            continue
+        strtab = sections[link][4]
+        needed = []
+        for pos in range(off, off + size, 16):
+            tag, val = struct.unpack_from("<qQ", data, pos)
+            if tag == 0:  # DT_NULL
+                break
+            if tag == 1:  # DT_NEEDED
+                needed.append(data[strtab + val:data.index(b"\0", strtab + val)].decode())
+        return needed
+    return []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF and libstdc++ are Linux's")
+def test_extension_links_shared_libstdcxx():
+    # A toolchain with libstdc++.a but no libstdc++.so beside it links a private static libstdc++
+    # into _C; its locale facets then clash with torch's shared one and the first TORCH_CHECK
+    # message that formats an integer crashed the process (CMakeLists.txt names the .so then).
+    needed = _elf_needed(thrifty._C.__file__)
+    if needed is None:
+        pytest.skip("not a 64-bit little-endian ELF")
+    assert any(n.startswith("libstdc++.so") for n in needed), f"_C does not load the shared libstdc++: {needed}"
+    with pytest.raises(ValueError, match="must have size 8 in dimension 0"):
+        thrifty.ops.rms_norm(torch.randn(3, 8), torch.ones(7))
