@@ -546,3 +546,36 @@ def test_cli_gptq_via_transformers(tmp_path):
     layers = json.loads(meta["layers"])
     assert "model.layers.0.mlp.down_proj" in layers and layers["model.layers.0.mlp.down_proj"]["act_order"]
     assert (out / "tokenizer.json").exists()
+
+
+def test_perplexity_table_on_a_trained_micro_llama(tmp_path):
+    """bench.quant.perplexity_rows end to end, small enough for the suite: trains a micro Llama on a slice
+    of the default corpus, quantizes it per format and method, measures held-out perplexity."""
+    from thrifty.bench.quant import PPL_FORMATS, format_perplexity_table, perplexity_rows
+
+    threads = torch.get_num_threads()
+    rows, info = perplexity_rows(
+        steps=30, lr=3e-3, warmup=3, seq_len=64, vocab_size=512, eval_rows=32, calib_rows=8,
+        model_overrides=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2),
+        default_corpus_caps=dict(max_files=30, max_bytes=200_000),
+        formats=PPL_FORMATS + (("W4A16 g256", dict(bits=4, group_size=256)),), out=str(tmp_path / "run"),
+        log=lambda msg: None)
+    assert torch.get_num_threads() == threads  # restored
+    assert [(r["format"], r["method"]) for r in rows] == [("float32", "-")] + [
+        (f, m) for f in ("W8A16", "W8A8", "W4A16 g128", "W4A16 g32", "W4A16 g256") for m in ("rtn", "gptq")]
+    assert info["eval_tokens"] == 32 * 64 and info["calib_tokens"] == 8 * 64 and info["hidden_size"] == 128
+    fl = rows[0]["ppl"]
+    assert fl < 0.6 * 512, fl  # trained: well below the uniform 512
+    by = {(r["format"], r["method"]): r for r in rows}
+    for (f, m), r in by.items():
+        if f == "W4A16 g256":  # 128 and 256 input features: no 256-wide groups
+            assert r["ppl"] is None and "not a multiple of 256" in r["note"]
+            continue
+        assert r["ppl"] is not None and r["ppl"] > 1 and abs(r["d_ppl"] - (r["ppl"] - fl)) < 1e-9
+        bound = 0.5 if f.startswith("W8") else 5.0  # percent
+        assert abs(r["d_pct"]) < bound, (f, m, r)
+    assert any(r["ppl"] != fl for r in rows[1:] if r["ppl"] is not None)  # the quantized layers really ran
+    table = format_perplexity_table(rows, info).splitlines()
+    assert table[2] == "| format | method | perplexity | change | change % |" and len(table) == 4 + len(rows)
+    assert table[4].startswith("| float32 | - |") and "n/a" in table[-1]
