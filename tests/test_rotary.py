@@ -348,6 +348,12 @@ def test_positions_checked_once_per_tensor_on_cuda():
         thrifty.ops.rotary_embedding(q, k, pos, cache)
     with pytest.raises(ValueError, match="'positions' must lie in"):
         thrifty.ops.rotary_embedding(q, k, torch.tensor([0, 1, 2, cache.shape[0]], device="cuda"), cache)
+    with torch.inference_mode():  # inference tensors carry no version counter: checked on every call
+        ipos = torch.tensor([0, 1, 2, 3], device="cuda")
+        assert all(torch.equal(x, y) for x, y in zip(ref, thrifty.ops.rotary_embedding(q, k, ipos, cache)))
+        ipos[2] = 99
+        with pytest.raises(ValueError, match="'positions' must lie in"):
+            thrifty.ops.rotary_embedding(q, k, ipos, cache)
 
 
 def _copies(fn):

@@ -93,12 +93,14 @@ inline void check_positions_range(const char* op, const at::Tensor& pos, int64_t
     }
   } else {
     static thread_local CheckedPositions checked;
-    if (pos.is_contiguous() && checked.matches(pos, max_position)) return;
+    // inference tensors have no version counter (reading it throws): checked every time
+    const bool cacheable = pos.is_contiguous() && !pos.is_inference();
+    if (cacheable && checked.matches(pos, max_position)) return;
     auto mm = at::aminmax(pos);
     auto both = at::stack({std::get<0>(mm), std::get<1>(mm)}).to(at::kCPU, at::kLong);  // one sync
     lo = both.data_ptr<int64_t>()[0];
     hi = both.data_ptr<int64_t>()[1];
-    if (lo >= 0 && hi < max_position && pos.is_contiguous()) checked.remember(pos, max_position);
+    if (lo >= 0 && hi < max_position && cacheable) checked.remember(pos, max_position);
   }
   TORCH_CHECK_VALUE(lo >= 0 && hi < max_position, "thrifty.", op, ": argument 'positions' must lie in [0, ",
                     max_position, ") (the rows of 'cos_sin_cache'), got values from ", lo, " to ", hi);
