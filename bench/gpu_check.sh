@@ -19,6 +19,9 @@
 #   GPU_CHECK_DEADLINE   seconds from the start by which the benchmarks must end (default 480): each
 #                        family runs under min(GPU_CHECK_FAMILY_TIMEOUT (default 150), time left)
 #   GPU_CHECK_DEVICE     benchmark device (default cuda; `cpu` with THRIFTY_CUDA=off dry-runs the script)
+# The `train` family needs datasketch (a `train` extra) that the lent GPU image lacks: carry its wheel in
+# .whl/ and install it with `pip install --no-index --no-deps --target /tmp/site .whl/*.whl` and
+# PYTHONPATH=/tmp/site before calling this script (PYTHONPATH is kept).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOGS=${GPU_CHECK_LOGS:-/tmp/thrifty-gpu-check}
