@@ -300,20 +300,17 @@ THRIFTY_EMU_INLINE __m512i i32gather_epi32(__m512i idx, const void* base, int sc
     std::memcpy(&r.a[i], static_cast<const char*>(base) + static_cast<int64_t>(ix.a[i]) * scale, 4);
   return r.vec();
 }
-THRIFTY_EMU_INLINE __m512i cvtepi8_epi32(__m128i a) {
-  int8_t b[16];
+// VPMOVSXBD / VPMOVZXBD: 16 bytes widened to 16 int32, sign- or zero-extended by the byte type B.
+template <typename B>
+THRIFTY_EMU_INLINE __m512i widen_bytes_epi32(__m128i a) {
+  B b[16];
   std::memcpy(b, &a, 16);
   I16x r;
   for (int i = 0; i < 16; ++i) r.a[i] = b[i];
   return r.vec();
 }
-THRIFTY_EMU_INLINE __m512i cvtepu8_epi32(__m128i a) {
-  uint8_t b[16];
-  std::memcpy(b, &a, 16);
-  I16x r;
-  for (int i = 0; i < 16; ++i) r.a[i] = b[i];
-  return r.vec();
-}
+THRIFTY_EMU_INLINE __m512i cvtepi8_epi32(__m128i a) { return widen_bytes_epi32<int8_t>(a); }
+THRIFTY_EMU_INLINE __m512i cvtepu8_epi32(__m128i a) { return widen_bytes_epi32<uint8_t>(a); }
 THRIFTY_EMU_INLINE __m128i cvtepi32_epi8(__m512i a) {  // VPMOVDB: truncation
   const I16x l = I16x::of(a);
   uint8_t b[16];
