@@ -65,13 +65,7 @@ at::Tensor quant_linear_large_m(const QuantLinearPrep& r, const QuantLinearParam
 #endif
     }
   } else {
-    cuda::DequantToParams d;
-    d.K = p.K;
-    d.N = p.N;
-    d.group_size = p.group_size;
-    d.qweight = static_cast<const uint8_t*>(p.qweight);
-    d.scales = p.scales;
-    d.zeros = p.zeros;
+    cuda::DequantToParams d = cuda::dequant4_from(p);
     at::Tensor w;
     if (f32) {
       w = at::empty({p.N, p.K}, r.x2.options().dtype(at::kFloat));

@@ -36,6 +36,19 @@ struct DequantToParams {
   int64_t ldw = 0;                   // K or 2K (split)
 };
 void launch_dequantize4_to(const DequantToParams& p, cudaStream_t stream);
+// The weight side of a DequantToParams (shapes, codes, scales, zeros) from QuantLinearParams or
+// DequantParams; the caller sets the destination (dtype, split, w, ldw).
+template <typename P>
+DequantToParams dequant4_from(const P& p) {
+  DequantToParams d;
+  d.K = p.K;
+  d.N = p.N;
+  d.group_size = p.group_size;
+  d.qweight = static_cast<const uint8_t*>(p.qweight);
+  d.scales = p.scales;
+  d.zeros = p.zeros;
+  return d;
+}
 
 // y[m, n] = acc[m, n] * row_scale[m] * col_scale[n] + bias[n] (each factor optional, applied in that order
 // in float32), rounded once to out_dtype. acc: (M, N) contiguous float32 or int32.
