@@ -73,6 +73,23 @@ __device__ __forceinline__ void load8(const __half* p, float (&v)[8]) {
   }
 }
 
+// out[m][r] += sum_j x[m * xs + j] * w[r][j] for rows m < M: 8 x values (one 16-byte load per row m)
+// against 8 dequantized weights of each of the R weight rows.
+template <int MB, int R, typename T>
+__device__ __forceinline__ void fma_x8(const T* x, int64_t xs, int M, const float (&w)[R][8], float (&out)[MB][R]) {
+#pragma unroll
+  for (int m = 0; m < MB; ++m) {
+    if (m < M) {
+      float xv[8];
+      load8(x + m * xs, xv);
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) out[m][r] = fmaf(xv[j], w[r][j], out[m][r]);
+    }
+  }
+}
+
 constexpr int kGemvThreads = 128;                   // 4 warps per block
 constexpr int kRows = 2;                            // output rows n per warp (x loads shared by both)
 constexpr int kRowsPerBlock = kRows * kGemvThreads / 32;
@@ -151,17 +168,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_vec_kernel(QuantLinearParam
               w[r][2 * b + 1] = (magic_byte(hi, b) - kMagic) - z[r];
             }
           }
-#pragma unroll
-          for (int m = 0; m < MB; ++m) {
-            if (m < M) {
-              float xv[8];
-              load8(x + m * xs + kc + 8 * wi, xv);
-#pragma unroll
-              for (int r = 0; r < R; ++r)
-#pragma unroll
-                for (int j = 0; j < 8; ++j) part[m][r] = fmaf(xv[j], w[r][j], part[m][r]);
-            }
-          }
+          fma_x8<MB, R>(x + kc + 8 * wi, xs, M, w, part);
         }
 #pragma unroll
         for (int m = 0; m < MB; ++m)
@@ -179,17 +186,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_vec_kernel(QuantLinearParam
 #pragma unroll
               for (int b = 0; b < 4; ++b) w[r][4 * t + b] = magic_byte(u8, b) - (kMagic + 128.0f);
             }
-#pragma unroll
-          for (int m = 0; m < MB; ++m) {
-            if (m < M) {
-              float xv[8];
-              load8(x + m * xs + kc + 8 * h, xv);
-#pragma unroll
-              for (int r = 0; r < R; ++r)
-#pragma unroll
-                for (int j = 0; j < 8; ++j) acc[m][r] = fmaf(xv[j], w[r][j], acc[m][r]);
-            }
-          }
+          fma_x8<MB, R>(x + kc + 8 * h, xs, M, w, acc);
         }
       }
     }
@@ -424,13 +421,7 @@ void launch_quant_linear(const QuantLinearParams& p, cudaStream_t stream) {
 
 void launch_quant_dequantize(const DequantParams& p, cudaStream_t stream) {
   if (p.bits == 4 && aligned16(p.qweight) && aligned16(p.w)) {
-    DequantToParams d;
-    d.K = p.K;
-    d.N = p.N;
-    d.group_size = p.group_size;
-    d.qweight = static_cast<const uint8_t*>(p.qweight);
-    d.scales = p.scales;
-    d.zeros = p.zeros;
+    DequantToParams d = dequant4_from(p);
     d.dtype = DType::f32;
     d.w = p.w;
     d.ldw = p.K;
