@@ -180,35 +180,11 @@ PPL_FORMATS = (("W8A16", dict(bits=8)), ("W8A8", dict(bits=8, act_bits=8)),
                ("W4A16 g128", dict(bits=4, group_size=128)), ("W4A16 g32", dict(bits=4, group_size=32)))
 
 
-class _AsTrainerModel:
-    """Runs the trainer's own forward (Trainer._forward_loss / evaluate) on another model for a while."""
-
-    def __init__(self, trainer, model):
-        self.trainer, self.model = trainer, model
-
-    def __enter__(self):
-        self.saved = self.trainer.model
-        self.trainer.model = self.model
-        return self.trainer
-
-    def __exit__(self, *exc):
-        self.trainer.model = self.saved
-
-
 def _heldout_loss(trainer, model, rows: int | None) -> float:
     """Token-weighted mean loss of ``model`` over the first ``rows`` held-out rows (None: all of them;
     else a multiple of the batch size), through Trainer.evaluate (validation documents: never trained on)."""
-    c = trainer.cfg
     n = len(trainer.data.val) if rows is None else min(rows, len(trainer.data.val))
-    saved = c.eval_batches
-    c.eval_batches = -(-n // c.batch_size)
-    try:
-        with _AsTrainerModel(trainer, model) as t:
-            out = t.evaluate()
-    finally:
-        c.eval_batches = saved
-        model.eval()
-    return out["val_loss"]
+    return trainer.evaluate(model, batches=-(-n // trainer.cfg.batch_size))["val_loss"]
 
 
 def perplexity_rows(steps: int = 400, preset: str = "tiny", model_overrides: dict | None = None,
@@ -263,9 +239,8 @@ def perplexity_rows(steps: int = 400, preset: str = "tiny", model_overrides: dic
         calib = [ds_train.batch([i]) for i in idx]
 
         def calibrate(m):
-            with _AsTrainerModel(trainer, m) as t:
-                for b in calib:
-                    t._forward_loss(b)
+            for b in calib:
+                trainer._forward_loss(b, m)
 
         t1 = time.perf_counter()
         float_loss = _heldout_loss(trainer, model, n_eval)

@@ -636,16 +636,18 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _forward_loss(self, b: dict) -> torch.Tensor:
+    def _forward_loss(self, b: dict, model=None) -> torch.Tensor:
+        """The loss of batch b through `model` (default: the model being trained, wrapped as for training)."""
+        model = self.model if model is None else model
         dev = self.device
         ids, pos, lab = b["input_ids"], b["positions"], b["labels"]
         if self.thrifty_model:  # thrifty.models takes packed documents as one flat (tokens,) sequence
             ids, pos, lab = ids.reshape(-1), pos.reshape(-1), lab.reshape(-1)
         with self._autocast():
             if self.thrifty_model and "max_seqlen" in b:  # known on the host: no read-back of cu_seqlens
-                return self.model(ids.to(dev), positions=pos.to(dev), labels=lab.to(dev),
-                                  cu_seqlens=b["cu_seqlens"].to(dev), max_seqlen=int(b["max_seqlen"]))
-            return self.model(ids.to(dev), positions=pos.to(dev), labels=lab.to(dev), cu_seqlens=b["cu_seqlens"].to(dev))
+                return model(ids.to(dev), positions=pos.to(dev), labels=lab.to(dev),
+                             cu_seqlens=b["cu_seqlens"].to(dev), max_seqlen=int(b["max_seqlen"]))
+            return model(ids.to(dev), positions=pos.to(dev), labels=lab.to(dev), cu_seqlens=b["cu_seqlens"].to(dev))
 
     def _no_sync(self, last: bool):
         if last or not self.distributed:
@@ -711,21 +713,26 @@ class Trainer:
         return {"loss": loss_val, "grad_norm": gnorm, "lr": lr, "skipped": skipped}
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
+    def evaluate(self, model=None, batches: int | None = None) -> dict:
+        """Token-weighted validation loss over the first `batches` batches (default cfg.eval_batches) of
+        `model` (default: the model being trained; another one, a quantized copy say, is measured the same
+        way). The model's train/eval mode is restored afterwards."""
         c = self.cfg
         ds = self.data.val
         if len(ds) == 0:
             return {}
-        self.model.eval()
+        model = self.model if model is None else model
+        was_training = model.training
+        model.eval()
         tot, n = 0.0, 0
-        rows = list(range(min(len(ds), c.eval_batches * c.batch_size)))
+        rows = list(range(min(len(ds), (c.eval_batches if batches is None else batches) * c.batch_size)))
         for k in range(0, len(rows), c.batch_size):
             b = ds.batch(rows[k:k + c.batch_size])
             m = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
-            loss = self._forward_loss(b)
+            loss = self._forward_loss(b, model)
             tot += float(loss) * m
             n += m
-        self.model.train()
+        model.train(was_training)
         vl = tot / max(1, n)
         return {"val_loss": vl, "val_ppl": math.exp(min(vl, 50))}
 
