@@ -311,22 +311,19 @@ THRIFTY_EMU_INLINE __m512i widen_bytes_epi32(__m128i a) {
 }
 THRIFTY_EMU_INLINE __m512i cvtepi8_epi32(__m128i a) { return widen_bytes_epi32<int8_t>(a); }
 THRIFTY_EMU_INLINE __m512i cvtepu8_epi32(__m128i a) { return widen_bytes_epi32<uint8_t>(a); }
-THRIFTY_EMU_INLINE __m128i cvtepi32_epi8(__m512i a) {  // VPMOVDB: truncation
+// VPMOVDB / VPMOVDW: 16 int32 truncated to 16 elements of U, returned as the vector type V.
+template <typename V, typename U>
+THRIFTY_EMU_INLINE V narrow_epi32(__m512i a) {
   const I16x l = I16x::of(a);
-  uint8_t b[16];
-  for (int i = 0; i < 16; ++i) b[i] = static_cast<uint8_t>(l.a[i]);
-  __m128i r;
-  std::memcpy(&r, b, 16);
+  U t[16];
+  for (int i = 0; i < 16; ++i) t[i] = static_cast<U>(l.a[i]);
+  static_assert(sizeof(V) == sizeof(t), "16 narrowed lanes fill the result");
+  V r;
+  std::memcpy(&r, t, sizeof(r));
   return r;
 }
-THRIFTY_EMU_INLINE __m256i cvtepi32_epi16(__m512i a) {  // VPMOVDW: truncation
-  const I16x l = I16x::of(a);
-  uint16_t h[16];
-  for (int i = 0; i < 16; ++i) h[i] = static_cast<uint16_t>(l.a[i]);
-  __m256i r;
-  std::memcpy(&r, h, 32);
-  return r;
-}
+THRIFTY_EMU_INLINE __m128i cvtepi32_epi8(__m512i a) { return narrow_epi32<__m128i, uint8_t>(a); }
+THRIFTY_EMU_INLINE __m256i cvtepi32_epi16(__m512i a) { return narrow_epi32<__m256i, uint16_t>(a); }
 
 #undef THRIFTY_EMU_INLINE
 #undef THRIFTY_EMU_MEMBER
