@@ -191,3 +191,37 @@ def test_model_linear_decode_rows(monkeypatch, rows):
     y = lin(x)
     assert bool(calls) == (rows <= GEMV_MAX_M)
     check(y.reshape(rows, 40), x.reshape(rows, 48), lin.weight, lin.bias)
+
+
+# ---- the model's Linear over many rows on CPUs without native bf16: float32 compute, low-precision saves ----
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_model_linear_float32_path_saves_no_float32_copies(monkeypatch, dtype, bias):
+    """Same output and gradients as autograd through float32 copies, bit for bit, while the backward keeps
+    only the low-precision x and weight (the float32 copies of every weight were ~340 MB on `small`)."""
+    from thrifty.models import _kernels
+
+    monkeypatch.setattr(_kernels, "_CPU_NATIVE_BF16", False)  # the path every CPU without avx512_bf16 takes
+    torch.manual_seed(0)
+    lin = _kernels.use_fast_linear(torch.nn.Sequential(torch.nn.Linear(72, 40, bias=bias))).to(dtype)[0]
+    x = torch.randn(3, 11, 72).to(dtype).requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = lin(x)
+    assert saved and all(t.dtype == dtype for t in saved), [t.dtype for t in saved]
+    gy = torch.randn_like(y)
+    y.backward(gy)
+
+    x2 = x.detach().clone().requires_grad_()
+    w2 = lin.weight.detach().clone().requires_grad_()
+    b2 = lin.bias.detach().clone().requires_grad_() if bias else None
+    y2 = F.linear(x2.float(), w2.float(), None if b2 is None else b2.float()).to(dtype)
+    y2.backward(gy)
+    assert y.dtype == dtype and torch.equal(y, y2)
+    assert torch.equal(x.grad, x2.grad) and torch.equal(lin.weight.grad, w2.grad)
+    if bias:
+        assert torch.equal(lin.bias.grad, b2.grad)
