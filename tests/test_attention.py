@@ -145,6 +145,18 @@ def test_strided_inputs_used_in_place():
     torch.testing.assert_close(out, ref_attention(qt, k, v)[0].float(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_keys_past_the_head_cache(cpu_isa, dtype):
+    """16448 keys of head_dim 256 do not fit the forward's per-thread K/V cache (16 MiB, as float32 or as
+    the avx512_bf16 path's bf16 pairs): each query tile packs its own key tiles instead."""
+    q = rand(1, 3, 2, 256, dtype=dtype)
+    k, v = rand(1, 16448, 1, 256, dtype=dtype), rand(1, 16448, 1, 256, dtype=dtype)
+    for causal, window in ((False, (-1, -1)), (True, (100, 0))):
+        out = thrifty.ops.flash_attention(q, k, v, causal=causal, window=window)
+        ref = ref_attention(q, k, v, causal, window)[0]
+        assert_close_to_ref(out, ref, torch_lowp(q, k, v, causal, window), atol=1e-5)
+
+
 def test_no_keys():
     q = rand(2, 5, 4, 64)
     k = v = rand(2, 0, 2, 64)
