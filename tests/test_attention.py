@@ -99,6 +99,8 @@ CASES = [
     (1, 130, 200, 4, 4, 128, False, (50, -1), 30.0),   # left window + softcap
     (1, 70, 70, 8, 8, 64, True, (-1, -1), 5.0),        # causal + strong softcap
     (1, 100, 100, 2, 2, 17, False, (-1, 0), 0.0),      # odd head_dim, window as causal
+    (2, 3, 200, 8, 2, 72, True, (90, -1), 20.0),       # a few decode rows (untiled CPU path): GQA, window, softcap
+    (1, 4, 3, 4, 4, 33, True, (-1, -1), 0.0),          # more decode rows than keys: the first sees none
 ]
 
 
@@ -178,6 +180,7 @@ VARLEN = [
     ([5, 0, 17, 64, 1], [5, 0, 17, 64, 1], 4, 2, 64, True, (-1, -1), 0.0),   # packed documents, one empty
     ([3, 0, 40, 1], [30, 4, 40, 100], 8, 8, 80, True, (-1, -1), 0.0),        # prefill after cached prefixes
     ([20, 7, 0], [20, 30, 9], 4, 1, 40, False, (8, 3), 10.0),
+    ([1, 0, 3, 1, 2], [20, 5, 70, 1, 0], 8, 2, 64, True, (-1, -1), 0.0),  # decode rows of a batch (untiled CPU path)
 ]
 
 

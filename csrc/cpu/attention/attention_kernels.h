@@ -16,6 +16,7 @@ namespace thrifty {
 
 constexpr int kAttnCpuBlockQ = 64;    // query rows per tile
 constexpr int kAttnCpuBlockK = 64;    // keys per tile
+constexpr int kAttnCpuDecodeRows = 4;  // up to this many query rows per sequence: the untiled forward
 constexpr int kAttnCpuDimPad = 16;    // float rows of the workspace are padded to a multiple of this
 constexpr int kAttnCpuMaxHeadDim = 256;
 

@@ -1,5 +1,6 @@
 // Fused attention (FlashAttention-2 style) on the CPU; compiled once per ISA level.
 //
+// Up to kAttnCpuDecodeRows query rows per sequence (decode) take fwd_decode() instead: no tiles.
 // Tiles: forward 128 query rows x 64 keys, backward 64 x 64; GEMMs on float32 tiles with a
 // 6 x 2-vector register-tiled FMA micro-kernel (12 accumulators on AVX2, B panel kept in L1).
 // Forward, per (batch, head, tile of query rows), never materialising seqlen_q x seqlen_k:
@@ -659,6 +660,101 @@ void bwd(const AttentionBwdParams& p) {
   });
 }
 
+// ---------------------------------------------------------------------------------------
+// Forward for a few query rows per sequence (decode, seqlen_q <= kAttnCpuDecodeRows): no tiles.
+// Each (batch, head) item takes its query rows one at a time straight against the tensors' key
+// rows: scores by dot products of widened rows (into a per-thread float row of seqlen_k), exact
+// softmax (max first), then out = sum_j p_j v_j with register-held chunks of the output row. The
+// tiled path widens and packs all of a head's K and V for a single query row: ~8x slower at 512
+// cached keys. Extra memory: seqlen_k + 2 head_dim floats per thread.
+template <typename T>
+void fwd_decode(const AttentionParams& p) {
+  const int D = p.head_dim;
+  const int Dp = static_cast<int>(round_up(D, W));
+  const int group = p.heads / p.kv_heads;
+  const int64_t items = static_cast<int64_t>(p.batch) * p.heads;
+  const T* Q = static_cast<const T*>(p.q);
+  const T* K = static_cast<const T*>(p.k);
+  const T* V = static_cast<const T*>(p.v);
+  T* O = static_cast<T*>(p.out);
+  const int wl = p.window_left, wr = p.window_right;
+  const float cap = p.softcap;
+  constexpr int OC = W >= 8 ? 64 / W : 4;  // output vectors held in registers per pass over the keys (64 floats)
+
+  parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    Buffer buf(round_up(p.seqlen_k, W) + 2 * Dp);
+    float* s = buf.ptr;                            // scores, then P, of the visible keys
+    float* qf = s + round_up(p.seqlen_k, W);       // scale * q row (float, zero-padded to Dp)
+    float* of = qf + Dp;                           // output row (float)
+    for (int64_t item = begin; item < end; ++item) {
+      const int b = static_cast<int>(item / p.heads), h = static_cast<int>(item % p.heads), kvh = h / group;
+      const Seq sq = seq_of(p, b);
+      const T* kb = K + b * p.k_batch_stride + sq.k_row0 * p.k_row_stride + kvh * p.k_head_stride;
+      const T* vb = V + b * p.v_batch_stride + sq.k_row0 * p.v_row_stride + kvh * p.v_head_stride;
+      for (int64_t i = 0; i < sq.sq; ++i) {
+        const T* qrow = Q + b * p.q_batch_stride + (sq.q_row0 + i) * p.q_row_stride + h * p.q_head_stride;
+        T* orow = O + b * p.o_batch_stride + (sq.q_row0 + i) * p.o_row_stride + h * p.o_head_stride;
+        float* lse = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + sq.q_row0 + i;
+        const KeyRange kr = attention_key_range(i, sq.sq, sq.sk, wl, wr);
+        const int n = static_cast<int>(kr.hi > kr.lo ? kr.hi - kr.lo : 0);
+        if (n == 0) {
+          for (int d = 0; d < D; ++d) orow[d] = from_float<T>(0.0f);
+          *lse = kNegInf;
+          continue;
+        }
+        pack_rows(qrow, 0, 1, D, Dp, p.softmax_scale, qf);
+        // Scores (softcapped), and their max.
+        float mx = kNegInf;
+        for (int j = 0; j < n; ++j) {
+          const T* krow = kb + (kr.lo + j) * p.k_row_stride;
+          Vec acc = Vec::zero();
+          int d = 0;
+          for (; d + W <= D; d += W) acc = fma(Vec::load(krow + d), Vec::load(qf + d), acc);
+          if (d < D) acc = fma(Vec::load(krow + d, D - d), Vec::load(qf + d), acc);
+          s[j] = acc.reduce_add();
+        }
+        if (cap > 0.0f) apply_softcap(s, n, cap, nullptr);
+        for (int j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+        // P = exp(S - max) in place, l = sum P.
+        const Vec vm = Vec::set1(mx);
+        Vec sum = Vec::zero();
+        int j = 0;
+        for (; j + W <= n; j += W) {
+          const Vec e = exp_sm(Vec::load(s + j) - vm);
+          e.store(s + j);
+          sum = sum + e;
+        }
+        if (j < n) {
+          const Vec e = exp_sm(Vec::load(s + j, n - j) - vm);
+          e.store(s + j, n - j);
+          sum = sum + Vec::load(s + j, n - j);  // lanes past n are 0
+        }
+        const float l = sum.reduce_add();
+        // out = P V / l, OC vectors of the output row at a time.
+        for (int d0 = 0; d0 < Dp; d0 += OC * W) {
+          const int nv = (Dp - d0) / W < OC ? (Dp - d0) / W : OC;
+          Vec o[OC];
+#pragma GCC unroll 8
+          for (int c = 0; c < OC; ++c) o[c] = Vec::zero();
+          for (int jj = 0; jj < n; ++jj) {
+            const T* vrow = vb + (kr.lo + jj) * p.v_row_stride + d0;
+            const Vec pj = Vec::set1(s[jj]);
+#pragma GCC unroll 8
+            for (int c = 0; c < OC; ++c) {
+              if (c >= nv) break;
+              const int left = D - d0 - c * W;  // valid elements from this vector on
+              o[c] = fma(pj, left >= W ? Vec::load(vrow + c * W) : Vec::load(vrow + c * W, left), o[c]);
+            }
+          }
+          for (int c = 0; c < nv; ++c) o[c].store(of + d0 + c * W);
+        }
+        store_row(of, 1.0f / l, D, orow);
+        *lse = mx + std::log(l);
+      }
+    }
+  });
+}
+
 #if defined(THRIFTY_AVX512_BF16)
 // ---------------------------------------------------------------------------------------
 // bfloat16 forward on the bf16 dot-product instruction (avx512_bf16). VDPBF16PS multiplies
@@ -967,6 +1063,13 @@ void fwd_bf16_dot(const AttentionParams& p) {
 }  // namespace
 
 void flash_attention_fwd_cpu(const AttentionParams& p) {
+  if (p.seqlen_q <= kAttnCpuDecodeRows) {  // seqlen_q: the longest sequence's under varlen
+    switch (p.dtype) {
+      case DType::f32: return fwd_decode<float>(p);
+      case DType::bf16: return fwd_decode<bf16_t>(p);
+      case DType::f16: return fwd_decode<f16_t>(p);
+    }
+  }
   switch (p.dtype) {
     case DType::f32: return fwd<float>(p);
     case DType::bf16:

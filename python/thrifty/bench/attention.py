@@ -3,7 +3,8 @@ the same run. FLOPs counted the FlashAttention way: forward 4 * b * s^2 * h * d 
 causal), backward 2.5x the forward (so forward+backward is 3.5x).
 
 CPU: batch 1, 8 heads, seqlen 2048 and 8192, head_dim 64 and 128, causal and not; float32
-forward, bfloat16 forward, float32 forward+backward (quick: seqlen 2048 only).
+forward, bfloat16 forward, float32 forward+backward (quick: seqlen 2048 only); decode (one query row per
+sequence over a 512-32k key cache, Llama-3-8B heads, bfloat16).
 CUDA: head_dim 128, bfloat16, seqlen 1k..16k, causal and not (few cases).
 """
 from __future__ import annotations
@@ -64,6 +65,27 @@ def _cases(b, seqs, dims, causals, dtypes, kinds, bench: Bench):
                                    baseline="torch SDPA")
 
 
+def _decode_cases(seqs, bench: Bench):
+    """One new query row per sequence against a cache of s keys (serving's decode step): Llama-3-8B heads
+    (32 query heads over 8 KV heads, head_dim 128), bfloat16; bound by reading the cache (bytes = K + V)."""
+    dev, h, hk, d, dtype = bench.device, 32, 8, 128, torch.bfloat16
+    for s in seqs:
+        q = torch.randn(1, 1, h, d, dtype=dtype, device=dev)
+        k, v = (torch.randn(1, s, hk, d, dtype=dtype, device=dev) for _ in range(2))
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+
+        def th(q=q, k=k, v=v):
+            with torch.no_grad():
+                thrifty.ops.flash_attention(q, k, v, causal=True)
+
+        def tt(q=qt, k=kt, v=vt):
+            with torch.no_grad():
+                F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+        bench.case(op="attention decode", shape=f"b1 h{h}/{hk} 1x{s} d{d}", dtype=dtype, thrifty=th, torch_fn=tt,
+                   bytes=2.0 * s * hk * d * k.element_size(), baseline="torch SDPA")
+
+
 def run(device, quick: bool = False) -> Bench:
     device = torch.device(device)
     bench = Bench("attention", device)
@@ -74,4 +96,5 @@ def run(device, quick: bool = False) -> Bench:
     seqs = [2048] if quick else [2048, 8192]
     _cases(1, seqs, [64, 128], [False, True], [torch.float32, torch.bfloat16], ["fwd"], bench)
     _cases(1, seqs, [64, 128], [False, True], [torch.float32], ["fwd+bwd"], bench)
+    _decode_cases([4096] if quick else [512, 4096, 32768], bench)
     return bench
