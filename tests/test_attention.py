@@ -100,7 +100,9 @@ CASES = [
     (1, 70, 70, 8, 8, 64, True, (-1, -1), 5.0),        # causal + strong softcap
     (1, 100, 100, 2, 2, 17, False, (-1, 0), 0.0),      # odd head_dim, window as causal
     (2, 3, 200, 8, 2, 72, True, (90, -1), 20.0),       # a few decode rows (untiled CPU path): GQA, window, softcap
-    (1, 4, 3, 4, 4, 33, True, (-1, -1), 0.0),          # more decode rows than keys: the first sees none
+    (1, 4, 3, 6, 2, 33, True, (-1, -1), 0.0),          # more decode rows than keys: the first sees none
+    (3, 1, 9, 4, 2, 8, False, (-1, -1), 0.0),          # decode, GQA groups of 2
+    (1, 2, 50, 10, 2, 24, True, (-1, -1), 0.0),        # decode, GQA groups of 5 (heads taken 4 + 1)
 ]
 
 

@@ -662,94 +662,153 @@ void bwd(const AttentionBwdParams& p) {
 
 // ---------------------------------------------------------------------------------------
 // Forward for a few query rows per sequence (decode, seqlen_q <= kAttnCpuDecodeRows): no tiles.
-// Each (batch, head) item takes its query rows one at a time straight against the tensors' key
-// rows: scores by dot products of widened rows (into a per-thread float row of seqlen_k), exact
-// softmax (max first), then out = sum_j p_j v_j with register-held chunks of the output row. The
-// tiled path widens and packs all of a head's K and V for a single query row: ~8x slower at 512
-// cached keys. Extra memory: seqlen_k + 2 head_dim floats per thread.
+// Each item is (batch, kv_head, up to kDecodeHeads query heads of its GQA group); its query rows
+// go one at a time straight against the tensors' key rows, every K/V row widened once for all the
+// item's heads: scores by dot products (into per-thread float rows of seqlen_k), exact softmax
+// (max first), then out = sum_j p_j v_j with register-held chunks of the output rows. The tiled
+// path widens and packs all of a head's K and V for a single query row (~8x slower at 512 cached
+// keys). Extra memory: kDecodeHeads x seqlen_k + 2 kDecodeHeads x head_dim floats per thread.
+constexpr int kDecodeHeads = 4;
+
+// Scores of GN heads for keys [0, n) (rows of kb, stride ks): s[g * lds + j] = qf[g] . k_j.
+template <int GN, typename T>
+THRIFTY_INLINE void decode_scores(const T* kb, int64_t ks, int n, int D, int Dp, const float* qf, float* s,
+                                  int64_t lds) {
+  for (int j = 0; j < n; ++j) {
+    const T* krow = kb + j * ks;
+    Vec acc[GN];
+#pragma GCC unroll 4
+    for (int g = 0; g < GN; ++g) acc[g] = Vec::zero();
+    int d = 0;
+    for (; d + W <= D; d += W) {
+      const Vec kv = Vec::load(krow + d);
+#pragma GCC unroll 4
+      for (int g = 0; g < GN; ++g) acc[g] = fma(kv, Vec::load(qf + g * Dp + d), acc[g]);
+    }
+    if (d < D) {
+      const Vec kv = Vec::load(krow + d, D - d);
+#pragma GCC unroll 4
+      for (int g = 0; g < GN; ++g) acc[g] = fma(kv, Vec::load(qf + g * Dp + d), acc[g]);
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < GN; ++g) s[g * lds + j] = acc[g].reduce_add();
+  }
+}
+
+// of[g][0..Dp) = sum_j P[g][j] v_j for GN heads, keys [0, n) (rows of vb, stride vs).
+template <int GN, typename T>
+THRIFTY_INLINE void decode_pv(const T* vb, int64_t vs, int n, int D, int Dp, const float* s, int64_t lds, float* of) {
+  constexpr int OC = (W >= 16 ? 16 : 8) / GN;  // output vectors per head held in registers (8 or 16 in all)
+  for (int d0 = 0; d0 < Dp; d0 += OC * W) {
+    const int nv = (Dp - d0) / W < OC ? (Dp - d0) / W : OC;
+    Vec o[GN][OC];
+#pragma GCC unroll 4
+    for (int g = 0; g < GN; ++g)
+#pragma GCC unroll 16
+      for (int c = 0; c < OC; ++c) o[g][c] = Vec::zero();
+    for (int j = 0; j < n; ++j) {
+      const T* vrow = vb + j * vs + d0;
+      Vec pj[GN];
+#pragma GCC unroll 4
+      for (int g = 0; g < GN; ++g) pj[g] = Vec::set1(s[g * lds + j]);
+#pragma GCC unroll 16
+      for (int c = 0; c < OC; ++c) {
+        if (c >= nv) break;
+        const int left = D - d0 - c * W;  // valid elements from this vector on (>= 1: Dp = round_up(D, W))
+        const Vec v = left >= W ? Vec::load(vrow + c * W) : Vec::load(vrow + c * W, left);
+#pragma GCC unroll 4
+        for (int g = 0; g < GN; ++g) o[g][c] = fma(pj[g], v, o[g][c]);
+      }
+    }
+    for (int g = 0; g < GN; ++g)
+      for (int c = 0; c < nv; ++c) o[g][c].store(of + g * Dp + d0 + c * W);
+  }
+}
+
 template <typename T>
 void fwd_decode(const AttentionParams& p) {
   const int D = p.head_dim;
   const int Dp = static_cast<int>(round_up(D, W));
   const int group = p.heads / p.kv_heads;
-  const int64_t items = static_cast<int64_t>(p.batch) * p.heads;
+  const int chunks = (group + kDecodeHeads - 1) / kDecodeHeads;  // head chunks per kv head
+  const int64_t items = static_cast<int64_t>(p.batch) * p.kv_heads * chunks;
   const T* Q = static_cast<const T*>(p.q);
   const T* K = static_cast<const T*>(p.k);
   const T* V = static_cast<const T*>(p.v);
   T* O = static_cast<T*>(p.out);
   const int wl = p.window_left, wr = p.window_right;
   const float cap = p.softcap;
-  constexpr int OC = W >= 8 ? 64 / W : 4;  // output vectors held in registers per pass over the keys (64 floats)
+  const int64_t lds = round_up(p.seqlen_k, W);
 
   parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    Buffer buf(round_up(p.seqlen_k, W) + 2 * Dp);
-    float* s = buf.ptr;                            // scores, then P, of the visible keys
-    float* qf = s + round_up(p.seqlen_k, W);       // scale * q row (float, zero-padded to Dp)
-    float* of = qf + Dp;                           // output row (float)
+    Buffer buf(kDecodeHeads * (lds + 2 * Dp));
+    float* s = buf.ptr;                        // [kDecodeHeads][lds] scores, then P, of the visible keys
+    float* qf = s + kDecodeHeads * lds;        // [kDecodeHeads][Dp] scale * q rows (float, zero-padded)
+    float* of = qf + kDecodeHeads * Dp;        // [kDecodeHeads][Dp] output rows (float)
     for (int64_t item = begin; item < end; ++item) {
-      const int b = static_cast<int>(item / p.heads), h = static_cast<int>(item % p.heads), kvh = h / group;
+      const int b = static_cast<int>(item / (static_cast<int64_t>(p.kv_heads) * chunks));
+      const int rest = static_cast<int>(item % (static_cast<int64_t>(p.kv_heads) * chunks));
+      const int kvh = rest / chunks, h0 = kvh * group + rest % chunks * kDecodeHeads;
+      const int gn = std::min(kDecodeHeads, kvh * group + group - h0);  // query heads h0 .. h0 + gn
       const Seq sq = seq_of(p, b);
       const T* kb = K + b * p.k_batch_stride + sq.k_row0 * p.k_row_stride + kvh * p.k_head_stride;
       const T* vb = V + b * p.v_batch_stride + sq.k_row0 * p.v_row_stride + kvh * p.v_head_stride;
       for (int64_t i = 0; i < sq.sq; ++i) {
-        const T* qrow = Q + b * p.q_batch_stride + (sq.q_row0 + i) * p.q_row_stride + h * p.q_head_stride;
-        T* orow = O + b * p.o_batch_stride + (sq.q_row0 + i) * p.o_row_stride + h * p.o_head_stride;
-        float* lse = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + sq.q_row0 + i;
+        const int64_t qrow = sq.q_row0 + i;
         const KeyRange kr = attention_key_range(i, sq.sq, sq.sk, wl, wr);
         const int n = static_cast<int>(kr.hi > kr.lo ? kr.hi - kr.lo : 0);
         if (n == 0) {
-          for (int d = 0; d < D; ++d) orow[d] = from_float<T>(0.0f);
-          *lse = kNegInf;
+          for (int g = 0; g < gn; ++g) {
+            T* orow = O + b * p.o_batch_stride + qrow * p.o_row_stride + (h0 + g) * p.o_head_stride;
+            for (int d = 0; d < D; ++d) orow[d] = from_float<T>(0.0f);
+            p.lse[b * p.lse_batch_stride + (h0 + g) * p.lse_head_stride + qrow] = kNegInf;
+          }
           continue;
         }
-        pack_rows(qrow, 0, 1, D, Dp, p.softmax_scale, qf);
-        // Scores (softcapped), and their max.
-        float mx = kNegInf;
-        for (int j = 0; j < n; ++j) {
-          const T* krow = kb + (kr.lo + j) * p.k_row_stride;
-          Vec acc = Vec::zero();
-          int d = 0;
-          for (; d + W <= D; d += W) acc = fma(Vec::load(krow + d), Vec::load(qf + d), acc);
-          if (d < D) acc = fma(Vec::load(krow + d, D - d), Vec::load(qf + d), acc);
-          s[j] = acc.reduce_add();
+        for (int g = 0; g < gn; ++g)
+          pack_rows(Q + b * p.q_batch_stride + qrow * p.q_row_stride + (h0 + g) * p.q_head_stride, 0, 1, D, Dp,
+                    p.softmax_scale, qf + g * Dp);
+        const T* kr0 = kb + kr.lo * p.k_row_stride;
+        const T* vr0 = vb + kr.lo * p.v_row_stride;
+        switch (gn) {
+          case 1: decode_scores<1>(kr0, p.k_row_stride, n, D, Dp, qf, s, lds); break;
+          case 2: decode_scores<2>(kr0, p.k_row_stride, n, D, Dp, qf, s, lds); break;
+          case 3: decode_scores<3>(kr0, p.k_row_stride, n, D, Dp, qf, s, lds); break;
+          default: decode_scores<4>(kr0, p.k_row_stride, n, D, Dp, qf, s, lds); break;
         }
-        if (cap > 0.0f) apply_softcap(s, n, cap, nullptr);
-        for (int j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
-        // P = exp(S - max) in place, l = sum P.
-        const Vec vm = Vec::set1(mx);
-        Vec sum = Vec::zero();
-        int j = 0;
-        for (; j + W <= n; j += W) {
-          const Vec e = exp_sm(Vec::load(s + j) - vm);
-          e.store(s + j);
-          sum = sum + e;
-        }
-        if (j < n) {
-          const Vec e = exp_sm(Vec::load(s + j, n - j) - vm);
-          e.store(s + j, n - j);
-          sum = sum + Vec::load(s + j, n - j);  // lanes past n are 0
-        }
-        const float l = sum.reduce_add();
-        // out = P V / l, OC vectors of the output row at a time.
-        for (int d0 = 0; d0 < Dp; d0 += OC * W) {
-          const int nv = (Dp - d0) / W < OC ? (Dp - d0) / W : OC;
-          Vec o[OC];
-#pragma GCC unroll 8
-          for (int c = 0; c < OC; ++c) o[c] = Vec::zero();
-          for (int jj = 0; jj < n; ++jj) {
-            const T* vrow = vb + (kr.lo + jj) * p.v_row_stride + d0;
-            const Vec pj = Vec::set1(s[jj]);
-#pragma GCC unroll 8
-            for (int c = 0; c < OC; ++c) {
-              if (c >= nv) break;
-              const int left = D - d0 - c * W;  // valid elements from this vector on
-              o[c] = fma(pj, left >= W ? Vec::load(vrow + c * W) : Vec::load(vrow + c * W, left), o[c]);
-            }
+        float mx[kDecodeHeads], l[kDecodeHeads];
+        for (int g = 0; g < gn; ++g) {
+          float* sg = s + g * lds;
+          if (cap > 0.0f) apply_softcap(sg, n, cap, nullptr);
+          float m = kNegInf;
+          for (int j = 0; j < n; ++j) m = sg[j] > m ? sg[j] : m;
+          // P = exp(S - max) in place, l = sum P.
+          const Vec vm = Vec::set1(m);
+          Vec sum = Vec::zero();
+          int j = 0;
+          for (; j + W <= n; j += W) {
+            const Vec e = exp_sm(Vec::load(sg + j) - vm);
+            e.store(sg + j);
+            sum = sum + e;
           }
-          for (int c = 0; c < nv; ++c) o[c].store(of + d0 + c * W);
+          if (j < n) {
+            exp_sm(Vec::load(sg + j, n - j) - vm).store(sg + j, n - j);
+            sum = sum + Vec::load(sg + j, n - j);  // lanes past n load as 0
+          }
+          mx[g] = m;
+          l[g] = sum.reduce_add();
         }
-        store_row(of, 1.0f / l, D, orow);
-        *lse = mx + std::log(l);
+        switch (gn) {
+          case 1: decode_pv<1>(vr0, p.v_row_stride, n, D, Dp, s, lds, of); break;
+          case 2: decode_pv<2>(vr0, p.v_row_stride, n, D, Dp, s, lds, of); break;
+          case 3: decode_pv<3>(vr0, p.v_row_stride, n, D, Dp, s, lds, of); break;
+          default: decode_pv<4>(vr0, p.v_row_stride, n, D, Dp, s, lds, of); break;
+        }
+        for (int g = 0; g < gn; ++g) {
+          T* orow = O + b * p.o_batch_stride + qrow * p.o_row_stride + (h0 + g) * p.o_head_stride;
+          store_row(of + g * Dp, 1.0f / l[g], D, orow);
+          p.lse[b * p.lse_batch_stride + (h0 + g) * p.lse_head_stride + qrow] = mx[g] + std::log(l[g]);
+        }
       }
     }
   });
