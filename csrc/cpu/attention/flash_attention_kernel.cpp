@@ -280,6 +280,57 @@ struct Buffer {
 // ---------------------------------------------------------------------------------------
 // Forward
 
+// Item `item` of a tiled forward: a tile of up to FBQ query rows of one (batch, head), with the
+// pointers to its rows. Tiles of one head alternate between the two ends of the sequence so that
+// contiguous ranges of items (the thread pool's static split) carry equal causal work.
+template <typename T>
+struct FwdTile {
+  int b, h, kvh;
+  Seq sq;
+  int64_t i0;
+  int mq;  // rows of the tile; 0 when the tile starts past the sequence's end (nothing to do)
+  const T *qb, *kb, *vb;
+  T* ob;
+  float* lse;
+};
+
+template <typename T>
+THRIFTY_INLINE FwdTile<T> fwd_tile(const AttentionParams& p, int64_t item, int64_t nqt) {
+  FwdTile<T> t;
+  const int64_t bh = item / nqt, ti = item % nqt;
+  const int64_t qti = (ti % 2 == 0) ? ti / 2 : nqt - 1 - ti / 2;
+  t.b = static_cast<int>(bh / p.heads);
+  t.h = static_cast<int>(bh % p.heads);
+  t.kvh = t.h / (p.heads / p.kv_heads);
+  t.sq = seq_of(p, t.b);
+  t.i0 = qti * FBQ;
+  t.mq = t.i0 >= t.sq.sq ? 0 : static_cast<int>(t.sq.sq - t.i0 < FBQ ? t.sq.sq - t.i0 : FBQ);
+  const int64_t qr = t.sq.q_row0 + t.i0;
+  t.qb = static_cast<const T*>(p.q) + t.b * p.q_batch_stride + qr * p.q_row_stride + t.h * p.q_head_stride;
+  t.kb = static_cast<const T*>(p.k) + t.b * p.k_batch_stride + t.sq.k_row0 * p.k_row_stride + t.kvh * p.k_head_stride;
+  t.vb = static_cast<const T*>(p.v) + t.b * p.v_batch_stride + t.sq.k_row0 * p.v_row_stride + t.kvh * p.v_head_stride;
+  t.ob = static_cast<T*>(p.out) + t.b * p.o_batch_stride + qr * p.o_row_stride + t.h * p.o_head_stride;
+  t.lse = p.lse + t.b * p.lse_batch_stride + t.h * p.lse_head_stride + qr;
+  return t;
+}
+
+// Output rows r < n: out = acc / l, lse = m + log l; a row with l = 0 (no visible key) gets out 0
+// and lse -inf. acc rows are Dp floats apart, output rows o_stride elements.
+template <typename T>
+THRIFTY_INLINE void store_out_rows(const float* acc, int Dp, const float* m, const float* l, int n, int D, T* ob,
+                                   int64_t o_stride, float* lse) {
+  for (int r = 0; r < n; ++r) {
+    T* orow = ob + r * o_stride;
+    if (l[r] > 0.0f) {
+      store_row(acc + static_cast<int64_t>(r) * Dp, 1.0f / l[r], D, orow);
+      lse[r] = m[r] + std::log(l[r]);
+    } else {
+      for (int d = 0; d < D; ++d) orow[d] = from_float<T>(0.0f);
+      lse[r] = kNegInf;
+    }
+  }
+}
+
 // Scores are computed transposed, S^T = K Qs^T ([keys][queries]): K rows are broadcast
 // from a contiguous float copy of the tile, Qs^T is packed once per query tile, and the softmax statistics of the queries live in vector lanes (no horizontal
 // reductions). O = alpha O + P V then reads P^T as a transposed A operand.
@@ -287,13 +338,8 @@ template <typename T>
 void fwd(const AttentionParams& p) {
   const int D = p.head_dim;
   const int Dp = static_cast<int>(round_up(D, W));
-  const int group = p.heads / p.kv_heads;
   const int64_t nqt = (static_cast<int64_t>(p.seqlen_q) + FBQ - 1) / FBQ;
   const int64_t items = static_cast<int64_t>(p.batch) * p.heads * nqt;
-  const T* Q = static_cast<const T*>(p.q);
-  const T* K = static_cast<const T*>(p.k);
-  const T* V = static_cast<const T*>(p.v);
-  T* O = static_cast<T*>(p.out);
   const int wl = p.window_left, wr = p.window_right;
   const float cap = p.softcap;
 
@@ -321,23 +367,15 @@ void fwd(const AttentionParams& p) {
     float* l = m + FBQ;
     float* alpha = l + FBQ;
     for (int64_t item = begin; item < end; ++item) {
-      // Tiles of one head alternate between the two ends of the sequence so that contiguous
-      // ranges of items (the thread pool's static split) carry equal causal work.
-      const int64_t bh = item / nqt, t = item % nqt;
-      const int64_t qti = (t % 2 == 0) ? t / 2 : nqt - 1 - t / 2;
-      const int b = static_cast<int>(bh / p.heads), h = static_cast<int>(bh % p.heads), kvh = h / group;
-      const Seq sq = seq_of(p, b);
-      const int64_t i0 = qti * FBQ;
-      if (i0 >= sq.sq) continue;
-      const int mq = static_cast<int>(sq.sq - i0 < FBQ ? sq.sq - i0 : FBQ);
+      const FwdTile<T> tile = fwd_tile<T>(p, item, nqt);
+      const int mq = tile.mq;
+      if (mq == 0) continue;
+      const Seq sq = tile.sq;
+      const int64_t i0 = tile.i0;
       const int nq = static_cast<int>(round_up(mq, W));
-      const T* qb = Q + b * p.q_batch_stride + (sq.q_row0 + i0) * p.q_row_stride + h * p.q_head_stride;
-      const T* kb = K + b * p.k_batch_stride + sq.k_row0 * p.k_row_stride + kvh * p.k_head_stride;
-      const T* vb = V + b * p.v_batch_stride + sq.k_row0 * p.v_row_stride + kvh * p.v_head_stride;
-      T* ob = O + b * p.o_batch_stride + (sq.q_row0 + i0) * p.o_row_stride + h * p.o_head_stride;
-      float* lse = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + sq.q_row0 + i0;
-      if (head_cache && resident != static_cast<int64_t>(b) * p.kv_heads + kvh) {
-        resident = static_cast<int64_t>(b) * p.kv_heads + kvh;
+      const T *qb = tile.qb, *kb = tile.kb, *vb = tile.vb;
+      if (head_cache && resident != static_cast<int64_t>(tile.b) * p.kv_heads + tile.kvh) {
+        resident = static_cast<int64_t>(tile.b) * p.kv_heads + tile.kvh;
         std::fill(packed.begin(), packed.end(), 0);
       }
 
@@ -417,16 +455,7 @@ void fwd(const AttentionParams& p) {
         }
         gemm_s<2>(mq, nv, kn, st, 1, FBQ, vp, lv, acc, Dp, alpha);  // O = alpha O + P V
       }
-      for (int r = 0; r < mq; ++r) {
-        T* orow = ob + r * p.o_row_stride;
-        if (l[r] > 0.0f) {
-          store_row(acc + static_cast<int64_t>(r) * Dp, 1.0f / l[r], D, orow);
-          lse[r] = m[r] + std::log(l[r]);
-        } else {
-          for (int d = 0; d < D; ++d) orow[d] = from_float<T>(0.0f);
-          lse[r] = kNegInf;
-        }
-      }
+      store_out_rows(acc, Dp, m, l, mq, D, tile.ob, p.o_row_stride, tile.lse);
     }
   });
 }
@@ -757,58 +786,51 @@ void fwd_decode(const AttentionParams& p) {
         const int64_t qrow = sq.q_row0 + i;
         const KeyRange kr = attention_key_range(i, sq.sq, sq.sk, wl, wr);
         const int n = static_cast<int>(kr.hi > kr.lo ? kr.hi - kr.lo : 0);
-        if (n == 0) {
-          for (int g = 0; g < gn; ++g) {
-            T* orow = O + b * p.o_batch_stride + qrow * p.o_row_stride + (h0 + g) * p.o_head_stride;
-            for (int d = 0; d < D; ++d) orow[d] = from_float<T>(0.0f);
-            p.lse[b * p.lse_batch_stride + (h0 + g) * p.lse_head_stride + qrow] = kNegInf;
+        float mx[kDecodeHeads], l[kDecodeHeads] = {};  // l = 0: no visible key, out 0 and lse -inf
+        if (n > 0) {
+          for (int g = 0; g < gn; ++g)
+            pack_rows(Q + b * p.q_batch_stride + qrow * p.q_row_stride + (h0 + g) * p.q_head_stride, 0, 1, D, Dp,
+                      p.softmax_scale, qf + g * Dp);
+          const T* kr0 = kb + kr.lo * p.k_row_stride;
+          const T* vr0 = vb + kr.lo * p.v_row_stride;
+          switch (gn) {
+            case 1: decode_scores<1>(kr0, p.k_row_stride, n, D, Dp, qf, s, lds); break;
+            case 2: decode_scores<2>(kr0, p.k_row_stride, n, D, Dp, qf, s, lds); break;
+            case 3: decode_scores<3>(kr0, p.k_row_stride, n, D, Dp, qf, s, lds); break;
+            default: decode_scores<4>(kr0, p.k_row_stride, n, D, Dp, qf, s, lds); break;
           }
-          continue;
+          for (int g = 0; g < gn; ++g) {
+            float* sg = s + g * lds;
+            if (cap > 0.0f) apply_softcap(sg, n, cap, nullptr);
+            float m = kNegInf;
+            for (int j = 0; j < n; ++j) m = sg[j] > m ? sg[j] : m;
+            // P = exp(S - max) in place, l = sum P.
+            const Vec vm = Vec::set1(m);
+            Vec sum = Vec::zero();
+            int j = 0;
+            for (; j + W <= n; j += W) {
+              const Vec e = exp_sm(Vec::load(sg + j) - vm);
+              e.store(sg + j);
+              sum = sum + e;
+            }
+            if (j < n) {
+              exp_sm(Vec::load(sg + j, n - j) - vm).store(sg + j, n - j);
+              sum = sum + Vec::load(sg + j, n - j);  // lanes past n load as 0
+            }
+            mx[g] = m;
+            l[g] = sum.reduce_add();
+          }
+          switch (gn) {
+            case 1: decode_pv<1>(vr0, p.v_row_stride, n, D, Dp, s, lds, of); break;
+            case 2: decode_pv<2>(vr0, p.v_row_stride, n, D, Dp, s, lds, of); break;
+            case 3: decode_pv<3>(vr0, p.v_row_stride, n, D, Dp, s, lds, of); break;
+            default: decode_pv<4>(vr0, p.v_row_stride, n, D, Dp, s, lds, of); break;
+          }
         }
         for (int g = 0; g < gn; ++g)
-          pack_rows(Q + b * p.q_batch_stride + qrow * p.q_row_stride + (h0 + g) * p.q_head_stride, 0, 1, D, Dp,
-                    p.softmax_scale, qf + g * Dp);
-        const T* kr0 = kb + kr.lo * p.k_row_stride;
-        const T* vr0 = vb + kr.lo * p.v_row_stride;
-        switch (gn) {
-          case 1: decode_scores<1>(kr0, p.k_row_stride, n, D, Dp, qf, s, lds); break;
-          case 2: decode_scores<2>(kr0, p.k_row_stride, n, D, Dp, qf, s, lds); break;
-          case 3: decode_scores<3>(kr0, p.k_row_stride, n, D, Dp, qf, s, lds); break;
-          default: decode_scores<4>(kr0, p.k_row_stride, n, D, Dp, qf, s, lds); break;
-        }
-        float mx[kDecodeHeads], l[kDecodeHeads];
-        for (int g = 0; g < gn; ++g) {
-          float* sg = s + g * lds;
-          if (cap > 0.0f) apply_softcap(sg, n, cap, nullptr);
-          float m = kNegInf;
-          for (int j = 0; j < n; ++j) m = sg[j] > m ? sg[j] : m;
-          // P = exp(S - max) in place, l = sum P.
-          const Vec vm = Vec::set1(m);
-          Vec sum = Vec::zero();
-          int j = 0;
-          for (; j + W <= n; j += W) {
-            const Vec e = exp_sm(Vec::load(sg + j) - vm);
-            e.store(sg + j);
-            sum = sum + e;
-          }
-          if (j < n) {
-            exp_sm(Vec::load(sg + j, n - j) - vm).store(sg + j, n - j);
-            sum = sum + Vec::load(sg + j, n - j);  // lanes past n load as 0
-          }
-          mx[g] = m;
-          l[g] = sum.reduce_add();
-        }
-        switch (gn) {
-          case 1: decode_pv<1>(vr0, p.v_row_stride, n, D, Dp, s, lds, of); break;
-          case 2: decode_pv<2>(vr0, p.v_row_stride, n, D, Dp, s, lds, of); break;
-          case 3: decode_pv<3>(vr0, p.v_row_stride, n, D, Dp, s, lds, of); break;
-          default: decode_pv<4>(vr0, p.v_row_stride, n, D, Dp, s, lds, of); break;
-        }
-        for (int g = 0; g < gn; ++g) {
-          T* orow = O + b * p.o_batch_stride + qrow * p.o_row_stride + (h0 + g) * p.o_head_stride;
-          store_row(of + g * Dp, 1.0f / l[g], D, orow);
-          p.lse[b * p.lse_batch_stride + (h0 + g) * p.lse_head_stride + qrow] = mx[g] + std::log(l[g]);
-        }
+          store_out_rows(of + g * Dp, Dp, mx + g, l + g, 1, D,
+                         O + b * p.o_batch_stride + qrow * p.o_row_stride + (h0 + g) * p.o_head_stride, 0,
+                         p.lse + b * p.lse_batch_stride + (h0 + g) * p.lse_head_stride + qrow);
       }
     }
   });
@@ -973,13 +995,8 @@ void fwd_bf16_dot(const AttentionParams& p) {
   const int D2 = (D + 1) / 2;
   const int Dp = static_cast<int>(round_up(D, W));
   const int NV = Dp / W;
-  const int group = p.heads / p.kv_heads;
   const int64_t nqt = (static_cast<int64_t>(p.seqlen_q) + FBQ - 1) / FBQ;
   const int64_t items = static_cast<int64_t>(p.batch) * p.heads * nqt;
-  const bf16_t* Q = static_cast<const bf16_t*>(p.q);
-  const bf16_t* K = static_cast<const bf16_t*>(p.k);
-  const bf16_t* V = static_cast<const bf16_t*>(p.v);
-  bf16_t* O = static_cast<bf16_t*>(p.out);
   const int wl = p.window_left, wr = p.window_right;
   const float cap = p.softcap;
   const __m512 vscale = _mm512_set1_ps(p.softmax_scale);
@@ -1011,20 +1028,14 @@ void fwd_bf16_dot(const AttentionParams& p) {
     uint32_t* k2 = reinterpret_cast<uint32_t*>(hbuf.ptr);  // [D2][sk_cap]
     uint32_t* v2 = k2 + k2_words;                           // [sk_cap / 2][Dp]
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t bh = item / nqt, t = item % nqt;
-      const int64_t qti = (t % 2 == 0) ? t / 2 : nqt - 1 - t / 2;  // as in fwd()
-      const int b = static_cast<int>(bh / p.heads), h = static_cast<int>(bh % p.heads), kvh = h / group;
-      const Seq sq = seq_of(p, b);
-      const int64_t i0 = qti * FBQ;
-      if (i0 >= sq.sq) continue;
-      const int mq = static_cast<int>(sq.sq - i0 < FBQ ? sq.sq - i0 : FBQ);
-      const bf16_t* qb = Q + b * p.q_batch_stride + (sq.q_row0 + i0) * p.q_row_stride + h * p.q_head_stride;
-      const bf16_t* kb = K + b * p.k_batch_stride + sq.k_row0 * p.k_row_stride + kvh * p.k_head_stride;
-      const bf16_t* vb = V + b * p.v_batch_stride + sq.k_row0 * p.v_row_stride + kvh * p.v_head_stride;
-      bf16_t* ob = O + b * p.o_batch_stride + (sq.q_row0 + i0) * p.o_row_stride + h * p.o_head_stride;
-      float* lse = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + sq.q_row0 + i0;
-      if (head_cache && resident != static_cast<int64_t>(b) * p.kv_heads + kvh) {
-        resident = static_cast<int64_t>(b) * p.kv_heads + kvh;
+      const FwdTile<bf16_t> tile = fwd_tile<bf16_t>(p, item, nqt);
+      const int mq = tile.mq;
+      if (mq == 0) continue;
+      const Seq sq = tile.sq;
+      const int64_t i0 = tile.i0;
+      const bf16_t *qb = tile.qb, *kb = tile.kb, *vb = tile.vb;
+      if (head_cache && resident != static_cast<int64_t>(tile.b) * p.kv_heads + tile.kvh) {
+        resident = static_cast<int64_t>(tile.b) * p.kv_heads + tile.kvh;
         std::fill(packed.begin(), packed.end(), 0);
       }
       pack_q_pairs(qb, p.q_row_stride, mq, mq, D, qp);
@@ -1104,16 +1115,7 @@ void fwd_bf16_dot(const AttentionParams& p) {
         }
         gemm_dp<2>(mq, NV, (kn + 1) / 2, pp, BK / 2, vp, Dp, acc, Dp, alpha);  // O = alpha O + P V
       }
-      for (int r = 0; r < mq; ++r) {
-        bf16_t* orow = ob + r * p.o_row_stride;
-        if (l[r] > 0.0f) {
-          store_row(acc + static_cast<int64_t>(r) * Dp, 1.0f / l[r], D, orow);
-          lse[r] = m[r] + std::log(l[r]);
-        } else {
-          for (int d = 0; d < D; ++d) orow[d] = from_float<bf16_t>(0.0f);
-          lse[r] = kNegInf;
-        }
-      }
+      store_out_rows(acc, Dp, m, l, mq, D, tile.ob, p.o_row_stride, tile.lse);
     }
   });
 }
