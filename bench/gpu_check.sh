@@ -111,7 +111,7 @@ done
 if [ -n "$cpu_bench_pid" ]; then
   wait "$cpu_bench_pid"
   for isa in avx512 native; do
-    echo "## CPU attention, host level $isa (bfloat16 rows)"; grep -E "bfloat16" "$LOGS/cpu_bench_$isa.log" | grep -v "^#" || tail -5 "$LOGS/cpu_bench_$isa.log"
+    echo "## CPU attention, host level $isa (bfloat16 rows)"; grep -E '^\|.*bfloat16' "$LOGS/cpu_bench_$isa.log" || tail -5 "$LOGS/cpu_bench_$isa.log"
   done
 fi
 stamp "done (tests rc=$test_rc, bench rc=$bench_rc)"
