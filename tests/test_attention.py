@@ -230,6 +230,7 @@ GRAD_CASES = [
     (1, 100, 30, 4, 1, 40, True, (-1, -1), 0.0),
     (1, 90, 90, 2, 2, 128, False, (20, 5), 20.0),
     (1, 1, 70, 8, 1, 256, False, (-1, -1), 0.0),
+    (2, 3, 50, 8, 2, 64, True, (20, -1), 10.0),        # decode rows (untiled CPU forward), its lse into the backward
 ]
 
 
