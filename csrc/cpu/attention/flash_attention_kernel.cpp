@@ -724,33 +724,39 @@ THRIFTY_INLINE void decode_scores(const T* kb, int64_t ks, int n, int D, int Dp,
   }
 }
 
-// of[g][0..Dp) = sum_j P[g][j] v_j for GN heads, keys [0, n) (rows of vb, stride vs).
+// of[g][0..Dp) = sum_j P[g][j] v_j for GN heads, keys [0, n) (rows of vb, stride vs). Blocks of
+// kDecodeKeyBlock keys outer, so that the V rows of a block stay in cache while every chunk of
+// the output rows passes over them.
+constexpr int kDecodeKeyBlock = 128;
 template <int GN, typename T>
 THRIFTY_INLINE void decode_pv(const T* vb, int64_t vs, int n, int D, int Dp, const float* s, int64_t lds, float* of) {
   constexpr int OC = (W >= 16 ? 16 : 8) / GN;  // output vectors per head held in registers (8 or 16 in all)
-  for (int d0 = 0; d0 < Dp; d0 += OC * W) {
-    const int nv = (Dp - d0) / W < OC ? (Dp - d0) / W : OC;
-    Vec o[GN][OC];
+  for (int j0 = 0; j0 < n; j0 += kDecodeKeyBlock) {
+    const int j1 = n - j0 < kDecodeKeyBlock ? n : j0 + kDecodeKeyBlock;
+    for (int d0 = 0; d0 < Dp; d0 += OC * W) {
+      const int nv = (Dp - d0) / W < OC ? (Dp - d0) / W : OC;
+      Vec o[GN][OC];
 #pragma GCC unroll 4
-    for (int g = 0; g < GN; ++g)
+      for (int g = 0; g < GN; ++g)
 #pragma GCC unroll 16
-      for (int c = 0; c < OC; ++c) o[g][c] = Vec::zero();
-    for (int j = 0; j < n; ++j) {
-      const T* vrow = vb + j * vs + d0;
-      Vec pj[GN];
+        for (int c = 0; c < OC; ++c) o[g][c] = (j0 == 0 || c >= nv) ? Vec::zero() : Vec::load(of + g * Dp + d0 + c * W);
+      for (int j = j0; j < j1; ++j) {
+        const T* vrow = vb + j * vs + d0;
+        Vec pj[GN];
 #pragma GCC unroll 4
-      for (int g = 0; g < GN; ++g) pj[g] = Vec::set1(s[g * lds + j]);
+        for (int g = 0; g < GN; ++g) pj[g] = Vec::set1(s[g * lds + j]);
 #pragma GCC unroll 16
-      for (int c = 0; c < OC; ++c) {
-        if (c >= nv) break;
-        const int left = D - d0 - c * W;  // valid elements from this vector on (>= 1: Dp = round_up(D, W))
-        const Vec v = left >= W ? Vec::load(vrow + c * W) : Vec::load(vrow + c * W, left);
+        for (int c = 0; c < OC; ++c) {
+          if (c >= nv) break;
+          const int left = D - d0 - c * W;  // valid elements from this vector on (>= 1: Dp = round_up(D, W))
+          const Vec v = left >= W ? Vec::load(vrow + c * W) : Vec::load(vrow + c * W, left);
 #pragma GCC unroll 4
-        for (int g = 0; g < GN; ++g) o[g][c] = fma(pj[g], v, o[g][c]);
+          for (int g = 0; g < GN; ++g) o[g][c] = fma(pj[g], v, o[g][c]);
+        }
       }
+      for (int g = 0; g < GN; ++g)
+        for (int c = 0; c < nv; ++c) o[g][c].store(of + g * Dp + d0 + c * W);
     }
-    for (int g = 0; g < GN; ++g)
-      for (int c = 0; c < nv; ++c) o[g][c].store(of + g * Dp + d0 + c * W);
   }
 }
 
