@@ -698,6 +698,13 @@ void bwd(const AttentionBwdParams& p) {
 // path widens and packs all of a head's K and V for a single query row (~8x slower at 512 cached
 // keys). Extra memory: kDecodeHeads x seqlen_k + 2 kDecodeHeads x head_dim floats per thread.
 constexpr int kDecodeHeads = 4;
+constexpr int kDecodePrefetchRows = 8;  // K/V rows are heads x head_dim apart: prefetch this far ahead
+
+// Brings the bytes [row, row + bytes) toward the cache (rows of one head sit kv_heads x head_dim
+// elements apart, too far for the hardware prefetchers to follow).
+THRIFTY_INLINE void prefetch_row(const void* row, int bytes) {
+  for (int off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(row) + off);
+}
 
 // Scores of GN heads for keys [0, n) (rows of kb, stride ks): s[g * lds + j] = qf[g] . k_j.
 template <int GN, typename T>
@@ -705,6 +712,7 @@ THRIFTY_INLINE void decode_scores(const T* kb, int64_t ks, int n, int D, int Dp,
                                   int64_t lds) {
   for (int j = 0; j < n; ++j) {
     const T* krow = kb + j * ks;
+    if (j + kDecodePrefetchRows < n) prefetch_row(krow + kDecodePrefetchRows * ks, D * static_cast<int>(sizeof(T)));
     Vec acc[GN];
 #pragma GCC unroll 4
     for (int g = 0; g < GN; ++g) acc[g] = Vec::zero();
@@ -742,6 +750,8 @@ THRIFTY_INLINE void decode_pv(const T* vb, int64_t vs, int n, int D, int Dp, con
         for (int c = 0; c < OC; ++c) o[g][c] = (j0 == 0 || c >= nv) ? Vec::zero() : Vec::load(of + g * Dp + d0 + c * W);
       for (int j = j0; j < j1; ++j) {
         const T* vrow = vb + j * vs + d0;
+        if (d0 == 0 && j + kDecodePrefetchRows < n)  // the first chunk's pass brings the block's rows in
+          prefetch_row(vrow + kDecodePrefetchRows * vs, D * static_cast<int>(sizeof(T)));
         Vec pj[GN];
 #pragma GCC unroll 4
         for (int g = 0; g < GN; ++g) pj[g] = Vec::set1(s[g * lds + j]);
