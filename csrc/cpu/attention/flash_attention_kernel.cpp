@@ -700,8 +700,8 @@ void bwd(const AttentionBwdParams& p) {
 constexpr int kDecodeHeads = 4;
 constexpr int kDecodePrefetchRows = 8;  // K/V rows are heads x head_dim apart: prefetch this far ahead
 
-// Brings the bytes [row, row + bytes) toward the cache (rows of one head sit kv_heads x head_dim
-// elements apart, too far for the hardware prefetchers to follow).
+// Prefetches the cache lines at row, row + 64, ... below row + bytes (all of a 64-byte-aligned row;
+// rows of one head sit kv_heads x head_dim elements apart, too far for the hardware prefetchers).
 THRIFTY_INLINE void prefetch_row(const void* row, int bytes) {
   for (int off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(row) + off);
 }
