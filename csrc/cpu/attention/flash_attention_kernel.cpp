@@ -30,6 +30,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/attention_mask.h"
@@ -56,10 +57,9 @@ THRIFTY_INLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m *
 // GEMM on float tiles: C[M x N] (op)= A[M x K] B[K x N], A row-major (elements broadcast),
 // B row-major with N a multiple of W (packed, padded), C row-major.
 // MODE 0: C = AB;  MODE 1: C += AB;  MODE 2: C = alpha[row] * C + AB.
+// The R x NC accumulator tile of C at the start (MODE 0: zero, 1: C, 2: alpha[row] * C) and at the end.
 template <int R, int NC, int MODE>
-THRIFTY_INLINE void micro(const float* __restrict A, int64_t lda, int64_t aks, const float* __restrict B, int64_t ldb,
-                          float* __restrict C, int64_t ldc, int K, const float* alpha) {
-  Vec acc[R][NC];
+THRIFTY_INLINE void load_acc(Vec (&acc)[R][NC], const float* C, int64_t ldc, const float* alpha) {
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
@@ -73,6 +73,21 @@ THRIFTY_INLINE void micro(const float* __restrict A, int64_t lda, int64_t aks, c
       }
     }
   }
+}
+template <int R, int NC>
+THRIFTY_INLINE void store_acc(const Vec (&acc)[R][NC], float* C, int64_t ldc) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c) acc[r][c].store(C + r * ldc + c * W);
+  }
+}
+
+template <int R, int NC, int MODE>
+THRIFTY_INLINE void micro(const float* __restrict A, int64_t lda, int64_t aks, const float* __restrict B, int64_t ldb,
+                          float* __restrict C, int64_t ldc, int K, const float* alpha) {
+  Vec acc[R][NC];
+  load_acc<R, NC, MODE>(acc, C, ldc, alpha);
   for (int k = 0; k < K; ++k) {
     Vec b[NC];
 #pragma GCC unroll 4
@@ -84,30 +99,32 @@ THRIFTY_INLINE void micro(const float* __restrict A, int64_t lda, int64_t aks, c
       for (int c = 0; c < NC; ++c) acc[r][c] = fma(a, b[c], acc[r][c]);
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int c = 0; c < NC; ++c) acc[r][c].store(C + r * ldc + c * W);
+  store_acc<R, NC>(acc, C, ldc);
+}
+
+// Calls f(std::integral_constant<int, R>, r) for row tiles [r, r + R) covering [0, M): MR rows each,
+// then the 1..MR-1 left over (the register-tile height is a template argument of the micro-kernels).
+template <typename F>
+THRIFTY_INLINE void for_row_tiles(int M, F&& f) {
+  int r = 0;
+  for (; r + MR <= M; r += MR) f(std::integral_constant<int, MR>{}, r);
+  switch (M - r) {
+    case 1: f(std::integral_constant<int, 1>{}, r); break;
+    case 2: f(std::integral_constant<int, 2>{}, r); break;
+    case 3: f(std::integral_constant<int, 3>{}, r); break;
+    case 4: f(std::integral_constant<int, 4>{}, r); break;
+    case 5: f(std::integral_constant<int, 5>{}, r); break;
+    default: break;
   }
+  static_assert(MR == 6, "the remainder cases above run to MR - 1");
 }
 
 template <int NC, int MODE>
 THRIFTY_INLINE void rows_block(int M, const float* A, int64_t lda, int64_t aks, const float* B, int64_t ldb, float* C,
                                int64_t ldc, int K, const float* alpha) {
-  int r = 0;
-  for (; r + MR <= M; r += MR)
-    micro<MR, NC, MODE>(A + r * lda, lda, aks, B, ldb, C + r * ldc, ldc, K, alpha ? alpha + r : nullptr);
-  const float* a = A + r * lda;
-  float* c = C + r * ldc;
-  const float* al = alpha ? alpha + r : nullptr;
-  switch (M - r) {
-    case 1: micro<1, NC, MODE>(a, lda, aks, B, ldb, c, ldc, K, al); break;
-    case 2: micro<2, NC, MODE>(a, lda, aks, B, ldb, c, ldc, K, al); break;
-    case 3: micro<3, NC, MODE>(a, lda, aks, B, ldb, c, ldc, K, al); break;
-    case 4: micro<4, NC, MODE>(a, lda, aks, B, ldb, c, ldc, K, al); break;
-    case 5: micro<5, NC, MODE>(a, lda, aks, B, ldb, c, ldc, K, al); break;
-    default: break;
-  }
+  for_row_tiles(M, [&](auto R, int r) {
+    micro<decltype(R)::value, NC, MODE>(A + r * lda, lda, aks, B, ldb, C + r * ldc, ldc, K, alpha ? alpha + r : nullptr);
+  });
 }
 
 // C[M x N] (op)= A B with A[r][k] at A[r * lda + k * aks] (aks = 1: row-major; lda = 1:
@@ -878,20 +895,8 @@ THRIFTY_INLINE __m512bh as_bh(__m512i x) {
 template <int R, int NC, int MODE>
 THRIFTY_INLINE void micro_dp(const uint32_t* __restrict A, int64_t lda, const uint32_t* __restrict B, int64_t ldb,
                              float* __restrict C, int64_t ldc, int K2, const float* alpha) {
-  __m512 acc[R][NC];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int c = 0; c < NC; ++c) {
-      if (MODE == 0) {
-        acc[r][c] = _mm512_setzero_ps();
-      } else if (MODE == 1) {
-        acc[r][c] = _mm512_loadu_ps(C + r * ldc + c * 16);
-      } else {
-        acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(C + r * ldc + c * 16), _mm512_set1_ps(alpha[r]));
-      }
-    }
-  }
+  Vec acc[R][NC];
+  load_acc<R, NC, MODE>(acc, C, ldc, alpha);
   for (int k = 0; k < K2; ++k) {
     __m512bh b[NC];
 #pragma GCC unroll 4
@@ -900,33 +905,18 @@ THRIFTY_INLINE void micro_dp(const uint32_t* __restrict A, int64_t lda, const ui
     for (int r = 0; r < R; ++r) {
       const __m512bh a = as_bh(_mm512_set1_epi32(static_cast<int>(A[r * lda + k])));
 #pragma GCC unroll 4
-      for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a, b[c]);
+      for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c].v, a, b[c]);
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(C + r * ldc + c * 16, acc[r][c]);
-  }
+  store_acc<R, NC>(acc, C, ldc);
 }
 
 template <int NC, int MODE>
 THRIFTY_INLINE void rows_block_dp(int M, const uint32_t* A, int64_t lda, const uint32_t* B, int64_t ldb, float* C,
                                   int64_t ldc, int K2, const float* alpha) {
-  int r = 0;
-  for (; r + MR <= M; r += MR)
-    micro_dp<MR, NC, MODE>(A + r * lda, lda, B, ldb, C + r * ldc, ldc, K2, alpha ? alpha + r : nullptr);
-  const uint32_t* a = A + r * lda;
-  float* c = C + r * ldc;
-  const float* al = alpha ? alpha + r : nullptr;
-  switch (M - r) {
-    case 1: micro_dp<1, NC, MODE>(a, lda, B, ldb, c, ldc, K2, al); break;
-    case 2: micro_dp<2, NC, MODE>(a, lda, B, ldb, c, ldc, K2, al); break;
-    case 3: micro_dp<3, NC, MODE>(a, lda, B, ldb, c, ldc, K2, al); break;
-    case 4: micro_dp<4, NC, MODE>(a, lda, B, ldb, c, ldc, K2, al); break;
-    case 5: micro_dp<5, NC, MODE>(a, lda, B, ldb, c, ldc, K2, al); break;
-    default: break;
-  }
+  for_row_tiles(M, [&](auto R, int r) {
+    micro_dp<decltype(R)::value, NC, MODE>(A + r * lda, lda, B, ldb, C + r * ldc, ldc, K2, alpha ? alpha + r : nullptr);
+  });
 }
 
 // C[M x 16 NV] (op)= A[M x K2 pairs] B[K2 pairs x 16 NV]; column blocks of 4 vectors outer.
