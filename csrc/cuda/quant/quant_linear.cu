@@ -396,7 +396,7 @@ __global__ void __launch_bounds__(256) scale_bias_epilogue_kernel(EpilogueParams
 
 template <typename A>
 void launch_epilogue_a(const EpilogueParams& e, cudaStream_t stream) {
-  const bool vec = e.N % 4 == 0 && aligned16(e.acc) && (reinterpret_cast<uintptr_t>(e.y) & 15u) == 0;
+  const bool vec = e.N % 4 == 0 && aligned16(e.acc) && aligned16(e.y);
   const int64_t items = vec ? e.M * e.N / 4 : e.M * e.N;
   THRIFTY_CUDA_DTYPE_SWITCH(e.out_dtype, O, [&] {
     if (vec) scale_bias_epilogue_kernel<A, O, 4><<<grid_for(items, 256), 256, 0, stream>>>(e);

@@ -195,7 +195,7 @@ def perplexity_rows(steps: int = 400, preset: str = "tiny", model_overrides: dic
     """Trains a small Llama with thrifty's Trainer on its default corpus (the embedded standard-library
     sources unless ``default_corpus_caps`` narrows it), then measures held-out perplexity of the float
     model and of every (format, method) of ``quantize_model`` (GPTQ calibrated on ``calib_rows`` training
-        rows, spread evenly over the training split) on the first ``eval_rows`` rows of the validation split
+    rows, spread evenly over the training split) on the first ``eval_rows`` rows of the validation split
     (None: all of it). Deterministic for a given seed and ``threads`` (torch threads for the run, restored
     after; 1 by default: the same numbers whatever the machine's thread count, and no OpenMP barrier
     stalls on a shared box; None leaves torch's setting).
