@@ -7,7 +7,8 @@
 // Backward, recomputing, over blocks of vocab rows of W (sized the same way):
 //   Z_b = h @ W_b^T (tokens, block);  ce_grad: Z_b <- G_b = scale * d loss / d Z_b in place
 //   grad_W_b = G_b^T @ h      (each row of grad_W written once: one rounding in bf16/f16)
-//   grad_h  += G_b @ W_b      (accumulated in float32, rounded once at the end)
+//   grad_h  += G_b @ W_b      (accumulated in float32, rounded once at the end; on CUDA each block's
+//                              product is also summed in float32, on the CPU's bf16 path it is rounded once)
 // This costs one more logits matmul than computing the gradient in the forward pass, and buys:
 // one code path for every reduction (reduction="none" needs the per-token incoming gradient,
 // which only the backward has), no gradient stored between forward and backward, and
@@ -18,6 +19,7 @@
 #include "common/checks.h"
 #include "common/cpu_isa.h"
 #include "common/loss_params.h"
+#include "common/torch_compat.h"
 
 namespace thrifty {
 
@@ -183,8 +185,12 @@ inline std::tuple<at::Tensor, at::Tensor> lce_backward(const at::Tensor& grad_lo
       gwb.copy_(at::mm(z.t(), h));
     if (f32)
       gh_acc.addmm_(z, wb);
+#if THRIFTY_HAVE_MM_OUT_DTYPE
+    else if (z.is_cuda())
+      gh_acc.add_(at::mm(z, wb, at::kFloat));  // cuBLAS: float32 sums out, no bf16/f16 rounding per block
+#endif
     else
-      gh_acc.add_(at::mm(z, wb));
+      gh_acc.add_(at::mm(z, wb));  // CPU at avx512_bf16: the block's product is rounded to bf16/f16 once
   }
   return {hidden.scalar_type() == at::kFloat ? gh_acc : gh_acc.to(hidden.scalar_type()), gw};
 }
