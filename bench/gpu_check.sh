@@ -16,8 +16,9 @@
 #   GPU_CHECK_CPU_ARGS   extra pytest arguments for them (e.g. "-k bad_input")
 #   GPU_CHECK_FAMILIES   benchmark families, in order (default: quant norm optim attention model train)
 #   GPU_CHECK_CPU_BENCH  1 also runs `bench attention --quick` on the host CPU (2 threads) at the avx512
-#                        level and at the host's own level (avx512_bf16: the VDPBF16PS forward),
-#                        beside the GPU benchmarks; their bfloat16 rows are printed at the end
+#                        level and at the host's own level, beside the GPU benchmarks (it slows the
+#                        small GPU cases that are launch-bound: rerun those alone to report them);
+#                        their bfloat16 rows are printed at the end
 #   GPU_CHECK_QUICK      1 runs the benchmarks' --quick cases (default: full GPU sizes)
 #   GPU_CHECK_DEADLINE   seconds from the start by which the benchmarks must end (default 480): each
 #                        family runs under min(GPU_CHECK_FAMILY_TIMEOUT (default 150), time left)

@@ -151,8 +151,8 @@ def test_strided_inputs_used_in_place():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_forward_keys_past_the_head_cache(cpu_isa, dtype):
-    """16448 keys of head_dim 256 do not fit the forward's per-thread K/V cache (16 MiB, as float32 or as
-    the avx512_bf16 path's bf16 pairs): each query tile packs its own key tiles instead."""
+    """16448 keys of head_dim 256 do not fit the forward's per-thread float32 K/V cache (16 MiB): each
+    query tile packs its own key tiles instead."""
     q = rand(1, 3, 2, 256, dtype=dtype)
     k, v = rand(1, 16448, 1, 256, dtype=dtype), rand(1, 16448, 1, 256, dtype=dtype)
     for causal, window in ((False, (-1, -1)), (True, (100, 0))):
