@@ -68,7 +68,9 @@ def test_float32_weight_with_low_precision_x(cpu_isa, dtype, device):
     assert_close_to_ref(y, ref, (ref_rms_norm(x, w, 1e-6)).to(dtype), factor=1.0, atol=1e-2)
 
 
-@pytest.mark.parametrize("shape", [(3, 769), (2, 5, 1000), (300, 64)])
+# Rows wide enough for each CUDA backward variant: 1, 2 and 4 vectors per thread in registers (64..8192),
+# shared-memory partial sums beyond (8256) and for unaligned widths (769).
+@pytest.mark.parametrize("shape", [(3, 769), (2, 5, 1000), (300, 64), (9, 2056), (37, 4096), (5, 8192), (3, 8256)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fused", [False, True])
 def test_backward(cpu_isa, shape, dtype, fused, device):
