@@ -75,6 +75,27 @@ __global__ void rms_norm_fwd_kernel(RmsNormParams p) {
   }
 }
 
+// One V-vector of a row's backward: gx = g w rstd - x coef + gh (gh may be null), and the
+// grad_weight partial sums dw += g x rstd (shared memory or registers: dw is inlined either way).
+template <typename T, typename TW, int V>
+__device__ __forceinline__ void grad_x_pack(const float (&g)[V], const float (&x)[V], const TW* w, const T* gh,
+                                            float rstd, float coef, T* gx, float* dw) {
+  float wv[V], e[V], d[V];
+  load_pack<TW, V>(w, wv);
+  if (gh != nullptr) {
+    load_pack<T, V>(gh, e);
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) e[j] = 0.0f;
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    d[j] = g[j] * wv[j] * rstd - x[j] * coef + e[j];
+    dw[j] += g[j] * x[j] * rstd;
+  }
+  store_pack<T, V>(gx, d);
+}
+
 template <typename T, typename TW, int V>
 __global__ void rms_norm_bwd_kernel(RmsNormBwdParams p) {
   extern __shared__ float dw[];  // (hidden,) this block's grad_weight partial sums
@@ -101,22 +122,10 @@ __global__ void rms_norm_bwd_kernel(RmsNormBwdParams p) {
     T* gx = static_cast<T*>(p.grad_x) + row * p.hidden;
     const T* gh = p.grad_h != nullptr ? static_cast<const T*>(p.grad_h) + row * p.gh_stride : nullptr;
     for (int i = threadIdx.x * V; i < n; i += blockDim.x * V) {
-      float a[V], b[V], c[V], d[V], e[V];
+      float a[V], b[V];
       load_pack<T, V>(g + i, a);
       load_pack<T, V>(x + i, b);
-      load_pack<TW, V>(w + i, c);
-      if (gh != nullptr) {
-        load_pack<T, V>(gh + i, e);
-      } else {
-#pragma unroll
-        for (int j = 0; j < V; ++j) e[j] = 0.0f;
-      }
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        d[j] = a[j] * c[j] * rstd - b[j] * coef + e[j];
-        dw[i + j] += a[j] * b[j] * rstd;
-      }
-      store_pack<T, V>(gx + i, d);
+      grad_x_pack<T, TW, V>(a, b, w + i, gh != nullptr ? gh + i : nullptr, rstd, coef, gx + i, dw + i);
     }
   }
   __syncthreads();
@@ -199,21 +208,8 @@ __global__ void __launch_bounds__(kBwdThreads, 2) rms_norm_bwd_reg_kernel(RmsNor
 #pragma unroll
       for (int c = 0; c < C; ++c) {
         const int i = (threadIdx.x + c * kBwdThreads) * V;
-        if (i >= n) continue;
-        float wv[V], e[V], d[V];
-        load_pack<TW, V>(w + i, wv);
-        if (gh != nullptr) {
-          load_pack<T, V>(gh + i, e);
-        } else {
-#pragma unroll
-          for (int j = 0; j < V; ++j) e[j] = 0.0f;
-        }
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          d[j] = g[r][c][j] * wv[j] * rstd[r] - x[r][c][j] * coef + e[j];
-          dw[c][j] += g[r][c][j] * x[r][c][j] * rstd[r];
-        }
-        store_pack<T, V>(gx + i, d);
+        if (i < n)
+          grad_x_pack<T, TW, V>(g[r][c], x[r][c], w + i, gh != nullptr ? gh + i : nullptr, rstd[r], coef, gx + i, dw[c]);
       }
     }
   }
