@@ -13,11 +13,11 @@
 //     l = alpha l + rowsum P;  O = alpha O + P V
 //   out = O / l;  lse = m + log l     (a row with no visible key: out 0, lse -inf)
 // All arithmetic is float32 whatever the storage type: bf16/f16 tiles are widened into
-// per-thread float buffers, at every ISA level. A bf16 forward on VDPBF16PS (avx512_bf16: pairs of
-// bf16 products per float32 lane, no widening) was written and measured on a Sapphire Rapids-class
-// Xeon (AMX, 2 threads, b1 h8 s2048): 0.61-0.75x this FMA path's speed, with K panels strided or
-// contiguous per key tile, so it was removed (git history: fwd_bf16_dot). torch's SDPA there runs
-// bf16 on AMX tiles at 2-3x either; AMX is the way past it on such CPUs.
+// per-thread float buffers, at every ISA level. A bf16 forward on VDPBF16PS (avx512_bf16: pairs
+// of bf16 products per float32 lane, no widening) was written and measured on an AMX-capable Xeon
+// (Sapphire Rapids or later; 2 threads, b1 h8 s2048): 0.61-0.75x this FMA path's speed, with K
+// panels strided or contiguous per key tile, so it was removed (git history: fwd_bf16_dot).
+// torch's SDPA there runs bf16 on AMX tiles at 2-3x either; AMX is the way past it on such CPUs.
 //
 // Backward (recomputing P from lse), with D = rowsum(dO * O):
 //   dV = P^T dO;  dP = dO V^T;  dS = P * (dP - D)  (times 1 - tanh^2 under softcap)
