@@ -4,7 +4,10 @@ add+RMSNorm, rotary embedding and SwiGLU, each against PyTorch in the same proce
 Baselines: torch.nn.functional.rms_norm for the norm forward; the eager PyTorch composite
 (the plain formula, differentiated by autograd) for the backward passes, rotary and SwiGLU.
 ``bytes`` is the fewest bytes each op must move (inputs read once, outputs written once).
-Backward timings call torch.autograd.grad on a retained graph, for thrifty and torch alike.
+Backward timings call torch.autograd.grad on a retained graph, for thrifty and torch alike; the
+"(op alone)" rows time thrifty's backward op itself, without the autograd engine around it (no
+baseline): the kernels' own share of the copy bandwidth, which the autograd rows understate for
+short kernels (the engine's own time per call is in them).
 """
 from __future__ import annotations
 
@@ -77,7 +80,11 @@ def run(device, quick: bool = False) -> Bench:
         y_e = _rms_eager(xg, wg)
         b.case(op="rms_norm bwd", shape=shape, dtype=dt, thrifty=_grad_fn(y_t, (xg, wg), gy),
                torch_fn=_grad_fn(y_e, (xg, wg), gy), bytes=3 * n * es + 4 * rows, baseline="eager autograd")
-        del x, r, xg, wg, gy, y_t, y_e
+        # the backward op alone (no autograd engine around it): the kernels' own share of copy bandwidth
+        _, rstd = torch.ops.thrifty.rms_norm(x, w, 1e-6)
+        b.case(op="rms_norm bwd (op alone)", shape=shape, dtype=dt,
+               thrifty=lambda: torch.ops.thrifty.rms_norm_backward(gy, x, w, rstd, None), bytes=3 * n * es + 4 * rows)
+        del x, r, xg, wg, gy, y_t, y_e, rstd
 
     # ---- rotary: tokens x (32 q heads, 8 k heads) x 128 ----
     tokens = 256 if quick else (16384 if cuda else 4096)
@@ -101,6 +108,8 @@ def run(device, quick: bool = False) -> Bench:
             out_e = _rope_eager(qg, kg, pos, cache)
             b.case(op="rotary bwd", shape=shape, dtype=dt, thrifty=_grad_fn(out_t, (qg, kg), (gq, gk)),
                    torch_fn=_grad_fn(out_e, (qg, kg), (gq, gk)), bytes=nbytes, baseline="eager autograd")
+            b.case(op="rotary bwd (op alone)", shape=shape, dtype=dt,
+                   thrifty=lambda: torch.ops.thrifty.rotary_embedding_backward(gq, gk, pos, cache, False), bytes=nbytes)
             del qg, kg, gq, gk, out_t, out_e
         del q, k
 
