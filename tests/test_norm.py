@@ -68,6 +68,22 @@ def test_float32_weight_with_low_precision_x(cpu_isa, dtype, device):
     assert_close_to_ref(y, ref, (ref_rms_norm(x, w, 1e-6)).to(dtype), factor=1.0, atol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 769), (5, 1000), (9, 2056)])
+def test_backward_float32_weight_with_low_precision_x(cpu_isa, dtype, shape, device):
+    """bf16/f16 activations with a float32 weight (the kernels' mixed weight type): grad_x in x's dtype,
+    grad_weight in float32, against float64 autograd on the same (rounded) values."""
+    x = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
+    w = torch.randn(shape[-1], device=device, requires_grad=True)
+    gy = torch.randn(shape, dtype=dtype, device=device)
+    (thrifty.ops.rms_norm(x, w) * gy).sum().backward()
+    assert x.grad.dtype == dtype and w.grad.dtype == torch.float32
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    (ref_rms_norm(xd, wd, 1e-6) * gy.double()).sum().backward()
+    assert_close_to_ref(x.grad, xd.grad, xd.grad.to(dtype), factor=2.0, atol=1e-3, name="grad_x")
+    torch.testing.assert_close(w.grad.double(), wd.grad, rtol=1e-4, atol=1e-4 * shape[0])
+
+
 # Rows wide enough for each CUDA backward variant: 1, 2 and 4 vectors per thread in registers (64..8192),
 # shared-memory partial sums beyond (8256) and for unaligned widths (769).
 @pytest.mark.parametrize("shape", [(3, 769), (2, 5, 1000), (300, 64), (9, 2056), (37, 4096), (5, 8192), (3, 8256)])
