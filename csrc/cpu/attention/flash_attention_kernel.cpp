@@ -32,7 +32,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 #include "common/attention_mask.h"
@@ -59,9 +58,10 @@ THRIFTY_INLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m *
 // GEMM on float tiles: C[M x N] (op)= A[M x K] B[K x N], A row-major (elements broadcast),
 // B row-major with N a multiple of W (packed, padded), C row-major.
 // MODE 0: C = AB;  MODE 1: C += AB;  MODE 2: C = alpha[row] * C + AB.
-// The R x NC accumulator tile of C at the start (MODE 0: zero, 1: C, 2: alpha[row] * C) and at the end.
 template <int R, int NC, int MODE>
-THRIFTY_INLINE void load_acc(Vec (&acc)[R][NC], const float* C, int64_t ldc, const float* alpha) {
+THRIFTY_INLINE void micro(const float* __restrict A, int64_t lda, int64_t aks, const float* __restrict B, int64_t ldb,
+                          float* __restrict C, int64_t ldc, int K, const float* alpha) {
+  Vec acc[R][NC];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
@@ -75,21 +75,6 @@ THRIFTY_INLINE void load_acc(Vec (&acc)[R][NC], const float* C, int64_t ldc, con
       }
     }
   }
-}
-template <int R, int NC>
-THRIFTY_INLINE void store_acc(const Vec (&acc)[R][NC], float* C, int64_t ldc) {
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int c = 0; c < NC; ++c) acc[r][c].store(C + r * ldc + c * W);
-  }
-}
-
-template <int R, int NC, int MODE>
-THRIFTY_INLINE void micro(const float* __restrict A, int64_t lda, int64_t aks, const float* __restrict B, int64_t ldb,
-                          float* __restrict C, int64_t ldc, int K, const float* alpha) {
-  Vec acc[R][NC];
-  load_acc<R, NC, MODE>(acc, C, ldc, alpha);
   for (int k = 0; k < K; ++k) {
     Vec b[NC];
 #pragma GCC unroll 4
@@ -101,32 +86,30 @@ THRIFTY_INLINE void micro(const float* __restrict A, int64_t lda, int64_t aks, c
       for (int c = 0; c < NC; ++c) acc[r][c] = fma(a, b[c], acc[r][c]);
     }
   }
-  store_acc<R, NC>(acc, C, ldc);
-}
-
-// Calls f(std::integral_constant<int, R>, r) for row tiles [r, r + R) covering [0, M): MR rows each,
-// then the 1..MR-1 left over (the register-tile height is a template argument of the micro-kernels).
-template <typename F>
-THRIFTY_INLINE void for_row_tiles(int M, F&& f) {
-  int r = 0;
-  for (; r + MR <= M; r += MR) f(std::integral_constant<int, MR>{}, r);
-  switch (M - r) {
-    case 1: f(std::integral_constant<int, 1>{}, r); break;
-    case 2: f(std::integral_constant<int, 2>{}, r); break;
-    case 3: f(std::integral_constant<int, 3>{}, r); break;
-    case 4: f(std::integral_constant<int, 4>{}, r); break;
-    case 5: f(std::integral_constant<int, 5>{}, r); break;
-    default: break;
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c) acc[r][c].store(C + r * ldc + c * W);
   }
-  static_assert(MR == 6, "the remainder cases above run to MR - 1");
 }
 
 template <int NC, int MODE>
 THRIFTY_INLINE void rows_block(int M, const float* A, int64_t lda, int64_t aks, const float* B, int64_t ldb, float* C,
                                int64_t ldc, int K, const float* alpha) {
-  for_row_tiles(M, [&](auto R, int r) {
-    micro<decltype(R)::value, NC, MODE>(A + r * lda, lda, aks, B, ldb, C + r * ldc, ldc, K, alpha ? alpha + r : nullptr);
-  });
+  int r = 0;
+  for (; r + MR <= M; r += MR)
+    micro<MR, NC, MODE>(A + r * lda, lda, aks, B, ldb, C + r * ldc, ldc, K, alpha ? alpha + r : nullptr);
+  const float* a = A + r * lda;
+  float* c = C + r * ldc;
+  const float* al = alpha ? alpha + r : nullptr;
+  switch (M - r) {
+    case 1: micro<1, NC, MODE>(a, lda, aks, B, ldb, c, ldc, K, al); break;
+    case 2: micro<2, NC, MODE>(a, lda, aks, B, ldb, c, ldc, K, al); break;
+    case 3: micro<3, NC, MODE>(a, lda, aks, B, ldb, c, ldc, K, al); break;
+    case 4: micro<4, NC, MODE>(a, lda, aks, B, ldb, c, ldc, K, al); break;
+    case 5: micro<5, NC, MODE>(a, lda, aks, B, ldb, c, ldc, K, al); break;
+    default: break;
+  }
 }
 
 // C[M x N] (op)= A B with A[r][k] at A[r * lda + k * aks] (aks = 1: row-major; lda = 1:
@@ -299,40 +282,6 @@ struct Buffer {
 // ---------------------------------------------------------------------------------------
 // Forward
 
-// Item `item` of a tiled forward: a tile of up to FBQ query rows of one (batch, head), with the
-// pointers to its rows. Tiles of one head alternate between the two ends of the sequence so that
-// contiguous ranges of items (the thread pool's static split) carry equal causal work.
-template <typename T>
-struct FwdTile {
-  int b, h, kvh;
-  Seq sq;
-  int64_t i0;
-  int mq;  // rows of the tile; 0 when the tile starts past the sequence's end (nothing to do)
-  const T *qb, *kb, *vb;
-  T* ob;
-  float* lse;
-};
-
-template <typename T>
-THRIFTY_INLINE FwdTile<T> fwd_tile(const AttentionParams& p, int64_t item, int64_t nqt) {
-  FwdTile<T> t;
-  const int64_t bh = item / nqt, ti = item % nqt;
-  const int64_t qti = (ti % 2 == 0) ? ti / 2 : nqt - 1 - ti / 2;
-  t.b = static_cast<int>(bh / p.heads);
-  t.h = static_cast<int>(bh % p.heads);
-  t.kvh = t.h / (p.heads / p.kv_heads);
-  t.sq = seq_of(p, t.b);
-  t.i0 = qti * FBQ;
-  t.mq = t.i0 >= t.sq.sq ? 0 : static_cast<int>(t.sq.sq - t.i0 < FBQ ? t.sq.sq - t.i0 : FBQ);
-  const int64_t qr = t.sq.q_row0 + t.i0;
-  t.qb = static_cast<const T*>(p.q) + t.b * p.q_batch_stride + qr * p.q_row_stride + t.h * p.q_head_stride;
-  t.kb = static_cast<const T*>(p.k) + t.b * p.k_batch_stride + t.sq.k_row0 * p.k_row_stride + t.kvh * p.k_head_stride;
-  t.vb = static_cast<const T*>(p.v) + t.b * p.v_batch_stride + t.sq.k_row0 * p.v_row_stride + t.kvh * p.v_head_stride;
-  t.ob = static_cast<T*>(p.out) + t.b * p.o_batch_stride + qr * p.o_row_stride + t.h * p.o_head_stride;
-  t.lse = p.lse + t.b * p.lse_batch_stride + t.h * p.lse_head_stride + qr;
-  return t;
-}
-
 // Output rows r < n: out = acc / l, lse = m + log l; a row with l = 0 (no visible key) gets out 0
 // and lse -inf. acc rows are Dp floats apart, output rows o_stride elements.
 template <typename T>
@@ -357,8 +306,13 @@ template <typename T>
 void fwd(const AttentionParams& p) {
   const int D = p.head_dim;
   const int Dp = static_cast<int>(round_up(D, W));
+  const int group = p.heads / p.kv_heads;
   const int64_t nqt = (static_cast<int64_t>(p.seqlen_q) + FBQ - 1) / FBQ;
   const int64_t items = static_cast<int64_t>(p.batch) * p.heads * nqt;
+  const T* Q = static_cast<const T*>(p.q);
+  const T* K = static_cast<const T*>(p.k);
+  const T* V = static_cast<const T*>(p.v);
+  T* O = static_cast<T*>(p.out);
   const int wl = p.window_left, wr = p.window_right;
   const float cap = p.softcap;
 
@@ -386,15 +340,23 @@ void fwd(const AttentionParams& p) {
     float* l = m + FBQ;
     float* alpha = l + FBQ;
     for (int64_t item = begin; item < end; ++item) {
-      const FwdTile<T> tile = fwd_tile<T>(p, item, nqt);
-      const int mq = tile.mq;
-      if (mq == 0) continue;
-      const Seq sq = tile.sq;
-      const int64_t i0 = tile.i0;
+      // Tiles of one head alternate between the two ends of the sequence so that contiguous
+      // ranges of items (the thread pool's static split) carry equal causal work.
+      const int64_t bh = item / nqt, t = item % nqt;
+      const int64_t qti = (t % 2 == 0) ? t / 2 : nqt - 1 - t / 2;
+      const int b = static_cast<int>(bh / p.heads), h = static_cast<int>(bh % p.heads), kvh = h / group;
+      const Seq sq = seq_of(p, b);
+      const int64_t i0 = qti * FBQ;
+      if (i0 >= sq.sq) continue;
+      const int mq = static_cast<int>(sq.sq - i0 < FBQ ? sq.sq - i0 : FBQ);
       const int nq = static_cast<int>(round_up(mq, W));
-      const T *qb = tile.qb, *kb = tile.kb, *vb = tile.vb;
-      if (head_cache && resident != static_cast<int64_t>(tile.b) * p.kv_heads + tile.kvh) {
-        resident = static_cast<int64_t>(tile.b) * p.kv_heads + tile.kvh;
+      const T* qb = Q + b * p.q_batch_stride + (sq.q_row0 + i0) * p.q_row_stride + h * p.q_head_stride;
+      const T* kb = K + b * p.k_batch_stride + sq.k_row0 * p.k_row_stride + kvh * p.k_head_stride;
+      const T* vb = V + b * p.v_batch_stride + sq.k_row0 * p.v_row_stride + kvh * p.v_head_stride;
+      T* ob = O + b * p.o_batch_stride + (sq.q_row0 + i0) * p.o_row_stride + h * p.o_head_stride;
+      float* lse = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + sq.q_row0 + i0;
+      if (head_cache && resident != static_cast<int64_t>(b) * p.kv_heads + kvh) {
+        resident = static_cast<int64_t>(b) * p.kv_heads + kvh;
         std::fill(packed.begin(), packed.end(), 0);
       }
 
@@ -474,7 +436,7 @@ void fwd(const AttentionParams& p) {
         }
         gemm_s<2>(mq, nv, kn, st, 1, FBQ, vp, lv, acc, Dp, alpha);  // O = alpha O + P V
       }
-      store_out_rows(acc, Dp, m, l, mq, D, tile.ob, p.o_row_stride, tile.lse);
+      store_out_rows(acc, Dp, m, l, mq, D, ob, p.o_row_stride, lse);
     }
   });
 }
