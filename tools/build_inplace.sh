@@ -9,6 +9,9 @@ mode=${THRIFTY_CUDA:-off}
 bdir=build/dev-${mode}
 cmake -S . -B "$bdir" -G Ninja -DPython_EXECUTABLE="$(command -v "$py")" -DTHRIFTY_CUDA="$mode" "$@" >/dev/null
 cmake --build "$bdir" -j "${JOBS:-2}"
-cp "$bdir"/_C*.so python/thrifty/
-cp "$bdir"/_build_info.py python/thrifty/
+# copy, then rename over the old files: cp over a loaded .so in place would crash the processes running it
+for f in "$bdir"/_C*.so "$bdir"/_build_info.py; do
+  cp "$f" "python/thrifty/.$(basename "$f").tmp"
+  mv -f "python/thrifty/.$(basename "$f").tmp" "python/thrifty/$(basename "$f")"
+done
 echo "built $(ls "$bdir"/_C*.so) -> python/thrifty/"
