@@ -2,7 +2,9 @@
 attention) on the same weights, and the fused linear_cross_entropy's peak memory vs torch.
 
 CPU: the `small` preset in bfloat16: a forward+backward training step on batch 8 x 512
-(--quick: the `tiny` preset, 2 x 64) and batch-1 greedy decode tokens/s (always `small`: 16-token
+(--quick: the `tiny` preset, 2 x 64), each model in a fresh process that reports the peak RSS growth of
+its first step and then times more steps (transformers' bf16 step at 8 x 512 takes tens of minutes on
+CPUs without avx512_bf16, so the full run times that one step), and batch-1 greedy decode tokens/s (always `small`: 16-token
 prompt + 32 new tokens, thrifty's generate vs transformers' generate on the same weights), the
 decode GEMV thrifty.ops.linear vs F.linear in bf16 (M 1: K 768 x N 3072 and 4096 x 4096, weights
 cycled through more memory than any cache holds) in GB/s against this run's copy bandwidth;
@@ -15,6 +17,7 @@ torch.cuda.max_memory_allocated.
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -139,35 +142,40 @@ def run(device, quick: bool = False) -> Bench:
 
     # 2. training step of the small preset
     preset = "tiny" if quick and not cuda else "small"
-    ours, hf = _models(dtype, device, preset)
     bs, seq = (2, 64) if quick else (8, 512)
-    ids = torch.randint(0, ours.config.vocab_size, (bs, seq), device=device)
-
-    def step_ours():
-        ours.zero_grad(set_to_none=True)
-        ours(ids, labels=ids).backward()
-
-    def step_hf():
-        hf.zero_grad(set_to_none=True)
-        hf(ids, labels=ids).loss.backward()
-
-    reps = 3 if not cuda else 10
-    mem_o = _peak_step_mem(step_ours, device)
-    mem_h = _peak_step_mem(step_hf, device)
-    t = timeit(step_ours, device, warmup=1, reps=reps)
-    tt = timeit(step_hf, device, warmup=1, reps=reps)
-    extra = {"tokens_per_s": round(bs * seq / t), "hf_tokens_per_s": round(bs * seq / tt)}
     if cuda:
-        extra.update(peak_mem_MB=round(mem_o / 2**20), hf_peak_mem_MB=round(mem_h / 2**20))
+        ours, hf = _models(dtype, device, preset)
+        ids = torch.randint(0, ours.config.vocab_size, (bs, seq), device=device)
+
+        def step_ours():
+            ours.zero_grad(set_to_none=True)
+            ours(ids, labels=ids).backward()
+
+        def step_hf():
+            hf.zero_grad(set_to_none=True)
+            hf(ids, labels=ids).loss.backward()
+
+        mem_o = _peak_step_mem(step_ours, device)
+        mem_h = _peak_step_mem(step_hf, device)
+        t = timeit(step_ours, device, warmup=1, reps=10)
+        tt = timeit(step_hf, device, warmup=1, reps=10)
+        extra = {"tokens_per_s": round(bs * seq / t), "hf_tokens_per_s": round(bs * seq / tt),
+                 "peak_mem_MB": round(mem_o / 2**20), "hf_peak_mem_MB": round(mem_h / 2**20)}
+    else:
+        # Each model in a fresh process: peak RSS growth of its first step, then the timed steps. transformers'
+        # bf16 step at 8 x 512 takes tens of minutes on CPUs without avx512_bf16 (torch's slow bf16 GEMM
+        # there), so the full run times it once: its first (measured-memory) step is its timed step.
+        r_o = _cpu_step("thrifty", bs, seq, preset, reps=3)
+        r_h = _cpu_step("transformers", bs, seq, preset, reps=3 if quick else 0)
+        t, tt = statistics.median(r_o["times"]), statistics.median(r_h["times"])
+        extra = {"tokens_per_s": round(bs * seq / t, 1), "hf_tokens_per_s": round(bs * seq / tt, 1),
+                 "peak_rss_MB": round(r_o["peak"] / 2**20), "hf_peak_rss_MB": round(r_h["peak"] / 2**20),
+                 "mem_ratio": round(r_o["peak"] / r_h["peak"], 3), "hf_timed_steps": len(r_h["times"])}
     _record(b, f"{preset} train step fwd+bwd", f"{bs}x{seq}", dtype, t, tt, **extra)
-    train_case = b.cases[-1]
-    ours.zero_grad(set_to_none=True)
-    hf.zero_grad(set_to_none=True)
 
     # 3. batch-1 greedy decode: the `small` preset (on the CPU too: thrifty's decode GEMV makes it quick;
     # transformers' bf16 GEMV takes ~1 s per token on the AVX2 box, hence 32 new tokens there)
-    if preset != "small":
-        del ours, hf
+    if not cuda:  # the CPU step ran in subprocesses (on CUDA the preset is always `small`)
         ours, hf = _models(dtype, device, "small")
     new = 64 if cuda else 32
     prompt = torch.randint(0, ours.config.vocab_size, (1, 16), device=device)
@@ -214,31 +222,39 @@ def run(device, quick: bool = False) -> Bench:
               f"{c.extra['torch_GBps']} GB/s", flush=True)
         del ws
 
-    if not cuda:
-        # CPU peak memory of a training step: each model in its own fresh process
-        for name in ("thrifty", "transformers"):
-            mb = _cpu_step_peak(name, bs, seq, preset)
-            train_case.extra[("peak_rss_MB" if name == "thrifty" else "hf_peak_rss_MB")] = round(mb / 2**20)
-        print(f"  train step peak RSS growth: {train_case.extra}", flush=True)
     return b
 
 
-_STEP_MEM_SCRIPT = r"""
-import json, sys, torch
+_STEP_SCRIPT = r"""
+import json, sys, time, torch
 from thrifty.bench.model import _models, reset_peak, peak
-which, bs, seq, preset = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+which, bs, seq, preset, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 ours, hf = _models(torch.bfloat16, torch.device("cpu"), preset)
 m = ours if which == "thrifty" else hf
 del ours, hf
-ids = torch.randint(0, 32000, (bs, seq))
+torch.manual_seed(1)
+ids = torch.randint(0, m.config.vocab_size, (bs, seq))
+def step():
+    m.zero_grad(set_to_none=True)
+    out = m(ids, labels=ids)
+    (out if which == "thrifty" else out.loss).backward()
 base = reset_peak()
-out = m(ids, labels=ids)
-(out if which == "thrifty" else out.loss).backward()
-print(json.dumps({"peak": peak() - base}))
+t0 = time.perf_counter()
+step()
+first = time.perf_counter() - t0
+p = peak() - base
+times = []
+for _ in range(reps):
+    t0 = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t0)
+print(json.dumps({"peak": p, "times": times or [first]}))
 """
 
 
-def _cpu_step_peak(which, bs, seq, preset) -> float:
-    out = subprocess.run([sys.executable, "-c", _STEP_MEM_SCRIPT, which, str(bs), str(seq), preset], capture_output=True,
-                         text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
+def _cpu_step(which, bs, seq, preset, reps) -> dict:
+    """Peak RSS growth of one fwd+bwd step of `which` in a fresh process, and the times of `reps` more
+    steps (reps 0: the first step's time)."""
+    out = subprocess.run([sys.executable, "-c", _STEP_SCRIPT, which, str(bs), str(seq), preset, str(reps)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
