@@ -266,6 +266,28 @@ def test_existing_run_needs_resume(corpus, tmp_path, capsys):
     assert not list(stale.rglob(".tmp-*")) and (stale / "checkpoints" / "step_000002").is_dir()
 
 
+def test_resume_finished_run_nothing_to_do(corpus, tmp_path, capsys):
+    """--resume of a run already at --steps: says so, exits 0 and leaves the export and summary untouched;
+    a larger --steps continues it."""
+    out = tmp_path / "r"
+    assert run(cfg(corpus, out, steps=2)) == 0
+    kept = {f: (out / f).read_bytes() for f in ("summary.json", "model.safetensors", "config.json", "metrics.jsonl",
+                                                  "train_config.json")}
+    capsys.readouterr()
+    assert run(cfg(corpus, out, steps=2, resume=True)) == 0
+    assert "run already at step 2 of 2: nothing to do" in capsys.readouterr().err
+    assert {f: (out / f).read_bytes() for f in kept} == kept
+    assert json.loads(kept["summary.json"])["final_loss"] is not None
+    # killed between the last checkpoint and the export: the resume writes the missing export
+    (out / "summary.json").unlink()
+    (out / "model.safetensors").unlink()
+    assert run(cfg(corpus, out, steps=2, resume=True)) == 0
+    assert (out / "model.safetensors").read_bytes() == kept["model.safetensors"]
+    assert json.loads((out / "summary.json").read_text())["final_loss"] == json.loads(kept["summary.json"])["final_loss"]
+    assert run(cfg(corpus, out, steps=4, resume=True)) == 0
+    assert sorted(losses(out)) == [1, 2, 3, 4] and json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
 def test_nan_step_skipped(corpus, tmp_path):
     out = tmp_path / "r"
     res = Trainer(cfg(corpus, out, steps=4, inject_nan_steps=(2,))).train()

@@ -756,6 +756,8 @@ class Trainer:
         except BaseException:
             self._cleanup_failed(created, before)
             raise
+        if c.resume and self._finished():
+            return self._nothing_to_do()
         try:
             return self._loop()
         except TrainError:
@@ -763,6 +765,57 @@ class Trainer:
             if not c.resume and not self._checkpoints():
                 self._cleanup_failed(created, before)
             raise
+
+    def _finished(self) -> bool:
+        """Whether the resumed checkpoint already reached the end of the schedule (--steps or --time-budget)."""
+        if self.cfg.steps is not None:
+            return self.step >= self.cfg.steps
+        return self.time_budget is not None and self.elapsed_before >= self.time_budget
+
+    def _nothing_to_do(self) -> dict:
+        """A resume with no step left: the export and summary.json stay as they are (written again only
+        when a kill between the last checkpoint and the export left them missing)."""
+        c, rd = self.cfg, self.run_dir
+        goal = f"{c.steps}" if c.steps is not None else f"the --time-budget of {self.time_budget:.0f} s"
+        self.log(f"run already at step {self.step} of {goal}: nothing to do"
+                 + (" (raise --steps to train further)" if c.steps is not None else ""))
+        summary = rd / "summary.json"
+        if summary.is_file() and (rd / "config.json").is_file():
+            try:
+                return json.loads(summary.read_text())
+            except ValueError:
+                pass
+        rows = []
+        if (rd / "metrics.jsonl").is_file():
+            rows = [json.loads(ln) for ln in (rd / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        last = [r for r in rows if r.get("step") == self.step]
+        result = {"run_dir": str(rd), "steps": self.step,
+                  "final_loss": next((r["loss"] for r in reversed(last) if "loss" in r), None),
+                  "nan_skipped": self.nan_skipped, "tokens": self.tokens_seen}
+        result.update({k: r[k] for r in last for k in ("val_loss", "val_ppl") if k in r})
+        self._write_export(result, rd / "metrics.jsonl")
+        return result
+
+    def _write_export(self, result: dict, metrics_path: Path) -> None:
+        """The final model (Hugging Face format), loss curve and summary.json in the run directory."""
+        c, rd = self.cfg, self.run_dir
+        msd, _ = self._full_state()
+        if self.is_main:
+            tmp = rd / f".tmp-export-{os.getpid()}"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            self._export_model(msd, tmp)
+            for f in tmp.iterdir():
+                os.replace(f, rd / f.name)
+            tmp.rmdir()
+            if c.plot and metrics_path.is_file():
+                self.plot_loss(metrics_path, rd / "loss_curve.png")
+            (rd / "summary.json").write_text(json.dumps(result, indent=1))
+            fl = result.get("final_loss")
+            self.log(f"done: {self.step} steps, final train loss " + (f"{fl:.4f}" if fl is not None else "unknown")
+                     + (f", val loss {result['val_loss']:.4f} (perplexity {result['val_ppl']:.2f})" if "val_loss" in result else "")
+                     + f"; model in {rd} (Hugging Face format), checkpoints in {self._ckpt_root()}")
+        self._barrier()
 
     def _cleanup_failed(self, created: bool, before: set | None = None) -> None:
         rd = getattr(self, "run_dir", None) or (Path(self.cfg.out) if self.cfg.out else None)
@@ -886,22 +939,7 @@ class Trainer:
             return result
         if c.save_every is None or self.step % (c.save_every or 1) != 0:
             last_good = self.save_checkpoint() if self._consecutive_nan == 0 else last_good
-        msd, _ = self._full_state()
-        if self.is_main:
-            tmp = rd / f".tmp-export-{os.getpid()}"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            self._export_model(msd, tmp)
-            for f in tmp.iterdir():
-                os.replace(f, rd / f.name)
-            tmp.rmdir()
-            if c.plot:
-                self.plot_loss(metrics_path, rd / "loss_curve.png")
-            (rd / "summary.json").write_text(json.dumps(result, indent=1))
-            self.log(f"done: {self.step} steps, final train loss {result['final_loss']:.4f}"
-                     + (f", val loss {result['val_loss']:.4f} (perplexity {result['val_ppl']:.2f})" if "val_loss" in result else "")
-                     + f"; model in {rd} (Hugging Face format), checkpoints in {self._ckpt_root()}")
-        self._barrier()
+        self._write_export(result, metrics_path)
         return result
 
     @staticmethod
