@@ -196,6 +196,32 @@ def test_lora_trains_only_adapters_and_merges(corpus, base_model, tmp_path):
     assert all(changed)
 
 
+def test_lora_on_tied_lm_head_exports_untied(corpus, tmp_path):
+    """LoRA on lm_head of a model with tied embeddings: the export unties them (tie_word_embeddings false,
+    both weights written), so thrifty and transformers load it with the trained model's logits."""
+    out = tmp_path / "lora"
+    t = Trainer(cfg(corpus, out, lora_rank=4, lora_targets=("q_proj", "lm_head"), steps=3, lr=5e-2))
+    t.train()
+    assert t.model_config.tie_word_embeddings  # the preset ties them
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["tie_word_embeddings"] is False
+    from safetensors.torch import load_file
+    sd = load_file(str(out / "model.safetensors"))
+    assert not torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"])  # the adapter is in the head
+    x = torch.randint(0, 320, (1, 16))
+    t.raw_model.eval()
+    with torch.no_grad():
+        trained = t.raw_model(x)
+    Llama, _, _ = model_api()
+    m = Llama.from_pretrained(str(out)).float().eval()
+    with torch.no_grad():
+        assert torch.allclose(m(x), trained, rtol=1e-4, atol=1e-4)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.allclose(hf(x).logits, trained, rtol=1e-4, atol=1e-4)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

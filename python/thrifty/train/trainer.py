@@ -542,10 +542,16 @@ class Trainer:
                 w = msd[f"{n}.base.weight"]
                 merged[f"{n}.weight"] = (w.float() + s * (msd[f"{n}.lora_B"].float() @ msd[f"{n}.lora_A"].float())).to(w.dtype)
             msd = merged
+        mcfg = self.model_config
+        tied = getattr(mcfg, "tie_word_embeddings", False)
+        if tied and self.cfg.lora_rank and "lm_head" in loramod.lora_modules(self.raw_model):
+            # an adapter on a tied LM head changes the head, not the embedding: export them untied
+            mcfg, tied = copy.copy(mcfg), False
+            mcfg.tie_word_embeddings = False
         with torch.device("meta"):
-            shell = Llama(self.model_config)
+            shell = Llama(mcfg)
         shell.load_state_dict({k: v.detach().cpu() for k, v in msd.items()}, strict=False, assign=True)
-        if getattr(self.model_config, "tie_word_embeddings", False):
+        if tied:
             shell.lm_head.weight = shell.model.embed_tokens.weight
         left = [n for n, p in shell.named_parameters() if p.is_meta]
         if left:
