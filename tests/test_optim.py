@@ -617,6 +617,11 @@ def test_opcheck_l2norm(device):
     (dict(betas=(1.0, 0.999)), r"betas\[0\] must be < 1"),
     (dict(eps=float("nan")), "eps must be finite"),
     (dict(weight_decay=float("inf")), "weight_decay must be finite"),
+    # torch.optim.AdamW's own range checks: lr, eps, weight_decay >= 0, 0 <= betas < 1
+    (dict(weight_decay=-0.1), r"weight_decay must be >= 0"),
+    (dict(eps=-1e-8), r"eps must be >= 0"),
+    (dict(betas=(-0.1, 0.999)), r"betas\[0\] must be >= 0"),
+    (dict(betas=(0.9, 1.0)), r"betas\[1\] must be < 1"),
     (dict(max_grad_norm=float("nan")), "max_grad_norm must be finite"),
     (dict(max_grad_norm=0.0), "max_grad_norm must be > 0"),
 ])
@@ -626,6 +631,18 @@ def test_bad_hyperparameters(opt_name, kwargs, msg):
         pytest.skip("Lion has no eps")
     with pytest.raises(ValueError, match=msg):
         getattr(thrifty.optim, opt_name)([torch.zeros(3, requires_grad=True)], **kwargs)
+
+
+@pytest.mark.parametrize("opt_name", ["AdamW", "AdamW8bit", "Lion"])
+def test_negative_weight_decay_in_a_group_raises(opt_name):
+    p, q = torch.zeros(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"param group 1: weight_decay must be >= 0"):
+        getattr(thrifty.optim, opt_name)([{"params": [p]}, {"params": [q], "weight_decay": -0.01}])
+    opt = getattr(thrifty.optim, opt_name)([p], weight_decay=0.0)  # zero is fine
+    opt.param_groups[0]["weight_decay"] = -1.0
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
+        opt.step()
 
 
 def test_nonfinite_lr_set_later_raises():

@@ -16,7 +16,7 @@ def _check_adam_hparams(lr, betas, eps, weight_decay):
     _check_finite("betas[0]", betas[0], lo=0.0, hi=1.0, hi_open=True)
     _check_finite("betas[1]", betas[1], lo=0.0, hi=1.0, hi_open=True)
     _check_finite("eps", eps, lo=0.0)
-    _check_finite("weight_decay", weight_decay)
+    _check_finite("weight_decay", weight_decay, lo=0.0)  # torch.optim.AdamW refuses a negative one too
 
 
 class AdamW(FusedOptimizer):

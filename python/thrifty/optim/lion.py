@@ -14,7 +14,7 @@ def _check_lion_hparams(lr, betas, weight_decay):
         raise ValueError(f"betas must be a pair (beta1, beta2) (got {betas!r})")
     _check_finite("betas[0]", betas[0], lo=0.0, hi=1.0, hi_open=True)
     _check_finite("betas[1]", betas[1], lo=0.0, hi=1.0, hi_open=True)
-    _check_finite("weight_decay", weight_decay)
+    _check_finite("weight_decay", weight_decay, lo=0.0)
 
 
 class Lion(FusedOptimizer):
