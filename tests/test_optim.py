@@ -645,6 +645,94 @@ def test_negative_weight_decay_in_a_group_raises(opt_name):
         opt.step()
 
 
+TORCH_DEFAULT_FLAGS = dict(amsgrad=False, maximize=False, foreach=None, fused=None, capturable=False,
+                          differentiable=False)
+
+
+@pytest.mark.parametrize("opt_name", ["AdamW", "AdamW8bit", "Lion"])
+def test_torch_flags_at_their_defaults_are_accepted(opt_name):
+    # drop-in use: torch.optim's keywords at torch's defaults change nothing (Lion has no amsgrad)
+    flags = {k: v for k, v in TORCH_DEFAULT_FLAGS.items() if not (opt_name == "Lion" and k == "amsgrad")}
+    cls = getattr(thrifty.optim, opt_name)
+    params = make_params([5000, 7], "cpu")
+    params2 = clones(params, torch.float32)
+    a, b = cls(params, lr=1e-2, **flags), cls(params2, lr=1e-2)
+    for s in range(2):
+        gs = random_grads(params, s)
+        set_grads(params, gs)
+        set_grads(params2, gs)
+        a.step()
+        b.step()
+    for p, q in zip(params, params2):
+        assert torch.equal(p, q)
+    # not stored: the state dict is the one the optimizer had without them
+    assert a.state_dict()["param_groups"] == b.state_dict()["param_groups"]
+    assert not set(TORCH_DEFAULT_FLAGS) & set(a.param_groups[0])
+
+
+@pytest.mark.parametrize("flag,value,exc", [("amsgrad", True, NotImplementedError), ("maximize", True, NotImplementedError),
+                                            ("foreach", True, ValueError), ("foreach", False, ValueError),
+                                            ("fused", True, ValueError), ("fused", False, ValueError),
+                                            ("capturable", True, ValueError), ("differentiable", True, ValueError)])
+@pytest.mark.parametrize("opt_name", ["AdamW", "AdamW8bit", "Lion"])
+def test_torch_flags_other_values_raise(opt_name, flag, value, exc):
+    if opt_name == "Lion" and flag == "amsgrad":
+        pytest.skip("Lion has no amsgrad")
+    cls = getattr(thrifty.optim, opt_name)
+    p = torch.zeros(3, requires_grad=True)
+    with pytest.raises(exc, match=f"{flag}={value}"):
+        cls([p], **{flag: value})
+    # in a param group too, at construction or set later
+    with pytest.raises(exc, match=f"param group 0: .*{flag}={value}"):
+        cls([{"params": [p], flag: value}])
+    opt = cls([p])
+    opt.param_groups[0][flag] = value
+    p.grad = torch.ones(3)
+    with pytest.raises(exc, match=f"{flag}={value}"):
+        opt.step()
+
+
+def test_torch_adamw_state_with_flags_loads_and_round_trips():
+    """torch.optim.AdamW's state dict carries amsgrad/maximize/foreach/... in its groups: it loads (the
+    implementation selectors are dropped), and amsgrad/maximize=True or Adam's L2 decay refuse by name."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(16, 8)
+    m2 = copy.deepcopy(m)
+    ref = torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=False)
+    for _ in range(2):
+        m.zero_grad()
+        m(torch.randn(4, 16)).sum().backward()
+        ref.step()
+    opt = thrifty.optim.AdamW(m2.parameters(), lr=1e-2)
+    opt.load_state_dict(ref.state_dict())
+    assert not set(TORCH_DEFAULT_FLAGS) & set(opt.param_groups[0])
+    with torch.no_grad():
+        for a, b in zip(m2.parameters(), m.parameters()):
+            a.copy_(b)
+    x = torch.randn(4, 16)
+    for mod, o in ((m, ref), (m2, opt)):
+        mod.zero_grad()
+        mod(x).sum().backward()
+        o.step()
+    for a, b in zip(m2.parameters(), m.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # thrifty's own state dict round-trips into a fresh thrifty AdamW
+    opt3 = thrifty.optim.AdamW(copy.deepcopy(m2).parameters(), lr=1e-2)
+    opt3.load_state_dict(opt.state_dict())
+    assert opt3.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+    for kw, exc, msg in ((dict(amsgrad=True), NotImplementedError, "amsgrad=True"),
+                         (dict(maximize=True), NotImplementedError, "maximize=True")):
+        bad = torch.optim.AdamW(m.parameters(), **kw).state_dict()
+        with pytest.raises(exc, match=msg):
+            thrifty.optim.AdamW(m2.parameters()).load_state_dict(bad)
+    bad = torch.optim.Adam(m.parameters(), weight_decay=0.1).state_dict()
+    with pytest.raises(ValueError, match="decoupled_weight_decay=False"):
+        thrifty.optim.AdamW(m2.parameters()).load_state_dict(bad)
+    # Adam without weight decay is AdamW without weight decay: loads
+    thrifty.optim.AdamW(m2.parameters(), weight_decay=0.0).load_state_dict(
+        torch.optim.Adam(m.parameters()).state_dict())
+
+
 def test_nonfinite_lr_set_later_raises():
     p = torch.zeros(3, requires_grad=True)
     opt = thrifty.optim.AdamW([p])

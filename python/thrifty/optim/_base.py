@@ -30,6 +30,25 @@ def _check_finite(name: str, value, lo: float | None = None, hi: float | None = 
         raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi} (got {value})")
 
 
+# torch.optim keywords accepted for drop-in use, at torch's defaults only: thrifty has one fused
+# implementation (foreach/fused/capturable/differentiable choose among torch's) and implements
+# neither amsgrad nor maximize, so any other value raises instead of being ignored.
+TORCH_FLAGS = {"amsgrad": False, "maximize": False, "foreach": None, "fused": None, "capturable": False,
+               "differentiable": False}
+
+
+def _check_torch_flags(owner: str, flags: dict, where: str = "") -> None:
+    for name, value in flags.items():
+        default = TORCH_FLAGS[name]
+        if value is default or (default is False and type(value) is int and value == 0):
+            continue
+        if name in ("amsgrad", "maximize"):
+            raise NotImplementedError(f"{owner}: {where}{name}={value!r} is not supported (only torch's default "
+                                      f"{name}={default!r})")
+        raise ValueError(f"{owner}: {where}{name}={value!r} is not supported: thrifty always runs its own fused "
+                         f"multi-tensor step; pass {name}={default!r} (torch's default) or leave it out")
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     """Base of AdamW, AdamW8bit and Lion. Subclasses implement ``_init_state`` and ``_step_bucket``.
 
@@ -83,10 +102,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         non-finite lr, betas, eps or weight_decay in a group raises here, not at the next step)."""
         super().add_param_group(param_group)
         try:
-            self._validate_group(self.param_groups[-1])
-        except (TypeError, ValueError) as err:
+            self._check_group(self.param_groups[-1])
+        except (TypeError, ValueError, NotImplementedError) as err:
             self.param_groups.pop()
             raise type(err)(f"param group {len(self.param_groups)}: {err}") from None
+
+    def _check_group(self, group: dict) -> None:
+        # torch flags set on a group (a param-group dict, or param_groups edited later) are checked too
+        _check_torch_flags(type(self).__name__, {k: v for k, v in group.items() if k in TORCH_FLAGS})
+        self._validate_group(group)
 
     # ---- reporting ----
     @property
@@ -128,7 +152,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         """(group, params with grads, grads) per group, checked."""
         out = []
         for gi, group in enumerate(self.param_groups):
-            self._validate_group(group)
+            self._check_group(group)
             ps, gs = [], []
             for pi, p in enumerate(group["params"]):
                 g = p.grad
@@ -227,14 +251,31 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load_state_dict, but state tensors keep their saved dtype (torch would cast float32
-        master weights, moments and scales to the param's bfloat16) and move to the param's device."""
+        master weights, moments and scales to the param's bfloat16) and move to the param's device.
+
+        A torch.optim state dict loads too: its amsgrad / maximize must be False (else NotImplementedError)
+        and its decoupled_weight_decay True unless weight_decay is 0 (torch.optim.Adam's L2 decay is
+        another update); its foreach / fused / capturable / differentiable are dropped (they choose
+        among torch's implementations, not the update)."""
+        owner = type(self).__name__
+        for gi, g in enumerate(state_dict["param_groups"]):
+            _check_torch_flags(owner, {k: g[k] for k in ("amsgrad", "maximize") if k in g},
+                               f"param group {gi} of the state dict: ")
+            if g.get("decoupled_weight_decay", True) is False and g.get("weight_decay", 0) != 0:
+                raise ValueError(f"{owner}: param group {gi} of the state dict has decoupled_weight_decay=False "
+                                 f"with weight_decay={g['weight_decay']} (torch.optim.Adam's L2 penalty); "
+                                 "thrifty's weight decay is decoupled (AdamW)")
         saved_state = state_dict["state"]
         saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
         own_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         super().load_state_dict(state_dict)
         # settings the saved groups lack (master_weights in a torch.optim.AdamW state dict) keep
-        # this optimizer's values instead of vanishing
+        # this optimizer's values instead of vanishing; torch's flags (checked above, or selectors of
+        # torch's implementations) are not kept, so thrifty's state dicts never carry them
         for own, group in zip(own_groups, self.param_groups):
+            for k in (*TORCH_FLAGS, "decoupled_weight_decay"):
+                if k not in own:
+                    group.pop(k, None)
             for k, v in own.items():
                 group.setdefault(k, v)
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))

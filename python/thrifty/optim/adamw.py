@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from thrifty.ops.optim import QUANT_BLOCK, create_dynamic_map
-from thrifty.optim._base import FusedOptimizer, _check_finite
+from thrifty.optim._base import FusedOptimizer, _check_finite, _check_torch_flags
 
 _ops = torch.ops.thrifty
 
@@ -34,12 +34,20 @@ class AdamW(FusedOptimizer):
             grad is inf/nan; reported by ``last_step_skipped`` / ``skipped_steps``. The check reuses
             the clipping norm, else costs one read of the grads. Under torch.amp.GradScaler the
             scaler's found_inf is used instead.
+        amsgrad, maximize, foreach, fused, capturable, differentiable: torch.optim.AdamW's flags,
+            accepted for drop-in use at torch's defaults (False, False, None, None, False, False) only;
+            any other value raises (thrifty implements neither amsgrad nor maximize and always runs its
+            own fused step). They are not stored in param_groups.
 
     Moments (and masters) are float32 whatever the param dtype.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, master_weights=False,
-                 max_grad_norm=None, skip_nonfinite=True):
+                 max_grad_norm=None, skip_nonfinite=True, amsgrad=False, maximize=False, foreach=None, fused=None,
+                 capturable=False, differentiable=False):
+        flags = dict(amsgrad=amsgrad, maximize=maximize, foreach=foreach, fused=fused, capturable=capturable,
+                     differentiable=differentiable)
+        _check_torch_flags(type(self).__name__, flags)
         _check_adam_hparams(lr, betas, eps, weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         master_weights=bool(master_weights))
@@ -80,9 +88,12 @@ class AdamW8bit(AdamW):
     _pickled_attrs = FusedOptimizer._pickled_attrs + ("min_8bit_size",)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, master_weights=False,
-                 max_grad_norm=None, skip_nonfinite=True, min_8bit_size=4096):
+                 max_grad_norm=None, skip_nonfinite=True, min_8bit_size=4096, amsgrad=False, maximize=False,
+                 foreach=None, fused=None, capturable=False, differentiable=False):
         super().__init__(params, lr, betas, eps, weight_decay, master_weights=master_weights,
-                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite)
+                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, amsgrad=amsgrad,
+                         maximize=maximize, foreach=foreach, fused=fused, capturable=capturable,
+                         differentiable=differentiable)
         self.min_8bit_size = int(min_8bit_size)
         self._qmaps: dict = {}
 

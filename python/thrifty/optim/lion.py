@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from thrifty.optim._base import FusedOptimizer, _check_finite
+from thrifty.optim._base import FusedOptimizer, _check_finite, _check_torch_flags
 
 _ops = torch.ops.thrifty
 
@@ -23,11 +23,15 @@ class Lion(FusedOptimizer):
         c = b1 m + (1 - b1) g;   p = p (1 - lr wd) - lr sign(c);   m = b2 m + (1 - b2) g
 
     Same extras as :class:`thrifty.optim.AdamW`: master_weights, max_grad_norm, skip_nonfinite,
-    GradScaler support, lr as a tensor.
+    GradScaler support, lr as a tensor. maximize, foreach, fused, capturable, differentiable: the
+    torch.optim flags, accepted at torch's defaults only (as in AdamW; Lion has no amsgrad).
     """
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, master_weights=False,
-                 max_grad_norm=None, skip_nonfinite=True):
+                 max_grad_norm=None, skip_nonfinite=True, maximize=False, foreach=None, fused=None, capturable=False,
+                 differentiable=False):
+        _check_torch_flags(type(self).__name__, dict(maximize=maximize, foreach=foreach, fused=fused,
+                                                     capturable=capturable, differentiable=differentiable))
         _check_lion_hparams(lr, betas, weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, master_weights=bool(master_weights))
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite)
