@@ -98,6 +98,11 @@ def test_tokenizer_train_save_load(tmp_path):
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["eos_token"] == "<|endoftext|>"
     with pytest.raises(ValueError, match="vocab_size"):
         train_tokenizer(texts, vocab_size=100)
+    # a file that is not a tokenizer.json: DataError (tokenizers itself raises a plain Exception)
+    for content in (b"garbage", b"\xff\xfe", b'{"model": {"type": "Nope"}}'):
+        (tmp_path / "bad.json").write_bytes(content)
+        with pytest.raises(DataError, match="tokenizer.json"):
+            load_tokenizer(tmp_path / "bad.json")
 
 
 # ---- packing ----

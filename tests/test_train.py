@@ -279,6 +279,33 @@ def test_failures_leave_nothing(corpus, base_model, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_bad_tokenizer_or_model_files_fail_cleanly(corpus, base_model, tmp_path, capsys):
+    """A tokenizer.json that is not one and a corrupt model.safetensors: a message, exit 2, nothing written."""
+    import shutil
+
+    out = tmp_path / "r"
+    for name, content in (("garbage.json", b"garbage\n"), ("binary.json", b"\xff\xfe\x00"),
+                          ("wrong.json", b'{"model": {"type": "Nope"}}')):
+        (tmp_path / name).write_bytes(content)
+        _fails(capsys, cfg(corpus, out, tokenizer=str(tmp_path / name)), 2, "tokenizer.json", out)
+        assert not out.exists()
+    model = tmp_path / "corrupt_model"
+    shutil.copytree(base_model, model)
+    data = (model / "model.safetensors").read_bytes()
+    for bad in (b"not safetensors" * 10, data[: len(data) // 2]):
+        (model / "model.safetensors").write_bytes(bad)
+        _fails(capsys, cfg(corpus, out, model=str(model), model_overrides=None, tokenizer=None), 2,
+               "corrupt or truncated", out)
+        assert not out.exists()
+    # the command line: no traceback
+    env = {**os.environ, "PYTHONPATH": THRIFTY_PATH + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-m", "thrifty.cli", "train", "--data", str(corpus), "--tokenizer",
+                        str(tmp_path / "garbage.json"), "--steps", "1", "--out", str(out)],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "tokenizer.json" in r.stderr, r.stderr[-2000:]
+    assert not out.exists()
+
+
 def test_existing_run_needs_resume(corpus, tmp_path, capsys):
     out = tmp_path / "r"
     assert run(cfg(corpus, out, steps=2)) == 0
@@ -348,6 +375,22 @@ def test_generate_cli(corpus, tmp_path, capsys):
     text = capsys.readouterr().out
     assert text.startswith("alpha beta")
     args.model_dir = str(tmp_path / "nothing")
+    assert generate_cli.main(args) == 2
+    # sampling options out of range, a corrupt model: a message and exit 2, no traceback
+    capsys.readouterr()
+    for k, v, msg in (("max_new_tokens", 100000, "max_position_embeddings"), ("temperature", -1.0, "--temperature"),
+                      ("max_new_tokens", -1, "--max-new-tokens"), ("top_p", 0.0, "--top-p")):
+        bad = Namespace(**{**vars(args), "model_dir": str(out), k: v})
+        assert generate_cli.main(bad) == 2
+        assert msg in capsys.readouterr().err
+    import shutil
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(out, corrupt, ignore=shutil.ignore_patterns("checkpoints"))
+    (corrupt / "model.safetensors").write_bytes(b"\0" * 100)
+    args.model_dir = str(corrupt)
+    assert generate_cli.main(args) == 2
+    assert "corrupt or truncated" in capsys.readouterr().err
+    (corrupt / "config.json").write_text("{not json")
     assert generate_cli.main(args) == 2
 
 

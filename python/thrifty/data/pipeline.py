@@ -78,6 +78,7 @@ def prepare_data(data: str | os.PathLike | None, cache_dir: str | os.PathLike, s
     if tok_src is not None and not tok_src.is_file():
         raise DataError(f"--tokenizer: no tokenizer.json at {str(tok_src)!r}")
     tok_hash = hashlib.sha256(tok_src.read_bytes()).hexdigest()[:16] if tok_src else None
+    given_tok = tokmod.load_tokenizer(tok_src) if tok_src is not None else None  # a bad file fails before any work
     fp = _fingerprint(files, {"v": CACHE_VERSION, "tok": tok_hash, "vocab": vocab_size, "val": val_fraction,
                               "filters": asdict(cfg), "near": near_dup, "scrub": scrub_pii, "field": text_field,
                               "data": str(data)})
@@ -106,8 +107,8 @@ def prepare_data(data: str | os.PathLike | None, cache_dir: str | os.PathLike, s
                         f"(dropped: {stats['quality_dropped']}, exact duplicates {stats['exact_duplicates']}); "
                         "give more or longer documents")
     train_txt, val_txt = _split(texts, val_fraction)
-    if tok_src is not None:
-        tok = tokmod.load_tokenizer(tok_src)
+    if given_tok is not None:
+        tok = given_tok
         say(f"tokenizer: loaded {tok_src} (vocab {tokmod.vocab_size(tok)})")
     else:
         t1 = time.perf_counter()

@@ -63,7 +63,19 @@ def load_tokenizer(path: str | os.PathLike):
         p = p / "tokenizer.json"
     if not p.is_file():
         raise FileNotFoundError(f"tokenizer: no tokenizer.json at {str(p)!r}")
-    return tk.Tokenizer.from_file(str(p))
+    from thrifty.data.sources import DataError
+
+    try:
+        text = p.read_text(encoding="utf-8")
+        json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"tokenizer: {str(p)!r} is not a tokenizer.json (not JSON: {e})") from None
+    try:
+        return tk.Tokenizer.from_str(text)
+    except Exception as e:  # `tokenizers` raises a plain Exception for a malformed file: only that exact type
+        if type(e) is not Exception:
+            raise
+        raise DataError(f"tokenizer: {str(p)!r} is not a valid tokenizer.json ({e})") from None
 
 
 def eos_token(tok) -> str | None:

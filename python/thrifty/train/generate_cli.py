@@ -47,6 +47,23 @@ def load(path, device=None, dtype=None):
     return model, load_tokenizer(tok_dir)
 
 
+def _prompt_ids(tok, prompt: str, eos) -> list[int]:
+    return tok.encode(prompt).ids or ([eos] if eos is not None else [0])
+
+
+def _bad_args(args) -> str | None:
+    """The message for a sampling option out of range, before any model is loaded."""
+    if args.max_new_tokens < 0:
+        return f"--max-new-tokens: expected a number >= 0, got {args.max_new_tokens}"
+    if not args.temperature >= 0:  # NaN too
+        return f"--temperature: expected a number >= 0 (0: greedy), got {args.temperature}"
+    if args.top_k < 0:
+        return f"--top-k: expected a number >= 0 (0: off), got {args.top_k}"
+    if not 0 < args.top_p <= 1:
+        return f"--top-p: expected a number in (0, 1], got {args.top_p}"
+    return None
+
+
 def generate_text(model, tok, prompts, max_new_tokens=64, temperature=0.8, top_k=50, top_p=0.95, seed=0) -> list[str]:
     import torch
 
@@ -57,7 +74,7 @@ def generate_text(model, tok, prompts, max_new_tokens=64, temperature=0.8, top_k
     outs = []
     eos = eos_id(tok)
     for prompt in prompts:
-        ids = tok.encode(prompt).ids or ([eos] if eos is not None else [0])
+        ids = _prompt_ids(tok, prompt, eos)
         x = torch.tensor([ids], device=dev)
         kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
         if eos is not None:
@@ -68,19 +85,42 @@ def generate_text(model, tok, prompts, max_new_tokens=64, temperature=0.8, top_k
     return outs
 
 
+def _error(msg) -> int:
+    print(f"thrifty generate: error: {msg}", file=sys.stderr)
+    return 2
+
+
 def main(args) -> int:
+    from safetensors import SafetensorError
+
+    from thrifty.data import eos_id
+
+    bad = _bad_args(args)
+    if bad:
+        return _error(bad)
     try:
         model, tok = load(args.model_dir, args.device)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"thrifty generate: error: {e}", file=sys.stderr)
-        return 2
+    except SafetensorError as e:
+        return _error(f"{args.model_dir}: corrupt or truncated *.safetensors file ({e})")
+    except (OSError, ValueError) as e:
+        return _error(e)
     vocab = tok.get_vocab_size(with_added_tokens=True)
     if vocab > model.config.vocab_size:
-        print(f"thrifty generate: error: tokenizer/model vocab mismatch: the tokenizer has {vocab} tokens, the model "
-              f"{model.config.vocab_size}", file=sys.stderr)
-        return 2
-    for text in generate_text(model, tok, args.prompt or [""], args.max_new_tokens, args.temperature, args.top_k,
-                              args.top_p, args.seed):
+        return _error(f"tokenizer/model vocab mismatch: the tokenizer has {vocab} tokens, the model "
+                      f"{model.config.vocab_size}")
+    prompts = args.prompt or [""]
+    limit = model.config.max_position_embeddings
+    longest = max(len(_prompt_ids(tok, p, eos_id(tok))) for p in prompts)
+    if longest + args.max_new_tokens > limit:
+        return _error(f"--max-new-tokens {args.max_new_tokens}: the prompt ({longest} tokens) plus the new tokens "
+                      f"exceed the model's max length (max_position_embeddings {limit}); at most "
+                      f"{max(0, limit - longest)} new tokens fit")
+    try:
+        texts = generate_text(model, tok, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                              args.seed)
+    except ValueError as e:  # what generate() itself refuses
+        return _error(e)
+    for text in texts:
         print(text)
         print("-" * 40)
     return 0

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 
 from thrifty.data import IGNORE_INDEX, DataError, ResumableSampler, prepare_data
 from thrifty.data import tokenizer as tokmod
@@ -267,7 +268,12 @@ class Trainer:
             mdir = Path(c.model)
             if not (mdir / "config.json").is_file():
                 raise TrainError(f"--model: {str(mdir)!r} is not a Hugging Face model directory (no config.json)")
-            model = Llama.from_pretrained(str(mdir))
+            try:
+                model = Llama.from_pretrained(str(mdir))
+            except SafetensorError as e:
+                raise TrainError(f"--model: {str(mdir)!r} holds a corrupt or truncated *.safetensors file ({e})") from None
+            except (OSError, ValueError) as e:
+                raise TrainError(f"--model: cannot load {str(mdir)!r}: {e}") from None
             mv = model.config.vocab_size
             if vocab > mv:
                 raise TrainError(f"tokenizer/model vocab mismatch: the tokenizer has {vocab} tokens but the model "
@@ -607,7 +613,10 @@ class Trainer:
         if self.cfg.lora_rank:
             loramod.load_lora_state_dict(self.raw_model, state["lora"])
         else:
-            sd = load_file(str(path / "model.safetensors"))
+            try:
+                sd = load_file(str(path / "model.safetensors"))
+            except SafetensorError as e:
+                raise TrainError(f"checkpoint {path}: corrupt or truncated model.safetensors ({e})") from None
             if self.distributed and self.cfg.fsdp:
                 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
                 set_model_state_dict(self.raw_model, sd, options=StateDictOptions(full_state_dict=True, strict=False))
