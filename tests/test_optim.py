@@ -562,6 +562,13 @@ def test_l2norm(cpu_isa, device):
     assert not torch.isfinite(thrifty.ops.multi_tensor_l2norm(ts))
 
 
+def test_l2norm_empty_list_is_zero():
+    # torch.nn.utils.clip_grad_norm_ with no grads gives 0 too; the op itself has no device to dispatch to
+    out = thrifty.ops.multi_tensor_l2norm([])
+    assert out.dtype == torch.float32 and out.shape == () and out.device.type == "cpu" and out.item() == 0.0
+    assert thrifty.ops.multi_tensor_l2norm(iter(())).item() == 0.0
+
+
 def test_l2norm_deterministic_across_threads():
     ts = [torch.randn(1_000_003), torch.randn(77)]
     n0 = torch.get_num_threads()

@@ -37,8 +37,14 @@ def multi_tensor_l2norm(tensors: list[torch.Tensor]) -> torch.Tensor:
 
     Float32 partial sums per fixed chunk, then a fixed-order float64 sum (CPU): deterministic
     whatever the thread count. NaN/inf in any element makes it NaN/inf.
+
+    An empty list gives a float32 zero on the CPU (as torch.nn.utils.clip_grad_norm_ with no grads):
+    with no tensors there is no device to dispatch to.
     """
-    return _ops.multi_tensor_l2norm(list(tensors))
+    tensors = list(tensors)
+    if not tensors:
+        return torch.zeros((), dtype=torch.float32)
+    return _ops.multi_tensor_l2norm(tensors)
 
 
 def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
