@@ -176,6 +176,9 @@ def test_data_errors(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
     with pytest.raises(DataError, match="'text' field"):
         prepare_data(tmp_path / "bad.jsonl", tmp_path / "r", seq_len=16)
+    for vf in (2.0, -0.5):
+        with pytest.raises(DataError, match="val_fraction"):
+            prepare_data(tmp_path / "short", tmp_path / "r", seq_len=16, val_fraction=vf)
     assert not (tmp_path / "r").exists()
     try:
         import pyarrow  # noqa: F401

@@ -277,6 +277,14 @@ def test_failures_leave_nothing(corpus, base_model, tmp_path, capsys):
     assert not out.exists()
     _fails(capsys, cfg(corpus, out, resume=True), 2, "no checkpoint", out)
     assert not out.exists()
+    for vf in (2.0, 1.0, -0.1, float("nan")):
+        _fails(capsys, cfg(corpus, out, val_fraction=vf), 2, "--val-fraction: expected a fraction in [0, 1)", out)
+        assert not out.exists()
+
+
+def test_val_fraction_zero_means_no_validation(corpus, tmp_path):
+    res = Trainer(cfg(corpus, tmp_path / "r", val_fraction=0.0, steps=2)).train()
+    assert res["steps"] == 2 and "val_loss" not in res
 
 
 def test_bad_tokenizer_or_model_files_fail_cleanly(corpus, base_model, tmp_path, capsys):

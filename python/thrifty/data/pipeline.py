@@ -69,6 +69,8 @@ def prepare_data(data: str | os.PathLike | None, cache_dir: str | os.PathLike, s
     the options are unchanged. Raises :class:`DataError` on missing/empty data.
     """
     say = log_fn or log.info
+    if not 0 <= val_fraction < 1:  # NaN too
+        raise DataError(f"val_fraction: expected a fraction in [0, 1) (0: no validation split), got {val_fraction}")
     cache_dir = Path(cache_dir)
     cfg = filter_config or FilterConfig()
     files = list_files(data) if data is not None else default_corpus_files(**(default_caps or {}))

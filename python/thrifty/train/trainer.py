@@ -346,6 +346,8 @@ class Trainer:
         for name in ("batch_size", "grad_accum", "seq_len"):
             if getattr(c, name) < 1 or (name == "seq_len" and c.seq_len < 8):
                 raise TrainError(f"--{name.replace('_', '-')}: expected a positive value (seq-len >= 8), got {getattr(c, name)}")
+        if not 0 <= c.val_fraction < 1:  # NaN too
+            raise TrainError(f"--val-fraction: expected a fraction in [0, 1) (0: no validation split), got {c.val_fraction}")
         if c.steps is not None and c.steps < 1:
             raise TrainError(f"--steps: expected a positive number, got {c.steps}")
         self.time_budget = parse_duration(c.time_budget)
