@@ -221,6 +221,17 @@ def test_config_old_and_new_rope_fields(tmp_path):
     (dict(quantization_config={"quant_method": "gptq"}), "'quantization_config'"),
     (dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], use_sliding_window=True), "'use_sliding_window'"),
     (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "lacks 'low_freq_factor'"),
+    # sizes: positive integers (0 heads used to raise ZeroDivisionError)
+    (dict(num_key_value_heads=0), "'num_key_value_heads' = 0 must be a positive integer"),
+    (dict(num_attention_heads=0), "'num_attention_heads' = 0 must be a positive integer"),
+    (dict(num_attention_heads=-4), "'num_attention_heads' = -4"),
+    (dict(hidden_size=0), "'hidden_size' = 0"),
+    (dict(head_dim=0), "'head_dim' = 0"),
+    (dict(num_hidden_layers=2.5), "'num_hidden_layers' = 2.5"),
+    (dict(vocab_size=True), "'vocab_size' = True"),
+    (dict(intermediate_size=-1), "'intermediate_size' = -1"),
+    (dict(max_position_embeddings=0), "'max_position_embeddings' = 0"),
+    (dict(hidden_size=2), "'hidden_size' = 2 is smaller than num_attention_heads"),
 ])
 def test_config_errors_name_the_field(tmp_path, fields, match):
     with pytest.raises(ConfigError, match=match):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,9 +49,13 @@ class LlamaConfig:
     extra: dict = field(default_factory=dict, repr=False)  # other config.json keys, written back on save
 
     def __post_init__(self):
+        self._check_sizes()  # before head_dim = hidden_size // num_attention_heads divides by it
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
+            if self.hidden_size < self.num_attention_heads:
+                raise ConfigError(f"config field 'hidden_size' = {self.hidden_size} is smaller than "
+                                  f"num_attention_heads = {self.num_attention_heads} (head_dim would be 0)")
             self.head_dim = self.hidden_size // self.num_attention_heads
         self.validate()
 
@@ -76,7 +81,19 @@ class LlamaConfig:
         e = self.eos_token_id
         return [] if e is None else ([e] if isinstance(e, int) else list(e))
 
+    _SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "max_position_embeddings")
+
+    def _check_sizes(self) -> None:
+        for name in self._SIZES:
+            v = getattr(self, name)
+            if v is None and name in ("num_key_value_heads", "head_dim"):  # None: derived
+                continue
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
+                raise ConfigError(f"config field {name!r} = {v!r} must be a positive integer")
+
     def validate(self) -> None:
+        self._check_sizes()
         if self.model_type not in ARCHITECTURES:
             raise ConfigError(f"config field 'model_type' = {self.model_type!r} is not supported "
                               f"(thrifty.models.Llama supports {sorted(ARCHITECTURES)})")
