@@ -402,6 +402,15 @@ def test_generate_cli(corpus, tmp_path, capsys):
     assert generate_cli.main(args) == 2
 
 
+def test_demo_loss_points_each_step_once():
+    from thrifty.train.demo import loss_points
+
+    for n in (0, 1, 5, 8, 16, 17, 100):
+        steps = [r["step"] for r in loss_points([{"step": s} for s in range(1, n + 1)])]
+        assert steps == sorted(set(steps)) and (not n or steps[0] == 1 and steps[-1] == n)
+    assert [r["step"] for r in loss_points([{"step": s} for s in range(1, 17)])] == [1, 3, 5, 7, 9, 11, 13, 15, 16]
+
+
 @pytest.mark.slow
 def test_fsdp_two_processes_match_single(corpus, base_model, tmp_path):
     common = ["--model", str(base_model), "--data", str(corpus), "--seq-len", "32", "--steps", "3", "--lr", "1e-2",

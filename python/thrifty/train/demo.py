@@ -14,6 +14,14 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=8)
 
 
+def loss_points(rows: list[dict], n: int = 8) -> list[dict]:
+    """About ``n`` evenly spaced training rows, the last one always included, each once."""
+    picked = list(range(0, len(rows), max(1, len(rows) // n)))
+    if rows and picked[-1] != len(rows) - 1:
+        picked.append(len(rows) - 1)
+    return [rows[i] for i in picked]
+
+
 def main(args) -> int:
     import shutil
 
@@ -34,7 +42,7 @@ def main(args) -> int:
     tr = [r for r in rows if "loss" in r]
     va = [r for r in rows if "val_loss" in r]
     print("\nloss falling:")
-    for r in tr[:: max(1, len(tr) // 8)] + tr[-1:]:
+    for r in loss_points(tr):
         print(f"  step {r['step']:5d}  loss {r['loss']:.3f}")
     if va:
         print(f"final validation loss {va[-1]['val_loss']:.3f} (perplexity {va[-1]['val_ppl']:.1f})")
