@@ -2,6 +2,7 @@
 references of each op's own dequantized weights, every ISA level, opcheck, bad input."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -473,6 +474,56 @@ def test_quantize_model_skip_and_bad_config():
         thrifty.quant.quantize_model(_tiny_model(), {"bitz": 4})
     with pytest.raises(ValueError, match="needs calibration"):
         thrifty.quant.quantize_model(_tiny_model(), {"method": "gptq"})
+
+
+@pytest.mark.parametrize("cfg", [{"bits": 8}, {"bits": 4, "group_size": 32}, {"bits": 8, "act_bits": 8},
+                                 {"bits": 4, "group_size": 32, "method": "gptq"}])
+@pytest.mark.parametrize("train", [True, False])
+def test_quantize_model_torch_transformer_encoder_layer(cfg, train):
+    """PyTorch's attention reads out_proj.weight directly (kept float: NonDynamicallyQuantizableLinear)
+    and TransformerEncoderLayer's eval fast path reads linear1/linear2.weight (QuantLinear.weight)."""
+    from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True).train(train)
+    x = torch.randn(2, 10, 64)
+    with torch.no_grad():
+        ref = layer(x)
+    deq = copy.deepcopy(layer)
+    keys = set(layer.state_dict())
+    thrifty.quant.quantize_model(layer, cfg, calibration=torch.randn(4, 16, 64))
+    assert type(layer.self_attn.out_proj) is NonDynamicallyQuantizableLinear
+    assert isinstance(layer.linear1, QuantLinear) and isinstance(layer.linear2, QuantLinear)
+    # state_dict: the float weights of linear1/2 became the packed buffers; no 'weight' entry for them
+    q_keys = {f"{n}.{b}" for n in ("linear1", "linear2") for b in ("qweight", "scales", "zeros", "perm")}
+    assert set(layer.state_dict()) - q_keys == keys - {"linear1.weight", "linear2.weight"}
+    assert not any(k.endswith(".weight") for k in layer.linear1.state_dict())
+    with torch.no_grad():
+        y = layer(x)
+        # the float layer with the dequantized weights computes the quantized model's numbers
+        for n in ("linear1", "linear2"):
+            deq.get_submodule(n).weight.copy_(layer.get_submodule(n).dequantize())
+        yd = deq(x)
+    if not (train and cfg.get("act_bits") == 8):  # W8A8's forward also rounds activations
+        torch.testing.assert_close(y, yd, rtol=1e-4, atol=1e-4)
+    rel = ((y - ref).norm() / ref.norm()).item()
+    assert rel < (0.01 if cfg["bits"] == 8 else 0.05), rel
+
+
+def test_quantlinear_weight_property():
+    lin = nn.Linear(64, 24)
+    m = QuantLinear.from_float(lin, bits=4, group_size=32)
+    assert m.weight.dtype == torch.float32 and torch.equal(m.weight, m.dequantize())
+    assert "weight" not in m.state_dict() and not any(n == "weight" for n, _ in m.named_parameters())
+    with pytest.raises(AttributeError):
+        m.weight = torch.zeros(24, 64)
+    m.bfloat16()  # follows the module's dtype as a float weight would; the packed format stays
+    assert m.weight.dtype == torch.bfloat16 and m.scales.dtype == torch.float32
+    assert torch.equal(m.weight, m.dequantize().bfloat16())
+    m.float()
+    assert m.weight.dtype == torch.float32
+    assert QuantLinear.from_float(lin.half(), bits=8).weight.dtype == torch.float16
+    # and saved / loaded models get it back from the float architecture
+    assert set(m.state_dict()) == {"qweight", "scales", "zeros", "bias"}
 
 
 def test_smoothquant_fold_keeps_float_model_and_helps_w8a8():

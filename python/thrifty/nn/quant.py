@@ -36,6 +36,9 @@ class QuantLinear(nn.Module):
     int64 (K,) (input features reordered: act-order GPTQ), optional ``smooth`` float32 (K,) (W8A8
     SmoothQuant factors not folded into a previous layer: x is divided by them).
     ``act_bits=8`` (W8A8, bits=8 only) quantizes activations per token and multiplies in int8.
+    ``weight`` (read-only property): the dequantized weight in ``weight_dtype`` (the float layer's
+    weight dtype; it follows ``.to(dtype)``), for code that reads ``.weight`` instead of calling the
+    layer; it is neither a parameter nor a buffer, so it is not in state_dict.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bits: int = 8,
@@ -61,6 +64,7 @@ class QuantLinear(nn.Module):
             self.bias = None
         self.register_buffer("perm", torch.arange(in_features, device=device) if act_order else None)
         self.register_buffer("smooth", torch.ones(in_features, device=device) if smooth else None)
+        self.weight_dtype = dtype or torch.float32
 
     def _apply(self, fn, recurse=True):
         """model.to(dtype) / .half() / .bfloat16() move the layer but keep its scales, zero points and smoothing
@@ -71,7 +75,22 @@ class QuantLinear(nn.Module):
             new = getattr(self, n)
             if new.dtype != old.dtype:
                 setattr(self, n, old.to(device=new.device))
+        # weight_dtype follows .to(dtype) / .half() as a float weight would: ask fn what it does to one
+        try:
+            probe = fn(torch.empty(0, dtype=self.weight_dtype, device=self.qweight.device))
+        except Exception:  # an fn that only makes sense for real tensors (none of nn.Module's own): keep it
+            probe = None
+        if isinstance(probe, torch.Tensor) and probe.is_floating_point():
+            self.weight_dtype = probe.dtype
         return self
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized (out_features, in_features) weight in ``weight_dtype``, recomputed on each
+        read and read-only, for code that reads a linear layer's ``.weight`` instead of calling it
+        (nn.TransformerEncoderLayer's inference fast path, F.multi_head_attention_forward): it then
+        computes with the quantized weights. W8A8's activation quantization only happens in forward."""
+        return self.dequantize().to(self.weight_dtype)
 
     # ---- forward ----
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,6 +190,7 @@ class QuantLinear(nn.Module):
             m.smooth.copy_(smooth.float())
         if linear.bias is not None:
             m.bias.copy_(linear.bias.detach())
+        m.weight_dtype = linear.weight.dtype
         return m
 
     @classmethod
@@ -192,6 +212,7 @@ class QuantLinear(nn.Module):
             m.perm.copy_(perm)
         if bias is not None:
             m.bias.copy_(bias)
+        m.weight_dtype = scales.dtype  # the checkpoint's compute dtype (float16 for most)
         return m
 
     @classmethod
@@ -208,4 +229,5 @@ class QuantLinear(nn.Module):
         m.zeros.copy_(z)
         if bias is not None:
             m.bias.copy_(bias)
+        m.weight_dtype = scales.dtype
         return m

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from thrifty.quant.formats import FORMAT_VERSION
 
@@ -118,6 +119,9 @@ def quantize_model(model: nn.Module, config=None, calibration=None) -> nn.Module
     """Replaces every nn.Linear of ``model`` (except those named in config.skip, the LM head by default)
     by a QuantLinear, in place, and returns the model.
 
+    NonDynamicallyQuantizableLinear layers (nn.MultiheadAttention's out_proj, whose weight the attention
+    code reads directly) are always kept in floating point, as torch.ao's quantizers keep them.
+
     config: QuantConfig or dict (bits, group_size, method, act_bits, skip, damp, act_order).
     calibration: needed by method="gptq": a batch the model takes (tensor, list of tensors, dict of
     keyword arguments) or a callable(model) that runs it. Hessians come from the float model's inputs
@@ -129,7 +133,8 @@ def quantize_model(model: nn.Module, config=None, calibration=None) -> nn.Module
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_model: model must be an nn.Module, got {type(model).__name__}")
     cfg = QuantConfig.make(config if config is not None else {})
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _skipped(n, cfg.skip)]
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+             and not isinstance(m, NonDynamicallyQuantizableLinear) and not _skipped(n, cfg.skip)]
     if cfg.bits == 4:
         bad = [(n, model.get_submodule(n).in_features) for n in names
                if model.get_submodule(n).in_features % cfg.group_size]
@@ -173,6 +178,7 @@ def _from_codes(lin: nn.Linear, q, s, z, perm, cfg: QuantConfig):
         m.perm.copy_(perm)
     if lin.bias is not None:
         m.bias.copy_(lin.bias.detach())
+    m.weight_dtype = lin.weight.dtype
     return m
 
 
@@ -234,6 +240,9 @@ def load_quantized(model: nn.Module, path: str, strict: bool = True) -> nn.Modul
                                              group_size=c["group_size"] if c["bits"] == 4 else 128,
                                              act_bits=c["act_bits"], device=dev, dtype=bias_dtype,
                                              act_order=c["act_order"], smooth=c.get("smooth", False)))
+        w = getattr(old, "weight", None)
+        if isinstance(w, torch.Tensor) and w.is_floating_point():
+            model.get_submodule(name).weight_dtype = w.dtype
     sd = load_file(path)
     model.load_state_dict(sd, strict=strict)
     model._thrifty_quant_config = json.loads(meta.get("config", "{}"))
