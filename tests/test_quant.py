@@ -330,6 +330,9 @@ def test_gptq_awq_writers_roundtrip():
                        ((q.float() - z.float().repeat_interleave(g, 0)) * sc.float().repeat_interleave(g, 0)).t())
 
 
+# well-formed (K=128, N=16, group 32) GPTQ and AWQ tensors for the bad-argument cases below
+_GPTQ = qf.to_gptq_tensors(torch.randint(0, 16, (128, 16)), torch.randint(1, 17, (4, 16)), torch.rand(4, 16) + 0.1)
+_AWQ = qf.to_awq_tensors(torch.randint(0, 16, (128, 16)), torch.randint(0, 16, (4, 16)), torch.rand(4, 16) + 0.1)
 IMPORT_BAD = [
     (lambda: QuantLinear.from_gptq(torch.zeros(16, 8, dtype=torch.int64), torch.zeros(1, 1, dtype=torch.int32),
                                    torch.ones(1, 8)), TypeError, "qweight must be int32"),
@@ -349,6 +352,29 @@ IMPORT_BAD = [
                                   torch.ones(1, 16, dtype=torch.int8), group_size=128), TypeError, "scales must be float"),
     (lambda: QuantLinear.from_awq(torch.zeros(128, 2, dtype=torch.int32), torch.zeros(2, 2, dtype=torch.int32),
                                   torch.ones(1, 16), group_size=128), ValueError, "qzeros must have shape"),
+    # every argument is checked before the layer is built: torch's copy_ errors name none
+    (lambda: QuantLinear.from_gptq(*_GPTQ, bias=torch.zeros(24)), ValueError,
+     r"from_gptq: argument 'bias' must have shape \(out_features,\) = \(16,\)"),
+    (lambda: QuantLinear.from_gptq(*_GPTQ, bias=torch.zeros(1, 16)), ValueError, r"'bias' must have shape"),
+    (lambda: QuantLinear.from_gptq(*_GPTQ, bias=torch.zeros(16, dtype=torch.int64)), TypeError,
+     "'bias' must be a floating-point tensor"),
+    (lambda: QuantLinear.from_gptq(*_GPTQ, bias=[0.0] * 16), TypeError, "'bias' must be a tensor or None"),
+    (lambda: QuantLinear.from_gptq(_GPTQ[0].numpy(), *_GPTQ[1:]), TypeError, "qweight must be a torch.Tensor"),
+    (lambda: QuantLinear.from_gptq(*_GPTQ, bits="4"), TypeError, "'bits' must be an int"),
+    (lambda: QuantLinear.from_gptq(*_GPTQ, g_idx=torch.zeros(128, dtype=torch.int32, device="meta")), ValueError,
+     "g_idx is on meta, qweight on cpu"),
+    (lambda: QuantLinear.from_awq(*_AWQ, bias=torch.zeros(24), group_size=32), ValueError,
+     r"from_awq: argument 'bias' must have shape \(out_features,\) = \(16,\)"),
+    (lambda: QuantLinear.from_awq(*_AWQ, bias=torch.zeros(16, dtype=torch.int32), group_size=32), TypeError,
+     "'bias' must be a floating-point tensor"),
+    (lambda: QuantLinear.from_awq(*_AWQ, group_size="32"), TypeError, "'group_size' must be an int or None"),
+    (lambda: QuantLinear.from_awq(_AWQ[0][:96], *_AWQ[1:], group_size=32), ValueError,
+     r"qweight must have K = 128 rows"),
+    (lambda: QuantLinear.from_awq(*_AWQ[:2], _AWQ[2][:, :8], group_size=32), ValueError, r"scales must have shape"),
+    (lambda: QuantLinear.from_awq(_AWQ[0], _AWQ[1][:, :1], _AWQ[2], group_size=32), ValueError,
+     r"qzeros must have shape"),
+    (lambda: QuantLinear.from_awq(*_AWQ[:2], _AWQ[2].to("meta"), group_size=32), ValueError,
+     "scales is on meta, qweight on cpu"),
 ]
 
 
@@ -357,6 +383,13 @@ def test_import_bad_input(i):
     fn, exc, msg = IMPORT_BAD[i]
     with pytest.raises(exc, match=msg):
         fn()
+
+
+def test_import_with_bias():
+    m = QuantLinear.from_gptq(*_GPTQ, bias=torch.arange(16.0).half())
+    assert m.bias.dtype == torch.float16 and torch.equal(m.bias.float(), torch.arange(16.0))
+    m = QuantLinear.from_awq(*_AWQ, bias=torch.arange(16.0), group_size=None)
+    assert torch.equal(m.bias, torch.arange(16.0)) and m.group_size == 32
 
 
 # ---------------- bad input to the ops ----------------

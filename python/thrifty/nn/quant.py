@@ -28,6 +28,22 @@ def _check_layer_args(where: str, in_features: int, bits, group_size, act_bits) 
                              "(bits=4 quantizes whole groups of group_size input features)")
 
 
+def _check_import_bias(where: str, bias, n: int, device: torch.device) -> None:
+    """An imported layer's bias, checked before any copy (torch's copy_ error names no argument)."""
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{where}: argument 'bias' must be a tensor or None, got {type(bias).__name__}")
+    if not bias.is_floating_point():
+        raise TypeError(f"{where}: argument 'bias' must be a floating-point tensor, got {bias.dtype}")
+    if tuple(bias.shape) != (n,):
+        raise ValueError(f"{where}: argument 'bias' must have shape (out_features,) = ({n},) (N from qweight), "
+                         f"got {tuple(bias.shape)}")
+    if bias.device != device:
+        raise ValueError(f"{where}: argument 'bias' is on {bias.device}, qweight on {device}: they must be on the "
+                         "same device")
+
+
 class QuantLinear(nn.Module):
     """y = x @ dequant(W).T + bias with packed weights (docs/QUANT_FORMATS.md, format version 1).
 
@@ -198,11 +214,19 @@ class QuantLinear(nn.Module):
                   g_idx: torch.Tensor | None = None, bias: torch.Tensor | None = None, bits: int = 4) -> "QuantLinear":
         """From a GPTQ checkpoint: qweight int32 (K/8, N) packed along K, qzeros int32 (groups, N/8)
         (stored zero + 1 convention, as vLLM and exllama read it), scales (groups, N), g_idx (K,)
-        (act-order) or None. The group size follows from the shapes."""
+        (act-order) or None, bias (N,) float or None. The group size follows from the shapes. Bad types,
+        dtypes, shapes or devices raise TypeError / ValueError naming the argument."""
+        where = "QuantLinear.from_gptq"
+        if isinstance(bits, bool) or not isinstance(bits, int):
+            raise TypeError(f"{where}: argument 'bits' must be an int, got {type(bits).__name__} ({bits!r})")
         if bits != 4:
-            raise ValueError(f"QuantLinear.from_gptq: only 4-bit GPTQ checkpoints are supported, got bits={bits}")
-        qw, s, z, perm, gs = F.from_gptq_tensors(qweight, qzeros, scales, g_idx)
+            raise ValueError(f"{where}: only 4-bit GPTQ checkpoints are supported, got bits={bits}")
+        try:  # every packed tensor's type, dtype, shape and device, before anything is built
+            qw, s, z, perm, gs = F.from_gptq_tensors(qweight, qzeros, scales, g_idx)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{where}: {err}") from None
         n, k = qw.shape[0], qw.shape[1] * 2
+        _check_import_bias(where, bias, n, qweight.device)
         m = cls(k, n, bias is not None, bits=4, group_size=gs, device=qweight.device,
                 dtype=bias.dtype if bias is not None else None, act_order=perm is not None)
         m.qweight.copy_(qw)
@@ -219,9 +243,19 @@ class QuantLinear(nn.Module):
     def from_awq(cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                  bias: torch.Tensor | None = None, group_size: int = 128) -> "QuantLinear":
         """From an AWQ (GEMM) checkpoint: qweight int32 (K, N/8) packed along N in AWQ's nibble order
-        [0, 2, 4, 6, 1, 3, 5, 7], qzeros int32 (K/G, N/8) likewise, scales (K/G, N)."""
-        qw, s, z, gs = F.from_awq_tensors(qweight, qzeros, scales, group_size)
+        [0, 2, 4, 6, 1, 3, 5, 7], qzeros int32 (K/G, N/8) likewise, scales (K/G, N), bias (N,) float.
+        group_size=None takes it from the shapes. Bad types, dtypes, shapes or devices raise
+        TypeError / ValueError naming the argument."""
+        where = "QuantLinear.from_awq"
+        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)):
+            raise TypeError(f"{where}: argument 'group_size' must be an int or None (taken from the shapes), got "
+                            f"{type(group_size).__name__} ({group_size!r})")
+        try:  # every packed tensor's type, dtype, shape and device, before anything is built
+            qw, s, z, gs = F.from_awq_tensors(qweight, qzeros, scales, group_size)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{where}: {err}") from None
         n, k = qw.shape[0], qw.shape[1] * 2
+        _check_import_bias(where, bias, n, qweight.device)
         m = cls(k, n, bias is not None, bits=4, group_size=gs, device=qweight.device,
                 dtype=bias.dtype if bias is not None else None)
         m.qweight.copy_(qw)

@@ -106,12 +106,20 @@ def _unpack_int32_cols(qweight: torch.Tensor, order=None) -> torch.Tensor:
     return q.reshape(qweight.shape[0], -1).long()
 
 
+def _check_tensor(name: str, t, device: torch.device | None = None):
+    _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    _check(device is None or t.device == device, f"{name} is on {t.device}, qweight on {device}: "
+                                                 "they must be on the same device")
+
+
 def _check_int32(name: str, t: torch.Tensor, dim: int = 2):
+    _check_tensor(name, t)
     _check(t.dtype == torch.int32, f"{name} must be int32 (packed 4-bit), got {t.dtype}", TypeError)
     _check(t.dim() == dim, f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
 
 
 def _check_scales(name: str, s: torch.Tensor):
+    _check_tensor(name, s)
     _check(s.dtype in (torch.float16, torch.bfloat16, torch.float32),
            f"{name} must be float16, bfloat16 or float32, got {s.dtype}", TypeError)
     _check(s.dim() == 2, f"{name} must be 2-D (groups, out_features), got shape {tuple(s.shape)}")
@@ -123,6 +131,8 @@ def gptq_unpack(qweight, qzeros, scales, g_idx=None):
     _check_int32("qweight", qweight)
     _check_int32("qzeros", qzeros)
     _check_scales("scales", scales)
+    _check_tensor("qzeros", qzeros, qweight.device)
+    _check_tensor("scales", scales, qweight.device)
     k, n = qweight.shape[0] * 8, qweight.shape[1]
     ng = scales.shape[0]
     _check(scales.shape[1] == n, f"scales must have shape (groups, {n}) to match qweight (K/8, N) = "
@@ -136,6 +146,7 @@ def gptq_unpack(qweight, qzeros, scales, g_idx=None):
     if g_idx is None:
         g_idx = torch.arange(k, device=qweight.device) // gs
     else:
+        _check_tensor("g_idx", g_idx, qweight.device)
         _check(g_idx.dtype in (torch.int32, torch.int64), f"g_idx must be int32 or int64, got {g_idx.dtype}", TypeError)
         _check(tuple(g_idx.shape) == (k,), f"g_idx must have shape (K,) = ({k},), got {tuple(g_idx.shape)}")
         g_idx = g_idx.long()
@@ -174,6 +185,8 @@ def awq_unpack(qweight, qzeros, scales):
     _check_int32("qweight", qweight)
     _check_int32("qzeros", qzeros)
     _check_scales("scales", scales)
+    _check_tensor("qzeros", qzeros, qweight.device)
+    _check_tensor("scales", scales, qweight.device)
     k, n = qweight.shape[0], qweight.shape[1] * 8
     ng = scales.shape[0]
     _check(scales.shape[1] == n, f"scales must have shape (groups, {n}) to match qweight (K, N/8) = "
@@ -194,9 +207,11 @@ def awq_dequantize_reference(qweight, qzeros, scales) -> torch.Tensor:
 
 def from_awq_tensors(qweight, qzeros, scales, group_size: int | None = None):
     q, z, s, gs = awq_unpack(qweight, qzeros, scales)
-    _check(group_size is None or group_size == gs,
-           f"group_size={group_size} does not match the shapes: K={q.shape[0]} with {s.shape[0]} groups "
-           f"means group size {gs}")
+    if group_size is not None and group_size != gs:
+        raise ValueError(f"group_size={group_size} does not match the shapes: qweight (K, N/8) = "
+                         f"{tuple(qweight.shape)} has K={q.shape[0]} and scales {tuple(scales.shape)} has "
+                         f"{s.shape[0]} groups, which means group size {gs} (for group_size={group_size}, qweight "
+                         f"must have K = {s.shape[0] * group_size} rows)")
     _check(gs % 32 == 0, f"AWQ group size {gs} is not a multiple of 32, which thrifty's int4 kernels need")
     return pack_int4(q.t().contiguous()), s.t().contiguous(), z.t().float().contiguous(), gs
 
