@@ -414,12 +414,27 @@ OP_BAD = [
     (lambda: thrifty.ops.quant_linear(_x, _q8, _s8, None, bits=8, group_size=128), ValueError, "per output channel"),
     (lambda: thrifty.ops.quant_linear(_x, _q8, _s8, _z, bits=8, group_size=-1), ValueError, "'zeros' must be None"),
     (lambda: thrifty.ops.quant_linear(_x, _q8.to(torch.uint8), _s8, None, bits=8, group_size=-1), TypeError, "'qweight' must have dtype Char"),
-    (lambda: thrifty.ops.quant_linear(torch.randn(2, 63), _q8, _s8, None, bits=8, group_size=-1), ValueError, "'qweight' must have size 63"),
+    # x's last dimension against a packed weight that agrees with its scales: x is named, not qweight
+    (lambda: thrifty.ops.quant_linear(torch.randn(2, 63), _q8, _s8, None, bits=8, group_size=-1), ValueError,
+     r"argument 'x' must have the weight's in_features K=64 in its last dimension .*got shape \(2, 63\)"),
+    (lambda: thrifty.ops.quant_linear(torch.randn(2, 100), _qw, _s, _z, bits=4, group_size=32), ValueError,
+     r"argument 'x' must have the weight's in_features K=64 .*K = 2 \* qweight.shape\[1\].*got shape \(2, 100\)"),
+    (lambda: thrifty.ops.quant_linear(torch.randn(3, 2, 96), _qw, _s, _z, bits=4, group_size=32), ValueError,
+     r"argument 'x' must have the weight's in_features K=64"),
+    (lambda: thrifty.ops.quant_linear([0.0] * 64, _q8, _s8, None, bits=8, group_size=-1), TypeError,
+     "argument 'x' must be a tensor"),
+    (lambda: thrifty.ops.quant_linear(_x, _qw, _s, _z, bits=4, group_size=None), TypeError,
+     "argument 'group_size' must be an int for bits=4"),
+    (lambda: thrifty.ops.quant_linear(_x, _q8, _s8, None, bits="8", group_size=-1), TypeError,
+     "argument 'bits' must be an int"),
+    (lambda: thrifty.ops.quant_linear(_x, _q8, _s8, None, bits=8, group_size=32.0), TypeError,
+     "argument 'group_size' must be an int"),
     (lambda: thrifty.ops.int8_linear(torch.zeros(2, 64, dtype=torch.int8), torch.ones(2), _q8, _s8[:3]), ValueError, "'w_scales' must have shape"),
     (lambda: thrifty.ops.int8_linear(torch.zeros(2, 64, dtype=torch.int8), torch.ones(3), _q8, _s8), ValueError, "'x_scales' must have one value per row"),
     (lambda: thrifty.ops.int8_linear(torch.zeros(2, 64), torch.ones(2), _q8, _s8), TypeError, "'xq' must have dtype Char"),
     (lambda: thrifty.ops.int8_linear(torch.zeros(2, 64, dtype=torch.int8), torch.ones(2).half(), _q8, _s8), TypeError, "'x_scales' must have dtype Float"),
-    (lambda: thrifty.ops.int8_linear(torch.zeros(2, 63, dtype=torch.int8), torch.ones(2), _q8, _s8), ValueError, "'wq' must have size 63"),
+    (lambda: thrifty.ops.int8_linear(torch.zeros(2, 63, dtype=torch.int8), torch.ones(2), _q8, _s8), ValueError,
+     r"argument 'xq' must have the weight's in_features K=64"),
     (lambda: thrifty.ops.int8_linear(torch.zeros(2, 64, dtype=torch.int8), torch.ones(2), _q8, _s8, out_dtype=torch.int32), TypeError, "'out_dtype'"),
     (lambda: thrifty.ops.quantize_per_token(torch.zeros(2, 3, dtype=torch.int32)), TypeError, "'x' must have dtype"),
 ]
@@ -430,6 +445,12 @@ def test_op_bad_input(i):
     fn, exc, msg = OP_BAD[i]
     with pytest.raises(exc, match=msg):
         fn()
+
+
+def test_quant_linear_group_size_none_for_bits8():
+    # bits=8 is per output channel: None means no groups, as -1 does
+    torch.testing.assert_close(thrifty.ops.quant_linear(_x, _q8, _s8, None, bits=8, group_size=None),
+                               thrifty.ops.quant_linear(_x, _q8, _s8, None, bits=8, group_size=-1), rtol=0, atol=0)
 
 
 # ---------------- GPTQ vs RTN and whole models ----------------

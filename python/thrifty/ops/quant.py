@@ -19,8 +19,34 @@ import torch
 _ops = torch.ops.thrifty
 
 
+def _int_arg(op: str, name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{op}: argument '{name}' must be an int, got {type(v).__name__} ({v!r})")
+
+
+def _weight_k(qweight, scales, bits: int, group_size: int) -> int | None:
+    """in_features K of the packed weight when qweight and scales agree with each other (then a K that
+    differs from x's is x's fault), else None (the op's own checks name the inconsistent tensor)."""
+    if not (isinstance(qweight, torch.Tensor) and isinstance(scales, torch.Tensor) and qweight.dim() == 2):
+        return None
+    n, k = qweight.shape[0], qweight.shape[1] * (2 if bits == 4 else 1)
+    if bits == 8:
+        ok = tuple(scales.shape) == (n,)
+    else:
+        ok = group_size > 0 and scales.dim() == 2 and scales.shape[0] == n and scales.shape[1] * group_size == k
+    return k if ok else None
+
+
+def _check_x(op: str, name: str, x, k: int | None, what: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: argument '{name}' must be a tensor, got {type(x).__name__}")
+    if k is not None and x.dim() >= 1 and x.shape[-1] != k:
+        raise ValueError(f"{op}: argument '{name}' must have the weight's in_features K={k} in its last dimension "
+                         f"({what}), got shape {tuple(x.shape)}")
+
+
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None, *,
-                 bits: int, group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+                 bits: int, group_size: int | None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ dequant(qweight).T (+ bias) for W8A16 (bits=8) and W4A16 (bits=4).
 
     Args:
@@ -29,11 +55,25 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
         scales: float32, (N,) for bits=8 or (N, K/group_size) for bits=4.
         zeros: bits=4 only, float32 (N, K/group_size) zero points (w = (q - zeros) * scales).
         bits: 4 or 8.
-        group_size: bits=4: a multiple of 32 dividing K; bits=8: -1 (per output channel).
+        group_size: bits=4: a multiple of 32 dividing K; bits=8: -1 or None (per output channel).
         bias: optional (N,), x's dtype or float32.
     Returns:
         (..., N) in x's dtype.
+    Raises TypeError / ValueError naming the argument, x's among them when its last dimension is not
+    the K of a packed weight that agrees with its scales.
     """
+    op = "thrifty.quant_linear"
+    _int_arg(op, "bits", bits)
+    if group_size is None and bits == 8:  # per output channel: no groups
+        group_size = -1
+    if group_size is None:
+        raise TypeError(f"{op}: argument 'group_size' must be an int for bits={bits} (bits=4: a multiple of 32 "
+                        "dividing K, 32, 64, 128), got None")
+    _int_arg(op, "group_size", group_size)
+    k = _weight_k(qweight, scales, bits, group_size) if bits in (4, 8) else None
+    how = "" if k is None else f"qweight {tuple(qweight.shape)}: " + (
+        "two 4-bit weights per byte, K = 2 * qweight.shape[1]" if bits == 4 else "(N, K)")
+    _check_x(op, "x", x, k, how)
     return _ops.quant_linear(x, qweight, scales, zeros, bits, group_size, bias)
 
 
@@ -62,6 +102,8 @@ def int8_linear(xq: torch.Tensor, x_scales: torch.Tensor, wq: torch.Tensor, w_sc
         bias: optional (N,) float.
         out_dtype: float32 (default), bfloat16 or float16.
     """
+    k = _weight_k(wq, w_scales, 8, -1)
+    _check_x("thrifty.int8_linear", "xq", xq, k, "" if k is None else f"wq {tuple(wq.shape)}: (N, K)")
     return _ops.int8_linear(xq, x_scales, wq, w_scales, bias, out_dtype)
 
 
