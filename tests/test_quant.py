@@ -240,6 +240,44 @@ def test_quantlinear_matches_its_dequantized_weight(bits, act_bits, method):
     assert rel < (0.02 if bits == 8 else 0.2)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("smooth", [False, True])
+def test_w8a8_quantlinear_backward_straight_through(dtype, smooth):
+    """The int8 ops have no autograd: QuantLinear(act_bits=8) passes the gradient straight through the
+    activation rounding, grad_x = grad_y @ W as W8A16 does (W: its dequantized weight, float64 here)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40)
+    s = torch.rand(96) + 0.5 if smooth else None
+    m = QuantLinear.from_float(lin, bits=8, act_bits=8, smooth=s)
+    m.bias.requires_grad_()
+    x = torch.randn(3, 5, 96).to(dtype).requires_grad_()
+    y = m(x)
+    with torch.no_grad():  # the forward is the same W8A8 computation with or without autograd
+        assert torch.equal(y, m(x))
+    gy = torch.randn(3, 5, 40).to(dtype)
+    y.backward(gy)
+    ref = gy.double() @ m.dequantize().double()  # smoothing folded back: the chain rule through x / s
+    low = (gy.float() @ m.dequantize()).to(dtype)
+    assert x.grad.dtype == dtype
+    # with smoothing, autograd's x / s in x's dtype rounds the gradient a second time
+    assert_close_to_ref(x.grad, ref, low, factor=4.0 if smooth else 2.0, atol=1e-5 * max(1.0, ref.abs().max().item()))
+    torch.testing.assert_close(m.bias.grad.double(), gy.double().sum((0, 1)), rtol=1e-5, atol=1e-5)
+    assert m.qweight.grad is None
+
+
+def test_w8a8_finetunes_a_layer_below_it():
+    # a float layer under a W8A8 one gets gradients (it got none: int8_linear only warned)
+    torch.manual_seed(0)
+    first, top = nn.Linear(32, 64), QuantLinear.from_float(nn.Linear(64, 16), bits=8, act_bits=8)
+    x = torch.randn(8, 32)
+    top(first(x)).square().sum().backward()
+    assert first.weight.grad is not None and first.weight.grad.abs().sum() > 0
+    g = torch.compile(lambda t: top(t).sum(), fullgraph=True, backend="aot_eager")
+    t = torch.randn(4, 64, requires_grad=True)
+    g(t).backward()
+    torch.testing.assert_close(t.grad, torch.ones(4, 16) @ top.dequantize())
+
+
 def test_quantlinear_bf16_input_and_module_api():
     lin = nn.Linear(256, 40, bias=False)
     m = QuantLinear.from_float(lin, bits=4, group_size=128)

@@ -44,6 +44,32 @@ def _check_import_bias(where: str, bias, n: int, device: torch.device) -> None:
                          "same device")
 
 
+class _W8A8Linear(torch.autograd.Function):
+    """W8A8 forward (per-token int8 activations, int32-exact int8 GEMM). Backward straight through the
+    activation rounding, as for W8A16: grad_x = grad_y @ dequant(W), grad_bias = sum of grad_y (the
+    int8 ops have no autograd of their own: without this, x would silently get no gradient)."""
+
+    @staticmethod
+    def forward(x, qweight, scales, bias):
+        xq, xs = qops.quantize_per_token(x)
+        return qops.int8_linear(xq, xs, qweight, scales, bias, out_dtype=x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, qweight, scales, bias = inputs
+        ctx.x_dtype = x.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.save_for_backward(qweight, scales)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        qweight, scales = ctx.saved_tensors
+        grad_x, grad_bias = qops.frozen_weight_grads(grad_y, qweight, scales, None, 8, -1, ctx.x_dtype,
+                                                     ctx.bias_dtype, ctx.needs_input_grad[0],
+                                                     ctx.needs_input_grad[3])
+        return grad_x, None, None, grad_bias
+
+
 class QuantLinear(nn.Module):
     """y = x @ dequant(W).T + bias with packed weights (docs/QUANT_FORMATS.md, format version 1).
 
@@ -51,7 +77,8 @@ class QuantLinear(nn.Module):
     ((N,) or (N, K/G)), ``zeros`` float32 (N, K/G) (bits=4), optional ``bias`` (N,), optional ``perm``
     int64 (K,) (input features reordered: act-order GPTQ), optional ``smooth`` float32 (K,) (W8A8
     SmoothQuant factors not folded into a previous layer: x is divided by them).
-    ``act_bits=8`` (W8A8, bits=8 only) quantizes activations per token and multiplies in int8.
+    ``act_bits=8`` (W8A8, bits=8 only) quantizes activations per token and multiplies in int8; its
+    backward passes straight through the activation rounding (grad_x = grad_y @ dequantize()).
     ``weight`` (read-only property): the dequantized weight in ``weight_dtype`` (the float layer's
     weight dtype; it follows ``.to(dtype)``), for code that reads ``.weight`` instead of calling the
     layer; it is neither a parameter nor a buffer, so it is not in state_dict.
@@ -121,6 +148,8 @@ class QuantLinear(nn.Module):
         if bias is not None and bias.dtype not in (x.dtype, torch.float32):
             bias = bias.to(x.dtype)
         if self.act_bits == 8:
+            if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+                return _W8A8Linear.apply(x, self.qweight, self.scales, bias)
             xq, xs = qops.quantize_per_token(x)
             return qops.int8_linear(xq, xs, self.qweight, self.scales, bias, out_dtype=x.dtype)
         return qops.quant_linear(x, self.qweight, self.scales, self.zeros, bits=self.bits,

@@ -11,6 +11,8 @@ Math, with N = out_features, K = in_features, G = group_size::
           int8_linear = (xq @ wq.T, exact in int32) * xs * w_scales (+ bias)
 
 Backward of quant_linear (weights are frozen): grad_x = grad_y @ w, grad_bias = sum of grad_y over rows.
+quantize_per_token / int8_linear have none (int8 tensors carry no gradient); thrifty.nn.QuantLinear's
+W8A8 forward passes the same gradient straight through the activation rounding.
 """
 from __future__ import annotations
 
@@ -139,14 +141,24 @@ def _setup_quant_linear(ctx, inputs, output):
     ctx.save_for_backward(qweight, scales, zeros)
 
 
+def frozen_weight_grads(grad_y, qweight, scales, zeros, bits: int, group_size: int, x_dtype, bias_dtype,
+                        need_x: bool, need_bias: bool):
+    """(grad_x, grad_bias) of y = x @ dequant(W).T + bias with W frozen: grad_x = grad_y @ w in float32
+    (then x's dtype), grad_bias = grad_y summed over rows. Shared by quant_linear's backward and
+    QuantLinear's W8A8 straight-through backward."""
+    grad_x = grad_bias = None
+    if need_x:
+        w = _ops.quant_dequantize(qweight, scales, zeros, bits, group_size)
+        grad_x = (grad_y.float() @ w).to(x_dtype)
+    if bias_dtype is not None and need_bias:
+        grad_bias = grad_y.float().reshape(-1, grad_y.shape[-1]).sum(0).to(bias_dtype)
+    return grad_x, grad_bias
+
+
 def _backward_quant_linear(ctx, grad_y):
     qweight, scales, zeros = ctx.saved_tensors
-    grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        w = _ops.quant_dequantize(qweight, scales, zeros, ctx.bits, ctx.group_size)
-        grad_x = (grad_y.float() @ w).to(ctx.x_dtype)
-    if ctx.bias_dtype is not None and ctx.needs_input_grad[6]:
-        grad_bias = grad_y.float().reshape(-1, grad_y.shape[-1]).sum(0).to(ctx.bias_dtype)
+    grad_x, grad_bias = frozen_weight_grads(grad_y, qweight, scales, zeros, ctx.bits, ctx.group_size, ctx.x_dtype,
+                                            ctx.bias_dtype, ctx.needs_input_grad[0], ctx.needs_input_grad[6])
     return grad_x, None, None, None, None, None, grad_bias
 
 
