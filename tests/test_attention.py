@@ -169,6 +169,36 @@ def test_no_keys():
 
 
 # ---- varlen ----
+@pytest.mark.parametrize("sq", [40, 2])  # the tiled forward and the untiled decode rows
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_propagates_like_sdpa(cpu_isa, sq, dtype, device):
+    """A NaN score (NaN in q, or in a key a row sees) makes that row's output and lse NaN, as torch's SDPA
+    does: never the zero row / -inf lse that means "no visible key" (that hid NaN from loss checks). Rows
+    that do not see the NaN key stay exact (torch's CPU SDPA spreads NaN through masked keys as well)."""
+    sk, nan_key = 48, 45
+    q, k, v = rand(1, sq, 4, 64, dtype=dtype, device=device), rand(1, sk, 2, 64, dtype=dtype, device=device), \
+        rand(1, sk, 2, 64, dtype=dtype, device=device)
+    if refused_on_cuda(dtype, device, q, k, v):
+        return
+    k[0, nan_key, 1, 3] = float("nan")  # kv head 1: query heads 2 and 3
+    q[0, 0, 0, 5] = float("nan")        # query row 0 of head 0
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out, lse = thrifty.ops.flash_attention(q, k, v, causal=True, return_lse=True)
+    ref = ref_attention(q.detach(), k.detach(), v.detach(), True)[0]
+    # bottom-right causal: query row i sees keys up to sk - sq + i
+    sees = torch.arange(sq, device=device) + (sk - sq) >= nan_key
+    expect = torch.zeros(sq, 4, dtype=torch.bool, device=device)
+    expect[sees, 2:] = True
+    expect[0, 0] = True
+    assert torch.equal(torch.isnan(out).any(-1)[0], expect) and torch.equal(torch.isnan(out).all(-1)[0], expect)
+    assert torch.equal(torch.isnan(lse[0]).T, expect)
+    good = ~expect
+    torch.testing.assert_close(out[0][good].double(), ref[0][good].double(), atol=2e-2, rtol=2e-2)
+    out.backward(torch.ones_like(out))
+    assert torch.isnan(k.grad[0, :, 1]).any() and torch.isnan(v.grad[0, :, 1]).any()
+    assert torch.isnan(q.grad[0, 0, 0]).any()
+
+
 def _varlen_case(lens_q, lens_k, h, hk, d, dtype):
     cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32)
     cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32)

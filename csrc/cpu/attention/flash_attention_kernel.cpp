@@ -283,13 +283,14 @@ struct Buffer {
 // Forward
 
 // Output rows r < n: out = acc / l, lse = m + log l; a row with l = 0 (no visible key) gets out 0
-// and lse -inf. acc rows are Dp floats apart, output rows o_stride elements.
+// and lse -inf. A NaN l (a NaN score: NaN in q or in a visible key) gives NaN out and lse, as torch's
+// SDPA does, never a silent zero row. acc rows are Dp floats apart, output rows o_stride elements.
 template <typename T>
 THRIFTY_INLINE void store_out_rows(const float* acc, int Dp, const float* m, const float* l, int n, int D, T* ob,
                                    int64_t o_stride, float* lse) {
   for (int r = 0; r < n; ++r) {
     T* orow = ob + r * o_stride;
-    if (l[r] > 0.0f) {
+    if (l[r] != 0.0f) {  // true for NaN
       store_row(acc + static_cast<int64_t>(r) * Dp, 1.0f / l[r], D, orow);
       lse[r] = m[r] + std::log(l[r]);
     } else {

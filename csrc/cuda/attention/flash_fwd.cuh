@@ -204,10 +204,10 @@ __global__ void __launch_bounds__(FwdCfg<D>::kThreads) flash_fwd_kernel(const At
       float l = row_sum[mt][r];
       l += __shfl_xor_sync(0xffffffffu, l, 1);
       l += __shfl_xor_sync(0xffffffffu, l, 2);
-      inv[r] = l > 0.0f ? 1.0f / l : 0.0f;
+      inv[r] = l != 0.0f ? 1.0f / l : 0.0f;  // l = 0: no visible key (out 0, lse -inf); NaN l stays NaN
       const int i = m0 + warp * WR + mt * 16 + g + r * 8;
       if (t == 0 && i < si.sq_rows) {
-        const float lse = l > 0.0f ? (row_max[mt][r] + __log2f(l)) * kLn2 : -INFINITY;
+        const float lse = l != 0.0f ? (row_max[mt][r] + __log2f(l)) * kLn2 : -INFINITY;
         p.lse[b * p.lse_batch_stride + int64_t(h) * p.lse_head_stride + si.q_start + i] = lse;
       }
     }
