@@ -677,9 +677,26 @@ def test_torch_flags_at_their_defaults_are_accepted(opt_name):
     assert not set(TORCH_DEFAULT_FLAGS) & set(a.param_groups[0])
 
 
+@pytest.mark.parametrize("opt_name", ["AdamW", "AdamW8bit", "Lion"])
+def test_torch_implementation_flags_any_value(opt_name):
+    # foreach / fused only pick among torch's implementations of the same step: code passing
+    # fused=True or foreach=False (common) runs thrifty's one fused step unchanged
+    cls = getattr(thrifty.optim, opt_name)
+    params = make_params([5000, 7], "cpu")
+    ref = clones(params, torch.float32)
+    opts = [cls(params, lr=1e-2, foreach=False, fused=True), cls(ref, lr=1e-2)]
+    for s in range(2):
+        gs = random_grads(params, s)
+        set_grads(params, gs)
+        set_grads(ref, gs)
+        for o in opts:
+            o.step()
+    for p, q in zip(params, ref):
+        assert torch.equal(p, q)
+
+
 @pytest.mark.parametrize("flag,value,exc", [("amsgrad", True, NotImplementedError), ("maximize", True, NotImplementedError),
-                                            ("foreach", True, ValueError), ("foreach", False, ValueError),
-                                            ("fused", True, ValueError), ("fused", False, ValueError),
+                                            ("foreach", 1.5, ValueError), ("fused", 2, ValueError),
                                             ("capturable", True, ValueError), ("differentiable", True, ValueError)])
 @pytest.mark.parametrize("opt_name", ["AdamW", "AdamW8bit", "Lion"])
 def test_torch_flags_other_values_raise(opt_name, flag, value, exc):

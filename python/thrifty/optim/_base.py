@@ -30,11 +30,13 @@ def _check_finite(name: str, value, lo: float | None = None, hi: float | None = 
         raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi} (got {value})")
 
 
-# torch.optim keywords accepted for drop-in use, at torch's defaults only: thrifty has one fused
-# implementation (foreach/fused/capturable/differentiable choose among torch's) and implements
-# neither amsgrad nor maximize, so any other value raises instead of being ignored.
+# torch.optim keywords accepted for drop-in use. foreach / fused only choose among torch's
+# implementations of the same math, so any bool (or None) is accepted: thrifty always runs its one
+# fused multi-tensor step. amsgrad, maximize, capturable and differentiable change what a step does or
+# allows; thrifty implements none of them, so any value but torch's default raises instead of being ignored.
 TORCH_FLAGS = {"amsgrad": False, "maximize": False, "foreach": None, "fused": None, "capturable": False,
                "differentiable": False}
+_IMPLEMENTATION_FLAGS = ("foreach", "fused")
 
 
 def _check_torch_flags(owner: str, flags: dict, where: str = "") -> None:
@@ -42,9 +44,13 @@ def _check_torch_flags(owner: str, flags: dict, where: str = "") -> None:
         default = TORCH_FLAGS[name]
         if value is default or (default is False and type(value) is int and value == 0):
             continue
+        if name in _IMPLEMENTATION_FLAGS and (value is None or isinstance(value, bool)):
+            continue
         if name in ("amsgrad", "maximize"):
             raise NotImplementedError(f"{owner}: {where}{name}={value!r} is not supported (only torch's default "
                                       f"{name}={default!r})")
+        if name in _IMPLEMENTATION_FLAGS:
+            raise ValueError(f"{owner}: {where}{name}={value!r} must be None, True or False")
         raise ValueError(f"{owner}: {where}{name}={value!r} is not supported: thrifty always runs its own fused "
                          f"multi-tensor step; pass {name}={default!r} (torch's default) or leave it out")
 

@@ -34,10 +34,10 @@ class AdamW(FusedOptimizer):
             grad is inf/nan; reported by ``last_step_skipped`` / ``skipped_steps``. The check reuses
             the clipping norm, else costs one read of the grads. Under torch.amp.GradScaler the
             scaler's found_inf is used instead.
-        amsgrad, maximize, foreach, fused, capturable, differentiable: torch.optim.AdamW's flags,
-            accepted for drop-in use at torch's defaults (False, False, None, None, False, False) only;
-            any other value raises (thrifty implements neither amsgrad nor maximize and always runs its
-            own fused step). They are not stored in param_groups.
+        amsgrad, maximize, foreach, fused, capturable, differentiable: torch.optim.AdamW's flags, for
+            drop-in use. foreach / fused take any bool or None (they pick among torch's implementations of
+            the same step; thrifty always runs its own fused one); the others only at torch's defaults
+            (False): thrifty implements none of them, so True raises. They are not stored in param_groups.
 
     Moments (and masters) are float32 whatever the param dtype.
     """

@@ -24,7 +24,8 @@ class Lion(FusedOptimizer):
 
     Same extras as :class:`thrifty.optim.AdamW`: master_weights, max_grad_norm, skip_nonfinite,
     GradScaler support, lr as a tensor. maximize, foreach, fused, capturable, differentiable: the
-    torch.optim flags, accepted at torch's defaults only (as in AdamW; Lion has no amsgrad).
+    torch.optim flags, accepted as in AdamW (foreach / fused any bool or None, the others at torch's
+    defaults only; Lion has no amsgrad).
     """
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, master_weights=False,
