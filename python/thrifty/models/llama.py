@@ -73,7 +73,8 @@ class Llama(nn.Module):
     forward(input_ids, positions=None, labels=None, cu_seqlens=None) returns logits
     (input_ids' shape + (vocab,)), or with ``labels`` the mean cross-entropy of predicting
     labels[t + 1] from position t (labels shifted inside, -100 ignored, as transformers does),
-    computed by the fused thrifty.ops.linear_cross_entropy without the logits.
+    computed by the fused thrifty.ops.linear_cross_entropy without the logits, as a float32 scalar
+    whatever the model's dtype (as transformers returns it).
     ``cu_seqlens`` (docs + 1,) int32 marks packed documents in a flat (tokens,) or (1, tokens)
     input: attention and the shifted labels stay inside each document.
     """
@@ -195,10 +196,17 @@ class Llama(nn.Module):
         if cu_seqlens is not None:  # the last token of a document predicts nothing
             shifted = shifted.clone()
             shifted[cu_seqlens[1:].long() - 1] = -100
+        # The loss comes back in float32 whatever the model's dtype, as transformers' does: one bf16 rounding
+        # of the mean quantized logged losses to steps of ~0.2-0.4%.
         if not isinstance(self.lm_head, nn.Linear):  # a quantized LM head (quantize_model with skip=()): via logits
             logits = self.lm_head(h).float()
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1)).to(h.dtype)
-        return linear_cross_entropy(h, self.lm_head.weight, shifted)
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1))
+        if h.dtype == torch.float32:
+            return linear_cross_entropy(h, self.lm_head.weight, shifted)
+        # per-token losses (each rounded once; the errors average out) summed in float32, over the tokens
+        # not ignored, as reduction "mean" counts them
+        per_token = linear_cross_entropy(h, self.lm_head.weight, shifted, reduction="none")
+        return per_token.float().sum() / (shifted != -100).sum()
 
     # ---- generation ----
     @torch.inference_mode()
