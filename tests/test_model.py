@@ -145,6 +145,37 @@ def test_patch_hf_uses_thrifty_attention(monkeypatch):
         thrifty.patch_hf(torch.nn.Linear(2, 2))
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("name", ["gqa", "mistral_window"])
+def test_patch_hf_swaps_attention_under_causal_masks(monkeypatch, attn, name):
+    """Masks transformers builds without padding (eager attention always builds one; a Mistral window
+    shorter than the input too) are the plain (sliding-window) causal ones: thrifty attention runs, the
+    logits and generate's tokens stay; a padded batch still runs transformers' own attention."""
+    import thrifty.models.patch as P
+    calls = []
+    orig = P.attend
+    monkeypatch.setattr(P, "attend", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    hf = hf_model(name)  # mistral_window: window 6 < 13 tokens
+    hf.config._attn_implementation = attn
+    patched = thrifty.patch_hf(copy.deepcopy(hf))
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 13))
+    with torch.no_grad():
+        assert rel_err(patched(ids).logits, hf(ids).logits) <= 1e-4
+        assert len(calls) == SMALL["num_hidden_layers"]
+        ones = torch.ones_like(ids)
+        assert rel_err(patched(ids, attention_mask=ones).logits, hf(ids, attention_mask=ones).logits) <= 1e-4
+        assert len(calls) == 2 * SMALL["num_hidden_layers"]
+        pad = ones.clone()
+        pad[0, :3] = 0
+        assert rel_err(patched(ids, attention_mask=pad).logits[1], hf(ids, attention_mask=pad).logits[1]) <= 1e-4
+        assert len(calls) == 2 * SMALL["num_hidden_layers"]  # padding: transformers' attention
+        patched.model(ids)  # the inner model called directly: its mask is not known to be plain
+        assert len(calls) == 2 * SMALL["num_hidden_layers"] + (SMALL["num_hidden_layers"] if attn == "sdpa" and
+                                                                 name != "mistral_window" else 0)
+        gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(patched.generate(ids[:1], **gen), hf.generate(ids[:1], **gen))
+
+
 # ---- without transformers ----
 def tiny(**kw):
     cfg = LlamaConfig(**{**SMALL, "num_key_value_heads": 2, **kw})

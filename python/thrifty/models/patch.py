@@ -4,9 +4,11 @@ In place, on the instance (transformers stays optional: nothing here imports it)
 - every *RMSNorm -> thrifty.ops.rms_norm
 - every MLP -> the thrifty SwiGLU path of thrifty.models (same gate/up/down weights)
 - attention -> thrifty rotary + the model's attention interface (thrifty.models.attention.attend)
-  (transformers' own KV cache included, so generate works) whenever there is no explicit mask;
-  with a padding mask (batched padded input) the layer runs transformers' own attention code,
-  since the attention interface has no arbitrary-mask case.
+  (transformers' own KV cache included, so generate works) whenever the layer's mask is the plain
+  causal (or, for Mistral, sliding-window causal) one: no mask at all, or the mask transformers builds
+  from no attention_mask or an all-ones one (eager attention always builds it; sliding windows shorter
+  than the input too). With padding (a 2-D mask with zeros) or a custom 4-D mask the layer runs
+  transformers' own attention code, since the attention interface has no arbitrary-mask case.
 - the loss: forward(..., labels=...) uses thrifty.ops.linear_cross_entropy on the final
   hidden states (no logits materialised for the loss; ``out.logits`` is computed, with autograd,
   only when it is read).
@@ -33,13 +35,23 @@ def _mlp_forward(self, x):
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
-def _attention_forward(orig):
+def _plain_causal(attention_mask) -> bool:
+    """True when the model-level attention_mask leaves the layers' masks plain causal: None, or 2-D
+    (batch, seq) without padding (one host sync to read it)."""
+    if attention_mask is None:
+        return True
+    return isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and bool(attention_mask.all())
+
+
+def _attention_forward(orig, state):
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
         else:
             kwargs.pop("past_key_values", None)
-        if attention_mask is not None or position_embeddings is None:
+        # state["plain_causal"]: set by the patched model forward for the duration of one call, so a mask
+        # built from no padding is known to be the causal one; a direct call of the inner model leaves it False
+        if (attention_mask is not None and not state["plain_causal"]) or position_embeddings is None:
             return orig(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
                         cache=cache, **kwargs)
         lead = hidden_states.shape[:-1]
@@ -113,8 +125,15 @@ def _lazy_logits_output_class():
     return _LAZY_OUTPUT
 
 
-def _causal_lm_forward(orig):
+def _causal_lm_forward(orig, state):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, *args, labels=None, **kwargs):
+        state["plain_causal"] = _plain_causal(attention_mask)
+        try:
+            return inner(self, input_ids, attention_mask, position_ids, *args, labels=labels, **kwargs)
+        finally:
+            state["plain_causal"] = False
+
+    def inner(self, input_ids, attention_mask, position_ids, *args, labels=None, **kwargs):
         if args:  # positional past_key_values / cache, inputs_embeds, labels, ... (transformers' order)
             return orig(input_ids, attention_mask, position_ids, *args, labels=labels, **kwargs)
         if labels is None:
@@ -170,6 +189,7 @@ def patch_hf(model):
     cfg = model.config
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise ValueError(f"thrifty.patch_hf: config field 'hidden_act' = {cfg.hidden_act!r} is not supported")
+    state = {"plain_causal": False}  # shared by the patched forwards of this model
     for mod in model.modules():
         cls = type(mod).__name__
         if cls.endswith("RMSNorm"):
@@ -177,9 +197,9 @@ def patch_hf(model):
         elif cls.endswith("MLP") and hasattr(mod, "gate_proj"):
             mod.forward = types.MethodType(_mlp_forward, mod)
         elif cls.endswith("Attention") and hasattr(mod, "q_proj"):
-            mod.forward = types.MethodType(_attention_forward(mod.forward), mod)
+            mod.forward = types.MethodType(_attention_forward(mod.forward, state), mod)
             if name == "MistralForCausalLM":
                 mod.sliding_window = getattr(cfg, "sliding_window", None)
-    model.forward = types.MethodType(_causal_lm_forward(model.forward), model)
+    model.forward = types.MethodType(_causal_lm_forward(model.forward, state), model)
     model._thrifty_patched = True
     return model
