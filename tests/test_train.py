@@ -272,6 +272,10 @@ def test_failures_leave_nothing(corpus, base_model, tmp_path, capsys):
     Llama(LlamaConfig(vocab_size=64, max_position_embeddings=128, **MICRO)).save_pretrained(str(small))
     _fails(capsys, cfg(corpus, out, model=str(small), model_overrides=None), 2, "vocab mismatch", out)
     assert not out.exists()
+    # fine-tuning a model that has no tokenizer.json, with none given: not a fresh BPE unrelated to it
+    _fails(capsys, cfg(corpus, out, model=str(small), model_overrides=None, tokenizer=None), 2,
+           "has no tokenizer.json", out)
+    assert not out.exists()
     # a batch that cannot fit in memory
     _fails(capsys, cfg(corpus, out, batch_size=1_000_000, seq_len=64), 2, "does not fit", out)
     assert not out.exists()

@@ -367,6 +367,9 @@ class Trainer:
         tok_arg = c.tokenizer
         if tok_arg is None and c.model and (Path(c.model) / "tokenizer.json").is_file():
             tok_arg = str(Path(c.model) / "tokenizer.json")
+        if tok_arg is None and c.model:  # a BPE trained here would not match the model's embeddings
+            raise TrainError(f"--model {c.model} has no tokenizer.json: pass the model's tokenizer with --tokenizer "
+                             f"(a tokenizer trained on this corpus would not match the model's embeddings)")
         if tok_arg is None and c.resume and (self.run_dir / "tokenizer.json").is_file():
             pass  # the cache fingerprint covers the trained tokenizer
         prep = lambda: prepare_data(c.data, self.run_dir, c.seq_len, tokenizer=tok_arg, vocab_size=c.vocab_size,  # noqa: E731
