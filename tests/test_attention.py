@@ -384,6 +384,9 @@ def test_sdpa_drop_in_scale_3d_and_grad():
     gq = torch.autograd.grad(got, q, g)[0]
     rq = torch.autograd.grad(ref, q, g)[0]
     torch.testing.assert_close(gq, rq, atol=1e-5, rtol=1e-4)
+    for bad in (0.0, -0.5, float("inf")):  # named as the drop-in's own argument
+        with pytest.raises(ValueError, match="'scale' must be a finite number > 0"):
+            thrifty.nn.functional.scaled_dot_product_attention(q, k, v, scale=bad)
 
 
 def test_sdpa_refuses_masks():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -43,6 +44,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                         "argument is is_causal: pass torch's dropout_p by keyword")
     if isinstance(scale, bool):
         raise TypeError(f"{_NAME}: 'scale' must be a float or None (got {scale!r})")
+    if scale is not None and not (isinstance(scale, numbers.Real) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{_NAME}: 'scale' must be a finite number > 0 or None (got {scale!r}); the fused kernels "
+                         "take a positive softmax scale (torch's SDPA also accepts 0 and negative scales)")
     if dropout_p != 0.0:
         raise ValueError(f"{_NAME}: dropout is not fused into the kernel: 'dropout_p' must be 0.0 (got {dropout_p}); "
                          "use torch.nn.functional.scaled_dot_product_attention for attention dropout")
