@@ -496,3 +496,17 @@ def test_bf16_without_master_weights(corpus, tmp_path):
     assert t.optimizer.state and not any("master" in s for s in t.optimizer.state.values())
     tr = losses(tmp_path / "r")
     assert tr[6] < tr[1]
+
+
+def test_qlora_base_keeps_multihead_attention_out_proj_float():
+    """nn.MultiheadAttention reads out_proj.weight directly: QLoRA's quantize_base leaves it in floating point
+    (as quantize_model does) and quantizes the rest; forward and backward run."""
+    from thrifty.train.lora import apply_lora, quantize_base
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(64, 4, 128, batch_first=True)
+    assert quantize_base(layer, bits=4, group_size=32) == ["linear1", "linear2"]
+    assert type(layer.self_attn.out_proj) is torch.nn.modules.linear.NonDynamicallyQuantizableLinear
+    apply_lora(layer, 4, targets="linear1,linear2")
+    layer(torch.randn(2, 10, 64)).sum().backward()
+    assert layer.linear1.lora_B.grad is not None and layer.linear2.lora_B.grad.abs().sum() > 0

@@ -92,17 +92,23 @@ def _pick_group_size(in_features: int, group_size: int) -> int | None:
 
 
 def quantize_base(model: nn.Module, bits: int = 4, group_size: int = 64, skip=("lm_head",)) -> list[str]:
-    """QLoRA's frozen base: replaces every nn.Linear of ``model`` (except ``skip``, the LM head by default)
+    """QLoRA's frozen base: replaces every nn.Linear of ``model`` (except ``skip``, the LM head by default,
+    and nn.MultiheadAttention's out_proj)
     by a frozen thrifty.nn.QuantLinear (bits=4: group-wise int4, ``group_size`` or the largest of 128/64/32
     that divides the layer's in_features; bits=8: int8 per channel), in place. Returns the names replaced;
     a layer no group size fits stays in floating point."""
+    from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
     from thrifty.nn.quant import QuantLinear
 
     if bits not in (4, 8):
         raise ValueError(f"--lora-base-bits: expected 4 or 8 (or 16 for a floating-point base), got {bits}")
     names = []
     for n, m in list(model.named_modules()):
-        if not isinstance(m, nn.Linear) or any(n == s or n.endswith("." + s) for s in skip):
+        # NonDynamicallyQuantizableLinear: nn.MultiheadAttention's out_proj, whose weight the attention code
+        # reads directly (kept in floating point, as thrifty.quant.quantize_model and torch.ao do)
+        if (not isinstance(m, nn.Linear) or isinstance(m, NonDynamicallyQuantizableLinear)
+                or any(n == s or n.endswith("." + s) for s in skip)):
             continue
         g = _pick_group_size(m.in_features, group_size) if bits == 4 else -1
         if g is None:
