@@ -161,6 +161,22 @@ def test_forward_keys_past_the_head_cache(cpu_isa, dtype):
         assert_close_to_ref(out, ref, torch_lowp(q, k, v, causal, window), atol=1e-5)
 
 
+def test_window_wider_than_int32_is_unbounded():
+    """A window of 2^31 keys or more spans any sequence: the same as -1, from the Python API (any integral
+    type) and from the op itself, whose schema takes int64."""
+    import numpy as np
+
+    q, k, v = rand(1, 20, 2, 16), rand(1, 30, 2, 16), rand(1, 30, 2, 16)
+    ref = thrifty.ops.flash_attention(q, k, v, causal=True)
+    for wl in (2**31 - 1, 2**31, 2**40, 2**63 - 1, np.int64(2**40)):
+        torch.testing.assert_close(thrifty.ops.flash_attention(q, k, v, causal=True, window=(wl, -1)), ref,
+                                   rtol=0, atol=0)
+    out, _ = torch.ops.thrifty.flash_attention_fwd(q, k, v, None, None, 20, 30, 0.25, True, 2**40, 2**62, 0.0)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(thrifty.ops.flash_attention(q, k, v, window=(np.int32(3), np.int16(2))),
+                               thrifty.ops.flash_attention(q, k, v, window=(3, 2)), rtol=0, atol=0)
+
+
 def test_no_keys():
     q = rand(2, 5, 4, 64)
     k = v = rand(2, 0, 2, 64)

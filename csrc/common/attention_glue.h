@@ -128,10 +128,8 @@ inline Shapes check_inputs(const char* op, const at::Tensor& q, const at::Tensor
                     ": argument 'softmax_scale' must be finite and > 0 (got ", scale, ")");
   TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0, "thrifty.", op,
                     ": argument 'softcap' must be finite and >= 0 (0 = off), got ", softcap);
-  TORCH_CHECK_VALUE(wl >= -1 && wl <= std::numeric_limits<int32_t>::max(), "thrifty.", op,
-                    ": argument 'window_left' must be >= -1 (-1 = unbounded), got ", wl);
-  TORCH_CHECK_VALUE(wr >= -1 && wr <= std::numeric_limits<int32_t>::max(), "thrifty.", op,
-                    ": argument 'window_right' must be >= -1 (-1 = unbounded), got ", wr);
+  TORCH_CHECK_VALUE(wl >= -1, "thrifty.", op, ": argument 'window_left' must be >= -1 (-1 = unbounded), got ", wl);
+  TORCH_CHECK_VALUE(wr >= -1, "thrifty.", op, ": argument 'window_right' must be >= -1 (-1 = unbounded), got ", wr);
   if (s.varlen) {
     s.total_q = q.size(0);
     s.total_k = k.size(0);
@@ -188,10 +186,12 @@ inline void fill_common(AttentionParams& p, const char* op, const Shapes& s, con
   p.v_head_stride = v.stride(2 - o);
   p.softmax_scale = static_cast<float>(scale);
   p.causal = causal;
-  p.window_left = static_cast<int>(wl);
+  // a window of 2^31 keys or more spans any sequence (lengths are int32): the same as unbounded
+  constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
+  p.window_left = wl > kIntMax ? -1 : static_cast<int>(wl);
   // causal = window_right 0 (keys up to the bottom-right diagonal); with a window_right too,
   // the tighter bound (min(wr, 0) for wr >= 0, i.e. 0) wins.
-  p.window_right = causal ? 0 : static_cast<int>(wr);
+  p.window_right = causal ? 0 : (wr > kIntMax ? -1 : static_cast<int>(wr));
   p.softcap = static_cast<float>(softcap);
 }
 

@@ -32,6 +32,7 @@ On CPU the backward is deterministic (fixed split of work, fixed summation order
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -47,11 +48,14 @@ def _window(window) -> tuple[int, int]:
         wl, wr = window
     except (TypeError, ValueError):
         raise ValueError(f"thrifty.flash_attention: 'window' must be a pair (left, right) of ints >= -1 (got {window!r})") from None
-    if isinstance(wl, bool) or isinstance(wr, bool) or not isinstance(wl, int) or not isinstance(wr, int):
+    if isinstance(wl, bool) or isinstance(wr, bool) or not isinstance(wl, numbers.Integral) or \
+            not isinstance(wr, numbers.Integral):
         raise ValueError(f"thrifty.flash_attention: 'window' must be a pair (left, right) of ints >= -1 (got {window!r})")
+    wl, wr = int(wl), int(wr)  # numpy / other integral types
     if wl < -1 or wr < -1:
         raise ValueError(f"thrifty.flash_attention: 'window' values must be >= -1 (-1 = unbounded), got {window!r}")
-    return wl, wr
+    # a window of 2^31 keys or more spans any sequence: unbounded (and fits the op's int64 schema)
+    return tuple(-1 if w > 2**31 - 1 else w for w in (wl, wr))
 
 
 def _scale(q: torch.Tensor, softmax_scale) -> float:
