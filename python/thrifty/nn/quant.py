@@ -121,7 +121,7 @@ class QuantLinear(nn.Module):
         # weight_dtype follows .to(dtype) / .half() as a float weight would: ask fn what it does to one
         try:
             probe = fn(torch.empty(0, dtype=self.weight_dtype, device=self.qweight.device))
-        except Exception:  # an fn that only makes sense for real tensors (none of nn.Module's own): keep it
+        except (RuntimeError, TypeError, ValueError, AssertionError):  # an fn for real tensors only: keep it
             probe = None
         if isinstance(probe, torch.Tensor) and probe.is_floating_point():
             self.weight_dtype = probe.dtype
