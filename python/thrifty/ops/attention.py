@@ -54,8 +54,8 @@ def _window(window) -> tuple[int, int]:
     wl, wr = int(wl), int(wr)  # numpy / other integral types
     if wl < -1 or wr < -1:
         raise ValueError(f"thrifty.flash_attention: 'window' values must be >= -1 (-1 = unbounded), got {window!r}")
-    # a window of 2^31 keys or more spans any sequence: unbounded (and fits the op's int64 schema)
-    return tuple(-1 if w > 2**31 - 1 else w for w in (wl, wr))
+    # the op clamps windows past int32 to unbounded; only a value its int64 schema cannot carry is mapped here
+    return tuple(-1 if w > 2**63 - 1 else w for w in (wl, wr))
 
 
 def _scale(q: torch.Tensor, softmax_scale) -> float:
