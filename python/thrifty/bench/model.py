@@ -2,14 +2,13 @@
 attention) on the same weights, and the fused linear_cross_entropy's peak memory vs torch.
 
 CPU: the `small` preset in bfloat16: a forward+backward training step on batch 8 x 512
-(--quick: the `tiny` preset, 2 x 64), each model in a fresh process that reports the peak RSS growth of
-its first step and then times more steps (transformers' bf16 step at 8 x 512 takes tens of minutes on
-CPUs without avx512_bf16, so the full run times that one step), and batch-1 greedy decode tokens/s (always `small`: 16-token
-prompt + 32 new tokens, thrifty's generate vs transformers' generate on the same weights), the
-decode GEMV thrifty.ops.linear vs F.linear in bf16 (M 1: K 768 x N 3072 and 4096 x 4096, weights
-cycled through more memory than any cache holds) in GB/s against this run's copy bandwidth;
-linear_cross_entropy peak memory on a
-CPU-sized case (vocab 32768, 2048 tokens, hidden 1024; the 128k x 8k x 2048 case of the issue
+(--quick: the `tiny` preset, 2 x 64), each model in a fresh process that reports the peak RSS
+growth of its first step and then times more steps (transformers' bf16 step at 8 x 512 takes tens
+of minutes on CPUs without avx512_bf16, so the full run times that one step), and batch-1 greedy
+decode tokens/s (always `small`: 16-token prompt + 32 new tokens, thrifty's generate vs
+transformers' generate on the same weights), the decode GEMV thrifty.ops.linear vs F.linear in bf16
+(M 1: K 768 x N 3072 and 4096 x 4096, weights cycled through more memory than any cache holds) in
+GB/s against this run's copy bandwidth; linear_cross_entropy peak memory on a CPU-sized case (vocab 32768, 2048 tokens, hidden 1024; the 128k x 8k x 2048 case of the issue
 is ~13 TFLOP, too slow for 2 cores), measured as peak RSS growth of a fresh subprocess.
 CUDA: the same step and decode, and the 128k vocab x 8k tokens x 2048 hidden loss case with
 torch.cuda.max_memory_allocated.
@@ -103,17 +102,15 @@ def _peak_mem(kind, T, V, H, dtype, device) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
 
 
-def _peak_step_mem(fn, device) -> float:
-    """Peak memory growth of fn(): CUDA allocator peak, or (CPU) peak RSS growth - only meaningful
-    when fn's peak is above the process's earlier peak, so the larger-memory model runs last."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    return float("nan")
+def _cuda_step_peak(fn) -> float:
+    """CUDA allocator peak of fn() over what was allocated before it (the CPU step is measured in
+    fresh processes instead: _cpu_step)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
 
 
 def run(device, quick: bool = False) -> Bench:
@@ -155,8 +152,8 @@ def run(device, quick: bool = False) -> Bench:
             hf.zero_grad(set_to_none=True)
             hf(ids, labels=ids).loss.backward()
 
-        mem_o = _peak_step_mem(step_ours, device)
-        mem_h = _peak_step_mem(step_hf, device)
+        mem_o = _cuda_step_peak(step_ours)
+        mem_h = _cuda_step_peak(step_hf)
         t = timeit(step_ours, device, warmup=1, reps=10)
         tt = timeit(step_hf, device, warmup=1, reps=10)
         extra = {"tokens_per_s": round(bs * seq / t), "hf_tokens_per_s": round(bs * seq / tt),
