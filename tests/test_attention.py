@@ -14,10 +14,40 @@ import torch
 import torch.nn.functional as F
 
 import thrifty
+from conftest import ISAS
 from reference import assert_close_to_ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 NEG_INF = float("-inf")
+# At avx512_bf16 the bf16 forward has two paths (VDPBF16PS or widen + FMA, chosen per CPU by
+# set_cpu_bf16_dot's "auto"): this module's cpu_isa runs that level once with each.
+_ISA_CASES = [(isa, dot) for isa in ISAS for dot in (("on", "off") if isa == "avx512_bf16" else (None,))]
+
+
+@pytest.fixture(params=_ISA_CASES, ids=lambda c: c[0] + {"on": "-dot", "off": "-fma", None: ""}[c[1]])
+def cpu_isa(request):
+    """conftest's cpu_isa, with avx512_bf16 run with the VDPBF16PS bf16 forward on and off."""
+    isa, dot = request.param
+    prev = thrifty._C.set_cpu_isa(isa)
+    prev_dot = thrifty._C.set_cpu_bf16_dot(dot) if dot else None
+    yield isa
+    thrifty._C.set_cpu_isa(prev)
+    if prev_dot:
+        thrifty._C.set_cpu_bf16_dot(prev_dot)
+
+
+def test_bf16_dot_mode_switch():
+    """'auto' / 'on' / 'off' round-trip; other names are refused by name."""
+    prev = thrifty._C.set_cpu_bf16_dot("on")
+    try:
+        assert thrifty._C.cpu_uses_bf16_dot()
+        assert thrifty._C.set_cpu_bf16_dot("off") == "on"
+        assert not thrifty._C.cpu_uses_bf16_dot()
+        with pytest.raises(ValueError, match="unknown mode 'fast'"):
+            thrifty._C.set_cpu_bf16_dot("fast")
+        assert thrifty._C.set_cpu_bf16_dot("auto") == "off"
+    finally:
+        thrifty._C.set_cpu_bf16_dot(prev)
 
 
 def visible(sq, sk, causal=False, window=(-1, -1), device="cpu"):
@@ -151,8 +181,8 @@ def test_strided_inputs_used_in_place():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_forward_keys_past_the_head_cache(cpu_isa, dtype):
-    """16448 keys of head_dim 256 do not fit the forward's per-thread float32 K/V cache (16 MiB): each
-    query tile packs its own key tiles instead."""
+    """16448 keys of head_dim 256 do not fit the forward's per-thread K/V cache (16 MiB, as float32 or as
+    the avx512_bf16 path's bf16 pairs): each query tile packs its own key tiles instead."""
     q = rand(1, 3, 2, 256, dtype=dtype)
     k, v = rand(1, 16448, 1, 256, dtype=dtype), rand(1, 16448, 1, 256, dtype=dtype)
     for causal, window in ((False, (-1, -1)), (True, (100, 0))):

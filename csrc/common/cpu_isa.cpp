@@ -4,6 +4,10 @@
 #include <cstdlib>
 #include <stdexcept>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#endif
+
 namespace thrifty {
 namespace {
 
@@ -83,7 +87,45 @@ std::atomic<int>& current() {
   return level;
 }
 
+const char* const kBf16DotModes[] = {"auto", "on", "off"};
+
+int parse_bf16_dot(const std::string& mode) {
+  for (int i = 0; i < 3; ++i)
+    if (mode == kBf16DotModes[i]) return i;
+  throw std::invalid_argument("THRIFTY_CPU_BF16_DOT / set_cpu_bf16_dot: unknown mode '" + mode +
+                              "'; expected one of auto, on, off");
+}
+
+std::atomic<int>& bf16_dot_mode() {
+  static std::atomic<int> mode([] {
+    const char* env = std::getenv("THRIFTY_CPU_BF16_DOT");
+    return env != nullptr && env[0] != '\0' ? parse_bf16_dot(env) : 0;
+  }());
+  return mode;
+}
+
 }  // namespace
+
+bool cpu_has_amx_bf16() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool has = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return __get_cpuid_count(7, 0, &a, &b, &c, &d) != 0 && ((d >> 22) & 1u) != 0;
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+bool cpu_use_bf16_dot() {
+  const int mode = bf16_dot_mode().load(std::memory_order_relaxed);
+  return mode == 1 || (mode == 0 && !cpu_has_amx_bf16());
+}
+
+std::string set_cpu_bf16_dot(const std::string& mode) {
+  return kBf16DotModes[bf16_dot_mode().exchange(parse_bf16_dot(mode))];
+}
 
 const char* cpu_isa_name(CpuIsa isa) {
   switch (isa) {

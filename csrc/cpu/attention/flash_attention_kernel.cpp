@@ -13,11 +13,11 @@
 //     l = alpha l + rowsum P;  O = alpha O + P V
 //   out = O / l;  lse = m + log l     (a row with no visible key: out 0, lse -inf)
 // All arithmetic is float32 whatever the storage type: bf16/f16 tiles are widened into
-// per-thread float buffers, at every ISA level. A bf16 forward on VDPBF16PS (avx512_bf16: pairs
-// of bf16 products per float32 lane, no widening) was written and measured on an AMX-capable Xeon
-// (Sapphire Rapids or later; 2 threads, b1 h8 s2048): 0.61-0.75x this FMA path's speed, with K
-// panels strided or contiguous per key tile, so it was removed (git history: fwd_bf16_dot).
-// torch's SDPA there runs bf16 on AMX tiles at 2-3x either; AMX is the way past it on such CPUs.
+// per-thread float buffers. Except the bf16 forward at the avx512_bf16 level where
+// cpu_use_bf16_dot() says so (common/cpu_isa.h: CPUs without AMX-BF16, such as AMD Zen 4):
+// fwd_bf16_dot() multiplies bf16 pairs with VDPBF16PS (float32 accumulation), see there. On an
+// AMX-capable Xeon (2 threads, b1 h8 s2048) it ran at 0.61-0.75x the FMA path, on a Zen 4 EPYC at
+// 1.6-1.75x. The bf16 backward runs the float32 FMA code at every level.
 //
 // Backward (recomputing P from lse), with D = rowsum(dO * O):
 //   dV = P^T dO;  dP = dO V^T;  dS = P * (dP - D)  (times 1 - tanh^2 under softcap)
@@ -32,6 +32,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/attention_mask.h"
@@ -58,10 +59,9 @@ THRIFTY_INLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m *
 // GEMM on float tiles: C[M x N] (op)= A[M x K] B[K x N], A row-major (elements broadcast),
 // B row-major with N a multiple of W (packed, padded), C row-major.
 // MODE 0: C = AB;  MODE 1: C += AB;  MODE 2: C = alpha[row] * C + AB.
+// The R x NC accumulator tile of C at the start (MODE 0: zero, 1: C, 2: alpha[row] * C) and at the end.
 template <int R, int NC, int MODE>
-THRIFTY_INLINE void micro(const float* __restrict A, int64_t lda, int64_t aks, const float* __restrict B, int64_t ldb,
-                          float* __restrict C, int64_t ldc, int K, const float* alpha) {
-  Vec acc[R][NC];
+THRIFTY_INLINE void load_acc(Vec (&acc)[R][NC], const float* C, int64_t ldc, const float* alpha) {
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
@@ -75,6 +75,21 @@ THRIFTY_INLINE void micro(const float* __restrict A, int64_t lda, int64_t aks, c
       }
     }
   }
+}
+template <int R, int NC>
+THRIFTY_INLINE void store_acc(const Vec (&acc)[R][NC], float* C, int64_t ldc) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c) acc[r][c].store(C + r * ldc + c * W);
+  }
+}
+
+template <int R, int NC, int MODE>
+THRIFTY_INLINE void micro(const float* __restrict A, int64_t lda, int64_t aks, const float* __restrict B, int64_t ldb,
+                          float* __restrict C, int64_t ldc, int K, const float* alpha) {
+  Vec acc[R][NC];
+  load_acc<R, NC, MODE>(acc, C, ldc, alpha);
   for (int k = 0; k < K; ++k) {
     Vec b[NC];
 #pragma GCC unroll 4
@@ -86,30 +101,32 @@ THRIFTY_INLINE void micro(const float* __restrict A, int64_t lda, int64_t aks, c
       for (int c = 0; c < NC; ++c) acc[r][c] = fma(a, b[c], acc[r][c]);
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int c = 0; c < NC; ++c) acc[r][c].store(C + r * ldc + c * W);
+  store_acc<R, NC>(acc, C, ldc);
+}
+
+// Calls f(std::integral_constant<int, R>, r) for row tiles [r, r + R) covering [0, M): MR rows each,
+// then the 1..MR-1 left over (the register-tile height is a template argument of the micro-kernels).
+template <typename F>
+THRIFTY_INLINE void for_row_tiles(int M, F&& f) {
+  int r = 0;
+  for (; r + MR <= M; r += MR) f(std::integral_constant<int, MR>{}, r);
+  switch (M - r) {
+    case 1: f(std::integral_constant<int, 1>{}, r); break;
+    case 2: f(std::integral_constant<int, 2>{}, r); break;
+    case 3: f(std::integral_constant<int, 3>{}, r); break;
+    case 4: f(std::integral_constant<int, 4>{}, r); break;
+    case 5: f(std::integral_constant<int, 5>{}, r); break;
+    default: break;
   }
+  static_assert(MR == 6, "the remainder cases above run to MR - 1");
 }
 
 template <int NC, int MODE>
 THRIFTY_INLINE void rows_block(int M, const float* A, int64_t lda, int64_t aks, const float* B, int64_t ldb, float* C,
                                int64_t ldc, int K, const float* alpha) {
-  int r = 0;
-  for (; r + MR <= M; r += MR)
-    micro<MR, NC, MODE>(A + r * lda, lda, aks, B, ldb, C + r * ldc, ldc, K, alpha ? alpha + r : nullptr);
-  const float* a = A + r * lda;
-  float* c = C + r * ldc;
-  const float* al = alpha ? alpha + r : nullptr;
-  switch (M - r) {
-    case 1: micro<1, NC, MODE>(a, lda, aks, B, ldb, c, ldc, K, al); break;
-    case 2: micro<2, NC, MODE>(a, lda, aks, B, ldb, c, ldc, K, al); break;
-    case 3: micro<3, NC, MODE>(a, lda, aks, B, ldb, c, ldc, K, al); break;
-    case 4: micro<4, NC, MODE>(a, lda, aks, B, ldb, c, ldc, K, al); break;
-    case 5: micro<5, NC, MODE>(a, lda, aks, B, ldb, c, ldc, K, al); break;
-    default: break;
-  }
+  for_row_tiles(M, [&](auto R, int r) {
+    micro<decltype(R)::value, NC, MODE>(A + r * lda, lda, aks, B, ldb, C + r * ldc, ldc, K, alpha ? alpha + r : nullptr);
+  });
 }
 
 // C[M x N] (op)= A B with A[r][k] at A[r * lda + k * aks] (aks = 1: row-major; lda = 1:
@@ -282,6 +299,40 @@ struct Buffer {
 // ---------------------------------------------------------------------------------------
 // Forward
 
+// Item `item` of a tiled forward: a tile of up to FBQ query rows of one (batch, head), with the
+// pointers to its rows. Tiles of one head alternate between the two ends of the sequence so that
+// contiguous ranges of items (the thread pool's static split) carry equal causal work.
+template <typename T>
+struct FwdTile {
+  int b, h, kvh;
+  Seq sq;
+  int64_t i0;
+  int mq;  // rows of the tile; 0 when the tile starts past the sequence's end (nothing to do)
+  const T *qb, *kb, *vb;
+  T* ob;
+  float* lse;
+};
+
+template <typename T>
+THRIFTY_INLINE FwdTile<T> fwd_tile(const AttentionParams& p, int64_t item, int64_t nqt) {
+  FwdTile<T> t;
+  const int64_t bh = item / nqt, ti = item % nqt;
+  const int64_t qti = (ti % 2 == 0) ? ti / 2 : nqt - 1 - ti / 2;
+  t.b = static_cast<int>(bh / p.heads);
+  t.h = static_cast<int>(bh % p.heads);
+  t.kvh = t.h / (p.heads / p.kv_heads);
+  t.sq = seq_of(p, t.b);
+  t.i0 = qti * FBQ;
+  t.mq = t.i0 >= t.sq.sq ? 0 : static_cast<int>(t.sq.sq - t.i0 < FBQ ? t.sq.sq - t.i0 : FBQ);
+  const int64_t qr = t.sq.q_row0 + t.i0;
+  t.qb = static_cast<const T*>(p.q) + t.b * p.q_batch_stride + qr * p.q_row_stride + t.h * p.q_head_stride;
+  t.kb = static_cast<const T*>(p.k) + t.b * p.k_batch_stride + t.sq.k_row0 * p.k_row_stride + t.kvh * p.k_head_stride;
+  t.vb = static_cast<const T*>(p.v) + t.b * p.v_batch_stride + t.sq.k_row0 * p.v_row_stride + t.kvh * p.v_head_stride;
+  t.ob = static_cast<T*>(p.out) + t.b * p.o_batch_stride + qr * p.o_row_stride + t.h * p.o_head_stride;
+  t.lse = p.lse + t.b * p.lse_batch_stride + t.h * p.lse_head_stride + qr;
+  return t;
+}
+
 // Output rows r < n: out = acc / l, lse = m + log l; a row with l = 0 (no visible key) gets out 0
 // and lse -inf. A NaN l (a NaN score: NaN in q or in a visible key) gives NaN out and lse, as torch's
 // SDPA does, never a silent zero row. acc rows are Dp floats apart, output rows o_stride elements.
@@ -307,13 +358,8 @@ template <typename T>
 void fwd(const AttentionParams& p) {
   const int D = p.head_dim;
   const int Dp = static_cast<int>(round_up(D, W));
-  const int group = p.heads / p.kv_heads;
   const int64_t nqt = (static_cast<int64_t>(p.seqlen_q) + FBQ - 1) / FBQ;
   const int64_t items = static_cast<int64_t>(p.batch) * p.heads * nqt;
-  const T* Q = static_cast<const T*>(p.q);
-  const T* K = static_cast<const T*>(p.k);
-  const T* V = static_cast<const T*>(p.v);
-  T* O = static_cast<T*>(p.out);
   const int wl = p.window_left, wr = p.window_right;
   const float cap = p.softcap;
 
@@ -341,23 +387,15 @@ void fwd(const AttentionParams& p) {
     float* l = m + FBQ;
     float* alpha = l + FBQ;
     for (int64_t item = begin; item < end; ++item) {
-      // Tiles of one head alternate between the two ends of the sequence so that contiguous
-      // ranges of items (the thread pool's static split) carry equal causal work.
-      const int64_t bh = item / nqt, t = item % nqt;
-      const int64_t qti = (t % 2 == 0) ? t / 2 : nqt - 1 - t / 2;
-      const int b = static_cast<int>(bh / p.heads), h = static_cast<int>(bh % p.heads), kvh = h / group;
-      const Seq sq = seq_of(p, b);
-      const int64_t i0 = qti * FBQ;
-      if (i0 >= sq.sq) continue;
-      const int mq = static_cast<int>(sq.sq - i0 < FBQ ? sq.sq - i0 : FBQ);
+      const FwdTile<T> tile = fwd_tile<T>(p, item, nqt);
+      const int mq = tile.mq;
+      if (mq == 0) continue;
+      const Seq sq = tile.sq;
+      const int64_t i0 = tile.i0;
       const int nq = static_cast<int>(round_up(mq, W));
-      const T* qb = Q + b * p.q_batch_stride + (sq.q_row0 + i0) * p.q_row_stride + h * p.q_head_stride;
-      const T* kb = K + b * p.k_batch_stride + sq.k_row0 * p.k_row_stride + kvh * p.k_head_stride;
-      const T* vb = V + b * p.v_batch_stride + sq.k_row0 * p.v_row_stride + kvh * p.v_head_stride;
-      T* ob = O + b * p.o_batch_stride + (sq.q_row0 + i0) * p.o_row_stride + h * p.o_head_stride;
-      float* lse = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + sq.q_row0 + i0;
-      if (head_cache && resident != static_cast<int64_t>(b) * p.kv_heads + kvh) {
-        resident = static_cast<int64_t>(b) * p.kv_heads + kvh;
+      const T *qb = tile.qb, *kb = tile.kb, *vb = tile.vb;
+      if (head_cache && resident != static_cast<int64_t>(tile.b) * p.kv_heads + tile.kvh) {
+        resident = static_cast<int64_t>(tile.b) * p.kv_heads + tile.kvh;
         std::fill(packed.begin(), packed.end(), 0);
       }
 
@@ -437,7 +475,7 @@ void fwd(const AttentionParams& p) {
         }
         gemm_s<2>(mq, nv, kn, st, 1, FBQ, vp, lv, acc, Dp, alpha);  // O = alpha O + P V
       }
-      store_out_rows(acc, Dp, m, l, mq, D, ob, p.o_row_stride, lse);
+      store_out_rows(acc, Dp, m, l, mq, D, tile.ob, p.o_row_stride, tile.lse);
     }
   });
 }
@@ -834,6 +872,263 @@ void fwd_decode(const AttentionParams& p) {
   });
 }
 
+#if defined(THRIFTY_AVX512_BF16)
+// ---------------------------------------------------------------------------------------
+// bfloat16 forward on the bf16 dot-product instruction (avx512_bf16). VDPBF16PS multiplies
+// 16 pairs of bf16 and adds both products of a pair to a float32 lane: twice the multiply-adds
+// per instruction of the float32 FMA path above, and no widening of Q, K, V. Operands are kept
+// in pairs along the reduction dimension (one uint32 = two consecutive bf16 of it, even one in
+// the low half):
+//   S = Q K^T    A = Q tile rows (pairs along head_dim),  B = K2[d/2][key]   (S lanes: keys)
+//   O += P V     A = P rows rounded to bf16 (pairs of keys), B = V2[key/2][d] (O lanes: head_dim)
+// S, the softmax statistics and O stay float32; the softmax scale multiplies the float32 S
+// (Q is used as given, never rounded after scaling); P is rounded to bf16 for P V, as torch's
+// own bf16 CPU flash attention does. Key tiles are aligned to BK, so a tile is also a tile of
+// the per-head K2/V2 cache; its columns outside the rows' visible ranges are masked.
+// The VDPBF16PS rounding differs from the FMA path's (each pair's products are added to the
+// lane one after the other, denormals flushed): results match it to float32 accumulation error.
+
+THRIFTY_INLINE __m512bh as_bh(__m512i x) {
+  __m512bh r;
+  std::memcpy(&r, &x, sizeof(r));
+  return r;
+}
+
+// C[R rows x NC vectors] (op)= A B over K2 pairs; MODE as micro().
+template <int R, int NC, int MODE>
+THRIFTY_INLINE void micro_dp(const uint32_t* __restrict A, int64_t lda, const uint32_t* __restrict B, int64_t ldb,
+                             float* __restrict C, int64_t ldc, int K2, const float* alpha) {
+  Vec acc[R][NC];
+  load_acc<R, NC, MODE>(acc, C, ldc, alpha);
+  for (int k = 0; k < K2; ++k) {
+    __m512bh b[NC];
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c) b[c] = as_bh(_mm512_loadu_si512(B + k * ldb + c * 16));
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512bh a = as_bh(_mm512_set1_epi32(static_cast<int>(A[r * lda + k])));
+#pragma GCC unroll 4
+      for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c].v, a, b[c]);
+    }
+  }
+  store_acc<R, NC>(acc, C, ldc);
+}
+
+template <int NC, int MODE>
+THRIFTY_INLINE void rows_block_dp(int M, const uint32_t* A, int64_t lda, const uint32_t* B, int64_t ldb, float* C,
+                                  int64_t ldc, int K2, const float* alpha) {
+  for_row_tiles(M, [&](auto R, int r) {
+    micro_dp<decltype(R)::value, NC, MODE>(A + r * lda, lda, B, ldb, C + r * ldc, ldc, K2, alpha ? alpha + r : nullptr);
+  });
+}
+
+// C[M x 16 NV] (op)= A[M x K2 pairs] B[K2 pairs x 16 NV]; column blocks of 4 vectors outer.
+template <int MODE>
+void gemm_dp(int M, int NV, int K2, const uint32_t* A, int64_t lda, const uint32_t* B, int64_t ldb, float* C,
+             int64_t ldc, const float* alpha = nullptr) {
+  int v = 0;
+  for (; v + 4 <= NV; v += 4) rows_block_dp<4, MODE>(M, A, lda, B + v * 16, ldb, C + v * 16, ldc, K2, alpha);
+  switch (NV - v) {
+    case 1: rows_block_dp<1, MODE>(M, A, lda, B + v * 16, ldb, C + v * 16, ldc, K2, alpha); break;
+    case 2: rows_block_dp<2, MODE>(M, A, lda, B + v * 16, ldb, C + v * 16, ldc, K2, alpha); break;
+    case 3: rows_block_dp<3, MODE>(M, A, lda, B + v * 16, ldb, C + v * 16, ldc, K2, alpha); break;
+    default: break;
+  }
+}
+
+// Lanes [lo, hi) of a 16-lane vector (bounds clamped to [0, 16]) as a mask.
+THRIFTY_INLINE __mmask16 lane_range_mask(int lo, int hi) {
+  lo = lo < 0 ? 0 : (lo > W ? W : lo);
+  hi = hi < 0 ? 0 : (hi > W ? W : hi);
+  if (hi <= lo) return 0;
+  return static_cast<__mmask16>(((1u << hi) - 1u) & ~((1u << lo) - 1u));
+}
+
+THRIFTY_INLINE uint32_t bf16_pair(const bf16_t* x) {  // x[0] low half, x[1] high half
+  uint32_t w;
+  std::memcpy(&w, x, sizeof(w));
+  return w;
+}
+
+// Rows r < n of a Q tile as pairs along head_dim: dst[r * D2 + i] = (x[2i], x[2i+1]), the odd
+// head_dim's last pair completed with 0; rows n <= r < n_pad zero.
+THRIFTY_INLINE void pack_q_pairs(const bf16_t* src, int64_t stride, int n, int n_pad, int D, uint32_t* dst) {
+  const int D2 = (D + 1) / 2;
+  for (int r = 0; r < n; ++r) {
+    const bf16_t* x = src + r * stride;
+    uint32_t* y = dst + static_cast<int64_t>(r) * D2;
+    for (int i = 0; i < D / 2; ++i) y[i] = bf16_pair(x + 2 * i);
+    if (D & 1) y[D2 - 1] = x[D - 1].bits;
+  }
+  std::memset(dst + static_cast<int64_t>(n) * D2, 0, sizeof(uint32_t) * (n_pad - n) * D2);
+}
+
+// K2 of one key tile (n <= BK keys): dst[i * ld + j] = (K[j][2i], K[j][2i+1]), zero for n <= j < BK.
+THRIFTY_INLINE void pack_k_pairs(const bf16_t* src, int64_t stride, int n, int D, uint32_t* dst, int64_t ld) {
+  const int D2 = (D + 1) / 2;
+  for (int j = 0; j < n; ++j) {
+    const bf16_t* x = src + j * stride;
+    for (int i = 0; i < D / 2; ++i) dst[i * ld + j] = bf16_pair(x + 2 * i);
+    if (D & 1) dst[(D2 - 1) * ld + j] = x[D - 1].bits;
+  }
+  for (int i = 0; i < D2; ++i)
+    for (int j = n; j < BK; ++j) dst[i * ld + j] = 0;
+}
+
+// V2 of one key tile (n <= BK keys): dst[jp * Dp + d] = (V[2jp][d], V[2jp+1][d]), zero for keys
+// past n and for D <= d < Dp.
+THRIFTY_INLINE void pack_v_pairs(const bf16_t* src, int64_t stride, int n, int D, int Dp, uint32_t* dst) {
+  for (int jp = 0; jp < BK / 2; ++jp) {
+    uint32_t* y = dst + static_cast<int64_t>(jp) * Dp;
+    const int j = 2 * jp;
+    if (j >= n) {
+      std::memset(y, 0, sizeof(uint32_t) * Dp);
+      continue;
+    }
+    const bf16_t* x0 = src + j * stride;
+    const bf16_t* x1 = src + (j + 1) * stride;
+    const bool has1 = j + 1 < n;
+    for (int d = 0; d < Dp; d += 16) {
+      const int m = D - d >= 16 ? 16 : (D - d > 0 ? D - d : 0);
+      const __mmask16 k = static_cast<__mmask16>((1u << m) - 1u);
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, x0 + d));
+      const __m512i hi = has1 ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, x1 + d)) : _mm512_setzero_si512();
+      _mm512_storeu_si512(y + d, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+}
+
+void fwd_bf16_dot(const AttentionParams& p) {
+  static_assert(W == 16 && BK == 64, "the bf16 dot-product forward is written for 16 lanes and 64-key tiles");
+  const int D = p.head_dim;
+  const int D2 = (D + 1) / 2;
+  const int Dp = static_cast<int>(round_up(D, W));
+  const int NV = Dp / W;
+  const int64_t nqt = (static_cast<int64_t>(p.seqlen_q) + FBQ - 1) / FBQ;
+  const int64_t items = static_cast<int64_t>(p.batch) * p.heads * nqt;
+  const int wl = p.window_left, wr = p.window_right;
+  const float cap = p.softcap;
+  const __m512 vscale = _mm512_set1_ps(p.softmax_scale);
+
+  // K2 and V2 of the (batch, kv_head) at hand, kept per thread as in fwd() when they fit.
+  const int64_t sk_cap = round_up(p.seqlen_k, BK);
+  const int64_t k2_words = D2 * sk_cap, v2_words = sk_cap / 2 * Dp;
+  const bool head_cache = (k2_words + v2_words) * static_cast<int64_t>(sizeof(uint32_t)) <= kFwdHeadCacheBytes;
+
+  parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    const int64_t f_q = static_cast<int64_t>(FBQ) * D2, f_acc = static_cast<int64_t>(FBQ) * Dp,
+                  f_s = static_cast<int64_t>(FBQ) * BK, f_p = static_cast<int64_t>(FBQ) * BK / 2,
+                  f_k = static_cast<int64_t>(D2) * BK, f_v = static_cast<int64_t>(BK / 2) * Dp;
+    // One 4-byte-word buffer: float tiles and uint32 pair tiles alike.
+    Buffer buf(f_q + f_acc + f_s + f_p + f_k + f_v + 4 * FBQ);
+    Buffer hbuf(head_cache ? k2_words + v2_words : 1);
+    std::vector<char> packed(head_cache ? sk_cap / BK : 0);
+    int64_t resident = -1;
+    uint32_t* qp = reinterpret_cast<uint32_t*>(buf.ptr);  // Q    [FBQ][D2] pairs
+    float* acc = buf.ptr + f_q;                            // O    [FBQ][Dp]
+    float* s = acc + f_acc;                                // S    [FBQ][BK]
+    uint32_t* pp = reinterpret_cast<uint32_t*>(s + f_s);  // P    [FBQ][BK/2] bf16 pairs
+    uint32_t* kt = pp + f_p;                               // K2 of one tile [D2][BK] (no head cache)
+    uint32_t* vt = kt + f_k;                               // V2 of one tile [BK/2][Dp] (no head cache)
+    float* m = reinterpret_cast<float*>(vt + f_v);
+    float* l = m + FBQ;
+    float* alpha = l + FBQ;
+    float* mrow = alpha + FBQ;  // the rows' max of the current tile
+    uint32_t* k2 = reinterpret_cast<uint32_t*>(hbuf.ptr);  // [D2][sk_cap]
+    uint32_t* v2 = k2 + k2_words;                           // [sk_cap / 2][Dp]
+    for (int64_t item = begin; item < end; ++item) {
+      const FwdTile<bf16_t> tile = fwd_tile<bf16_t>(p, item, nqt);
+      const int mq = tile.mq;
+      if (mq == 0) continue;
+      const Seq sq = tile.sq;
+      const int64_t i0 = tile.i0;
+      const bf16_t *qb = tile.qb, *kb = tile.kb, *vb = tile.vb;
+      if (head_cache && resident != static_cast<int64_t>(tile.b) * p.kv_heads + tile.kvh) {
+        resident = static_cast<int64_t>(tile.b) * p.kv_heads + tile.kvh;
+        std::fill(packed.begin(), packed.end(), 0);
+      }
+      pack_q_pairs(qb, p.q_row_stride, mq, mq, D, qp);
+      for (int r = 0; r < FBQ; ++r) {  // all FBQ: the statistics pass runs over whole vectors of rows
+        m[r] = -std::numeric_limits<float>::max();
+        l[r] = 0.0f;
+        mrow[r] = -std::numeric_limits<float>::max();
+      }
+      std::memset(acc, 0, sizeof(float) * mq * Dp);
+      const KeyRange kr = attention_tile_key_range(i0, i0 + mq, sq.sq, sq.sk, wl, wr);
+      for (int64_t j0 = kr.lo / BK * BK; j0 < kr.hi; j0 += BK) {
+        const int kn = static_cast<int>(sq.sk - j0 < BK ? sq.sk - j0 : BK);  // keys of the tile
+        const uint32_t* kp = kt;
+        const uint32_t* vp = vt;
+        int64_t ldk = BK;
+        if (head_cache) {
+          const int64_t tile = j0 / BK;
+          if (!packed[tile]) {
+            pack_k_pairs(kb + j0 * p.k_row_stride, p.k_row_stride, kn, D, k2 + j0, sk_cap);
+            pack_v_pairs(vb + j0 * p.v_row_stride, p.v_row_stride, kn, D, Dp, v2 + j0 / 2 * Dp);
+            packed[tile] = 1;
+          }
+          kp = k2 + j0;
+          vp = v2 + j0 / 2 * Dp;
+          ldk = sk_cap;
+        } else {
+          pack_k_pairs(kb + j0 * p.k_row_stride, p.k_row_stride, kn, D, kt, BK);
+          pack_v_pairs(vb + j0 * p.v_row_stride, p.v_row_stride, kn, D, Dp, vt);
+        }
+        gemm_dp<0>(mq, BK / W, D2, qp, D2, kp, ldk, s, BK);  // S = Q K^T (unscaled), all BK columns
+        // Visible columns of the tile for every row: [0, kn) or the rows' own key ranges.
+        const bool unmasked = kr.lo <= j0 && j0 + kn <= kr.hi &&
+                              attention_tile_unmasked(i0, i0 + mq, j0, j0 + kn, sq.sq, sq.sk, wl, wr);
+        // Pass 1, per row: S scaled, softcapped, masked (-inf), written back; the row's max.
+        for (int r = 0; r < mq; ++r) {
+          const Cols c = visible_cols(unmasked, i0 + r, j0, kn, sq.sq, sq.sk, wl, wr);
+          float* sr = s + static_cast<int64_t>(r) * BK;
+          __m512 mx = _mm512_set1_ps(kNegInf);
+#pragma GCC unroll 4
+          for (int v = 0; v < BK / W; ++v) {
+            __m512 y = _mm512_mul_ps(_mm512_loadu_ps(sr + v * W), vscale);
+            if (cap > 0.0f) y = (Vec::set1(cap) * tanh_vec(Vec(y) * Vec::set1(1.0f / cap))).v;
+            const __mmask16 vis = lane_range_mask(c.a - v * W, c.b - v * W);
+            y = _mm512_mask_blend_ps(vis, _mm512_set1_ps(kNegInf), y);
+            _mm512_storeu_ps(sr + v * W, y);
+            mx = _mm512_max_ps(mx, y);
+          }
+          mrow[r] = _mm512_reduce_max_ps(mx);
+        }
+        // 16 rows at a time: m' = max(m, rowmax), alpha = exp(m - m'). m starts at -FLT_MAX
+        // (finite), so a row with nothing visible yet gets P = 0 and alpha = 0.
+        for (int r = 0; r < mq; r += W) {
+          const Vec mold = Vec::load(m + r), mnew = max(mold, Vec::load(mrow + r));
+          mnew.store(m + r);
+          exp_sm(mold - mnew).store(alpha + r);
+        }
+        // Pass 2, per row: P = exp(S - m'), l = alpha l + rowsum P, P rounded to bf16 pairs.
+        for (int r = 0; r < mq; ++r) {
+          const float* sr = s + static_cast<int64_t>(r) * BK;
+          const Vec vm = Vec::set1(m[r]);
+          Vec e[BK / W];
+          Vec sum = Vec::zero();
+#pragma GCC unroll 4
+          for (int v = 0; v < BK / W; ++v) {
+            e[v] = exp_sm(Vec::load(sr + v * W) - vm);
+            sum = sum + e[v];
+          }
+          l[r] = alpha[r] * l[r] + sum.reduce_add();
+          uint32_t* prow = pp + static_cast<int64_t>(r) * (BK / 2);
+#pragma GCC unroll 2
+          for (int v = 0; v < BK / W; v += 2) {  // 32 keys -> 32 bf16 in key order
+            const __m512bh bh = _mm512_cvtne2ps_pbh(e[v + 1].v, e[v].v);
+            __m512i w;
+            std::memcpy(&w, &bh, sizeof(w));
+            _mm512_storeu_si512(prow + v / 2 * W, w);
+          }
+        }
+        gemm_dp<2>(mq, NV, (kn + 1) / 2, pp, BK / 2, vp, Dp, acc, Dp, alpha);  // O = alpha O + P V
+      }
+      store_out_rows(acc, Dp, m, l, mq, D, tile.ob, p.o_row_stride, tile.lse);
+    }
+  });
+}
+#endif  // THRIFTY_AVX512_BF16
 
 }  // namespace
 
@@ -847,7 +1142,11 @@ void flash_attention_fwd_cpu(const AttentionParams& p) {
   }
   switch (p.dtype) {
     case DType::f32: return fwd<float>(p);
-    case DType::bf16: return fwd<bf16_t>(p);
+    case DType::bf16:
+#if defined(THRIFTY_AVX512_BF16)
+      if (cpu_use_bf16_dot()) return fwd_bf16_dot(p);
+#endif
+      return fwd<bf16_t>(p);
     case DType::f16: return fwd<f16_t>(p);
   }
 }
