@@ -15,8 +15,8 @@ state, activations, temporaries).
 Cases (``--cases``): ``default`` (thrifty train's defaults at bf16: AdamW with float32 master
 weights), ``lean`` (--optimizer adamw8bit --no-master-weights --activation-checkpointing: bf16
 weights updated directly as the baseline does, 8-bit moments, layers recomputed in the backward),
-``hf`` (the baseline). Full: the `small` preset, seq 512 (CPU: batch 1; CUDA: batch 16).
---quick: the `tiny` preset, 2 x 128.
+``lean8`` (the same without the recompute; only when named), ``hf`` (the baseline). Full: the
+`small` preset, seq 512 (CPU: batch 1; CUDA: batch 16). --quick: the `tiny` preset, 2 x 128.
 
     python bench/train.py [--quick] [--preset small --batch 1 --seq 512 --reps 2 --hf-reps 1]
 """
@@ -41,10 +41,12 @@ from thrifty.bench.common import Bench, Case, sync
 CASES = {
     "default": dict(),
     "lean": dict(optimizer="adamw8bit", master_weights=False, activation_checkpointing=True),
+    "lean8": dict(optimizer="adamw8bit", master_weights=False),
 }
 LABELS = {
     "default": "thrifty train (AdamW, fp32 master weights)",
     "lean": "thrifty train --optimizer adamw8bit --no-master-weights --activation-checkpointing",
+    "lean8": "thrifty train --optimizer adamw8bit --no-master-weights",
     "hf": "transformers LlamaForCausalLM (SDPA) + torch.optim.AdamW(fused=True)",
 }
 
@@ -205,13 +207,16 @@ def run(device, quick: bool = False, *, preset=None, batch=None, seq=None, reps=
     device = torch.device(device)
     p0, b0, s0 = _configs(device, quick)
     preset, batch, seq = preset or p0, batch or b0, seq or s0
-    slow_hf = device.type == "cpu" and not quick  # torch's bf16 GEMM without avx512_bf16: minutes per step
-    reps = reps or 5
-    hf_reps = hf_reps or (1 if slow_hf else 3)
     b = Bench("train", device, rooflines=False)
     b.matmul_flops = measured_matmul_flops(device, torch.bfloat16)
     b.matmul_dtype = "bfloat16"
     fp32_flops = measured_matmul_flops(device, torch.float32)
+    # torch's bf16 CPU GEMM below avx512_bf16 runs far under its float32 one: the baseline's full
+    # step then takes minutes, and is timed once without a warm-up. Where bf16 is native (at least
+    # float32's rate) the baseline gets a warm-up step and 3 timed ones, like thrifty.
+    slow_hf = device.type == "cpu" and not quick and b.matmul_flops < fp32_flops
+    reps = reps or 5
+    hf_reps = hf_reps or (1 if slow_hf else 3)
     cfg = LlamaConfig.preset(preset)
     tokens = batch * seq
     flops = model_flops_per_token(cfg, seq) * tokens
@@ -266,8 +271,9 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int)
     ap.add_argument("--seq", type=int)
     ap.add_argument("--reps", type=int, help="timed thrifty steps after one warm-up (default 5)")
-    ap.add_argument("--hf-reps", type=int, help="timed baseline steps (default 3; CPU full run: 1, no warm-up)")
-    ap.add_argument("--cases", default="default,lean,hf", help="comma-separated subset of default,lean,hf")
+    ap.add_argument("--hf-reps", type=int, help="timed baseline steps (default 3; 1 without a warm-up on CPUs whose "
+                    "bf16 matmul is slower than float32)")
+    ap.add_argument("--cases", default="default,lean,hf", help="comma-separated subset of default,lean,lean8,hf")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
