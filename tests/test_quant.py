@@ -100,6 +100,22 @@ def test_w8a8(cpu_isa, m, kn, bias, device):
     assert (y.double() - ref).abs().max().item() <= tol
 
 
+def test_w8a8_extreme_values_exact(cpu_isa):
+    """int8 extremes over a long K (several k-blocks and a tail of 3): the GEMM path's integer sums stay
+    exact, including the u8-shifted x and the weight-sum correction of the VNNI path."""
+    m, k, n = 13, 4099, 101  # n: one whole 64-column panel and a partial one
+    g = torch.Generator().manual_seed(0)
+    pick = torch.tensor([-128, -127, 127, 0], dtype=torch.int8)
+    xq = pick[torch.randint(0, 4, (m, k), generator=g)]
+    xq[0] = -128  # a row of -128 against rows of -128 / 127 weights: the largest sums
+    wq = pick[torch.randint(0, 4, (n, k), generator=g)]
+    wq[0], wq[1] = -128, 127
+    xs, ws = torch.ones(m, 1), torch.ones(n)
+    y = thrifty.ops.int8_linear(xq, xs, wq, ws)
+    ref = (xq.long() @ wq.long().t()).float()  # unit scales: the exact sum rounded once to float32
+    assert torch.equal(y, ref)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 7), (3, 5, 130), (300, 64)])
 def test_quantize_per_token(cpu_isa, dtype, shape, device):
