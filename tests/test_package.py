@@ -22,6 +22,7 @@ def test_info_fields():
     assert d["torch_built_against"].split("+")[0] == torch.__version__.split("+")[0]
     assert d["cpu_isa_in_use"] in d["cpu_isa_compiled"].split(",")
     assert d["threads"] == torch.get_num_threads()
+    assert d["cpu_bf16_dot"] is thrifty._C.cpu_uses_bf16_dot()
     text = thrifty.info()
     for needle in (thrifty.__version__, torch.__version__, d["cpu_isa_in_use"], "GPUs seen"):
         assert needle in text
