@@ -39,6 +39,24 @@ def cpu_isa(request):
     thrifty._C.set_cpu_isa(prev)
 
 
+def cpu_isa_with_bf16_dot_fixture():
+    """A `cpu_isa` fixture for modules whose kernels have a VDPBF16PS and a float32 FMA path at
+    avx512_bf16 (picked per CPU by set_cpu_bf16_dot's "auto"): that level runs once with each.
+    Use as `cpu_isa = cpu_isa_with_bf16_dot_fixture()` at module level."""
+    cases = [(isa, dot) for isa in ISAS for dot in (("on", "off") if isa == "avx512_bf16" else (None,))]
+
+    @pytest.fixture(params=cases, ids=lambda c: c[0] + {"on": "-dot", "off": "-fma", None: ""}[c[1]])
+    def cpu_isa(request):
+        isa, dot = request.param
+        prev = thrifty._C.set_cpu_isa(isa)
+        prev_dot = thrifty._C.set_cpu_bf16_dot(dot) if dot else None
+        yield isa
+        thrifty._C.set_cpu_isa(prev)
+        if prev_dot:
+            thrifty._C.set_cpu_bf16_dot(prev_dot)
+    return cpu_isa
+
+
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def device(request):
     return torch.device(request.param)

@@ -14,26 +14,12 @@ import torch
 import torch.nn.functional as F
 
 import thrifty
-from conftest import ISAS
+from conftest import cpu_isa_with_bf16_dot_fixture
 from reference import assert_close_to_ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 NEG_INF = float("-inf")
-# At avx512_bf16 the bf16 forward has two paths (VDPBF16PS or widen + FMA, chosen per CPU by
-# set_cpu_bf16_dot's "auto"): this module's cpu_isa runs that level once with each.
-_ISA_CASES = [(isa, dot) for isa in ISAS for dot in (("on", "off") if isa == "avx512_bf16" else (None,))]
-
-
-@pytest.fixture(params=_ISA_CASES, ids=lambda c: c[0] + {"on": "-dot", "off": "-fma", None: ""}[c[1]])
-def cpu_isa(request):
-    """conftest's cpu_isa, with avx512_bf16 run with the VDPBF16PS bf16 forward on and off."""
-    isa, dot = request.param
-    prev = thrifty._C.set_cpu_isa(isa)
-    prev_dot = thrifty._C.set_cpu_bf16_dot(dot) if dot else None
-    yield isa
-    thrifty._C.set_cpu_isa(prev)
-    if prev_dot:
-        thrifty._C.set_cpu_bf16_dot(prev_dot)
+cpu_isa = cpu_isa_with_bf16_dot_fixture()  # the bf16 forward: VDPBF16PS and FMA at avx512_bf16
 
 
 def test_bf16_dot_mode_switch():

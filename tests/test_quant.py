@@ -11,11 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import thrifty
+from conftest import cpu_isa_with_bf16_dot_fixture
 from reference import DTYPES, assert_close_to_ref
 from thrifty.nn import QuantLinear
 from thrifty.quant import formats as qf
 
 MS = [1, 3, 5, 7, 8, 9, 300]  # 5 and 7: the GEMV splits M > 4 into two passes (3+2, 4+3)
+cpu_isa = cpu_isa_with_bf16_dot_fixture()  # the W4 GEMV of bf16 x: VDPBF16PS and FMA at avx512_bf16
 
 
 def ref_unpack4(qweight):
@@ -56,7 +58,7 @@ def check_linear(y, x, w64, bias, dtype):
 
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kng", [(96, 37, 32), (192, 65, 64), (384, 19, 128)])
+@pytest.mark.parametrize("kng", [(96, 37, 32), (192, 65, 64), (384, 19, 128), (4096, 9, 128)])
 def test_w4a16(cpu_isa, m, dtype, kng, device):
     bias = m % 2 == 1  # bias on and off across the M values
     k, n, g = kng

@@ -14,7 +14,9 @@
 // (q - z) * s rounded to float32, the values quant_dequantize returns.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
+#include "common/cpu_isa.h"
 #include "common/parallel.h"
 #include "cpu/quant/qvec.h"
 #include "cpu/quant/quant_kernels.h"
@@ -180,27 +182,100 @@ THRIFTY_INLINE void gemv_w8(const QuantLinearParams& p, int64_t n0, int64_t m0, 
     }
 }
 
+#if defined(THRIFTY_AVX512_BF16)
+// W4 GEMV for bf16 x on VDPBF16PS (avx512_bf16, where cpu_use_bf16_dot()): a byte of the row holds the
+// nibbles of k = 2i, 2i+1, the same pair order as x's own bf16 pairs, so x is read as it is and each
+// byte becomes a bf16 pair (128 + lo, 128 + hi) by OR-ing the nibbles into the mantissa of 128.0
+// (0x4300): 4 integer ops and one VDPBF16PS per 32 weights, where the float path widens two vectors of
+// nibbles to float and runs two FMAs. The products are exact in float32; the 128 offset joins the
+// zero point in the per-row correction, y = hsum(tot) - sum_g s[g] * (z[g] + 128) * xsum[g].
+template <int MT, int R>
+THRIFTY_INLINE void gemv_w4_dot(const QuantLinearParams& p, int64_t n0, int64_t m0, bool pf) {
+  constexpr bool TWO = MT * R <= 4;  // two accumulator chains per (row, column) for VDPBF16PS latency
+  const int64_t K = p.K, G = p.group_size, ng = K / G;
+  const uint8_t* q[R];
+  const float *s[R], *z[R];
+  for (int r = 0; r < R; ++r) {
+    q[r] = static_cast<const uint8_t*>(p.qweight) + (n0 + r) * (K / 2);
+    s[r] = p.scales + (n0 + r) * ng;
+    z[r] = p.zeros + (n0 + r) * ng;
+  }
+  const __m512i nib = _mm512_set1_epi32(0x000F000F), b128 = _mm512_set1_epi32(0x43004300);
+  Vec tot[MT][R];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) tot[m][r] = Vec::zero();
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512 a0[MT][R], a1[MT][R];
+    for (int m = 0; m < MT; ++m)
+      for (int r = 0; r < R; ++r) a0[m][r] = a1[m][r] = _mm512_setzero_ps();
+    for (int64_t b = (g * G / 2 + 63) / 64 * 64; b < (g + 1) * G / 2; b += 64)
+      if (pf)
+        for (int r = 0; r < R; ++r) prefetch_l2(q[r] + b + R * K / 2);
+    for (int64_t k = g * G; k < (g + 1) * G; k += 2 * W) {
+      const bool odd = TWO && ((k - g * G) / (2 * W)) % 2 == 1;
+      for (int r = 0; r < R; ++r) {
+        const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[r] + k / 2)));
+        // (d | d << 12) holds lo in bits 0-3 and hi in bits 16-19; (t & nib) | b128 in one ternary-logic op
+        const __m512i t = _mm512_or_si512(d, _mm512_slli_epi32(d, 12));
+        const __m512i wv = _mm512_ternarylogic_epi32(t, nib, b128, 0xEA);
+        __m512bh wb;
+        std::memcpy(&wb, &wv, sizeof(wb));
+        for (int m = 0; m < MT; ++m) {
+          const bf16_t* xm = static_cast<const bf16_t*>(p.x) + (m0 + m) * p.x_stride + k;
+          const __m512i xv = _mm512_loadu_si512(xm);
+          __m512bh xb;
+          std::memcpy(&xb, &xv, sizeof(xb));
+          if (odd) a1[m][r] = _mm512_dpbf16_ps(a1[m][r], xb, wb);
+          else a0[m][r] = _mm512_dpbf16_ps(a0[m][r], xb, wb);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const Vec sv = Vec::set1(s[r][g]);
+      for (int m = 0; m < MT; ++m)
+        tot[m][r] = fma(TWO ? Vec(_mm512_add_ps(a0[m][r], a1[m][r])) : Vec(a0[m][r]), sv, tot[m][r]);
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) {
+      const float* xs = p.xsum + (m0 + m) * ng;
+      float c = 0.0f;
+      for (int64_t g = 0; g < ng; ++g) c += s[r][g] * (z[r][g] + 128.0f) * xs[g];
+      finish(p, m0 + m, n0 + r, tot[m][r].reduce_add() - c);
+    }
+}
+#endif
+
 // Rows m0 .. m0 + MT - 1 of x against weight rows n0 .. n0 + R - 1. More than 4 rows of x are done
 // in two passes over the same R weight rows (the second pass reads them from L1/L2): x comes from
 // L2 (8 rows of K=4096 floats are 128 KiB), and with MT x rows against 1 weight row it costs 4 * MT
 // bytes of L2 traffic per weight, 4 * MT / R with R rows sharing each x load.
+// dot: the W4 rows take gemv_w4_dot (bf16 x at avx512_bf16, see there).
 template <int MT, int R>
-THRIFTY_INLINE void gemv_rows(const QuantLinearParams& p, int64_t n0) {
+THRIFTY_INLINE void gemv_rows_part(const QuantLinearParams& p, int64_t n0, int64_t m0, bool pf, bool dot) {
+#if defined(THRIFTY_AVX512_BF16)
+  if (dot) return gemv_w4_dot<MT, R>(p, n0, m0, pf);
+#else
+  (void)dot;
+#endif
+  if (p.bits == 4) gemv_w4<MT, R>(p, n0, m0, pf); else gemv_w8<MT, R>(p, n0, m0, pf);
+}
+
+template <int MT, int R>
+THRIFTY_INLINE void gemv_rows(const QuantLinearParams& p, int64_t n0, bool dot) {
   constexpr int MA = MT <= 4 ? MT : (MT + 1) / 2;
-  if (p.bits == 4) gemv_w4<MA, R>(p, n0, 0, true); else gemv_w8<MA, R>(p, n0, 0, true);
-  if constexpr (MA < MT) {
-    if (p.bits == 4) gemv_w4<MT - MA, R>(p, n0, MA, false); else gemv_w8<MT - MA, R>(p, n0, MA, false);
-  }
+  gemv_rows_part<MA, R>(p, n0, 0, true, dot);
+  if constexpr (MA < MT) gemv_rows_part<MT - MA, R>(p, n0, MA, false, dot);
 }
 
 template <int MT>
-void gemv(const QuantLinearParams& p) {
+void gemv(const QuantLinearParams& p, bool dot) {
   constexpr int R = MT == 1 ? 4 : 2;
   const int64_t N = p.N, nblk = N / R;
   parallel_for(0, nblk + (N % R), 8, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      if (i < nblk) gemv_rows<MT, R>(p, i * R);
-      else gemv_rows<MT, 1>(p, nblk * R + (i - nblk));
+      if (i < nblk) gemv_rows<MT, R>(p, i * R, dot);
+      else gemv_rows<MT, 1>(p, nblk * R + (i - nblk), dot);
     }
   });
 }
@@ -300,15 +375,20 @@ void quant_linear_fwd(const QuantLinearParams& p) {
     case DType::f16: prep_x<f16_t>(p, interleave); break;
   }
   if (!use_gemv) return gemm(p);
+#if defined(THRIFTY_AVX512_BF16)
+  const bool dot = p.bits == 4 && p.dtype == DType::bf16 && cpu_use_bf16_dot();
+#else
+  const bool dot = false;
+#endif
   switch (p.M) {
-    case 1: return gemv<1>(p);
-    case 2: return gemv<2>(p);
-    case 3: return gemv<3>(p);
-    case 4: return gemv<4>(p);
-    case 5: return gemv<5>(p);
-    case 6: return gemv<6>(p);
-    case 7: return gemv<7>(p);
-    default: return gemv<8>(p);
+    case 1: return gemv<1>(p, dot);
+    case 2: return gemv<2>(p, dot);
+    case 3: return gemv<3>(p, dot);
+    case 4: return gemv<4>(p, dot);
+    case 5: return gemv<5>(p, dot);
+    case 6: return gemv<6>(p, dot);
+    case 7: return gemv<7>(p, dot);
+    default: return gemv<8>(p, dot);
   }
 }
 
