@@ -71,7 +71,7 @@ def test_w4a16(cpu_isa, m, dtype, kng, device):
 
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kn", [(67, 37), (256, 65), (1000, 9)])
+@pytest.mark.parametrize("kn", [(67, 37), (256, 65), (1000, 9), (1024, 70)])
 def test_w8a16(cpu_isa, m, dtype, kn, device):
     bias = m % 2 == 0
     k, n = kn

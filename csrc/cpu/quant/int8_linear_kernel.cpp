@@ -175,30 +175,6 @@ void gemm(const Int8LinearParams& p) {
 // zero padded), in the scratch buffer of the int16 rows of the other paths.
 constexpr int64_t MB8 = 256;  // rows per block: a weight panel is packed once per block of rows
 
-// 16 x 16 int32 transpose in registers: r[i][c] -> r[c][i].
-THRIFTY_INLINE void transpose16(__m512i (&r)[16]) {
-  __m512i t[16], u[16], v[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  for (int h = 0; h < 2; ++h)
-    for (int i = 0; i < 4; ++i) {
-      v[8 * h + i] = _mm512_shuffle_i32x4(u[8 * h + i], u[8 * h + 4 + i], 0x88);
-      v[8 * h + 4 + i] = _mm512_shuffle_i32x4(u[8 * h + i], u[8 * h + 4 + i], 0xdd);
-    }
-  for (int i = 0; i < 8; ++i) {
-    r[i] = _mm512_shuffle_i32x4(v[i], v[8 + i], 0x88);
-    r[8 + i] = _mm512_shuffle_i32x4(v[i], v[8 + i], 0xdd);
-  }
-}
-
 // Packs columns [n0, n0 + nw) x k in [k0, k0 + kw) (0 past K or past nw); wsum[j] += those weights.
 // Whole panels (64 columns, kw a multiple of 64) go 16 x 16 k-groups at a time through registers.
 void pack_panel_u8(const Int8LinearParams& p, int64_t n0, int64_t nw, int64_t k0, int64_t kw, int8_t* bpack,

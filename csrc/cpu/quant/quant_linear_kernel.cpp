@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "common/cpu_isa.h"
 #include "common/parallel.h"
@@ -364,6 +365,146 @@ void gemm(const QuantLinearParams& p) {
   });
 }
 
+#if defined(THRIFTY_AVX512_BF16)
+// W4 and W8 GEMM for bf16 x on VDPBF16PS (avx512_bf16 where cpu_use_bf16_dot). Weight panels of 64
+// columns x 256 k hold exact bf16 pairs, k-pair-major (bpack[kp][j], packed through transpose16): W4 the
+// pairs (128 + lo, 128 + hi) of gemv_w4_dot, W8 the int8 values themselves (exact in bf16). The
+// micro-kernel broadcasts a pair of x and runs 6 rows x 32 columns of VDPBF16PS. Each group's partial
+// sums are scaled as they leave the registers (cbuf += acc * s[g][columns]; W8: one group of K, per-column
+// scales); W4's zero points and 128 offset come off once at the end: y = cbuf - sum_g s (z + 128) xsum[g].
+constexpr int64_t KB4 = 256;  // k per panel (128 pairs: a 32-column slice of it is 16 KB, L1)
+constexpr int64_t MB4 = 256;  // rows of x per block (a weight panel is packed once per block)
+
+// Pairs kp < kw / 2 of the panel (kw a multiple of 32: whole 16 x 16 blocks); columns past nw are 0.
+void pack_panel_dot(const QuantLinearParams& p, int64_t n0, int64_t nw, int64_t k0, int64_t kw, uint32_t* bpack) {
+  const uint8_t* qw = static_cast<const uint8_t*>(p.qweight);
+  const int64_t rowb = p.K / 2;
+  const bool w8 = p.bits == 8;
+  const __m512i nib = _mm512_set1_epi32(0x000F000F), b128 = _mm512_set1_epi32(0x43004300);
+  for (int64_t j0 = 0; j0 < NB; j0 += 16)
+    for (int64_t kp0 = 0; kp0 < kw / 2; kp0 += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        if (j0 + i >= nw) {
+          r[i] = _mm512_setzero_si512();
+        } else if (w8) {  // 32 int8 -> 32 bf16 (exact: |q| <= 128), in k order: pairs (2kp, 2kp + 1)
+          const int8_t* q8 = static_cast<const int8_t*>(p.qweight) + (n0 + j0 + i) * p.K + k0 + 2 * kp0;
+          const __m512 f0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q8))));
+          const __m512 f1 =
+              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q8 + 16))));
+          const __m512bh bh = _mm512_cvtne2ps_pbh(f1, f0);
+          std::memcpy(&r[i], &bh, sizeof(bh));
+        } else {
+          const __m512i d = _mm512_cvtepu8_epi32(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(qw + (n0 + j0 + i) * rowb + k0 / 2 + kp0)));
+          r[i] = _mm512_ternarylogic_epi32(_mm512_or_si512(d, _mm512_slli_epi32(d, 12)), nib, b128, 0xEA);
+        }
+      }
+      transpose16(r);
+      for (int c = 0; c < 16; ++c) _mm512_storeu_si512(bpack + (kp0 + c) * NB + j0, r[c]);
+    }
+}
+
+// c[m][0..32) += s[0..32) * sum_{kp in [kp0, kp1)} x pairs of row m . bpack[kp][0..32)
+template <int MR_>
+THRIFTY_INLINE void micro_dot(const bf16_t* a, int64_t lda, const uint32_t* b, int64_t kp0, int64_t kp1,
+                                 const float* s, float* c) {
+  __m512 acc[MR_][2];
+  for (int m = 0; m < MR_; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  for (int64_t kp = kp0; kp < kp1; ++kp) {
+    __m512bh b0, b1;
+    const __m512i v0 = _mm512_loadu_si512(b + kp * NB), v1 = _mm512_loadu_si512(b + kp * NB + 16);
+    std::memcpy(&b0, &v0, sizeof(b0));
+    std::memcpy(&b1, &v1, sizeof(b1));
+    for (int m = 0; m < MR_; ++m) {
+      int32_t u;
+      std::memcpy(&u, a + m * lda + 2 * kp, 4);
+      const __m512i av = _mm512_set1_epi32(u);
+      __m512bh ab;
+      std::memcpy(&ab, &av, sizeof(ab));
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], ab, b0);
+      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], ab, b1);
+    }
+  }
+  const __m512 s0 = _mm512_loadu_ps(s), s1 = _mm512_loadu_ps(s + 16);
+  for (int m = 0; m < MR_; ++m) {
+    _mm512_storeu_ps(c + m * NB, _mm512_fmadd_ps(acc[m][0], s0, _mm512_loadu_ps(c + m * NB)));
+    _mm512_storeu_ps(c + m * NB + 16, _mm512_fmadd_ps(acc[m][1], s1, _mm512_loadu_ps(c + m * NB + 16)));
+  }
+}
+
+void micro_dot_any(int mr, const bf16_t* a, int64_t lda, const uint32_t* b, int64_t kp0, int64_t kp1,
+                      const float* s, float* c) {
+  switch (mr) {
+    case 1: return micro_dot<1>(a, lda, b, kp0, kp1, s, c);
+    case 2: return micro_dot<2>(a, lda, b, kp0, kp1, s, c);
+    case 3: return micro_dot<3>(a, lda, b, kp0, kp1, s, c);
+    case 4: return micro_dot<4>(a, lda, b, kp0, kp1, s, c);
+    case 5: return micro_dot<5>(a, lda, b, kp0, kp1, s, c);
+    default: return micro_dot<6>(a, lda, b, kp0, kp1, s, c);
+  }
+}
+
+void gemm_dot(const QuantLinearParams& p) {
+  static_assert(NB == 64, "two 32-column slices per panel");
+  constexpr int MR6 = 6;
+  const bool w8 = p.bits == 8;  // one scale per column, no zero point: one "group" of K
+  const int64_t M = p.M, N = p.N, K = p.K, G = w8 ? K : p.group_size, ng = K / G;
+  const bf16_t* x = static_cast<const bf16_t*>(p.x);
+  const int64_t mt = (M + MB4 - 1) / MB4, nt = (N + NB - 1) / NB;
+  parallel_for(0, mt * nt, 1, [&](int64_t b, int64_t e) {
+    std::vector<uint32_t> bpack(KB4 / 2 * NB);
+    std::vector<float> cbuf(MB4 * NB), sT(ng * NB), zT(ng * NB);
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t nb = t / mt, mb = t % mt;
+      const int64_t n0 = nb * NB, nw = std::min(NB, N - n0);
+      const int64_t m0 = mb * MB4, mw = std::min(MB4, M - m0);
+      for (int64_t g = 0; g < ng; ++g)  // per group, the panel's scales and s (z + 128) by column
+        for (int64_t j = 0; j < NB; ++j) {
+          const bool in = j < nw;
+          const float sv = in ? p.scales[(n0 + j) * ng + g] : 0.0f;
+          sT[g * NB + j] = sv;
+          zT[g * NB + j] = in && !w8 ? sv * (p.zeros[(n0 + j) * ng + g] + 128.0f) : 0.0f;
+        }
+      std::fill(cbuf.begin(), cbuf.begin() + mw * NB, 0.0f);
+      for (int64_t k0 = 0; k0 < K; k0 += KB4) {
+        const int64_t kw = std::min(KB4, K - k0);  // K is a multiple of 32: kw too
+        pack_panel_dot(p, n0, nw, k0, kw, bpack.data());
+        for (int64_t ks = k0; ks < k0 + kw;) {  // segments of one group each
+          const int64_t g = ks / G, ke = std::min(k0 + kw, (g + 1) * G);
+          const int64_t kp0 = (ks - k0) / 2, kp1 = (ke - k0) / 2;
+          for (int64_t i = 0; i < mw; i += MR6) {
+            const int mr = static_cast<int>(std::min<int64_t>(MR6, mw - i));
+            const bf16_t* a = x + (m0 + i) * p.x_stride + k0;
+            for (int64_t j = 0; j < nw; j += 32)
+              micro_dot_any(mr, a, p.x_stride, bpack.data() + j, kp0, kp1, sT.data() + g * NB + j,
+                               cbuf.data() + i * NB + j);
+          }
+          ks = ke;
+        }
+      }
+      for (int64_t i = 0; i < mw; ++i) {
+        const float* xs = w8 ? nullptr : p.xsum + (m0 + i) * ng;
+        for (int64_t j = 0; j < nw; j += 16) {
+          const int n = static_cast<int>(std::min<int64_t>(16, nw - j));
+          Vec v = Vec::load(cbuf.data() + i * NB + j);
+          if (!w8)
+            for (int64_t g = 0; g < ng; ++g) v = v - Vec::set1(xs[g]) * Vec::load(zT.data() + g * NB + j);
+          if (p.bias != nullptr) {
+            switch (p.bias_dtype) {
+              case DType::f32: v = v + Vec::load(static_cast<const float*>(p.bias) + n0 + j, n); break;
+              case DType::bf16: v = v + Vec::load(static_cast<const bf16_t*>(p.bias) + n0 + j, n); break;
+              default: v = v + Vec::load(static_cast<const f16_t*>(p.bias) + n0 + j, n); break;
+            }
+          }
+          v.store(static_cast<bf16_t*>(p.y) + (m0 + i) * p.N + n0 + j, n);
+        }
+      }
+    }
+  });
+}
+#endif
+
 }  // namespace
 
 void quant_linear_fwd(const QuantLinearParams& p) {
@@ -374,12 +515,14 @@ void quant_linear_fwd(const QuantLinearParams& p) {
     case DType::bf16: prep_x<bf16_t>(p, interleave); break;
     case DType::f16: prep_x<f16_t>(p, interleave); break;
   }
-  if (!use_gemv) return gemm(p);
 #if defined(THRIFTY_AVX512_BF16)
-  const bool dot = p.bits == 4 && p.dtype == DType::bf16 && cpu_use_bf16_dot();
+  const bool bf16_dot = p.dtype == DType::bf16 && cpu_use_bf16_dot();
+  if (!use_gemv && bf16_dot && p.K % 32 == 0) return gemm_dot(p);  // W4: always; W8: whole 32-k blocks
+  const bool dot = bf16_dot && p.bits == 4;
 #else
   const bool dot = false;
 #endif
+  if (!use_gemv) return gemm(p);
   switch (p.M) {
     case 1: return gemv<1>(p, dot);
     case 2: return gemv<2>(p, dot);

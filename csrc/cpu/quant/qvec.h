@@ -7,6 +7,7 @@
 //     IVec::load_i16(p)  2W int16;  IVec::widen_i8(p) 2W int8 widened to int16;  IVec::bcast_pair(p) p[0..1] in every lane
 //     madd_add(acc, a, b)  acc + per-lane (a.lo * b.lo + a.hi * b.hi), exact in int32 (VNNI vpdpwssd where present)
 //     reduce_add()       sum of the lanes
+//   transpose16(r)       (AVX-512) 16 x 16 int32 transpose in registers, for packing weight panels
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -52,6 +53,30 @@ struct IVec {
   }
   THRIFTY_INLINE int32_t reduce_add() const { return _mm512_reduce_add_epi32(v); }
 };
+
+// 16 x 16 int32 transpose in registers: r[i][c] -> r[c][i].
+THRIFTY_INLINE void transpose16(__m512i (&r)[16]) {
+  __m512i t[16], u[16], v[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int h = 0; h < 2; ++h)
+    for (int i = 0; i < 4; ++i) {
+      v[8 * h + i] = _mm512_shuffle_i32x4(u[8 * h + i], u[8 * h + 4 + i], 0x88);
+      v[8 * h + 4 + i] = _mm512_shuffle_i32x4(u[8 * h + i], u[8 * h + 4 + i], 0xdd);
+    }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(v[i], v[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_i32x4(v[i], v[8 + i], 0xdd);
+  }
+}
 
 #elif defined(__AVX2__)
 THRIFTY_INLINE void nibbles(const uint8_t* p, Vec& lo, Vec& hi) {
