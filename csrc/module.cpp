@@ -59,7 +59,7 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("name"), "Switch the CPU kernels to ISA level `name`; returns the previous level. "
                       "Raises ValueError for unknown levels or levels this CPU lacks.");
   m.def("cpu_uses_bf16_dot", [] { return thrifty::cpu_use_bf16_dot(); },
-        "Whether kernels with a VDPBF16PS and a float32 FMA path (the bf16 attention forward) take the "
+        "Whether kernels with a VDPBF16PS and a float32 FMA path (bf16 attention forward, quant_linear) take the "
         "VDPBF16PS one at the avx512_bf16 level now.");
   m.def("set_cpu_bf16_dot", [](const std::string& mode) { return thrifty::set_cpu_bf16_dot(mode); },
         py::arg("mode"), "'auto' (VDPBF16PS unless the CPU has AMX-BF16, where it is the slower path), "

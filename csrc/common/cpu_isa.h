@@ -29,7 +29,7 @@ CpuIsa set_cpu_isa(const std::string& name);
 // bit 22). thrifty does not use AMX; it matters for the choice below.
 bool cpu_has_amx_bf16();
 // Kernels with both a VDPBF16PS path and a widen-to-float32 FMA path at the avx512_bf16 level (the
-// bf16 attention forward) take the VDPBF16PS one when this is true. Mode "auto" (the default): true
+// bf16 attention forward, quant_linear with bf16 x) take the VDPBF16PS one when this is true. Mode "auto" (the default): true
 // unless the CPU has AMX-BF16. On those Intel cores VDPBF16PS issues at half the rate of float32 FMA
 // (the same multiply-adds per cycle, plus the pair packing), and the VDPBF16PS attention forward ran
 // at 0.61-0.75x the FMA one; on AMD Zen 4 it has twice FMA's rate and ran 1.6-1.75x

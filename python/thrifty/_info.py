@@ -22,7 +22,7 @@ def info_dict() -> dict:
         "cpu_isa_detected": _C.cpu_isa_detected(),
         "cpu_isa_in_use": _C.cpu_isa(),
         "cpu_isa_env": os.environ.get("THRIFTY_CPU_ISA", ""),
-        # At avx512_bf16: whether the bf16 attention forward uses VDPBF16PS (off on AMX CPUs, where FMA is faster).
+        # At avx512_bf16: whether bf16 attention / quant_linear use VDPBF16PS (off on AMX CPUs, where FMA is faster).
         "cpu_bf16_dot": _C.cpu_uses_bf16_dot(),
         "threads": torch.get_num_threads(),
         # Measured, not assumed: a build without OpenMP would run every CPU kernel on one thread.
@@ -52,7 +52,7 @@ def info() -> str:
         f"CPU ISA      detected {d['cpu_isa_detected']}, in use {d['cpu_isa_in_use']}"
         f"{' (THRIFTY_CPU_ISA=' + d['cpu_isa_env'] + ')' if d['cpu_isa_env'] else ''}; compiled {d['cpu_isa_compiled']}"
         f"{' (avx512 levels EMULATED on AVX2 with SIMDe: a test build)' if d['emulated_avx512'] else ''}"
-        + (f"; bf16 attention forward on {'VDPBF16PS' if d['cpu_bf16_dot'] else 'float32 FMA (faster than VDPBF16PS on AMX-BF16 CPUs)'}"
+        + (f"; bf16 attention / quant_linear on {'VDPBF16PS' if d['cpu_bf16_dot'] else 'float32 FMA (faster than VDPBF16PS on AMX-BF16 CPUs)'}"
            if d["cpu_isa_in_use"] == "avx512_bf16" else ""),
         f"threads      {d['threads']} (a thrifty CPU kernel loop ran on {d['threads_in_kernels']})",
         f"CUDA         " + (f"built with CUDA {d['cuda_version_built']} for {d['cuda_archs']}" if d["cuda_built"]
