@@ -92,17 +92,40 @@ THRIFTY_INLINE void finish(const QuantLinearParams& p, int64_t m, int64_t n, flo
 }
 
 // ---------------- GEMV ----------------
+// The R weight rows n0.. of a W4 GEMV block (packed nibbles, group scales and zeros), and its end:
+// y[m][n0 + r] = hsum(tot[m][r]) - sum_g s[g] * (z[g] + zoff) * xsum[m][g] (zoff: the dot path's 128).
+template <int R>
+struct W4Rows {
+  const uint8_t* q[R];
+  const float *s[R], *z[R];
+  int64_t ng;
+  THRIFTY_INLINE W4Rows(const QuantLinearParams& p, int64_t n0) : ng(p.K / p.group_size) {
+    for (int r = 0; r < R; ++r) {
+      q[r] = static_cast<const uint8_t*>(p.qweight) + (n0 + r) * (p.K / 2);
+      s[r] = p.scales + (n0 + r) * ng;
+      z[r] = p.zeros + (n0 + r) * ng;
+    }
+  }
+  template <int MT>
+  THRIFTY_INLINE void write_out(const QuantLinearParams& p, int64_t n0, int64_t m0, const Vec (&tot)[MT][R],
+                                float zoff) const {
+    for (int m = 0; m < MT; ++m)
+      for (int r = 0; r < R; ++r) {
+        const float* xs = p.xsum + (m0 + m) * ng;
+        float c = 0.0f;
+        for (int64_t g = 0; g < ng; ++g) c += s[r][g] * (z[r][g] + zoff) * xs[g];
+        finish(p, m0 + m, n0 + r, tot[m][r].reduce_add() - c);
+      }
+  }
+};
+
 template <int MT, int R>
 THRIFTY_INLINE void gemv_w4(const QuantLinearParams& p, int64_t n0, int64_t m0, bool pf) {
   constexpr bool TWO = MT * R * 2 <= 8;  // separate accumulators for low and high nibbles
   const int64_t K = p.K, G = p.group_size, ng = K / G;
-  const uint8_t* q[R];
-  const float *s[R], *z[R];
-  for (int r = 0; r < R; ++r) {
-    q[r] = static_cast<const uint8_t*>(p.qweight) + (n0 + r) * (K / 2);
-    s[r] = p.scales + (n0 + r) * ng;
-    z[r] = p.zeros + (n0 + r) * ng;
-  }
+  const W4Rows<R> w4(p, n0);
+  const uint8_t* const* q = w4.q;
+  const float* const* s = w4.s;
   // tot = sum_g s[g] * acc_g kept in vector form (one broadcast FMA per group, no per-group reduction);
   // the zero points are applied once at the end: - sum_g s[g] * z[g] * xsum[g].
   Vec tot[MT][R];
@@ -135,13 +158,7 @@ THRIFTY_INLINE void gemv_w4(const QuantLinearParams& p, int64_t n0, int64_t m0, 
       for (int m = 0; m < MT; ++m) tot[m][r] = fma(TWO ? alo[m][r] + ahi[m][r] : alo[m][r], sv, tot[m][r]);
     }
   }
-  for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < R; ++r) {
-      const float* xs = p.xsum + (m0 + m) * ng;
-      float c = 0.0f;
-      for (int64_t g = 0; g < ng; ++g) c += s[r][g] * z[r][g] * xs[g];
-      finish(p, m0 + m, n0 + r, tot[m][r].reduce_add() - c);
-    }
+  w4.write_out(p, n0, m0, tot, 0.0f);
 }
 
 template <int MT, int R>
@@ -194,13 +211,9 @@ template <int MT, int R>
 THRIFTY_INLINE void gemv_w4_dot(const QuantLinearParams& p, int64_t n0, int64_t m0, bool pf) {
   constexpr bool TWO = MT * R <= 4;  // two accumulator chains per (row, column) for VDPBF16PS latency
   const int64_t K = p.K, G = p.group_size, ng = K / G;
-  const uint8_t* q[R];
-  const float *s[R], *z[R];
-  for (int r = 0; r < R; ++r) {
-    q[r] = static_cast<const uint8_t*>(p.qweight) + (n0 + r) * (K / 2);
-    s[r] = p.scales + (n0 + r) * ng;
-    z[r] = p.zeros + (n0 + r) * ng;
-  }
+  const W4Rows<R> w4(p, n0);
+  const uint8_t* const* q = w4.q;
+  const float* const* s = w4.s;
   const __m512i nib = _mm512_set1_epi32(0x000F000F), b128 = _mm512_set1_epi32(0x43004300);
   Vec tot[MT][R];
   for (int m = 0; m < MT; ++m)
@@ -237,13 +250,7 @@ THRIFTY_INLINE void gemv_w4_dot(const QuantLinearParams& p, int64_t n0, int64_t 
         tot[m][r] = fma(TWO ? Vec(_mm512_add_ps(a0[m][r], a1[m][r])) : Vec(a0[m][r]), sv, tot[m][r]);
     }
   }
-  for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < R; ++r) {
-      const float* xs = p.xsum + (m0 + m) * ng;
-      float c = 0.0f;
-      for (int64_t g = 0; g < ng; ++g) c += s[r][g] * (z[r][g] + 128.0f) * xs[g];
-      finish(p, m0 + m, n0 + r, tot[m][r].reduce_add() - c);
-    }
+  w4.write_out(p, n0, m0, tot, 128.0f);
 }
 #endif
 
