@@ -29,11 +29,11 @@ CpuIsa set_cpu_isa(const std::string& name);
 // bit 22). thrifty does not use AMX; it matters for the choice below.
 bool cpu_has_amx_bf16();
 // Kernels with both a VDPBF16PS path and a widen-to-float32 FMA path at the avx512_bf16 level (the
-// bf16 attention forward, quant_linear with bf16 x) take the VDPBF16PS one when this is true. Mode "auto" (the default): true
-// unless the CPU has AMX-BF16. On those Intel cores VDPBF16PS issues at half the rate of float32 FMA
-// (the same multiply-adds per cycle, plus the pair packing), and the VDPBF16PS attention forward ran
-// at 0.61-0.75x the FMA one; on AMD Zen 4 it has twice FMA's rate and ran 1.6-1.75x
-// (bench/RESULTS.md, attention). "on" / "off" force it (tests run both). Starts as the environment
+// bf16 attention forward, quant_linear with bf16 x) take the VDPBF16PS one when this is true. Mode
+// "auto" (the default): true unless the CPU has AMX-BF16. On those Intel cores VDPBF16PS issues at
+// half the rate of float32 FMA (the same multiply-adds per cycle, plus the pair packing), and the
+// VDPBF16PS attention forward ran at 0.61-0.75x the FMA one; on AMD Zen 4 it has twice FMA's rate and
+// ran 1.6-1.75x (bench/RESULTS.md). "on" / "off" force it (tests run both). Starts as the environment
 // variable THRIFTY_CPU_BF16_DOT says (auto, on, off), else auto.
 bool cpu_use_bf16_dot();
 // Sets the mode ("auto", "on", "off"); returns the previous one. Throws on other names.

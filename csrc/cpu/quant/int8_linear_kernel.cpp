@@ -170,7 +170,9 @@ void gemm(const Int8LinearParams& p) {
 // product fits 16 bits, no saturation in the non-"S" form), twice the multiply-adds per instruction
 // of the int16 pairs above. x is shifted to unsigned, xu = xq + 128, so
 //   sum_k xq[k] w[k] = sum_k xu[k] w[k] - 128 * sum_k w[k],
-// with the weight rows' sums taken while packing. Same tiling as gemm(); the panel holds 4-byte
+// with the weight rows' sums taken while packing (the shifted sums can pass 2^31 from K ~ 65k on; both
+// wrap modulo 2^32 and their difference is exact wherever the true sum fits int32, as on the int16 path).
+// Same tiling as gemm(); the panel holds 4-byte
 // k-groups: bpack[kq][j][0..3] = wq[n0 + j][k0 + 4kq + 0..3]. x rows are bytes here (stride Kp,
 // zero padded), in the scratch buffer of the int16 rows of the other paths.
 constexpr int64_t MB8 = 256;  // rows per block: a weight panel is packed once per block of rows

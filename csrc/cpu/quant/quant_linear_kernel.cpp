@@ -12,6 +12,8 @@
 // in the same even/odd order as x) and an MR x NR micro-kernel of vector dot products (MR * NR
 // accumulators, reduced once per panel) multiplies it by x. The panel holds exactly dequant(W) =
 // (q - z) * s rounded to float32, the values quant_dequantize returns.
+// bf16 x at avx512_bf16 where cpu_use_bf16_dot(): the W4 GEMV and the W4/W8 GEMM multiply exact bf16
+// images of the weights with VDPBF16PS instead (gemv_w4_dot, gemm_dot).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
