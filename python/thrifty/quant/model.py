@@ -72,6 +72,14 @@ def _skipped(name: str, skip) -> bool:
     return any(name == s or name.endswith("." + s) for s in skip)
 
 
+def quantizable_linears(model: nn.Module, skip) -> list[str]:
+    """Names of the nn.Linear layers of ``model`` a quantizer replaces: all but those named in ``skip``
+    (a name or a dotted suffix) and NonDynamicallyQuantizableLinear (nn.MultiheadAttention's out_proj, whose
+    weight the attention code reads directly; torch.ao's quantizers keep it in floating point too)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+            and not isinstance(m, NonDynamicallyQuantizableLinear) and not _skipped(n, skip)]
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -133,8 +141,7 @@ def quantize_model(model: nn.Module, config=None, calibration=None) -> nn.Module
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_model: model must be an nn.Module, got {type(model).__name__}")
     cfg = QuantConfig.make(config if config is not None else {})
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
-             and not isinstance(m, NonDynamicallyQuantizableLinear) and not _skipped(n, cfg.skip)]
+    names = quantizable_linears(model, cfg.skip)
     if cfg.bits == 4:
         bad = [(n, model.get_submodule(n).in_features) for n in names
                if model.get_submodule(n).in_features % cfg.group_size]

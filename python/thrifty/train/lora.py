@@ -97,26 +97,18 @@ def quantize_base(model: nn.Module, bits: int = 4, group_size: int = 64, skip=("
     by a frozen thrifty.nn.QuantLinear (bits=4: group-wise int4, ``group_size`` or the largest of 128/64/32
     that divides the layer's in_features; bits=8: int8 per channel), in place. Returns the names replaced;
     a layer no group size fits stays in floating point."""
-    from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
-
     from thrifty.nn.quant import QuantLinear
+    from thrifty.quant.model import _set_module, quantizable_linears
 
     if bits not in (4, 8):
         raise ValueError(f"--lora-base-bits: expected 4 or 8 (or 16 for a floating-point base), got {bits}")
     names = []
-    for n, m in list(model.named_modules()):
-        # NonDynamicallyQuantizableLinear: nn.MultiheadAttention's out_proj, whose weight the attention code
-        # reads directly (kept in floating point, as thrifty.quant.quantize_model and torch.ao do)
-        if (not isinstance(m, nn.Linear) or isinstance(m, NonDynamicallyQuantizableLinear)
-                or any(n == s or n.endswith("." + s) for s in skip)):
-            continue
+    for n in quantizable_linears(model, skip):  # quantize_model's choice of layers (out_proj stays float)
+        m = model.get_submodule(n)
         g = _pick_group_size(m.in_features, group_size) if bits == 4 else -1
         if g is None:
             continue
-        q = QuantLinear.from_float(m, bits=bits, group_size=g if bits == 4 else 128)
-        parent_name, _, child = n.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, q)
+        _set_module(model, n, QuantLinear.from_float(m, bits=bits, group_size=g if bits == 4 else 128))
         names.append(n)
     if not names:
         raise ValueError(f"--lora-base-bits {bits}: no linear layer of the model could be quantized "
