@@ -76,11 +76,14 @@ inline at::Tensor lce_operand(const at::Tensor& t) {
 }
 
 // Rows of a chunk (tokens) or block (vocab columns): at most kLceBudget logits, and at least 8
-// chunks once the whole (tokens x vocab) matrix passes 8 x 2^20 logits.
-inline int64_t lce_block(int64_t n, int64_t other, int64_t chunk_size) {
+// chunks once the whole (tokens x vocab) matrix passes 8 x 2^20 logits; at least min_rows rows where
+// the budget allows (the CPU forward: 64-row logits GEMMs ran ~25% under 256-row ones).
+inline int64_t lce_block(int64_t n, int64_t other, int64_t chunk_size, int64_t min_rows = 1) {
   if (chunk_size > 0) return std::min(chunk_size, std::max<int64_t>(n, 1));
+  other = std::max<int64_t>(other, 1);
   const int64_t budget = std::min(kLceBudget, std::max<int64_t>(int64_t(1) << 20, n * other / 8));
-  return std::max<int64_t>(1, std::min<int64_t>(n, budget / std::max<int64_t>(other, 1)));
+  const int64_t rows = std::max(budget / other, std::min(min_rows, kLceBudget / other));
+  return std::max<int64_t>(1, std::min<int64_t>(n, rows));
 }
 
 inline std::tuple<at::Tensor, at::Tensor> lce_forward(const at::Tensor& hidden, const at::Tensor& weight,
@@ -94,9 +97,7 @@ inline std::tuple<at::Tensor, at::Tensor> lce_forward(const at::Tensor& hidden, 
   auto h = lce_operand(hidden.contiguous()), w = lce_operand(weight.contiguous()), lab = labels.contiguous();
   auto f32 = hidden.options().dtype(at::kFloat);
   auto loss_rows = at::empty({T}, f32), lse = at::empty({T}, f32);
-  int64_t rows = lce_block(T, V, chunk_size);
-  if (chunk_size == 0 && hidden.device().is_cpu())  // CPU BLAS: 64-row logits GEMMs ran ~25% under 256-row ones
-    rows = std::max(rows, std::min<int64_t>({T, kLceCpuMinRows, std::max<int64_t>(1, kLceBudget / V)}));
+  const int64_t rows = lce_block(T, V, chunk_size, hidden.device().is_cpu() ? kLceCpuMinRows : 1);
   auto wt = w.t();
   for (int64_t s = 0; s < T; s += rows) {
     const int64_t n = std::min(rows, T - s);
