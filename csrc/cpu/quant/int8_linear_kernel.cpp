@@ -250,14 +250,6 @@ void micro_u8_any(int mr, const uint8_t* a, int64_t lda, const int8_t* b, int64_
   }
 }
 
-THRIFTY_INLINE Vec load_vec_any(const void* p, int64_t i, int n, DType dt) {
-  switch (dt) {
-    case DType::f32: return Vec::load(static_cast<const float*>(p) + i, n);
-    case DType::bf16: return Vec::load(static_cast<const bf16_t*>(p) + i, n);
-    default: return Vec::load(static_cast<const f16_t*>(p) + i, n);
-  }
-}
-
 // finish() for columns [n0, n0 + nw) of row m, 16 at a time: (acc - 128 wsum) * x_scale * w_scale + bias.
 void finish_row_u8(const Int8LinearParams& p, int64_t m, int64_t n0, int64_t nw, const int32_t* acc,
                    const int32_t* wsum) {

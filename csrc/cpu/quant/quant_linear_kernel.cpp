@@ -81,6 +81,20 @@ void prep_x(const QuantLinearParams& p, bool interleave) {
   });
 }
 
+// x's per-group sums (xsum) straight from bf16 x, in k order: what the VDPBF16PS W4 paths need besides x.
+void group_sums_bf16(const QuantLinearParams& p) {
+  const bf16_t* x = static_cast<const bf16_t*>(p.x);
+  const int64_t K = p.K, G = p.group_size, ng = K / G;  // G: a multiple of 32
+  parallel_for(0, p.M, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m)
+      for (int64_t g = 0; g < ng; ++g) {
+        Vec a = Vec::zero();
+        for (int64_t k = g * G; k < (g + 1) * G; k += W) a = a + Vec::load(x + m * p.x_stride + k);
+        p.xsum[m * ng + g] = a.reduce_add();
+      }
+  });
+}
+
 // GEMV prefetch: each pass over a cache line of a weight row also prefetches (into L2) the line at the
 // same offset in the next block of R rows, the block this thread reads next (rows are contiguous, so
 // this reaches the next rows' pages before the hardware stream prefetcher could; K=4096 int8 rows are
@@ -107,6 +121,11 @@ struct W4Rows {
       s[r] = p.scales + (n0 + r) * ng;
       z[r] = p.zeros + (n0 + r) * ng;
     }
+  }
+  // Each cache line of group g in these rows: the same line of the next block of R rows (prefetch_l2).
+  THRIFTY_INLINE void prefetch_next_block(int64_t g, int64_t G) const {
+    for (int64_t b = (g * G / 2 + 63) / 64 * 64; b < (g + 1) * G / 2; b += 64)
+      for (int r = 0; r < R; ++r) prefetch_l2(q[r] + b + R * (ng * G) / 2);
   }
   template <int MT>
   THRIFTY_INLINE void write_out(const QuantLinearParams& p, int64_t n0, int64_t m0, const Vec (&tot)[MT][R],
@@ -137,9 +156,7 @@ THRIFTY_INLINE void gemv_w4(const QuantLinearParams& p, int64_t n0, int64_t m0, 
     Vec alo[MT][R], ahi[MT][R];
     for (int m = 0; m < MT; ++m)
       for (int r = 0; r < R; ++r) alo[m][r] = ahi[m][r] = Vec::zero();
-    for (int64_t b = (g * G / 2 + 63) / 64 * 64; b < (g + 1) * G / 2; b += 64)
-      if (pf)
-        for (int r = 0; r < R; ++r) prefetch_l2(q[r] + b + R * K / 2);
+    if (pf) w4.prefetch_next_block(g, G);
     for (int64_t k = g * G; k < (g + 1) * G; k += 2 * W) {
       for (int r = 0; r < R; ++r) {
         Vec lo, hi;
@@ -224,9 +241,7 @@ THRIFTY_INLINE void gemv_w4_dot(const QuantLinearParams& p, int64_t n0, int64_t 
     __m512 a0[MT][R], a1[MT][R];
     for (int m = 0; m < MT; ++m)
       for (int r = 0; r < R; ++r) a0[m][r] = a1[m][r] = _mm512_setzero_ps();
-    for (int64_t b = (g * G / 2 + 63) / 64 * 64; b < (g + 1) * G / 2; b += 64)
-      if (pf)
-        for (int r = 0; r < R; ++r) prefetch_l2(q[r] + b + R * K / 2);
+    if (pf) w4.prefetch_next_block(g, G);
     for (int64_t k = g * G; k < (g + 1) * G; k += 2 * W) {
       const bool odd = TWO && ((k - g * G) / (2 * W)) % 2 == 1;
       for (int r = 0; r < R; ++r) {
@@ -499,13 +514,7 @@ void gemm_dot(const QuantLinearParams& p) {
           Vec v = Vec::load(cbuf.data() + i * NB + j);
           if (!w8)
             for (int64_t g = 0; g < ng; ++g) v = v - Vec::set1(xs[g]) * Vec::load(zT.data() + g * NB + j);
-          if (p.bias != nullptr) {
-            switch (p.bias_dtype) {
-              case DType::f32: v = v + Vec::load(static_cast<const float*>(p.bias) + n0 + j, n); break;
-              case DType::bf16: v = v + Vec::load(static_cast<const bf16_t*>(p.bias) + n0 + j, n); break;
-              default: v = v + Vec::load(static_cast<const f16_t*>(p.bias) + n0 + j, n); break;
-            }
-          }
+          if (p.bias != nullptr) v = v + load_vec_any(p.bias, n0 + j, n, p.bias_dtype);
           v.store(static_cast<bf16_t*>(p.y) + (m0 + i) * p.N + n0 + j, n);
         }
       }
@@ -518,18 +527,26 @@ void gemm_dot(const QuantLinearParams& p) {
 
 void quant_linear_fwd(const QuantLinearParams& p) {
   const bool use_gemv = p.M <= kGemvMaxM;
-  const bool interleave = p.bits == 4;  // GEMV and GEMM both read W4 rows in even/odd order
-  switch (p.dtype) {
-    case DType::f32: prep_x<float>(p, interleave); break;
-    case DType::bf16: prep_x<bf16_t>(p, interleave); break;
-    case DType::f16: prep_x<f16_t>(p, interleave); break;
-  }
+  // The VDPBF16PS paths read bf16 x as it is: W4 needs only x's group sums (for the zero points), W8 nothing.
 #if defined(THRIFTY_AVX512_BF16)
   const bool bf16_dot = p.dtype == DType::bf16 && cpu_use_bf16_dot();
-  if (!use_gemv && bf16_dot && p.K % 32 == 0) return gemm_dot(p);  // W4: always; W8: whole 32-k blocks
-  const bool dot = bf16_dot && p.bits == 4;
+  const bool dot_gemm = !use_gemv && bf16_dot && p.K % 32 == 0;  // W4: always; W8: whole 32-k blocks
+  const bool dot = dot_gemm || (use_gemv && bf16_dot && p.bits == 4);
 #else
-  const bool dot = false;
+  const bool dot_gemm = false, dot = false;
+#endif
+  if (dot) {
+    if (p.bits == 4) group_sums_bf16(p);
+  } else {
+    const bool interleave = p.bits == 4;  // GEMV and GEMM both read W4 rows in even/odd order
+    switch (p.dtype) {
+      case DType::f32: prep_x<float>(p, interleave); break;
+      case DType::bf16: prep_x<bf16_t>(p, interleave); break;
+      case DType::f16: prep_x<f16_t>(p, interleave); break;
+    }
+  }
+#if defined(THRIFTY_AVX512_BF16)
+  if (dot_gemm) return gemm_dot(p);
 #endif
   if (!use_gemv) return gemm(p);
   switch (p.M) {

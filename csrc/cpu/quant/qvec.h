@@ -8,6 +8,7 @@
 //     madd_add(acc, a, b)  acc + per-lane (a.lo * b.lo + a.hi * b.hi), exact in int32 (VNNI vpdpwssd where present)
 //     reduce_add()       sum of the lanes
 //   transpose16(r)       (AVX-512) 16 x 16 int32 transpose in registers, for packing weight panels
+//   load_vec_any(p, i, n, dt)  n floats from a float32 / bf16 / f16 array
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -142,5 +143,14 @@ struct IVec {
   THRIFTY_INLINE int32_t reduce_add() const { return a; }
 };
 #endif
+
+// n <= Vec::W elements at p + i of a float32 / bf16 / f16 array, as floats (bias vectors of any dtype).
+THRIFTY_INLINE Vec load_vec_any(const void* p, int64_t i, int n, DType dt) {
+  switch (dt) {
+    case DType::f32: return Vec::load(static_cast<const float*>(p) + i, n);
+    case DType::bf16: return Vec::load(static_cast<const bf16_t*>(p) + i, n);
+    default: return Vec::load(static_cast<const f16_t*>(p) + i, n);
+  }
+}
 
 }  // namespace thrifty::cpu::THRIFTY_ISA_NS
