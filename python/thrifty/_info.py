@@ -52,7 +52,8 @@ def info() -> str:
         f"CPU ISA      detected {d['cpu_isa_detected']}, in use {d['cpu_isa_in_use']}"
         f"{' (THRIFTY_CPU_ISA=' + d['cpu_isa_env'] + ')' if d['cpu_isa_env'] else ''}; compiled {d['cpu_isa_compiled']}"
         f"{' (avx512 levels EMULATED on AVX2 with SIMDe: a test build)' if d['emulated_avx512'] else ''}"
-        + (f"; bf16 attention / quant_linear on {'VDPBF16PS' if d['cpu_bf16_dot'] else 'float32 FMA (faster than VDPBF16PS on AMX-BF16 CPUs)'}"
+        + ("; bf16 attention / quant_linear on "
+           + ("VDPBF16PS" if d["cpu_bf16_dot"] else "float32 FMA (faster than VDPBF16PS on AMX-BF16 CPUs)")
            if d["cpu_isa_in_use"] == "avx512_bf16" else ""),
         f"threads      {d['threads']} (a thrifty CPU kernel loop ran on {d['threads_in_kernels']})",
         f"CUDA         " + (f"built with CUDA {d['cuda_version_built']} for {d['cuda_archs']}" if d["cuda_built"]

@@ -125,7 +125,8 @@ template <int NC, int MODE>
 THRIFTY_INLINE void rows_block(int M, const float* A, int64_t lda, int64_t aks, const float* B, int64_t ldb, float* C,
                                int64_t ldc, int K, const float* alpha) {
   for_row_tiles(M, [&](auto R, int r) {
-    micro<decltype(R)::value, NC, MODE>(A + r * lda, lda, aks, B, ldb, C + r * ldc, ldc, K, alpha ? alpha + r : nullptr);
+    micro<decltype(R)::value, NC, MODE>(A + r * lda, lda, aks, B, ldb, C + r * ldc, ldc, K,
+                                        alpha ? alpha + r : nullptr);
   });
 }
 

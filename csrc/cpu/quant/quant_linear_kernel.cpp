@@ -413,9 +413,9 @@ void pack_panel_dot(const QuantLinearParams& p, int64_t n0, int64_t nw, int64_t 
           r[i] = _mm512_setzero_si512();
         } else if (w8) {  // 32 int8 -> 32 bf16 (exact: |q| <= 128), in k order: pairs (2kp, 2kp + 1)
           const int8_t* q8 = static_cast<const int8_t*>(p.qweight) + (n0 + j0 + i) * p.K + k0 + 2 * kp0;
-          const __m512 f0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q8))));
-          const __m512 f1 =
-              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q8 + 16))));
+          const __m128i* q16 = reinterpret_cast<const __m128i*>(q8);
+          const __m512 f0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q16)));
+          const __m512 f1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q16 + 1)));
           const __m512bh bh = _mm512_cvtne2ps_pbh(f1, f0);
           std::memcpy(&r[i], &bh, sizeof(bh));
         } else {

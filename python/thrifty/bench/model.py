@@ -8,8 +8,9 @@ of minutes on CPUs without avx512_bf16, so the full run times that one step), an
 decode tokens/s (always `small`: 16-token prompt + 32 new tokens, thrifty's generate vs
 transformers' generate on the same weights), the decode GEMV thrifty.ops.linear vs F.linear in bf16
 (M 1: K 768 x N 3072 and 4096 x 4096, weights cycled through more memory than any cache holds) in
-GB/s against this run's copy bandwidth; linear_cross_entropy peak memory on a CPU-sized case (vocab 32768, 2048 tokens, hidden 1024; the 128k x 8k x 2048 case of the issue
-is ~13 TFLOP, too slow for 2 cores), measured as peak RSS growth of a fresh subprocess.
+GB/s against this run's copy bandwidth; linear_cross_entropy peak memory on a CPU-sized case
+(vocab 32768, 2048 tokens, hidden 1024; the 128k x 8k x 2048 case of the issue is ~13 TFLOP, too
+slow for 2 cores), measured as peak RSS growth of a fresh subprocess.
 CUDA: the same step and decode, and the 128k vocab x 8k tokens x 2048 hidden loss case with
 torch.cuda.max_memory_allocated.
 """
