@@ -301,32 +301,29 @@ void gemm_u8(const Int8LinearParams& p) {
 }
 #endif  // THRIFTY_AVX512_VNNI
 
+// x's rows into dst (M rows of Kp elements, zero padded past K), each value through f.
+template <typename D, typename F>
+void prep_x_rows(const Int8LinearParams& p, D* dst, F f) {
+  parallel_for(0, p.M, std::max<int64_t>(1, 65536 / std::max<int64_t>(p.Kp, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      const int8_t* s = p.xq + m * p.K;
+      D* d = dst + m * p.Kp;
+      for (int64_t k = 0; k < p.K; ++k) d[k] = f(s[k]);
+      for (int64_t k = p.K; k < p.Kp; ++k) d[k] = 0;
+    }
+  });
+}
+
 }  // namespace
 
 void int8_linear_fwd(const Int8LinearParams& p) {
 #if defined(THRIFTY_AVX512_VNNI)
-  if (p.M > kGemvMaxM) {  // x + 128 as bytes, zero padded to Kp (the int16 buffer holds 2 * M * Kp bytes)
-    uint8_t* xu = reinterpret_cast<uint8_t*>(p.xbuf);
-    parallel_for(0, p.M, std::max<int64_t>(1, 65536 / std::max<int64_t>(p.Kp, 1)), [&](int64_t b, int64_t e) {
-      for (int64_t m = b; m < e; ++m) {
-        const int8_t* s = p.xq + m * p.K;
-        uint8_t* d = xu + m * p.Kp;
-        for (int64_t k = 0; k < p.K; ++k) d[k] = static_cast<uint8_t>(s[k] + 128);
-        for (int64_t k = p.K; k < p.Kp; ++k) d[k] = 0;
-      }
-    });
+  if (p.M > kGemvMaxM) {  // x + 128 as bytes (the int16 scratch buffer holds 2 * M * Kp bytes)
+    prep_x_rows(p, reinterpret_cast<uint8_t*>(p.xbuf), [](int8_t v) { return static_cast<uint8_t>(v + 128); });
     return gemm_u8(p);
   }
 #endif
-  // widen x to int16, zero padded to Kp
-  parallel_for(0, p.M, std::max<int64_t>(1, 65536 / std::max<int64_t>(p.Kp, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t m = b; m < e; ++m) {
-      const int8_t* s = p.xq + m * p.K;
-      int16_t* d = p.xbuf + m * p.Kp;
-      for (int64_t k = 0; k < p.K; ++k) d[k] = s[k];
-      for (int64_t k = p.K; k < p.Kp; ++k) d[k] = 0;
-    }
-  });
+  prep_x_rows(p, p.xbuf, [](int8_t v) { return static_cast<int16_t>(v); });  // widened to int16
   if (p.M > kGemvMaxM) return gemm(p);
   switch (p.M) {
     case 1: return gemv<1>(p);
