@@ -185,6 +185,24 @@ def test_leading_dims_and_strided_x():
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("m", [5, 9, 300])  # GEMV, GEMM (bf16: the VDPBF16PS paths pack x rows themselves)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_bf16_x_with_odd_row_stride_and_offset(cpu_isa, m, bits):
+    k, n, g = 128, 37, 32
+    base = torch.randn(m * (k + 1) + 1).bfloat16()
+    x = base[1:].view(m, k + 1)[:, :k]  # rows start at odd bf16 offsets: no 4-byte alignment
+    assert x.stride(0) == k + 1 and x.storage_offset() == 1
+    if bits == 4:
+        qw, s, z = rand_w4(n, k, g)
+        y = thrifty.ops.quant_linear(x, qw, s, z, bits=4, group_size=g)
+        w64 = ref_deq4(qw, s, z, g)
+    else:
+        qw, s = rand_w8(n, k)
+        y = thrifty.ops.quant_linear(x, qw, s, bits=8, group_size=None)
+        w64 = qw.double() * s.double()[:, None]
+    check_linear(y, x, w64, None, torch.bfloat16)
+
+
 def test_dequantize_exact():
     qw, s, z = rand_w4(13, 256, 64)
     assert torch.equal(thrifty.ops.dequantize(qw, s, z, bits=4, group_size=64), ref_deq4(qw, s, z, 64).float())
