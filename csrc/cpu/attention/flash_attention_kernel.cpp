@@ -13,11 +13,11 @@
 //     l = alpha l + rowsum P;  O = alpha O + P V
 //   out = O / l;  lse = m + log l     (a row with no visible key: out 0, lse -inf)
 // All arithmetic is float32 whatever the storage type: bf16/f16 tiles are widened into
-// per-thread float buffers. Except the bf16 forward at the avx512_bf16 level where
-// cpu_use_bf16_dot() says so (common/cpu_isa.h: CPUs without AMX-BF16, such as AMD Zen 4):
-// fwd_bf16_dot() multiplies bf16 pairs with VDPBF16PS (float32 accumulation), see there. On an
-// AMX-capable Xeon (2 threads, b1 h8 s2048) it ran at 0.61-0.75x the FMA path, on a Zen 4 EPYC at
-// 1.6-1.75x. The bf16 backward runs the float32 FMA code at every level.
+// per-thread float buffers. Except bf16 at the avx512_bf16 level where cpu_use_bf16_dot() says so
+// (common/cpu_isa.h: CPUs without AMX-BF16, such as AMD Zen 4): fwd_bf16_dot() and bwd_bf16_dot()
+// multiply bf16 pairs with VDPBF16PS (float32 accumulation), see there. On an AMX-capable Xeon
+// (2 threads, b1 h8 s2048) the forward ran at 0.61-0.75x the FMA path, on a Zen 4 EPYC at 1.6-1.75x;
+// the backward on that Zen 4 made forward + backward 1.37-1.52x faster (b1 h8 s2048, d64 / d128).
 //
 // Backward (recomputing P from lse), with D = rowsum(dO * O):
 //   dV = P^T dO;  dP = dO V^T;  dS = P * (dP - D)  (times 1 - tanh^2 under softcap)
@@ -484,61 +484,112 @@ void fwd(const AttentionParams& p) {
 // ---------------------------------------------------------------------------------------
 // Backward
 
+// Maps a query row index (0..rows) to (batch, row in the tensors).
+THRIFTY_INLINE void bwd_row_of(const AttentionBwdParams& p, int64_t r, int& b, int64_t& trow) {
+  if (p.varlen) {
+    int lo = 0, hi = p.batch;  // find b with cu[b] <= r < cu[b+1] (first such; skips empty ones)
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) / 2;
+      if (p.cu_seqlens_q[mid] <= r) lo = mid; else hi = mid;
+    }
+    b = lo;
+    trow = r;
+  } else {
+    b = static_cast<int>(r / p.seqlen_q);
+    trow = r % p.seqlen_q;
+  }
+}
+
+// The backward's workspace (attention_kernels.h): D = rowsum(dO * O) [heads][rows], then the nc
+// float32 dq accumulators [nc][heads][rows][Dw].
+struct BwdWork {
+  int nc;
+  int64_t rows, Dw;
+  float* Dsum;
+  float* dq_acc;
+  explicit BwdWork(const AttentionBwdParams& p)
+      : nc(attention_cpu_bwd_chunks(p)), rows(attention_cpu_q_rows(p)), Dw(attention_cpu_pad_dim(p.head_dim)),
+        Dsum(static_cast<float*>(p.workspace)), dq_acc(Dsum + p.heads * rows) {}
+};
+
+// Pass 1: D = rowsum(dO * O); zero the dq accumulators.
 template <typename T>
-void bwd(const AttentionBwdParams& p) {
+void bwd_row_sums(const AttentionBwdParams& p, const BwdWork& w) {
   const int D = p.head_dim;
-  const int Dp = static_cast<int>(round_up(D, W));
-  const int64_t Dw = attention_cpu_pad_dim(D);  // row length of the dq accumulators
-  const int group = p.heads / p.kv_heads;
-  const int nc = attention_cpu_bwd_chunks(p);
-  const int64_t rows = attention_cpu_q_rows(p);
-  const T* Q = static_cast<const T*>(p.q);
-  const T* K = static_cast<const T*>(p.k);
-  const T* V = static_cast<const T*>(p.v);
+  const int64_t rows = w.rows;
   const T* Ot = static_cast<const T*>(p.out);
   const T* dO = static_cast<const T*>(p.dout);
-  T* dQ = static_cast<T*>(p.dq);
-  T* dK = static_cast<T*>(p.dk);
-  T* dV = static_cast<T*>(p.dv);
-  const int wl = p.window_left, wr = p.window_right;
-  const float cap = p.softcap;
-  float* Dsum = static_cast<float*>(p.workspace);  // [heads][rows]
-  float* dq_acc = Dsum + p.heads * rows;           // [nc][heads][rows][Dw]
-
-  // Maps a query row index (0..rows) to (batch, row in the tensors).
-  auto row_of = [&](int64_t r, int& b, int64_t& trow) {
-    if (p.varlen) {
-      int lo = 0, hi = p.batch;  // find b with cu[b] <= r < cu[b+1] (first such; skips empty ones)
-      while (hi - lo > 1) {
-        const int mid = (lo + hi) / 2;
-        if (p.cu_seqlens_q[mid] <= r) lo = mid; else hi = mid;
-      }
-      b = lo;
-      trow = r;
-    } else {
-      b = static_cast<int>(r / p.seqlen_q);
-      trow = r % p.seqlen_q;
-    }
-  };
-
-  // Pass 1: D = rowsum(dO * O); zero the dq accumulators.
   parallel_for(0, static_cast<int64_t>(p.heads) * rows, 256, [&](int64_t begin, int64_t end) {
     for (int64_t x = begin; x < end; ++x) {
       const int h = static_cast<int>(x / rows);
       const int64_t r = x % rows;
       int b;
       int64_t tr;
-      row_of(r, b, tr);
+      bwd_row_of(p, r, b, tr);
       const T* o = Ot + b * p.o_batch_stride + tr * p.o_row_stride + h * p.o_head_stride;
       const T* g = dO + b * p.do_batch_stride + tr * p.do_row_stride + h * p.do_head_stride;
       Vec a = Vec::zero();
       int d = 0;
       for (; d + W <= D; d += W) a = fma(Vec::load(o + d), Vec::load(g + d), a);
       if (d < D) a = fma(Vec::load(o + d, D - d), Vec::load(g + d, D - d), a);
-      Dsum[x] = a.reduce_add();
-      for (int c = 0; c < nc; ++c) std::memset(dq_acc + ((c * p.heads + h) * rows + r) * Dw, 0, sizeof(float) * Dw);
+      w.Dsum[x] = a.reduce_add();
+      for (int c = 0; c < w.nc; ++c)
+        std::memset(w.dq_acc + ((c * p.heads + h) * rows + r) * w.Dw, 0, sizeof(float) * w.Dw);
     }
   });
+}
+
+// Pass 3: dQ = scale * sum over chunks (in chunk order) of the partials.
+template <typename T>
+void bwd_dq_out(const AttentionBwdParams& p, const BwdWork& w) {
+  const int D = p.head_dim;
+  const int64_t rows = w.rows;
+  T* dQ = static_cast<T*>(p.dq);
+  parallel_for(0, static_cast<int64_t>(p.heads) * rows, 64, [&](int64_t begin, int64_t end) {
+    const Vec sc = Vec::set1(p.softmax_scale);
+    for (int64_t x = begin; x < end; ++x) {
+      const int h = static_cast<int>(x / rows);
+      const int64_t r = x % rows;
+      int b;
+      int64_t trow;
+      bwd_row_of(p, r, b, trow);
+      T* out = dQ + b * p.dq_batch_stride + trow * p.dq_row_stride + h * p.dq_head_stride;
+      const float* src = w.dq_acc + (static_cast<int64_t>(h) * rows + r) * w.Dw;
+      const int64_t cstride = static_cast<int64_t>(p.heads) * rows * w.Dw;
+      int d = 0;
+      for (; d + W <= D; d += W) {
+        Vec a = Vec::load(src + d);
+        for (int c = 1; c < w.nc; ++c) a = a + Vec::load(src + c * cstride + d);
+        (a * sc).store(out + d);
+      }
+      if (d < D) {
+        Vec a = Vec::load(src + d, D - d);
+        for (int c = 1; c < w.nc; ++c) a = a + Vec::load(src + c * cstride + d, D - d);
+        (a * sc).store(out + d, D - d);
+      }
+    }
+  });
+}
+
+template <typename T>
+void bwd(const AttentionBwdParams& p) {
+  const int D = p.head_dim;
+  const int Dp = static_cast<int>(round_up(D, W));
+  const int group = p.heads / p.kv_heads;
+  const BwdWork w(p);
+  const int nc = w.nc;
+  const int64_t rows = w.rows, Dw = w.Dw;
+  const T* Q = static_cast<const T*>(p.q);
+  const T* K = static_cast<const T*>(p.k);
+  const T* V = static_cast<const T*>(p.v);
+  const T* dO = static_cast<const T*>(p.dout);
+  T* dK = static_cast<T*>(p.dk);
+  T* dV = static_cast<T*>(p.dv);
+  const int wl = p.window_left, wr = p.window_right;
+  const float cap = p.softcap;
+  const float* Dsum = w.Dsum;
+  float* dq_acc = w.dq_acc;
+  bwd_row_sums<T>(p, w);
 
   // Pass 2: per (batch, kv_head, chunk of key tiles): dK, dV final; dQ partial sums.
   const int64_t nkt = (static_cast<int64_t>(p.seqlen_k) + BK - 1) / BK;
@@ -683,31 +734,7 @@ void bwd(const AttentionBwdParams& p) {
     }
   });
 
-  // Pass 3: dQ = scale * sum over chunks (in chunk order) of the partials.
-  parallel_for(0, static_cast<int64_t>(p.heads) * rows, 64, [&](int64_t begin, int64_t end) {
-    const Vec sc = Vec::set1(p.softmax_scale);
-    for (int64_t x = begin; x < end; ++x) {
-      const int h = static_cast<int>(x / rows);
-      const int64_t r = x % rows;
-      int b;
-      int64_t trow;
-      row_of(r, b, trow);
-      T* out = dQ + b * p.dq_batch_stride + trow * p.dq_row_stride + h * p.dq_head_stride;
-      const float* src = dq_acc + (static_cast<int64_t>(h) * rows + r) * Dw;
-      const int64_t cstride = static_cast<int64_t>(p.heads) * rows * Dw;
-      int d = 0;
-      for (; d + W <= D; d += W) {
-        Vec a = Vec::load(src + d);
-        for (int c = 1; c < nc; ++c) a = a + Vec::load(src + c * cstride + d);
-        (a * sc).store(out + d);
-      }
-      if (d < D) {
-        Vec a = Vec::load(src + d, D - d);
-        for (int c = 1; c < nc; ++c) a = a + Vec::load(src + c * cstride + d, D - d);
-        (a * sc).store(out + d, D - d);
-      }
-    }
-  });
+  bwd_dq_out<T>(p, w);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -895,10 +922,10 @@ THRIFTY_INLINE __m512bh as_bh(__m512i x) {
   return r;
 }
 
-// C[R rows x NC vectors] (op)= A B over K2 pairs; MODE as micro().
+// C[R rows x NC vectors] (op)= A B over K2 pairs, A[r][k] at A[r * lda + k * aks]; MODE as micro().
 template <int R, int NC, int MODE>
-THRIFTY_INLINE void micro_dp(const uint32_t* __restrict A, int64_t lda, const uint32_t* __restrict B, int64_t ldb,
-                             float* __restrict C, int64_t ldc, int K2, const float* alpha) {
+THRIFTY_INLINE void micro_dp(const uint32_t* __restrict A, int64_t lda, int64_t aks, const uint32_t* __restrict B,
+                             int64_t ldb, float* __restrict C, int64_t ldc, int K2, const float* alpha) {
   Vec acc[R][NC];
   load_acc<R, NC, MODE>(acc, C, ldc, alpha);
   for (int k = 0; k < K2; ++k) {
@@ -907,7 +934,7 @@ THRIFTY_INLINE void micro_dp(const uint32_t* __restrict A, int64_t lda, const ui
     for (int c = 0; c < NC; ++c) b[c] = as_bh(_mm512_loadu_si512(B + k * ldb + c * 16));
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const __m512bh a = as_bh(_mm512_set1_epi32(static_cast<int>(A[r * lda + k])));
+      const __m512bh a = as_bh(_mm512_set1_epi32(static_cast<int>(A[r * lda + k * aks])));
 #pragma GCC unroll 4
       for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c].v, a, b[c]);
     }
@@ -916,23 +943,25 @@ THRIFTY_INLINE void micro_dp(const uint32_t* __restrict A, int64_t lda, const ui
 }
 
 template <int NC, int MODE>
-THRIFTY_INLINE void rows_block_dp(int M, const uint32_t* A, int64_t lda, const uint32_t* B, int64_t ldb, float* C,
-                                  int64_t ldc, int K2, const float* alpha) {
+THRIFTY_INLINE void rows_block_dp(int M, const uint32_t* A, int64_t lda, int64_t aks, const uint32_t* B, int64_t ldb,
+                                  float* C, int64_t ldc, int K2, const float* alpha) {
   for_row_tiles(M, [&](auto R, int r) {
-    micro_dp<decltype(R)::value, NC, MODE>(A + r * lda, lda, B, ldb, C + r * ldc, ldc, K2, alpha ? alpha + r : nullptr);
+    micro_dp<decltype(R)::value, NC, MODE>(A + r * lda, lda, aks, B, ldb, C + r * ldc, ldc, K2,
+                                           alpha ? alpha + r : nullptr);
   });
 }
 
-// C[M x 16 NV] (op)= A[M x K2 pairs] B[K2 pairs x 16 NV]; column blocks of 4 vectors outer.
+// C[M x 16 NV] (op)= A[M x K2 pairs] B[K2 pairs x 16 NV], A[r][k] at A[r * lda + k * aks] (aks = 1: pairs
+// along A's rows; lda = 1: A stored transposed); column blocks of 4 vectors outer.
 template <int MODE>
-void gemm_dp(int M, int NV, int K2, const uint32_t* A, int64_t lda, const uint32_t* B, int64_t ldb, float* C,
-             int64_t ldc, const float* alpha = nullptr) {
+void gemm_dp(int M, int NV, int K2, const uint32_t* A, int64_t lda, int64_t aks, const uint32_t* B, int64_t ldb,
+             float* C, int64_t ldc, const float* alpha = nullptr) {
   int v = 0;
-  for (; v + 4 <= NV; v += 4) rows_block_dp<4, MODE>(M, A, lda, B + v * 16, ldb, C + v * 16, ldc, K2, alpha);
+  for (; v + 4 <= NV; v += 4) rows_block_dp<4, MODE>(M, A, lda, aks, B + v * 16, ldb, C + v * 16, ldc, K2, alpha);
   switch (NV - v) {
-    case 1: rows_block_dp<1, MODE>(M, A, lda, B + v * 16, ldb, C + v * 16, ldc, K2, alpha); break;
-    case 2: rows_block_dp<2, MODE>(M, A, lda, B + v * 16, ldb, C + v * 16, ldc, K2, alpha); break;
-    case 3: rows_block_dp<3, MODE>(M, A, lda, B + v * 16, ldb, C + v * 16, ldc, K2, alpha); break;
+    case 1: rows_block_dp<1, MODE>(M, A, lda, aks, B + v * 16, ldb, C + v * 16, ldc, K2, alpha); break;
+    case 2: rows_block_dp<2, MODE>(M, A, lda, aks, B + v * 16, ldb, C + v * 16, ldc, K2, alpha); break;
+    case 3: rows_block_dp<3, MODE>(M, A, lda, aks, B + v * 16, ldb, C + v * 16, ldc, K2, alpha); break;
     default: break;
   }
 }
@@ -949,6 +978,15 @@ THRIFTY_INLINE uint32_t bf16_pair(const bf16_t* x) {  // x[0] low half, x[1] hig
   uint32_t w;
   std::memcpy(&w, x, sizeof(w));
   return w;
+}
+
+// 16 lanes of (bf16(a[i]), bf16(b[i])): a in the low half, as pairs of rows (r, r + 1) of one column.
+THRIFTY_INLINE __m512i row_pairs_bf16(__m512 a, __m512 b) {
+  __m256bh ah = _mm512_cvtneps_pbh(a), bh = _mm512_cvtneps_pbh(b);
+  __m256i ai, bi;
+  std::memcpy(&ai, &ah, sizeof(ai));
+  std::memcpy(&bi, &bh, sizeof(bi));
+  return _mm512_or_si512(_mm512_cvtepu16_epi32(ai), _mm512_slli_epi32(_mm512_cvtepu16_epi32(bi), 16));
 }
 
 // Rows r < n of a Q tile as pairs along head_dim: dst[r * D2 + i] = (x[2i], x[2i+1]), the odd
@@ -1075,7 +1113,7 @@ void fwd_bf16_dot(const AttentionParams& p) {
           pack_k_pairs(kb + j0 * p.k_row_stride, p.k_row_stride, kn, D, kt, BK);
           pack_v_pairs(vb + j0 * p.v_row_stride, p.v_row_stride, kn, D, Dp, vt);
         }
-        gemm_dp<0>(mq, BK / W, D2, qp, D2, kp, ldk, s, BK);  // S = Q K^T (unscaled), all BK columns
+        gemm_dp<0>(mq, BK / W, D2, qp, D2, 1, kp, ldk, s, BK);  // S = Q K^T (unscaled), all BK columns
         // Visible columns of the tile for every row: [0, kn) or the rows' own key ranges.
         const bool unmasked = kr.lo <= j0 && j0 + kn <= kr.hi &&
                               attention_tile_unmasked(i0, i0 + mq, j0, j0 + kn, sq.sq, sq.sk, wl, wr);
@@ -1123,11 +1161,219 @@ void fwd_bf16_dot(const AttentionParams& p) {
             _mm512_storeu_si512(prow + v / 2 * W, w);
           }
         }
-        gemm_dp<2>(mq, NV, (kn + 1) / 2, pp, BK / 2, vp, Dp, acc, Dp, alpha);  // O = alpha O + P V
+        gemm_dp<2>(mq, NV, (kn + 1) / 2, pp, BK / 2, 1, vp, Dp, acc, Dp, alpha);  // O = alpha O + P V
       }
       store_out_rows(acc, Dp, m, l, mq, D, tile.ob, p.o_row_stride, tile.lse);
     }
   });
+}
+
+// ---------------------------------------------------------------------------------------
+// bfloat16 backward on VDPBF16PS (avx512_bf16 where cpu_use_bf16_dot(), as the forward above). The
+// five products of a (query tile, key tile) pair take bf16 pairs along their reduction dimension:
+//   S  = Q K^T     A = Q [row][d pairs],        B = K2 [d pair][key]   (pack_q_pairs / pack_k_pairs)
+//   dP = dO V^T    A = dO [row][d pairs],       B = V2 [d pair][key]
+//   dV += P^T dO   A = P2 [row pair][key] read transposed, B = dO [row pair][d] (pack_v_pairs on dO rows)
+//   dK += dS^T Q   A = dS2 [row pair][key] read transposed, B = Q [row pair][d]
+//   dQ += dS K     A = dS [row][key pairs],     B = K [key pair][d]     (pack_v_pairs on K rows)
+// S, dP, the softmax and dS = P (dP - D) stay float32; P and dS are rounded to bf16 for the last three
+// products, as torch's own bf16 CPU flash attention backward rounds them. Q is used unscaled: S is
+// scaled in float32 (as in the forward, so P recomputes the forward's exactly) and dK takes the
+// softmax scale when stored. The passes, tasks and dq accumulators are bwd()'s.
+void bwd_bf16_dot(const AttentionBwdParams& p) {
+  static_assert(W == 16 && BK == 64 && BQ == 64, "the bf16 dot-product backward is written for 16 lanes, 64 x 64 tiles");
+  const int D = p.head_dim;
+  const int D2 = (D + 1) / 2;
+  const int Dp = static_cast<int>(round_up(D, W));
+  const int NV = Dp / W;
+  const int group = p.heads / p.kv_heads;
+  const BwdWork w(p);
+  const int nc = w.nc;
+  const int64_t rows = w.rows, Dw = w.Dw;
+  const bf16_t* Q = static_cast<const bf16_t*>(p.q);
+  const bf16_t* K = static_cast<const bf16_t*>(p.k);
+  const bf16_t* V = static_cast<const bf16_t*>(p.v);
+  const bf16_t* dO = static_cast<const bf16_t*>(p.dout);
+  bf16_t* dK = static_cast<bf16_t*>(p.dk);
+  bf16_t* dV = static_cast<bf16_t*>(p.dv);
+  const int wl = p.window_left, wr = p.window_right;
+  const float cap = p.softcap;
+  const __m512 vscale = _mm512_set1_ps(p.softmax_scale);
+  bwd_row_sums<bf16_t>(p, w);
+
+  const int64_t nkt = (static_cast<int64_t>(p.seqlen_k) + BK - 1) / BK;
+  const int64_t tasks = static_cast<int64_t>(p.batch) * p.kv_heads * nc;
+  // Q and dO of the heads of the (batch, kv_head) at hand in both pair layouts, per thread, packed
+  // tile by tile as first needed (as bwd() caches their float rows), when that fits.
+  const int64_t sq_cap = round_up(p.seqlen_q, BQ);
+  const int64_t f_hd = sq_cap * D2, f_hr = sq_cap / 2 * Dp;  // words per head: along d, along rows
+  const int64_t head_words = 2 * (f_hd + f_hr);                // Q and dO
+  const bool head_cache = group * head_words * static_cast<int64_t>(sizeof(uint32_t)) <= kBwdHeadCacheBytes;
+  parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t f_k2 = static_cast<int64_t>(D2) * BK, f_kk = static_cast<int64_t>(BK / 2) * Dp,
+                  f_td = static_cast<int64_t>(BQ) * D2, f_tr = static_cast<int64_t>(BQ / 2) * Dp,
+                  f_s = static_cast<int64_t>(BQ) * BK, f_acc = static_cast<int64_t>(BK) * Dp;
+    // 4-byte words: float tiles and uint32 pair tiles alike
+    Buffer buf(2 * f_k2 + f_kk + 2 * (f_td + f_tr) + 3 * f_s + 3 * f_s / 2 + 2 * f_acc + 2 * BQ);
+    Buffer hbuf(head_cache ? group * head_words : 1);
+    std::vector<char> packed(head_cache ? group * sq_cap / BQ : 0);
+    int64_t resident = -1;  // b * kv_heads + kv_head whose Q/dO hbuf holds
+    uint32_t* k2 = reinterpret_cast<uint32_t*>(buf.ptr);  // K  [d pair][BK]
+    uint32_t* v2 = k2 + f_k2;                              // V  [d pair][BK]
+    uint32_t* kk = v2 + f_k2;                              // K  [key pair][Dp]
+    uint32_t* tqd = kk + f_kk;                             // Q  [BQ][D2] (no head cache)
+    uint32_t* tgd = tqd + f_td;                            // dO [BQ][D2]
+    uint32_t* tqr = tgd + f_td;                            // Q  [row pair][Dp]
+    uint32_t* tgr = tqr + f_tr;                            // dO [row pair][Dp]
+    float* s = reinterpret_cast<float*>(tgr + f_tr);       // S -> P [BQ][BK]
+    float* dp = s + f_s;                                   // dP -> dS [BQ][BK]
+    float* dsc = dp + f_s;                                 // 1 - tanh^2 [BQ][BK] (softcap)
+    uint32_t* p2 = reinterpret_cast<uint32_t*>(dsc + f_s);  // P  [row pair][BK]
+    uint32_t* ds2 = p2 + f_s / 2;                           // dS [row pair][BK]
+    uint32_t* dsk = ds2 + f_s / 2;                          // dS [BQ][key pair]
+    float* dk_acc = reinterpret_cast<float*>(dsk + f_s / 2);  // [BK][Dp]
+    float* dv_acc = dk_acc + f_acc;
+    float* lse_r = dv_acc + f_acc;
+    float* d_r = lse_r + BQ;
+    for (int64_t task = begin; task < end; ++task) {
+      const int c = static_cast<int>(task % nc);
+      const int64_t bk = task / nc;
+      const int b = static_cast<int>(bk / p.kv_heads), kvh = static_cast<int>(bk % p.kv_heads);
+      const Seq sq = seq_of(p, b);
+      const int64_t q_base_row = p.varlen ? sq.q_row0 : static_cast<int64_t>(b) * p.seqlen_q;  // in `rows`
+      const bf16_t* kb = K + b * p.k_batch_stride + sq.k_row0 * p.k_row_stride + kvh * p.k_head_stride;
+      const bf16_t* vb = V + b * p.v_batch_stride + sq.k_row0 * p.v_row_stride + kvh * p.v_head_stride;
+      bf16_t* dkb = dK + b * p.dk_batch_stride + sq.k_row0 * p.dk_row_stride + kvh * p.dk_head_stride;
+      bf16_t* dvb = dV + b * p.dv_batch_stride + sq.k_row0 * p.dv_row_stride + kvh * p.dv_head_stride;
+      if (head_cache && resident != bk) {
+        resident = bk;
+        std::fill(packed.begin(), packed.end(), 0);
+      }
+      for (int64_t kt_i = c; kt_i < nkt; kt_i += nc) {
+        const int64_t j0 = kt_i * BK;
+        if (j0 >= sq.sk) break;
+        const int kn = static_cast<int>(sq.sk - j0 < BK ? sq.sk - j0 : BK);
+        std::memset(dk_acc, 0, sizeof(float) * kn * Dp);
+        std::memset(dv_acc, 0, sizeof(float) * kn * Dp);
+        int64_t qlo = 0, qhi = 0;
+        if (sq.sq > 0) {
+          qlo = attention_query_range(j0, sq.sq, sq.sk, wl, wr).lo;
+          qhi = attention_query_range(j0 + kn - 1, sq.sq, sq.sk, wl, wr).hi;
+        }
+        if (qlo < qhi) {
+          pack_k_pairs(kb + j0 * p.k_row_stride, p.k_row_stride, kn, D, k2, BK);
+          pack_k_pairs(vb + j0 * p.v_row_stride, p.v_row_stride, kn, D, v2, BK);
+          pack_v_pairs(kb + j0 * p.k_row_stride, p.k_row_stride, kn, D, Dp, kk);
+        }
+        for (int hh = 0; hh < group && qlo < qhi; ++hh) {
+          const int h = kvh * group + hh;
+          const bf16_t* qb = Q + b * p.q_batch_stride + sq.q_row0 * p.q_row_stride + h * p.q_head_stride;
+          const bf16_t* gb = dO + b * p.do_batch_stride + sq.q_row0 * p.do_row_stride + h * p.do_head_stride;
+          const float* lseb = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + sq.q_row0;
+          const float* db = w.Dsum + h * rows + q_base_row;
+          float* dqa = w.dq_acc + ((static_cast<int64_t>(c) * p.heads + h) * rows + q_base_row) * Dw;
+          // the query tiles start at multiples of BQ (qlo rounded down): cached tiles line up, and
+          // rows before qlo see none of this key tile (masked below like any invisible entry)
+          for (int64_t i0 = qlo / BQ * BQ; i0 < qhi; i0 += BQ) {
+            const int tn = static_cast<int>(std::min<int64_t>(BQ, sq.sq - i0));  // rows of the tile
+            const int mq = static_cast<int>(std::min<int64_t>(tn, qhi - i0));     // rows it needs here
+            const uint32_t *qd = tqd, *gd = tgd, *qr = tqr, *gr = tgr;
+            if (head_cache) {
+              uint32_t* hq = reinterpret_cast<uint32_t*>(hbuf.ptr) + hh * head_words;
+              uint32_t* hqd = hq;                 // [sq_cap][D2]
+              uint32_t* hgd = hqd + f_hd;         // [sq_cap][D2]
+              uint32_t* hqr = hgd + f_hd;         // [sq_cap / 2][Dp]
+              uint32_t* hgr = hqr + f_hr;         // [sq_cap / 2][Dp]
+              char& pk = packed[hh * (sq_cap / BQ) + i0 / BQ];
+              if (!pk) {
+                pack_q_pairs(qb + i0 * p.q_row_stride, p.q_row_stride, tn, tn, D, hqd + i0 * D2);
+                pack_q_pairs(gb + i0 * p.do_row_stride, p.do_row_stride, tn, tn, D, hgd + i0 * D2);
+                pack_v_pairs(qb + i0 * p.q_row_stride, p.q_row_stride, tn, D, Dp, hqr + i0 / 2 * Dp);
+                pack_v_pairs(gb + i0 * p.do_row_stride, p.do_row_stride, tn, D, Dp, hgr + i0 / 2 * Dp);
+                pk = 1;
+              }
+              qd = hqd + i0 * D2;
+              gd = hgd + i0 * D2;
+              qr = hqr + i0 / 2 * Dp;
+              gr = hgr + i0 / 2 * Dp;
+            } else {
+              pack_q_pairs(qb + i0 * p.q_row_stride, p.q_row_stride, mq, mq, D, tqd);
+              pack_q_pairs(gb + i0 * p.do_row_stride, p.do_row_stride, mq, mq, D, tgd);
+              pack_v_pairs(qb + i0 * p.q_row_stride, p.q_row_stride, mq, D, Dp, tqr);
+              pack_v_pairs(gb + i0 * p.do_row_stride, p.do_row_stride, mq, D, Dp, tgr);
+            }
+            for (int r = 0; r < mq; ++r) {
+              lse_r[r] = lseb[i0 + r];
+              d_r[r] = db[i0 + r];
+            }
+            gemm_dp<0>(mq, BK / W, D2, qd, D2, 1, k2, BK, s, BK);  // S = Q K^T (unscaled)
+            gemm_dp<0>(mq, BK / W, D2, gd, D2, 1, v2, BK, dp, BK);  // dP = dO V^T
+            const bool unmasked = attention_tile_unmasked(i0, i0 + mq, j0, j0 + kn, sq.sq, sq.sk, wl, wr);
+            // P = exp(scale S - lse), dS = P (dP - D) (times 1 - tanh^2 under softcap); zero outside
+            // each row's visible columns, which include the key columns kn .. BK of a last tile.
+            for (int r = 0; r < mq; ++r) {
+              float* sr = s + static_cast<int64_t>(r) * BK;
+              float* dpr = dp + static_cast<int64_t>(r) * BK;
+              const float* dcr = dsc + static_cast<int64_t>(r) * BK;
+              const Cols cc = visible_cols(unmasked, i0 + r, j0, kn, sq.sq, sq.sk, wl, wr);
+              const float lz = lse_r[r];
+              const bool none = lz == kNegInf || cc.a >= cc.b;
+              if (!none && cap > 0.0f) {
+                for (int v = 0; v < BK / W; ++v) _mm512_storeu_ps(sr + v * W, _mm512_mul_ps(_mm512_loadu_ps(sr + v * W), vscale));
+                apply_softcap(sr, kn, cap, dsc + static_cast<int64_t>(r) * BK);
+              }
+              const __m512 vl = _mm512_set1_ps(lz), vd = _mm512_set1_ps(d_r[r]);
+#pragma GCC unroll 4
+              for (int v = 0; v < BK / W; ++v) {
+                const __mmask16 vis = none ? 0 : lane_range_mask(cc.a - v * W, cc.b - v * W);
+                __m512 pv = _mm512_setzero_ps(), ds = _mm512_setzero_ps();
+                if (vis) {
+                  __m512 y = _mm512_loadu_ps(sr + v * W);
+                  if (cap <= 0.0f) y = _mm512_mul_ps(y, vscale);
+                  pv = _mm512_maskz_mov_ps(vis, exp_sm(Vec(_mm512_sub_ps(y, vl))).v);
+                  ds = _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_loadu_ps(dpr + v * W), vd));
+                  if (cap > 0.0f) ds = _mm512_mul_ps(ds, _mm512_loadu_ps(dcr + v * W));
+                }
+                _mm512_storeu_ps(sr + v * W, pv);
+                _mm512_storeu_ps(dpr + v * W, ds);
+              }
+              // dS rounded to bf16 pairs of keys, in key order
+              uint32_t* dkr = dsk + static_cast<int64_t>(r) * (BK / 2);
+#pragma GCC unroll 2
+              for (int v = 0; v < BK / W; v += 2) {
+                const __m512bh bh = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(dpr + (v + 1) * W), _mm512_loadu_ps(dpr + v * W));
+                __m512i wv;
+                std::memcpy(&wv, &bh, sizeof(wv));
+                _mm512_storeu_si512(dkr + v / 2 * W, wv);
+              }
+            }
+            // P and dS rounded to bf16 pairs of rows (2rp, 2rp + 1; an odd tile's last pair completed with 0)
+            const int mp = (mq + 1) / 2;
+            for (int rp = 0; rp < mp; ++rp) {
+              const int r0 = 2 * rp;
+              const bool has1 = r0 + 1 < mq;
+              for (int v = 0; v < BK / W; ++v) {
+                const int64_t o0 = static_cast<int64_t>(r0) * BK + v * W, o1 = o0 + BK;
+                const __m512 p0 = _mm512_loadu_ps(s + o0), p1 = has1 ? _mm512_loadu_ps(s + o1) : _mm512_setzero_ps();
+                const __m512 d0 = _mm512_loadu_ps(dp + o0), d1 = has1 ? _mm512_loadu_ps(dp + o1) : _mm512_setzero_ps();
+                _mm512_storeu_si512(p2 + static_cast<int64_t>(rp) * BK + v * W, row_pairs_bf16(p0, p1));
+                _mm512_storeu_si512(ds2 + static_cast<int64_t>(rp) * BK + v * W, row_pairs_bf16(d0, d1));
+              }
+            }
+            gemm_dp<1>(kn, NV, mp, p2, 1, BK, gr, Dp, dv_acc, Dp);                  // dV += P^T dO
+            gemm_dp<1>(mq, NV, (kn + 1) / 2, dsk, BK / 2, 1, kk, Dp, dqa + i0 * Dw, Dw);  // dQ += dS K (unscaled)
+            gemm_dp<1>(kn, NV, mp, ds2, 1, BK, qr, Dp, dk_acc, Dp);                 // dK += dS^T Q (unscaled)
+          }
+        }
+        for (int j = 0; j < kn; ++j) {
+          store_row(dk_acc + static_cast<int64_t>(j) * Dp, p.softmax_scale, D, dkb + (j0 + j) * p.dk_row_stride);
+          store_row(dv_acc + static_cast<int64_t>(j) * Dp, 1.0f, D, dvb + (j0 + j) * p.dv_row_stride);
+        }
+      }
+    }
+  });
+
+  bwd_dq_out<bf16_t>(p, w);
 }
 #endif  // THRIFTY_AVX512_BF16
 
@@ -1155,7 +1401,11 @@ void flash_attention_fwd_cpu(const AttentionParams& p) {
 void flash_attention_bwd_cpu(const AttentionBwdParams& p) {
   switch (p.dtype) {
     case DType::f32: return bwd<float>(p);
-    case DType::bf16: return bwd<bf16_t>(p);
+    case DType::bf16:
+#if defined(THRIFTY_AVX512_BF16)
+      if (cpu_use_bf16_dot()) return bwd_bf16_dot(p);
+#endif
+      return bwd<bf16_t>(p);
     case DType::f16: return bwd<f16_t>(p);
   }
 }
