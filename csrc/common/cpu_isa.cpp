@@ -118,6 +118,15 @@ bool cpu_has_amx_bf16() {
 #endif
 }
 
+bool cpu_has_avx512_vbmi() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool has = __builtin_cpu_supports("avx512vbmi");
+  return has;
+#else
+  return false;
+#endif
+}
+
 bool cpu_use_bf16_dot() {
   const int mode = bf16_dot_mode().load(std::memory_order_relaxed);
   return mode == 1 || (mode == 0 && !cpu_has_amx_bf16());

@@ -28,6 +28,9 @@ CpuIsa set_cpu_isa(const std::string& name);
 // Whether the CPU has AMX-BF16 tile instructions (Intel Sapphire Rapids and later; cpuid leaf 7, EDX
 // bit 22). thrifty does not use AMX; it matters for the choice below.
 bool cpu_has_amx_bf16();
+// Whether the CPU has AVX512-VBMI (byte permutes across a whole register: Ice Lake and later, AMD Zen 4;
+// not Skylake-X or Cooper Lake). The avx512_bf16 level's 8-bit optimizer dequantizes with it where present.
+bool cpu_has_avx512_vbmi();
 // Kernels with both a VDPBF16PS path and a widen-to-float32 FMA path at the avx512_bf16 level (the
 // bf16 attention forward, quant_linear with bf16 x) take the VDPBF16PS one when this is true. Mode
 // "auto" (the default): true unless the CPU has AMX-BF16. On those Intel cores VDPBF16PS issues at

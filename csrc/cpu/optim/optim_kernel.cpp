@@ -5,6 +5,7 @@
 // (+ master), m, v. 8-bit AdamW works one 256-element block at a time: look m and v up from
 // their codes, update, find the new block absmax, requantize to the nearest code by table lookup.
 #include "cpu/optim/optim_kernels.h"
+#include "common/cpu_isa.h"
 #include "common/parallel.h"
 #include "cpu/optim/optim_vec.h"
 
@@ -123,7 +124,9 @@ THRIFTY_INLINE void adamw8_vec(const StepConsts& c, const OptimTensor& t, int64_
 //     lookup per lane, no search, no branch (quant8_store; the rule is in common/optim_quant.h).
 // The buffer is needed because the codes depend on the block's absmax, known only after pass 1.
 // Block tails (the last n % 256 elements of a tensor) take the same math with scalar lookups.
-template <typename P, bool kMaster>
+// kVbmi (avx512_bf16 level on a CPU with AVX512-VBMI): pass 1 first dequantizes the block's codes into
+// the buffers 64 at a time with byte permutes instead of gathers (dequant64_vbmi), the same floats.
+template <typename P, bool kMaster, bool kVbmi>
 void adamw8bit_chunk(const OptimStepParams& s, const OptimTensor& t, int64_t begin, int64_t end) {
   const StepConsts c = consts(s, t);
   const float* qm = s.qmap_m;
@@ -133,6 +136,13 @@ void adamw8bit_chunk(const OptimStepParams& s, const OptimTensor& t, int64_t beg
   const QuantConsts qcm = quant_consts(lm), qcv = quant_consts(lv);
   alignas(64) float mb[kQuantBlock];
   alignas(64) float vb[kQuantBlock];
+#if defined(THRIFTY_AVX512_BF16)
+  ByteTables tm, tv;  // 2 KB per 64K-element chunk
+  if constexpr (kVbmi) {
+    build_byte_tables(qm, tm);
+    build_byte_tables(qv, tv);
+  }
+#endif
   for (int64_t b0 = begin; b0 < end; b0 += kQuantBlock) {
     const int nb = static_cast<int>(end - b0 < kQuantBlock ? end - b0 : kQuantBlock);
     const int64_t blk = b0 / kQuantBlock;
@@ -142,14 +152,30 @@ void adamw8bit_chunk(const OptimStepParams& s, const OptimTensor& t, int64_t beg
     const Vec amv = Vec::set1(am), avv = Vec::set1(av);
     Vec mmax = Vec::zero(), vmax = Vec::zero();
     int j = 0;
-    for (; j + Vec::W <= nb; j += Vec::W)
-      adamw8_vec<false, P, kMaster>(c, t, b0 + j, Vec::W, dequant8(cm + j, qm, amv), dequant8(cv + j, qv, avv),
-                                    mb + j, vb + j, mmax, vmax);
-    if (j < nb) {
+    if constexpr (kVbmi) {
+#if defined(THRIFTY_AVX512_BF16)
+      for (; j + 64 <= nb; j += 64) {
+        dequant64_vbmi(cm + j, tm, amv, mb + j);
+        dequant64_vbmi(cv + j, tv, avv, vb + j);
+      }
+#endif
       for (int k = j; k < nb; ++k) {
         mb[k] = qm[cm[k]] * am;
         vb[k] = qv[cv[k]] * av;
       }
+      for (j = 0; j + Vec::W <= nb; j += Vec::W)
+        adamw8_vec<false, P, kMaster>(c, t, b0 + j, Vec::W, Vec::load(mb + j), Vec::load(vb + j), mb + j, vb + j,
+                                      mmax, vmax);
+    } else {
+      for (; j + Vec::W <= nb; j += Vec::W)
+        adamw8_vec<false, P, kMaster>(c, t, b0 + j, Vec::W, dequant8(cm + j, qm, amv), dequant8(cv + j, qv, avv),
+                                      mb + j, vb + j, mmax, vmax);
+      for (int k = j; k < nb; ++k) {
+        mb[k] = qm[cm[k]] * am;
+        vb[k] = qv[cv[k]] * av;
+      }
+    }
+    if (j < nb) {
       const int n = nb - j;
       adamw8_vec<true, P, kMaster>(c, t, b0 + j, n, Vec::load(mb + j, n), Vec::load(vb + j, n), mb + j, vb + j, mmax,
                                    vmax);
@@ -179,7 +205,11 @@ template <typename P>
 ChunkFn pick_for(OptimKind kind, bool master) {
   switch (kind) {
     case OptimKind::adamw: return master ? &adamw_chunk<P, true> : &adamw_chunk<P, false>;
-    case OptimKind::adamw8bit: return master ? &adamw8bit_chunk<P, true> : &adamw8bit_chunk<P, false>;
+    case OptimKind::adamw8bit:
+#if defined(THRIFTY_AVX512_BF16)
+      if (cpu_has_avx512_vbmi()) return master ? &adamw8bit_chunk<P, true, true> : &adamw8bit_chunk<P, false, true>;
+#endif
+      return master ? &adamw8bit_chunk<P, true, false> : &adamw8bit_chunk<P, false, false>;
     default: return master ? &lion_chunk<P, true> : &lion_chunk<P, false>;
   }
 }
