@@ -512,6 +512,39 @@ struct BwdWork {
         Dsum(static_cast<float*>(p.workspace)), dq_acc(Dsum + p.heads * rows) {}
 };
 
+// Task `task` of the backward's pass 2: chunk c of the key tiles of (batch b, kv_head kvh), and the
+// rows of that sequence and head in K, V, dK, dV.
+template <typename T>
+struct BwdTask {
+  int c, b, kvh;
+  int64_t bk;          // b * kv_heads + kvh
+  Seq sq;
+  int64_t q_base_row;  // the sequence's first query row in the `rows` index space
+  const T *kb, *vb;
+  T *dkb, *dvb;
+};
+template <typename T>
+THRIFTY_INLINE BwdTask<T> bwd_task(const AttentionBwdParams& p, int nc, int64_t task) {
+  BwdTask<T> t;
+  t.c = static_cast<int>(task % nc);
+  t.bk = task / nc;
+  const int b = t.b = static_cast<int>(t.bk / p.kv_heads);
+  const int kvh = t.kvh = static_cast<int>(t.bk % p.kv_heads);
+  const Seq sq = t.sq = seq_of(p, b);
+  t.q_base_row = p.varlen ? sq.q_row0 : static_cast<int64_t>(b) * p.seqlen_q;
+  t.kb = static_cast<const T*>(p.k) + b * p.k_batch_stride + sq.k_row0 * p.k_row_stride + kvh * p.k_head_stride;
+  t.vb = static_cast<const T*>(p.v) + b * p.v_batch_stride + sq.k_row0 * p.v_row_stride + kvh * p.v_head_stride;
+  t.dkb = static_cast<T*>(p.dk) + b * p.dk_batch_stride + sq.k_row0 * p.dk_row_stride + kvh * p.dk_head_stride;
+  t.dvb = static_cast<T*>(p.dv) + b * p.dv_batch_stride + sq.k_row0 * p.dv_row_stride + kvh * p.dv_head_stride;
+  return t;
+}
+// Query rows [lo, hi) of the sequence that see any of the keys [j0, j0 + kn).
+THRIFTY_INLINE QueryRange bwd_tile_rows(const Seq& sq, int64_t j0, int kn, int wl, int wr) {
+  if (sq.sq <= 0) return QueryRange{0, 0};
+  return QueryRange{attention_query_range(j0, sq.sq, sq.sk, wl, wr).lo,
+                    attention_query_range(j0 + kn - 1, sq.sq, sq.sk, wl, wr).hi};
+}
+
 // Pass 1: D = rowsum(dO * O); zero the dq accumulators.
 template <typename T>
 void bwd_row_sums(const AttentionBwdParams& p, const BwdWork& w) {
@@ -580,11 +613,7 @@ void bwd(const AttentionBwdParams& p) {
   const int nc = w.nc;
   const int64_t rows = w.rows, Dw = w.Dw;
   const T* Q = static_cast<const T*>(p.q);
-  const T* K = static_cast<const T*>(p.k);
-  const T* V = static_cast<const T*>(p.v);
   const T* dO = static_cast<const T*>(p.dout);
-  T* dK = static_cast<T*>(p.dk);
-  T* dV = static_cast<T*>(p.dv);
   const int wl = p.window_left, wr = p.window_right;
   const float cap = p.softcap;
   const float* Dsum = w.Dsum;
@@ -619,45 +648,34 @@ void bwd(const AttentionBwdParams& p) {
     float* lse_r = dv_acc + f_k;
     float* d_r = lse_r + BQ;
     for (int64_t task = begin; task < end; ++task) {
-      const int c = static_cast<int>(task % nc);
-      const int64_t bk = task / nc;
-      const int b = static_cast<int>(bk / p.kv_heads), kvh = static_cast<int>(bk % p.kv_heads);
-      const Seq sq = seq_of(p, b);
-      const int64_t q_base_row = p.varlen ? sq.q_row0 : static_cast<int64_t>(b) * p.seqlen_q;  // in `rows`
-      const T* kb = K + b * p.k_batch_stride + sq.k_row0 * p.k_row_stride + kvh * p.k_head_stride;
-      const T* vb = V + b * p.v_batch_stride + sq.k_row0 * p.v_row_stride + kvh * p.v_head_stride;
-      T* dkb = dK + b * p.dk_batch_stride + sq.k_row0 * p.dk_row_stride + kvh * p.dk_head_stride;
-      T* dvb = dV + b * p.dv_batch_stride + sq.k_row0 * p.dv_row_stride + kvh * p.dv_head_stride;
-      if (head_cache && resident != bk) {
-        resident = bk;
+      const BwdTask<T> tk = bwd_task<T>(p, nc, task);
+      const Seq& sq = tk.sq;
+      const int b = tk.b;
+      if (head_cache && resident != tk.bk) {
+        resident = tk.bk;
         std::fill(packed.begin(), packed.end(), 0);
       }
-      for (int64_t kt_i = c; kt_i < nkt; kt_i += nc) {
+      for (int64_t kt_i = tk.c; kt_i < nkt; kt_i += nc) {
         const int64_t j0 = kt_i * BK;
         if (j0 >= sq.sk) break;
         const int kn = static_cast<int>(sq.sk - j0 < BK ? sq.sk - j0 : BK);
         const int nk = static_cast<int>(round_up(kn, W));
         std::memset(dk_acc, 0, sizeof(float) * kn * Dp);
         std::memset(dv_acc, 0, sizeof(float) * kn * Dp);
-        int64_t qlo = 0, qhi = 0;
-        if (sq.sq > 0) {
-          const QueryRange a = attention_query_range(j0, sq.sq, sq.sk, wl, wr);
-          const QueryRange z = attention_query_range(j0 + kn - 1, sq.sq, sq.sk, wl, wr);
-          qlo = a.lo;
-          qhi = z.hi;
-        }
+        const QueryRange seen = bwd_tile_rows(sq, j0, kn, wl, wr);
+        const int64_t qlo = seen.lo, qhi = seen.hi;
         if (qlo < qhi) {
-          pack_transposed(kb + j0 * p.k_row_stride, p.k_row_stride, kn, D, BK, kt);
-          pack_transposed(vb + j0 * p.v_row_stride, p.v_row_stride, kn, D, BK, vt);
-          pack_rows(kb + j0 * p.k_row_stride, p.k_row_stride, kn, D, Dp, 1.0f, kp);
+          pack_transposed(tk.kb + j0 * p.k_row_stride, p.k_row_stride, kn, D, BK, kt);
+          pack_transposed(tk.vb + j0 * p.v_row_stride, p.v_row_stride, kn, D, BK, vt);
+          pack_rows(tk.kb + j0 * p.k_row_stride, p.k_row_stride, kn, D, Dp, 1.0f, kp);
         }
         for (int hh = 0; hh < group && qlo < qhi; ++hh) {
-          const int h = kvh * group + hh;
+          const int h = tk.kvh * group + hh;
           const T* qb = Q + b * p.q_batch_stride + sq.q_row0 * p.q_row_stride + h * p.q_head_stride;
           const T* gb = dO + b * p.do_batch_stride + sq.q_row0 * p.do_row_stride + h * p.do_head_stride;
           const float* lseb = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + sq.q_row0;
-          const float* db = Dsum + h * rows + q_base_row;
-          float* dqa = dq_acc + ((static_cast<int64_t>(c) * p.heads + h) * rows + q_base_row) * Dw;
+          const float* db = Dsum + h * rows + tk.q_base_row;
+          float* dqa = dq_acc + ((static_cast<int64_t>(tk.c) * p.heads + h) * rows + tk.q_base_row) * Dw;
           for (int64_t i0 = qlo; i0 < qhi; i0 += BQ) {
             const int mq = static_cast<int>(qhi - i0 < BQ ? qhi - i0 : BQ);
             const float* qsp = qs;
@@ -727,8 +745,8 @@ void bwd(const AttentionBwdParams& p) {
           }
         }
         for (int j = 0; j < kn; ++j) {
-          store_row(dk_acc + static_cast<int64_t>(j) * Dp, 1.0f, D, dkb + (j0 + j) * p.dk_row_stride);
-          store_row(dv_acc + static_cast<int64_t>(j) * Dp, 1.0f, D, dvb + (j0 + j) * p.dv_row_stride);
+          store_row(dk_acc + static_cast<int64_t>(j) * Dp, 1.0f, D, tk.dkb + (j0 + j) * p.dk_row_stride);
+          store_row(dv_acc + static_cast<int64_t>(j) * Dp, 1.0f, D, tk.dvb + (j0 + j) * p.dv_row_stride);
         }
       }
     }
@@ -1191,11 +1209,7 @@ void bwd_bf16_dot(const AttentionBwdParams& p) {
   const int nc = w.nc;
   const int64_t rows = w.rows, Dw = w.Dw;
   const bf16_t* Q = static_cast<const bf16_t*>(p.q);
-  const bf16_t* K = static_cast<const bf16_t*>(p.k);
-  const bf16_t* V = static_cast<const bf16_t*>(p.v);
   const bf16_t* dO = static_cast<const bf16_t*>(p.dout);
-  bf16_t* dK = static_cast<bf16_t*>(p.dk);
-  bf16_t* dV = static_cast<bf16_t*>(p.dv);
   const int wl = p.window_left, wr = p.window_right;
   const float cap = p.softcap;
   const __m512 vscale = _mm512_set1_ps(p.softmax_scale);
@@ -1236,42 +1250,33 @@ void bwd_bf16_dot(const AttentionBwdParams& p) {
     float* lse_r = dv_acc + f_acc;
     float* d_r = lse_r + BQ;
     for (int64_t task = begin; task < end; ++task) {
-      const int c = static_cast<int>(task % nc);
-      const int64_t bk = task / nc;
-      const int b = static_cast<int>(bk / p.kv_heads), kvh = static_cast<int>(bk % p.kv_heads);
-      const Seq sq = seq_of(p, b);
-      const int64_t q_base_row = p.varlen ? sq.q_row0 : static_cast<int64_t>(b) * p.seqlen_q;  // in `rows`
-      const bf16_t* kb = K + b * p.k_batch_stride + sq.k_row0 * p.k_row_stride + kvh * p.k_head_stride;
-      const bf16_t* vb = V + b * p.v_batch_stride + sq.k_row0 * p.v_row_stride + kvh * p.v_head_stride;
-      bf16_t* dkb = dK + b * p.dk_batch_stride + sq.k_row0 * p.dk_row_stride + kvh * p.dk_head_stride;
-      bf16_t* dvb = dV + b * p.dv_batch_stride + sq.k_row0 * p.dv_row_stride + kvh * p.dv_head_stride;
-      if (head_cache && resident != bk) {
-        resident = bk;
+      const BwdTask<bf16_t> tk = bwd_task<bf16_t>(p, nc, task);
+      const Seq& sq = tk.sq;
+      const int b = tk.b;
+      if (head_cache && resident != tk.bk) {
+        resident = tk.bk;
         std::fill(packed.begin(), packed.end(), 0);
       }
-      for (int64_t kt_i = c; kt_i < nkt; kt_i += nc) {
+      for (int64_t kt_i = tk.c; kt_i < nkt; kt_i += nc) {
         const int64_t j0 = kt_i * BK;
         if (j0 >= sq.sk) break;
         const int kn = static_cast<int>(sq.sk - j0 < BK ? sq.sk - j0 : BK);
         std::memset(dk_acc, 0, sizeof(float) * kn * Dp);
         std::memset(dv_acc, 0, sizeof(float) * kn * Dp);
-        int64_t qlo = 0, qhi = 0;
-        if (sq.sq > 0) {
-          qlo = attention_query_range(j0, sq.sq, sq.sk, wl, wr).lo;
-          qhi = attention_query_range(j0 + kn - 1, sq.sq, sq.sk, wl, wr).hi;
-        }
+        const QueryRange seen = bwd_tile_rows(sq, j0, kn, wl, wr);
+        const int64_t qlo = seen.lo, qhi = seen.hi;
         if (qlo < qhi) {
-          pack_k_pairs(kb + j0 * p.k_row_stride, p.k_row_stride, kn, D, k2, BK);
-          pack_k_pairs(vb + j0 * p.v_row_stride, p.v_row_stride, kn, D, v2, BK);
-          pack_v_pairs(kb + j0 * p.k_row_stride, p.k_row_stride, kn, D, Dp, kk);
+          pack_k_pairs(tk.kb + j0 * p.k_row_stride, p.k_row_stride, kn, D, k2, BK);
+          pack_k_pairs(tk.vb + j0 * p.v_row_stride, p.v_row_stride, kn, D, v2, BK);
+          pack_v_pairs(tk.kb + j0 * p.k_row_stride, p.k_row_stride, kn, D, Dp, kk);
         }
         for (int hh = 0; hh < group && qlo < qhi; ++hh) {
-          const int h = kvh * group + hh;
+          const int h = tk.kvh * group + hh;
           const bf16_t* qb = Q + b * p.q_batch_stride + sq.q_row0 * p.q_row_stride + h * p.q_head_stride;
           const bf16_t* gb = dO + b * p.do_batch_stride + sq.q_row0 * p.do_row_stride + h * p.do_head_stride;
           const float* lseb = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + sq.q_row0;
-          const float* db = w.Dsum + h * rows + q_base_row;
-          float* dqa = w.dq_acc + ((static_cast<int64_t>(c) * p.heads + h) * rows + q_base_row) * Dw;
+          const float* db = w.Dsum + h * rows + tk.q_base_row;
+          float* dqa = w.dq_acc + ((static_cast<int64_t>(tk.c) * p.heads + h) * rows + tk.q_base_row) * Dw;
           // the query tiles start at multiples of BQ (qlo rounded down): cached tiles line up, and
           // rows before qlo see none of this key tile (masked below like any invisible entry)
           for (int64_t i0 = qlo / BQ * BQ; i0 < qhi; i0 += BQ) {
@@ -1366,8 +1371,8 @@ void bwd_bf16_dot(const AttentionBwdParams& p) {
           }
         }
         for (int j = 0; j < kn; ++j) {
-          store_row(dk_acc + static_cast<int64_t>(j) * Dp, p.softmax_scale, D, dkb + (j0 + j) * p.dk_row_stride);
-          store_row(dv_acc + static_cast<int64_t>(j) * Dp, 1.0f, D, dvb + (j0 + j) * p.dv_row_stride);
+          store_row(dk_acc + static_cast<int64_t>(j) * Dp, p.softmax_scale, D, tk.dkb + (j0 + j) * p.dk_row_stride);
+          store_row(dv_acc + static_cast<int64_t>(j) * Dp, 1.0f, D, tk.dvb + (j0 + j) * p.dv_row_stride);
         }
       }
     }
