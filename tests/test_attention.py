@@ -282,9 +282,11 @@ def test_varlen_grad(cpu_isa, dtype):
         qs, ks, vs = (t[c[i]:c[i + 1]].unsqueeze(0) for t, c in ((q64, cu_q), (k64, cu_k), (v64, cu_k)))
         outs.append(ref_attention(qs, ks, vs, True)[0][0])
     (torch.cat(outs) * g.double()).sum().backward()
-    tol = 2e-5 if dtype == torch.float32 else 3e-2  # bf16: P and dS rounded to bf16, as torch's own SDPA does
+    # bf16: inputs and gradients rounded to bf16, P and dS too (as torch's own SDPA rounds them); the largest
+    # errors measured are 0.006-0.014 on gradients of magnitude 3-5
+    atol, rtol = (2e-5, 1e-4) if dtype == torch.float32 else (2e-2, 2e-2)
     for got, ref in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
-        torch.testing.assert_close(got.double(), ref, atol=tol, rtol=5 * tol)
+        torch.testing.assert_close(got.double(), ref, atol=atol, rtol=rtol)
 
 
 # ---- gradients ----
