@@ -925,12 +925,12 @@ void fwd_decode(const AttentionParams& p) {
 // per instruction of the float32 FMA path above, and no widening of Q, K, V. Operands are kept
 // in pairs along the reduction dimension (one uint32 = two consecutive bf16 of it, even one in
 // the low half):
-//   S = Q K^T    A = Q tile rows (pairs along head_dim),  B = K2[d/2][key]   (S lanes: keys)
-//   O += P V     A = P rows rounded to bf16 (pairs of keys), B = V2[key/2][d] (O lanes: head_dim)
-// S, the softmax statistics and O stay float32; the softmax scale multiplies the float32 S
+//   S^T = K Q^T  A = K tile rows (pairs along head_dim), B = Q2t[d/2][query] (S^T lanes: queries)
+//   O += P V     A = P^T pairs of keys read transposed,  B = V2[key/2][d]    (O lanes: head_dim)
+// S, the softmax statistics and O stay float32; the softmax scale applies to the float32 S
 // (Q is used as given, never rounded after scaling); P is rounded to bf16 for P V, as torch's
 // own bf16 CPU flash attention does. Key tiles are aligned to BK, so a tile is also a tile of
-// the per-head K2/V2 cache; its columns outside the rows' visible ranges are masked.
+// the per-head K/V2 cache; its columns outside the rows' visible ranges are masked.
 // The VDPBF16PS rounding differs from the FMA path's (each pair's products are added to the
 // lane one after the other, denormals flushed): results match it to float32 accumulation error.
 
@@ -1020,16 +1020,17 @@ THRIFTY_INLINE void pack_q_pairs(const bf16_t* src, int64_t stride, int n, int n
   std::memset(dst + static_cast<int64_t>(n) * D2, 0, sizeof(uint32_t) * (n_pad - n) * D2);
 }
 
-// K2 of one key tile (n <= BK keys): dst[i * ld + j] = (K[j][2i], K[j][2i+1]), zero for n <= j < BK.
-THRIFTY_INLINE void pack_k_pairs(const bf16_t* src, int64_t stride, int n, int D, uint32_t* dst, int64_t ld) {
+// Rows r < n of a tile transposed into pairs along head_dim: dst[i * ld + r] = (x_r[2i], x_r[2i+1]), the odd
+// head_dim's last pair completed with 0; rows n <= r < n_pad zero.
+THRIFTY_INLINE void pack_pairs_t(const bf16_t* src, int64_t stride, int n, int n_pad, int D, uint32_t* dst, int64_t ld) {
   const int D2 = (D + 1) / 2;
-  for (int j = 0; j < n; ++j) {
-    const bf16_t* x = src + j * stride;
-    for (int i = 0; i < D / 2; ++i) dst[i * ld + j] = bf16_pair(x + 2 * i);
-    if (D & 1) dst[(D2 - 1) * ld + j] = x[D - 1].bits;
+  for (int r = 0; r < n; ++r) {
+    const bf16_t* x = src + r * stride;
+    for (int i = 0; i < D / 2; ++i) dst[i * ld + r] = bf16_pair(x + 2 * i);
+    if (D & 1) dst[(D2 - 1) * ld + r] = x[D - 1].bits;
   }
   for (int i = 0; i < D2; ++i)
-    for (int j = n; j < BK; ++j) dst[i * ld + j] = 0;
+    for (int r = n; r < n_pad; ++r) dst[i * ld + r] = 0;
 }
 
 // V2 of one key tile (n <= BK keys): dst[jp * Dp + d] = (V[2jp][d], V[2jp+1][d]), zero for keys
@@ -1055,6 +1056,11 @@ THRIFTY_INLINE void pack_v_pairs(const bf16_t* src, int64_t stride, int n, int D
   }
 }
 
+// The bf16 forward on VDPBF16PS, transposed as fwd() is in float32: S^T = K Q^T ([keys][queries]) with
+// A = K rows (pairs along head_dim, [key][d pair]) and B = Q^T pairs ([d pair][query]), so the softmax
+// statistics of the queries live in vector lanes (no horizontal reductions, no per-row loops; 3-6%
+// faster than the row form S = Q K^T on a Zen 4), and P^T is rounded to bf16 straight into pairs of keys
+// ([key pair][query]), read by O = alpha O + P V as a transposed A operand.
 void fwd_bf16_dot(const AttentionParams& p) {
   static_assert(W == 16 && BK == 64, "the bf16 dot-product forward is written for 16 lanes and 64-key tiles");
   const int D = p.head_dim;
@@ -1065,33 +1071,34 @@ void fwd_bf16_dot(const AttentionParams& p) {
   const int64_t items = static_cast<int64_t>(p.batch) * p.heads * nqt;
   const int wl = p.window_left, wr = p.window_right;
   const float cap = p.softcap;
-  const __m512 vscale = _mm512_set1_ps(p.softmax_scale);
+  // Scores are scaled inside the exponent (exp(scale S - m), one FMA) unless a softcap or a scale that is
+  // not positive needs the scaled scores first.
+  const bool prescale = cap > 0.0f || !(p.softmax_scale > 0.0f);
+  const Vec vsc = Vec::set1(prescale ? 1.0f : p.softmax_scale), vpre = Vec::set1(p.softmax_scale);
 
-  // K2 and V2 of the (batch, kv_head) at hand, kept per thread as in fwd() when they fit.
+  // K rows and V2 of the (batch, kv_head) at hand, kept per thread as in fwd() when they fit.
   const int64_t sk_cap = round_up(p.seqlen_k, BK);
-  const int64_t k2_words = D2 * sk_cap, v2_words = sk_cap / 2 * Dp;
+  const int64_t k2_words = sk_cap * D2, v2_words = sk_cap / 2 * Dp;
   const bool head_cache = (k2_words + v2_words) * static_cast<int64_t>(sizeof(uint32_t)) <= kFwdHeadCacheBytes;
 
   parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    const int64_t f_q = static_cast<int64_t>(FBQ) * D2, f_acc = static_cast<int64_t>(FBQ) * Dp,
-                  f_s = static_cast<int64_t>(FBQ) * BK, f_p = static_cast<int64_t>(FBQ) * BK / 2,
-                  f_k = static_cast<int64_t>(D2) * BK, f_v = static_cast<int64_t>(BK / 2) * Dp;
-    // One 4-byte-word buffer: float tiles and uint32 pair tiles alike.
-    Buffer buf(f_q + f_acc + f_s + f_p + f_k + f_v + 4 * FBQ);
+    const int64_t f_q = static_cast<int64_t>(D2) * FBQ, f_acc = static_cast<int64_t>(FBQ) * Dp,
+                  f_s = static_cast<int64_t>(BK) * FBQ, f_p = static_cast<int64_t>(BK / 2) * FBQ,
+                  f_k = static_cast<int64_t>(BK) * D2, f_v = static_cast<int64_t>(BK / 2) * Dp;
+    Buffer buf(f_q + f_acc + f_s + f_p + f_k + f_v + 3 * FBQ);  // 4-byte words
     Buffer hbuf(head_cache ? k2_words + v2_words : 1);
     std::vector<char> packed(head_cache ? sk_cap / BK : 0);
     int64_t resident = -1;
-    uint32_t* qp = reinterpret_cast<uint32_t*>(buf.ptr);  // Q    [FBQ][D2] pairs
-    float* acc = buf.ptr + f_q;                            // O    [FBQ][Dp]
-    float* s = acc + f_acc;                                // S    [FBQ][BK]
-    uint32_t* pp = reinterpret_cast<uint32_t*>(s + f_s);  // P    [FBQ][BK/2] bf16 pairs
-    uint32_t* kt = pp + f_p;                               // K2 of one tile [D2][BK] (no head cache)
-    uint32_t* vt = kt + f_k;                               // V2 of one tile [BK/2][Dp] (no head cache)
+    uint32_t* q2t = reinterpret_cast<uint32_t*>(buf.ptr);   // Q^T [D2][FBQ] pairs along head_dim
+    float* acc = buf.ptr + f_q;                             // O   [FBQ][Dp]
+    float* st = acc + f_acc;                                // S^T [BK][FBQ]
+    uint32_t* p2t = reinterpret_cast<uint32_t*>(st + f_s);  // P^T [BK/2][FBQ] pairs of keys
+    uint32_t* kt = p2t + f_p;                               // K   [BK][D2] (no head cache)
+    uint32_t* vt = kt + f_k;                                // V2  [BK/2][Dp] (no head cache)
     float* m = reinterpret_cast<float*>(vt + f_v);
     float* l = m + FBQ;
     float* alpha = l + FBQ;
-    float* mrow = alpha + FBQ;  // the rows' max of the current tile
-    uint32_t* k2 = reinterpret_cast<uint32_t*>(hbuf.ptr);  // [D2][sk_cap]
+    uint32_t* k2 = reinterpret_cast<uint32_t*>(hbuf.ptr);  // [sk_cap][D2]
     uint32_t* v2 = k2 + k2_words;                           // [sk_cap / 2][Dp]
     for (int64_t item = begin; item < end; ++item) {
       const FwdTile<bf16_t> tile = fwd_tile<bf16_t>(p, item, nqt);
@@ -1099,16 +1106,16 @@ void fwd_bf16_dot(const AttentionParams& p) {
       if (mq == 0) continue;
       const Seq sq = tile.sq;
       const int64_t i0 = tile.i0;
+      const int nq = static_cast<int>(round_up(mq, W));
       const bf16_t *qb = tile.qb, *kb = tile.kb, *vb = tile.vb;
       if (head_cache && resident != static_cast<int64_t>(tile.b) * p.kv_heads + tile.kvh) {
         resident = static_cast<int64_t>(tile.b) * p.kv_heads + tile.kvh;
         std::fill(packed.begin(), packed.end(), 0);
       }
-      pack_q_pairs(qb, p.q_row_stride, mq, mq, D, qp);
-      for (int r = 0; r < FBQ; ++r) {  // all FBQ: the statistics pass runs over whole vectors of rows
+      pack_pairs_t(qb, p.q_row_stride, mq, nq, D, q2t, FBQ);
+      for (int r = 0; r < nq; ++r) {
         m[r] = -std::numeric_limits<float>::max();
         l[r] = 0.0f;
-        mrow[r] = -std::numeric_limits<float>::max();
       }
       std::memset(acc, 0, sizeof(float) * mq * Dp);
       const KeyRange kr = attention_tile_key_range(i0, i0 + mq, sq.sq, sq.sk, wl, wr);
@@ -1116,70 +1123,54 @@ void fwd_bf16_dot(const AttentionParams& p) {
         const int kn = static_cast<int>(sq.sk - j0 < BK ? sq.sk - j0 : BK);  // keys of the tile
         const uint32_t* kp = kt;
         const uint32_t* vp = vt;
-        int64_t ldk = BK;
         if (head_cache) {
-          const int64_t tile = j0 / BK;
-          if (!packed[tile]) {
-            pack_k_pairs(kb + j0 * p.k_row_stride, p.k_row_stride, kn, D, k2 + j0, sk_cap);
+          const int64_t t = j0 / BK;
+          if (!packed[t]) {
+            pack_q_pairs(kb + j0 * p.k_row_stride, p.k_row_stride, kn, BK, D, k2 + j0 * D2);
             pack_v_pairs(vb + j0 * p.v_row_stride, p.v_row_stride, kn, D, Dp, v2 + j0 / 2 * Dp);
-            packed[tile] = 1;
+            packed[t] = 1;
           }
-          kp = k2 + j0;
+          kp = k2 + j0 * D2;
           vp = v2 + j0 / 2 * Dp;
-          ldk = sk_cap;
         } else {
-          pack_k_pairs(kb + j0 * p.k_row_stride, p.k_row_stride, kn, D, kt, BK);
+          pack_q_pairs(kb + j0 * p.k_row_stride, p.k_row_stride, kn, BK, D, kt);
           pack_v_pairs(vb + j0 * p.v_row_stride, p.v_row_stride, kn, D, Dp, vt);
         }
-        gemm_dp<0>(mq, BK / W, D2, qp, D2, 1, kp, ldk, s, BK);  // S = Q K^T (unscaled), all BK columns
-        // Visible columns of the tile for every row: [0, kn) or the rows' own key ranges.
+        gemm_dp<0>(kn, nq / W, D2, kp, D2, 1, q2t, FBQ, st, FBQ);  // S^T = K Q^T (unscaled)
+        if (prescale)
+          for (int j = 0; j < kn; ++j) {
+            float* sj = st + static_cast<int64_t>(j) * FBQ;
+            for (int ib = 0; ib < nq; ib += W) (Vec::load(sj + ib) * vpre).store(sj + ib);
+            if (cap > 0.0f) apply_softcap(sj, nq, cap, nullptr);
+          }
         const bool unmasked = kr.lo <= j0 && j0 + kn <= kr.hi &&
                               attention_tile_unmasked(i0, i0 + mq, j0, j0 + kn, sq.sq, sq.sk, wl, wr);
-        // Pass 1, per row: S scaled, softcapped, masked (-inf), written back; the row's max.
-        for (int r = 0; r < mq; ++r) {
-          const Cols c = visible_cols(unmasked, i0 + r, j0, kn, sq.sq, sq.sk, wl, wr);
-          float* sr = s + static_cast<int64_t>(r) * BK;
-          __m512 mx = _mm512_set1_ps(kNegInf);
-#pragma GCC unroll 4
-          for (int v = 0; v < BK / W; ++v) {
-            __m512 y = _mm512_mul_ps(_mm512_loadu_ps(sr + v * W), vscale);
-            if (cap > 0.0f) y = (Vec::set1(cap) * tanh_vec(Vec(y) * Vec::set1(1.0f / cap))).v;
-            const __mmask16 vis = lane_range_mask(c.a - v * W, c.b - v * W);
-            y = _mm512_mask_blend_ps(vis, _mm512_set1_ps(kNegInf), y);
-            _mm512_storeu_ps(sr + v * W, y);
-            mx = _mm512_max_ps(mx, y);
+        if (!unmasked)
+          for (int r = 0; r < mq; ++r) {
+            const Cols c = visible_cols(false, i0 + r, j0, kn, sq.sq, sq.sk, wl, wr);
+            const int a = c.a < c.b ? c.a : kn;
+            for (int j = 0; j < a; ++j) st[j * FBQ + r] = kNegInf;
+            for (int j = c.b > a ? c.b : a; j < kn; ++j) st[j * FBQ + r] = kNegInf;
           }
-          mrow[r] = _mm512_reduce_max_ps(mx);
-        }
-        // 16 rows at a time: m' = max(m, rowmax), alpha = exp(m - m'). m starts at -FLT_MAX
-        // (finite), so a row with nothing visible yet gets P = 0 and alpha = 0.
-        for (int r = 0; r < mq; r += W) {
-          const Vec mold = Vec::load(m + r), mnew = max(mold, Vec::load(mrow + r));
-          mnew.store(m + r);
-          exp_sm(mold - mnew).store(alpha + r);
-        }
-        // Pass 2, per row: P = exp(S - m'), l = alpha l + rowsum P, P rounded to bf16 pairs.
-        for (int r = 0; r < mq; ++r) {
-          const float* sr = s + static_cast<int64_t>(r) * BK;
-          const Vec vm = Vec::set1(m[r]);
-          Vec e[BK / W];
-          Vec sum = Vec::zero();
-#pragma GCC unroll 4
-          for (int v = 0; v < BK / W; ++v) {
-            e[v] = exp_sm(Vec::load(sr + v * W) - vm);
-            sum = sum + e[v];
+        // As fwd(): m starts at -FLT_MAX, so a row with nothing visible yet gets P = 0 and alpha = 0.
+        for (int ib = 0; ib < nq; ib += W) {
+          Vec vm = Vec::load(m + ib);
+          const Vec mold = vm;
+          for (int j = 0; j < kn; ++j) vm = max(vm, Vec::load(st + j * FBQ + ib) * vsc);
+          vm.store(m + ib);
+          exp_sm(mold - vm).store(alpha + ib);
+          Vec s0 = Vec::zero(), s1 = Vec::zero();
+          for (int j = 0; j < kn; j += 2) {  // keys 2jp, 2jp + 1 -> one bf16 pair per query
+            const Vec e0 = exp_sm(fma(Vec::load(st + j * FBQ + ib), vsc, Vec::zero() - vm));
+            const Vec e1 = j + 1 < kn ? exp_sm(fma(Vec::load(st + (j + 1) * FBQ + ib), vsc, Vec::zero() - vm))
+                                      : Vec::zero();
+            s0 = s0 + e0;
+            s1 = s1 + e1;
+            _mm512_storeu_si512(p2t + (j / 2) * FBQ + ib, row_pairs_bf16(e0.v, e1.v));
           }
-          l[r] = alpha[r] * l[r] + sum.reduce_add();
-          uint32_t* prow = pp + static_cast<int64_t>(r) * (BK / 2);
-#pragma GCC unroll 2
-          for (int v = 0; v < BK / W; v += 2) {  // 32 keys -> 32 bf16 in key order
-            const __m512bh bh = _mm512_cvtne2ps_pbh(e[v + 1].v, e[v].v);
-            __m512i w;
-            std::memcpy(&w, &bh, sizeof(w));
-            _mm512_storeu_si512(prow + v / 2 * W, w);
-          }
+          fma(Vec::load(l + ib), Vec::load(alpha + ib), s0 + s1).store(l + ib);
         }
-        gemm_dp<2>(mq, NV, (kn + 1) / 2, pp, BK / 2, 1, vp, Dp, acc, Dp, alpha);  // O = alpha O + P V
+        gemm_dp<2>(mq, NV, (kn + 1) / 2, p2t, 1, FBQ, vp, Dp, acc, Dp, alpha);  // O = alpha O + P V
       }
       store_out_rows(acc, Dp, m, l, mq, D, tile.ob, p.o_row_stride, tile.lse);
     }
@@ -1189,15 +1180,14 @@ void fwd_bf16_dot(const AttentionParams& p) {
 // ---------------------------------------------------------------------------------------
 // bfloat16 backward on VDPBF16PS (avx512_bf16 where cpu_use_bf16_dot(), as the forward above). The
 // five products of a (query tile, key tile) pair take bf16 pairs along their reduction dimension:
-//   S  = Q K^T     A = Q [row][d pairs],        B = K2 [d pair][key]   (pack_q_pairs / pack_k_pairs)
+//   S  = Q K^T     A = Q [row][d pairs],        B = K2 [d pair][key]   (pack_q_pairs / pack_pairs_t)
 //   dP = dO V^T    A = dO [row][d pairs],       B = V2 [d pair][key]
 //   dV += P^T dO   A = P2 [row pair][key] read transposed, B = dO [row pair][d] (pack_v_pairs on dO rows)
 //   dK += dS^T Q   A = dS2 [row pair][key] read transposed, B = Q [row pair][d]
 //   dQ += dS K     A = dS [row][key pairs],     B = K [key pair][d]     (pack_v_pairs on K rows)
 // S, dP, the softmax and dS = P (dP - D) stay float32; P and dS are rounded to bf16 for the last three
 // products, as torch's own bf16 CPU flash attention backward rounds them. Q is used unscaled: S is
-// scaled in float32 (as in the forward, so P recomputes the forward's exactly) and dK takes the
-// softmax scale when stored. The passes, tasks and dq accumulators are bwd()'s.
+// scaled in float32 (as in the forward) and dK takes the softmax scale when stored. The passes, tasks and dq accumulators are bwd()'s.
 void bwd_bf16_dot(const AttentionBwdParams& p) {
   static_assert(W == 16 && BK == 64 && BQ == 64, "the bf16 dot-product backward is written for 16 lanes, 64 x 64 tiles");
   const int D = p.head_dim;
@@ -1266,8 +1256,8 @@ void bwd_bf16_dot(const AttentionBwdParams& p) {
         const QueryRange seen = bwd_tile_rows(sq, j0, kn, wl, wr);
         const int64_t qlo = seen.lo, qhi = seen.hi;
         if (qlo < qhi) {
-          pack_k_pairs(tk.kb + j0 * p.k_row_stride, p.k_row_stride, kn, D, k2, BK);
-          pack_k_pairs(tk.vb + j0 * p.v_row_stride, p.v_row_stride, kn, D, v2, BK);
+          pack_pairs_t(tk.kb + j0 * p.k_row_stride, p.k_row_stride, kn, BK, D, k2, BK);
+          pack_pairs_t(tk.vb + j0 * p.v_row_stride, p.v_row_stride, kn, BK, D, v2, BK);
           pack_v_pairs(tk.kb + j0 * p.k_row_stride, p.k_row_stride, kn, D, Dp, kk);
         }
         for (int hh = 0; hh < group && qlo < qhi; ++hh) {
