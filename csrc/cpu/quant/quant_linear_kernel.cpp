@@ -468,40 +468,53 @@ void pack_panel_dot(const QuantLinearParams& p, int64_t n0, int64_t nw, int64_t 
     }
 }
 
-// c[m][0..32) += s[0..32) * sum_{kp in [kp0, kp1)} apack pairs of row m . bpack slice [kp][0..32), m < MR_
+// c[m][0..32) += sum over the groups g of the panel's pairs [0, kp_n) of s_g[0..32) * (apack pairs of row m .
+// bpack slice [kp][0..32)), m < MR_. The first group ends at pair first_end, the others span g2 pairs;
+// group g's scales are s + g * NB. Each group's sums are scaled into a second set of registers as they
+// complete, so c is read and written once per panel, not once per group.
 template <int MR_>
-THRIFTY_INLINE void micro_dot(const uint32_t* a, const uint32_t* b, int64_t kp0, int64_t kp1, const float* s,
-                              float* c) {
-  __m512 acc[MR_][2];
-  for (int m = 0; m < MR_; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-  for (int64_t kp = kp0; kp < kp1; ++kp) {
-    __m512bh b0, b1;
-    const __m512i v0 = _mm512_loadu_si512(b + kp * 32), v1 = _mm512_loadu_si512(b + kp * 32 + 16);
-    std::memcpy(&b0, &v0, sizeof(b0));
-    std::memcpy(&b1, &v1, sizeof(b1));
+THRIFTY_INLINE void micro_dot(const uint32_t* a, const uint32_t* b, int64_t kp_n, int64_t first_end, int64_t g2,
+                              const float* s, float* c) {
+  __m512 tot[MR_][2];
+  for (int m = 0; m < MR_; ++m) tot[m][0] = tot[m][1] = _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < kp_n; s += NB) {
+    const int64_t e = std::min(kp_n, kp == 0 ? first_end : kp + g2);
+    __m512 acc[MR_][2];
+    for (int m = 0; m < MR_; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    for (; kp < e; ++kp) {
+      __m512bh b0, b1;
+      const __m512i v0 = _mm512_loadu_si512(b + kp * 32), v1 = _mm512_loadu_si512(b + kp * 32 + 16);
+      std::memcpy(&b0, &v0, sizeof(b0));
+      std::memcpy(&b1, &v1, sizeof(b1));
+      for (int m = 0; m < MR_; ++m) {
+        const __m512i av = _mm512_set1_epi32(static_cast<int>(a[kp * MR6 + m]));
+        __m512bh ab;
+        std::memcpy(&ab, &av, sizeof(ab));
+        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], ab, b0);
+        acc[m][1] = _mm512_dpbf16_ps(acc[m][1], ab, b1);
+      }
+    }
+    const __m512 s0 = _mm512_loadu_ps(s), s1 = _mm512_loadu_ps(s + 16);
     for (int m = 0; m < MR_; ++m) {
-      const __m512i av = _mm512_set1_epi32(static_cast<int>(a[kp * MR6 + m]));
-      __m512bh ab;
-      std::memcpy(&ab, &av, sizeof(ab));
-      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], ab, b0);
-      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], ab, b1);
+      tot[m][0] = _mm512_fmadd_ps(acc[m][0], s0, tot[m][0]);
+      tot[m][1] = _mm512_fmadd_ps(acc[m][1], s1, tot[m][1]);
     }
   }
-  const __m512 s0 = _mm512_loadu_ps(s), s1 = _mm512_loadu_ps(s + 16);
   for (int m = 0; m < MR_; ++m) {
-    _mm512_storeu_ps(c + m * NB, _mm512_fmadd_ps(acc[m][0], s0, _mm512_loadu_ps(c + m * NB)));
-    _mm512_storeu_ps(c + m * NB + 16, _mm512_fmadd_ps(acc[m][1], s1, _mm512_loadu_ps(c + m * NB + 16)));
+    _mm512_storeu_ps(c + m * NB, _mm512_add_ps(tot[m][0], _mm512_loadu_ps(c + m * NB)));
+    _mm512_storeu_ps(c + m * NB + 16, _mm512_add_ps(tot[m][1], _mm512_loadu_ps(c + m * NB + 16)));
   }
 }
 
-void micro_dot_any(int mr, const uint32_t* a, const uint32_t* b, int64_t kp0, int64_t kp1, const float* s, float* c) {
+void micro_dot_any(int mr, const uint32_t* a, const uint32_t* b, int64_t kp_n, int64_t first_end, int64_t g2,
+                   const float* s, float* c) {
   switch (mr) {
-    case 1: return micro_dot<1>(a, b, kp0, kp1, s, c);
-    case 2: return micro_dot<2>(a, b, kp0, kp1, s, c);
-    case 3: return micro_dot<3>(a, b, kp0, kp1, s, c);
-    case 4: return micro_dot<4>(a, b, kp0, kp1, s, c);
-    case 5: return micro_dot<5>(a, b, kp0, kp1, s, c);
-    default: return micro_dot<6>(a, b, kp0, kp1, s, c);
+    case 1: return micro_dot<1>(a, b, kp_n, first_end, g2, s, c);
+    case 2: return micro_dot<2>(a, b, kp_n, first_end, g2, s, c);
+    case 3: return micro_dot<3>(a, b, kp_n, first_end, g2, s, c);
+    case 4: return micro_dot<4>(a, b, kp_n, first_end, g2, s, c);
+    case 5: return micro_dot<5>(a, b, kp_n, first_end, g2, s, c);
+    default: return micro_dot<6>(a, b, kp_n, first_end, g2, s, c);
   }
 }
 
@@ -531,18 +544,14 @@ void gemm_dot(const QuantLinearParams& p) {
       for (int64_t k0 = 0; k0 < K; k0 += KB4) {
         const int64_t kw = std::min(KB4, K - k0);  // K is a multiple of 32: kw too
         pack_panel_dot(p, n0, nw, k0, kw, bpack.data());
-        for (int64_t ks = k0; ks < k0 + kw;) {  // segments of one group each
-          const int64_t g = ks / G, ke = std::min(k0 + kw, (g + 1) * G);
-          const int64_t kp0 = (ks - k0) / 2, kp1 = (ke - k0) / 2;
-          for (int64_t j = 0; j < nw; j += 32)  // a 16 KB slice stays in L1 while the x rows pass
-            for (int64_t i = 0; i < mw; i += MR6) {
-              const int mr = static_cast<int>(std::min<int64_t>(MR6, mw - i));
-              const uint32_t* a = apack.get() + ((m0 + i) * (K / 2) + k0 / 2 * MR6);  // tile (m0 + i) / 6 at k0
-              micro_dot_any(mr, a, bpack.data() + j / 32 * (KB4 / 2 * 32), kp0, kp1, sT.data() + g * NB + j,
-                            cbuf.data() + i * NB + j);
-            }
-          ks = ke;
-        }
+        const int64_t g0 = k0 / G, first_end = ((g0 + 1) * G - k0) / 2;  // the panel's first group, its end
+        for (int64_t j = 0; j < nw; j += 32)  // a 16 KB slice stays in L1 while the x rows pass
+          for (int64_t i = 0; i < mw; i += MR6) {
+            const int mr = static_cast<int>(std::min<int64_t>(MR6, mw - i));
+            const uint32_t* a = apack.get() + ((m0 + i) * (K / 2) + k0 / 2 * MR6);  // tile (m0 + i) / 6 at k0
+            micro_dot_any(mr, a, bpack.data() + j / 32 * (KB4 / 2 * 32), kw / 2, first_end, G / 2,
+                          sT.data() + g0 * NB + j, cbuf.data() + i * NB + j);
+          }
       }
       for (int64_t i = 0; i < mw; ++i) {
         const float* xs = w8 ? nullptr : p.xsum + (m0 + i) * ng;
