@@ -6,6 +6,7 @@ skipped without one) or are marked `@pytest.mark.cuda` themselves.
 from __future__ import annotations
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -29,6 +30,14 @@ def _test_isas() -> list[str]:
 
 ISAS = _test_isas()
 HAS_CUDA = torch.cuda.is_available() and thrifty._C.build_info()["cuda"]
+
+
+@pytest.fixture(autouse=True)
+def _seeded_rng(request):
+    """Each test draws its random inputs from its own seed (a hash of its id): a run is reproducible,
+    and a failure shows again with the same inputs (under pytest-xdist too) instead of coming and going."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    yield
 
 
 @pytest.fixture(params=ISAS)
