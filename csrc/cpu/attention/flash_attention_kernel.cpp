@@ -1327,7 +1327,9 @@ void bwd_bf16_dot(const AttentionBwdParams& p) {
                   if (cap <= 0.0f) y = _mm512_mul_ps(y, vscale);
                   pv = _mm512_maskz_mov_ps(vis, exp_sm(Vec(_mm512_sub_ps(y, vl))).v);
                   ds = _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_loadu_ps(dpr + v * W), vd));
-                  if (cap > 0.0f) ds = _mm512_mul_ps(ds, _mm512_loadu_ps(dcr + v * W));
+                  // dsc holds 1 - tanh^2 for the columns below kn only: the others are masked after the
+                  // product (0 times an unset lane could be NaN)
+                  if (cap > 0.0f) ds = _mm512_maskz_mul_ps(vis, ds, _mm512_loadu_ps(dcr + v * W));
                 }
                 _mm512_storeu_ps(sr + v * W, pv);
                 _mm512_storeu_ps(dpr + v * W, ds);
