@@ -33,6 +33,9 @@ constexpr uint32_t kQNoMid = 0xffffffu;
 struct QuantLut {
   uint32_t shift = 23;
   const uint32_t* entry = nullptr;
+  // The map's 256 float32 values split into byte planes: planes[p][c] = byte p of q[c] (the gather-free
+  // dequantization of the avx512_bf16 level on VBMI CPUs looks codes up in them with byte permutes).
+  const uint8_t (*planes)[256] = nullptr;
 };
 
 // static: each translation unit keeps its own copy, so no copy compiled for one ISA level can be
@@ -66,6 +69,14 @@ static inline int quant_lut_shift(const float* mids) {
 }
 
 static inline uint32_t quant_lut_size(int shift) { return 1u << (32 - shift); }
+
+// planes[p][c] = byte p (little-endian) of q[c], for QuantLut::planes.
+static inline void fill_quant_planes(const float* q, uint8_t (*planes)[256]) {
+  for (int c = 0; c < 256; ++c) {
+    const uint32_t u = quant_float_bits(q[c]);
+    for (int p = 0; p < 4; ++p) planes[p][c] = static_cast<uint8_t>(u >> (8 * p));
+  }
+}
 
 // Fills the quant_lut_size(shift) entries (layout above). Returns false if a bucket would hold two
 // midpoints (cannot happen at quant_lut_shift's shift except for a midpoint at +0 next to a

@@ -25,6 +25,7 @@ float read_scalar(const at::Tensor& t) { return t.data_ptr<float>()[0]; }
 struct QuantTable {
   float q[256];
   std::vector<uint32_t> entry;
+  alignas(64) uint8_t planes[4][256];
   QuantLut lut;
 };
 
@@ -51,8 +52,10 @@ std::shared_ptr<const QuantTable> quant_table(const char* op, const char* arg, c
   TORCH_CHECK_VALUE(fill_quant_lut(mids, shift, t->entry.data()), "thrifty.", op, ": '", arg,
                     "' is too dense for the CPU quantizer: a midpoint at 0 shares a denormal bucket with another");
   std::memcpy(t->q, q, sizeof(t->q));
+  fill_quant_planes(q, t->planes);
   t->lut.shift = static_cast<uint32_t>(shift);
   t->lut.entry = t->entry.data();
+  t->lut.planes = t->planes;
   std::lock_guard<std::mutex> lock(mu);
   cache.push_back(t);
   if (cache.size() > kCacheSize) cache.erase(cache.begin());

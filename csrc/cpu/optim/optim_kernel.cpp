@@ -136,13 +136,6 @@ void adamw8bit_chunk(const OptimStepParams& s, const OptimTensor& t, int64_t beg
   const QuantConsts qcm = quant_consts(lm), qcv = quant_consts(lv);
   alignas(64) float mb[kQuantBlock];
   alignas(64) float vb[kQuantBlock];
-#if defined(THRIFTY_AVX512_BF16)
-  ByteTables tm, tv;  // 2 KB per 64K-element chunk
-  if constexpr (kVbmi) {
-    build_byte_tables(qm, tm);
-    build_byte_tables(qv, tv);
-  }
-#endif
   for (int64_t b0 = begin; b0 < end; b0 += kQuantBlock) {
     const int nb = static_cast<int>(end - b0 < kQuantBlock ? end - b0 : kQuantBlock);
     const int64_t blk = b0 / kQuantBlock;
@@ -155,8 +148,8 @@ void adamw8bit_chunk(const OptimStepParams& s, const OptimTensor& t, int64_t beg
     if constexpr (kVbmi) {
 #if defined(THRIFTY_AVX512_BF16)
       for (; j + 64 <= nb; j += 64) {
-        dequant64_vbmi(cm + j, tm, amv, mb + j);
-        dequant64_vbmi(cv + j, tv, avv, vb + j);
+        dequant64_vbmi(cm + j, lm.planes, amv, mb + j);
+        dequant64_vbmi(cv + j, lv.planes, avv, vb + j);
       }
 #endif
       for (int k = j; k < nb; ++k) {

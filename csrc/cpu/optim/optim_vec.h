@@ -62,20 +62,12 @@ THRIFTY_INLINE void quant8_store(const QuantConsts& q, Vec x, uint8_t* out) {
 // AMD Zen 4; here the 256-entry float map is split into its 4 byte planes, and 64 codes at a time look
 // each plane up with two VPERMI2B (entries 0-127 and 128-255, chosen by the code's top bit), then the
 // planes are interleaved back into 64 floats: 1 + 12 + 8 byte ops for 64 values instead of 4 gathers.
-struct ByteTables {
-  alignas(64) uint8_t plane[4][256];  // plane[p][c] = byte p of map[c]
-};
-inline void build_byte_tables(const float* map, ByteTables& t) {
-  for (int c = 0; c < 256; ++c) {
-    uint32_t u;
-    std::memcpy(&u, map + c, 4);
-    for (int p = 0; p < 4; ++p) t.plane[p][c] = static_cast<uint8_t>(u >> (8 * p));
-  }
-}
+// The planes (QuantLut::planes) are built with the map's other tables, once per map, by the CPU glue.
+//
 // out[0..64) = map[codes[i]] * scale (the same floats and products as dequant8). Not inlined: only this
 // function is compiled for VBMI, and its caller runs it only where the CPU has it.
 __attribute__((target("avx512vbmi"), noinline)) inline void dequant64_vbmi(const uint8_t* codes,
-                                                                           const ByteTables& t, Vec scale,
+                                                                           const uint8_t (*planes)[256], Vec scale,
                                                                            float* out) {
   // Code i goes to byte 16L + 4q + j (i = 16q + 4L + j) so that the in-lane unpacks below leave output
   // vector q holding codes 16q .. 16q + 15 in order.
@@ -87,9 +79,9 @@ __attribute__((target("avx512vbmi"), noinline)) inline void dequant64_vbmi(const
   const __mmask64 top = _mm512_movepi8_mask(c);
   __m512i b[4];
   for (int p = 0; p < 4; ++p) {
-    const __m512i* tp = reinterpret_cast<const __m512i*>(t.plane[p]);
-    const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(tp), c, _mm512_load_si512(tp + 1));
-    const __m512i hi = _mm512_permutex2var_epi8(_mm512_load_si512(tp + 2), c, _mm512_load_si512(tp + 3));
+    const uint8_t* tp = planes[p];
+    const __m512i lo = _mm512_permutex2var_epi8(_mm512_loadu_si512(tp), c, _mm512_loadu_si512(tp + 64));
+    const __m512i hi = _mm512_permutex2var_epi8(_mm512_loadu_si512(tp + 128), c, _mm512_loadu_si512(tp + 192));
     b[p] = _mm512_mask_blend_epi8(top, lo, hi);
   }
   const __m512i w01l = _mm512_unpacklo_epi8(b[0], b[1]), w01h = _mm512_unpackhi_epi8(b[0], b[1]);
