@@ -998,39 +998,38 @@ THRIFTY_INLINE uint32_t bf16_pair(const bf16_t* x) {  // x[0] low half, x[1] hig
   return w;
 }
 
-// 16 lanes of (bf16(a[i]), bf16(b[i])): a in the low half, as pairs of rows (r, r + 1) of one column.
+// 16 pairs (lo[i], hi[i]) of bf16 bit patterns as uint32 words, lo in the low half: rows (r, r + 1) of 16 columns.
+THRIFTY_INLINE __m512i pair_words(__m256i lo, __m256i hi) {
+  return _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+}
+
+// pair_words of 16 float lanes of two rows, each rounded to bf16.
 THRIFTY_INLINE __m512i row_pairs_bf16(__m512 a, __m512 b) {
   __m256bh ah = _mm512_cvtneps_pbh(a), bh = _mm512_cvtneps_pbh(b);
   __m256i ai, bi;
   std::memcpy(&ai, &ah, sizeof(ai));
   std::memcpy(&bi, &bh, sizeof(bi));
-  return _mm512_or_si512(_mm512_cvtepu16_epi32(ai), _mm512_slli_epi32(_mm512_cvtepu16_epi32(bi), 16));
+  return pair_words(ai, bi);
 }
 
-// Rows r < n of a Q tile as pairs along head_dim: dst[r * D2 + i] = (x[2i], x[2i+1]), the odd
-// head_dim's last pair completed with 0; rows n <= r < n_pad zero.
+// Rows r < n of a tile as pairs along head_dim: pair i of row r, (x_r[2i], x_r[2i+1]), the odd head_dim's
+// last pair completed with 0, goes to dst[r * rs + i * is]; rows n <= r < n_pad are zero.
+//   rows of pairs (A operands):         rs = D2, is = 1  (pack_q_pairs)
+//   pairs transposed (B operands, ld):  rs = 1,  is = ld
+THRIFTY_INLINE void pack_pairs(const bf16_t* src, int64_t stride, int n, int n_pad, int D, uint32_t* dst, int64_t rs,
+                               int64_t is) {
+  const int D2 = (D + 1) / 2;
+  for (int r = 0; r < n; ++r) {
+    const bf16_t* x = src + r * stride;
+    uint32_t* y = dst + r * rs;
+    for (int i = 0; i < D / 2; ++i) y[i * is] = bf16_pair(x + 2 * i);
+    if (D & 1) y[(D2 - 1) * is] = x[D - 1].bits;
+  }
+  for (int r = n; r < n_pad; ++r)
+    for (int i = 0; i < D2; ++i) dst[r * rs + i * is] = 0;
+}
 THRIFTY_INLINE void pack_q_pairs(const bf16_t* src, int64_t stride, int n, int n_pad, int D, uint32_t* dst) {
-  const int D2 = (D + 1) / 2;
-  for (int r = 0; r < n; ++r) {
-    const bf16_t* x = src + r * stride;
-    uint32_t* y = dst + static_cast<int64_t>(r) * D2;
-    for (int i = 0; i < D / 2; ++i) y[i] = bf16_pair(x + 2 * i);
-    if (D & 1) y[D2 - 1] = x[D - 1].bits;
-  }
-  std::memset(dst + static_cast<int64_t>(n) * D2, 0, sizeof(uint32_t) * (n_pad - n) * D2);
-}
-
-// Rows r < n of a tile transposed into pairs along head_dim: dst[i * ld + r] = (x_r[2i], x_r[2i+1]), the odd
-// head_dim's last pair completed with 0; rows n <= r < n_pad zero.
-THRIFTY_INLINE void pack_pairs_t(const bf16_t* src, int64_t stride, int n, int n_pad, int D, uint32_t* dst, int64_t ld) {
-  const int D2 = (D + 1) / 2;
-  for (int r = 0; r < n; ++r) {
-    const bf16_t* x = src + r * stride;
-    for (int i = 0; i < D / 2; ++i) dst[i * ld + r] = bf16_pair(x + 2 * i);
-    if (D & 1) dst[(D2 - 1) * ld + r] = x[D - 1].bits;
-  }
-  for (int i = 0; i < D2; ++i)
-    for (int r = n; r < n_pad; ++r) dst[i * ld + r] = 0;
+  pack_pairs(src, stride, n, n_pad, D, dst, (D + 1) / 2, 1);
 }
 
 // V2 of one key tile (n <= BK keys): dst[jp * Dp + d] = (V[2jp][d], V[2jp+1][d]), zero for keys
@@ -1049,9 +1048,9 @@ THRIFTY_INLINE void pack_v_pairs(const bf16_t* src, int64_t stride, int n, int D
     for (int d = 0; d < Dp; d += 16) {
       const int m = D - d >= 16 ? 16 : (D - d > 0 ? D - d : 0);
       const __mmask16 k = static_cast<__mmask16>((1u << m) - 1u);
-      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, x0 + d));
-      const __m512i hi = has1 ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, x1 + d)) : _mm512_setzero_si512();
-      _mm512_storeu_si512(y + d, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      const __m256i lo = _mm256_maskz_loadu_epi16(k, x0 + d);
+      const __m256i hi = has1 ? _mm256_maskz_loadu_epi16(k, x1 + d) : _mm256_setzero_si256();
+      _mm512_storeu_si512(y + d, pair_words(lo, hi));
     }
   }
 }
@@ -1112,7 +1111,7 @@ void fwd_bf16_dot(const AttentionParams& p) {
         resident = static_cast<int64_t>(tile.b) * p.kv_heads + tile.kvh;
         std::fill(packed.begin(), packed.end(), 0);
       }
-      pack_pairs_t(qb, p.q_row_stride, mq, nq, D, q2t, FBQ);
+      pack_pairs(qb, p.q_row_stride, mq, nq, D, q2t, 1, FBQ);
       for (int r = 0; r < nq; ++r) {
         m[r] = -std::numeric_limits<float>::max();
         l[r] = 0.0f;
@@ -1159,11 +1158,11 @@ void fwd_bf16_dot(const AttentionParams& p) {
           for (int j = 0; j < kn; ++j) vm = max(vm, Vec::load(st + j * FBQ + ib) * vsc);
           vm.store(m + ib);
           exp_sm(mold - vm).store(alpha + ib);
+          const Vec nvm = Vec::zero() - vm;
           Vec s0 = Vec::zero(), s1 = Vec::zero();
           for (int j = 0; j < kn; j += 2) {  // keys 2jp, 2jp + 1 -> one bf16 pair per query
-            const Vec e0 = exp_sm(fma(Vec::load(st + j * FBQ + ib), vsc, Vec::zero() - vm));
-            const Vec e1 = j + 1 < kn ? exp_sm(fma(Vec::load(st + (j + 1) * FBQ + ib), vsc, Vec::zero() - vm))
-                                      : Vec::zero();
+            const Vec e0 = exp_sm(fma(Vec::load(st + j * FBQ + ib), vsc, nvm));
+            const Vec e1 = j + 1 < kn ? exp_sm(fma(Vec::load(st + (j + 1) * FBQ + ib), vsc, nvm)) : Vec::zero();
             s0 = s0 + e0;
             s1 = s1 + e1;
             _mm512_storeu_si512(p2t + (j / 2) * FBQ + ib, row_pairs_bf16(e0.v, e1.v));
@@ -1180,7 +1179,7 @@ void fwd_bf16_dot(const AttentionParams& p) {
 // ---------------------------------------------------------------------------------------
 // bfloat16 backward on VDPBF16PS (avx512_bf16 where cpu_use_bf16_dot(), as the forward above). The
 // five products of a (query tile, key tile) pair take bf16 pairs along their reduction dimension:
-//   S  = Q K^T     A = Q [row][d pairs],        B = K2 [d pair][key]   (pack_q_pairs / pack_pairs_t)
+//   S  = Q K^T     A = Q [row][d pairs],        B = K2 [d pair][key]   (pack_q_pairs / pack_pairs)
 //   dP = dO V^T    A = dO [row][d pairs],       B = V2 [d pair][key]
 //   dV += P^T dO   A = P2 [row pair][key] read transposed, B = dO [row pair][d] (pack_v_pairs on dO rows)
 //   dK += dS^T Q   A = dS2 [row pair][key] read transposed, B = Q [row pair][d]
@@ -1256,8 +1255,8 @@ void bwd_bf16_dot(const AttentionBwdParams& p) {
         const QueryRange seen = bwd_tile_rows(sq, j0, kn, wl, wr);
         const int64_t qlo = seen.lo, qhi = seen.hi;
         if (qlo < qhi) {
-          pack_pairs_t(tk.kb + j0 * p.k_row_stride, p.k_row_stride, kn, BK, D, k2, BK);
-          pack_pairs_t(tk.vb + j0 * p.v_row_stride, p.v_row_stride, kn, BK, D, v2, BK);
+          pack_pairs(tk.kb + j0 * p.k_row_stride, p.k_row_stride, kn, BK, D, k2, 1, BK);
+          pack_pairs(tk.vb + j0 * p.v_row_stride, p.v_row_stride, kn, BK, D, v2, 1, BK);
           pack_v_pairs(tk.kb + j0 * p.k_row_stride, p.k_row_stride, kn, D, Dp, kk);
         }
         for (int hh = 0; hh < group && qlo < qhi; ++hh) {
