@@ -411,8 +411,9 @@ void gemm(const QuantLinearParams& p) {
 // the same L1 sets as each other and as the weight slice (W4/W8 M=64..256 on a Zen 4: 0.79-0.94x -> 0.84-1.00x
 // torch bf16 matmul with the slice-major panel and the loop order below). The
 // micro-kernel broadcasts a pair of x and runs 6 rows x 32 columns of VDPBF16PS. Each group's partial
-// sums are scaled as they leave the registers (cbuf += acc * s[g][columns]; W8: one group of K, per-column
-// scales); W4's zero points and 128 offset come off once at the end: y = cbuf - sum_g s (z + 128) xsum[g].
+// sums are scaled into a second register set as the group completes (tot += acc * s[g][columns]; W8: one
+// group of K, per-column scales), added to cbuf once per panel; W4's zero points and 128 offset come off
+// once at the end: y = cbuf - sum_g s (z + 128) xsum[g].
 constexpr int64_t KB4 = 256;  // k per panel (128 pairs: a 32-column slice of it is 16 KB, L1)
 constexpr int MR6 = 6;        // rows per micro-tile and per x tile
 constexpr int64_t MB4 = 264;  // rows of x per block (44 tiles; a weight panel is packed once per block)
