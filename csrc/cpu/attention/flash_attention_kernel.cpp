@@ -1271,30 +1271,25 @@ void bwd_bf16_dot(const AttentionBwdParams& p) {
           for (int64_t i0 = qlo / BQ * BQ; i0 < qhi; i0 += BQ) {
             const int tn = static_cast<int>(std::min<int64_t>(BQ, sq.sq - i0));  // rows of the tile
             const int mq = static_cast<int>(std::min<int64_t>(tn, qhi - i0));     // rows it needs here
-            const uint32_t *qd = tqd, *gd = tgd, *qr = tqr, *gr = tgr;
+            // the tile's Q and dO in both layouts: in the head cache (packed on first use) or per tile
+            uint32_t *qd = tqd, *gd = tgd, *qr = tqr, *gr = tgr;
+            bool pack = true;
             if (head_cache) {
-              uint32_t* hq = reinterpret_cast<uint32_t*>(hbuf.ptr) + hh * head_words;
-              uint32_t* hqd = hq;                 // [sq_cap][D2]
-              uint32_t* hgd = hqd + f_hd;         // [sq_cap][D2]
-              uint32_t* hqr = hgd + f_hd;         // [sq_cap / 2][Dp]
-              uint32_t* hgr = hqr + f_hr;         // [sq_cap / 2][Dp]
+              uint32_t* hq = reinterpret_cast<uint32_t*>(hbuf.ptr) + hh * head_words;  // [sq_cap][D2] Q, dO,
+              qd = hq + i0 * D2;                                                          // then [sq_cap / 2][Dp]
+              gd = hq + f_hd + i0 * D2;                                                   // Q, dO
+              qr = hq + 2 * f_hd + i0 / 2 * Dp;
+              gr = hq + 2 * f_hd + f_hr + i0 / 2 * Dp;
               char& pk = packed[hh * (sq_cap / BQ) + i0 / BQ];
-              if (!pk) {
-                pack_q_pairs(qb + i0 * p.q_row_stride, p.q_row_stride, tn, tn, D, hqd + i0 * D2);
-                pack_q_pairs(gb + i0 * p.do_row_stride, p.do_row_stride, tn, tn, D, hgd + i0 * D2);
-                pack_v_pairs(qb + i0 * p.q_row_stride, p.q_row_stride, tn, D, Dp, hqr + i0 / 2 * Dp);
-                pack_v_pairs(gb + i0 * p.do_row_stride, p.do_row_stride, tn, D, Dp, hgr + i0 / 2 * Dp);
-                pk = 1;
-              }
-              qd = hqd + i0 * D2;
-              gd = hgd + i0 * D2;
-              qr = hqr + i0 / 2 * Dp;
-              gr = hgr + i0 / 2 * Dp;
-            } else {
-              pack_q_pairs(qb + i0 * p.q_row_stride, p.q_row_stride, mq, mq, D, tqd);
-              pack_q_pairs(gb + i0 * p.do_row_stride, p.do_row_stride, mq, mq, D, tgd);
-              pack_v_pairs(qb + i0 * p.q_row_stride, p.q_row_stride, mq, D, Dp, tqr);
-              pack_v_pairs(gb + i0 * p.do_row_stride, p.do_row_stride, mq, D, Dp, tgr);
+              pack = !pk;
+              pk = 1;
+            }
+            if (pack) {
+              const int n = head_cache ? tn : mq;  // the cache holds whole tiles for later key tiles
+              pack_q_pairs(qb + i0 * p.q_row_stride, p.q_row_stride, n, n, D, qd);
+              pack_q_pairs(gb + i0 * p.do_row_stride, p.do_row_stride, n, n, D, gd);
+              pack_v_pairs(qb + i0 * p.q_row_stride, p.q_row_stride, n, D, Dp, qr);
+              pack_v_pairs(gb + i0 * p.do_row_stride, p.do_row_stride, n, D, Dp, gr);
             }
             for (int r = 0; r < mq; ++r) {
               lse_r[r] = lseb[i0 + r];
