@@ -287,6 +287,18 @@ THRIFTY_INLINE Seq seq_of(const AttentionParams& p, int b) {
   return Seq{0, 0, p.seqlen_q, p.seqlen_k};
 }
 
+// Transposed scores st[j * ld + r] (key j0 + j, query row i0 + r; r < mq, j < kn) outside each query's
+// visible keys -> -inf.
+THRIFTY_INLINE void mask_scores_t(float* st, int64_t ld, int mq, int64_t i0, int64_t j0, int kn, const Seq& sq, int wl,
+                                  int wr) {
+  for (int r = 0; r < mq; ++r) {
+    const Cols c = visible_cols(false, i0 + r, j0, kn, sq.sq, sq.sk, wl, wr);
+    const int a = c.a < c.b ? c.a : kn;
+    for (int j = 0; j < a; ++j) st[j * ld + r] = kNegInf;
+    for (int j = c.b > a ? c.b : a; j < kn; ++j) st[j * ld + r] = kNegInf;
+  }
+}
+
 struct Buffer {
   float* ptr = nullptr;
   explicit Buffer(int64_t floats) {
@@ -440,14 +452,8 @@ void fwd(const AttentionParams& p) {
         gemm_s<0>(kn, nq, D, kp, lk, 1, qt, FBQ, st, FBQ);  // S^T = K Qs^T
         if (cap > 0.0f)
           for (int j = 0; j < kn; ++j) apply_softcap(st + j * FBQ, nq, cap, nullptr);
-        if (!attention_tile_unmasked(i0, i0 + mq, j0, j0 + kn, sq.sq, sq.sk, wl, wr)) {
-          for (int r = 0; r < mq; ++r) {
-            const Cols c = visible_cols(false, i0 + r, j0, kn, sq.sq, sq.sk, wl, wr);
-            const int a = c.a < c.b ? c.a : kn;
-            for (int j = 0; j < a; ++j) st[j * FBQ + r] = kNegInf;
-            for (int j = c.b > a ? c.b : a; j < kn; ++j) st[j * FBQ + r] = kNegInf;
-          }
-        }
+        if (!attention_tile_unmasked(i0, i0 + mq, j0, j0 + kn, sq.sq, sq.sk, wl, wr))
+          mask_scores_t(st, FBQ, mq, i0, j0, kn, sq, wl, wr);
         // m starts at -FLT_MAX (not -inf), so m' is finite: a row with nothing visible yet
         // gets P = exp(-inf) = 0 and alpha = 0 (O and l are 0 anyway), with no special case.
         for (int ib = 0; ib < nq; ib += W) {
@@ -545,6 +551,38 @@ THRIFTY_INLINE QueryRange bwd_tile_rows(const Seq& sq, int64_t j0, int kn, int w
                     attention_query_range(j0 + kn - 1, sq.sq, sq.sk, wl, wr).hi};
 }
 
+// Pass 2 over the tasks [begin, end) of one thread, for both backward kernels: for each key tile [j0, j0 + kn)
+// of a task's chunk, zeroes the tile's dK and dV accumulators ([kn][Dp] floats), calls
+// tile(tk, j0, kn, seen) when any query row sees the tile (seen: those rows; the callback adds into the
+// accumulators), and stores dK (times dk_scale) and dV. new_head() runs first and whenever a task moves to
+// another (batch, kv_head): the callers reset their per-head caches there.
+template <typename T, typename NewHead, typename Tile>
+THRIFTY_INLINE void bwd_key_tiles(const AttentionBwdParams& p, int nc, int64_t begin, int64_t end, int Dp,
+                                  float* dk_acc, float* dv_acc, float dk_scale, NewHead&& new_head, Tile&& tile) {
+  const int64_t nkt = (static_cast<int64_t>(p.seqlen_k) + BK - 1) / BK;
+  int64_t resident = -1;  // b * kv_heads + kv_head of the previous task
+  for (int64_t task = begin; task < end; ++task) {
+    const BwdTask<T> tk = bwd_task<T>(p, nc, task);
+    if (resident != tk.bk) {
+      resident = tk.bk;
+      new_head();
+    }
+    for (int64_t kt_i = tk.c; kt_i < nkt; kt_i += nc) {
+      const int64_t j0 = kt_i * BK;
+      if (j0 >= tk.sq.sk) break;
+      const int kn = static_cast<int>(tk.sq.sk - j0 < BK ? tk.sq.sk - j0 : BK);
+      std::memset(dk_acc, 0, sizeof(float) * kn * Dp);
+      std::memset(dv_acc, 0, sizeof(float) * kn * Dp);
+      const QueryRange seen = bwd_tile_rows(tk.sq, j0, kn, p.window_left, p.window_right);
+      if (seen.lo < seen.hi) tile(tk, j0, kn, seen);
+      for (int j = 0; j < kn; ++j) {
+        store_row(dk_acc + static_cast<int64_t>(j) * Dp, dk_scale, p.head_dim, tk.dkb + (j0 + j) * p.dk_row_stride);
+        store_row(dv_acc + static_cast<int64_t>(j) * Dp, 1.0f, p.head_dim, tk.dvb + (j0 + j) * p.dv_row_stride);
+      }
+    }
+  }
+}
+
 // Pass 1: D = rowsum(dO * O); zero the dq accumulators.
 template <typename T>
 void bwd_row_sums(const AttentionBwdParams& p, const BwdWork& w) {
@@ -621,7 +659,6 @@ void bwd(const AttentionBwdParams& p) {
   bwd_row_sums<T>(p, w);
 
   // Pass 2: per (batch, kv_head, chunk of key tiles): dK, dV final; dQ partial sums.
-  const int64_t nkt = (static_cast<int64_t>(p.seqlen_k) + BK - 1) / BK;
   const int64_t tasks = static_cast<int64_t>(p.batch) * p.kv_heads * nc;
   // Like the forward's K/V: scale * Q and dO of the heads of the (batch, kv_head) at hand are
   // widened into contiguous float rows once per thread (tile by tile, as first needed) and
@@ -634,7 +671,6 @@ void bwd(const AttentionBwdParams& p) {
     Buffer buf(f_kt * 2 + f_k + 2 * f_q + 3 * f_s + 2 * f_k + 2 * BQ);
     Buffer hbuf(head_cache ? 2 * group * sq_cap * Dp : 1);  // [group][sq_cap][Dp] scale * Q, then dO
     std::vector<char> packed(head_cache ? group * sq_cap / BQ : 0);
-    int64_t resident = -1;  // b * kv_heads + kv_head whose Q/dO hbuf holds
     float* kt = buf.ptr;         // K^T  [D][BK]
     float* vt = kt + f_kt;       // V^T  [D][BK]
     float* kp = vt + f_kt;       // K    [BK][Dp]
@@ -647,109 +683,92 @@ void bwd(const AttentionBwdParams& p) {
     float* dv_acc = dk_acc + f_k;
     float* lse_r = dv_acc + f_k;
     float* d_r = lse_r + BQ;
-    for (int64_t task = begin; task < end; ++task) {
-      const BwdTask<T> tk = bwd_task<T>(p, nc, task);
+    bwd_key_tiles<T>(p, nc, begin, end, Dp, dk_acc, dv_acc, 1.0f, [&] {
+      if (head_cache) std::fill(packed.begin(), packed.end(), 0);
+    }, [&](const BwdTask<T>& tk, int64_t j0, int kn, QueryRange seen) {
       const Seq& sq = tk.sq;
       const int b = tk.b;
-      if (head_cache && resident != tk.bk) {
-        resident = tk.bk;
-        std::fill(packed.begin(), packed.end(), 0);
-      }
-      for (int64_t kt_i = tk.c; kt_i < nkt; kt_i += nc) {
-        const int64_t j0 = kt_i * BK;
-        if (j0 >= sq.sk) break;
-        const int kn = static_cast<int>(sq.sk - j0 < BK ? sq.sk - j0 : BK);
-        const int nk = static_cast<int>(round_up(kn, W));
-        std::memset(dk_acc, 0, sizeof(float) * kn * Dp);
-        std::memset(dv_acc, 0, sizeof(float) * kn * Dp);
-        const QueryRange seen = bwd_tile_rows(sq, j0, kn, wl, wr);
-        const int64_t qlo = seen.lo, qhi = seen.hi;
-        if (qlo < qhi) {
-          pack_transposed(tk.kb + j0 * p.k_row_stride, p.k_row_stride, kn, D, BK, kt);
-          pack_transposed(tk.vb + j0 * p.v_row_stride, p.v_row_stride, kn, D, BK, vt);
-          pack_rows(tk.kb + j0 * p.k_row_stride, p.k_row_stride, kn, D, Dp, 1.0f, kp);
-        }
-        for (int hh = 0; hh < group && qlo < qhi; ++hh) {
-          const int h = tk.kvh * group + hh;
-          const T* qb = Q + b * p.q_batch_stride + sq.q_row0 * p.q_row_stride + h * p.q_head_stride;
-          const T* gb = dO + b * p.do_batch_stride + sq.q_row0 * p.do_row_stride + h * p.do_head_stride;
-          const float* lseb = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + sq.q_row0;
-          const float* db = Dsum + h * rows + tk.q_base_row;
-          float* dqa = dq_acc + ((static_cast<int64_t>(tk.c) * p.heads + h) * rows + tk.q_base_row) * Dw;
-          for (int64_t i0 = qlo; i0 < qhi; i0 += BQ) {
-            const int mq = static_cast<int>(qhi - i0 < BQ ? qhi - i0 : BQ);
-            const float* qsp = qs;
-            const float* gpp = gp;
-            if (head_cache) {
-              float* qh = hbuf.ptr + static_cast<int64_t>(hh) * sq_cap * Dp;
-              float* gh = hbuf.ptr + static_cast<int64_t>(group + hh) * sq_cap * Dp;
-              char* pk = packed.data() + static_cast<int64_t>(hh) * (sq_cap / BQ);
-              for (int64_t t = i0 / BQ; t * BQ < i0 + mq; ++t) {
-                if (pk[t]) continue;
-                const int64_t t0 = t * BQ;
-                const int tn = static_cast<int>(sq.sq - t0 < BQ ? sq.sq - t0 : BQ);
-                pack_rows(qb + t0 * p.q_row_stride, p.q_row_stride, tn, D, Dp, p.softmax_scale, qh + t0 * Dp);
-                pack_rows(gb + t0 * p.do_row_stride, p.do_row_stride, tn, D, Dp, 1.0f, gh + t0 * Dp);
-                pk[t] = 1;
-              }
-              qsp = qh + i0 * Dp;
-              gpp = gh + i0 * Dp;
-            } else {
-              pack_rows(qb + i0 * p.q_row_stride, p.q_row_stride, mq, D, Dp, p.softmax_scale, qs);
-              pack_rows(gb + i0 * p.do_row_stride, p.do_row_stride, mq, D, Dp, 1.0f, gp);
+      const int nk = static_cast<int>(round_up(kn, W));
+      const int64_t qlo = seen.lo, qhi = seen.hi;
+      pack_transposed(tk.kb + j0 * p.k_row_stride, p.k_row_stride, kn, D, BK, kt);
+      pack_transposed(tk.vb + j0 * p.v_row_stride, p.v_row_stride, kn, D, BK, vt);
+      pack_rows(tk.kb + j0 * p.k_row_stride, p.k_row_stride, kn, D, Dp, 1.0f, kp);
+      for (int hh = 0; hh < group; ++hh) {
+        const int h = tk.kvh * group + hh;
+        const T* qb = Q + b * p.q_batch_stride + sq.q_row0 * p.q_row_stride + h * p.q_head_stride;
+        const T* gb = dO + b * p.do_batch_stride + sq.q_row0 * p.do_row_stride + h * p.do_head_stride;
+        const float* lseb = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + sq.q_row0;
+        const float* db = Dsum + h * rows + tk.q_base_row;
+        float* dqa = dq_acc + ((static_cast<int64_t>(tk.c) * p.heads + h) * rows + tk.q_base_row) * Dw;
+        for (int64_t i0 = qlo; i0 < qhi; i0 += BQ) {
+          const int mq = static_cast<int>(qhi - i0 < BQ ? qhi - i0 : BQ);
+          const float* qsp = qs;
+          const float* gpp = gp;
+          if (head_cache) {
+            float* qh = hbuf.ptr + static_cast<int64_t>(hh) * sq_cap * Dp;
+            float* gh = hbuf.ptr + static_cast<int64_t>(group + hh) * sq_cap * Dp;
+            char* pk = packed.data() + static_cast<int64_t>(hh) * (sq_cap / BQ);
+            for (int64_t t = i0 / BQ; t * BQ < i0 + mq; ++t) {
+              if (pk[t]) continue;
+              const int64_t t0 = t * BQ;
+              const int tn = static_cast<int>(sq.sq - t0 < BQ ? sq.sq - t0 : BQ);
+              pack_rows(qb + t0 * p.q_row_stride, p.q_row_stride, tn, D, Dp, p.softmax_scale, qh + t0 * Dp);
+              pack_rows(gb + t0 * p.do_row_stride, p.do_row_stride, tn, D, Dp, 1.0f, gh + t0 * Dp);
+              pk[t] = 1;
             }
-            for (int r = 0; r < mq; ++r) {
-              lse_r[r] = lseb[i0 + r];
-              d_r[r] = db[i0 + r];
-            }
-            gemm<0>(mq, nk, D, qsp, Dp, kt, BK, s, BK);   // S = Qs K^T
-            gemm<0>(mq, nk, D, gpp, Dp, vt, BK, dp, BK);  // dP = dO V^T
-            const bool unmasked = attention_tile_unmasked(i0, i0 + mq, j0, j0 + kn, sq.sq, sq.sk, wl, wr);
-            for (int r = 0; r < mq; ++r) {
-              float* sr = s + r * BK;
-              float* dpr = dp + r * BK;
-              float* dcr = dsc + r * BK;
-              if (cap > 0.0f) apply_softcap(sr, kn, cap, dcr);
-              const Cols cc = visible_cols(unmasked, i0 + r, j0, kn, sq.sq, sq.sk, wl, wr);
-              const float lz = lse_r[r];
-              if (lz == kNegInf || cc.a >= cc.b) {
-                for (int j = 0; j < kn; ++j) sr[j] = dpr[j] = 0.0f;
-                continue;
-              }
-              for (int j = 0; j < cc.a; ++j) sr[j] = dpr[j] = 0.0f;
-              for (int j = cc.b; j < kn; ++j) sr[j] = dpr[j] = 0.0f;
-              const Vec vl = Vec::set1(lz), vd = Vec::set1(d_r[r]);
-              int j = cc.a;
-              for (; j + W <= cc.b; j += W) {
-                const Vec pv = exp_sm(Vec::load(sr + j) - vl);
-                pv.store(sr + j);
-                Vec ds = pv * (Vec::load(dpr + j) - vd);
-                if (cap > 0.0f) ds = ds * Vec::load(dcr + j);
-                ds.store(dpr + j);
-              }
-              if (j < cc.b) {
-                const int n = cc.b - j;
-                const Vec pv = exp_sm(Vec::load(sr + j, n) - vl);
-                pv.store(sr + j, n);
-                Vec ds = pv * (Vec::load(dpr + j, n) - vd);
-                if (cap > 0.0f) ds = ds * Vec::load(dcr + j, n);
-                ds.store(dpr + j, n);
-              }
-            }
-            // dV += P^T dO  (P read transposed through the A strides)
-            gemm_s<1>(kn, Dp, mq, s, 1, BK, gpp, Dp, dv_acc, Dp);
-            // dQ (partial, unscaled) += dS K
-            gemm<1>(mq, Dp, kn, dp, BK, kp, Dp, dqa + i0 * Dw, Dw);
-            // dK += dS^T Qs
-            gemm_s<1>(kn, Dp, mq, dp, 1, BK, qsp, Dp, dk_acc, Dp);
+            qsp = qh + i0 * Dp;
+            gpp = gh + i0 * Dp;
+          } else {
+            pack_rows(qb + i0 * p.q_row_stride, p.q_row_stride, mq, D, Dp, p.softmax_scale, qs);
+            pack_rows(gb + i0 * p.do_row_stride, p.do_row_stride, mq, D, Dp, 1.0f, gp);
           }
-        }
-        for (int j = 0; j < kn; ++j) {
-          store_row(dk_acc + static_cast<int64_t>(j) * Dp, 1.0f, D, tk.dkb + (j0 + j) * p.dk_row_stride);
-          store_row(dv_acc + static_cast<int64_t>(j) * Dp, 1.0f, D, tk.dvb + (j0 + j) * p.dv_row_stride);
+          for (int r = 0; r < mq; ++r) {
+            lse_r[r] = lseb[i0 + r];
+            d_r[r] = db[i0 + r];
+          }
+          gemm<0>(mq, nk, D, qsp, Dp, kt, BK, s, BK);   // S = Qs K^T
+          gemm<0>(mq, nk, D, gpp, Dp, vt, BK, dp, BK);  // dP = dO V^T
+          const bool unmasked = attention_tile_unmasked(i0, i0 + mq, j0, j0 + kn, sq.sq, sq.sk, wl, wr);
+          for (int r = 0; r < mq; ++r) {
+            float* sr = s + r * BK;
+            float* dpr = dp + r * BK;
+            float* dcr = dsc + r * BK;
+            if (cap > 0.0f) apply_softcap(sr, kn, cap, dcr);
+            const Cols cc = visible_cols(unmasked, i0 + r, j0, kn, sq.sq, sq.sk, wl, wr);
+            const float lz = lse_r[r];
+            if (lz == kNegInf || cc.a >= cc.b) {
+              for (int j = 0; j < kn; ++j) sr[j] = dpr[j] = 0.0f;
+              continue;
+            }
+            for (int j = 0; j < cc.a; ++j) sr[j] = dpr[j] = 0.0f;
+            for (int j = cc.b; j < kn; ++j) sr[j] = dpr[j] = 0.0f;
+            const Vec vl = Vec::set1(lz), vd = Vec::set1(d_r[r]);
+            int j = cc.a;
+            for (; j + W <= cc.b; j += W) {
+              const Vec pv = exp_sm(Vec::load(sr + j) - vl);
+              pv.store(sr + j);
+              Vec ds = pv * (Vec::load(dpr + j) - vd);
+              if (cap > 0.0f) ds = ds * Vec::load(dcr + j);
+              ds.store(dpr + j);
+            }
+            if (j < cc.b) {
+              const int n = cc.b - j;
+              const Vec pv = exp_sm(Vec::load(sr + j, n) - vl);
+              pv.store(sr + j, n);
+              Vec ds = pv * (Vec::load(dpr + j, n) - vd);
+              if (cap > 0.0f) ds = ds * Vec::load(dcr + j, n);
+              ds.store(dpr + j, n);
+            }
+          }
+          // dV += P^T dO  (P read transposed through the A strides)
+          gemm_s<1>(kn, Dp, mq, s, 1, BK, gpp, Dp, dv_acc, Dp);
+          // dQ (partial, unscaled) += dS K
+          gemm<1>(mq, Dp, kn, dp, BK, kp, Dp, dqa + i0 * Dw, Dw);
+          // dK += dS^T Qs
+          gemm_s<1>(kn, Dp, mq, dp, 1, BK, qsp, Dp, dk_acc, Dp);
         }
       }
-    }
+    });
   });
 
   bwd_dq_out<T>(p, w);
@@ -1144,13 +1163,7 @@ void fwd_bf16_dot(const AttentionParams& p) {
           }
         const bool unmasked = kr.lo <= j0 && j0 + kn <= kr.hi &&
                               attention_tile_unmasked(i0, i0 + mq, j0, j0 + kn, sq.sq, sq.sk, wl, wr);
-        if (!unmasked)
-          for (int r = 0; r < mq; ++r) {
-            const Cols c = visible_cols(false, i0 + r, j0, kn, sq.sq, sq.sk, wl, wr);
-            const int a = c.a < c.b ? c.a : kn;
-            for (int j = 0; j < a; ++j) st[j * FBQ + r] = kNegInf;
-            for (int j = c.b > a ? c.b : a; j < kn; ++j) st[j * FBQ + r] = kNegInf;
-          }
+        if (!unmasked) mask_scores_t(st, FBQ, mq, i0, j0, kn, sq, wl, wr);
         // As fwd(): m starts at -FLT_MAX, so a row with nothing visible yet gets P = 0 and alpha = 0.
         for (int ib = 0; ib < nq; ib += W) {
           Vec vm = Vec::load(m + ib);
@@ -1204,7 +1217,6 @@ void bwd_bf16_dot(const AttentionBwdParams& p) {
   const __m512 vscale = _mm512_set1_ps(p.softmax_scale);
   bwd_row_sums<bf16_t>(p, w);
 
-  const int64_t nkt = (static_cast<int64_t>(p.seqlen_k) + BK - 1) / BK;
   const int64_t tasks = static_cast<int64_t>(p.batch) * p.kv_heads * nc;
   // Q and dO of the heads of the (batch, kv_head) at hand in both pair layouts, per thread, packed
   // tile by tile as first needed (as bwd() caches their float rows), when that fits.
@@ -1220,7 +1232,6 @@ void bwd_bf16_dot(const AttentionBwdParams& p) {
     Buffer buf(2 * f_k2 + f_kk + 2 * (f_td + f_tr) + 3 * f_s + 3 * f_s / 2 + 2 * f_acc + 2 * BQ);
     Buffer hbuf(head_cache ? group * head_words : 1);
     std::vector<char> packed(head_cache ? group * sq_cap / BQ : 0);
-    int64_t resident = -1;  // b * kv_heads + kv_head whose Q/dO hbuf holds
     uint32_t* k2 = reinterpret_cast<uint32_t*>(buf.ptr);  // K  [d pair][BK]
     uint32_t* v2 = k2 + f_k2;                              // V  [d pair][BK]
     uint32_t* kk = v2 + f_k2;                              // K  [key pair][Dp]
@@ -1238,130 +1249,113 @@ void bwd_bf16_dot(const AttentionBwdParams& p) {
     float* dv_acc = dk_acc + f_acc;
     float* lse_r = dv_acc + f_acc;
     float* d_r = lse_r + BQ;
-    for (int64_t task = begin; task < end; ++task) {
-      const BwdTask<bf16_t> tk = bwd_task<bf16_t>(p, nc, task);
+    bwd_key_tiles<bf16_t>(p, nc, begin, end, Dp, dk_acc, dv_acc, p.softmax_scale, [&] {
+      if (head_cache) std::fill(packed.begin(), packed.end(), 0);
+    }, [&](const BwdTask<bf16_t>& tk, int64_t j0, int kn, QueryRange seen) {
       const Seq& sq = tk.sq;
       const int b = tk.b;
-      if (head_cache && resident != tk.bk) {
-        resident = tk.bk;
-        std::fill(packed.begin(), packed.end(), 0);
-      }
-      for (int64_t kt_i = tk.c; kt_i < nkt; kt_i += nc) {
-        const int64_t j0 = kt_i * BK;
-        if (j0 >= sq.sk) break;
-        const int kn = static_cast<int>(sq.sk - j0 < BK ? sq.sk - j0 : BK);
-        std::memset(dk_acc, 0, sizeof(float) * kn * Dp);
-        std::memset(dv_acc, 0, sizeof(float) * kn * Dp);
-        const QueryRange seen = bwd_tile_rows(sq, j0, kn, wl, wr);
-        const int64_t qlo = seen.lo, qhi = seen.hi;
-        if (qlo < qhi) {
-          pack_pairs(tk.kb + j0 * p.k_row_stride, p.k_row_stride, kn, BK, D, k2, 1, BK);
-          pack_pairs(tk.vb + j0 * p.v_row_stride, p.v_row_stride, kn, BK, D, v2, 1, BK);
-          pack_v_pairs(tk.kb + j0 * p.k_row_stride, p.k_row_stride, kn, D, Dp, kk);
-        }
-        for (int hh = 0; hh < group && qlo < qhi; ++hh) {
-          const int h = tk.kvh * group + hh;
-          const bf16_t* qb = Q + b * p.q_batch_stride + sq.q_row0 * p.q_row_stride + h * p.q_head_stride;
-          const bf16_t* gb = dO + b * p.do_batch_stride + sq.q_row0 * p.do_row_stride + h * p.do_head_stride;
-          const float* lseb = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + sq.q_row0;
-          const float* db = w.Dsum + h * rows + tk.q_base_row;
-          float* dqa = w.dq_acc + ((static_cast<int64_t>(tk.c) * p.heads + h) * rows + tk.q_base_row) * Dw;
-          // the query tiles start at multiples of BQ (qlo rounded down): cached tiles line up, and
-          // rows before qlo see none of this key tile (masked below like any invisible entry)
-          for (int64_t i0 = qlo / BQ * BQ; i0 < qhi; i0 += BQ) {
-            const int tn = static_cast<int>(std::min<int64_t>(BQ, sq.sq - i0));  // rows of the tile
-            const int mq = static_cast<int>(std::min<int64_t>(tn, qhi - i0));     // rows it needs here
-            // the tile's Q and dO in both layouts: in the head cache (packed on first use) or per tile
-            uint32_t *qd = tqd, *gd = tgd, *qr = tqr, *gr = tgr;
-            bool pack = true;
-            if (head_cache) {
-              uint32_t* hq = reinterpret_cast<uint32_t*>(hbuf.ptr) + hh * head_words;  // [sq_cap][D2] Q, dO,
-              qd = hq + i0 * D2;                                                          // then [sq_cap / 2][Dp]
-              gd = hq + f_hd + i0 * D2;                                                   // Q, dO
-              qr = hq + 2 * f_hd + i0 / 2 * Dp;
-              gr = hq + 2 * f_hd + f_hr + i0 / 2 * Dp;
-              char& pk = packed[hh * (sq_cap / BQ) + i0 / BQ];
-              pack = !pk;
-              pk = 1;
-            }
-            if (pack) {
-              const int n = head_cache ? tn : mq;  // the cache holds whole tiles for later key tiles
-              pack_q_pairs(qb + i0 * p.q_row_stride, p.q_row_stride, n, n, D, qd);
-              pack_q_pairs(gb + i0 * p.do_row_stride, p.do_row_stride, n, n, D, gd);
-              pack_v_pairs(qb + i0 * p.q_row_stride, p.q_row_stride, n, D, Dp, qr);
-              pack_v_pairs(gb + i0 * p.do_row_stride, p.do_row_stride, n, D, Dp, gr);
-            }
-            for (int r = 0; r < mq; ++r) {
-              lse_r[r] = lseb[i0 + r];
-              d_r[r] = db[i0 + r];
-            }
-            gemm_dp<0>(mq, BK / W, D2, qd, D2, 1, k2, BK, s, BK);  // S = Q K^T (unscaled)
-            gemm_dp<0>(mq, BK / W, D2, gd, D2, 1, v2, BK, dp, BK);  // dP = dO V^T
-            const bool unmasked = attention_tile_unmasked(i0, i0 + mq, j0, j0 + kn, sq.sq, sq.sk, wl, wr);
-            // P = exp(scale S - lse), dS = P (dP - D) (times 1 - tanh^2 under softcap); zero outside
-            // each row's visible columns, which include the key columns kn .. BK of a last tile.
-            for (int r = 0; r < mq; ++r) {
-              float* sr = s + static_cast<int64_t>(r) * BK;
-              float* dpr = dp + static_cast<int64_t>(r) * BK;
-              const float* dcr = dsc + static_cast<int64_t>(r) * BK;
-              const Cols cc = visible_cols(unmasked, i0 + r, j0, kn, sq.sq, sq.sk, wl, wr);
-              const float lz = lse_r[r];
-              const bool none = lz == kNegInf || cc.a >= cc.b;
-              if (!none && cap > 0.0f) {
-                for (int v = 0; v < BK / W; ++v) _mm512_storeu_ps(sr + v * W, _mm512_mul_ps(_mm512_loadu_ps(sr + v * W), vscale));
-                apply_softcap(sr, kn, cap, dsc + static_cast<int64_t>(r) * BK);
-              }
-              const __m512 vl = _mm512_set1_ps(lz), vd = _mm512_set1_ps(d_r[r]);
-#pragma GCC unroll 4
-              for (int v = 0; v < BK / W; ++v) {
-                const __mmask16 vis = none ? 0 : lane_range_mask(cc.a - v * W, cc.b - v * W);
-                __m512 pv = _mm512_setzero_ps(), ds = _mm512_setzero_ps();
-                if (vis) {
-                  __m512 y = _mm512_loadu_ps(sr + v * W);
-                  if (cap <= 0.0f) y = _mm512_mul_ps(y, vscale);
-                  pv = _mm512_maskz_mov_ps(vis, exp_sm(Vec(_mm512_sub_ps(y, vl))).v);
-                  ds = _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_loadu_ps(dpr + v * W), vd));
-                  // dsc holds 1 - tanh^2 for the columns below kn only: the others are masked after the
-                  // product (0 times an unset lane could be NaN)
-                  if (cap > 0.0f) ds = _mm512_maskz_mul_ps(vis, ds, _mm512_loadu_ps(dcr + v * W));
-                }
-                _mm512_storeu_ps(sr + v * W, pv);
-                _mm512_storeu_ps(dpr + v * W, ds);
-              }
-              // dS rounded to bf16 pairs of keys, in key order
-              uint32_t* dkr = dsk + static_cast<int64_t>(r) * (BK / 2);
-#pragma GCC unroll 2
-              for (int v = 0; v < BK / W; v += 2) {
-                const __m512bh bh = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(dpr + (v + 1) * W), _mm512_loadu_ps(dpr + v * W));
-                __m512i wv;
-                std::memcpy(&wv, &bh, sizeof(wv));
-                _mm512_storeu_si512(dkr + v / 2 * W, wv);
-              }
-            }
-            // P and dS rounded to bf16 pairs of rows (2rp, 2rp + 1; an odd tile's last pair completed with 0)
-            const int mp = (mq + 1) / 2;
-            for (int rp = 0; rp < mp; ++rp) {
-              const int r0 = 2 * rp;
-              const bool has1 = r0 + 1 < mq;
-              for (int v = 0; v < BK / W; ++v) {
-                const int64_t o0 = static_cast<int64_t>(r0) * BK + v * W, o1 = o0 + BK;
-                const __m512 p0 = _mm512_loadu_ps(s + o0), p1 = has1 ? _mm512_loadu_ps(s + o1) : _mm512_setzero_ps();
-                const __m512 d0 = _mm512_loadu_ps(dp + o0), d1 = has1 ? _mm512_loadu_ps(dp + o1) : _mm512_setzero_ps();
-                _mm512_storeu_si512(p2 + static_cast<int64_t>(rp) * BK + v * W, row_pairs_bf16(p0, p1));
-                _mm512_storeu_si512(ds2 + static_cast<int64_t>(rp) * BK + v * W, row_pairs_bf16(d0, d1));
-              }
-            }
-            gemm_dp<1>(kn, NV, mp, p2, 1, BK, gr, Dp, dv_acc, Dp);                  // dV += P^T dO
-            gemm_dp<1>(mq, NV, (kn + 1) / 2, dsk, BK / 2, 1, kk, Dp, dqa + i0 * Dw, Dw);  // dQ += dS K (unscaled)
-            gemm_dp<1>(kn, NV, mp, ds2, 1, BK, qr, Dp, dk_acc, Dp);                 // dK += dS^T Q (unscaled)
+      const int64_t qlo = seen.lo, qhi = seen.hi;
+      pack_pairs(tk.kb + j0 * p.k_row_stride, p.k_row_stride, kn, BK, D, k2, 1, BK);
+      pack_pairs(tk.vb + j0 * p.v_row_stride, p.v_row_stride, kn, BK, D, v2, 1, BK);
+      pack_v_pairs(tk.kb + j0 * p.k_row_stride, p.k_row_stride, kn, D, Dp, kk);
+      for (int hh = 0; hh < group; ++hh) {
+        const int h = tk.kvh * group + hh;
+        const bf16_t* qb = Q + b * p.q_batch_stride + sq.q_row0 * p.q_row_stride + h * p.q_head_stride;
+        const bf16_t* gb = dO + b * p.do_batch_stride + sq.q_row0 * p.do_row_stride + h * p.do_head_stride;
+        const float* lseb = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + sq.q_row0;
+        const float* db = w.Dsum + h * rows + tk.q_base_row;
+        float* dqa = w.dq_acc + ((static_cast<int64_t>(tk.c) * p.heads + h) * rows + tk.q_base_row) * Dw;
+        // the query tiles start at multiples of BQ (qlo rounded down): cached tiles line up, and
+        // rows before qlo see none of this key tile (masked below like any invisible entry)
+        for (int64_t i0 = qlo / BQ * BQ; i0 < qhi; i0 += BQ) {
+          const int tn = static_cast<int>(std::min<int64_t>(BQ, sq.sq - i0));  // rows of the tile
+          const int mq = static_cast<int>(std::min<int64_t>(tn, qhi - i0));     // rows it needs here
+          // the tile's Q and dO in both layouts: in the head cache (packed on first use) or per tile
+          uint32_t *qd = tqd, *gd = tgd, *qr = tqr, *gr = tgr;
+          bool pack = true;
+          if (head_cache) {
+            uint32_t* hq = reinterpret_cast<uint32_t*>(hbuf.ptr) + hh * head_words;  // [sq_cap][D2] Q, dO,
+            qd = hq + i0 * D2;                                                          // then [sq_cap / 2][Dp]
+            gd = hq + f_hd + i0 * D2;                                                   // Q, dO
+            qr = hq + 2 * f_hd + i0 / 2 * Dp;
+            gr = hq + 2 * f_hd + f_hr + i0 / 2 * Dp;
+            char& pk = packed[hh * (sq_cap / BQ) + i0 / BQ];
+            pack = !pk;
+            pk = 1;
           }
-        }
-        for (int j = 0; j < kn; ++j) {
-          store_row(dk_acc + static_cast<int64_t>(j) * Dp, p.softmax_scale, D, tk.dkb + (j0 + j) * p.dk_row_stride);
-          store_row(dv_acc + static_cast<int64_t>(j) * Dp, 1.0f, D, tk.dvb + (j0 + j) * p.dv_row_stride);
+          if (pack) {
+            const int n = head_cache ? tn : mq;  // the cache holds whole tiles for later key tiles
+            pack_q_pairs(qb + i0 * p.q_row_stride, p.q_row_stride, n, n, D, qd);
+            pack_q_pairs(gb + i0 * p.do_row_stride, p.do_row_stride, n, n, D, gd);
+            pack_v_pairs(qb + i0 * p.q_row_stride, p.q_row_stride, n, D, Dp, qr);
+            pack_v_pairs(gb + i0 * p.do_row_stride, p.do_row_stride, n, D, Dp, gr);
+          }
+          for (int r = 0; r < mq; ++r) {
+            lse_r[r] = lseb[i0 + r];
+            d_r[r] = db[i0 + r];
+          }
+          gemm_dp<0>(mq, BK / W, D2, qd, D2, 1, k2, BK, s, BK);  // S = Q K^T (unscaled)
+          gemm_dp<0>(mq, BK / W, D2, gd, D2, 1, v2, BK, dp, BK);  // dP = dO V^T
+          const bool unmasked = attention_tile_unmasked(i0, i0 + mq, j0, j0 + kn, sq.sq, sq.sk, wl, wr);
+          // P = exp(scale S - lse), dS = P (dP - D) (times 1 - tanh^2 under softcap); zero outside
+          // each row's visible columns, which include the key columns kn .. BK of a last tile.
+          for (int r = 0; r < mq; ++r) {
+            float* sr = s + static_cast<int64_t>(r) * BK;
+            float* dpr = dp + static_cast<int64_t>(r) * BK;
+            const float* dcr = dsc + static_cast<int64_t>(r) * BK;
+            const Cols cc = visible_cols(unmasked, i0 + r, j0, kn, sq.sq, sq.sk, wl, wr);
+            const float lz = lse_r[r];
+            const bool none = lz == kNegInf || cc.a >= cc.b;
+            if (!none && cap > 0.0f) {
+              for (int v = 0; v < BK / W; ++v) _mm512_storeu_ps(sr + v * W, _mm512_mul_ps(_mm512_loadu_ps(sr + v * W), vscale));
+              apply_softcap(sr, kn, cap, dsc + static_cast<int64_t>(r) * BK);
+            }
+            const __m512 vl = _mm512_set1_ps(lz), vd = _mm512_set1_ps(d_r[r]);
+#pragma GCC unroll 4
+            for (int v = 0; v < BK / W; ++v) {
+              const __mmask16 vis = none ? 0 : lane_range_mask(cc.a - v * W, cc.b - v * W);
+              __m512 pv = _mm512_setzero_ps(), ds = _mm512_setzero_ps();
+              if (vis) {
+                __m512 y = _mm512_loadu_ps(sr + v * W);
+                if (cap <= 0.0f) y = _mm512_mul_ps(y, vscale);
+                pv = _mm512_maskz_mov_ps(vis, exp_sm(Vec(_mm512_sub_ps(y, vl))).v);
+                ds = _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_loadu_ps(dpr + v * W), vd));
+                // dsc holds 1 - tanh^2 for the columns below kn only: the others are masked after the
+                // product (0 times an unset lane could be NaN)
+                if (cap > 0.0f) ds = _mm512_maskz_mul_ps(vis, ds, _mm512_loadu_ps(dcr + v * W));
+              }
+              _mm512_storeu_ps(sr + v * W, pv);
+              _mm512_storeu_ps(dpr + v * W, ds);
+            }
+            // dS rounded to bf16 pairs of keys, in key order
+            uint32_t* dkr = dsk + static_cast<int64_t>(r) * (BK / 2);
+#pragma GCC unroll 2
+            for (int v = 0; v < BK / W; v += 2) {
+              const __m512bh bh = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(dpr + (v + 1) * W), _mm512_loadu_ps(dpr + v * W));
+              __m512i wv;
+              std::memcpy(&wv, &bh, sizeof(wv));
+              _mm512_storeu_si512(dkr + v / 2 * W, wv);
+            }
+          }
+          // P and dS rounded to bf16 pairs of rows (2rp, 2rp + 1; an odd tile's last pair completed with 0)
+          const int mp = (mq + 1) / 2;
+          for (int rp = 0; rp < mp; ++rp) {
+            const int r0 = 2 * rp;
+            const bool has1 = r0 + 1 < mq;
+            for (int v = 0; v < BK / W; ++v) {
+              const int64_t o0 = static_cast<int64_t>(r0) * BK + v * W, o1 = o0 + BK;
+              const __m512 p0 = _mm512_loadu_ps(s + o0), p1 = has1 ? _mm512_loadu_ps(s + o1) : _mm512_setzero_ps();
+              const __m512 d0 = _mm512_loadu_ps(dp + o0), d1 = has1 ? _mm512_loadu_ps(dp + o1) : _mm512_setzero_ps();
+              _mm512_storeu_si512(p2 + static_cast<int64_t>(rp) * BK + v * W, row_pairs_bf16(p0, p1));
+              _mm512_storeu_si512(ds2 + static_cast<int64_t>(rp) * BK + v * W, row_pairs_bf16(d0, d1));
+            }
+          }
+          gemm_dp<1>(kn, NV, mp, p2, 1, BK, gr, Dp, dv_acc, Dp);                  // dV += P^T dO
+          gemm_dp<1>(mq, NV, (kn + 1) / 2, dsk, BK / 2, 1, kk, Dp, dqa + i0 * Dw, Dw);  // dQ += dS K (unscaled)
+          gemm_dp<1>(kn, NV, mp, ds2, 1, BK, qr, Dp, dk_acc, Dp);                 // dK += dS^T Q (unscaled)
         }
       }
-    }
+    });
   });
 
   bwd_dq_out<bf16_t>(p, w);
