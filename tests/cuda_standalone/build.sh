@@ -9,7 +9,7 @@ mkdir -p "$out"
 flags="-std=c++17 -O3 --use_fast_math --expt-relaxed-constexpr -Icsrc -gencode=arch=compute_${arch},code=sm_${arch}"
 srcs="csrc/cuda/attention/flash_api.cu tests/cuda_standalone/flash_check.cu $(ls csrc/cuda/attention/inst/*.cu)"
 # rebuild an object when its source or a header it uses is newer
-common="csrc/cuda/attention/flash_common.cuh csrc/cuda/attention/attention_launch.h csrc/common/attention_params.h"
+common="csrc/cuda/mma.cuh csrc/cuda/attention/flash_common.cuh csrc/cuda/attention/attention_launch.h csrc/common/attention_params.h"
 todo=""
 for s in $srcs; do
   o="$out/$(basename "$s" .cu).o"

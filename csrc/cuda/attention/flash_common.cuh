@@ -1,10 +1,7 @@
 // Device building blocks of the FlashAttention-2 kernels (sm_80+): cp.async tile loads with
 // zero fill, ldmatrix, mma.sync m16n8k16 (bf16/f16 in, f32 accumulate), the mask test.
 //
-// Fragment layouts of mma.m16n8k16 (g = lane / 4, t = lane % 4):
-//   A (16x16, row major): a0 (row g,   k 2t..2t+1)  a1 (row g+8, k 2t..)  a2 (row g, k 2t+8..)  a3 (row g+8, k 2t+8..)
-//   B (16x8, "col"):      b0 (k 2t..2t+1, col g)    b1 (k 2t+8.., col g)
-//   C (16x8, f32):        c0,c1 (row g, cols 2t, 2t+1)   c2,c3 (row g+8, cols 2t, 2t+1)
+// Fragment layouts of mma.m16n8k16: cuda/mma.cuh.
 // Shared-memory tiles are row major with rows padded by 8 elements (16 bytes), which makes the
 // 8 row addresses of every ldmatrix hit 8 distinct 16-byte bank groups for all head dims used.
 #pragma once
@@ -16,6 +13,7 @@
 
 #include "common/attention_params.h"
 #include "cuda/common.cuh"
+#include "cuda/mma.cuh"
 
 namespace thrifty::cuda::flash {
 
@@ -46,26 +44,6 @@ __device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* smem) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(smem)));
-}
-
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                        uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // Two floats -> one register of two 16-bit values (lo = first, the lower column).
