@@ -11,6 +11,8 @@
 
 #ifdef THRIFTY_WITH_CUDA
 #include <cuda_runtime_api.h>
+
+#include "cuda/quant/quant_launch.h"
 #endif
 
 namespace py = pybind11;
@@ -64,6 +66,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_cpu_bf16_dot", [](const std::string& mode) { return thrifty::set_cpu_bf16_dot(mode); },
         py::arg("mode"), "'auto' (VDPBF16PS unless the CPU has AMX-BF16, where it is the slower path), "
                          "'on' or 'off'; returns the previous mode. Raises ValueError for other names.");
+#ifdef THRIFTY_WITH_CUDA
+  // Reads THRIFTY_CUDA_W4_MMA now, so a bad value fails the import.
+  thrifty::cuda::w4_mma_enabled();
+  m.def("cuda_w4_mma", [] { return thrifty::cuda::w4_mma_enabled(); },
+        "Whether CUDA quant_linear runs W4A16 with bf16/f16 x and M <= 16 on the tensor-core kernel now.");
+  m.def("set_cuda_w4_mma", [](const std::string& mode) { return thrifty::cuda::set_w4_mma(mode); },
+        py::arg("mode"), "'on' (the default) or 'off' (the GEMV for M <= 8, dequantize + cuBLAS above); "
+                         "returns the previous mode. Raises ValueError for other names.");
+#endif
   m.def("parallel_threads_used", [](int64_t items) {
     py::gil_scoped_release no_gil;
     return thrifty::parallel_threads_used(items);

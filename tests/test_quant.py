@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+import platform
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,16 +138,24 @@ def test_quantize_per_token(cpu_isa, dtype, shape, device):
     assert (xq.float() * xs - x.float()).abs().le(xs / 2 + 1e-6).all()
 
 
-# CUDA paths: GEMV buckets M in {1, 2, 4, 8} (vector kernel, and the scalar one for x rows that are not
-# 16-byte aligned), the cuBLAS path above M = 8 (bits 4: dequantized hi/lo split for bf16/f16), and W8A8's
+# CUDA paths: bits 4 with bf16/f16 x and M <= 16 on the tensor-core kernel (w4_mma.cuh; with the switch on, the
+# default), GEMV buckets M in {1, 2, 4, 8} (vector kernel, and the scalar one for x rows that are not 16-byte
+# aligned), the cuBLAS path above M = 8 (bits 4: dequantized hi/lo split for bf16/f16), and W8A8's
 # at::_int_mm (K and N multiples of 8; M <= 16 zero-padded) against the __dp4a kernel for the other shapes.
+@pytest.fixture(params=["on", "off"], ids=["w4mma", "nomma"])
+def w4_mma(request):
+    prev = thrifty._C.set_cuda_w4_mma(request.param)
+    yield request.param
+    thrifty._C.set_cuda_w4_mma(prev)
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("m", [2, 4, 6, 8, 9, 12, 16, 17, 64])
+@pytest.mark.parametrize("m", [1, 2, 4, 6, 8, 9, 12, 16, 17, 64])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits, g", [(4, 128), (4, 32), (4, 96), (4, 256), (8, None)])  # 96: 32-k segments
 @pytest.mark.parametrize("aligned", [True, False])
-def test_quant_linear_cuda_paths(m, dtype, bits, aligned):
-    k, n, g = 512, 72, 128
+def test_quant_linear_cuda_paths(w4_mma, m, dtype, bits, g, aligned):
+    k, n = (768 if g == 256 else 1152), 72  # K / segment not a multiple of the kernel's 8 warps x 4 in flight
     base = torch.randn(m, k if aligned else k + 1, device="cuda").to(dtype)
     x = base[:, :k]  # unaligned: row stride k + 1 elements, not a multiple of 16 bytes
     b = torch.randn(n, device="cuda").to(dtype) if m % 2 == 0 else None
@@ -156,6 +168,41 @@ def test_quant_linear_cuda_paths(m, dtype, bits, aligned):
         w64 = qw.double() * s.double()[:, None]
         y = thrifty.ops.quant_linear(x, qw, s, None, bits=8, group_size=-1, bias=b)
     check_linear(y, x, w64, b, dtype)
+
+
+def _cpu_has_f16c() -> bool:
+    try:
+        return " f16c" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+# The CUDA W4A16 tensor-core kernel's lane / k-slot mapping, in-register dequantization and zero-point correction,
+# checked without a GPU: tests/cuda_emulated/w4_mma_emulate.cpp compiles the kernel's own source (w4_mma.cuh) with
+# g++, runs each CUDA thread as a std::thread (shuffles, mma.sync m16n8k16 and __syncthreads emulated) and compares
+# against float64 on odd shapes, group sizes 32..256, M 1..16, bf16 and f16.
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or shutil.which("g++") is None or not _cpu_has_f16c(),
+                    reason="the emulator needs g++ and an x86-64 CPU with F16C")
+def test_w4_mma_kernel_in_warp_emulator(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    exe = tmp_path / "w4_mma_emulate"
+    subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-mf16c", f"-I{root / 'csrc'}",
+                    str(root / "tests" / "cuda_emulated" / "w4_mma_emulate.cpp"), "-o", str(exe)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "all passed" in run.stdout, run.stdout + run.stderr
+
+
+@pytest.mark.skipif(not hasattr(thrifty._C, "set_cuda_w4_mma"), reason="built without CUDA")
+def test_cuda_w4_mma_switch_names():
+    prev = thrifty._C.set_cuda_w4_mma("off")
+    try:
+        assert thrifty._C.cuda_w4_mma() is False
+        assert thrifty._C.set_cuda_w4_mma("on") == "off" and thrifty._C.cuda_w4_mma() is True
+        with pytest.raises(ValueError, match="unknown mode 'fast'; expected on or off"):
+            thrifty._C.set_cuda_w4_mma("fast")
+    finally:
+        thrifty._C.set_cuda_w4_mma(prev)
 
 
 @pytest.mark.cuda

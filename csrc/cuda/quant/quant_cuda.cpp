@@ -94,6 +94,10 @@ at::Tensor quant_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, con
                     "thrifty.quant_linear: argument 'qweight' must be 16-byte aligned on CUDA (clone it)");
   if (p.M == 0 || p.N == 0) return r.y;
   if (p.K == 0) return r.bias.defined() ? r.y.copy_(r.bias.expand_as(r.y)) : r.y.zero_();
+  if (cuda::w4_mma_fits(p)) {
+    cuda::launch_w4_mma(p, c10::cuda::getCurrentCUDAStream());
+    return r.y;
+  }
   if (p.M > cuda::kGemvMaxM) return quant_linear_large_m(r, p, qweight);
   cuda::launch_quant_linear(p, c10::cuda::getCurrentCUDAStream());
   return r.y;

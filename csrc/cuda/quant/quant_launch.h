@@ -3,6 +3,8 @@
 #pragma once
 #include <cuda_runtime_api.h>
 
+#include <string>
+
 #include "common/quant_params.h"
 
 namespace thrifty::cuda {
@@ -14,6 +16,16 @@ constexpr int64_t kGemvMaxM = 8;
 // W8A8 with K % 8 == 0 and N % 8 == 0 goes to at::_int_mm (cuBLASLt int8 tensor cores, whose CUDA path
 // needs M > kInt8MmMinM: fewer rows are zero-padded); the __dp4a kernel takes the other shapes.
 constexpr int64_t kInt8MmMinM = 16;
+
+// W4A16 with bf16/f16 x and 1 <= M <= 16 on tensor cores (w4_mma.cuh): taken first where w4_mma_fits
+// (switched on, bits 4, 16-bit x, 16-byte aligned qweight and x rows), before the GEMV and cuBLAS paths.
+bool w4_mma_fits(const QuantLinearParams& p);
+void launch_w4_mma(const QuantLinearParams& p, cudaStream_t stream);
+// The switch: on unless THRIFTY_CUDA_W4_MMA=off; set_w4_mma("on" | "off") returns the previous mode and
+// throws std::invalid_argument for other names.
+bool parse_w4_mma_mode(const std::string& mode);
+bool w4_mma_enabled();
+std::string set_w4_mma(const std::string& mode);
 
 // W4A16 / W8A16 GEMV for 1 <= M <= kGemvMaxM: warps stream R packed weight rows once with 16-byte
 // loads, x comes in 16-byte vectors; a scalar-load kernel takes the shapes the vector one cannot.

@@ -12,12 +12,16 @@
 // cannot: bits 8 with K % 16 != 0 or a misaligned qweight, x rows not 16-byte aligned.
 // M > kGemvMaxM: quant_cuda.cpp dequantizes the weight into a temporary (dequant4_to_kernel below) and
 // calls cuBLAS; scale_bias_epilogue_kernel applies per-channel scales and bias and rounds once.
-// (A tensor-core mma path, Marlin style, that never materializes the weight is future work:
-// see docs/QUANT_FORMATS.md.)
+// W4A16 with bf16/f16 x and M <= 16 goes before all of these to the tensor-core kernel of w4_mma.cuh
+// (launch_w4_mma; THRIFTY_CUDA_W4_MMA=off or set_cuda_w4_mma("off") turns it off).
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
 #include <stdexcept>
+#include <string>
 
 #include "cuda/common.cuh"
+#include "cuda/mma.cuh"
 #include "cuda/quant/quant_launch.h"
 
 namespace thrifty::cuda {
@@ -34,6 +38,29 @@ __device__ __forceinline__ float load_float(const void* p, int64_t i, DType dt) 
 __device__ __forceinline__ float bias_at(const QuantLinearParams& p, int64_t n) {
   return p.bias == nullptr ? 0.0f : load_float(p.bias, n, p.bias_dtype);
 }
+
+// The two 16-bit values of a register (element 0 in the low half) as floats.
+template <typename T>
+__device__ __forceinline__ float2 to_float2(uint32_t w);
+template <>
+__device__ __forceinline__ float2 to_float2<__nv_bfloat16>(uint32_t w) {
+  return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xFFFF0000u));
+}
+template <>
+__device__ __forceinline__ float2 to_float2<__half>(uint32_t w) {
+  __half2 h;
+  static_assert(sizeof(h) == sizeof(w), "half2 is 4 bytes");
+  memcpy(&h, &w, sizeof(h));
+  return __half22float2(h);
+}
+
+}  // namespace
+}  // namespace thrifty::cuda
+
+#include "cuda/quant/w4_mma.cuh"
+
+namespace thrifty::cuda {
+namespace {
 
 // ---------------------------------------------------------------- vector GEMV
 
@@ -404,7 +431,57 @@ void launch_epilogue_a(const EpilogueParams& e, cudaStream_t stream) {
   });
 }
 
+template <typename T, bool BF16, int S>
+void launch_w4_mma_s(const QuantLinearParams& p, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((p.N + w4mma::kRowsPerBlock - 1) / w4mma::kRowsPerBlock));
+  if (p.M <= 8) w4mma::w4_mma_kernel<T, BF16, S, 1><<<grid, w4mma::kThreads, 0, stream>>>(p);
+  else w4mma::w4_mma_kernel<T, BF16, S, 2><<<grid, w4mma::kThreads, 0, stream>>>(p);
+}
+
+template <typename T, bool BF16>
+void launch_w4_mma_t(const QuantLinearParams& p, cudaStream_t stream) {
+  if (p.group_size % 128 == 0) launch_w4_mma_s<T, BF16, 128>(p, stream);
+  else if (p.group_size % 64 == 0) launch_w4_mma_s<T, BF16, 64>(p, stream);
+  else launch_w4_mma_s<T, BF16, 32>(p, stream);
+}
+
+std::atomic<bool>& w4_mma_flag() {
+  static std::atomic<bool> on([] {
+    const char* env = std::getenv("THRIFTY_CUDA_W4_MMA");
+    return env == nullptr || env[0] == '\0' ? true : parse_w4_mma_mode(env);
+  }());
+  return on;
+}
+
 }  // namespace
+
+bool parse_w4_mma_mode(const std::string& mode) {
+  if (mode == "on") return true;
+  if (mode == "off") return false;
+  throw std::invalid_argument("THRIFTY_CUDA_W4_MMA / set_cuda_w4_mma: unknown mode '" + mode +
+                              "'; expected on or off");
+}
+
+bool w4_mma_enabled() { return w4_mma_flag().load(); }
+
+std::string set_w4_mma(const std::string& mode) {
+  const bool on = parse_w4_mma_mode(mode);
+  return w4_mma_flag().exchange(on) ? "on" : "off";
+}
+
+bool w4_mma_fits(const QuantLinearParams& p) {
+  return w4_mma_enabled() && p.bits == 4 && p.dtype != DType::f32 && p.M >= 1 && p.M <= w4mma::kMaxM &&
+         p.group_size % 32 == 0 && p.K % p.group_size == 0 && p.K / 32 < (int64_t{1} << 30) && aligned16(p.qweight) &&
+         aligned16(p.x) && (p.M == 1 || p.x_stride % 8 == 0);  // 8 x 16-bit elements
+}
+
+void launch_w4_mma(const QuantLinearParams& p, cudaStream_t stream) {
+  if (!w4_mma_fits(p))
+    throw std::logic_error("thrifty: launch_w4_mma called for a shape w4_mma_fits rejects");
+  if (p.dtype == DType::bf16) launch_w4_mma_t<__nv_bfloat16, true>(p, stream);
+  else launch_w4_mma_t<__half, false>(p, stream);
+  check_launch("quant_linear (W4 mma)");
+}
 
 void launch_quant_linear(const QuantLinearParams& p, cudaStream_t stream) {
   if (p.M < 1 || p.M > kGemvMaxM)

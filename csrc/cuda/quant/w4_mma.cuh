@@ -1,0 +1,195 @@
+// W4A16 for 1 <= M <= 16 rows of bf16/f16 x on tensor cores (mma.sync m16n8k16, f32 accumulation, sm_80+),
+// straight from the format-1 packed weight (N, K/2) bytes: the weights are dequantized in registers and never
+// written out (the Marlin idea, without Marlin's offline re-layout).
+//
+// Swapped operands, as for small batches: D (16 n x 8 m) = W (16 n x 16 k) . X^T (16 k x 8 m), so the weight
+// rows fill the 16-row A side and up to 8 x rows the B side (M <= 16: two m tiles).
+//
+// K is walked in segments of S = 32, 64 or 128 k (the largest of them dividing group_size), one group's s, z
+// each. Lane (g = lane / 4, t = lane % 4) loads S / 8 bytes of weight rows n0 + g and n0 + g + 8 at k offset
+// t * S / 4: the 4 lanes of a quad cover the segment, and 8 rows x (4 lanes x S/8 bytes) makes every load
+// instruction read whole 32-byte sectors. The k slots of an mma need not be the k order in memory, only the
+// same for A and B, so each 32-bit word (8 nibbles, k0..k7 of the lane's range) feeds two mma k steps as it
+// lies:  pair j = ((word >> 4j) & 0x000F000F) | magic  is the 16-bit pair (c + k_j, c + k_{j+4}), one shift
+// and one LOP3, with c = 128 (bf16 0x4300 | q) or 1024 (f16 0x6400 | q), both exact. Step h (0, 1) of word w
+// gives a0/a1 = pair 2h of rows g / g+8 (mma k slots 2t, 2t+1) and a2/a3 = pair 2h+1 (slots 2t+8, 2t+9); its
+// B registers are x's matching pairs (x_{2h}, x_{2h+4}) and (x_{2h+1}, x_{2h+5}) of the same 8 k, two byte
+// permutes of the 16-byte x load. Both sides agree on the k of each slot, which depends on t only.
+//
+// Per segment, with xs[m] = sum of x over the segment (quad shuffles) and C = sum (c + q) x from the mma:
+//   acc[n, m] += s[n, grp] * (C - (c + z[n, grp]) * xs[m])       (= s * sum (q - z) x; S divides the group)
+// The 8 warps of a block split the segments (strided) of the block's 16 rows; a shared-memory sum ends it,
+// the bias is added and y rounded once to T.
+//
+// This header holds only the kernel (template over T = __nv_bfloat16 / __half, S, MT = m tiles) and needs
+// from its includer: QuantLinearParams, uint2/uint4, __ldg, __ldcs, __byte_perm, __shfl_sync,
+// __shfl_xor_sync, __syncthreads, threadIdx/blockIdx, mma16816<T>, from_float<T>, to_float2<T>, bias_at, so
+// that a CPU warp emulator can run the same source (tests/cuda_emulated/w4_mma_emulate.cpp).
+#pragma once
+
+namespace thrifty::cuda::w4mma {
+
+constexpr int kWarps = 8;  // per block, splitting K
+constexpr int kThreads = 32 * kWarps;
+constexpr int kRowsPerBlock = 16;
+constexpr int64_t kMaxM = 16;
+
+// The 16-bit pair's bit pattern for c + q (q a nibble) and c itself, per x type.
+template <bool BF16>
+struct Magic;
+template <>
+struct Magic<true> {
+  static constexpr uint32_t bits = 0x43004300u;  // bf16 128: exponent 7, the 7 mantissa bits take q
+  static constexpr float offset = 128.0f;
+};
+template <>
+struct Magic<false> {
+  static constexpr uint32_t bits = 0x64006400u;  // f16 1024: exponent 10, q in the low mantissa bits
+  static constexpr float offset = 1024.0f;
+};
+
+__device__ __forceinline__ uint32_t nibble_pair(uint32_t word, int j, uint32_t magic) {
+  return ((word >> (4 * j)) & 0x000F000Fu) | magic;
+}
+
+// NW words (S / 8 bytes) of a packed row at p, streamed (evict first: each weight byte is read once).
+template <int NW>
+__device__ __forceinline__ void load_words(const uint8_t* p, uint32_t (&w)[NW]) {
+  if constexpr (NW == 4) {
+    const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p));
+    w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+  } else if constexpr (NW == 2) {
+    const uint2 v = __ldcs(reinterpret_cast<const uint2*>(p));
+    w[0] = v.x, w[1] = v.y;
+  } else {
+    w[0] = __ldcs(reinterpret_cast<const unsigned int*>(p));
+  }
+}
+
+// T: __nv_bfloat16 or __half. S: k per segment (32, 64, 128; divides group_size). MT: 8-row m tiles (M <= 8 MT).
+// Needs: qweight 16-byte aligned, x 16-byte aligned with x_stride a multiple of 8 elements (or M == 1).
+template <typename T, bool BF16, int S, int MT>
+__global__ void __launch_bounds__(kThreads, 2) w4_mma_kernel(QuantLinearParams p) {
+  constexpr int NW = S / 32;          // packed words per lane, row and segment
+  constexpr int U = MT == 1 ? 4 : 2;  // segments in flight per warp
+  constexpr uint32_t magic = Magic<BF16>::bits;
+  constexpr float offset = Magic<BF16>::offset;
+  const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t K = p.K, N = p.N, n0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
+  const int M = static_cast<int>(p.M);
+  const int nseg = static_cast<int>(K / S);
+  const int64_t ng = K / p.group_size;
+  const int spg = static_cast<int>(p.group_size / S);  // segments per group
+  // Rows past N read row N - 1 and store nothing.
+  const int64_t row[2] = {n0 + g < N ? n0 + g : N - 1, n0 + g + 8 < N ? n0 + g + 8 : N - 1};
+  const uint8_t* q[2];
+  for (int r = 0; r < 2; ++r) q[r] = static_cast<const uint8_t*>(p.qweight) + row[r] * (K / 2) + t * (S / 8);
+  const T* x = static_cast<const T*>(p.x);
+
+  float acc[MT][4];
+  for (int mt = 0; mt < MT; ++mt)
+    for (int e = 0; e < 4; ++e) acc[mt][e] = 0.0f;
+
+  for (int s0 = warp; s0 < nseg; s0 += kWarps * U) {
+    // The U segments' weights (DRAM) and scales / zeros are all requested first; x (L1 / L2: every block
+    // reads the same x) is loaded per segment, so registers go to weight bytes in flight.
+    uint32_t wq[U][2][NW];
+    float sc[U][2], zz[U][2];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int seg = s0 + u * kWarps;
+      const bool live = seg < nseg;
+      const int sl = live ? seg : 0;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        if (live) {
+          load_words<NW>(q[r] + static_cast<int64_t>(sl) * (S / 2), wq[u][r]);
+        } else {
+          for (int w = 0; w < NW; ++w) wq[u][r][w] = 0u;
+        }
+        const int64_t gi = row[r] * ng + sl / spg;
+        sc[u][r] = __ldg(p.scales + gi);
+        zz[u][r] = offset + __ldg(p.zeros + gi);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int seg = s0 + u * kWarps;
+      if (seg >= nseg) break;  // the same for the whole warp
+      uint4 xv[MT][NW];  // rows m = 8 mt + g; rows past M are zeros
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const int m = 8 * mt + g;
+        const T* xr = x + static_cast<int64_t>(m) * p.x_stride + static_cast<int64_t>(seg) * S + t * (S / 4);
+#pragma unroll
+        for (int w = 0; w < NW; ++w)
+          xv[mt][w] = m < M ? __ldg(reinterpret_cast<const uint4*>(xr + 8 * w)) : uint4{0u, 0u, 0u, 0u};
+      }
+      // xs[m] over the segment, then moved to the C layout: this lane's outputs are m = 2t, 2t + 1.
+      float xa[MT], xb[MT];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        float sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) {
+          const uint32_t words[4] = {xv[mt][w].x, xv[mt][w].y, xv[mt][w].z, xv[mt][w].w};
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const float2 f = to_float2<T>(words[i]);
+            sum += f.x + f.y;
+          }
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);  // lanes of quad g: row m = 8 mt + g
+        xa[mt] = __shfl_sync(0xffffffffu, sum, 8 * t);
+        xb[mt] = __shfl_sync(0xffffffffu, sum, 8 * t + 4);
+      }
+      float c[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        for (int e = 0; e < 4; ++e) c[mt][e] = 0.0f;
+#pragma unroll
+      for (int w = 0; w < NW; ++w) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t a[4] = {nibble_pair(wq[u][0][w], 2 * h, magic), nibble_pair(wq[u][1][w], 2 * h, magic),
+                                 nibble_pair(wq[u][0][w], 2 * h + 1, magic),
+                                 nibble_pair(wq[u][1][w], 2 * h + 1, magic)};
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            const uint32_t lo = h == 0 ? xv[mt][w].x : xv[mt][w].y;  // x_{2h}, x_{2h+1}
+            const uint32_t hi = h == 0 ? xv[mt][w].z : xv[mt][w].w;  // x_{2h+4}, x_{2h+5}
+            mma16816<T>(c[mt], a, __byte_perm(lo, hi, 0x5410u), __byte_perm(lo, hi, 0x7632u));
+          }
+        }
+      }
+      // c: (n = g, m = 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1) of the m tile.
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        acc[mt][0] = fmaf(sc[u][0], fmaf(-zz[u][0], xa[mt], c[mt][0]), acc[mt][0]);
+        acc[mt][1] = fmaf(sc[u][0], fmaf(-zz[u][0], xb[mt], c[mt][1]), acc[mt][1]);
+        acc[mt][2] = fmaf(sc[u][1], fmaf(-zz[u][1], xa[mt], c[mt][2]), acc[mt][2]);
+        acc[mt][3] = fmaf(sc[u][1], fmaf(-zz[u][1], xb[mt], c[mt][3]), acc[mt][3]);
+      }
+    }
+  }
+
+  // Sum the warps' partial results; thread i < MT * 4 * 32 finishes value i % (MT * 4) ... of lane i / ...
+  __shared__ float red[kWarps][MT * 4][32];
+  for (int mt = 0; mt < MT; ++mt)
+    for (int e = 0; e < 4; ++e) red[warp][mt * 4 + e][lane] = acc[mt][e];
+  __syncthreads();
+  const int i = static_cast<int>(threadIdx.x);
+  if (i < MT * 4 * 32) {
+    const int v = i >> 5, l = i & 31;  // value v = 4 mt + e of lane l
+    float sum = 0.0f;
+    for (int wp = 0; wp < kWarps; ++wp) sum += red[wp][v][l];
+    const int mt = v >> 2, e = v & 3;
+    const int64_t n = n0 + (l >> 2) + (e >= 2 ? 8 : 0);
+    const int m = 8 * mt + 2 * (l & 3) + (e & 1);
+    if (n < N && m < M) static_cast<T*>(p.y)[static_cast<int64_t>(m) * N + n] = from_float<T>(sum + bias_at(p, n));
+  }
+}
+
+}  // namespace thrifty::cuda::w4mma

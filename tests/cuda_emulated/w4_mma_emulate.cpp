@@ -1,0 +1,225 @@
+// Runs the W4A16 tensor-core kernel (csrc/cuda/quant/w4_mma.cuh) on the CPU: one std::thread per CUDA thread,
+// warp shuffles and mma.sync m16n8k16 emulated with per-warp barriers and the fragment layouts of
+// csrc/cuda/mma.cuh, __syncthreads with a block barrier. It checks the kernel's lane/k-slot mapping, the
+// in-register dequantization and the zero-point correction against a float64 reference on odd shapes, without
+// a GPU. It says nothing about speed, and mma's own rounding is modelled as float32 sums. Run by
+// tests/test_quant.py::test_w4_mma_kernel_in_warp_emulator on every CPU test run; by hand:
+//   g++ -std=c++20 -O1 -pthread -mf16c -Icsrc tests/cuda_emulated/w4_mma_emulate.cpp -o /tmp/w4_mma_emulate && /tmp/w4_mma_emulate
+#include <immintrin.h>
+
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "common/quant_params.h"
+
+// ---- the CUDA vocabulary the kernel uses
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static  // one array per kernel instantiation, shared by the block's threads (blocks run one by one)
+
+struct dim3 { unsigned x = 0, y = 0, z = 0; };
+struct uint4 { unsigned x, y, z, w; };
+struct uint2 { unsigned x, y; };
+struct float2 { float x, y; };
+struct __nv_bfloat16 { uint16_t bits; };
+struct __half { uint16_t bits; };
+
+thread_local dim3 threadIdx, blockIdx;
+
+inline float __uint_as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+template <typename P> inline P __ldg(const P* p) { return *p; }
+template <typename P> inline P __ldcs(const P* p) { return *p; }
+inline uint32_t __byte_perm(uint32_t x, uint32_t y, uint32_t s) {
+  const uint64_t v = (uint64_t{y} << 32) | x;
+  uint32_t r = 0;
+  for (int i = 0; i < 4; ++i) r |= static_cast<uint32_t>((v >> (8 * ((s >> (4 * i)) & 7))) & 0xFF) << (8 * i);
+  return r;
+}
+
+inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+inline float bf16_to_float(uint16_t b) { return __uint_as_float(uint32_t{b} << 16); }
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u; std::memcpy(&u, &f, 4);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+struct Warp {
+  std::barrier<> bar{32};
+  float f[32];
+  uint32_t a[32][4], b[32][2];
+};
+thread_local Warp* this_warp;
+thread_local std::barrier<>* this_block;
+inline int lane_id() { return static_cast<int>(threadIdx.x) & 31; }
+
+inline float exchange(float v, int src) {
+  this_warp->f[lane_id()] = v;
+  this_warp->bar.arrive_and_wait();
+  const float r = this_warp->f[src];
+  this_warp->bar.arrive_and_wait();
+  return r;
+}
+inline float __shfl_xor_sync(unsigned, float v, int m) { return exchange(v, lane_id() ^ m); }
+inline float __shfl_sync(unsigned, float v, int src) { return exchange(v, src & 31); }
+inline void __syncthreads() { this_block->arrive_and_wait(); }
+
+namespace thrifty::cuda {
+template <typename T> inline float elem(uint16_t v);
+template <> inline float elem<__nv_bfloat16>(uint16_t v) { return bf16_to_float(v); }
+template <> inline float elem<__half>(uint16_t v) { return half_to_float(v); }
+
+template <typename T> inline float2 to_float2(uint32_t w) {
+  return {elem<T>(static_cast<uint16_t>(w)), elem<T>(static_cast<uint16_t>(w >> 16))};
+}
+template <typename T> inline T from_float(float x);
+template <> inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return {float_to_bf16(x)}; }
+template <> inline __half from_float<__half>(float x) { return {static_cast<uint16_t>(_cvtss_sh(x, 0))}; }
+
+inline float bias_at(const QuantLinearParams& p, int64_t n) {
+  if (p.bias == nullptr) return 0.0f;
+  switch (p.bias_dtype) {
+    case DType::f32: return static_cast<const float*>(p.bias)[n];
+    case DType::bf16: return bf16_to_float(static_cast<const uint16_t*>(p.bias)[n]);
+    default: return half_to_float(static_cast<const uint16_t*>(p.bias)[n]);
+  }
+}
+
+// mma.sync.m16n8k16.row.col.f32: layouts of csrc/cuda/mma.cuh (g = lane / 4, t = lane % 4).
+template <typename T>
+inline void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  Warp& w = *this_warp;
+  const int lane = lane_id(), g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; ++i) w.a[lane][i] = a[i];
+  w.b[lane][0] = b0, w.b[lane][1] = b1;
+  w.bar.arrive_and_wait();
+  auto half = [](uint32_t r, int hi) { return static_cast<uint16_t>(hi ? r >> 16 : r); };
+  auto A = [&](int row, int k) {  // a0 (row g, k 2t..), a1 (row g+8, k 2t..), a2 (row g, k 2t+8..), a3 (row g+8, ..)
+    const int reg = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
+    return elem<T>(half(w.a[(row & 7) * 4 + (k & 7) / 2][reg], k & 1));
+  };
+  auto B = [&](int k, int col) {  // b0 (k 2t..2t+1, col g), b1 (k 2t+8.., col g)
+    return elem<T>(half(w.b[col * 4 + (k & 7) / 2][k >= 8 ? 1 : 0], k & 1));
+  };
+  float out[4];
+  for (int e = 0; e < 4; ++e) {  // c0, c1 (row g, cols 2t, 2t+1), c2, c3 (row g+8, ...)
+    const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e & 1);
+    float s = c[e];
+    for (int k = 0; k < 16; ++k) s += A(row, k) * B(k, col);
+    out[e] = s;
+  }
+  w.bar.arrive_and_wait();
+  for (int e = 0; e < 4; ++e) c[e] = out[e];
+}
+}  // namespace thrifty::cuda
+
+#include "cuda/quant/w4_mma.cuh"
+
+using namespace thrifty;
+
+template <typename T, bool BF16, int S, int MT>
+void run_grid(const QuantLinearParams& p) {
+  const unsigned blocks = static_cast<unsigned>((p.N + cuda::w4mma::kRowsPerBlock - 1) / cuda::w4mma::kRowsPerBlock);
+  for (unsigned b = 0; b < blocks; ++b) {
+    std::barrier<> block(cuda::w4mma::kThreads);
+    std::vector<std::unique_ptr<Warp>> warps;
+    for (int w = 0; w < cuda::w4mma::kWarps; ++w) warps.push_back(std::make_unique<Warp>());
+    std::vector<std::thread> th;
+    for (int i = 0; i < cuda::w4mma::kThreads; ++i)
+      th.emplace_back([&, i] {
+        threadIdx.x = static_cast<unsigned>(i);
+        blockIdx.x = b;
+        this_warp = warps[i / 32].get();
+        this_block = &block;
+        cuda::w4mma::w4_mma_kernel<T, BF16, S, MT>(p);
+      });
+    for (auto& t : th) t.join();
+  }
+}
+
+template <typename T, bool BF16>
+bool check(int64_t M, int64_t K, int64_t N, int64_t G, bool bias, std::mt19937& rng) {
+  const int64_t xs = K + 8;  // padded rows: x_stride != K
+  std::normal_distribution<float> nd;
+  std::uniform_int_distribution<int> nib(0, 15);
+  std::vector<uint16_t> x(M * xs);
+  for (auto& v : x) v = BF16 ? float_to_bf16(nd(rng)) : static_cast<uint16_t>(_cvtss_sh(nd(rng), 0));
+  std::vector<uint8_t> qw(N * K / 2);
+  std::vector<int> q(N * K);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; k += 2) {
+      const int lo = nib(rng), hi = nib(rng);
+      q[n * K + k] = lo, q[n * K + k + 1] = hi;
+      qw[n * (K / 2) + k / 2] = static_cast<uint8_t>(lo | (hi << 4));
+    }
+  const int64_t ng = K / G;
+  std::vector<float> sc(N * ng), zr(N * ng), bs(N);
+  for (auto& v : sc) v = 0.01f + 0.02f * std::fabs(nd(rng));
+  for (auto& v : zr) v = 7.5f + 3.0f * nd(rng);  // fractional zero points, as RTN produces
+  for (auto& v : bs) v = nd(rng);
+  std::vector<uint16_t> y(M * N, 0xFFFF);
+
+  QuantLinearParams p;
+  p.M = M, p.K = K, p.N = N, p.bits = 4, p.group_size = G;
+  p.dtype = BF16 ? DType::bf16 : DType::f16;
+  p.x = x.data(), p.x_stride = xs, p.qweight = qw.data(), p.scales = sc.data(), p.zeros = zr.data();
+  p.bias = bias ? bs.data() : nullptr, p.bias_dtype = DType::f32, p.y = y.data();
+  const int S = G % 128 == 0 ? 128 : G % 64 == 0 ? 64 : 32;
+  auto go = [&](auto s_tag) {
+    constexpr int SS = decltype(s_tag)::value;
+    if (M <= 8) run_grid<T, BF16, SS, 1>(p);
+    else run_grid<T, BF16, SS, 2>(p);
+  };
+  if (S == 128) go(std::integral_constant<int, 128>{});
+  else if (S == 64) go(std::integral_constant<int, 64>{});
+  else go(std::integral_constant<int, 32>{});
+
+  double worst = 0.0;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double ref = bias ? bs[n] : 0.0, mag = std::fabs(ref);
+      for (int64_t k = 0; k < K; ++k) {
+        const double xv = BF16 ? bf16_to_float(x[m * xs + k]) : half_to_float(x[m * xs + k]);
+        const double w = (q[n * K + k] - static_cast<double>(zr[n * ng + k / G])) * sc[n * ng + k / G];
+        ref += xv * w;
+        mag += std::fabs(xv * w);
+      }
+      const double got = BF16 ? bf16_to_float(y[m * N + n]) : half_to_float(y[m * N + n]);
+      // one rounding of the output to T, plus float32 sums of terms up to (offset + 15) |x| s
+      const double tol = std::fabs(ref) * (BF16 ? 0x1p-8 : 0x1p-11) + mag * 2e-5 + 1e-6;
+      const double err = std::fabs(got - ref);
+      if (!(err <= tol)) {
+        std::printf("  FAIL m=%lld n=%lld got %.6g ref %.6g (tol %.3g)\n", (long long)m, (long long)n, got, ref, tol);
+        return false;
+      }
+      worst = std::max(worst, err / tol);
+    }
+  std::printf("  ok  %s M=%lld K=%lld N=%lld G=%lld S=%d bias=%d  worst err/tol %.3f\n", BF16 ? "bf16" : "f16 ",
+              (long long)M, (long long)K, (long long)N, (long long)G, S, bias, worst);
+  return true;
+}
+
+int main() {
+  std::mt19937 rng(1234);
+  bool ok = true;
+  struct Case { int64_t M, K, N, G; bool bias; };
+  const Case cases[] = {
+      {1, 640, 40, 128, true},   {3, 4736, 24, 128, false},  // 37 segments: partial second sweep of 8 warps x 4
+      {8, 320, 17, 64, true},    {9, 192, 40, 32, false},   {16, 1152, 33, 96, true},  // G 96 -> S 32
+      {5, 512, 16, 256, false},  {2, 2048, 8, 64, true},    {13, 4096, 20, 128, true},
+  };
+  for (const Case& c : cases) {
+    ok = check<__nv_bfloat16, true>(c.M, c.K, c.N, c.G, c.bias, rng) && ok;
+    ok = check<__half, false>(c.M, c.K, c.N, c.G, c.bias, rng) && ok;
+  }
+  std::printf(ok ? "all passed\n" : "FAILED\n");
+  return ok ? 0 : 1;
+}
