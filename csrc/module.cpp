@@ -70,7 +70,7 @@ PYBIND11_MODULE(_C, m) {
   // Reads THRIFTY_CUDA_W4_MMA now, so a bad value fails the import.
   thrifty::cuda::w4_mma_enabled();
   m.def("cuda_w4_mma", [] { return thrifty::cuda::w4_mma_enabled(); },
-        "Whether CUDA quant_linear runs W4A16 with bf16/f16 x and M <= 16 on the tensor-core kernel now.");
+        "Whether CUDA quant_linear runs W4A16 with bf16/f16 x and M <= 32 on the tensor-core kernel now.");
   m.def("set_cuda_w4_mma", [](const std::string& mode) { return thrifty::cuda::set_w4_mma(mode); },
         py::arg("mode"), "'on' (the default) or 'off' (the GEMV for M <= 8, dequantize + cuBLAS above); "
                          "returns the previous mode. Raises ValueError for other names.");

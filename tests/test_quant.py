@@ -138,7 +138,7 @@ def test_quantize_per_token(cpu_isa, dtype, shape, device):
     assert (xq.float() * xs - x.float()).abs().le(xs / 2 + 1e-6).all()
 
 
-# CUDA paths: bits 4 with bf16/f16 x and M <= 16 on the tensor-core kernel (w4_mma.cuh; with the switch on, the
+# CUDA paths: bits 4 with bf16/f16 x and M <= 32 on the tensor-core kernel (w4_mma.cuh; with the switch on, the
 # default), GEMV buckets M in {1, 2, 4, 8} (vector kernel, and the scalar one for x rows that are not 16-byte
 # aligned), the cuBLAS path above M = 8 (bits 4: dequantized hi/lo split for bf16/f16), and W8A8's
 # at::_int_mm (K and N multiples of 8; M <= 16 zero-padded) against the __dp4a kernel for the other shapes.
@@ -150,7 +150,7 @@ def w4_mma(request):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("m", [1, 2, 4, 6, 8, 9, 12, 16, 17, 64])
+@pytest.mark.parametrize("m", [1, 2, 4, 6, 8, 9, 12, 16, 17, 32, 33, 64])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits, g", [(4, 128), (4, 32), (4, 96), (4, 256), (8, None)])  # 96: 32-k segments
 @pytest.mark.parametrize("aligned", [True, False])
@@ -180,7 +180,7 @@ def _cpu_has_f16c() -> bool:
 # The CUDA W4A16 tensor-core kernel's lane / k-slot mapping, in-register dequantization and zero-point correction,
 # checked without a GPU: tests/cuda_emulated/w4_mma_emulate.cpp compiles the kernel's own source (w4_mma.cuh) with
 # g++, runs each CUDA thread as a std::thread (shuffles, mma.sync m16n8k16 and __syncthreads emulated) and compares
-# against float64 on odd shapes, group sizes 32..256, M 1..16, bf16 and f16.
+# against float64 on odd shapes, group sizes 32..256, M 1..32, bf16 and f16.
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or shutil.which("g++") is None or not _cpu_has_f16c(),
                     reason="the emulator needs g++ and an x86-64 CPU with F16C")
 def test_w4_mma_kernel_in_warp_emulator(tmp_path):

@@ -176,7 +176,8 @@ bool check(int64_t M, int64_t K, int64_t N, int64_t G, bool bias, std::mt19937& 
   auto go = [&](auto s_tag) {
     constexpr int SS = decltype(s_tag)::value;
     if (M <= 8) run_grid<T, BF16, SS, 1>(p);
-    else run_grid<T, BF16, SS, 2>(p);
+    else if (M <= 16) run_grid<T, BF16, SS, 2>(p);
+    else run_grid<T, BF16, SS, 4>(p);
   };
   if (S == 128) go(std::integral_constant<int, 128>{});
   else if (S == 64) go(std::integral_constant<int, 64>{});
@@ -215,6 +216,7 @@ int main() {
       {1, 640, 40, 128, true},   {3, 4736, 24, 128, false},  // 37 segments: partial second sweep of 8 warps x 4
       {8, 320, 17, 64, true},    {9, 192, 40, 32, false},   {16, 1152, 33, 96, true},  // G 96 -> S 32
       {5, 512, 16, 256, false},  {2, 2048, 8, 64, true},    {13, 4096, 20, 128, true},
+      {27, 640, 24, 64, true},   {32, 1152, 17, 128, false},
   };
   for (const Case& c : cases) {
     ok = check<__nv_bfloat16, true>(c.M, c.K, c.N, c.G, c.bias, rng) && ok;

@@ -17,7 +17,7 @@ constexpr int64_t kGemvMaxM = 8;
 // needs M > kInt8MmMinM: fewer rows are zero-padded); the __dp4a kernel takes the other shapes.
 constexpr int64_t kInt8MmMinM = 16;
 
-// W4A16 with bf16/f16 x and 1 <= M <= 16 on tensor cores (w4_mma.cuh): taken first where w4_mma_fits
+// W4A16 with bf16/f16 x and 1 <= M <= 32 on tensor cores (w4_mma.cuh): taken first where w4_mma_fits
 // (switched on, bits 4, 16-bit x, 16-byte aligned qweight and x rows), before the GEMV and cuBLAS paths.
 bool w4_mma_fits(const QuantLinearParams& p);
 void launch_w4_mma(const QuantLinearParams& p, cudaStream_t stream);

@@ -12,7 +12,7 @@
 // cannot: bits 8 with K % 16 != 0 or a misaligned qweight, x rows not 16-byte aligned.
 // M > kGemvMaxM: quant_cuda.cpp dequantizes the weight into a temporary (dequant4_to_kernel below) and
 // calls cuBLAS; scale_bias_epilogue_kernel applies per-channel scales and bias and rounds once.
-// W4A16 with bf16/f16 x and M <= 16 goes before all of these to the tensor-core kernel of w4_mma.cuh
+// W4A16 with bf16/f16 x and M <= 32 goes before all of these to the tensor-core kernel of w4_mma.cuh
 // (launch_w4_mma; THRIFTY_CUDA_W4_MMA=off or set_cuda_w4_mma("off") turns it off).
 #include <algorithm>
 #include <atomic>
@@ -435,7 +435,9 @@ template <typename T, bool BF16, int S>
 void launch_w4_mma_s(const QuantLinearParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((p.N + w4mma::kRowsPerBlock - 1) / w4mma::kRowsPerBlock));
   if (p.M <= 8) w4mma::w4_mma_kernel<T, BF16, S, 1><<<grid, w4mma::kThreads, 0, stream>>>(p);
-  else w4mma::w4_mma_kernel<T, BF16, S, 2><<<grid, w4mma::kThreads, 0, stream>>>(p);
+  else if (p.M <= 16) w4mma::w4_mma_kernel<T, BF16, S, 2><<<grid, w4mma::kThreads, 0, stream>>>(p);
+  else w4mma::w4_mma_kernel<T, BF16, S, 4><<<grid, w4mma::kThreads, 0, stream>>>(p);
+  static_assert(w4mma::kMaxM == 32, "the m-tile buckets above end at kMaxM");
 }
 
 template <typename T, bool BF16>

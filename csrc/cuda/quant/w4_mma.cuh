@@ -1,9 +1,9 @@
-// W4A16 for 1 <= M <= 16 rows of bf16/f16 x on tensor cores (mma.sync m16n8k16, f32 accumulation, sm_80+),
+// W4A16 for 1 <= M <= 32 rows of bf16/f16 x on tensor cores (mma.sync m16n8k16, f32 accumulation, sm_80+),
 // straight from the format-1 packed weight (N, K/2) bytes: the weights are dequantized in registers and never
 // written out (the Marlin idea, without Marlin's offline re-layout).
 //
 // Swapped operands, as for small batches: D (16 n x 8 m) = W (16 n x 16 k) . X^T (16 k x 8 m), so the weight
-// rows fill the 16-row A side and up to 8 x rows the B side (M <= 16: two m tiles).
+// rows fill the 16-row A side and up to 8 x rows the B side (MT = 1, 2 or 4 m tiles of 8 rows).
 //
 // K is walked in segments of S = 32, 64 or 128 k (the largest of them dividing group_size), one group's s, z
 // each. Lane (g = lane / 4, t = lane % 4) loads S / 8 bytes of weight rows n0 + g and n0 + g + 8 at k offset
@@ -32,7 +32,7 @@ namespace thrifty::cuda::w4mma {
 constexpr int kWarps = 8;  // per block, splitting K
 constexpr int kThreads = 32 * kWarps;
 constexpr int kRowsPerBlock = 16;
-constexpr int64_t kMaxM = 16;
+constexpr int64_t kMaxM = 32;  // 4 m tiles
 
 // The 16-bit pair's bit pattern for c + q (q a nibble) and c itself, per x type.
 template <bool BF16>
@@ -71,7 +71,7 @@ __device__ __forceinline__ void load_words(const uint8_t* p, uint32_t (&w)[NW]) 
 template <typename T, bool BF16, int S, int MT>
 __global__ void __launch_bounds__(kThreads, 2) w4_mma_kernel(QuantLinearParams p) {
   constexpr int NW = S / 32;          // packed words per lane, row and segment
-  constexpr int U = MT == 1 ? 4 : 2;  // segments in flight per warp
+  constexpr int U = MT == 4 ? 2 : 4;  // segments in flight per warp (4 m tiles: registers)
   constexpr uint32_t magic = Magic<BF16>::bits;
   constexpr float offset = Magic<BF16>::offset;
   const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
@@ -117,40 +117,29 @@ __global__ void __launch_bounds__(kThreads, 2) w4_mma_kernel(QuantLinearParams p
     for (int u = 0; u < U; ++u) {
       const int seg = s0 + u * kWarps;
       if (seg >= nseg) break;  // the same for the whole warp
-      uint4 xv[MT][NW];  // rows m = 8 mt + g; rows past M are zeros
+      // Word by word: x's 8 values at the word's k for each m tile (rows m = 8 mt + g, zeros past M), their
+      // sum, and the word's two mma steps; x is loaded per word to keep registers for weights in flight.
+      float c[MT][4], xsum[MT];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        const int m = 8 * mt + g;
-        const T* xr = x + static_cast<int64_t>(m) * p.x_stride + static_cast<int64_t>(seg) * S + t * (S / 4);
-#pragma unroll
-        for (int w = 0; w < NW; ++w)
-          xv[mt][w] = m < M ? __ldg(reinterpret_cast<const uint4*>(xr + 8 * w)) : uint4{0u, 0u, 0u, 0u};
+        xsum[mt] = 0.0f;
+        for (int e = 0; e < 4; ++e) c[mt][e] = 0.0f;
       }
-      // xs[m] over the segment, then moved to the C layout: this lane's outputs are m = 2t, 2t + 1.
-      float xa[MT], xb[MT];
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        float sum = 0.0f;
+      for (int w = 0; w < NW; ++w) {
+        uint4 xv[MT];
 #pragma unroll
-        for (int w = 0; w < NW; ++w) {
-          const uint32_t words[4] = {xv[mt][w].x, xv[mt][w].y, xv[mt][w].z, xv[mt][w].w};
+        for (int mt = 0; mt < MT; ++mt) {
+          const int m = 8 * mt + g;
+          const T* xr = x + static_cast<int64_t>(m) * p.x_stride + static_cast<int64_t>(seg) * S + t * (S / 4) + 8 * w;
+          xv[mt] = m < M ? __ldg(reinterpret_cast<const uint4*>(xr)) : uint4{0u, 0u, 0u, 0u};
+          const uint32_t words[4] = {xv[mt].x, xv[mt].y, xv[mt].z, xv[mt].w};
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             const float2 f = to_float2<T>(words[i]);
-            sum += f.x + f.y;
+            xsum[mt] += f.x + f.y;
           }
         }
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);  // lanes of quad g: row m = 8 mt + g
-        xa[mt] = __shfl_sync(0xffffffffu, sum, 8 * t);
-        xb[mt] = __shfl_sync(0xffffffffu, sum, 8 * t + 4);
-      }
-      float c[MT][4];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-        for (int e = 0; e < 4; ++e) c[mt][e] = 0.0f;
-#pragma unroll
-      for (int w = 0; w < NW; ++w) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const uint32_t a[4] = {nibble_pair(wq[u][0][w], 2 * h, magic), nibble_pair(wq[u][1][w], 2 * h, magic),
@@ -158,11 +147,21 @@ __global__ void __launch_bounds__(kThreads, 2) w4_mma_kernel(QuantLinearParams p
                                  nibble_pair(wq[u][1][w], 2 * h + 1, magic)};
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
-            const uint32_t lo = h == 0 ? xv[mt][w].x : xv[mt][w].y;  // x_{2h}, x_{2h+1}
-            const uint32_t hi = h == 0 ? xv[mt][w].z : xv[mt][w].w;  // x_{2h+4}, x_{2h+5}
+            const uint32_t lo = h == 0 ? xv[mt].x : xv[mt].y;  // x_{2h}, x_{2h+1}
+            const uint32_t hi = h == 0 ? xv[mt].z : xv[mt].w;  // x_{2h+4}, x_{2h+5}
             mma16816<T>(c[mt], a, __byte_perm(lo, hi, 0x5410u), __byte_perm(lo, hi, 0x7632u));
           }
         }
+      }
+      // xs[m] over the segment (quad sums), moved to the C layout: this lane's outputs are m = 2t, 2t + 1.
+      float xa[MT], xb[MT];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        float sum = xsum[mt];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);  // lanes of quad g: row m = 8 mt + g
+        xa[mt] = __shfl_sync(0xffffffffu, sum, 8 * t);
+        xb[mt] = __shfl_sync(0xffffffffu, sum, 8 * t + 4);
       }
       // c: (n = g, m = 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1) of the m tile.
 #pragma unroll
@@ -175,13 +174,12 @@ __global__ void __launch_bounds__(kThreads, 2) w4_mma_kernel(QuantLinearParams p
     }
   }
 
-  // Sum the warps' partial results; thread i < MT * 4 * 32 finishes value i % (MT * 4) ... of lane i / ...
+  // Sum the warps' partial results: item i = value i / 32 (4 mt + e) of lane i % 32.
   __shared__ float red[kWarps][MT * 4][32];
   for (int mt = 0; mt < MT; ++mt)
     for (int e = 0; e < 4; ++e) red[warp][mt * 4 + e][lane] = acc[mt][e];
   __syncthreads();
-  const int i = static_cast<int>(threadIdx.x);
-  if (i < MT * 4 * 32) {
+  for (int i = static_cast<int>(threadIdx.x); i < MT * 4 * 32; i += kThreads) {
     const int v = i >> 5, l = i & 31;  // value v = 4 mt + e of lane l
     float sum = 0.0f;
     for (int wp = 0; wp < kWarps; ++wp) sum += red[wp][v][l];

@@ -3,7 +3,7 @@ torch._weight_int8pack_mm and torch._weight_int4pack_mm_for_cpu, in the same run
 machine's read bandwidth measured in the same run.
 
 CPU weights (K=4096, N=14336) and (K=14336, N=4096) do not fit the L3; M = 1, 8, 64, 256.
-GPU: K=N=8192, M = 1, 4, 8, 16, 256 against cuBLAS bf16; for M <= 16 also with the W4 tensor-core kernel
+GPU: K=N=8192, M = 1, 4, 8, 16, 32, 256 against cuBLAS bf16; for M <= 32 also with the W4 tensor-core kernel
 switched off (set_cuda_w4_mma), the GEMV / dequantize + cuBLAS paths it replaced.
 """
 from __future__ import annotations
@@ -105,12 +105,12 @@ def _run_gpu(b: Bench, device, quick: bool) -> Bench:
     q4 = QuantLinear.from_float(lin, bits=4, group_size=128)
     q8a8 = QuantLinear.from_float(lin, bits=8, act_bits=8)
     w4_bytes = q4.qweight.numel() + 8 * q4.scales.numel()
-    for m in ([1, 16] if quick else [1, 4, 8, 16, 256]):
+    for m in ([1, 16] if quick else [1, 4, 8, 16, 32, 256]):
         x = torch.randn(m, k, device=device).bfloat16()
         bf16 = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
         b.case(op="W4A16 vs cuBLAS bf16", shape=f"M={m} K={k} N={n}", dtype="bfloat16", thrifty=lambda: q4(x),
                torch_fn=bf16, bytes=w4_bytes, baseline="cublas")
-        if m <= 16:  # the same op without the tensor-core kernel (M <= 8: GEMV; above: dequantize + cuBLAS)
+        if m <= 32:  # the same op without the tensor-core kernel (M <= 8: GEMV; above: dequantize + cuBLAS)
             prev = thrifty._C.set_cuda_w4_mma("off")
             try:
                 b.case(op="W4A16 (mma off) vs cuBLAS bf16", shape=f"M={m} K={k} N={n}", dtype="bfloat16",
