@@ -6,7 +6,11 @@ skipped without one) or are marked `@pytest.mark.cuda` themselves.
 from __future__ import annotations
 
 import os
+import platform
+import shutil
+import subprocess
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +34,32 @@ def _test_isas() -> list[str]:
 
 ISAS = _test_isas()
 HAS_CUDA = torch.cuda.is_available() and thrifty._C.build_info()["cuda"]
+
+
+def _cpu_has_f16c() -> bool:
+    try:
+        return " f16c" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+# CUDA kernels' lane-level logic compiled for the CPU (tests/cuda_emulated/): needs g++ with C++20 and F16C.
+needs_cuda_emulation = pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "AMD64") or shutil.which("g++") is None or not _cpu_has_f16c(),
+    reason="the CUDA emulation checks need g++ and an x86-64 CPU with F16C")
+
+
+def run_cuda_emulation(source: str, tmp_path: Path, *args: str) -> str:
+    """Compiles tests/cuda_emulated/<source> against csrc/ with g++, runs it with `args`, asserts it printed
+    "all passed" and exited 0; returns its output."""
+    root = Path(__file__).resolve().parents[1]
+    exe = tmp_path / Path(source).stem
+    subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-mf16c", f"-I{root / 'csrc'}",
+                    str(root / "tests" / "cuda_emulated" / source), "-o", str(exe)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "all passed" in run.stdout, run.stdout + run.stderr
+    return run.stdout
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ import torch
 
 import thrifty
 from thrifty.ops.optim import create_dynamic_map, dequantize_blockwise, quantize_blockwise
+from conftest import needs_cuda_emulation, run_cuda_emulation
 from reference import max_err
 
 SIZES = [1, 7, 4097, 1_000_003]
@@ -439,7 +440,7 @@ def _maps():
 
 @pytest.mark.parametrize("name", list(_maps()))
 def test_8bit_quantizer_is_brute_force_nearest_code(cpu_isa, device, name):
-    """The kernels' quantizer (CPU: table lookup, vectorized per ISA level; CUDA: binary search) against
+    """The kernels' quantizer (CPU: table lookup, vectorized per ISA level; CUDA: bucket table + walk) against
     brute force over the 256 codes: the number of float32 midpoints below x (the rule), and argmin |x - q|
     in float64 with ties to the lower code (the same, except between a float32-rounded midpoint and the
     exact one)."""
@@ -470,6 +471,20 @@ def test_8bit_quantizer_is_brute_force_nearest_code(cpu_isa, device, name):
     qv = create_dynamic_map(False)
     midv = (qv[:-1] + qv[1:]) * 0.5
     assert torch.equal(cv.long(), (midv[None, :] < (x * x)[:, None]).sum(1))
+
+
+@needs_cuda_emulation
+def test_cuda_8bit_quantizer_lookup_on_cpu(tmp_path):
+    """The CUDA step's requantization (cuda/optim/qlut.cuh: bucket table + walk up the midpoints) compiled for
+    the CPU: the binary search's code for every non-NaN float (every float pattern sampled, the maps' codes and
+    midpoints and their neighbours), with the dynamic maps and random sorted ones."""
+    files = []
+    for name, q in (("m", create_dynamic_map(True)), ("v", create_dynamic_map(False))):
+        path = tmp_path / f"map_{name}.bin"
+        q.float().numpy().tofile(path)
+        files.append(str(path))
+    out = run_cuda_emulation("optim_qlut_check.cpp", tmp_path, *files)
+    assert out.count("ok  ") == 6
 
 
 def test_8bit_quantizer_all_zero_block(cpu_isa, device):

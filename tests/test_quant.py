@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import platform
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import thrifty
-from conftest import cpu_isa_with_bf16_dot_fixture
+from conftest import cpu_isa_with_bf16_dot_fixture, needs_cuda_emulation, run_cuda_emulation
 from reference import DTYPES, assert_close_to_ref
 from thrifty.nn import QuantLinear
 from thrifty.quant import formats as qf
@@ -170,27 +166,13 @@ def test_quant_linear_cuda_paths(w4_mma, m, dtype, bits, g, aligned):
     check_linear(y, x, w64, b, dtype)
 
 
-def _cpu_has_f16c() -> bool:
-    try:
-        return " f16c" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
 # The CUDA W4A16 tensor-core kernel's lane / k-slot mapping, in-register dequantization and zero-point correction,
 # checked without a GPU: tests/cuda_emulated/w4_mma_emulate.cpp compiles the kernel's own source (w4_mma.cuh) with
 # g++, runs each CUDA thread as a std::thread (shuffles, mma.sync m16n8k16 and __syncthreads emulated) and compares
 # against float64 on odd shapes, group sizes 32..256, M 1..32, bf16 and f16.
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or shutil.which("g++") is None or not _cpu_has_f16c(),
-                    reason="the emulator needs g++ and an x86-64 CPU with F16C")
+@needs_cuda_emulation
 def test_w4_mma_kernel_in_warp_emulator(tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    exe = tmp_path / "w4_mma_emulate"
-    subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-mf16c", f"-I{root / 'csrc'}",
-                    str(root / "tests" / "cuda_emulated" / "w4_mma_emulate.cpp"), "-o", str(exe)],
-                   check=True, capture_output=True, text=True, timeout=300)
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and "all passed" in run.stdout, run.stdout + run.stderr
+    run_cuda_emulation("w4_mma_emulate.cpp", tmp_path)
 
 
 @pytest.mark.skipif(not hasattr(thrifty._C, "set_cuda_w4_mma"), reason="built without CUDA")

@@ -56,6 +56,8 @@ struct OptimStepParams {
   const float* qmap_v = nullptr;        // 8-bit: 256 sorted code values of exp_avg_sq (unsigned dynamic map)
   const struct QuantLut* lut_m = nullptr;  // 8-bit, CPU: quantizer tables of qmap_m / qmap_v (common/optim_quant.h)
   const struct QuantLut* lut_v = nullptr;
+  uint8_t* qlut = nullptr;              // 8-bit, CUDA: 2 x kQLutSize bytes of device workspace, 16-byte aligned
+                                        //   (cuda/optim/qlut.cuh), filled by the step itself
 };
 
 // Global L2 norm over a list of tensors: per-chunk float32 sums of squares, then a fixed-order sum.

@@ -5,9 +5,11 @@
 // the grad coefficient and found_inf are read on the device, so a step never syncs with the host
 // and a changing lr never recompiles anything. AdamW / Lion stream each element once with 16-byte
 // accesses for float32 state (4 elements per thread per iteration); 8-bit AdamW gives one warp to
-// each 256-element block (absmax by warp shuffles, code maps in shared memory).
+// each 256-element block (absmax by warp shuffles, code maps and the requantization's bucket tables in
+// shared memory; the tables are rebuilt from the maps by a small kernel before each step).
 #include "cuda/common.cuh"
 #include "cuda/optim/optim_launch.h"
+#include "cuda/optim/qlut.cuh"
 
 namespace thrifty::cuda {
 namespace {
@@ -15,6 +17,7 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kThreads8 = 256;
 constexpr int V = 4;
+static_assert(kOptim8bitLutBytes == 2 * kQLutSize && kOptim8bitChunk % kQuantBlock == 0, "8-bit workspace / chunk");
 
 __host__ __device__ __forceinline__ bool aligned_to(const void* p, size_t bytes) {
   return (reinterpret_cast<uintptr_t>(p) % bytes) == 0;
@@ -113,26 +116,37 @@ __global__ void __launch_bounds__(kThreads) optim_step_kernel(OptimStepParams s)
   }
 }
 
-// Number of code midpoints below x (mids sorted, 255 used entries): the nearest code, ties to the lower.
-__device__ __forceinline__ int quantize_nearest(const float* mids, float x) {
-  int c = 0;
-#pragma unroll
-  for (int step = 128; step > 0; step >>= 1)
-    if (mids[c + step - 1] < x) c += step;
-  return c;
+// The two maps' 255 midpoints (and +inf) in shared memory, as both kernels below compute them.
+__device__ __forceinline__ void load_mids(const float* q, float* mids) {
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) mids[i] = i < 255 ? (q[i] + q[i + 1]) * 0.5f : INFINITY;
 }
 
-// 8-bit AdamW: one warp per 256-element quantization block; lane l owns elements l + 32 k.
+// lut[map * kQLutSize + b] = quantize_nearest(mids of map, floor of bucket b) (qlut.cuh), map 0: m, 1: v.
+// grid (kQLutSize / 256, 2), 256 threads.
+__global__ void __launch_bounds__(256) build_qlut_kernel(const float* qmap_m, const float* qmap_v, uint8_t* lut) {
+  __shared__ float mids[256];
+  load_mids(blockIdx.y == 0 ? qmap_m : qmap_v, mids);
+  __syncthreads();
+  const uint32_t b = blockIdx.x * blockDim.x + threadIdx.x;
+  lut[blockIdx.y * kQLutSize + b] = static_cast<uint8_t>(quantize_nearest(mids, qlut_bucket_floor(b)));
+}
+
+// 8-bit AdamW: one warp per 256-element quantization block; lane l owns elements l + 32 k. The codes are
+// found with the bucket tables of s.qlut (copied to shared memory per block) and a short walk (qlut.cuh).
 template <typename P, bool kMaster>
 __global__ void __launch_bounds__(kThreads8) adamw8bit_kernel(OptimStepParams s) {
   __shared__ float qm[256], qv[256], mid_m[256], mid_v[256];
+  __shared__ uint4 lut[2 * kQLutSize / 16];
   if (s.found_inf_ptr != nullptr && *s.found_inf_ptr != 0.0f) return;
   for (int i = threadIdx.x; i < 256; i += blockDim.x) {
     qm[i] = s.qmap_m[i];
     qv[i] = s.qmap_v[i];
-    mid_m[i] = i < 255 ? (s.qmap_m[i] + s.qmap_m[i + 1]) * 0.5f : INFINITY;
-    mid_v[i] = i < 255 ? (s.qmap_v[i] + s.qmap_v[i + 1]) * 0.5f : INFINITY;
   }
+  load_mids(s.qmap_m, mid_m);
+  load_mids(s.qmap_v, mid_v);
+  for (int i = threadIdx.x; i < 2 * kQLutSize / 16; i += blockDim.x) lut[i] = __ldg(reinterpret_cast<const uint4*>(s.qlut) + i);
+  const uint8_t* lut_m = reinterpret_cast<const uint8_t*>(lut);
+  const uint8_t* lut_v = lut_m + kQLutSize;
   const int64_t chunk = blockIdx.x;
   const int64_t ti = optim_find_tensor(s.chunk_offsets, s.num_tensors, chunk);
   const OptimTensor t = s.tensors[ti];
@@ -182,8 +196,8 @@ __global__ void __launch_bounds__(kThreads8) adamw8bit_kernel(OptimStepParams s)
     for (int k = 0; k < E; ++k) {
       const int64_t i = b0 + lane + 32 * k;
       if (i < end) {
-        cm[i] = static_cast<uint8_t>(quantize_nearest(mid_m, mmax > 0.0f ? mv[k] / mmax : 0.0f));
-        cv[i] = static_cast<uint8_t>(quantize_nearest(mid_v, vmax > 0.0f ? vv[k] / vmax : 0.0f));
+        cm[i] = static_cast<uint8_t>(quantize_lut(lut_m, mid_m, mmax > 0.0f ? mv[k] / mmax : 0.0f));
+        cv[i] = static_cast<uint8_t>(quantize_lut(lut_v, mid_v, vmax > 0.0f ? vv[k] / vmax : 0.0f));
       }
     }
   }
@@ -244,6 +258,7 @@ template <OptimKind K, typename P>
 void launch_kind(const OptimStepParams& p, cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>(p.total_chunks);
   if constexpr (K == OptimKind::adamw8bit) {
+    build_qlut_kernel<<<dim3(kQLutSize / 256, 2), 256, 0, stream>>>(p.qmap_m, p.qmap_v, p.qlut);
     if (p.has_master) adamw8bit_kernel<P, true><<<grid, kThreads8, 0, stream>>>(p);
     else adamw8bit_kernel<P, false><<<grid, kThreads8, 0, stream>>>(p);
   } else {

@@ -80,6 +80,9 @@ void adamw8bit_step_cuda(at::TensorList params, at::TensorList grads, at::Tensor
   auto tab = adamw8bit_prepare(op, s, params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v, qmap_m, qmap_v,
                                masters, steps, beta1, beta2, eps, weight_decay, cuda::kOptim8bitChunk);
   if (params.empty()) return;
+  // The requantization's bucket tables, rebuilt from the maps on the device by the step (no host sync).
+  const at::Tensor qlut = at::empty({cuda::kOptim8bitLutBytes}, params[0].options().dtype(at::kByte));
+  s.qlut = qlut.data_ptr<uint8_t>();
   run_step(op, s, tab, params, steps, lr, grad_coef, found_inf, cuda::kOptim8bitChunk);
 }
 
