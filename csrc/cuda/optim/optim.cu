@@ -7,6 +7,8 @@
 // accesses for float32 state (4 elements per thread per iteration); 8-bit AdamW gives one warp to
 // each 256-element block (absmax by warp shuffles, code maps and the requantization's bucket tables in
 // shared memory; the tables are rebuilt from the maps by a small kernel before each step).
+#include <stdexcept>
+
 #include "cuda/common.cuh"
 #include "cuda/optim/optim_launch.h"
 #include "cuda/optim/qlut.cuh"
@@ -258,6 +260,8 @@ template <OptimKind K, typename P>
 void launch_kind(const OptimStepParams& p, cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>(p.total_chunks);
   if constexpr (K == OptimKind::adamw8bit) {
+    if (p.qlut == nullptr || !aligned_to(p.qlut, 16))
+      throw std::logic_error("thrifty: the 8-bit step needs OptimStepParams::qlut, 16-byte aligned workspace");
     build_qlut_kernel<<<dim3(kQLutSize / 256, 2), 256, 0, stream>>>(p.qmap_m, p.qmap_v, p.qlut);
     if (p.has_master) adamw8bit_kernel<P, true><<<grid, kThreads8, 0, stream>>>(p);
     else adamw8bit_kernel<P, false><<<grid, kThreads8, 0, stream>>>(p);
