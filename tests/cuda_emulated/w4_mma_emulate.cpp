@@ -33,7 +33,7 @@ struct float2 { float x, y; };
 struct __nv_bfloat16 { uint16_t bits; };
 struct __half { uint16_t bits; };
 
-thread_local dim3 threadIdx, blockIdx;
+thread_local dim3 threadIdx, blockIdx, gridDim;
 
 inline float __uint_as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 template <typename P> inline P __ldg(const P* p) { return *p; }
@@ -125,28 +125,41 @@ inline void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_
 
 using namespace thrifty;
 
+// The launch of quant_linear.cu's launch_w4_mma_s: grid (N / 16, splits), then the finish kernel if splits > 1.
 template <typename T, bool BF16, int S, int MT>
-void run_grid(const QuantLinearParams& p) {
+void run_grid(const QuantLinearParams& p, int splits) {
   const unsigned blocks = static_cast<unsigned>((p.N + cuda::w4mma::kRowsPerBlock - 1) / cuda::w4mma::kRowsPerBlock);
-  for (unsigned b = 0; b < blocks; ++b) {
-    std::barrier<> block(cuda::w4mma::kThreads);
-    std::vector<std::unique_ptr<Warp>> warps;
-    for (int w = 0; w < cuda::w4mma::kWarps; ++w) warps.push_back(std::make_unique<Warp>());
-    std::vector<std::thread> th;
-    for (int i = 0; i < cuda::w4mma::kThreads; ++i)
-      th.emplace_back([&, i] {
-        threadIdx.x = static_cast<unsigned>(i);
-        blockIdx.x = b;
-        this_warp = warps[i / 32].get();
-        this_block = &block;
-        cuda::w4mma::w4_mma_kernel<T, BF16, S, MT>(p);
-      });
-    for (auto& t : th) t.join();
+  std::vector<float> partial(splits > 1 ? splits * p.M * p.N : 0, NAN);
+  float* part = splits > 1 ? partial.data() : nullptr;
+  for (unsigned by = 0; by < static_cast<unsigned>(splits); ++by)
+    for (unsigned b = 0; b < blocks; ++b) {
+      std::barrier<> block(cuda::w4mma::kThreads);
+      std::vector<std::unique_ptr<Warp>> warps;
+      for (int w = 0; w < cuda::w4mma::kWarps; ++w) warps.push_back(std::make_unique<Warp>());
+      std::vector<std::thread> th;
+      for (int i = 0; i < cuda::w4mma::kThreads; ++i)
+        th.emplace_back([&, i] {
+          threadIdx.x = static_cast<unsigned>(i);
+          blockIdx.x = b, blockIdx.y = by;
+          gridDim.x = blocks, gridDim.y = static_cast<unsigned>(splits);
+          this_warp = warps[i / 32].get();
+          this_block = &block;
+          cuda::w4mma::w4_mma_kernel<T, BF16, S, MT>(p, part);
+        });
+      for (auto& t : th) t.join();
+    }
+  if (splits > 1) {
+    const unsigned fb = static_cast<unsigned>((p.M * p.N + 255) / 256);
+    for (unsigned b = 0; b < fb; ++b)
+      for (unsigned i = 0; i < 256; ++i) {  // no barriers or shuffles: threads run one after another
+        threadIdx.x = i, blockIdx.x = b;
+        cuda::w4mma::w4_mma_finish_kernel<T>(p, part, splits);
+      }
   }
 }
 
 template <typename T, bool BF16>
-bool check(int64_t M, int64_t K, int64_t N, int64_t G, bool bias, std::mt19937& rng) {
+bool check(int64_t M, int64_t K, int64_t N, int64_t G, bool bias, int splits, std::mt19937& rng) {
   const int64_t xs = K + 8;  // padded rows: x_stride != K
   std::normal_distribution<float> nd;
   std::uniform_int_distribution<int> nib(0, 15);
@@ -175,9 +188,9 @@ bool check(int64_t M, int64_t K, int64_t N, int64_t G, bool bias, std::mt19937& 
   const int S = G % 128 == 0 ? 128 : G % 64 == 0 ? 64 : 32;
   auto go = [&](auto s_tag) {
     constexpr int SS = decltype(s_tag)::value;
-    if (M <= 8) run_grid<T, BF16, SS, 1>(p);
-    else if (M <= 16) run_grid<T, BF16, SS, 2>(p);
-    else run_grid<T, BF16, SS, 4>(p);
+    if (M <= 8) run_grid<T, BF16, SS, 1>(p, splits);
+    else if (M <= 16) run_grid<T, BF16, SS, 2>(p, splits);
+    else run_grid<T, BF16, SS, 4>(p, splits);
   };
   if (S == 128) go(std::integral_constant<int, 128>{});
   else if (S == 64) go(std::integral_constant<int, 64>{});
@@ -203,24 +216,25 @@ bool check(int64_t M, int64_t K, int64_t N, int64_t G, bool bias, std::mt19937& 
       }
       worst = std::max(worst, err / tol);
     }
-  std::printf("  ok  %s M=%lld K=%lld N=%lld G=%lld S=%d bias=%d  worst err/tol %.3f\n", BF16 ? "bf16" : "f16 ",
-              (long long)M, (long long)K, (long long)N, (long long)G, S, bias, worst);
+  std::printf("  ok  %s M=%lld K=%lld N=%lld G=%lld S=%d bias=%d splits=%d  worst err/tol %.3f\n",
+              BF16 ? "bf16" : "f16 ", (long long)M, (long long)K, (long long)N, (long long)G, S, bias, splits, worst);
   return true;
 }
 
 int main() {
   std::mt19937 rng(1234);
   bool ok = true;
-  struct Case { int64_t M, K, N, G; bool bias; };
+  struct Case { int64_t M, K, N, G; bool bias; int splits; };  // splits: blocks along K (gridDim.y)
   const Case cases[] = {
-      {1, 640, 40, 128, true},   {3, 4736, 24, 128, false},  // 37 segments: partial second sweep of 8 warps x 4
-      {8, 320, 17, 64, true},    {9, 192, 40, 32, false},   {16, 1152, 33, 96, true},  // G 96 -> S 32
-      {5, 512, 16, 256, false},  {2, 2048, 8, 64, true},    {13, 4096, 20, 128, true},
-      {27, 640, 24, 64, true},   {32, 1152, 17, 128, false},
+      {1, 640, 40, 128, true, 1},   {3, 4736, 24, 128, false, 1},  // 37 segments: partial second sweep of 8 x 4
+      {8, 320, 17, 64, true, 1},    {9, 192, 40, 32, false, 1},   {16, 1152, 33, 96, true, 1},  // G 96 -> S 32
+      {5, 512, 16, 256, false, 1},  {2, 2048, 8, 64, true, 1},    {13, 4096, 20, 128, true, 1},
+      {27, 640, 24, 64, true, 1},   {32, 1152, 17, 128, false, 1},
+      {1, 4736, 24, 128, true, 2},  {6, 2304, 33, 64, false, 3},  {20, 1152, 17, 32, true, 4},  // K split
   };
   for (const Case& c : cases) {
-    ok = check<__nv_bfloat16, true>(c.M, c.K, c.N, c.G, c.bias, rng) && ok;
-    ok = check<__half, false>(c.M, c.K, c.N, c.G, c.bias, rng) && ok;
+    ok = check<__nv_bfloat16, true>(c.M, c.K, c.N, c.G, c.bias, c.splits, rng) && ok;
+    ok = check<__half, false>(c.M, c.K, c.N, c.G, c.bias, c.splits, rng) && ok;
   }
   std::printf(ok ? "all passed\n" : "FAILED\n");
   return ok ? 0 : 1;

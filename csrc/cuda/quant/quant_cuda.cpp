@@ -95,7 +95,11 @@ at::Tensor quant_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, con
   if (p.M == 0 || p.N == 0) return r.y;
   if (p.K == 0) return r.bias.defined() ? r.y.copy_(r.bias.expand_as(r.y)) : r.y.zero_();
   if (cuda::w4_mma_fits(p)) {
-    cuda::launch_w4_mma(p, c10::cuda::getCurrentCUDAStream());
+    const int splits = cuda::w4_mma_splits(p);
+    at::Tensor partial;  // the K splits' float32 sums, when there are several
+    if (splits > 1) partial = at::empty({splits, p.M, p.N}, r.y.options().dtype(at::kFloat));
+    cuda::launch_w4_mma(p, splits, splits > 1 ? partial.data_ptr<float>() : nullptr,
+                        c10::cuda::getCurrentCUDAStream());
     return r.y;
   }
   if (p.M > cuda::kGemvMaxM) return quant_linear_large_m(r, p, qweight);

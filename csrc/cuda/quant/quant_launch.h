@@ -20,7 +20,10 @@ constexpr int64_t kInt8MmMinM = 16;
 // W4A16 with bf16/f16 x and 1 <= M <= 32 on tensor cores (w4_mma.cuh): taken first where w4_mma_fits
 // (switched on, bits 4, 16-bit x, 16-byte aligned qweight and x rows), before the GEMV and cuBLAS paths.
 bool w4_mma_fits(const QuantLinearParams& p);
-void launch_w4_mma(const QuantLinearParams& p, cudaStream_t stream);
+// How many blocks split K (1 for most shapes; more when N / 16 blocks would leave multiprocessors idle);
+// with splits > 1, launch_w4_mma needs partial: splits * M * N float32 of device workspace.
+int w4_mma_splits(const QuantLinearParams& p);
+void launch_w4_mma(const QuantLinearParams& p, int splits, float* partial, cudaStream_t stream);
 // The switch: on unless THRIFTY_CUDA_W4_MMA=off; set_w4_mma("on" | "off") returns the previous mode and
 // throws std::invalid_argument for other names.
 bool parse_w4_mma_mode(const std::string& mode);

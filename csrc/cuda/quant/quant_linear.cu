@@ -432,19 +432,41 @@ void launch_epilogue_a(const EpilogueParams& e, cudaStream_t stream) {
 }
 
 template <typename T, bool BF16, int S>
-void launch_w4_mma_s(const QuantLinearParams& p, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((p.N + w4mma::kRowsPerBlock - 1) / w4mma::kRowsPerBlock));
-  if (p.M <= 8) w4mma::w4_mma_kernel<T, BF16, S, 1><<<grid, w4mma::kThreads, 0, stream>>>(p);
-  else if (p.M <= 16) w4mma::w4_mma_kernel<T, BF16, S, 2><<<grid, w4mma::kThreads, 0, stream>>>(p);
-  else w4mma::w4_mma_kernel<T, BF16, S, 4><<<grid, w4mma::kThreads, 0, stream>>>(p);
+void launch_w4_mma_s(const QuantLinearParams& p, int splits, float* partial, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((p.N + w4mma::kRowsPerBlock - 1) / w4mma::kRowsPerBlock),
+                  static_cast<unsigned>(splits));
+  if (p.M <= 8) w4mma::w4_mma_kernel<T, BF16, S, 1><<<grid, w4mma::kThreads, 0, stream>>>(p, partial);
+  else if (p.M <= 16) w4mma::w4_mma_kernel<T, BF16, S, 2><<<grid, w4mma::kThreads, 0, stream>>>(p, partial);
+  else w4mma::w4_mma_kernel<T, BF16, S, 4><<<grid, w4mma::kThreads, 0, stream>>>(p, partial);
   static_assert(w4mma::kMaxM == 32, "the m-tile buckets above end at kMaxM");
+  if (splits > 1)
+    w4mma::w4_mma_finish_kernel<T><<<static_cast<unsigned>((p.M * p.N + 255) / 256), 256, 0, stream>>>(p, partial,
+                                                                                                     splits);
 }
 
+// k per segment of the W4 mma kernel: the largest of 128, 64, 32 dividing the group size.
+int64_t w4_mma_segment(int64_t group_size) { return group_size % 128 == 0 ? 128 : group_size % 64 == 0 ? 64 : 32; }
+
 template <typename T, bool BF16>
-void launch_w4_mma_t(const QuantLinearParams& p, cudaStream_t stream) {
-  if (p.group_size % 128 == 0) launch_w4_mma_s<T, BF16, 128>(p, stream);
-  else if (p.group_size % 64 == 0) launch_w4_mma_s<T, BF16, 64>(p, stream);
-  else launch_w4_mma_s<T, BF16, 32>(p, stream);
+void launch_w4_mma_t(const QuantLinearParams& p, int splits, float* partial, cudaStream_t stream) {
+  switch (w4_mma_segment(p.group_size)) {
+    case 128: return launch_w4_mma_s<T, BF16, 128>(p, splits, partial, stream);
+    case 64: return launch_w4_mma_s<T, BF16, 64>(p, splits, partial, stream);
+    default: return launch_w4_mma_s<T, BF16, 32>(p, splits, partial, stream);
+  }
+}
+
+// Multiprocessors of the current device (cached per device).
+int multiprocessors() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) throw std::runtime_error("thrifty: cudaGetDevice failed");
+  static std::atomic<int> cache[64] = {};
+  if (dev < 64 && cache[dev].load() > 0) return cache[dev].load();
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms < 1)
+    throw std::runtime_error("thrifty: cudaDeviceGetAttribute(multiProcessorCount) failed");
+  if (dev < 64) cache[dev].store(sms);
+  return sms;
 }
 
 std::atomic<bool>& w4_mma_flag() {
@@ -477,11 +499,21 @@ bool w4_mma_fits(const QuantLinearParams& p) {
          aligned16(p.x) && (p.M == 1 || p.x_stride % 8 == 0);  // 8 x 16-bit elements
 }
 
-void launch_w4_mma(const QuantLinearParams& p, cudaStream_t stream) {
-  if (!w4_mma_fits(p))
-    throw std::logic_error("thrifty: launch_w4_mma called for a shape w4_mma_fits rejects");
-  if (p.dtype == DType::bf16) launch_w4_mma_t<__nv_bfloat16, true>(p, stream);
-  else launch_w4_mma_t<__half, false>(p, stream);
+int w4_mma_splits(const QuantLinearParams& p) {
+  // Double the K splits while the blocks would not fill two per multiprocessor and every warp keeps at
+  // least 2 segments: decode shapes with few rows (GQA's K/V projections) otherwise leave SMs idle.
+  const int64_t blocks = (p.N + w4mma::kRowsPerBlock - 1) / w4mma::kRowsPerBlock;
+  const int64_t nseg = p.K / w4_mma_segment(p.group_size), sms = multiprocessors();
+  int splits = 1;
+  while (splits < 16 && blocks * splits < 2 * sms && nseg >= int64_t{4} * w4mma::kWarps * splits) splits *= 2;
+  return splits;
+}
+
+void launch_w4_mma(const QuantLinearParams& p, int splits, float* partial, cudaStream_t stream) {
+  if (!w4_mma_fits(p) || splits < 1 || (splits > 1) != (partial != nullptr))
+    throw std::logic_error("thrifty: launch_w4_mma called for a shape w4_mma_fits rejects, or without its workspace");
+  if (p.dtype == DType::bf16) launch_w4_mma_t<__nv_bfloat16, true>(p, splits, partial, stream);
+  else launch_w4_mma_t<__half, false>(p, splits, partial, stream);
   check_launch("quant_linear (W4 mma)");
 }
 

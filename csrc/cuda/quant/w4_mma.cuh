@@ -19,7 +19,9 @@
 // Per segment, with xs[m] = sum of x over the segment (quad shuffles) and C = sum (c + q) x from the mma:
 //   acc[n, m] += s[n, grp] * (C - (c + z[n, grp]) * xs[m])       (= s * sum (q - z) x; S divides the group)
 // The 8 warps of a block split the segments (strided) of the block's 16 rows; a shared-memory sum ends it,
-// the bias is added and y rounded once to T.
+// the bias is added and y rounded once to T. Few rows (N / 16 blocks would leave SMs idle) split K further
+// over gridDim.y blocks: each writes its float32 sums to partial[split][m][n] and w4_mma_finish_kernel adds
+// them up (in split order), adds the bias and rounds.
 //
 // This header holds only the kernel (template over T = __nv_bfloat16 / __half, S, MT = m tiles) and needs
 // from its includer: QuantLinearParams, uint2/uint4, __ldg, __ldcs, __byte_perm, __shfl_sync,
@@ -68,8 +70,9 @@ __device__ __forceinline__ void load_words(const uint8_t* p, uint32_t (&w)[NW]) 
 
 // T: __nv_bfloat16 or __half. S: k per segment (32, 64, 128; divides group_size). MT: 8-row m tiles (M <= 8 MT).
 // Needs: qweight 16-byte aligned, x 16-byte aligned with x_stride a multiple of 8 elements (or M == 1).
+// partial: null with gridDim.y == 1; else (gridDim.y, M, N) float32 sums, finished by w4_mma_finish_kernel.
 template <typename T, bool BF16, int S, int MT>
-__global__ void __launch_bounds__(kThreads, 2) w4_mma_kernel(QuantLinearParams p) {
+__global__ void __launch_bounds__(kThreads, 2) w4_mma_kernel(QuantLinearParams p, float* partial) {
   constexpr int NW = S / 32;          // packed words per lane, row and segment
   constexpr int U = MT == 4 ? 2 : 4;  // segments in flight per warp (4 m tiles: registers)
   constexpr uint32_t magic = Magic<BF16>::bits;
@@ -91,14 +94,16 @@ __global__ void __launch_bounds__(kThreads, 2) w4_mma_kernel(QuantLinearParams p
   for (int mt = 0; mt < MT; ++mt)
     for (int e = 0; e < 4; ++e) acc[mt][e] = 0.0f;
 
-  for (int s0 = warp; s0 < nseg; s0 += kWarps * U) {
+  // This warp's segments: wi, wi + stride, ... with wi its index among the stride warps of all K splits.
+  const int stride = kWarps * static_cast<int>(gridDim.y), wi = static_cast<int>(blockIdx.y) * kWarps + warp;
+  for (int s0 = wi; s0 < nseg; s0 += stride * U) {
     // The U segments' weights (DRAM) and scales / zeros are all requested first; x (L1 / L2: every block
     // reads the same x) is loaded per segment, so registers go to weight bytes in flight.
     uint32_t wq[U][2][NW];
     float sc[U][2], zz[U][2];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int seg = s0 + u * kWarps;
+      const int seg = s0 + u * stride;
       const bool live = seg < nseg;
       const int sl = live ? seg : 0;
 #pragma unroll
@@ -115,7 +120,7 @@ __global__ void __launch_bounds__(kThreads, 2) w4_mma_kernel(QuantLinearParams p
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int seg = s0 + u * kWarps;
+      const int seg = s0 + u * stride;
       if (seg >= nseg) break;  // the same for the whole warp
       // Word by word: x's 8 values at the word's k for each m tile (rows m = 8 mt + g, zeros past M), their
       // sum, and the word's two mma steps; x is loaded per word to keep registers for weights in flight.
@@ -186,8 +191,21 @@ __global__ void __launch_bounds__(kThreads, 2) w4_mma_kernel(QuantLinearParams p
     const int mt = v >> 2, e = v & 3;
     const int64_t n = n0 + (l >> 2) + (e >= 2 ? 8 : 0);
     const int m = 8 * mt + 2 * (l & 3) + (e & 1);
-    if (n < N && m < M) static_cast<T*>(p.y)[static_cast<int64_t>(m) * N + n] = from_float<T>(sum + bias_at(p, n));
+    if (n >= N || m >= M) continue;
+    const int64_t o = static_cast<int64_t>(m) * N + n;
+    if (partial == nullptr) static_cast<T*>(p.y)[o] = from_float<T>(sum + bias_at(p, n));
+    else partial[static_cast<int64_t>(blockIdx.y) * M * N + o] = sum;
   }
+}
+
+// y[m, n] = T(sum over the splits of partial[s][m][n] + bias[n]); one thread per output.
+template <typename T>
+__global__ void __launch_bounds__(256) w4_mma_finish_kernel(QuantLinearParams p, const float* partial, int splits) {
+  const int64_t mn = p.M * p.N, o = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
+  if (o >= mn) return;
+  float sum = 0.0f;
+  for (int sp = 0; sp < splits; ++sp) sum += partial[sp * mn + o];
+  static_cast<T*>(p.y)[o] = from_float<T>(sum + bias_at(p, o % p.N));
 }
 
 }  // namespace thrifty::cuda::w4mma
