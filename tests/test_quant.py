@@ -187,6 +187,21 @@ def test_cuda_w4_mma_switch_names():
         thrifty._C.set_cuda_w4_mma(prev)
 
 
+# Few rows and a long K: the W4 tensor-core kernel splits K over more blocks (2 to 16 here) and a second kernel
+# adds the splits' sums.
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [1, 5, 20])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("g", [128, 32])
+def test_quant_linear_cuda_w4_split_k(m, dtype, g):
+    k, n = 8192, 40
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    b = torch.randn(n, device="cuda").to(dtype)
+    qw, s, z = rand_w4(n, k, g, "cuda")
+    w64 = ref_deq4(qw.cpu(), s.cpu(), z.cpu(), g).cuda()
+    check_linear(thrifty.ops.quant_linear(x, qw, s, z, bits=4, group_size=g, bias=b), x, w64, b, dtype)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("m", [1, 5, 16, 17, 64])  # M <= 16: zero-padded for _int_mm
 @pytest.mark.parametrize("kn", [(256, 72), (256, 70), (260, 72)])  # _int_mm; N % 8 != 0 and K % 8 != 0: __dp4a
