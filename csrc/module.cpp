@@ -67,11 +67,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("mode"), "'auto' (VDPBF16PS unless the CPU has AMX-BF16, where it is the slower path), "
                          "'on' or 'off'; returns the previous mode. Raises ValueError for other names.");
 #ifdef THRIFTY_WITH_CUDA
-  // Reads THRIFTY_CUDA_W4_MMA now, so a bad value fails the import.
-  thrifty::cuda::w4_mma_enabled();
-  m.def("cuda_w4_mma", [] { return thrifty::cuda::w4_mma_enabled(); },
+  // Reads THRIFTY_CUDA_QUANT_MMA now, so a bad value fails the import.
+  thrifty::cuda::quant_mma_enabled();
+  m.def("cuda_quant_mma", [] { return thrifty::cuda::quant_mma_enabled(); },
         "Whether CUDA quant_linear runs W4A16 with bf16/f16 x and M <= 32 on the tensor-core kernel now.");
-  m.def("set_cuda_w4_mma", [](const std::string& mode) { return thrifty::cuda::set_w4_mma(mode); },
+  m.def("set_cuda_quant_mma", [](const std::string& mode) { return thrifty::cuda::set_quant_mma(mode); },
         py::arg("mode"), "'on' (the default) or 'off' (the GEMV for M <= 8, dequantize + cuBLAS above); "
                          "returns the previous mode. Raises ValueError for other names.");
 #endif

@@ -57,12 +57,12 @@ def test_bad_isa_env_fails_import_clearly():
     assert "THRIFTY_CPU_ISA" in r.stderr and "avx9000" in r.stderr
 
 
-@pytest.mark.skipif(not thrifty._C.build_info()["cuda"], reason="THRIFTY_CUDA_W4_MMA is read by CUDA builds")
+@pytest.mark.skipif(not thrifty._C.build_info()["cuda"], reason="THRIFTY_CUDA_QUANT_MMA is read by CUDA builds")
 def test_bad_w4_mma_env_fails_import_clearly():
-    env = {**PYTHON_ENV, "THRIFTY_CUDA_W4_MMA": "fast"}
+    env = {**PYTHON_ENV, "THRIFTY_CUDA_QUANT_MMA": "fast"}
     r = subprocess.run([sys.executable, "-c", "import thrifty"], env=env, capture_output=True, text=True)
     assert r.returncode != 0
-    assert "unknown mode 'fast'" in r.stderr and "Set THRIFTY_CUDA_W4_MMA to on or off" in r.stderr
+    assert "unknown mode 'fast'" in r.stderr and "Set THRIFTY_CUDA_QUANT_MMA to on or off" in r.stderr
 
 
 def test_set_cpu_isa_rejects_unknown_level():

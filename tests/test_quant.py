@@ -138,11 +138,11 @@ def test_quantize_per_token(cpu_isa, dtype, shape, device):
 # default), GEMV buckets M in {1, 2, 4, 8} (vector kernel, and the scalar one for x rows that are not 16-byte
 # aligned), the cuBLAS path above M = 8 (bits 4: dequantized hi/lo split for bf16/f16), and W8A8's
 # at::_int_mm (K and N multiples of 8; M <= 16 zero-padded) against the __dp4a kernel for the other shapes.
-@pytest.fixture(params=["on", "off"], ids=["w4mma", "nomma"])
-def w4_mma(request):
-    prev = thrifty._C.set_cuda_w4_mma(request.param)
+@pytest.fixture(params=["on", "off"], ids=["mma", "nomma"])
+def quant_mma(request):
+    prev = thrifty._C.set_cuda_quant_mma(request.param)
     yield request.param
-    thrifty._C.set_cuda_w4_mma(prev)
+    thrifty._C.set_cuda_quant_mma(prev)
 
 
 @pytest.mark.cuda
@@ -150,7 +150,7 @@ def w4_mma(request):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits, g", [(4, 128), (4, 32), (4, 96), (4, 256), (8, None)])  # 96: 32-k segments
 @pytest.mark.parametrize("aligned", [True, False])
-def test_quant_linear_cuda_paths(w4_mma, m, dtype, bits, g, aligned):
+def test_quant_linear_cuda_paths(quant_mma, m, dtype, bits, g, aligned):
     k, n = (768 if g == 256 else 1152), 72  # K / segment not a multiple of the kernel's 8 warps x 4 in flight
     base = torch.randn(m, k if aligned else k + 1, device="cuda").to(dtype)
     x = base[:, :k]  # unaligned: row stride k + 1 elements, not a multiple of 16 bytes
@@ -175,16 +175,23 @@ def test_w4_mma_kernel_in_warp_emulator(tmp_path):
     run_cuda_emulation("w4_mma_emulate.cpp", tmp_path)
 
 
-@pytest.mark.skipif(not hasattr(thrifty._C, "set_cuda_w4_mma"), reason="built without CUDA")
-def test_cuda_w4_mma_switch_names():
-    prev = thrifty._C.set_cuda_w4_mma("off")
+# The CUDA W8A8 decode kernel (int8_mma.cuh, mma m16n8k32 s8) in the same emulator, bit for bit against exact
+# integer dot products through the same epilogue, M 1..32, K splits 1..4.
+@needs_cuda_emulation
+def test_int8_mma_kernel_in_warp_emulator(tmp_path):
+    run_cuda_emulation("int8_mma_emulate.cpp", tmp_path)
+
+
+@pytest.mark.skipif(not hasattr(thrifty._C, "set_cuda_quant_mma"), reason="built without CUDA")
+def test_cuda_quant_mma_switch_names():
+    prev = thrifty._C.set_cuda_quant_mma("off")
     try:
-        assert thrifty._C.cuda_w4_mma() is False
-        assert thrifty._C.set_cuda_w4_mma("on") == "off" and thrifty._C.cuda_w4_mma() is True
+        assert thrifty._C.cuda_quant_mma() is False
+        assert thrifty._C.set_cuda_quant_mma("on") == "off" and thrifty._C.cuda_quant_mma() is True
         with pytest.raises(ValueError, match="unknown mode 'fast'; expected on or off"):
-            thrifty._C.set_cuda_w4_mma("fast")
+            thrifty._C.set_cuda_quant_mma("fast")
     finally:
-        thrifty._C.set_cuda_w4_mma(prev)
+        thrifty._C.set_cuda_quant_mma(prev)
 
 
 # Few rows and a long K: the W4 tensor-core kernel splits K over more blocks (2 to 16 here) and a second kernel
@@ -202,11 +209,14 @@ def test_quant_linear_cuda_w4_split_k(m, dtype, g):
     check_linear(thrifty.ops.quant_linear(x, qw, s, z, bits=4, group_size=g, bias=b), x, w64, b, dtype)
 
 
+# W8A8 on CUDA: M <= 32 with K % 64 == 0 on the int8 mma kernel (int8_mma.cuh; switch on), else at::_int_mm
+# (K, N multiples of 8; M <= 16 zero-padded) or the __dp4a kernel (the other shapes); K = 8192 with few rows
+# splits K over more blocks.
 @pytest.mark.cuda
-@pytest.mark.parametrize("m", [1, 5, 16, 17, 64])  # M <= 16: zero-padded for _int_mm
-@pytest.mark.parametrize("kn", [(256, 72), (256, 70), (260, 72)])  # _int_mm; N % 8 != 0 and K % 8 != 0: __dp4a
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 32, 33, 64])
+@pytest.mark.parametrize("kn", [(256, 72), (256, 70), (260, 72), (8192, 40)])
 @pytest.mark.parametrize("out_dtype", [None, torch.bfloat16, torch.float16])
-def test_int8_linear_cuda_paths(m, kn, out_dtype):
+def test_int8_linear_cuda_paths(quant_mma, m, kn, out_dtype):
     k, n = kn
     wq, ws = rand_w8(n, k, "cuda")
     xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")

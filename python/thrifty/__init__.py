@@ -24,8 +24,8 @@ def _load_extension():
         running = f"torch {torch.__version__}" + (f" with CUDA {torch.version.cuda}" if torch.version.cuda else " (CPU only)")
         if "THRIFTY_CPU_ISA" in str(err):  # a bad environment setting, not a bad build
             hint = "Set THRIFTY_CPU_ISA to one of scalar, avx2, avx512, avx512_bf16, or unset it."
-        elif "THRIFTY_CUDA_W4_MMA" in str(err):
-            hint = "Set THRIFTY_CUDA_W4_MMA to on or off, or unset it."
+        elif "THRIFTY_CUDA_QUANT_MMA" in str(err):
+            hint = "Set THRIFTY_CUDA_QUANT_MMA to on or off, or unset it."
         else:
             hint = "Rebuild it against the running torch: pip install --no-build-isolation ."
         raise ImportError(

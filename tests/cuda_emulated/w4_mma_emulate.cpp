@@ -5,78 +5,9 @@
 // a GPU. It says nothing about speed, and mma's own rounding is modelled as float32 sums. Run by
 // tests/test_quant.py::test_w4_mma_kernel_in_warp_emulator on every CPU test run; by hand:
 //   g++ -std=c++20 -O1 -pthread -mf16c -Icsrc tests/cuda_emulated/w4_mma_emulate.cpp -o /tmp/w4_mma_emulate && /tmp/w4_mma_emulate
-#include <immintrin.h>
-
-#include <barrier>
-#include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <cstring>
-#include <memory>
-#include <random>
-#include <thread>
-#include <vector>
-
-#include "common/quant_params.h"
-
-// ---- the CUDA vocabulary the kernel uses
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __launch_bounds__(...)
-#define __shared__ static  // one array per kernel instantiation, shared by the block's threads (blocks run one by one)
-
-struct dim3 { unsigned x = 0, y = 0, z = 0; };
-struct uint4 { unsigned x, y, z, w; };
-struct uint2 { unsigned x, y; };
-struct float2 { float x, y; };
-struct __nv_bfloat16 { uint16_t bits; };
-struct __half { uint16_t bits; };
-
-thread_local dim3 threadIdx, blockIdx, gridDim;
-
-inline float __uint_as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-template <typename P> inline P __ldg(const P* p) { return *p; }
-template <typename P> inline P __ldcs(const P* p) { return *p; }
-inline uint32_t __byte_perm(uint32_t x, uint32_t y, uint32_t s) {
-  const uint64_t v = (uint64_t{y} << 32) | x;
-  uint32_t r = 0;
-  for (int i = 0; i < 4; ++i) r |= static_cast<uint32_t>((v >> (8 * ((s >> (4 * i)) & 7))) & 0xFF) << (8 * i);
-  return r;
-}
-
-inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
-inline float bf16_to_float(uint16_t b) { return __uint_as_float(uint32_t{b} << 16); }
-inline uint16_t float_to_bf16(float f) {
-  uint32_t u; std::memcpy(&u, &f, 4);
-  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
-struct Warp {
-  std::barrier<> bar{32};
-  float f[32];
-  uint32_t a[32][4], b[32][2];
-};
-thread_local Warp* this_warp;
-thread_local std::barrier<>* this_block;
-inline int lane_id() { return static_cast<int>(threadIdx.x) & 31; }
-
-inline float exchange(float v, int src) {
-  this_warp->f[lane_id()] = v;
-  this_warp->bar.arrive_and_wait();
-  const float r = this_warp->f[src];
-  this_warp->bar.arrive_and_wait();
-  return r;
-}
-inline float __shfl_xor_sync(unsigned, float v, int m) { return exchange(v, lane_id() ^ m); }
-inline float __shfl_sync(unsigned, float v, int src) { return exchange(v, src & 31); }
-inline void __syncthreads() { this_block->arrive_and_wait(); }
+#include "warp_emulator.h"
 
 namespace thrifty::cuda {
-template <typename T> inline float elem(uint16_t v);
-template <> inline float elem<__nv_bfloat16>(uint16_t v) { return bf16_to_float(v); }
-template <> inline float elem<__half>(uint16_t v) { return half_to_float(v); }
-
 template <typename T> inline float2 to_float2(uint32_t w) {
   return {elem<T>(static_cast<uint16_t>(w)), elem<T>(static_cast<uint16_t>(w >> 16))};
 }
@@ -93,32 +24,6 @@ inline float bias_at(const QuantLinearParams& p, int64_t n) {
   }
 }
 
-// mma.sync.m16n8k16.row.col.f32: layouts of csrc/cuda/mma.cuh (g = lane / 4, t = lane % 4).
-template <typename T>
-inline void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  Warp& w = *this_warp;
-  const int lane = lane_id(), g = lane >> 2, t = lane & 3;
-  for (int i = 0; i < 4; ++i) w.a[lane][i] = a[i];
-  w.b[lane][0] = b0, w.b[lane][1] = b1;
-  w.bar.arrive_and_wait();
-  auto half = [](uint32_t r, int hi) { return static_cast<uint16_t>(hi ? r >> 16 : r); };
-  auto A = [&](int row, int k) {  // a0 (row g, k 2t..), a1 (row g+8, k 2t..), a2 (row g, k 2t+8..), a3 (row g+8, ..)
-    const int reg = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
-    return elem<T>(half(w.a[(row & 7) * 4 + (k & 7) / 2][reg], k & 1));
-  };
-  auto B = [&](int k, int col) {  // b0 (k 2t..2t+1, col g), b1 (k 2t+8.., col g)
-    return elem<T>(half(w.b[col * 4 + (k & 7) / 2][k >= 8 ? 1 : 0], k & 1));
-  };
-  float out[4];
-  for (int e = 0; e < 4; ++e) {  // c0, c1 (row g, cols 2t, 2t+1), c2, c3 (row g+8, ...)
-    const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e & 1);
-    float s = c[e];
-    for (int k = 0; k < 16; ++k) s += A(row, k) * B(k, col);
-    out[e] = s;
-  }
-  w.bar.arrive_and_wait();
-  for (int e = 0; e < 4; ++e) c[e] = out[e];
-}
 }  // namespace thrifty::cuda
 
 #include "cuda/quant/w4_mma.cuh"
@@ -132,30 +37,12 @@ void run_grid(const QuantLinearParams& p, int splits) {
   std::vector<float> partial(splits > 1 ? splits * p.M * p.N : 0, NAN);
   float* part = splits > 1 ? partial.data() : nullptr;
   for (unsigned by = 0; by < static_cast<unsigned>(splits); ++by)
-    for (unsigned b = 0; b < blocks; ++b) {
-      std::barrier<> block(cuda::w4mma::kThreads);
-      std::vector<std::unique_ptr<Warp>> warps;
-      for (int w = 0; w < cuda::w4mma::kWarps; ++w) warps.push_back(std::make_unique<Warp>());
-      std::vector<std::thread> th;
-      for (int i = 0; i < cuda::w4mma::kThreads; ++i)
-        th.emplace_back([&, i] {
-          threadIdx.x = static_cast<unsigned>(i);
-          blockIdx.x = b, blockIdx.y = by;
-          gridDim.x = blocks, gridDim.y = static_cast<unsigned>(splits);
-          this_warp = warps[i / 32].get();
-          this_block = &block;
-          cuda::w4mma::w4_mma_kernel<T, BF16, S, MT>(p, part);
-        });
-      for (auto& t : th) t.join();
-    }
-  if (splits > 1) {
-    const unsigned fb = static_cast<unsigned>((p.M * p.N + 255) / 256);
-    for (unsigned b = 0; b < fb; ++b)
-      for (unsigned i = 0; i < 256; ++i) {  // no barriers or shuffles: threads run one after another
-        threadIdx.x = i, blockIdx.x = b;
-        cuda::w4mma::w4_mma_finish_kernel<T>(p, part, splits);
-      }
-  }
+    for (unsigned b = 0; b < blocks; ++b)
+      run_block(b, by, blocks, static_cast<unsigned>(splits), cuda::w4mma::kThreads,
+                [&] { cuda::w4mma::w4_mma_kernel<T, BF16, S, MT>(p, part); });
+  if (splits > 1)
+    run_serial(static_cast<unsigned>((p.M * p.N + 255) / 256), 256,
+               [&] { cuda::w4mma::w4_mma_finish_kernel<T>(p, part, splits); });
 }
 
 template <typename T, bool BF16>

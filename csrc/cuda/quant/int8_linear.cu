@@ -1,9 +1,11 @@
-// W8A8 on CUDA: per-token int8 quantization and an int8 x int8 -> int32 tiled GEMM with __dp4a
-// (64 x 64 output tiles, 32-deep k slices in shared memory, 4 x 4 register tile per thread).
-// (An int8 tensor-core mma m16n8k32 path is future work: see docs/QUANT_FORMATS.md.)
+// W8A8 on CUDA: per-token int8 quantization; int8 x int8 -> int32 on tensor cores for decode-size M
+// (int8_mma.cuh, mma m16n8k32); and a tiled GEMM with __dp4a (64 x 64 output tiles, 32-deep k slices in
+// shared memory, 4 x 4 register tile per thread) for the shapes neither it nor at::_int_mm takes.
 #include <algorithm>
+#include <stdexcept>
 
 #include "cuda/common.cuh"
+#include "cuda/mma.cuh"
 #include "cuda/quant/quant_launch.h"
 
 namespace thrifty::cuda {
@@ -25,6 +27,14 @@ __device__ __forceinline__ void store_any(void* p, int64_t i, float v, DType dt)
     default: static_cast<__half*>(p)[i] = __float2half_rn(v); break;
   }
 }
+
+}  // namespace
+}  // namespace thrifty::cuda
+
+#include "cuda/quant/int8_mma.cuh"
+
+namespace thrifty::cuda {
+namespace {
 
 __global__ void __launch_bounds__(256) int8_gemm_kernel(Int8LinearParams p) {
   __shared__ __align__(16) int8_t xs[BM][BK + 4];
@@ -105,7 +115,36 @@ __global__ void __launch_bounds__(256) quantize_rows_kernel(QuantizePerTokenPara
   }
 }
 
+template <int MT>
+void launch_int8_mma_mt(const Int8LinearParams& p, int splits, int* partial, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((p.N + i8mma::kRowsPerBlock - 1) / i8mma::kRowsPerBlock),
+                  static_cast<unsigned>(splits));
+  i8mma::int8_mma_kernel<MT><<<grid, i8mma::kThreads, 0, stream>>>(p, partial);
+}
+
 }  // namespace
+
+bool int8_mma_fits(const Int8LinearParams& p) {
+  return quant_mma_enabled() && p.M >= 1 && p.M <= i8mma::kMaxM && p.K % i8mma::kSeg == 0 &&
+         p.K / i8mma::kSeg < (int64_t{1} << 30) && aligned16(p.xq) && aligned16(p.wq);
+}
+
+int int8_mma_splits(const Int8LinearParams& p) {
+  return mma_k_splits((p.N + i8mma::kRowsPerBlock - 1) / i8mma::kRowsPerBlock, p.K / i8mma::kSeg, i8mma::kWarps);
+}
+
+void launch_int8_mma(const Int8LinearParams& p, int splits, int* partial, cudaStream_t stream) {
+  if (!int8_mma_fits(p) || splits < 1 || (splits > 1) != (partial != nullptr))
+    throw std::logic_error("thrifty: launch_int8_mma called for a shape int8_mma_fits rejects, or without its workspace");
+  if (p.M <= 8) launch_int8_mma_mt<1>(p, splits, partial, stream);
+  else if (p.M <= 16) launch_int8_mma_mt<2>(p, splits, partial, stream);
+  else launch_int8_mma_mt<4>(p, splits, partial, stream);
+  static_assert(i8mma::kMaxM == 32, "the m-tile buckets above end at kMaxM");
+  if (splits > 1)
+    i8mma::int8_mma_finish_kernel<<<static_cast<unsigned>((p.M * p.N + 255) / 256), 256, 0, stream>>>(p, partial,
+                                                                                                      splits);
+  check_launch("int8_linear (mma)");
+}
 
 void launch_int8_linear(const Int8LinearParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((p.N + BN - 1) / BN), static_cast<unsigned>((p.M + BM - 1) / BM));

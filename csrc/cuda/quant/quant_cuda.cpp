@@ -1,6 +1,8 @@
 // CUDA glue for the quantized linear ops: check, fill params, launch on the current stream.
-// Small M runs thrifty's GEMV kernels; larger M dequantizes the weight once per call and hands the
-// GEMM to cuBLAS through ATen (at::mm / at::_int_mm), with a thrifty epilogue for scales and bias.
+// Decode-size M (<= 32) runs thrifty's tensor-core kernels (W4A16 with bf16/f16 x: w4_mma.cuh; W8A8:
+// int8_mma.cuh) where they fit, else its GEMV kernels (M <= 8); larger M dequantizes the weight once per
+// call and hands the GEMM to cuBLAS through ATen (at::mm / at::_int_mm), with a thrifty epilogue for
+// scales and bias.
 #include "cuda/guard.h"
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -140,6 +142,13 @@ at::Tensor int8_linear_cuda(const at::Tensor& xq, const at::Tensor& x_scales, co
   if (p.M == 0 || p.N == 0) return r.y;
   if (p.K == 0) return r.bias.defined() ? r.y.copy_(r.bias.expand_as(r.y)) : r.y.zero_();
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (cuda::int8_mma_fits(p)) {  // decode-size M: int8 tensor cores straight from the weight (int8_mma.cuh)
+    const int splits = cuda::int8_mma_splits(p);
+    at::Tensor partial;  // the K splits' int32 sums, when there are several
+    if (splits > 1) partial = at::empty({splits, p.M, p.N}, r.y.options().dtype(at::kInt));
+    cuda::launch_int8_mma(p, splits, splits > 1 ? partial.data_ptr<int>() : nullptr, stream);
+    return r.y;
+  }
   if (p.K % 8 == 0 && p.N % 8 == 0) {
     // cuBLASLt int8 tensor cores (exact int32 sums, like __dp4a); at::_int_mm's CUDA path wants M > 16 and
     // K, N multiples of 8. Fewer rows (decode) are padded with zero rows to 2 * kInt8MmMinM: the GEMM

@@ -24,11 +24,11 @@ bool w4_mma_fits(const QuantLinearParams& p);
 // with splits > 1, launch_w4_mma needs partial: splits * M * N float32 of device workspace.
 int w4_mma_splits(const QuantLinearParams& p);
 void launch_w4_mma(const QuantLinearParams& p, int splits, float* partial, cudaStream_t stream);
-// The switch: on unless THRIFTY_CUDA_W4_MMA=off; set_w4_mma("on" | "off") returns the previous mode and
-// throws std::invalid_argument for other names.
-bool parse_w4_mma_mode(const std::string& mode);
-bool w4_mma_enabled();
-std::string set_w4_mma(const std::string& mode);
+// The switch of both decode mma kernels (this one and int8_mma below): on unless THRIFTY_CUDA_QUANT_MMA=off;
+// set_quant_mma("on" | "off") returns the previous mode and throws std::invalid_argument for other names.
+bool parse_quant_mma_mode(const std::string& mode);
+bool quant_mma_enabled();
+std::string set_quant_mma(const std::string& mode);
 
 // W4A16 / W8A16 GEMV for 1 <= M <= kGemvMaxM: warps stream R packed weight rows once with 16-byte
 // loads, x comes in 16-byte vectors; a scalar-load kernel takes the shapes the vector one cannot.
@@ -79,6 +79,16 @@ struct EpilogueParams {
   DType out_dtype = DType::f32;
 };
 void launch_scale_bias_epilogue(const EpilogueParams& p, cudaStream_t stream);
+
+// W8A8 with 1 <= M <= 32 on int8 tensor cores (int8_mma.cuh): taken first where int8_mma_fits (the same switch,
+// K % 64 == 0, 16-byte aligned xq and wq); splits and workspace (int32) as for the W4 kernel.
+bool int8_mma_fits(const Int8LinearParams& p);
+int int8_mma_splits(const Int8LinearParams& p);
+void launch_int8_mma(const Int8LinearParams& p, int splits, int* partial, cudaStream_t stream);
+
+// K splits for the decode mma kernels: blocks (grid x), segments along K, warps per block (quant_linear.cu).
+int mma_k_splits(int64_t blocks, int64_t nseg, int warps);
+int multiprocessors();  // of the current device
 
 // W8A8: tiled int8 GEMM with __dp4a int32 accumulation (the shapes at::_int_mm does not take).
 void launch_int8_linear(const Int8LinearParams& p, cudaStream_t stream);

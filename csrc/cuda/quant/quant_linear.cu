@@ -13,7 +13,7 @@
 // M > kGemvMaxM: quant_cuda.cpp dequantizes the weight into a temporary (dequant4_to_kernel below) and
 // calls cuBLAS; scale_bias_epilogue_kernel applies per-channel scales and bias and rounds once.
 // W4A16 with bf16/f16 x and M <= 32 goes before all of these to the tensor-core kernel of w4_mma.cuh
-// (launch_w4_mma; THRIFTY_CUDA_W4_MMA=off or set_cuda_w4_mma("off") turns it off).
+// (launch_w4_mma; THRIFTY_CUDA_QUANT_MMA=off or set_cuda_quant_mma("off") turns it off).
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
@@ -456,6 +456,8 @@ void launch_w4_mma_t(const QuantLinearParams& p, int splits, float* partial, cud
   }
 }
 
+}  // namespace
+
 // Multiprocessors of the current device (cached per device).
 int multiprocessors() {
   int dev = 0;
@@ -469,44 +471,50 @@ int multiprocessors() {
   return sms;
 }
 
-std::atomic<bool>& w4_mma_flag() {
+int mma_k_splits(int64_t blocks, int64_t nseg, int warps) {
+  // Double the K splits while the blocks would not fill two per multiprocessor and every warp keeps at
+  // least 2 segments: decode shapes with few rows (GQA's K/V projections) otherwise leave SMs idle.
+  const int64_t sms = multiprocessors();
+  int splits = 1;
+  while (splits < 16 && blocks * splits < 2 * sms && nseg >= int64_t{4} * warps * splits) splits *= 2;
+  return splits;
+}
+
+namespace {
+
+std::atomic<bool>& quant_mma_flag() {
   static std::atomic<bool> on([] {
-    const char* env = std::getenv("THRIFTY_CUDA_W4_MMA");
-    return env == nullptr || env[0] == '\0' ? true : parse_w4_mma_mode(env);
+    const char* env = std::getenv("THRIFTY_CUDA_QUANT_MMA");
+    return env == nullptr || env[0] == '\0' ? true : parse_quant_mma_mode(env);
   }());
   return on;
 }
 
 }  // namespace
 
-bool parse_w4_mma_mode(const std::string& mode) {
+bool parse_quant_mma_mode(const std::string& mode) {
   if (mode == "on") return true;
   if (mode == "off") return false;
-  throw std::invalid_argument("THRIFTY_CUDA_W4_MMA / set_cuda_w4_mma: unknown mode '" + mode +
+  throw std::invalid_argument("THRIFTY_CUDA_QUANT_MMA / set_cuda_quant_mma: unknown mode '" + mode +
                               "'; expected on or off");
 }
 
-bool w4_mma_enabled() { return w4_mma_flag().load(); }
+bool quant_mma_enabled() { return quant_mma_flag().load(); }
 
-std::string set_w4_mma(const std::string& mode) {
-  const bool on = parse_w4_mma_mode(mode);
-  return w4_mma_flag().exchange(on) ? "on" : "off";
+std::string set_quant_mma(const std::string& mode) {
+  const bool on = parse_quant_mma_mode(mode);
+  return quant_mma_flag().exchange(on) ? "on" : "off";
 }
 
 bool w4_mma_fits(const QuantLinearParams& p) {
-  return w4_mma_enabled() && p.bits == 4 && p.dtype != DType::f32 && p.M >= 1 && p.M <= w4mma::kMaxM &&
+  return quant_mma_enabled() && p.bits == 4 && p.dtype != DType::f32 && p.M >= 1 && p.M <= w4mma::kMaxM &&
          p.group_size % 32 == 0 && p.K % p.group_size == 0 && p.K / 32 < (int64_t{1} << 30) && aligned16(p.qweight) &&
          aligned16(p.x) && (p.M == 1 || p.x_stride % 8 == 0);  // 8 x 16-bit elements
 }
 
 int w4_mma_splits(const QuantLinearParams& p) {
-  // Double the K splits while the blocks would not fill two per multiprocessor and every warp keeps at
-  // least 2 segments: decode shapes with few rows (GQA's K/V projections) otherwise leave SMs idle.
-  const int64_t blocks = (p.N + w4mma::kRowsPerBlock - 1) / w4mma::kRowsPerBlock;
-  const int64_t nseg = p.K / w4_mma_segment(p.group_size), sms = multiprocessors();
-  int splits = 1;
-  while (splits < 16 && blocks * splits < 2 * sms && nseg >= int64_t{4} * w4mma::kWarps * splits) splits *= 2;
-  return splits;
+  return mma_k_splits((p.N + w4mma::kRowsPerBlock - 1) / w4mma::kRowsPerBlock, p.K / w4_mma_segment(p.group_size),
+                      w4mma::kWarps);
 }
 
 void launch_w4_mma(const QuantLinearParams& p, int splits, float* partial, cudaStream_t stream) {

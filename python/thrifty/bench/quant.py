@@ -3,8 +3,8 @@ torch._weight_int8pack_mm and torch._weight_int4pack_mm_for_cpu, in the same run
 machine's read bandwidth measured in the same run.
 
 CPU weights (K=4096, N=14336) and (K=14336, N=4096) do not fit the L3; M = 1, 8, 64, 256.
-GPU: K=N=8192, M = 1, 4, 8, 16, 32, 256 against cuBLAS bf16; for M <= 32 also with the W4 tensor-core kernel
-switched off (set_cuda_w4_mma), the GEMV / dequantize + cuBLAS paths it replaced.
+GPU: K=N=8192, W4A16 and W8A8 at M = 1, 4, 8, 16, 32, 256 against cuBLAS bf16; for M <= 32 also with the
+decode tensor-core kernels switched off (set_cuda_quant_mma), the paths they replaced.
 """
 from __future__ import annotations
 
@@ -108,18 +108,19 @@ def _run_gpu(b: Bench, device, quick: bool) -> Bench:
     for m in ([1, 16] if quick else [1, 4, 8, 16, 32, 256]):
         x = torch.randn(m, k, device=device).bfloat16()
         bf16 = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
-        b.case(op="W4A16 vs cuBLAS bf16", shape=f"M={m} K={k} N={n}", dtype="bfloat16", thrifty=lambda: q4(x),
-               torch_fn=bf16, bytes=w4_bytes, baseline="cublas")
-        if m <= 32:  # the same op without the tensor-core kernel (M <= 8: GEMV; above: dequantize + cuBLAS)
-            prev = thrifty._C.set_cuda_w4_mma("off")
+        shape = f"M={m} K={k} N={n}"
+        # up to 32 rows each op runs twice: on thrifty's decode tensor-core kernels, and with them switched off
+        # (W4: the GEMV up to 8 rows, dequantize + cuBLAS above; W8A8: at::_int_mm on zero-padded rows)
+        for mma in (["on", "off"] if m <= 32 else ["on"]):
+            prev = thrifty._C.set_cuda_quant_mma(mma)
             try:
-                b.case(op="W4A16 (mma off) vs cuBLAS bf16", shape=f"M={m} K={k} N={n}", dtype="bfloat16",
-                       thrifty=lambda: q4(x), torch_fn=bf16, bytes=w4_bytes, baseline="cublas")
+                off = " (mma off)" if mma == "off" else ""
+                b.case(op=f"W4A16{off} vs cuBLAS bf16", shape=shape, dtype="bfloat16", thrifty=lambda: q4(x),
+                       torch_fn=bf16, bytes=w4_bytes, baseline="cublas")
+                b.case(op=f"W8A8{off} vs cuBLAS bf16", shape=shape, dtype="bfloat16", thrifty=lambda: q8a8(x),
+                       torch_fn=bf16, flops=2.0 * m * k * n, baseline="cublas")
             finally:
-                thrifty._C.set_cuda_w4_mma(prev)
-        if m >= 16:
-            b.case(op="W8A8 vs cuBLAS bf16", shape=f"M={m} K={k} N={n}", dtype="bfloat16", thrifty=lambda: q8a8(x),
-                   torch_fn=bf16, flops=2.0 * m * k * n, baseline="cublas")
+                thrifty._C.set_cuda_quant_mma(prev)
     return b
 
 

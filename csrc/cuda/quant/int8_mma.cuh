@@ -1,0 +1,106 @@
+// W8A8 for 1 <= M <= 32 rows (decode) on int8 tensor cores (mma.sync m16n8k32, s8 x s8 -> s32, sm_80+),
+// straight from the (N, K) int8 weight and the (M, K) int8 x, instead of at::_int_mm on zero-padded rows.
+//
+// As in w4_mma.cuh the weight rows are the 16-row A operand and x rows the 8-column B operand. K is walked in
+// segments of 64: lane (g = lane / 4, t = lane % 4) loads 16 bytes of weight rows n0 + g and n0 + g + 8 and of
+// x row m = 8 mt + g, all at k = 64 seg + 16 t. In mma step j (0, 1) words 2j and 2j + 1 of those loads are
+// a0 / a2 (row g), a1 / a3 (row g + 8) and b0 / b1 as they lie: both operands put k = 64 seg + 16 t + 8 j + i in
+// k slot 4t + i and 64 seg + 16 t + 8 j + 4 + i in slot 16 + 4t + i (i < 4), so no byte moves at all.
+// int32 sums are exact, so the 8 warps of a block (strided segments) and the K splits (gridDim.y blocks, as in
+// w4_mma.cuh: partial int32 sums, int8_mma_finish_kernel) add up in any order; the epilogue is the one of
+// scale_bias_epilogue_kernel: y[m, n] = float(acc) * x_scales[m] * w_scales[n] (+ bias[n]), rounded once.
+//
+// Needs from its includer (like w4_mma.cuh, so that tests/cuda_emulated/int8_mma_emulate.cpp runs this source):
+// Int8LinearParams, uint4, __ldg, __ldcs, __syncthreads, threadIdx/blockIdx/gridDim, mma16832_s8,
+// load_any / store_any (bias and output element access by DType).
+#pragma once
+
+namespace thrifty::cuda::i8mma {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kRowsPerBlock = 16;
+constexpr int64_t kMaxM = 32;
+constexpr int64_t kSeg = 64;  // k per segment (4 lanes x 16 bytes)
+
+__device__ __forceinline__ float int8_epilogue(const Int8LinearParams& p, int64_t m, int64_t n, int acc) {
+  float v = static_cast<float>(acc) * p.x_scales[m] * p.w_scales[n];
+  if (p.bias != nullptr) v += load_any(p.bias, n, p.bias_dtype);
+  return v;
+}
+
+// MT: 8-row m tiles (M <= 8 MT). partial: null with gridDim.y == 1; else (gridDim.y, M, N) int32 sums.
+// Needs K % 64 == 0 and 16-byte aligned xq and wq (rows then start on 16-byte boundaries).
+template <int MT>
+__global__ void __launch_bounds__(kThreads, 2) int8_mma_kernel(Int8LinearParams p, int* partial) {
+  constexpr int U = 4;  // segments in flight per warp
+  const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t K = p.K, N = p.N, n0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
+  const int M = static_cast<int>(p.M);
+  const int nseg = static_cast<int>(K / kSeg);
+  const int64_t row[2] = {n0 + g < N ? n0 + g : N - 1, n0 + g + 8 < N ? n0 + g + 8 : N - 1};  // past N: row N-1
+  const int8_t* q[2] = {p.wq + row[0] * K + 16 * t, p.wq + row[1] * K + 16 * t};
+
+  int acc[MT][4];
+  for (int mt = 0; mt < MT; ++mt)
+    for (int e = 0; e < 4; ++e) acc[mt][e] = 0;
+
+  const int stride = kWarps * static_cast<int>(gridDim.y), wi = static_cast<int>(blockIdx.y) * kWarps + warp;
+  for (int s0 = wi; s0 < nseg; s0 += stride * U) {
+    uint4 wq[U][2];  // the U segments' weight bytes, requested first
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int seg = s0 + u * stride;
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        wq[u][r] = seg < nseg ? __ldcs(reinterpret_cast<const uint4*>(q[r] + static_cast<int64_t>(seg) * kSeg))
+                              : uint4{0u, 0u, 0u, 0u};
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int seg = s0 + u * stride;
+      if (seg >= nseg) break;  // the same for the whole warp
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const int m = 8 * mt + g;
+        const uint4 xv = m < M ? __ldg(reinterpret_cast<const uint4*>(p.xq + static_cast<int64_t>(m) * K +
+                                                                      static_cast<int64_t>(seg) * kSeg + 16 * t))
+                               : uint4{0u, 0u, 0u, 0u};
+        const uint32_t a0[4] = {wq[u][0].x, wq[u][1].x, wq[u][0].y, wq[u][1].y};  // step 0: words 0, 1
+        mma16832_s8(acc[mt], a0, xv.x, xv.y);
+        const uint32_t a1[4] = {wq[u][0].z, wq[u][1].z, wq[u][0].w, wq[u][1].w};  // step 1: words 2, 3
+        mma16832_s8(acc[mt], a1, xv.z, xv.w);
+      }
+    }
+  }
+
+  // acc: (n = g, m = 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1) of each m tile; the warps' sums in shared memory.
+  __shared__ int red[kWarps][MT * 4][32];
+  for (int mt = 0; mt < MT; ++mt)
+    for (int e = 0; e < 4; ++e) red[warp][mt * 4 + e][lane] = acc[mt][e];
+  __syncthreads();
+  for (int i = static_cast<int>(threadIdx.x); i < MT * 4 * 32; i += kThreads) {
+    const int v = i >> 5, l = i & 31;  // value v = 4 mt + e of lane l
+    int sum = 0;
+    for (int wp = 0; wp < kWarps; ++wp) sum += red[wp][v][l];
+    const int mt = v >> 2, e = v & 3;
+    const int64_t n = n0 + (l >> 2) + (e >= 2 ? 8 : 0);
+    const int m = 8 * mt + 2 * (l & 3) + (e & 1);
+    if (n >= N || m >= M) continue;
+    const int64_t o = static_cast<int64_t>(m) * N + n;
+    if (partial == nullptr) store_any(p.y, o, int8_epilogue(p, m, n, sum), p.out_dtype);
+    else partial[static_cast<int64_t>(blockIdx.y) * M * N + o] = sum;
+  }
+}
+
+// y from the splits' int32 sums; one thread per output.
+__global__ void __launch_bounds__(256) int8_mma_finish_kernel(Int8LinearParams p, const int* partial, int splits) {
+  const int64_t mn = p.M * p.N, o = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
+  if (o >= mn) return;
+  int sum = 0;
+  for (int sp = 0; sp < splits; ++sp) sum += partial[sp * mn + o];
+  store_any(p.y, o, int8_epilogue(p, o / p.N, o % p.N, sum), p.out_dtype);
+}
+
+}  // namespace thrifty::cuda::i8mma

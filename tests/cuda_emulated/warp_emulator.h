@@ -1,0 +1,155 @@
+// A CPU stand-in for the CUDA vocabulary of thrifty's lane-level kernels, so that their own sources (included
+// after this header) run on the CPU: one std::thread per CUDA thread (run_block), warp shuffles and
+// mma.sync (m16n8k16 bf16/f16 -> f32, m16n8k32 s8 -> s32; fragment layouts of csrc/cuda/mma.cuh) emulated with
+// per-warp barriers, __syncthreads with a block barrier, __shared__ arrays as statics (blocks run one at a
+// time). Used by the *_emulate.cpp checks here; it says nothing about speed.
+#pragma once
+#include <immintrin.h>
+
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "common/quant_params.h"
+
+// ---- the CUDA vocabulary the kernel uses
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static  // one array per kernel instantiation, shared by the block's threads (blocks run one by one)
+
+struct dim3 { unsigned x = 0, y = 0, z = 0; };
+struct uint4 { unsigned x, y, z, w; };
+struct uint2 { unsigned x, y; };
+struct float2 { float x, y; };
+struct __nv_bfloat16 { uint16_t bits; };
+struct __half { uint16_t bits; };
+
+thread_local dim3 threadIdx, blockIdx, gridDim;
+
+inline float __uint_as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+template <typename P> inline P __ldg(const P* p) { return *p; }
+template <typename P> inline P __ldcs(const P* p) { return *p; }
+inline uint32_t __byte_perm(uint32_t x, uint32_t y, uint32_t s) {
+  const uint64_t v = (uint64_t{y} << 32) | x;
+  uint32_t r = 0;
+  for (int i = 0; i < 4; ++i) r |= static_cast<uint32_t>((v >> (8 * ((s >> (4 * i)) & 7))) & 0xFF) << (8 * i);
+  return r;
+}
+
+inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+inline float bf16_to_float(uint16_t b) { return __uint_as_float(uint32_t{b} << 16); }
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u; std::memcpy(&u, &f, 4);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+struct Warp {
+  std::barrier<> bar{32};
+  float f[32];
+  uint32_t a[32][4], b[32][2];
+};
+thread_local Warp* this_warp;
+thread_local std::barrier<>* this_block;
+inline int lane_id() { return static_cast<int>(threadIdx.x) & 31; }
+
+inline float exchange(float v, int src) {
+  this_warp->f[lane_id()] = v;
+  this_warp->bar.arrive_and_wait();
+  const float r = this_warp->f[src];
+  this_warp->bar.arrive_and_wait();
+  return r;
+}
+inline float __shfl_xor_sync(unsigned, float v, int m) { return exchange(v, lane_id() ^ m); }
+inline float __shfl_sync(unsigned, float v, int src) { return exchange(v, src & 31); }
+inline void __syncthreads() { this_block->arrive_and_wait(); }
+
+namespace thrifty::cuda {
+template <typename T> inline float elem(uint16_t v);
+template <> inline float elem<__nv_bfloat16>(uint16_t v) { return bf16_to_float(v); }
+template <> inline float elem<__half>(uint16_t v) { return half_to_float(v); }
+
+// mma.sync.m16n8k16.row.col.f32: layouts of csrc/cuda/mma.cuh (g = lane / 4, t = lane % 4).
+template <typename T>
+inline void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  Warp& w = *this_warp;
+  const int lane = lane_id(), g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; ++i) w.a[lane][i] = a[i];
+  w.b[lane][0] = b0, w.b[lane][1] = b1;
+  w.bar.arrive_and_wait();
+  auto half = [](uint32_t r, int hi) { return static_cast<uint16_t>(hi ? r >> 16 : r); };
+  auto A = [&](int row, int k) {  // a0 (row g, k 2t..), a1 (row g+8, k 2t..), a2 (row g, k 2t+8..), a3 (row g+8, ..)
+    const int reg = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
+    return elem<T>(half(w.a[(row & 7) * 4 + (k & 7) / 2][reg], k & 1));
+  };
+  auto B = [&](int k, int col) {  // b0 (k 2t..2t+1, col g), b1 (k 2t+8.., col g)
+    return elem<T>(half(w.b[col * 4 + (k & 7) / 2][k >= 8 ? 1 : 0], k & 1));
+  };
+  float out[4];
+  for (int e = 0; e < 4; ++e) {  // c0, c1 (row g, cols 2t, 2t+1), c2, c3 (row g+8, ...)
+    const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e & 1);
+    float s = c[e];
+    for (int k = 0; k < 16; ++k) s += A(row, k) * B(k, col);
+    out[e] = s;
+  }
+  w.bar.arrive_and_wait();
+  for (int e = 0; e < 4; ++e) c[e] = out[e];
+}
+// mma.sync.m16n8k32.row.col.s32.s8.s8.s32 (csrc/cuda/mma.cuh): a0 (row g, k 4t..4t+3), a1 (row g+8, ..),
+// a2 (row g, k 16+4t..), a3 (row g+8, ..); b0 (k 4t..4t+3, col g), b1 (k 16+4t.., col g); 4 bytes per register.
+inline void mma16832_s8(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  Warp& w = *this_warp;
+  const int lane = lane_id(), g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; ++i) w.a[lane][i] = a[i];
+  w.b[lane][0] = b0, w.b[lane][1] = b1;
+  w.bar.arrive_and_wait();
+  auto byte = [](uint32_t r, int k) { return static_cast<int>(static_cast<int8_t>(r >> (8 * (k & 3)))); };
+  auto A = [&](int row, int k) { return byte(w.a[(row & 7) * 4 + (k & 15) / 4][(row >= 8 ? 1 : 0) + (k >= 16 ? 2 : 0)], k); };
+  auto B = [&](int k, int col) { return byte(w.b[col * 4 + (k & 15) / 4][k >= 16 ? 1 : 0], k); };
+  int out[4];
+  for (int e = 0; e < 4; ++e) {  // c0, c1 (row g, cols 2t, 2t+1), c2, c3 (row g+8, ...)
+    const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e & 1);
+    int s = c[e];
+    for (int k = 0; k < 32; ++k) s += A(row, k) * B(k, col);
+    out[e] = s;
+  }
+  w.bar.arrive_and_wait();
+  for (int e = 0; e < 4; ++e) c[e] = out[e];
+}
+}  // namespace thrifty::cuda
+
+// Runs `kernel()` as block (bx, by) of a (gx, gy) grid with `threads` threads, each its own std::thread.
+inline void run_block(unsigned bx, unsigned by, unsigned gx, unsigned gy, int threads,
+                      const std::function<void()>& kernel) {
+  std::barrier<> block(threads);
+  std::vector<std::unique_ptr<Warp>> warps;
+  for (int w = 0; w < (threads + 31) / 32; ++w) warps.push_back(std::make_unique<Warp>());
+  std::vector<std::thread> th;
+  for (int i = 0; i < threads; ++i)
+    th.emplace_back([&, i] {
+      threadIdx.x = static_cast<unsigned>(i);
+      blockIdx.x = bx, blockIdx.y = by;
+      gridDim.x = gx, gridDim.y = gy;
+      this_warp = warps[i / 32].get();
+      this_block = &block;
+      kernel();
+    });
+  for (auto& t : th) t.join();
+}
+
+// Runs a kernel with no barriers or shuffles over `blocks` blocks of `threads` threads, one thread at a time.
+inline void run_serial(unsigned blocks, int threads, const std::function<void()>& kernel) {
+  for (unsigned b = 0; b < blocks; ++b)
+    for (int i = 0; i < threads; ++i) {
+      threadIdx.x = static_cast<unsigned>(i), blockIdx.x = b, blockIdx.y = 0;
+      kernel();
+    }
+}
