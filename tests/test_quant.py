@@ -134,8 +134,8 @@ def test_quantize_per_token(cpu_isa, dtype, shape, device):
     assert (xq.float() * xs - x.float()).abs().le(xs / 2 + 1e-6).all()
 
 
-# CUDA paths: bits 4 with bf16/f16 x and M <= 32 on the tensor-core kernel (w4_mma.cuh; with the switch on, the
-# default), GEMV buckets M in {1, 2, 4, 8} (vector kernel, and the scalar one for x rows that are not 16-byte
+# CUDA paths: bf16/f16 x and M <= 32 on the tensor-core kernels (w4_mma.cuh, w8_mma.cuh; with the switch on,
+# the default), GEMV buckets M in {1, 2, 4, 8} (vector kernel, and the scalar one for x rows that are not 16-byte
 # aligned), the cuBLAS path above M = 8 (bits 4: dequantized hi/lo split for bf16/f16), and W8A8's
 # at::_int_mm (K and N multiples of 8; M <= 16 zero-padded) against the __dp4a kernel for the other shapes.
 @pytest.fixture(params=["on", "off"], ids=["mma", "nomma"])
@@ -166,13 +166,14 @@ def test_quant_linear_cuda_paths(quant_mma, m, dtype, bits, g, aligned):
     check_linear(y, x, w64, b, dtype)
 
 
-# The CUDA W4A16 tensor-core kernel's lane / k-slot mapping, in-register dequantization and zero-point correction,
-# checked without a GPU: tests/cuda_emulated/w4_mma_emulate.cpp compiles the kernel's own source (w4_mma.cuh) with
-# g++, runs each CUDA thread as a std::thread (shuffles, mma.sync m16n8k16 and __syncthreads emulated) and compares
-# against float64 on odd shapes, group sizes 32..256, M 1..32, bf16 and f16.
+# The CUDA W4A16 / W8A16 tensor-core kernels' lane / k-slot mapping, in-register dequantization and zero-point /
+# offset corrections, checked without a GPU: tests/cuda_emulated/quant_mma_emulate.cpp compiles the kernels' own
+# sources (w4_mma.cuh, w8_mma.cuh) with g++, runs each CUDA thread as a std::thread (shuffles, mma.sync m16n8k16
+# and __syncthreads emulated) and compares against float64 on odd shapes, group sizes 32..256, M 1..32, K splits,
+# bf16 and f16.
 @needs_cuda_emulation
-def test_w4_mma_kernel_in_warp_emulator(tmp_path):
-    run_cuda_emulation("w4_mma_emulate.cpp", tmp_path)
+def test_quant_mma_kernels_in_warp_emulator(tmp_path):
+    run_cuda_emulation("quant_mma_emulate.cpp", tmp_path)
 
 
 # The CUDA W8A8 decode kernel (int8_mma.cuh, mma m16n8k32 s8) in the same emulator, bit for bit against exact
@@ -194,19 +195,25 @@ def test_cuda_quant_mma_switch_names():
         thrifty._C.set_cuda_quant_mma(prev)
 
 
-# Few rows and a long K: the W4 tensor-core kernel splits K over more blocks (2 to 16 here) and a second kernel
-# adds the splits' sums.
+# Few rows and a long K: the W4 / W8 tensor-core kernels split K over more blocks (2 to 16 here) and a second
+# kernel adds the splits' sums.
 @pytest.mark.cuda
 @pytest.mark.parametrize("m", [1, 5, 20])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("g", [128, 32])
-def test_quant_linear_cuda_w4_split_k(m, dtype, g):
+@pytest.mark.parametrize("bits, g", [(4, 128), (4, 32), (8, None)])
+def test_quant_linear_cuda_mma_split_k(m, dtype, bits, g):
     k, n = 8192, 40
     x = torch.randn(m, k, device="cuda").to(dtype)
     b = torch.randn(n, device="cuda").to(dtype)
-    qw, s, z = rand_w4(n, k, g, "cuda")
-    w64 = ref_deq4(qw.cpu(), s.cpu(), z.cpu(), g).cuda()
-    check_linear(thrifty.ops.quant_linear(x, qw, s, z, bits=4, group_size=g, bias=b), x, w64, b, dtype)
+    if bits == 4:
+        qw, s, z = rand_w4(n, k, g, "cuda")
+        w64 = ref_deq4(qw.cpu(), s.cpu(), z.cpu(), g).cuda()
+        y = thrifty.ops.quant_linear(x, qw, s, z, bits=4, group_size=g, bias=b)
+    else:
+        qw, s = rand_w8(n, k, "cuda")
+        w64 = qw.double() * s.double()[:, None]
+        y = thrifty.ops.quant_linear(x, qw, s, None, bits=8, group_size=-1, bias=b)
+    check_linear(y, x, w64, b, dtype)
 
 
 # W8A8 on CUDA: M <= 32 with K % 64 == 0 on the int8 mma kernel (int8_mma.cuh; switch on), else at::_int_mm

@@ -1,6 +1,6 @@
 // CUDA glue for the quantized linear ops: check, fill params, launch on the current stream.
-// Decode-size M (<= 32) runs thrifty's tensor-core kernels (W4A16 with bf16/f16 x: w4_mma.cuh; W8A8:
-// int8_mma.cuh) where they fit, else its GEMV kernels (M <= 8); larger M dequantizes the weight once per
+// Decode-size M (<= 32) runs thrifty's tensor-core kernels (W4A16 / W8A16 with bf16/f16 x: w4_mma.cuh,
+// w8_mma.cuh; W8A8: int8_mma.cuh) where they fit, else its GEMV kernels (M <= 8); larger M dequantizes the weight once per
 // call and hands the GEMM to cuBLAS through ATen (at::mm / at::_int_mm), with a thrifty epilogue for
 // scales and bias.
 #include "cuda/guard.h"
@@ -96,11 +96,11 @@ at::Tensor quant_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, con
                     "thrifty.quant_linear: argument 'qweight' must be 16-byte aligned on CUDA (clone it)");
   if (p.M == 0 || p.N == 0) return r.y;
   if (p.K == 0) return r.bias.defined() ? r.y.copy_(r.bias.expand_as(r.y)) : r.y.zero_();
-  if (cuda::w4_mma_fits(p)) {
-    const int splits = cuda::w4_mma_splits(p);
+  if (cuda::quant_mma_fits(p)) {
+    const int splits = cuda::quant_mma_splits(p);
     at::Tensor partial;  // the K splits' float32 sums, when there are several
     if (splits > 1) partial = at::empty({splits, p.M, p.N}, r.y.options().dtype(at::kFloat));
-    cuda::launch_w4_mma(p, splits, splits > 1 ? partial.data_ptr<float>() : nullptr,
+    cuda::launch_quant_mma(p, splits, splits > 1 ? partial.data_ptr<float>() : nullptr,
                         c10::cuda::getCurrentCUDAStream());
     return r.y;
   }

@@ -17,14 +17,15 @@ constexpr int64_t kGemvMaxM = 8;
 // needs M > kInt8MmMinM: fewer rows are zero-padded); the __dp4a kernel takes the other shapes.
 constexpr int64_t kInt8MmMinM = 16;
 
-// W4A16 with bf16/f16 x and 1 <= M <= 32 on tensor cores (w4_mma.cuh): taken first where w4_mma_fits
-// (switched on, bits 4, 16-bit x, 16-byte aligned qweight and x rows), before the GEMV and cuBLAS paths.
-bool w4_mma_fits(const QuantLinearParams& p);
-// How many blocks split K (1 for most shapes; more when N / 16 blocks would leave multiprocessors idle);
-// with splits > 1, launch_w4_mma needs partial: splits * M * N float32 of device workspace.
-int w4_mma_splits(const QuantLinearParams& p);
-void launch_w4_mma(const QuantLinearParams& p, int splits, float* partial, cudaStream_t stream);
-// The switch of both decode mma kernels (this one and int8_mma below): on unless THRIFTY_CUDA_QUANT_MMA=off;
+// W4A16 / W8A16 with bf16/f16 x and 1 <= M <= 32 on tensor cores (w4_mma.cuh, w8_mma.cuh): taken first where
+// quant_mma_fits (switched on, 16-bit x, 16-byte aligned qweight and x rows; bits 8: K % 64 == 0), before the
+// GEMV and cuBLAS paths. quant_mma_splits: how many blocks split K (1 for most shapes; more when N / 16 blocks
+// would leave multiprocessors idle); with splits > 1, launch_quant_mma needs partial: splits * M * N float32
+// of device workspace.
+bool quant_mma_fits(const QuantLinearParams& p);
+int quant_mma_splits(const QuantLinearParams& p);
+void launch_quant_mma(const QuantLinearParams& p, int splits, float* partial, cudaStream_t stream);
+// The switch of the decode mma kernels (these and int8_mma below): on unless THRIFTY_CUDA_QUANT_MMA=off;
 // set_quant_mma("on" | "off") returns the previous mode and throws std::invalid_argument for other names.
 bool parse_quant_mma_mode(const std::string& mode);
 bool quant_mma_enabled();

@@ -12,8 +12,8 @@
 // cannot: bits 8 with K % 16 != 0 or a misaligned qweight, x rows not 16-byte aligned.
 // M > kGemvMaxM: quant_cuda.cpp dequantizes the weight into a temporary (dequant4_to_kernel below) and
 // calls cuBLAS; scale_bias_epilogue_kernel applies per-channel scales and bias and rounds once.
-// W4A16 with bf16/f16 x and M <= 32 goes before all of these to the tensor-core kernel of w4_mma.cuh
-// (launch_w4_mma; THRIFTY_CUDA_QUANT_MMA=off or set_cuda_quant_mma("off") turns it off).
+// bf16/f16 x with M <= 32 goes before all of these to the tensor-core kernels of w4_mma.cuh (bits 4) and
+// w8_mma.cuh (bits 8) (launch_quant_mma; THRIFTY_CUDA_QUANT_MMA=off or set_cuda_quant_mma("off") turns them off).
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
@@ -54,10 +54,19 @@ __device__ __forceinline__ float2 to_float2<__half>(uint32_t w) {
   return __half22float2(h);
 }
 
+// Two floats rounded to bf16 and packed (lo in the low half).
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  uint32_t u;
+  memcpy(&u, &v, sizeof(u));
+  return u;
+}
+
 }  // namespace
 }  // namespace thrifty::cuda
 
 #include "cuda/quant/w4_mma.cuh"
+#include "cuda/quant/w8_mma.cuh"
 
 namespace thrifty::cuda {
 namespace {
@@ -456,6 +465,19 @@ void launch_w4_mma_t(const QuantLinearParams& p, int splits, float* partial, cud
   }
 }
 
+template <typename T, bool BF16>
+void launch_w8_mma_t(const QuantLinearParams& p, int splits, float* partial, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((p.N + w8mma::kRowsPerBlock - 1) / w8mma::kRowsPerBlock),
+                  static_cast<unsigned>(splits));
+  if (p.M <= 8) w8mma::w8_mma_kernel<T, BF16, 1><<<grid, w8mma::kThreads, 0, stream>>>(p, partial);
+  else if (p.M <= 16) w8mma::w8_mma_kernel<T, BF16, 2><<<grid, w8mma::kThreads, 0, stream>>>(p, partial);
+  else w8mma::w8_mma_kernel<T, BF16, 4><<<grid, w8mma::kThreads, 0, stream>>>(p, partial);
+  static_assert(w8mma::kMaxM == 32, "the m-tile buckets above end at kMaxM");
+  if (splits > 1)
+    w8mma::w8_mma_finish_kernel<T><<<static_cast<unsigned>((p.M * p.N + 255) / 256), 256, 0, stream>>>(p, partial,
+                                                                                                     splits);
+}
+
 }  // namespace
 
 // Multiprocessors of the current device (cached per device).
@@ -506,23 +528,33 @@ std::string set_quant_mma(const std::string& mode) {
   return quant_mma_flag().exchange(on) ? "on" : "off";
 }
 
-bool w4_mma_fits(const QuantLinearParams& p) {
-  return quant_mma_enabled() && p.bits == 4 && p.dtype != DType::f32 && p.M >= 1 && p.M <= w4mma::kMaxM &&
-         p.group_size % 32 == 0 && p.K % p.group_size == 0 && p.K / 32 < (int64_t{1} << 30) && aligned16(p.qweight) &&
-         aligned16(p.x) && (p.M == 1 || p.x_stride % 8 == 0);  // 8 x 16-bit elements
+bool quant_mma_fits(const QuantLinearParams& p) {
+  if (!quant_mma_enabled() || p.dtype == DType::f32 || p.M < 1 || p.M > w4mma::kMaxM || !aligned16(p.qweight) ||
+      !aligned16(p.x) || (p.M > 1 && p.x_stride % 8 != 0))  // 8 x 16-bit elements: 16-byte x rows
+    return false;
+  static_assert(w4mma::kMaxM == w8mma::kMaxM, "one row limit for both kernels");
+  if (p.bits == 4) return p.group_size % 32 == 0 && p.K % p.group_size == 0 && p.K / 32 < (int64_t{1} << 30);
+  return p.bits == 8 && p.K % w8mma::kSeg == 0 && p.K / w8mma::kSeg < (int64_t{1} << 30);
 }
 
-int w4_mma_splits(const QuantLinearParams& p) {
-  return mma_k_splits((p.N + w4mma::kRowsPerBlock - 1) / w4mma::kRowsPerBlock, p.K / w4_mma_segment(p.group_size),
-                      w4mma::kWarps);
+int quant_mma_splits(const QuantLinearParams& p) {
+  static_assert(w4mma::kRowsPerBlock == w8mma::kRowsPerBlock && w4mma::kWarps == w8mma::kWarps, "one block shape");
+  const int64_t nseg = p.bits == 4 ? p.K / w4_mma_segment(p.group_size) : p.K / w8mma::kSeg;
+  return mma_k_splits((p.N + w4mma::kRowsPerBlock - 1) / w4mma::kRowsPerBlock, nseg, w4mma::kWarps);
 }
 
-void launch_w4_mma(const QuantLinearParams& p, int splits, float* partial, cudaStream_t stream) {
-  if (!w4_mma_fits(p) || splits < 1 || (splits > 1) != (partial != nullptr))
-    throw std::logic_error("thrifty: launch_w4_mma called for a shape w4_mma_fits rejects, or without its workspace");
-  if (p.dtype == DType::bf16) launch_w4_mma_t<__nv_bfloat16, true>(p, splits, partial, stream);
-  else launch_w4_mma_t<__half, false>(p, splits, partial, stream);
-  check_launch("quant_linear (W4 mma)");
+void launch_quant_mma(const QuantLinearParams& p, int splits, float* partial, cudaStream_t stream) {
+  if (!quant_mma_fits(p) || splits < 1 || (splits > 1) != (partial != nullptr))
+    throw std::logic_error("thrifty: launch_quant_mma called for a shape quant_mma_fits rejects, or without its workspace");
+  const bool bf16 = p.dtype == DType::bf16;
+  if (p.bits == 4) {
+    if (bf16) launch_w4_mma_t<__nv_bfloat16, true>(p, splits, partial, stream);
+    else launch_w4_mma_t<__half, false>(p, splits, partial, stream);
+  } else {
+    if (bf16) launch_w8_mma_t<__nv_bfloat16, true>(p, splits, partial, stream);
+    else launch_w8_mma_t<__half, false>(p, splits, partial, stream);
+  }
+  check_launch("quant_linear (mma)");
 }
 
 void launch_quant_linear(const QuantLinearParams& p, cudaStream_t stream) {

@@ -26,7 +26,7 @@
 // This header holds only the kernel (template over T = __nv_bfloat16 / __half, S, MT = m tiles) and needs
 // from its includer: QuantLinearParams, uint2/uint4, __ldg, __ldcs, __byte_perm, __shfl_sync,
 // __shfl_xor_sync, __syncthreads, threadIdx/blockIdx, mma16816<T>, from_float<T>, to_float2<T>, bias_at, so
-// that a CPU warp emulator can run the same source (tests/cuda_emulated/w4_mma_emulate.cpp).
+// that a CPU warp emulator can run the same source (tests/cuda_emulated/quant_mma_emulate.cpp).
 #pragma once
 
 namespace thrifty::cuda::w4mma {

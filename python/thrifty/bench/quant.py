@@ -3,8 +3,8 @@ torch._weight_int8pack_mm and torch._weight_int4pack_mm_for_cpu, in the same run
 machine's read bandwidth measured in the same run.
 
 CPU weights (K=4096, N=14336) and (K=14336, N=4096) do not fit the L3; M = 1, 8, 64, 256.
-GPU: K=N=8192, W4A16 and W8A8 at M = 1, 4, 8, 16, 32, 256 against cuBLAS bf16; for M <= 32 also with the
-decode tensor-core kernels switched off (set_cuda_quant_mma), the paths they replaced.
+GPU: K=N=8192, W4A16 and W8A8 at M = 1, 4, 8, 16, 32, 256 (W8A16 up to 32) against cuBLAS bf16; for M <= 32
+also with the decode tensor-core kernels switched off (set_cuda_quant_mma), the paths they replaced.
 """
 from __future__ import annotations
 
@@ -103,6 +103,7 @@ def _run_gpu(b: Bench, device, quick: bool) -> Bench:
         lin.weight.normal_(0, 0.02)
     w = lin.weight.detach().bfloat16()
     q4 = QuantLinear.from_float(lin, bits=4, group_size=128)
+    q8 = QuantLinear.from_float(lin, bits=8)
     q8a8 = QuantLinear.from_float(lin, bits=8, act_bits=8)
     w4_bytes = q4.qweight.numel() + 8 * q4.scales.numel()
     for m in ([1, 16] if quick else [1, 4, 8, 16, 32, 256]):
@@ -117,6 +118,9 @@ def _run_gpu(b: Bench, device, quick: bool) -> Bench:
                 off = " (mma off)" if mma == "off" else ""
                 b.case(op=f"W4A16{off} vs cuBLAS bf16", shape=shape, dtype="bfloat16", thrifty=lambda: q4(x),
                        torch_fn=bf16, bytes=w4_bytes, baseline="cublas")
+                if m <= 32:
+                    b.case(op=f"W8A16{off} vs cuBLAS bf16", shape=shape, dtype="bfloat16", thrifty=lambda: q8(x),
+                           torch_fn=bf16, bytes=q8.qweight.numel() + 4 * n, baseline="cublas")
                 b.case(op=f"W8A8{off} vs cuBLAS bf16", shape=shape, dtype="bfloat16", thrifty=lambda: q8a8(x),
                        torch_fn=bf16, flops=2.0 * m * k * n, baseline="cublas")
             finally:

@@ -1,10 +1,9 @@
-// Runs the W4A16 tensor-core kernel (csrc/cuda/quant/w4_mma.cuh) on the CPU: one std::thread per CUDA thread,
-// warp shuffles and mma.sync m16n8k16 emulated with per-warp barriers and the fragment layouts of
-// csrc/cuda/mma.cuh, __syncthreads with a block barrier. It checks the kernel's lane/k-slot mapping, the
-// in-register dequantization and the zero-point correction against a float64 reference on odd shapes, without
-// a GPU. It says nothing about speed, and mma's own rounding is modelled as float32 sums. Run by
-// tests/test_quant.py::test_w4_mma_kernel_in_warp_emulator on every CPU test run; by hand:
-//   g++ -std=c++20 -O1 -pthread -mf16c -Icsrc tests/cuda_emulated/w4_mma_emulate.cpp -o /tmp/w4_mma_emulate && /tmp/w4_mma_emulate
+// Runs the W4A16 and W8A16 tensor-core kernels (csrc/cuda/quant/w4_mma.cuh, w8_mma.cuh) on the CPU with the warp
+// emulator of warp_emulator.h (mma.sync m16n8k16 per csrc/cuda/mma.cuh). It checks the kernels' lane/k-slot
+// mapping, the in-register conversion of the codes, the zero-point / offset corrections and the K splits
+// against a float64 reference on odd shapes, without a GPU; mma's own rounding is modelled as float32 sums.
+// Run by tests/test_quant.py::test_quant_mma_kernels_in_warp_emulator; by hand:
+//   g++ -std=c++20 -O1 -pthread -mf16c -Icsrc tests/cuda_emulated/quant_mma_emulate.cpp -o /tmp/qme && /tmp/qme
 #include "warp_emulator.h"
 
 namespace thrifty::cuda {
@@ -14,6 +13,8 @@ template <typename T> inline float2 to_float2(uint32_t w) {
 template <typename T> inline T from_float(float x);
 template <> inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return {float_to_bf16(x)}; }
 template <> inline __half from_float<__half>(float x) { return {static_cast<uint16_t>(_cvtss_sh(x, 0))}; }
+
+inline uint32_t pack_bf16x2(float lo, float hi) { return float_to_bf16(lo) | (uint32_t{float_to_bf16(hi)} << 16); }
 
 inline float bias_at(const QuantLinearParams& p, int64_t n) {
   if (p.bias == nullptr) return 0.0f;
@@ -27,6 +28,7 @@ inline float bias_at(const QuantLinearParams& p, int64_t n) {
 }  // namespace thrifty::cuda
 
 #include "cuda/quant/w4_mma.cuh"
+#include "cuda/quant/w8_mma.cuh"
 
 using namespace thrifty;
 
@@ -108,6 +110,66 @@ bool check(int64_t M, int64_t K, int64_t N, int64_t G, bool bias, int splits, st
   return true;
 }
 
+// The launch of quant_linear.cu's launch_w8_mma_t.
+template <typename T, bool BF16, int MT>
+void run_grid8(const QuantLinearParams& p, int splits) {
+  const unsigned blocks = static_cast<unsigned>((p.N + cuda::w8mma::kRowsPerBlock - 1) / cuda::w8mma::kRowsPerBlock);
+  std::vector<float> partial(splits > 1 ? splits * p.M * p.N : 0, NAN);
+  float* part = splits > 1 ? partial.data() : nullptr;
+  for (unsigned by = 0; by < static_cast<unsigned>(splits); ++by)
+    for (unsigned b = 0; b < blocks; ++b)
+      run_block(b, by, blocks, static_cast<unsigned>(splits), cuda::w8mma::kThreads,
+                [&] { cuda::w8mma::w8_mma_kernel<T, BF16, MT>(p, part); });
+  if (splits > 1)
+    run_serial(static_cast<unsigned>((p.M * p.N + 255) / 256), 256,
+               [&] { cuda::w8mma::w8_mma_finish_kernel<T>(p, part, splits); });
+}
+
+template <typename T, bool BF16>
+bool check8(int64_t M, int64_t K, int64_t N, bool bias, int splits, std::mt19937& rng) {
+  const int64_t xs = K + 24;  // padded rows
+  std::normal_distribution<float> nd;
+  std::uniform_int_distribution<int> i8v(-128, 127);
+  std::vector<uint16_t> x(M * xs);
+  for (auto& v : x) v = BF16 ? float_to_bf16(nd(rng)) : static_cast<uint16_t>(_cvtss_sh(nd(rng), 0));
+  std::vector<int8_t> qw(N * K);
+  for (auto& v : qw) v = static_cast<int8_t>(i8v(rng));
+  for (int64_t k = 0; k < std::min<int64_t>(K, 16); ++k) qw[k] = static_cast<int8_t>(k % 2 ? 127 : -128);  // extremes
+  std::vector<float> sc(N), bs(N);
+  for (auto& v : sc) v = 0.001f + 0.01f * std::fabs(nd(rng));
+  for (auto& v : bs) v = nd(rng);
+  std::vector<uint16_t> y(M * N, 0xFFFF);
+  QuantLinearParams p;
+  p.M = M, p.K = K, p.N = N, p.bits = 8, p.group_size = K;
+  p.dtype = BF16 ? DType::bf16 : DType::f16;
+  p.x = x.data(), p.x_stride = xs, p.qweight = qw.data(), p.scales = sc.data();
+  p.bias = bias ? bs.data() : nullptr, p.bias_dtype = DType::f32, p.y = y.data();
+  if (M <= 8) run_grid8<T, BF16, 1>(p, splits);
+  else if (M <= 16) run_grid8<T, BF16, 2>(p, splits);
+  else run_grid8<T, BF16, 4>(p, splits);
+  double worst = 0.0;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double ref = bias ? bs[n] : 0.0, mag = std::fabs(ref);
+      for (int64_t k = 0; k < K; ++k) {
+        const double xv = BF16 ? bf16_to_float(x[m * xs + k]) : half_to_float(x[m * xs + k]);
+        ref += xv * qw[n * K + k] * static_cast<double>(sc[n]);
+        mag += std::fabs(xv * (qw[n * K + k] + 1152.0) * sc[n]);  // the offset's terms bound the float32 sums
+      }
+      const double got = BF16 ? bf16_to_float(y[m * N + n]) : half_to_float(y[m * N + n]);
+      const double tol = std::fabs(ref) * (BF16 ? 0x1p-8 : 0x1p-11) + mag * 2e-6 + 1e-6;
+      const double err = std::fabs(got - ref);
+      if (!(err <= tol)) {
+        std::printf("  FAIL W8 m=%lld n=%lld got %.6g ref %.6g (tol %.3g)\n", (long long)m, (long long)n, got, ref, tol);
+        return false;
+      }
+      worst = std::max(worst, err / tol);
+    }
+  std::printf("  ok  W8 %s M=%lld K=%lld N=%lld bias=%d splits=%d  worst err/tol %.3f\n", BF16 ? "bf16" : "f16 ",
+              (long long)M, (long long)K, (long long)N, bias, splits, worst);
+  return true;
+}
+
 int main() {
   std::mt19937 rng(1234);
   bool ok = true;
@@ -122,6 +184,16 @@ int main() {
   for (const Case& c : cases) {
     ok = check<__nv_bfloat16, true>(c.M, c.K, c.N, c.G, c.bias, c.splits, rng) && ok;
     ok = check<__half, false>(c.M, c.K, c.N, c.G, c.bias, c.splits, rng) && ok;
+  }
+  struct Case8 { int64_t M, K, N; bool bias; int splits; };
+  const Case8 cases8[] = {
+      {1, 64, 16, true, 1},   {3, 2368, 24, false, 1},  {8, 640, 17, true, 1},   {9, 1024, 40, false, 1},
+      {16, 704, 33, true, 1}, {27, 1280, 20, true, 1},  {32, 640, 8, false, 1},
+      {1, 4096, 24, true, 2}, {6, 2304, 33, false, 3},  {20, 2048, 17, true, 4},
+  };
+  for (const Case8& c : cases8) {
+    ok = check8<__nv_bfloat16, true>(c.M, c.K, c.N, c.bias, c.splits, rng) && ok;
+    ok = check8<__half, false>(c.M, c.K, c.N, c.bias, c.splits, rng) && ok;
   }
   std::printf(ok ? "all passed\n" : "FAILED\n");
   return ok ? 0 : 1;

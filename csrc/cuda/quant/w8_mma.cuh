@@ -1,0 +1,149 @@
+// W8A16 for 1 <= M <= 32 rows of bf16/f16 x on tensor cores (mma.sync m16n8k16, f32 accumulation, sm_80+),
+// straight from the (N, K) int8 weight: the companion of w4_mma.cuh (same operand roles, warps, K splits and
+// workspace) for bits 8, whose per-channel scale leaves no groups inside K.
+//
+// K is walked in segments of 64: lane (g = lane / 4, t = lane % 4) loads 16 bytes of weight rows n0 + g and
+// n0 + g + 8 at k = 64 seg + 16 t, and x row m = 8 mt + g's 16 values there (two 16-byte loads). Word w of the
+// weight load (k0..k3 of the lane's 4 k) is mma step w: a0 / a1 = the 16-bit pair (k0, k1) of rows g / g + 8
+// (k slots 2t, 2t+1), a2 / a3 = (k2, k3) (slots 2t+8, 2t+9); B = x's pairs (x0, x1), (x2, x3) as they lie.
+// Each byte becomes the exact 16-bit value of u = q + 128 (0..255):
+//   f16:  0x6400 | u = 1024 + u, one byte permute per pair (offset c = 1024);
+//   bf16: u goes through float32 (the byte in the mantissa of 2^23, minus 2^23) and a paired round to bf16,
+//         exact because u has at most 8 significant bits (offset c = 0, then 128 for the sign flip).
+// So C = sum (c + 128 + q) x and acc = C - (c + 128) * sum x over the warp's own segments; the warps' sums
+// (and K splits, as in w4_mma.cuh) are added, then y = s[n] * acc + bias, rounded once to T.
+//
+// Needs from its includer (see w4_mma.cuh): QuantLinearParams, uint4, __ldg, __ldcs, __byte_perm,
+// __uint_as_float, __shfl_sync, __shfl_xor_sync, __syncthreads, threadIdx/blockIdx/gridDim, mma16816<T>,
+// from_float<T>, to_float2<T>, pack_bf16x2, bias_at.
+#pragma once
+
+namespace thrifty::cuda::w8mma {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kRowsPerBlock = 16;
+constexpr int64_t kMaxM = 32;
+constexpr int64_t kSeg = 64;
+
+// The two 16-bit weight registers of mma step w (bytes 0, 1 -> first, 2, 3 -> second), and the offset they carry.
+template <bool BF16>
+__device__ __forceinline__ void w8_pairs(uint32_t word, uint32_t& p01, uint32_t& p23) {
+  const uint32_t u = word ^ 0x80808080u;  // q + 128 per byte
+  if constexpr (BF16) {
+    const float m = 8388608.0f;  // 2^23: byte b of u in the low mantissa bits
+    p01 = pack_bf16x2(__uint_as_float(__byte_perm(u, 0x4B000000u, 0x7440u)) - m,
+                      __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7441u)) - m);
+    p23 = pack_bf16x2(__uint_as_float(__byte_perm(u, 0x4B000000u, 0x7442u)) - m,
+                      __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7443u)) - m);
+  } else {
+    p01 = __byte_perm(u, 0x64646464u, 0x5140u);  // bytes [u0, 0x64, u1, 0x64]
+    p23 = __byte_perm(u, 0x64646464u, 0x5342u);
+  }
+}
+
+// partial: null with gridDim.y == 1; else (gridDim.y, M, N) float32 sums (before the scale), finished by
+// w8_mma_finish_kernel. Needs K % 64 == 0, 16-byte aligned qweight and x, x_stride % 8 == 0 (or M == 1).
+template <typename T, bool BF16, int MT>
+__global__ void __launch_bounds__(kThreads, 2) w8_mma_kernel(QuantLinearParams p, float* partial) {
+  constexpr int U = MT == 4 ? 2 : 4;  // segments in flight per warp
+  constexpr float offset = BF16 ? 128.0f : 1024.0f + 128.0f;
+  const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t K = p.K, N = p.N, n0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
+  const int M = static_cast<int>(p.M);
+  const int nseg = static_cast<int>(K / kSeg);
+  const int64_t row[2] = {n0 + g < N ? n0 + g : N - 1, n0 + g + 8 < N ? n0 + g + 8 : N - 1};  // past N: row N-1
+  const int8_t* wrow = static_cast<const int8_t*>(p.qweight);
+  const int8_t* q[2] = {wrow + row[0] * K + 16 * t, wrow + row[1] * K + 16 * t};
+  const T* x = static_cast<const T*>(p.x);
+
+  float c[MT][4], xsum[MT];
+  for (int mt = 0; mt < MT; ++mt) {
+    xsum[mt] = 0.0f;
+    for (int e = 0; e < 4; ++e) c[mt][e] = 0.0f;
+  }
+  const int stride = kWarps * static_cast<int>(gridDim.y), wi = static_cast<int>(blockIdx.y) * kWarps + warp;
+  for (int s0 = wi; s0 < nseg; s0 += stride * U) {
+    uint4 wq[U][2];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int seg = s0 + u * stride;
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        wq[u][r] = seg < nseg ? __ldcs(reinterpret_cast<const uint4*>(q[r] + static_cast<int64_t>(seg) * kSeg))
+                              : uint4{0u, 0u, 0u, 0u};
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int seg = s0 + u * stride;
+      if (seg >= nseg) break;  // the same for the whole warp
+      const uint32_t w0[4] = {wq[u][0].x, wq[u][0].y, wq[u][0].z, wq[u][0].w};
+      const uint32_t w1[4] = {wq[u][1].x, wq[u][1].y, wq[u][1].z, wq[u][1].w};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {  // x values 8h .. 8h + 7 of the lane's 16: weight words 2h, 2h + 1
+        uint4 xv[MT];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const int m = 8 * mt + g;
+          const T* xr = x + static_cast<int64_t>(m) * p.x_stride + static_cast<int64_t>(seg) * kSeg + 16 * t + 8 * h;
+          xv[mt] = m < M ? __ldg(reinterpret_cast<const uint4*>(xr)) : uint4{0u, 0u, 0u, 0u};
+          const uint32_t words[4] = {xv[mt].x, xv[mt].y, xv[mt].z, xv[mt].w};
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const float2 f = to_float2<T>(words[i]);
+            xsum[mt] += f.x + f.y;
+          }
+        }
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {  // mma step: weight word 2h + s, x words 2s, 2s + 1
+          uint32_t a[4];
+          w8_pairs<BF16>(w0[2 * h + s], a[0], a[2]);
+          w8_pairs<BF16>(w1[2 * h + s], a[1], a[3]);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt)
+            mma16816<T>(c[mt], a, s == 0 ? xv[mt].x : xv[mt].z, s == 0 ? xv[mt].y : xv[mt].w);
+        }
+      }
+    }
+  }
+  // acc = C - offset * sum x (this warp's segments), in the C layout: this lane's outputs are m = 2t, 2t + 1.
+  __shared__ float red[kWarps][MT * 4][32];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    float sum = xsum[mt];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);  // lanes of quad g: row m = 8 mt + g
+    const float xa = __shfl_sync(0xffffffffu, sum, 8 * t), xb = __shfl_sync(0xffffffffu, sum, 8 * t + 4);
+    red[warp][mt * 4 + 0][lane] = fmaf(-offset, xa, c[mt][0]);
+    red[warp][mt * 4 + 1][lane] = fmaf(-offset, xb, c[mt][1]);
+    red[warp][mt * 4 + 2][lane] = fmaf(-offset, xa, c[mt][2]);
+    red[warp][mt * 4 + 3][lane] = fmaf(-offset, xb, c[mt][3]);
+  }
+  __syncthreads();
+  for (int i = static_cast<int>(threadIdx.x); i < MT * 4 * 32; i += kThreads) {
+    const int v = i >> 5, l = i & 31;  // value v = 4 mt + e of lane l
+    float sum = 0.0f;
+    for (int wp = 0; wp < kWarps; ++wp) sum += red[wp][v][l];
+    const int mt = v >> 2, e = v & 3;
+    const int64_t n = n0 + (l >> 2) + (e >= 2 ? 8 : 0);
+    const int m = 8 * mt + 2 * (l & 3) + (e & 1);
+    if (n >= N || m >= M) continue;
+    const int64_t o = static_cast<int64_t>(m) * N + n;
+    if (partial == nullptr) static_cast<T*>(p.y)[o] = from_float<T>(fmaf(p.scales[n], sum, bias_at(p, n)));
+    else partial[static_cast<int64_t>(blockIdx.y) * M * N + o] = sum;
+  }
+}
+
+// y[m, n] = T(s[n] * (sum over the splits of partial[s][m][n]) + bias[n]); one thread per output.
+template <typename T>
+__global__ void __launch_bounds__(256) w8_mma_finish_kernel(QuantLinearParams p, const float* partial, int splits) {
+  const int64_t mn = p.M * p.N, o = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
+  if (o >= mn) return;
+  float sum = 0.0f;
+  for (int sp = 0; sp < splits; ++sp) sum += partial[sp * mn + o];
+  const int64_t n = o % p.N;
+  static_cast<T*>(p.y)[o] = from_float<T>(fmaf(p.scales[n], sum, bias_at(p, n)));
+}
+
+}  // namespace thrifty::cuda::w8mma
