@@ -31,12 +31,12 @@ namespace i8 = thrifty::cuda::i8mma;
 // The launch of int8_linear.cu's launch_int8_mma: grid (N / 16, splits), then the finish kernel if splits > 1.
 template <int MT>
 void run_grid(const Int8LinearParams& p, int splits) {
-  const unsigned blocks = static_cast<unsigned>((p.N + i8::kRowsPerBlock - 1) / i8::kRowsPerBlock);
+  const unsigned blocks = static_cast<unsigned>((p.N + cuda::mmadec::kRowsPerBlock - 1) / cuda::mmadec::kRowsPerBlock);
   std::vector<int> partial(splits > 1 ? splits * p.M * p.N : 0, 0x7eadbeef);
   int* part = splits > 1 ? partial.data() : nullptr;
   for (unsigned by = 0; by < static_cast<unsigned>(splits); ++by)
     for (unsigned b = 0; b < blocks; ++b)
-      run_block(b, by, blocks, static_cast<unsigned>(splits), i8::kThreads,
+      run_block(b, by, blocks, static_cast<unsigned>(splits), cuda::mmadec::kThreads,
                 [&] { i8::int8_mma_kernel<MT>(p, part); });
   if (splits > 1)
     run_serial(static_cast<unsigned>((p.M * p.N + 255) / 256), 256, [&] { i8::int8_mma_finish_kernel(p, part, splits); });

@@ -35,12 +35,12 @@ using namespace thrifty;
 // The launch of quant_linear.cu's launch_w4_mma_s: grid (N / 16, splits), then the finish kernel if splits > 1.
 template <typename T, bool BF16, int S, int MT>
 void run_grid(const QuantLinearParams& p, int splits) {
-  const unsigned blocks = static_cast<unsigned>((p.N + cuda::w4mma::kRowsPerBlock - 1) / cuda::w4mma::kRowsPerBlock);
+  const unsigned blocks = static_cast<unsigned>((p.N + cuda::mmadec::kRowsPerBlock - 1) / cuda::mmadec::kRowsPerBlock);
   std::vector<float> partial(splits > 1 ? splits * p.M * p.N : 0, NAN);
   float* part = splits > 1 ? partial.data() : nullptr;
   for (unsigned by = 0; by < static_cast<unsigned>(splits); ++by)
     for (unsigned b = 0; b < blocks; ++b)
-      run_block(b, by, blocks, static_cast<unsigned>(splits), cuda::w4mma::kThreads,
+      run_block(b, by, blocks, static_cast<unsigned>(splits), cuda::mmadec::kThreads,
                 [&] { cuda::w4mma::w4_mma_kernel<T, BF16, S, MT>(p, part); });
   if (splits > 1)
     run_serial(static_cast<unsigned>((p.M * p.N + 255) / 256), 256,
@@ -113,12 +113,12 @@ bool check(int64_t M, int64_t K, int64_t N, int64_t G, bool bias, int splits, st
 // The launch of quant_linear.cu's launch_w8_mma_t.
 template <typename T, bool BF16, int MT>
 void run_grid8(const QuantLinearParams& p, int splits) {
-  const unsigned blocks = static_cast<unsigned>((p.N + cuda::w8mma::kRowsPerBlock - 1) / cuda::w8mma::kRowsPerBlock);
+  const unsigned blocks = static_cast<unsigned>((p.N + cuda::mmadec::kRowsPerBlock - 1) / cuda::mmadec::kRowsPerBlock);
   std::vector<float> partial(splits > 1 ? splits * p.M * p.N : 0, NAN);
   float* part = splits > 1 ? partial.data() : nullptr;
   for (unsigned by = 0; by < static_cast<unsigned>(splits); ++by)
     for (unsigned b = 0; b < blocks; ++b)
-      run_block(b, by, blocks, static_cast<unsigned>(splits), cuda::w8mma::kThreads,
+      run_block(b, by, blocks, static_cast<unsigned>(splits), cuda::mmadec::kThreads,
                 [&] { cuda::w8mma::w8_mma_kernel<T, BF16, MT>(p, part); });
   if (splits > 1)
     run_serial(static_cast<unsigned>((p.M * p.N + 255) / 256), 256,

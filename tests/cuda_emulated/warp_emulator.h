@@ -33,7 +33,7 @@ struct float2 { float x, y; };
 struct __nv_bfloat16 { uint16_t bits; };
 struct __half { uint16_t bits; };
 
-thread_local dim3 threadIdx, blockIdx, gridDim;
+thread_local dim3 threadIdx, blockIdx, gridDim, blockDim;
 
 inline float __uint_as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 template <typename P> inline P __ldg(const P* p) { return *p; }
@@ -138,6 +138,7 @@ inline void run_block(unsigned bx, unsigned by, unsigned gx, unsigned gy, int th
       threadIdx.x = static_cast<unsigned>(i);
       blockIdx.x = bx, blockIdx.y = by;
       gridDim.x = gx, gridDim.y = gy;
+      blockDim.x = static_cast<unsigned>(threads);
       this_warp = warps[i / 32].get();
       this_block = &block;
       kernel();
@@ -150,6 +151,7 @@ inline void run_serial(unsigned blocks, int threads, const std::function<void()>
   for (unsigned b = 0; b < blocks; ++b)
     for (int i = 0; i < threads; ++i) {
       threadIdx.x = static_cast<unsigned>(i), blockIdx.x = b, blockIdx.y = 0;
+      blockDim.x = static_cast<unsigned>(threads);
       kernel();
     }
 }

@@ -117,20 +117,20 @@ __global__ void __launch_bounds__(256) quantize_rows_kernel(QuantizePerTokenPara
 
 template <int MT>
 void launch_int8_mma_mt(const Int8LinearParams& p, int splits, int* partial, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((p.N + i8mma::kRowsPerBlock - 1) / i8mma::kRowsPerBlock),
+  const dim3 grid(static_cast<unsigned>((p.N + mmadec::kRowsPerBlock - 1) / mmadec::kRowsPerBlock),
                   static_cast<unsigned>(splits));
-  i8mma::int8_mma_kernel<MT><<<grid, i8mma::kThreads, 0, stream>>>(p, partial);
+  i8mma::int8_mma_kernel<MT><<<grid, mmadec::kThreads, 0, stream>>>(p, partial);
 }
 
 }  // namespace
 
 bool int8_mma_fits(const Int8LinearParams& p) {
-  return quant_mma_enabled() && p.M >= 1 && p.M <= i8mma::kMaxM && p.K % i8mma::kSeg == 0 &&
+  return quant_mma_enabled() && p.M >= 1 && p.M <= mmadec::kMaxM && p.K % i8mma::kSeg == 0 &&
          p.K / i8mma::kSeg < (int64_t{1} << 30) && aligned16(p.xq) && aligned16(p.wq);
 }
 
 int int8_mma_splits(const Int8LinearParams& p) {
-  return mma_k_splits((p.N + i8mma::kRowsPerBlock - 1) / i8mma::kRowsPerBlock, p.K / i8mma::kSeg, i8mma::kWarps);
+  return mma_k_splits((p.N + mmadec::kRowsPerBlock - 1) / mmadec::kRowsPerBlock, p.K / i8mma::kSeg, mmadec::kWarps);
 }
 
 void launch_int8_mma(const Int8LinearParams& p, int splits, int* partial, cudaStream_t stream) {
@@ -139,7 +139,7 @@ void launch_int8_mma(const Int8LinearParams& p, int splits, int* partial, cudaSt
   if (p.M <= 8) launch_int8_mma_mt<1>(p, splits, partial, stream);
   else if (p.M <= 16) launch_int8_mma_mt<2>(p, splits, partial, stream);
   else launch_int8_mma_mt<4>(p, splits, partial, stream);
-  static_assert(i8mma::kMaxM == 32, "the m-tile buckets above end at kMaxM");
+  static_assert(mmadec::kMaxM == 32, "the m-tile buckets above end at kMaxM");
   if (splits > 1)
     i8mma::int8_mma_finish_kernel<<<static_cast<unsigned>((p.M * p.N + 255) / 256), 256, 0, stream>>>(p, partial,
                                                                                                       splits);

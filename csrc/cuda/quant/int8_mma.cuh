@@ -10,17 +10,17 @@
 // w4_mma.cuh: partial int32 sums, int8_mma_finish_kernel) add up in any order; the epilogue is the one of
 // scale_bias_epilogue_kernel: y[m, n] = float(acc) * x_scales[m] * w_scales[n] (+ bias[n]), rounded once.
 //
-// Needs from its includer (like w4_mma.cuh, so that tests/cuda_emulated/int8_mma_emulate.cpp runs this source):
+// Block shape, reduction and K splits: mma_decode.cuh. Needs from its includer (like w4_mma.cuh, so that
+// tests/cuda_emulated/int8_mma_emulate.cpp runs this source):
 // Int8LinearParams, uint4, __ldg, __ldcs, __syncthreads, threadIdx/blockIdx/gridDim, mma16832_s8,
 // load_any / store_any (bias and output element access by DType).
 #pragma once
+#include "cuda/quant/mma_decode.cuh"
 
 namespace thrifty::cuda::i8mma {
 
-constexpr int kWarps = 8;
-constexpr int kThreads = 32 * kWarps;
-constexpr int kRowsPerBlock = 16;
-constexpr int64_t kMaxM = 32;
+using mmadec::kRowsPerBlock;
+using mmadec::kThreads;
 constexpr int64_t kSeg = 64;  // k per segment (4 lanes x 16 bytes)
 
 __device__ __forceinline__ float int8_epilogue(const Int8LinearParams& p, int64_t m, int64_t n, int acc) {
@@ -34,32 +34,24 @@ __device__ __forceinline__ float int8_epilogue(const Int8LinearParams& p, int64_
 template <int MT>
 __global__ void __launch_bounds__(kThreads, 2) int8_mma_kernel(Int8LinearParams p, int* partial) {
   constexpr int U = 4;  // segments in flight per warp
-  const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
-  const int g = lane >> 2, t = lane & 3;
+  const int t = static_cast<int>(threadIdx.x) & 3, g = (static_cast<int>(threadIdx.x) & 31) >> 2;
   const int64_t K = p.K, N = p.N, n0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
   const int M = static_cast<int>(p.M);
   const int nseg = static_cast<int>(K / kSeg);
-  const int64_t row[2] = {n0 + g < N ? n0 + g : N - 1, n0 + g + 8 < N ? n0 + g + 8 : N - 1};  // past N: row N-1
-  const int8_t* q[2] = {p.wq + row[0] * K + 16 * t, p.wq + row[1] * K + 16 * t};
+  const mmadec::LaneRows rows = mmadec::lane_rows(n0, N);
+  const int8_t* const q[2] = {p.wq + rows.row[0] * K + 16 * t, p.wq + rows.row[1] * K + 16 * t};
 
   int acc[MT][4];
   for (int mt = 0; mt < MT; ++mt)
     for (int e = 0; e < 4; ++e) acc[mt][e] = 0;
 
-  const int stride = kWarps * static_cast<int>(gridDim.y), wi = static_cast<int>(blockIdx.y) * kWarps + warp;
-  for (int s0 = wi; s0 < nseg; s0 += stride * U) {
+  const mmadec::SegmentWalk walk = mmadec::segment_walk();
+  for (int s0 = walk.first; s0 < nseg; s0 += walk.stride * U) {
     uint4 wq[U][2];  // the U segments' weight bytes, requested first
+    mmadec::load_rows16<U>(q, s0, walk.stride, nseg, kSeg, wq);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int seg = s0 + u * stride;
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-        wq[u][r] = seg < nseg ? __ldcs(reinterpret_cast<const uint4*>(q[r] + static_cast<int64_t>(seg) * kSeg))
-                              : uint4{0u, 0u, 0u, 0u};
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int seg = s0 + u * stride;
+      const int seg = s0 + u * walk.stride;
       if (seg >= nseg) break;  // the same for the whole warp
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
@@ -74,33 +66,16 @@ __global__ void __launch_bounds__(kThreads, 2) int8_mma_kernel(Int8LinearParams 
       }
     }
   }
-
-  // acc: (n = g, m = 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1) of each m tile; the warps' sums in shared memory.
-  __shared__ int red[kWarps][MT * 4][32];
-  for (int mt = 0; mt < MT; ++mt)
-    for (int e = 0; e < 4; ++e) red[warp][mt * 4 + e][lane] = acc[mt][e];
-  __syncthreads();
-  for (int i = static_cast<int>(threadIdx.x); i < MT * 4 * 32; i += kThreads) {
-    const int v = i >> 5, l = i & 31;  // value v = 4 mt + e of lane l
-    int sum = 0;
-    for (int wp = 0; wp < kWarps; ++wp) sum += red[wp][v][l];
-    const int mt = v >> 2, e = v & 3;
-    const int64_t n = n0 + (l >> 2) + (e >= 2 ? 8 : 0);
-    const int m = 8 * mt + 2 * (l & 3) + (e & 1);
-    if (n >= N || m >= M) continue;
-    const int64_t o = static_cast<int64_t>(m) * N + n;
-    if (partial == nullptr) store_any(p.y, o, int8_epilogue(p, m, n, sum), p.out_dtype);
-    else partial[static_cast<int64_t>(blockIdx.y) * M * N + o] = sum;
-  }
+  mmadec::block_store<MT>(acc, n0, M, N, partial, [&](int64_t m, int64_t n, int sum) {
+    store_any(p.y, m * N + n, int8_epilogue(p, m, n, sum), p.out_dtype);
+  });
 }
 
 // y from the splits' int32 sums; one thread per output.
 __global__ void __launch_bounds__(256) int8_mma_finish_kernel(Int8LinearParams p, const int* partial, int splits) {
-  const int64_t mn = p.M * p.N, o = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
-  if (o >= mn) return;
-  int sum = 0;
-  for (int sp = 0; sp < splits; ++sp) sum += partial[sp * mn + o];
-  store_any(p.y, o, int8_epilogue(p, o / p.N, o % p.N, sum), p.out_dtype);
+  mmadec::finish_splits(p.M, p.N, partial, splits, [&](int64_t m, int64_t n, int sum) {
+    store_any(p.y, m * p.N + n, int8_epilogue(p, m, n, sum), p.out_dtype);
+  });
 }
 
 }  // namespace thrifty::cuda::i8mma

@@ -442,12 +442,12 @@ void launch_epilogue_a(const EpilogueParams& e, cudaStream_t stream) {
 
 template <typename T, bool BF16, int S>
 void launch_w4_mma_s(const QuantLinearParams& p, int splits, float* partial, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((p.N + w4mma::kRowsPerBlock - 1) / w4mma::kRowsPerBlock),
+  const dim3 grid(static_cast<unsigned>((p.N + mmadec::kRowsPerBlock - 1) / mmadec::kRowsPerBlock),
                   static_cast<unsigned>(splits));
-  if (p.M <= 8) w4mma::w4_mma_kernel<T, BF16, S, 1><<<grid, w4mma::kThreads, 0, stream>>>(p, partial);
-  else if (p.M <= 16) w4mma::w4_mma_kernel<T, BF16, S, 2><<<grid, w4mma::kThreads, 0, stream>>>(p, partial);
-  else w4mma::w4_mma_kernel<T, BF16, S, 4><<<grid, w4mma::kThreads, 0, stream>>>(p, partial);
-  static_assert(w4mma::kMaxM == 32, "the m-tile buckets above end at kMaxM");
+  if (p.M <= 8) w4mma::w4_mma_kernel<T, BF16, S, 1><<<grid, mmadec::kThreads, 0, stream>>>(p, partial);
+  else if (p.M <= 16) w4mma::w4_mma_kernel<T, BF16, S, 2><<<grid, mmadec::kThreads, 0, stream>>>(p, partial);
+  else w4mma::w4_mma_kernel<T, BF16, S, 4><<<grid, mmadec::kThreads, 0, stream>>>(p, partial);
+  static_assert(mmadec::kMaxM == 32, "the m-tile buckets above end at kMaxM");
   if (splits > 1)
     w4mma::w4_mma_finish_kernel<T><<<static_cast<unsigned>((p.M * p.N + 255) / 256), 256, 0, stream>>>(p, partial,
                                                                                                      splits);
@@ -467,12 +467,12 @@ void launch_w4_mma_t(const QuantLinearParams& p, int splits, float* partial, cud
 
 template <typename T, bool BF16>
 void launch_w8_mma_t(const QuantLinearParams& p, int splits, float* partial, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((p.N + w8mma::kRowsPerBlock - 1) / w8mma::kRowsPerBlock),
+  const dim3 grid(static_cast<unsigned>((p.N + mmadec::kRowsPerBlock - 1) / mmadec::kRowsPerBlock),
                   static_cast<unsigned>(splits));
-  if (p.M <= 8) w8mma::w8_mma_kernel<T, BF16, 1><<<grid, w8mma::kThreads, 0, stream>>>(p, partial);
-  else if (p.M <= 16) w8mma::w8_mma_kernel<T, BF16, 2><<<grid, w8mma::kThreads, 0, stream>>>(p, partial);
-  else w8mma::w8_mma_kernel<T, BF16, 4><<<grid, w8mma::kThreads, 0, stream>>>(p, partial);
-  static_assert(w8mma::kMaxM == 32, "the m-tile buckets above end at kMaxM");
+  if (p.M <= 8) w8mma::w8_mma_kernel<T, BF16, 1><<<grid, mmadec::kThreads, 0, stream>>>(p, partial);
+  else if (p.M <= 16) w8mma::w8_mma_kernel<T, BF16, 2><<<grid, mmadec::kThreads, 0, stream>>>(p, partial);
+  else w8mma::w8_mma_kernel<T, BF16, 4><<<grid, mmadec::kThreads, 0, stream>>>(p, partial);
+  static_assert(mmadec::kMaxM == 32, "the m-tile buckets above end at kMaxM");
   if (splits > 1)
     w8mma::w8_mma_finish_kernel<T><<<static_cast<unsigned>((p.M * p.N + 255) / 256), 256, 0, stream>>>(p, partial,
                                                                                                      splits);
@@ -529,18 +529,16 @@ std::string set_quant_mma(const std::string& mode) {
 }
 
 bool quant_mma_fits(const QuantLinearParams& p) {
-  if (!quant_mma_enabled() || p.dtype == DType::f32 || p.M < 1 || p.M > w4mma::kMaxM || !aligned16(p.qweight) ||
+  if (!quant_mma_enabled() || p.dtype == DType::f32 || p.M < 1 || p.M > mmadec::kMaxM || !aligned16(p.qweight) ||
       !aligned16(p.x) || (p.M > 1 && p.x_stride % 8 != 0))  // 8 x 16-bit elements: 16-byte x rows
     return false;
-  static_assert(w4mma::kMaxM == w8mma::kMaxM, "one row limit for both kernels");
   if (p.bits == 4) return p.group_size % 32 == 0 && p.K % p.group_size == 0 && p.K / 32 < (int64_t{1} << 30);
   return p.bits == 8 && p.K % w8mma::kSeg == 0 && p.K / w8mma::kSeg < (int64_t{1} << 30);
 }
 
 int quant_mma_splits(const QuantLinearParams& p) {
-  static_assert(w4mma::kRowsPerBlock == w8mma::kRowsPerBlock && w4mma::kWarps == w8mma::kWarps, "one block shape");
   const int64_t nseg = p.bits == 4 ? p.K / w4_mma_segment(p.group_size) : p.K / w8mma::kSeg;
-  return mma_k_splits((p.N + w4mma::kRowsPerBlock - 1) / w4mma::kRowsPerBlock, nseg, w4mma::kWarps);
+  return mma_k_splits((p.N + mmadec::kRowsPerBlock - 1) / mmadec::kRowsPerBlock, nseg, mmadec::kWarps);
 }
 
 void launch_quant_mma(const QuantLinearParams& p, int splits, float* partial, cudaStream_t stream) {

@@ -23,18 +23,18 @@
 // over gridDim.y blocks: each writes its float32 sums to partial[split][m][n] and w4_mma_finish_kernel adds
 // them up (in split order), adds the bias and rounds.
 //
-// This header holds only the kernel (template over T = __nv_bfloat16 / __half, S, MT = m tiles) and needs
-// from its includer: QuantLinearParams, uint2/uint4, __ldg, __ldcs, __byte_perm, __shfl_sync,
+// This header holds only the kernels (template over T = __nv_bfloat16 / __half, S, MT = m tiles; the block
+// shape, reduction and K splits of mma_decode.cuh) and needs from its includer: QuantLinearParams, uint2/uint4, __ldg, __ldcs, __byte_perm, __shfl_sync,
 // __shfl_xor_sync, __syncthreads, threadIdx/blockIdx, mma16816<T>, from_float<T>, to_float2<T>, bias_at, so
 // that a CPU warp emulator can run the same source (tests/cuda_emulated/quant_mma_emulate.cpp).
 #pragma once
+#include "cuda/quant/mma_decode.cuh"
 
 namespace thrifty::cuda::w4mma {
 
-constexpr int kWarps = 8;  // per block, splitting K
-constexpr int kThreads = 32 * kWarps;
-constexpr int kRowsPerBlock = 16;
-constexpr int64_t kMaxM = 32;  // 4 m tiles
+using mmadec::kRowsPerBlock;
+using mmadec::kThreads;
+using mmadec::kWarps;
 
 // The 16-bit pair's bit pattern for c + q (q a nibble) and c itself, per x type.
 template <bool BF16>
@@ -77,15 +77,14 @@ __global__ void __launch_bounds__(kThreads, 2) w4_mma_kernel(QuantLinearParams p
   constexpr int U = MT == 4 ? 2 : 4;  // segments in flight per warp (4 m tiles: registers)
   constexpr uint32_t magic = Magic<BF16>::bits;
   constexpr float offset = Magic<BF16>::offset;
-  const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
-  const int g = lane >> 2, t = lane & 3;
+  const int lane = static_cast<int>(threadIdx.x) & 31, g = lane >> 2, t = lane & 3;
   const int64_t K = p.K, N = p.N, n0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
   const int M = static_cast<int>(p.M);
   const int nseg = static_cast<int>(K / S);
   const int64_t ng = K / p.group_size;
   const int spg = static_cast<int>(p.group_size / S);  // segments per group
-  // Rows past N read row N - 1 and store nothing.
-  const int64_t row[2] = {n0 + g < N ? n0 + g : N - 1, n0 + g + 8 < N ? n0 + g + 8 : N - 1};
+  const mmadec::LaneRows rows = mmadec::lane_rows(n0, N);
+  const int64_t(&row)[2] = rows.row;
   const uint8_t* q[2];
   for (int r = 0; r < 2; ++r) q[r] = static_cast<const uint8_t*>(p.qweight) + row[r] * (K / 2) + t * (S / 8);
   const T* x = static_cast<const T*>(p.x);
@@ -94,9 +93,9 @@ __global__ void __launch_bounds__(kThreads, 2) w4_mma_kernel(QuantLinearParams p
   for (int mt = 0; mt < MT; ++mt)
     for (int e = 0; e < 4; ++e) acc[mt][e] = 0.0f;
 
-  // This warp's segments: wi, wi + stride, ... with wi its index among the stride warps of all K splits.
-  const int stride = kWarps * static_cast<int>(gridDim.y), wi = static_cast<int>(blockIdx.y) * kWarps + warp;
-  for (int s0 = wi; s0 < nseg; s0 += stride * U) {
+  const mmadec::SegmentWalk walk = mmadec::segment_walk();
+  const int stride = walk.stride;
+  for (int s0 = walk.first; s0 < nseg; s0 += stride * U) {
     // The U segments' weights (DRAM) and scales / zeros are all requested first; x (L1 / L2: every block
     // reads the same x) is loaded per segment, so registers go to weight bytes in flight.
     uint32_t wq[U][2][NW];
@@ -179,33 +178,17 @@ __global__ void __launch_bounds__(kThreads, 2) w4_mma_kernel(QuantLinearParams p
     }
   }
 
-  // Sum the warps' partial results: item i = value i / 32 (4 mt + e) of lane i % 32.
-  __shared__ float red[kWarps][MT * 4][32];
-  for (int mt = 0; mt < MT; ++mt)
-    for (int e = 0; e < 4; ++e) red[warp][mt * 4 + e][lane] = acc[mt][e];
-  __syncthreads();
-  for (int i = static_cast<int>(threadIdx.x); i < MT * 4 * 32; i += kThreads) {
-    const int v = i >> 5, l = i & 31;  // value v = 4 mt + e of lane l
-    float sum = 0.0f;
-    for (int wp = 0; wp < kWarps; ++wp) sum += red[wp][v][l];
-    const int mt = v >> 2, e = v & 3;
-    const int64_t n = n0 + (l >> 2) + (e >= 2 ? 8 : 0);
-    const int m = 8 * mt + 2 * (l & 3) + (e & 1);
-    if (n >= N || m >= M) continue;
-    const int64_t o = static_cast<int64_t>(m) * N + n;
-    if (partial == nullptr) static_cast<T*>(p.y)[o] = from_float<T>(sum + bias_at(p, n));
-    else partial[static_cast<int64_t>(blockIdx.y) * M * N + o] = sum;
-  }
+  mmadec::block_store<MT>(acc, n0, M, N, partial, [&](int64_t m, int64_t n, float sum) {
+    static_cast<T*>(p.y)[m * N + n] = from_float<T>(sum + bias_at(p, n));
+  });
 }
 
 // y[m, n] = T(sum over the splits of partial[s][m][n] + bias[n]); one thread per output.
 template <typename T>
 __global__ void __launch_bounds__(256) w4_mma_finish_kernel(QuantLinearParams p, const float* partial, int splits) {
-  const int64_t mn = p.M * p.N, o = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
-  if (o >= mn) return;
-  float sum = 0.0f;
-  for (int sp = 0; sp < splits; ++sp) sum += partial[sp * mn + o];
-  static_cast<T*>(p.y)[o] = from_float<T>(sum + bias_at(p, o % p.N));
+  mmadec::finish_splits(p.M, p.N, partial, splits, [&](int64_t m, int64_t n, float sum) {
+    static_cast<T*>(p.y)[m * p.N + n] = from_float<T>(sum + bias_at(p, n));
+  });
 }
 
 }  // namespace thrifty::cuda::w4mma

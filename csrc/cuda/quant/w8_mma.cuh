@@ -13,18 +13,17 @@
 // So C = sum (c + 128 + q) x and acc = C - (c + 128) * sum x over the warp's own segments; the warps' sums
 // (and K splits, as in w4_mma.cuh) are added, then y = s[n] * acc + bias, rounded once to T.
 //
-// Needs from its includer (see w4_mma.cuh): QuantLinearParams, uint4, __ldg, __ldcs, __byte_perm,
+// Block shape, reduction and K splits: mma_decode.cuh. Needs from its includer (see w4_mma.cuh): QuantLinearParams, uint4, __ldg, __ldcs, __byte_perm,
 // __uint_as_float, __shfl_sync, __shfl_xor_sync, __syncthreads, threadIdx/blockIdx/gridDim, mma16816<T>,
 // from_float<T>, to_float2<T>, pack_bf16x2, bias_at.
 #pragma once
+#include "cuda/quant/mma_decode.cuh"
 
 namespace thrifty::cuda::w8mma {
 
-constexpr int kWarps = 8;
-constexpr int kThreads = 32 * kWarps;
-constexpr int kRowsPerBlock = 16;
-constexpr int64_t kMaxM = 32;
-constexpr int64_t kSeg = 64;
+using mmadec::kRowsPerBlock;
+using mmadec::kThreads;
+constexpr int64_t kSeg = 64;  // k per segment (4 lanes x 16 bytes)
 
 // The two 16-bit weight registers of mma step w (bytes 0, 1 -> first, 2, 3 -> second), and the offset they carry.
 template <bool BF16>
@@ -48,14 +47,13 @@ template <typename T, bool BF16, int MT>
 __global__ void __launch_bounds__(kThreads, 2) w8_mma_kernel(QuantLinearParams p, float* partial) {
   constexpr int U = MT == 4 ? 2 : 4;  // segments in flight per warp
   constexpr float offset = BF16 ? 128.0f : 1024.0f + 128.0f;
-  const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
-  const int g = lane >> 2, t = lane & 3;
+  const int lane = static_cast<int>(threadIdx.x) & 31, g = lane >> 2, t = lane & 3;
   const int64_t K = p.K, N = p.N, n0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
   const int M = static_cast<int>(p.M);
   const int nseg = static_cast<int>(K / kSeg);
-  const int64_t row[2] = {n0 + g < N ? n0 + g : N - 1, n0 + g + 8 < N ? n0 + g + 8 : N - 1};  // past N: row N-1
+  const mmadec::LaneRows rows = mmadec::lane_rows(n0, N);
   const int8_t* wrow = static_cast<const int8_t*>(p.qweight);
-  const int8_t* q[2] = {wrow + row[0] * K + 16 * t, wrow + row[1] * K + 16 * t};
+  const int8_t* const q[2] = {wrow + rows.row[0] * K + 16 * t, wrow + rows.row[1] * K + 16 * t};
   const T* x = static_cast<const T*>(p.x);
 
   float c[MT][4], xsum[MT];
@@ -63,17 +61,11 @@ __global__ void __launch_bounds__(kThreads, 2) w8_mma_kernel(QuantLinearParams p
     xsum[mt] = 0.0f;
     for (int e = 0; e < 4; ++e) c[mt][e] = 0.0f;
   }
-  const int stride = kWarps * static_cast<int>(gridDim.y), wi = static_cast<int>(blockIdx.y) * kWarps + warp;
-  for (int s0 = wi; s0 < nseg; s0 += stride * U) {
-    uint4 wq[U][2];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int seg = s0 + u * stride;
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-        wq[u][r] = seg < nseg ? __ldcs(reinterpret_cast<const uint4*>(q[r] + static_cast<int64_t>(seg) * kSeg))
-                              : uint4{0u, 0u, 0u, 0u};
-    }
+  const mmadec::SegmentWalk walk = mmadec::segment_walk();
+  const int stride = walk.stride;
+  for (int s0 = walk.first; s0 < nseg; s0 += stride * U) {
+    uint4 wq[U][2];  // the U segments' weight bytes, requested first
+    mmadec::load_rows16<U>(q, s0, stride, nseg, kSeg, wq);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int seg = s0 + u * stride;
@@ -108,42 +100,29 @@ __global__ void __launch_bounds__(kThreads, 2) w8_mma_kernel(QuantLinearParams p
     }
   }
   // acc = C - offset * sum x (this warp's segments), in the C layout: this lane's outputs are m = 2t, 2t + 1.
-  __shared__ float red[kWarps][MT * 4][32];
+  float acc[MT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
     float sum = xsum[mt];
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);  // lanes of quad g: row m = 8 mt + g
     const float xa = __shfl_sync(0xffffffffu, sum, 8 * t), xb = __shfl_sync(0xffffffffu, sum, 8 * t + 4);
-    red[warp][mt * 4 + 0][lane] = fmaf(-offset, xa, c[mt][0]);
-    red[warp][mt * 4 + 1][lane] = fmaf(-offset, xb, c[mt][1]);
-    red[warp][mt * 4 + 2][lane] = fmaf(-offset, xa, c[mt][2]);
-    red[warp][mt * 4 + 3][lane] = fmaf(-offset, xb, c[mt][3]);
+    acc[mt][0] = fmaf(-offset, xa, c[mt][0]);
+    acc[mt][1] = fmaf(-offset, xb, c[mt][1]);
+    acc[mt][2] = fmaf(-offset, xa, c[mt][2]);
+    acc[mt][3] = fmaf(-offset, xb, c[mt][3]);
   }
-  __syncthreads();
-  for (int i = static_cast<int>(threadIdx.x); i < MT * 4 * 32; i += kThreads) {
-    const int v = i >> 5, l = i & 31;  // value v = 4 mt + e of lane l
-    float sum = 0.0f;
-    for (int wp = 0; wp < kWarps; ++wp) sum += red[wp][v][l];
-    const int mt = v >> 2, e = v & 3;
-    const int64_t n = n0 + (l >> 2) + (e >= 2 ? 8 : 0);
-    const int m = 8 * mt + 2 * (l & 3) + (e & 1);
-    if (n >= N || m >= M) continue;
-    const int64_t o = static_cast<int64_t>(m) * N + n;
-    if (partial == nullptr) static_cast<T*>(p.y)[o] = from_float<T>(fmaf(p.scales[n], sum, bias_at(p, n)));
-    else partial[static_cast<int64_t>(blockIdx.y) * M * N + o] = sum;
-  }
+  mmadec::block_store<MT>(acc, n0, M, N, partial, [&](int64_t m, int64_t n, float sum) {
+    static_cast<T*>(p.y)[m * N + n] = from_float<T>(fmaf(p.scales[n], sum, bias_at(p, n)));
+  });
 }
 
 // y[m, n] = T(s[n] * (sum over the splits of partial[s][m][n]) + bias[n]); one thread per output.
 template <typename T>
 __global__ void __launch_bounds__(256) w8_mma_finish_kernel(QuantLinearParams p, const float* partial, int splits) {
-  const int64_t mn = p.M * p.N, o = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
-  if (o >= mn) return;
-  float sum = 0.0f;
-  for (int sp = 0; sp < splits; ++sp) sum += partial[sp * mn + o];
-  const int64_t n = o % p.N;
-  static_cast<T*>(p.y)[o] = from_float<T>(fmaf(p.scales[n], sum, bias_at(p, n)));
+  mmadec::finish_splits(p.M, p.N, partial, splits, [&](int64_t m, int64_t n, float sum) {
+    static_cast<T*>(p.y)[m * p.N + n] = from_float<T>(fmaf(p.scales[n], sum, bias_at(p, n)));
+  });
 }
 
 }  // namespace thrifty::cuda::w8mma
