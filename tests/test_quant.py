@@ -138,6 +138,18 @@ def test_quantize_per_token(cpu_isa, dtype, shape, device):
 # the default), GEMV buckets M in {1, 2, 4, 8} (vector kernel, and the scalar one for x rows that are not 16-byte
 # aligned), the cuBLAS path above M = 8 (bits 4: dequantized hi/lo split for bf16/f16), and W8A8's
 # at::_int_mm (K and N multiples of 8; M <= 16 zero-padded) against the __dp4a kernel for the other shapes.
+def _quant_linear_cuda(x, n, bits, g, b):
+    """quant_linear of x (M, K) with random (n, K) CUDA weights of `bits` (group g for 4): (y, x, float64 weight)."""
+    k = x.shape[1]
+    if bits == 4:
+        qw, s, z = rand_w4(n, k, g, "cuda")
+        y = thrifty.ops.quant_linear(x, qw, s, z, bits=4, group_size=g, bias=b)
+        return y, x, ref_deq4(qw.cpu(), s.cpu(), z.cpu(), g).cuda()
+    qw, s = rand_w8(n, k, "cuda")
+    y = thrifty.ops.quant_linear(x, qw, s, None, bits=8, group_size=-1, bias=b)
+    return y, x, qw.double() * s.double()[:, None]
+
+
 @pytest.fixture(params=["on", "off"], ids=["mma", "nomma"])
 def quant_mma(request):
     prev = thrifty._C.set_cuda_quant_mma(request.param)
@@ -155,15 +167,7 @@ def test_quant_linear_cuda_paths(quant_mma, m, dtype, bits, g, aligned):
     base = torch.randn(m, k if aligned else k + 1, device="cuda").to(dtype)
     x = base[:, :k]  # unaligned: row stride k + 1 elements, not a multiple of 16 bytes
     b = torch.randn(n, device="cuda").to(dtype) if m % 2 == 0 else None
-    if bits == 4:
-        qw, s, z = rand_w4(n, k, g, "cuda")
-        w64 = ref_deq4(qw.cpu(), s.cpu(), z.cpu(), g).cuda()
-        y = thrifty.ops.quant_linear(x, qw, s, z, bits=4, group_size=g, bias=b)
-    else:
-        qw, s = rand_w8(n, k, "cuda")
-        w64 = qw.double() * s.double()[:, None]
-        y = thrifty.ops.quant_linear(x, qw, s, None, bits=8, group_size=-1, bias=b)
-    check_linear(y, x, w64, b, dtype)
+    check_linear(*_quant_linear_cuda(x, n, bits, g, b), b, dtype)
 
 
 # The CUDA W4A16 / W8A16 tensor-core kernels' lane / k-slot mapping, in-register dequantization and zero-point /
@@ -205,15 +209,7 @@ def test_quant_linear_cuda_mma_split_k(m, dtype, bits, g):
     k, n = 8192, 40
     x = torch.randn(m, k, device="cuda").to(dtype)
     b = torch.randn(n, device="cuda").to(dtype)
-    if bits == 4:
-        qw, s, z = rand_w4(n, k, g, "cuda")
-        w64 = ref_deq4(qw.cpu(), s.cpu(), z.cpu(), g).cuda()
-        y = thrifty.ops.quant_linear(x, qw, s, z, bits=4, group_size=g, bias=b)
-    else:
-        qw, s = rand_w8(n, k, "cuda")
-        w64 = qw.double() * s.double()[:, None]
-        y = thrifty.ops.quant_linear(x, qw, s, None, bits=8, group_size=-1, bias=b)
-    check_linear(y, x, w64, b, dtype)
+    check_linear(*_quant_linear_cuda(x, n, bits, g, b), b, dtype)
 
 
 # W8A8 on CUDA: M <= 32 with K % 64 == 0 on the int8 mma kernel (int8_mma.cuh; switch on), else at::_int_mm

@@ -28,18 +28,12 @@ inline void store_any(void* p, int64_t i, float v, DType dt) {
 using namespace thrifty;
 namespace i8 = thrifty::cuda::i8mma;
 
-// The launch of int8_linear.cu's launch_int8_mma: grid (N / 16, splits), then the finish kernel if splits > 1.
+// The launch of int8_linear.cu's launch_int8_mma.
 template <int MT>
 void run_grid(const Int8LinearParams& p, int splits) {
-  const unsigned blocks = static_cast<unsigned>((p.N + cuda::mmadec::kRowsPerBlock - 1) / cuda::mmadec::kRowsPerBlock);
-  std::vector<int> partial(splits > 1 ? splits * p.M * p.N : 0, 0x7eadbeef);
-  int* part = splits > 1 ? partial.data() : nullptr;
-  for (unsigned by = 0; by < static_cast<unsigned>(splits); ++by)
-    for (unsigned b = 0; b < blocks; ++b)
-      run_block(b, by, blocks, static_cast<unsigned>(splits), cuda::mmadec::kThreads,
-                [&] { i8::int8_mma_kernel<MT>(p, part); });
-  if (splits > 1)
-    run_serial(static_cast<unsigned>((p.M * p.N + 255) / 256), 256, [&] { i8::int8_mma_finish_kernel(p, part, splits); });
+  run_decode_grid<int>(p.M, p.N, splits, cuda::mmadec::kRowsPerBlock, cuda::mmadec::kThreads,
+                       [&](int* part) { i8::int8_mma_kernel<MT>(p, part); },
+                       [&](int* part) { i8::int8_mma_finish_kernel(p, part, splits); });
 }
 
 bool check(int64_t M, int64_t K, int64_t N, DType out, bool bias, int splits, std::mt19937& rng) {

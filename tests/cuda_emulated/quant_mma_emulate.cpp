@@ -32,19 +32,18 @@ inline float bias_at(const QuantLinearParams& p, int64_t n) {
 
 using namespace thrifty;
 
-// The launch of quant_linear.cu's launch_w4_mma_s: grid (N / 16, splits), then the finish kernel if splits > 1.
+// The launches of quant_linear.cu's launch_w4_mma_s / launch_w8_mma_t.
 template <typename T, bool BF16, int S, int MT>
 void run_grid(const QuantLinearParams& p, int splits) {
-  const unsigned blocks = static_cast<unsigned>((p.N + cuda::mmadec::kRowsPerBlock - 1) / cuda::mmadec::kRowsPerBlock);
-  std::vector<float> partial(splits > 1 ? splits * p.M * p.N : 0, NAN);
-  float* part = splits > 1 ? partial.data() : nullptr;
-  for (unsigned by = 0; by < static_cast<unsigned>(splits); ++by)
-    for (unsigned b = 0; b < blocks; ++b)
-      run_block(b, by, blocks, static_cast<unsigned>(splits), cuda::mmadec::kThreads,
-                [&] { cuda::w4mma::w4_mma_kernel<T, BF16, S, MT>(p, part); });
-  if (splits > 1)
-    run_serial(static_cast<unsigned>((p.M * p.N + 255) / 256), 256,
-               [&] { cuda::w4mma::w4_mma_finish_kernel<T>(p, part, splits); });
+  run_decode_grid<float>(p.M, p.N, splits, cuda::mmadec::kRowsPerBlock, cuda::mmadec::kThreads,
+                         [&](float* part) { cuda::w4mma::w4_mma_kernel<T, BF16, S, MT>(p, part); },
+                         [&](float* part) { cuda::w4mma::w4_mma_finish_kernel<T>(p, part, splits); });
+}
+template <typename T, bool BF16, int MT>
+void run_grid8(const QuantLinearParams& p, int splits) {
+  run_decode_grid<float>(p.M, p.N, splits, cuda::mmadec::kRowsPerBlock, cuda::mmadec::kThreads,
+                         [&](float* part) { cuda::w8mma::w8_mma_kernel<T, BF16, MT>(p, part); },
+                         [&](float* part) { cuda::w8mma::w8_mma_finish_kernel<T>(p, part, splits); });
 }
 
 template <typename T, bool BF16>
@@ -108,21 +107,6 @@ bool check(int64_t M, int64_t K, int64_t N, int64_t G, bool bias, int splits, st
   std::printf("  ok  %s M=%lld K=%lld N=%lld G=%lld S=%d bias=%d splits=%d  worst err/tol %.3f\n",
               BF16 ? "bf16" : "f16 ", (long long)M, (long long)K, (long long)N, (long long)G, S, bias, splits, worst);
   return true;
-}
-
-// The launch of quant_linear.cu's launch_w8_mma_t.
-template <typename T, bool BF16, int MT>
-void run_grid8(const QuantLinearParams& p, int splits) {
-  const unsigned blocks = static_cast<unsigned>((p.N + cuda::mmadec::kRowsPerBlock - 1) / cuda::mmadec::kRowsPerBlock);
-  std::vector<float> partial(splits > 1 ? splits * p.M * p.N : 0, NAN);
-  float* part = splits > 1 ? partial.data() : nullptr;
-  for (unsigned by = 0; by < static_cast<unsigned>(splits); ++by)
-    for (unsigned b = 0; b < blocks; ++b)
-      run_block(b, by, blocks, static_cast<unsigned>(splits), cuda::mmadec::kThreads,
-                [&] { cuda::w8mma::w8_mma_kernel<T, BF16, MT>(p, part); });
-  if (splits > 1)
-    run_serial(static_cast<unsigned>((p.M * p.N + 255) / 256), 256,
-               [&] { cuda::w8mma::w8_mma_finish_kernel<T>(p, part, splits); });
 }
 
 template <typename T, bool BF16>

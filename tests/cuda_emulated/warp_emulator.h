@@ -155,3 +155,17 @@ inline void run_serial(unsigned blocks, int threads, const std::function<void()>
       kernel();
     }
 }
+
+// The launch of the decode mma kernels (csrc/cuda/quant/mma_decode.cuh): a grid of ceil(N / rows) x splits blocks
+// of `threads` threads running kernel(partial), then, with several splits, finish(partial) over M x N threads in
+// blocks of 256; partial holds splits x M x N values of A (poisoned first), null with one split.
+template <typename A, typename Kernel, typename Finish>
+void run_decode_grid(int64_t M, int64_t N, int splits, int rows, int threads, Kernel kernel, Finish finish) {
+  const unsigned blocks = static_cast<unsigned>((N + rows - 1) / rows);
+  std::vector<A> partial(splits > 1 ? splits * M * N : 0, static_cast<A>(0x7eadbeef));
+  A* part = splits > 1 ? partial.data() : nullptr;
+  for (unsigned by = 0; by < static_cast<unsigned>(splits); ++by)
+    for (unsigned b = 0; b < blocks; ++b)
+      run_block(b, by, blocks, static_cast<unsigned>(splits), threads, [&] { kernel(part); });
+  if (splits > 1) run_serial(static_cast<unsigned>((M * N + 255) / 256), 256, [&] { finish(part); });
+}

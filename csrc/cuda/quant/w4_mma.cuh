@@ -54,6 +54,17 @@ __device__ __forceinline__ uint32_t nibble_pair(uint32_t word, int j, uint32_t m
   return ((word >> (4 * j)) & 0x000F000Fu) | magic;
 }
 
+// sum += the 8 x values of a 16-byte load (four 16-bit pairs of T).
+template <typename T>
+__device__ __forceinline__ void add_x8(const uint4& v, float& sum) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = to_float2<T>(words[i]);
+    sum += f.x + f.y;
+  }
+}
+
 // NW words (S / 8 bytes) of a packed row at p, streamed (evict first: each weight byte is read once).
 template <int NW>
 __device__ __forceinline__ void load_words(const uint8_t* p, uint32_t (&w)[NW]) {
@@ -137,12 +148,7 @@ __global__ void __launch_bounds__(kThreads, 2) w4_mma_kernel(QuantLinearParams p
           const int m = 8 * mt + g;
           const T* xr = x + static_cast<int64_t>(m) * p.x_stride + static_cast<int64_t>(seg) * S + t * (S / 4) + 8 * w;
           xv[mt] = m < M ? __ldg(reinterpret_cast<const uint4*>(xr)) : uint4{0u, 0u, 0u, 0u};
-          const uint32_t words[4] = {xv[mt].x, xv[mt].y, xv[mt].z, xv[mt].w};
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const float2 f = to_float2<T>(words[i]);
-            xsum[mt] += f.x + f.y;
-          }
+          add_x8<T>(xv[mt], xsum[mt]);
         }
 #pragma unroll
         for (int h = 0; h < 2; ++h) {

@@ -18,6 +18,7 @@
 // from_float<T>, to_float2<T>, pack_bf16x2, bias_at.
 #pragma once
 #include "cuda/quant/mma_decode.cuh"
+#include "cuda/quant/w4_mma.cuh"  // add_x8
 
 namespace thrifty::cuda::w8mma {
 
@@ -80,12 +81,7 @@ __global__ void __launch_bounds__(kThreads, 2) w8_mma_kernel(QuantLinearParams p
           const int m = 8 * mt + g;
           const T* xr = x + static_cast<int64_t>(m) * p.x_stride + static_cast<int64_t>(seg) * kSeg + 16 * t + 8 * h;
           xv[mt] = m < M ? __ldg(reinterpret_cast<const uint4*>(xr)) : uint4{0u, 0u, 0u, 0u};
-          const uint32_t words[4] = {xv[mt].x, xv[mt].y, xv[mt].z, xv[mt].w};
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const float2 f = to_float2<T>(words[i]);
-            xsum[mt] += f.x + f.y;
-          }
+          w4mma::add_x8<T>(xv[mt], xsum[mt]);
         }
 #pragma unroll
         for (int s = 0; s < 2; ++s) {  // mma step: weight word 2h + s, x words 2s, 2s + 1
