@@ -48,6 +48,7 @@ def test_cli_info_json():
                          capture_output=True, text=True, check=True).stdout
     d = json.loads(out)
     assert d["thrifty"] == thrifty.__version__ and "cuda_archs" in d and "threads_in_kernels" in d
+    assert d["cuda_quant_mma"] is (True if d["cuda_built"] else None)
 
 
 def test_bad_isa_env_fails_import_clearly():

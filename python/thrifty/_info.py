@@ -30,6 +30,8 @@ def info_dict() -> dict:
         "cuda_built": built["cuda"],
         "cuda_version_built": built["cuda_version"],
         "cuda_archs": built["cuda_archs"],
+        # Decode quant kernels on tensor cores (THRIFTY_CUDA_QUANT_MMA); None without CUDA.
+        "cuda_quant_mma": _C.cuda_quant_mma() if built["cuda"] else None,
         "fast_build": built["fast_build"],
         # A test build whose avx512 levels are AVX2 code emulating AVX-512 (slow; not for use).
         "emulated_avx512": built.get("emulated_avx512", False),
@@ -56,8 +58,9 @@ def info() -> str:
            + ("VDPBF16PS" if d["cpu_bf16_dot"] else "float32 FMA (faster than VDPBF16PS on AMX-BF16 CPUs)")
            if d["cpu_isa_in_use"] == "avx512_bf16" else ""),
         f"threads      {d['threads']} (a thrifty CPU kernel loop ran on {d['threads_in_kernels']})",
-        f"CUDA         " + (f"built with CUDA {d['cuda_version_built']} for {d['cuda_archs']}" if d["cuda_built"]
-                            else "not built (CPU-only extension)"),
+        f"CUDA         " + (f"built with CUDA {d['cuda_version_built']} for {d['cuda_archs']}; decode quant kernels "
+                            f"on tensor cores {'on' if d['cuda_quant_mma'] else 'off (THRIFTY_CUDA_QUANT_MMA)'}"
+                            if d["cuda_built"] else "not built (CPU-only extension)"),
         f"GPUs seen    " + (", ".join(d["gpus"]) if d["gpus"] else "none"),
     ]
     text = "\n".join(lines)
