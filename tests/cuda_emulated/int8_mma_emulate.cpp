@@ -1,8 +1,8 @@
 // Runs the W8A8 decode kernel (csrc/cuda/quant/int8_mma.cuh) on the CPU with the warp emulator of
 // warp_emulator.h (mma.sync m16n8k32 s8 per csrc/cuda/mma.cuh) and checks every output bit for bit against
 // exact int64 dot products put through the same float32 epilogue: the lane / k-slot mapping, the warps' and
-// K splits' int32 sums, rows and columns past M and N. Run by tests/test_quant.py::test_int8_mma_kernel_in_warp_emulator;
-// by hand:
+// K splits' int32 sums, rows and columns past M and N. Run by
+// tests/test_quant.py::test_int8_mma_kernel_in_warp_emulator; by hand:
 //   g++ -std=c++20 -O1 -pthread -mf16c -Icsrc tests/cuda_emulated/int8_mma_emulate.cpp -o /tmp/i8e && /tmp/i8e
 #include "warp_emulator.h"
 
@@ -85,7 +85,8 @@ int main() {
       {5, 640, 17, DType::f16, true, 1},      {8, 1024, 33, DType::f32, true, 1},
       {9, 704, 24, DType::bf16, false, 1},    {16, 1280, 8, DType::f32, true, 1},
       {17, 640, 20, DType::bf16, true, 1},    {32, 2048, 17, DType::f16, false, 1},
-      {3, 4096, 40, DType::bf16, true, 2},    {12, 2560, 19, DType::f32, false, 3},  {27, 2048, 24, DType::f16, true, 4},
+      {3, 4096, 40, DType::bf16, true, 2},    {12, 2560, 19, DType::f32, false, 3},
+      {27, 2048, 24, DType::f16, true, 4},
   };
   for (const Case& c : cases) ok = check(c.M, c.K, c.N, c.out, c.bias, c.splits, rng) && ok;
   std::printf(ok ? "all passed\n" : "FAILED\n");

@@ -33,7 +33,8 @@ static bool check_map(const char* name, const std::vector<float>& q, std::mt1993
     if (std::isnan(x)) return got >= 0 && got <= 255;
     int walk = got - lut[__float_as_uint(x) >> kQLutShift];
     longest = std::max(longest, walk);
-    if (got != want) std::printf("  %s: x = %a (bits %08x): lut %d, search %d\n", name, x, __float_as_uint(x), got, want);
+    if (got != want)
+      std::printf("  %s: x = %a (bits %08x): lut %d, search %d\n", name, x, __float_as_uint(x), got, want);
     return got == want;
   };
   bool ok = true;

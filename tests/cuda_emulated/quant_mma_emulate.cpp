@@ -144,7 +144,8 @@ bool check8(int64_t M, int64_t K, int64_t N, bool bias, int splits, std::mt19937
       const double tol = std::fabs(ref) * (BF16 ? 0x1p-8 : 0x1p-11) + mag * 2e-6 + 1e-6;
       const double err = std::fabs(got - ref);
       if (!(err <= tol)) {
-        std::printf("  FAIL W8 m=%lld n=%lld got %.6g ref %.6g (tol %.3g)\n", (long long)m, (long long)n, got, ref, tol);
+        std::printf("  FAIL W8 m=%lld n=%lld got %.6g ref %.6g (tol %.3g)\n", (long long)m, (long long)n, got, ref,
+                    tol);
         return false;
       }
       worst = std::max(worst, err / tol);

@@ -112,7 +112,9 @@ inline void mma16832_s8(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32
   w.b[lane][0] = b0, w.b[lane][1] = b1;
   w.bar.arrive_and_wait();
   auto byte = [](uint32_t r, int k) { return static_cast<int>(static_cast<int8_t>(r >> (8 * (k & 3)))); };
-  auto A = [&](int row, int k) { return byte(w.a[(row & 7) * 4 + (k & 15) / 4][(row >= 8 ? 1 : 0) + (k >= 16 ? 2 : 0)], k); };
+  auto A = [&](int row, int k) {
+    return byte(w.a[(row & 7) * 4 + (k & 15) / 4][(row >= 8 ? 1 : 0) + (k >= 16 ? 2 : 0)], k);
+  };
   auto B = [&](int k, int col) { return byte(w.b[col * 4 + (k & 15) / 4][k >= 16 ? 1 : 0], k); };
   int out[4];
   for (int e = 0; e < 4; ++e) {  // c0, c1 (row g, cols 2t, 2t+1), c2, c3 (row g+8, ...)

@@ -146,7 +146,8 @@ __global__ void __launch_bounds__(kThreads8) adamw8bit_kernel(OptimStepParams s)
   }
   load_mids(s.qmap_m, mid_m);
   load_mids(s.qmap_v, mid_v);
-  for (int i = threadIdx.x; i < 2 * kQLutSize / 16; i += blockDim.x) lut[i] = __ldg(reinterpret_cast<const uint4*>(s.qlut) + i);
+  for (int i = threadIdx.x; i < 2 * kQLutSize / 16; i += blockDim.x)
+    lut[i] = __ldg(reinterpret_cast<const uint4*>(s.qlut) + i);
   const uint8_t* lut_m = reinterpret_cast<const uint8_t*>(lut);
   const uint8_t* lut_v = lut_m + kQLutSize;
   const int64_t chunk = blockIdx.x;

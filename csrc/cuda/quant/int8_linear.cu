@@ -135,7 +135,8 @@ int int8_mma_splits(const Int8LinearParams& p) {
 
 void launch_int8_mma(const Int8LinearParams& p, int splits, int* partial, cudaStream_t stream) {
   if (!int8_mma_fits(p) || splits < 1 || (splits > 1) != (partial != nullptr))
-    throw std::logic_error("thrifty: launch_int8_mma called for a shape int8_mma_fits rejects, or without its workspace");
+    throw std::logic_error(
+        "thrifty: launch_int8_mma called for a shape int8_mma_fits rejects, or without its workspace");
   if (p.M <= 8) launch_int8_mma_mt<1>(p, splits, partial, stream);
   else if (p.M <= 16) launch_int8_mma_mt<2>(p, splits, partial, stream);
   else launch_int8_mma_mt<4>(p, splits, partial, stream);

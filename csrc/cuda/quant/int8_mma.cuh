@@ -12,7 +12,7 @@
 //
 // Block shape, reduction and K splits: mma_decode.cuh. Needs from its includer (like w4_mma.cuh, so that
 // tests/cuda_emulated/int8_mma_emulate.cpp runs this source):
-// Int8LinearParams, uint4, __ldg, __ldcs, __syncthreads, threadIdx/blockIdx/gridDim, mma16832_s8,
+// Int8LinearParams, uint4, __ldg, __ldcs, __syncthreads, threadIdx/blockIdx/gridDim/blockDim, mma16832_s8,
 // load_any / store_any (bias and output element access by DType).
 #pragma once
 #include "cuda/quant/mma_decode.cuh"

@@ -5,7 +5,7 @@
 // (g + 8, 2t), (g + 8, 2t + 1) of tile mt, t = lane % 4.
 //
 // Needs from its includer what the kernels need (see w4_mma.cuh): __syncthreads, __ldcs, uint4, threadIdx,
-// blockIdx, gridDim.
+// blockIdx, gridDim, blockDim.
 #pragma once
 
 namespace thrifty::cuda::mmadec {
@@ -36,8 +36,8 @@ __device__ __forceinline__ LaneRows lane_rows(int64_t n0, int64_t N) {
 // The 16 bytes at q[r] + seg * seg_bytes of both rows, for U segments s0 + u * stride (zeros past nseg),
 // streamed (each weight byte is read once).
 template <int U>
-__device__ __forceinline__ void load_rows16(const int8_t* const (&q)[2], int s0, int stride, int nseg, int64_t seg_bytes,
-                                            uint4 (&w)[U][2]) {
+__device__ __forceinline__ void load_rows16(const int8_t* const (&q)[2], int s0, int stride, int nseg,
+                                            int64_t seg_bytes, uint4 (&w)[U][2]) {
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const int seg = s0 + u * stride;

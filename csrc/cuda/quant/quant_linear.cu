@@ -543,7 +543,8 @@ int quant_mma_splits(const QuantLinearParams& p) {
 
 void launch_quant_mma(const QuantLinearParams& p, int splits, float* partial, cudaStream_t stream) {
   if (!quant_mma_fits(p) || splits < 1 || (splits > 1) != (partial != nullptr))
-    throw std::logic_error("thrifty: launch_quant_mma called for a shape quant_mma_fits rejects, or without its workspace");
+    throw std::logic_error(
+        "thrifty: launch_quant_mma called for a shape quant_mma_fits rejects, or without its workspace");
   const bool bf16 = p.dtype == DType::bf16;
   if (p.bits == 4) {
     if (bf16) launch_w4_mma_t<__nv_bfloat16, true>(p, splits, partial, stream);

@@ -24,9 +24,10 @@
 // them up (in split order), adds the bias and rounds.
 //
 // This header holds only the kernels (template over T = __nv_bfloat16 / __half, S, MT = m tiles; the block
-// shape, reduction and K splits of mma_decode.cuh) and needs from its includer: QuantLinearParams, uint2/uint4, __ldg, __ldcs, __byte_perm, __shfl_sync,
-// __shfl_xor_sync, __syncthreads, threadIdx/blockIdx, mma16816<T>, from_float<T>, to_float2<T>, bias_at, so
-// that a CPU warp emulator can run the same source (tests/cuda_emulated/quant_mma_emulate.cpp).
+// shape, reduction and K splits of mma_decode.cuh) and needs from its includer: QuantLinearParams,
+// uint2/uint4, __ldg, __ldcs, __byte_perm, __shfl_sync, __shfl_xor_sync, __syncthreads,
+// threadIdx/blockIdx/gridDim/blockDim, mma16816<T>, from_float<T>, to_float2<T>, bias_at, so that a CPU warp
+// emulator can run the same source (tests/cuda_emulated/quant_mma_emulate.cpp).
 #pragma once
 #include "cuda/quant/mma_decode.cuh"
 

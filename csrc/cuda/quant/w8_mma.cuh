@@ -13,8 +13,9 @@
 // So C = sum (c + 128 + q) x and acc = C - (c + 128) * sum x over the warp's own segments; the warps' sums
 // (and K splits, as in w4_mma.cuh) are added, then y = s[n] * acc + bias, rounded once to T.
 //
-// Block shape, reduction and K splits: mma_decode.cuh. Needs from its includer (see w4_mma.cuh): QuantLinearParams, uint4, __ldg, __ldcs, __byte_perm,
-// __uint_as_float, __shfl_sync, __shfl_xor_sync, __syncthreads, threadIdx/blockIdx/gridDim, mma16816<T>,
+// Block shape, reduction and K splits: mma_decode.cuh. Needs from its includer (see w4_mma.cuh):
+// QuantLinearParams, uint4, __ldg, __ldcs, __byte_perm, __uint_as_float, __shfl_sync, __shfl_xor_sync,
+// __syncthreads, threadIdx/blockIdx/gridDim/blockDim, mma16816<T>,
 // from_float<T>, to_float2<T>, pack_bf16x2, bias_at.
 #pragma once
 #include "cuda/quant/mma_decode.cuh"
