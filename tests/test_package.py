@@ -59,7 +59,7 @@ def test_bad_isa_env_fails_import_clearly():
 
 
 @pytest.mark.skipif(not thrifty._C.build_info()["cuda"], reason="THRIFTY_CUDA_QUANT_MMA is read by CUDA builds")
-def test_bad_w4_mma_env_fails_import_clearly():
+def test_bad_quant_mma_env_fails_import_clearly():
     env = {**PYTHON_ENV, "THRIFTY_CUDA_QUANT_MMA": "fast"}
     r = subprocess.run([sys.executable, "-c", "import thrifty"], env=env, capture_output=True, text=True)
     assert r.returncode != 0
