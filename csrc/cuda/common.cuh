@@ -1,11 +1,12 @@
 // Shared device helpers for thrifty's CUDA kernels: element conversion, 16-byte vector
-// access, warp/block reductions, launch checks. Torch-free: .cu files include only this,
+// access, warp/block reductions, launch checks, the multiprocessor count. Torch-free: .cu files include only this,
 // CUDA headers and csrc/common/*_params.h, so they compile fast.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -70,6 +71,19 @@ inline void check_launch(const char* what) {
   if (err != cudaSuccess)
     throw std::runtime_error(std::string("thrifty: CUDA kernel launch failed in ") + what + ": " +
                              cudaGetErrorString(err));
+}
+
+// Multiprocessors of the current device (cached per device).
+inline int multiprocessors() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) throw std::runtime_error("thrifty: cudaGetDevice failed");
+  static std::atomic<int> cache[64] = {};
+  if (dev < 64 && cache[dev].load() > 0) return cache[dev].load();
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms < 1)
+    throw std::runtime_error("thrifty: cudaDeviceGetAttribute(multiProcessorCount) failed");
+  if (dev < 64) cache[dev].store(sms);
+  return sms;
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }

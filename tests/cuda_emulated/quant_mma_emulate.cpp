@@ -14,7 +14,10 @@ template <typename T> inline T from_float(float x);
 template <> inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return {float_to_bf16(x)}; }
 template <> inline __half from_float<__half>(float x) { return {static_cast<uint16_t>(_cvtss_sh(x, 0))}; }
 
-inline uint32_t pack_bf16x2(float lo, float hi) { return float_to_bf16(lo) | (uint32_t{float_to_bf16(hi)} << 16); }
+template <typename T> inline uint32_t pack2(float lo, float hi);
+template <> inline uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  return float_to_bf16(lo) | (uint32_t{float_to_bf16(hi)} << 16);
+}
 
 inline float bias_at(const QuantLinearParams& p, int64_t n) {
   if (p.bias == nullptr) return 0.0f;

@@ -46,20 +46,6 @@ __device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* smem) {
                : "r"(smem_addr(smem)));
 }
 
-// Two floats -> one register of two 16-bit values (lo = first, the lower column).
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-
 // Loads rows [0, ROWS) x cols [0, D) of a tile into shared memory (row stride SD elements) with
 // cp.async; rows >= valid_rows and 8-column chunks at or past head_dim are zero-filled.
 // Needs head_dim % 8 == 0, row_stride % 8 == 0 and a 16-byte aligned base (the glue checks).

@@ -272,13 +272,11 @@ void fwd(const RmsNormParams& p, cudaStream_t s) {
 // wait for a second wave would double the time of its rows.
 template <typename K>
 int resident_blocks(K kernel, int threads, size_t smem, int64_t want) {
-  int dev = 0, sms = 1, per_sm = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
+  int per_sm = 0;
+  const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
   if (err != cudaSuccess)
     throw std::runtime_error(std::string("thrifty: rms_norm backward occupancy query failed: ") + cudaGetErrorString(err));
-  const int64_t cap = static_cast<int64_t>(per_sm < 1 ? 1 : per_sm) * sms;
+  const int64_t cap = static_cast<int64_t>(per_sm < 1 ? 1 : per_sm) * multiprocessors();
   return static_cast<int>(want < cap ? want : cap);
 }
 

@@ -89,7 +89,6 @@ void launch_int8_mma(const Int8LinearParams& p, int splits, int* partial, cudaSt
 
 // K splits for the decode mma kernels: blocks (grid x), segments along K, warps per block (quant_linear.cu).
 int mma_k_splits(int64_t blocks, int64_t nseg, int warps);
-int multiprocessors();  // of the current device
 
 // W8A8: tiled int8 GEMM with __dp4a int32 accumulation (the shapes at::_int_mm does not take).
 void launch_int8_linear(const Int8LinearParams& p, cudaStream_t stream);

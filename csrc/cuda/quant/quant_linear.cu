@@ -22,6 +22,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/mma.cuh"
+#include "cuda/quant/code_bits.cuh"
 #include "cuda/quant/quant_launch.h"
 
 namespace thrifty::cuda {
@@ -54,14 +55,6 @@ __device__ __forceinline__ float2 to_float2<__half>(uint32_t w) {
   return __half22float2(h);
 }
 
-// Two floats rounded to bf16 and packed (lo in the low half).
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  uint32_t u;
-  memcpy(&u, &v, sizeof(u));
-  return u;
-}
-
 }  // namespace
 }  // namespace thrifty::cuda
 
@@ -71,14 +64,7 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
 namespace thrifty::cuda {
 namespace {
 
-// ---------------------------------------------------------------- vector GEMV
-
-// 2^23 + (byte b of word) as a float: the byte lands in the low mantissa bits of 0x4B000000.
-// byte_perm picks result bytes from {word: 0..3, 0x4B000000: 4..7}: [b, 4 (0x00), 4 (0x00), 7 (0x4B)].
-__device__ __forceinline__ float magic_byte(uint32_t word, int b) {
-  return __uint_as_float(__byte_perm(word, 0x4B000000u, 0x7440u | static_cast<uint32_t>(b)));
-}
-constexpr float kMagic = 8388608.0f;  // 2^23
+// ---------------------------------------------------------------- vector GEMV (magic_byte: code_bits.cuh)
 
 // x[0..7] as floats; p is 16-byte aligned.
 __device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
@@ -86,24 +72,13 @@ __device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
   const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
   v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
 }
-__device__ __forceinline__ void load8(const __nv_bfloat16* p, float (&v)[8]) {
+template <typename T>  // __nv_bfloat16, __half
+__device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
   const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
   const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {  // element 2i in the low half of word i, 2i + 1 in the high half
-    v[2 * i] = __uint_as_float(w[i] << 16);
-    v[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
-  }
-}
-__device__ __forceinline__ void load8(const __half* p, float (&v)[8]) {
-  const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
-  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    __half2 h;
-    static_assert(sizeof(h) == sizeof(uint32_t), "half2 is 4 bytes");
-    memcpy(&h, &w[i], sizeof(h));
-    const float2 f = __half22float2(h);
+    const float2 f = to_float2<T>(w[i]);
     v[2 * i] = f.x;
     v[2 * i + 1] = f.y;
   }
@@ -479,19 +454,6 @@ void launch_w8_mma_t(const QuantLinearParams& p, int splits, float* partial, cud
 }
 
 }  // namespace
-
-// Multiprocessors of the current device (cached per device).
-int multiprocessors() {
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) throw std::runtime_error("thrifty: cudaGetDevice failed");
-  static std::atomic<int> cache[64] = {};
-  if (dev < 64 && cache[dev].load() > 0) return cache[dev].load();
-  int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms < 1)
-    throw std::runtime_error("thrifty: cudaDeviceGetAttribute(multiProcessorCount) failed");
-  if (dev < 64) cache[dev].store(sms);
-  return sms;
-}
 
 int mma_k_splits(int64_t blocks, int64_t nseg, int warps) {
   // Double the K splits while the blocks would not fill two per multiprocessor and every warp keeps at

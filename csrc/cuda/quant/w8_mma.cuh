@@ -16,8 +16,9 @@
 // Block shape, reduction and K splits: mma_decode.cuh. Needs from its includer (see w4_mma.cuh):
 // QuantLinearParams, uint4, __ldg, __ldcs, __byte_perm, __uint_as_float, __shfl_sync, __shfl_xor_sync,
 // __syncthreads, threadIdx/blockIdx/gridDim/blockDim, mma16816<T>,
-// from_float<T>, to_float2<T>, pack_bf16x2, bias_at.
+// from_float<T>, to_float2<T>, pack2<T>, bias_at.
 #pragma once
+#include "cuda/quant/code_bits.cuh"
 #include "cuda/quant/mma_decode.cuh"
 #include "cuda/quant/w4_mma.cuh"  // add_x8
 
@@ -31,12 +32,9 @@ constexpr int64_t kSeg = 64;  // k per segment (4 lanes x 16 bytes)
 template <bool BF16>
 __device__ __forceinline__ void w8_pairs(uint32_t word, uint32_t& p01, uint32_t& p23) {
   const uint32_t u = word ^ 0x80808080u;  // q + 128 per byte
-  if constexpr (BF16) {
-    const float m = 8388608.0f;  // 2^23: byte b of u in the low mantissa bits
-    p01 = pack_bf16x2(__uint_as_float(__byte_perm(u, 0x4B000000u, 0x7440u)) - m,
-                      __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7441u)) - m);
-    p23 = pack_bf16x2(__uint_as_float(__byte_perm(u, 0x4B000000u, 0x7442u)) - m,
-                      __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7443u)) - m);
+  if constexpr (BF16) {  // 2^23 + byte b, minus 2^23: the byte as an exact float
+    p01 = pack2<__nv_bfloat16>(magic_byte(u, 0) - kMagic, magic_byte(u, 1) - kMagic);
+    p23 = pack2<__nv_bfloat16>(magic_byte(u, 2) - kMagic, magic_byte(u, 3) - kMagic);
   } else {
     p01 = __byte_perm(u, 0x64646464u, 0x5140u);  // bytes [u0, 0x64, u1, 0x64]
     p23 = __byte_perm(u, 0x64646464u, 0x5342u);
