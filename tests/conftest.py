@@ -36,17 +36,12 @@ ISAS = _test_isas()
 HAS_CUDA = torch.cuda.is_available() and thrifty._C.build_info()["cuda"]
 
 
-def _cpu_has_f16c() -> bool:
-    try:
-        return " f16c" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
-# CUDA kernels' lane-level logic compiled for the CPU (tests/cuda_emulated/): needs g++ with C++20 and F16C.
+# CUDA kernels' lane-level logic compiled for the CPU (tests/cuda_emulated/): needs g++ with C++20 and F16C, which
+# thrifty's avx2 level assumes too (cpu/vec.h: AVX2 + FMA + F16C).
 needs_cuda_emulation = pytest.mark.skipif(
-    platform.machine() not in ("x86_64", "AMD64") or shutil.which("g++") is None or not _cpu_has_f16c(),
-    reason="the CUDA emulation checks need g++ and an x86-64 CPU with F16C")
+    platform.machine() not in ("x86_64", "AMD64") or shutil.which("g++") is None
+    or "avx2" not in thrifty._C.cpu_isa_available(),
+    reason="the CUDA emulation checks need g++ and an x86-64 CPU with AVX2 / F16C")
 
 
 def run_cuda_emulation(source: str, tmp_path: Path, *args: str) -> str:

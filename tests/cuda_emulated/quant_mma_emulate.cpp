@@ -49,6 +49,34 @@ void run_grid8(const QuantLinearParams& p, int splits) {
                          [&](float* part) { cuda::w8mma::w8_mma_finish_kernel<T>(p, part, splits); });
 }
 
+// y (M x N, 16-bit T) against the float64 reference sum_k x[m, k] w(n, k) + bias[n]: the error may be one
+// rounding of the output to T plus rel_sum x sum_k |x term(n, k)| (the float32 sums' terms) + 1e-6. Prints the
+// first failure ("FAIL <what>m=...") and returns false; worst: the largest error / tolerance.
+template <bool BF16, typename W, typename Term>
+bool compare(const char* what, int64_t M, int64_t K, int64_t N, const std::vector<uint16_t>& x, int64_t xs,
+             const std::vector<uint16_t>& y, const float* bias, W w, Term term, double rel_sum, double& worst) {
+  const auto val = [](uint16_t v) { return BF16 ? bf16_to_float(v) : half_to_float(v); };
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double ref = bias ? bias[n] : 0.0, mag = std::fabs(ref);
+      for (int64_t k = 0; k < K; ++k) {
+        const double xv = val(x[m * xs + k]);
+        ref += xv * w(n, k);
+        mag += std::fabs(xv * term(n, k));
+      }
+      const double got = val(y[m * N + n]);
+      const double tol = std::fabs(ref) * (BF16 ? 0x1p-8 : 0x1p-11) + mag * rel_sum + 1e-6;
+      const double err = std::fabs(got - ref);
+      if (!(err <= tol)) {
+        std::printf("  FAIL %sm=%lld n=%lld got %.6g ref %.6g (tol %.3g)\n", what, (long long)m, (long long)n, got,
+                    ref, tol);
+        return false;
+      }
+      worst = std::max(worst, err / tol);
+    }
+  return true;
+}
+
 template <typename T, bool BF16>
 bool check(int64_t M, int64_t K, int64_t N, int64_t G, bool bias, int splits, std::mt19937& rng) {
   const int64_t xs = K + 8;  // padded rows: x_stride != K
@@ -88,25 +116,11 @@ bool check(int64_t M, int64_t K, int64_t N, int64_t G, bool bias, int splits, st
   else go(std::integral_constant<int, 32>{});
 
   double worst = 0.0;
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) {
-      double ref = bias ? bs[n] : 0.0, mag = std::fabs(ref);
-      for (int64_t k = 0; k < K; ++k) {
-        const double xv = BF16 ? bf16_to_float(x[m * xs + k]) : half_to_float(x[m * xs + k]);
-        const double w = (q[n * K + k] - static_cast<double>(zr[n * ng + k / G])) * sc[n * ng + k / G];
-        ref += xv * w;
-        mag += std::fabs(xv * w);
-      }
-      const double got = BF16 ? bf16_to_float(y[m * N + n]) : half_to_float(y[m * N + n]);
-      // one rounding of the output to T, plus float32 sums of terms up to (offset + 15) |x| s
-      const double tol = std::fabs(ref) * (BF16 ? 0x1p-8 : 0x1p-11) + mag * 2e-5 + 1e-6;
-      const double err = std::fabs(got - ref);
-      if (!(err <= tol)) {
-        std::printf("  FAIL m=%lld n=%lld got %.6g ref %.6g (tol %.3g)\n", (long long)m, (long long)n, got, ref, tol);
-        return false;
-      }
-      worst = std::max(worst, err / tol);
-    }
+  const auto w = [&](int64_t n, int64_t k) {
+    return (q[n * K + k] - static_cast<double>(zr[n * ng + k / G])) * sc[n * ng + k / G];
+  };
+  // float32 sums of terms up to (offset + 15) |x| s: |x w| bounds them closely enough at 2e-5
+  if (!compare<BF16>("", M, K, N, x, xs, y, bias ? bs.data() : nullptr, w, w, 2e-5, worst)) return false;
   std::printf("  ok  %s M=%lld K=%lld N=%lld G=%lld S=%d bias=%d splits=%d  worst err/tol %.3f\n",
               BF16 ? "bf16" : "f16 ", (long long)M, (long long)K, (long long)N, (long long)G, S, bias, splits, worst);
   return true;
@@ -135,24 +149,9 @@ bool check8(int64_t M, int64_t K, int64_t N, bool bias, int splits, std::mt19937
   else if (M <= 16) run_grid8<T, BF16, 2>(p, splits);
   else run_grid8<T, BF16, 4>(p, splits);
   double worst = 0.0;
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) {
-      double ref = bias ? bs[n] : 0.0, mag = std::fabs(ref);
-      for (int64_t k = 0; k < K; ++k) {
-        const double xv = BF16 ? bf16_to_float(x[m * xs + k]) : half_to_float(x[m * xs + k]);
-        ref += xv * qw[n * K + k] * static_cast<double>(sc[n]);
-        mag += std::fabs(xv * (qw[n * K + k] + 1152.0) * sc[n]);  // the offset's terms bound the float32 sums
-      }
-      const double got = BF16 ? bf16_to_float(y[m * N + n]) : half_to_float(y[m * N + n]);
-      const double tol = std::fabs(ref) * (BF16 ? 0x1p-8 : 0x1p-11) + mag * 2e-6 + 1e-6;
-      const double err = std::fabs(got - ref);
-      if (!(err <= tol)) {
-        std::printf("  FAIL W8 m=%lld n=%lld got %.6g ref %.6g (tol %.3g)\n", (long long)m, (long long)n, got, ref,
-                    tol);
-        return false;
-      }
-      worst = std::max(worst, err / tol);
-    }
+  const auto w = [&](int64_t n, int64_t k) { return qw[n * K + k] * static_cast<double>(sc[n]); };
+  const auto term = [&](int64_t n, int64_t k) { return (qw[n * K + k] + 1152.0) * sc[n]; };  // the offset's terms
+  if (!compare<BF16>("W8 ", M, K, N, x, xs, y, bias ? bs.data() : nullptr, w, term, 2e-6, worst)) return false;
   std::printf("  ok  W8 %s M=%lld K=%lld N=%lld bias=%d splits=%d  worst err/tol %.3f\n", BF16 ? "bf16" : "f16 ",
               (long long)M, (long long)K, (long long)N, bias, splits, worst);
   return true;
