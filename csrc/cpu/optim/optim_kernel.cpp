@@ -144,6 +144,12 @@ void adamw8bit_chunk(const OptimStepParams& s, const OptimTensor& t, int64_t beg
     const float am = t.absmax_m[blk], av = t.absmax_v[blk];
     const Vec amv = Vec::set1(am), avv = Vec::set1(av);
     Vec mmax = Vec::zero(), vmax = Vec::zero();
+    const auto dequant_scalar = [&](int from) {  // the elements past the vector loops, into the buffers
+      for (int k = from; k < nb; ++k) {
+        mb[k] = qm[cm[k]] * am;
+        vb[k] = qv[cv[k]] * av;
+      }
+    };
     int j = 0;
     if constexpr (kVbmi) {
 #if defined(THRIFTY_AVX512_BF16)
@@ -152,10 +158,7 @@ void adamw8bit_chunk(const OptimStepParams& s, const OptimTensor& t, int64_t beg
         dequant64_vbmi(cv + j, lv.planes, avv, vb + j);
       }
 #endif
-      for (int k = j; k < nb; ++k) {
-        mb[k] = qm[cm[k]] * am;
-        vb[k] = qv[cv[k]] * av;
-      }
+      dequant_scalar(j);
       for (j = 0; j + Vec::W <= nb; j += Vec::W)
         adamw8_vec<false, P, kMaster>(c, t, b0 + j, Vec::W, Vec::load(mb + j), Vec::load(vb + j), mb + j, vb + j,
                                       mmax, vmax);
@@ -163,10 +166,7 @@ void adamw8bit_chunk(const OptimStepParams& s, const OptimTensor& t, int64_t beg
       for (; j + Vec::W <= nb; j += Vec::W)
         adamw8_vec<false, P, kMaster>(c, t, b0 + j, Vec::W, dequant8(cm + j, qm, amv), dequant8(cv + j, qv, avv),
                                       mb + j, vb + j, mmax, vmax);
-      for (int k = j; k < nb; ++k) {
-        mb[k] = qm[cm[k]] * am;
-        vb[k] = qv[cv[k]] * av;
-      }
+      dequant_scalar(j);
     }
     if (j < nb) {
       const int n = nb - j;
