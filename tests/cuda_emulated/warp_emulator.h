@@ -77,54 +77,41 @@ template <typename T> inline float elem(uint16_t v);
 template <> inline float elem<__nv_bfloat16>(uint16_t v) { return bf16_to_float(v); }
 template <> inline float elem<__half>(uint16_t v) { return half_to_float(v); }
 
-// mma.sync.m16n8k16.row.col.f32: layouts of csrc/cuda/mma.cuh (g = lane / 4, t = lane % 4).
-template <typename T>
-inline void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+// One warp's mma.sync m16n8kK (layouts of csrc/cuda/mma.cuh; g = lane / 4, t = lane % 4), E = K / 8 elements per
+// 32-bit register, the lowest k in the low bits, decode(reg, i) = element i: A a0 (row g, k E t ..), a1 (row g + 8,
+// same k), a2 (row g, k K/2 + E t ..), a3 (row g + 8, ..); B b0 (k E t .., col g), b1 (k K/2 + E t .., col g);
+// C c0, c1 (row g, cols 2t, 2t + 1), c2, c3 (row g + 8, ..). Sums in Acc, k ascending.
+template <int K, typename Acc, typename Decode>
+inline void mma_emulate(Acc (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, Decode decode) {
+  constexpr int E = K / 8, H = K / 2;
   Warp& w = *this_warp;
   const int lane = lane_id(), g = lane >> 2, t = lane & 3;
   for (int i = 0; i < 4; ++i) w.a[lane][i] = a[i];
   w.b[lane][0] = b0, w.b[lane][1] = b1;
   w.bar.arrive_and_wait();
-  auto half = [](uint32_t r, int hi) { return static_cast<uint16_t>(hi ? r >> 16 : r); };
-  auto A = [&](int row, int k) {  // a0 (row g, k 2t..), a1 (row g+8, k 2t..), a2 (row g, k 2t+8..), a3 (row g+8, ..)
-    const int reg = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
-    return elem<T>(half(w.a[(row & 7) * 4 + (k & 7) / 2][reg], k & 1));
+  const auto A = [&](int row, int k) {
+    return decode(w.a[(row & 7) * 4 + (k % H) / E][(row >= 8 ? 1 : 0) + (k >= H ? 2 : 0)], k % E);
   };
-  auto B = [&](int k, int col) {  // b0 (k 2t..2t+1, col g), b1 (k 2t+8.., col g)
-    return elem<T>(half(w.b[col * 4 + (k & 7) / 2][k >= 8 ? 1 : 0], k & 1));
-  };
-  float out[4];
-  for (int e = 0; e < 4; ++e) {  // c0, c1 (row g, cols 2t, 2t+1), c2, c3 (row g+8, ...)
+  const auto B = [&](int k, int col) { return decode(w.b[col * 4 + (k % H) / E][k >= H ? 1 : 0], k % E); };
+  Acc out[4];
+  for (int e = 0; e < 4; ++e) {
     const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e & 1);
-    float s = c[e];
-    for (int k = 0; k < 16; ++k) s += A(row, k) * B(k, col);
+    Acc s = c[e];
+    for (int k = 0; k < K; ++k) s += A(row, k) * B(k, col);
     out[e] = s;
   }
   w.bar.arrive_and_wait();
   for (int e = 0; e < 4; ++e) c[e] = out[e];
 }
-// mma.sync.m16n8k32.row.col.s32.s8.s8.s32 (csrc/cuda/mma.cuh): a0 (row g, k 4t..4t+3), a1 (row g+8, ..),
-// a2 (row g, k 16+4t..), a3 (row g+8, ..); b0 (k 4t..4t+3, col g), b1 (k 16+4t.., col g); 4 bytes per register.
+
+// mma.sync.m16n8k16.row.col.f32 with bf16 / f16 inputs.
+template <typename T>
+inline void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  mma_emulate<16>(c, a, b0, b1, [](uint32_t r, int i) { return elem<T>(static_cast<uint16_t>(i ? r >> 16 : r)); });
+}
+// mma.sync.m16n8k32.row.col.s32.s8.s8.s32.
 inline void mma16832_s8(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  Warp& w = *this_warp;
-  const int lane = lane_id(), g = lane >> 2, t = lane & 3;
-  for (int i = 0; i < 4; ++i) w.a[lane][i] = a[i];
-  w.b[lane][0] = b0, w.b[lane][1] = b1;
-  w.bar.arrive_and_wait();
-  auto byte = [](uint32_t r, int k) { return static_cast<int>(static_cast<int8_t>(r >> (8 * (k & 3)))); };
-  auto A = [&](int row, int k) {
-    return byte(w.a[(row & 7) * 4 + (k & 15) / 4][(row >= 8 ? 1 : 0) + (k >= 16 ? 2 : 0)], k);
-  };
-  auto B = [&](int k, int col) { return byte(w.b[col * 4 + (k & 15) / 4][k >= 16 ? 1 : 0], k); };
-  int out[4];
-  for (int e = 0; e < 4; ++e) {  // c0, c1 (row g, cols 2t, 2t+1), c2, c3 (row g+8, ...)
-    const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e & 1);
-    int s = c[e];
-    for (int k = 0; k < 32; ++k) s += A(row, k) * B(k, col);
-    out[e] = s;
-  }
-  w.bar.arrive_and_wait();
-  for (int e = 0; e < 4; ++e) c[e] = out[e];
+  mma_emulate<32>(c, a, b0, b1, [](uint32_t r, int i) { return static_cast<int>(static_cast<int8_t>(r >> (8 * i))); });
 }
 }  // namespace thrifty::cuda
 
