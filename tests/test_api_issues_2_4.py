@@ -155,6 +155,36 @@ def test_sdpa_bad_input_names_the_argument(kw, exc, msg):
         thrifty.nn.functional.scaled_dot_product_attention(**args)
 
 
+def _meta(shape, meta, dtype=torch.float32):
+    return torch.empty(shape, dtype=dtype, device="meta") if meta else torch.randn(shape).to(dtype)
+
+
+# One argument on "meta" among CPU ones: the dispatcher picks the Meta kernel (the fake), which used to hand
+# back uninitialised CPU tensors. Each op must refuse the mix by name; all-meta inputs still trace.
+@pytest.mark.parametrize("name,call,arg", [
+    ("rms_norm", lambda m: thrifty.ops.rms_norm(_meta((3, 8), False), _meta((8,), m)), "weight"),
+    ("swiglu", lambda m: thrifty.ops.swiglu(_meta((3, 8), False), _meta((3, 8), m)), "up"),
+    ("rotary", lambda m: thrifty.ops.rotary_embedding(_meta((4, 2, 16), False), _meta((4, 2, 16), False),
+                                                      torch.zeros(4, dtype=torch.long, device="meta" if m else "cpu"),
+                                                      thrifty.ops.build_rotary_cache(16, 8)), "positions"),
+    ("flash_attention", lambda m: thrifty.ops.flash_attention(_meta((1, 4, 2, 16), False), _meta((1, 4, 2, 16), m),
+                                                              _meta((1, 4, 2, 16), False)), "k"),
+    ("quant_linear", lambda m: thrifty.ops.quant_linear(_meta((2, 64), False), _meta((8, 64), m, torch.int8),
+                                                        _meta((8,), False), bits=8, group_size=64), "qweight"),
+])
+def test_meta_tensor_among_cpu_ones_is_refused(name, call, arg):
+    with pytest.raises(ValueError, match=f"argument '{arg}' is on device meta but argument '.*' is on cpu"):
+        call(True)
+    out = call(False)
+    assert all(t.device.type == "cpu" for t in (out if isinstance(out, tuple) else (out,)))
+
+
+def test_all_meta_inputs_still_give_meta_outputs():
+    q = torch.empty(1, 4, 2, 16, device="meta")
+    assert thrifty.ops.flash_attention(q, q, q).device.type == "meta"
+    assert thrifty.ops.rms_norm(torch.empty(3, 8, device="meta"), torch.empty(8, device="meta")).device.type == "meta"
+
+
 # ---------------- optimizers: drop-in for torch.optim ----------------
 def _model_and_opt(name, **kw):
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from thrifty.ops._common import register_no_double_backward
+from thrifty.ops._common import register_fake, register_no_double_backward
 
 _ops = torch.ops.thrifty
 
@@ -32,12 +32,12 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _ops.swiglu(gate, up)
 
 
-@torch.library.register_fake("thrifty::swiglu")
+@register_fake("thrifty::swiglu")
 def _swiglu_fake(gate, up):
     return torch.empty_like(gate, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake("thrifty::swiglu_backward")
+@register_fake("thrifty::swiglu_backward")
 def _swiglu_backward_fake(grad, gate, up):
     return (torch.empty_like(gate, memory_format=torch.contiguous_format),
             torch.empty_like(gate, memory_format=torch.contiguous_format))

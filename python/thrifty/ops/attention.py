@@ -36,7 +36,7 @@ import numbers
 
 import torch
 
-from thrifty.ops._common import register_no_double_backward
+from thrifty.ops._common import register_fake, register_no_double_backward
 
 _ops = torch.ops.thrifty
 
@@ -117,7 +117,7 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
 
 
 # ---- fake (shape-only) implementations: torch.compile and meta tensors ----
-@torch.library.register_fake("thrifty::flash_attention_fwd")
+@register_fake("thrifty::flash_attention_fwd")
 def _flash_attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                               window_left, window_right, softcap):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -128,7 +128,7 @@ def _flash_attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     return out, lse
 
 
-@torch.library.register_fake("thrifty::flash_attention_bwd")
+@register_fake("thrifty::flash_attention_bwd")
 def _flash_attention_bwd_fake(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                               softmax_scale, causal, window_left, window_right, softcap, deterministic):
     cf = torch.contiguous_format

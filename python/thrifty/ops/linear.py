@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from thrifty.ops._common import register_fake
+
 _ops = torch.ops.thrifty
 
 
@@ -32,7 +34,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return _ops.linear(x, weight, bias)
 
 
-@torch.library.register_fake("thrifty::linear")
+@register_fake("thrifty::linear")
 def _linear_fake(x, weight, bias):
     torch._check(weight.dim() == 2, lambda: f"thrifty.linear: argument 'weight' must be 2-D (got {tuple(weight.shape)})")
     torch._check(weight.shape[1] == x.shape[-1],

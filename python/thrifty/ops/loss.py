@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from thrifty.ops._common import register_no_double_backward
+from thrifty.ops._common import register_fake, register_no_double_backward
 
 _ops = torch.ops.thrifty
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
@@ -69,13 +69,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
 
 
 # ---- fake (shape-only) implementations ----
-@torch.library.register_fake("thrifty::linear_cross_entropy")
+@register_fake("thrifty::linear_cross_entropy")
 def _lce_fake(hidden, weight, labels, ignore_index, reduction, label_smoothing, softcap, chunk_size):
     T = hidden.shape[0]
     return hidden.new_empty((T,) if reduction == 0 else ()), hidden.new_empty((T,), dtype=torch.float32)
 
 
-@torch.library.register_fake("thrifty::linear_cross_entropy_backward")
+@register_fake("thrifty::linear_cross_entropy_backward")
 def _lce_backward_fake(grad_loss, hidden, weight, labels, lse, ignore_index, reduction, label_smoothing, softcap,
                        chunk_size):
     return (torch.empty_like(hidden, memory_format=torch.contiguous_format),

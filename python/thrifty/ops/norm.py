@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from thrifty.ops._common import register_no_double_backward
+from thrifty.ops._common import register_fake, register_no_double_backward
 
 _ops = torch.ops.thrifty
 
@@ -43,18 +43,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
 
 
 # ---- fake (shape-only) implementations: torch.compile and meta tensors ----
-@torch.library.register_fake("thrifty::rms_norm")
+@register_fake("thrifty::rms_norm")
 def _rms_norm_fake(x, weight, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.register_fake("thrifty::fused_add_rms_norm")
+@register_fake("thrifty::fused_add_rms_norm")
 def _fused_add_rms_norm_fake(x, residual, weight, eps):
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     return y, torch.empty_like(y), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.register_fake("thrifty::rms_norm_backward")
+@register_fake("thrifty::rms_norm_backward")
 def _rms_norm_backward_fake(grad_y, x, weight, rstd, grad_h):
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight, memory_format=torch.contiguous_format)
 

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import torch
 
+from thrifty.ops._common import register_fake
+
 _ops = torch.ops.thrifty
 
 QUANT_BLOCK = 256
@@ -103,25 +105,25 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.
 
 
 # ---- fake implementations: the steps mutate in place and return nothing ----
-@torch.library.register_fake("thrifty::multi_tensor_l2norm")
+@register_fake("thrifty::multi_tensor_l2norm")
 def _l2norm_fake(tensors):
     if len(tensors) == 0:
         return torch.empty((), dtype=torch.float32)
     return tensors[0].new_empty((), dtype=torch.float32)
 
 
-@torch.library.register_fake("thrifty::adamw_step")
+@register_fake("thrifty::adamw_step")
 def _adamw_step_fake(params, grads, exp_avgs, exp_avg_sqs, masters, steps, lr, beta1, beta2, eps, weight_decay,
                      grad_coef, found_inf):
     return None
 
 
-@torch.library.register_fake("thrifty::adamw8bit_step")
+@register_fake("thrifty::adamw8bit_step")
 def _adamw8bit_step_fake(params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v, qmap_m, qmap_v, masters, steps,
                          lr, beta1, beta2, eps, weight_decay, grad_coef, found_inf):
     return None
 
 
-@torch.library.register_fake("thrifty::lion_step")
+@register_fake("thrifty::lion_step")
 def _lion_step_fake(params, grads, exp_avgs, masters, lr, beta1, beta2, weight_decay, grad_coef, found_inf):
     return None

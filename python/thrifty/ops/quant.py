@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from thrifty.ops._common import register_fake
+
 _ops = torch.ops.thrifty
 
 
@@ -110,24 +112,24 @@ def int8_linear(xq: torch.Tensor, x_scales: torch.Tensor, wq: torch.Tensor, w_sc
 
 
 # ---- fake (shape-only) implementations ----
-@torch.library.register_fake("thrifty::quant_linear")
+@register_fake("thrifty::quant_linear")
 def _quant_linear_fake(x, qweight, scales, zeros, bits, group_size, bias):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
-@torch.library.register_fake("thrifty::quant_dequantize")
+@register_fake("thrifty::quant_dequantize")
 def _dequantize_fake(qweight, scales, zeros, bits, group_size):
     k = qweight.shape[1] * (2 if bits == 4 else 1)
     return qweight.new_empty((qweight.shape[0], k), dtype=torch.float32)
 
 
-@torch.library.register_fake("thrifty::quantize_per_token")
+@register_fake("thrifty::quantize_per_token")
 def _quantize_per_token_fake(x):
     return (torch.empty_like(x, dtype=torch.int8, memory_format=torch.contiguous_format),
             x.new_empty((*x.shape[:-1], 1), dtype=torch.float32))
 
 
-@torch.library.register_fake("thrifty::int8_linear")
+@register_fake("thrifty::int8_linear")
 def _int8_linear_fake(xq, x_scales, wq, w_scales, bias, out_dtype):
     return xq.new_empty((*xq.shape[:-1], wq.shape[0]), dtype=out_dtype or torch.float32)
 

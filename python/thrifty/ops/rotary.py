@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from thrifty.ops._common import register_no_double_backward
+from thrifty.ops._common import register_fake, register_no_double_backward
 
 _ops = torch.ops.thrifty
 
@@ -127,13 +127,13 @@ def build_rotary_cache(rotary_dim: int, max_position: int, base: float = 10000.0
 
 
 # ---- fake (shape-only) implementations ----
-@torch.library.register_fake("thrifty::rotary_embedding")
+@register_fake("thrifty::rotary_embedding")
 def _rotary_fake(q, k, positions, cos_sin_cache, interleaved):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format))
 
 
-@torch.library.register_fake("thrifty::rotary_embedding_backward")
+@register_fake("thrifty::rotary_embedding_backward")
 def _rotary_backward_fake(grad_q, grad_k, positions, cos_sin_cache, interleaved):
     return (torch.empty_like(grad_q, memory_format=torch.contiguous_format),
             torch.empty_like(grad_k, memory_format=torch.contiguous_format))
