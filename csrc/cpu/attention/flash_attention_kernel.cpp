@@ -59,29 +59,33 @@ THRIFTY_INLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m *
 // GEMM on float tiles: C[M x N] (op)= A[M x K] B[K x N], A row-major (elements broadcast),
 // B row-major with N a multiple of W (packed, padded), C row-major.
 // MODE 0: C = AB;  MODE 1: C += AB;  MODE 2: C = alpha[row] * C + AB.
-// The R x NC accumulator tile of C at the start (MODE 0: zero, 1: C, 2: alpha[row] * C) and at the end.
+// AB is summed in accumulators that start at zero and meets C only at the end: C is a running sum over
+// many tiles (O over the key tiles, dK / dV over the query tiles), and a chain of FMAs started from C
+// would make it one rounding chain over all of them (float32 output error up to ~2.7x torch's SDPA at
+// 1000 keys); this way each tile adds one rounding to C, at the same loads and stores.
+template <int R, int NC>
+THRIFTY_INLINE void zero_acc(Vec (&acc)[R][NC]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c) acc[r][c] = Vec::zero();
+  }
+}
 template <int R, int NC, int MODE>
-THRIFTY_INLINE void load_acc(Vec (&acc)[R][NC], const float* C, int64_t ldc, const float* alpha) {
+THRIFTY_INLINE void store_acc(const Vec (&acc)[R][NC], float* C, int64_t ldc, const float* alpha) {
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
     for (int c = 0; c < NC; ++c) {
+      float* cp = C + r * ldc + c * W;
       if (MODE == 0) {
-        acc[r][c] = Vec::zero();
+        acc[r][c].store(cp);
       } else if (MODE == 1) {
-        acc[r][c] = Vec::load(C + r * ldc + c * W);
+        (Vec::load(cp) + acc[r][c]).store(cp);
       } else {
-        acc[r][c] = Vec::load(C + r * ldc + c * W) * Vec::set1(alpha[r]);
+        fma(Vec::load(cp), Vec::set1(alpha[r]), acc[r][c]).store(cp);
       }
     }
-  }
-}
-template <int R, int NC>
-THRIFTY_INLINE void store_acc(const Vec (&acc)[R][NC], float* C, int64_t ldc) {
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int c = 0; c < NC; ++c) acc[r][c].store(C + r * ldc + c * W);
   }
 }
 
@@ -89,7 +93,7 @@ template <int R, int NC, int MODE>
 THRIFTY_INLINE void micro(const float* __restrict A, int64_t lda, int64_t aks, const float* __restrict B, int64_t ldb,
                           float* __restrict C, int64_t ldc, int K, const float* alpha) {
   Vec acc[R][NC];
-  load_acc<R, NC, MODE>(acc, C, ldc, alpha);
+  zero_acc<R, NC>(acc);
   for (int k = 0; k < K; ++k) {
     Vec b[NC];
 #pragma GCC unroll 4
@@ -101,7 +105,7 @@ THRIFTY_INLINE void micro(const float* __restrict A, int64_t lda, int64_t aks, c
       for (int c = 0; c < NC; ++c) acc[r][c] = fma(a, b[c], acc[r][c]);
     }
   }
-  store_acc<R, NC>(acc, C, ldc);
+  store_acc<R, NC, MODE>(acc, C, ldc, alpha);
 }
 
 // Calls f(std::integral_constant<int, R>, r) for row tiles [r, r + R) covering [0, M): MR rows each,
@@ -152,6 +156,18 @@ template <int MODE>
 THRIFTY_INLINE void gemm(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                          int64_t ldc, const float* alpha = nullptr) {
   gemm_s<MODE>(M, N, K, A, lda, 1, B, ldb, C, ldc, alpha);
+}
+
+// C = A B (A row-major) over a reduction as long as head_dim (up to 256) in chains of at most kChainK:
+// one FMA chain over 256 products made the float32 scores' rounding error, and with it the output's,
+// up to 2.5x that of torch's SDPA (whose GEMM sums in blocks); chains of 64 added once each bring it
+// under torch's. Costs one extra pass over the C tile per 64 of head_dim.
+constexpr int kChainK = 64;
+THRIFTY_INLINE void gemm_chained(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                                 float* C, int64_t ldc) {
+  gemm<0>(M, N, K < kChainK ? K : kChainK, A, lda, B, ldb, C, ldc);
+  for (int k0 = kChainK; k0 < K; k0 += kChainK)
+    gemm<1>(M, N, K - k0 < kChainK ? K - k0 : kChainK, A + k0, lda, B + static_cast<int64_t>(k0) * ldb, ldb, C, ldc);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -449,7 +465,7 @@ void fwd(const AttentionParams& p) {
         }
         const int64_t lk = Dp, lv = Dp;
         const int nv = Dp;
-        gemm_s<0>(kn, nq, D, kp, lk, 1, qt, FBQ, st, FBQ);  // S^T = K Qs^T
+        gemm_chained(kn, nq, D, kp, lk, qt, FBQ, st, FBQ);  // S^T = K Qs^T
         if (cap > 0.0f)
           for (int j = 0; j < kn; ++j) apply_softcap(st + j * FBQ, nq, cap, nullptr);
         if (!attention_tile_unmasked(i0, i0 + mq, j0, j0 + kn, sq.sq, sq.sk, wl, wr))
@@ -726,8 +742,8 @@ void bwd(const AttentionBwdParams& p) {
             lse_r[r] = lseb[i0 + r];
             d_r[r] = db[i0 + r];
           }
-          gemm<0>(mq, nk, D, qsp, Dp, kt, BK, s, BK);   // S = Qs K^T
-          gemm<0>(mq, nk, D, gpp, Dp, vt, BK, dp, BK);  // dP = dO V^T
+          gemm_chained(mq, nk, D, qsp, Dp, kt, BK, s, BK);   // S = Qs K^T
+          gemm_chained(mq, nk, D, gpp, Dp, vt, BK, dp, BK);  // dP = dO V^T
           const bool unmasked = attention_tile_unmasked(i0, i0 + mq, j0, j0 + kn, sq.sq, sq.sk, wl, wr);
           for (int r = 0; r < mq; ++r) {
             float* sr = s + r * BK;
@@ -832,7 +848,7 @@ THRIFTY_INLINE void decode_pv(const T* vb, int64_t vs, int n, int D, int Dp, con
 #pragma GCC unroll 4
       for (int g = 0; g < GN; ++g)
 #pragma GCC unroll 16
-        for (int c = 0; c < OC; ++c) o[g][c] = (j0 == 0 || c >= nv) ? Vec::zero() : Vec::load(of + g * Dp + d0 + c * W);
+        for (int c = 0; c < OC; ++c) o[g][c] = Vec::zero();  // each key block's sum meets of once (see store_acc)
       for (int j = j0; j < j1; ++j) {
         const T* vrow = vb + j * vs + d0;
         if (d0 == 0 && j + kDecodePrefetchRows < n)  // the first chunk's pass brings the block's rows in
@@ -850,7 +866,10 @@ THRIFTY_INLINE void decode_pv(const T* vb, int64_t vs, int n, int D, int Dp, con
         }
       }
       for (int g = 0; g < GN; ++g)
-        for (int c = 0; c < nv; ++c) o[g][c].store(of + g * Dp + d0 + c * W);
+        for (int c = 0; c < nv; ++c) {
+          float* op = of + g * Dp + d0 + c * W;
+          (j0 == 0 ? o[g][c] : Vec::load(op) + o[g][c]).store(op);
+        }
     }
   }
 }
@@ -964,7 +983,7 @@ template <int R, int NC, int MODE>
 THRIFTY_INLINE void micro_dp(const uint32_t* __restrict A, int64_t lda, int64_t aks, const uint32_t* __restrict B,
                              int64_t ldb, float* __restrict C, int64_t ldc, int K2, const float* alpha) {
   Vec acc[R][NC];
-  load_acc<R, NC, MODE>(acc, C, ldc, alpha);
+  zero_acc<R, NC>(acc);
   for (int k = 0; k < K2; ++k) {
     __m512bh b[NC];
 #pragma GCC unroll 4
@@ -976,7 +995,7 @@ THRIFTY_INLINE void micro_dp(const uint32_t* __restrict A, int64_t lda, int64_t 
       for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c].v, a, b[c]);
     }
   }
-  store_acc<R, NC>(acc, C, ldc);
+  store_acc<R, NC, MODE>(acc, C, ldc, alpha);
 }
 
 template <int NC, int MODE>
