@@ -141,11 +141,33 @@ def test_sdpa_broadcasts_batch_dims_like_torch():
         thrifty.nn.functional.scaled_dot_product_attention(q, k.expand(3, -1, -1, -1), v.expand(3, -1, -1, -1))
 
 
+# torch's SDPA takes 2-D (L, E) inputs and a value embedding Ev != E (the output then has Ev): so does the drop-in.
+@pytest.mark.parametrize("qs,ks,vs", [((5, 16), (7, 16), (7, 16)), ((5, 16), (7, 16), (7, 24)),
+                                      ((2, 3, 5, 16), (2, 3, 7, 16), (2, 3, 7, 8)),
+                                      ((2, 4, 5, 16), (2, 2, 7, 16), (2, 2, 7, 40)), ((3, 5, 16), (3, 7, 16), (3, 7, 4))])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_sdpa_2d_inputs_and_value_embedding_like_torch(qs, ks, vs, is_causal):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(*sh, dtype=torch.float64).float().requires_grad_() for sh in (qs, ks, vs))
+    gqa = len(qs) == 4 and qs[1] != ks[1]
+    out = thrifty.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=gqa)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(qd, kd, vd, is_causal=is_causal, enable_gqa=gqa)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn(ref.shape, dtype=torch.float64)
+    out.backward(g.float())
+    ref.backward(g)
+    for a, b in ((q, qd), (k, kd), (v, vd)):
+        torch.testing.assert_close(a.grad.double(), b.grad, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kw,exc,msg", [
     (dict(query=torch.randn(1, 2, 4, 16, dtype=torch.float64)), TypeError, "'query' must have dtype"),
     (dict(key=torch.randn(1, 2, 4, 16, dtype=torch.bfloat16)), TypeError, "one dtype"),
     (dict(value=torch.randn(1, 2, 5, 16)), ValueError, "same heads and length"),
     (dict(key=torch.randn(1, 2, 4, 8)), ValueError, "embedding size E"),
+    (dict(value=torch.randn(1, 2, 4, 300)), ValueError, "head_dim"),
     (dict(attn_mask=torch.zeros(4, 4)), ValueError, "attn_mask cannot be fused"),
 ])
 def test_sdpa_bad_input_names_the_argument(kw, exc, msg):

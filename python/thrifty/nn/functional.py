@@ -22,8 +22,10 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     kernel, with torch's layout and conventions.
 
     Args:
-        query: (..., heads, L, E); key, value: (..., kv_heads, S, E) (3-D inputs mean one head).
-            value's last dim must equal E. The batch dims ``...`` broadcast as in torch.
+        query: (..., heads, L, E); key: (..., kv_heads, S, E); value: (..., kv_heads, S, Ev) (3-D and
+            2-D inputs mean one head / one batch, as in torch). Ev may differ from E, as in torch (the
+            smaller side is zero-padded to max(E, Ev) <= 256 for the kernel: exact, at the larger
+            size's cost). The batch dims ``...`` broadcast as in torch.
             float32, bfloat16 or float16, one dtype and device.
         attn_mask: only None is fused; any mask is refused with a ValueError (no silent slow path).
         is_causal: torch's convention: query i sees keys j <= i (top-left aligned, also when L != S).
@@ -34,7 +36,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
             Face passes outside training) run unchanged; only 0 is supported (dropout is not
             fused: a nonzero value is a ValueError).
     Returns:
-        (..., heads, L, E) in query's dtype (a transposed view of a contiguous (..., L, heads, E)).
+        (..., heads, L, Ev) in query's dtype (a transposed view of a contiguous (..., L, heads, Ev), as
+        torch's CUDA flash backend returns; call .contiguous() where a contiguous result is needed).
 
     Positional order: this signature has no positional dropout_p (is_causal is the 5th
     argument); a float in that place is refused with a TypeError rather than read as a flag.
@@ -63,16 +66,15 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     if key.device != query.device or value.device != query.device:
         raise RuntimeError(f"{_NAME}: query, key and value must be on one device; got {query.device}, {key.device}, "
                            f"{value.device}")
-    if query.dim() < 3 or key.dim() != query.dim() or value.dim() != query.dim():
-        raise ValueError(f"{_NAME}: query, key and value must have one rank >= 3, (..., heads, L, E); got shapes "
+    if query.dim() < 2 or key.dim() != query.dim() or value.dim() != query.dim():
+        raise ValueError(f"{_NAME}: query, key and value must have one rank >= 2, (..., heads, L, E); got shapes "
                          f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
-    if value.shape[-1] != query.shape[-1] or key.shape[-1] != query.shape[-1]:
-        raise ValueError(f"{_NAME}: key and value must have the embedding size E of query ({query.shape[-1]}), got "
-                         f"key {tuple(key.shape)}, value {tuple(value.shape)}")
-    if query.dim() == 3:
-        q, k, v = query.unsqueeze(-3), key.unsqueeze(-3), value.unsqueeze(-3)
-    else:
-        q, k, v = query, key, value
+    if key.shape[-1] != query.shape[-1]:
+        raise ValueError(f"{_NAME}: key must have the embedding size E of query ({query.shape[-1]}), got key "
+                         f"{tuple(key.shape)}")
+    q, k, v = query, key, value
+    for _ in range(4 - min(query.dim(), 4)):  # 2-D (L, E) and 3-D (N, L, E): one head, one batch
+        q, k, v = q.unsqueeze(-3), k.unsqueeze(-3), v.unsqueeze(-3)
     if k.shape[-3:-1] != v.shape[-3:-1]:
         raise ValueError(f"{_NAME}: key and value must have the same heads and length S: {tuple(key.shape)} vs "
                          f"{tuple(value.shape)}")
@@ -91,11 +93,16 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         if hk == 0 or hq % hk != 0:
             raise ValueError(f"{_NAME}: query heads ({hq}) must be a multiple of key/value heads ({hk})")
     L, S = q.shape[-2], k.shape[-2]
+    E, Ev = q.shape[-1], v.shape[-1]
     # to (batch, seq, heads, E) views (no copy: only the last dim needs unit stride)
     nb = math.prod(lead)
-    q4 = q.reshape(nb, hq, L, q.shape[-1]).transpose(1, 2)
-    k4 = k.reshape(nb, hk, S, k.shape[-1]).transpose(1, 2)
-    v4 = v.reshape(nb, hk, S, v.shape[-1]).transpose(1, 2)
+    q4 = q.reshape(nb, hq, L, E).transpose(1, 2)
+    k4 = k.reshape(nb, hk, S, E).transpose(1, 2)
+    v4 = v.reshape(nb, hk, S, Ev).transpose(1, 2)
+    if Ev < E:  # zero columns of V give zero output columns, cut below
+        v4 = torch.nn.functional.pad(v4, (0, E - Ev))
+    elif Ev > E:  # zero features of Q and K leave every score as it is (the scale stays 1/sqrt(E))
+        q4, k4 = (torch.nn.functional.pad(t, (0, Ev - E)) for t in (q4, k4))
     window = (-1, -1)
     causal = False
     if is_causal:
@@ -107,8 +114,12 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         else:
             k4, v4 = k4[:, :L], v4[:, :L]
             causal = True
-    sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    sc = 1.0 / math.sqrt(E) if scale is None else scale
     out = flash_attention(q4, k4, v4, causal=causal, softmax_scale=sc, window=window)
-    out = out.transpose(1, 2)  # (batch, heads, L, E)
-    out = out.reshape(*lead, hq, L, q.shape[-1])
-    return out.squeeze(-3) if query.dim() == 3 else out
+    if Ev < E:
+        out = out[..., :Ev]
+    out = out.transpose(1, 2)  # (batch, heads, L, Ev)
+    out = out.reshape(*lead, hq, L, Ev)
+    for _ in range(4 - min(query.dim(), 4)):
+        out = out.squeeze(-3)
+    return out
