@@ -41,6 +41,35 @@ def test_quality_filters():
     assert quality_reason("".join(chr(0x2500 + (i % 50)) for i in range(500))) == "mostly_non_text"
 
 
+def test_long_line_prose_kept_blobs_dropped():
+    """One long line is what a paragraph in a .jsonl "text" field looks like: prose passes, while minified
+    code, base64/hex and number dumps on long lines are still "mostly_non_text"."""
+    r = random.Random(0)
+    para = " ".join(r.choice(WORDS) for _ in range(220)).capitalize() + "."
+    assert len(para) > 1000 and "\n" not in para
+    assert quality_reason(para) is None
+    assert quality_reason("\u6211\u4eec\u8ba8\u8bba\u4e86\u9879\u76ee\u7684\u8fdb\u5c55\u548c\u8ba1\u5212\u3002" * 40
+                          + "".join(chr(0x4e00 + r.randrange(2000)) for _ in range(800))) is None  # no spaces in CJK
+    blob = bytes(r.randrange(256) for _ in range(1500))
+    assert quality_reason(__import__("base64").b64encode(blob).decode()) == "mostly_non_text"
+    assert quality_reason(blob.hex()) == "mostly_non_text"
+    ident = lambda: "".join(r.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(r.randrange(1, 8)))  # noqa: E731
+    minified = "".join(f"var {ident()}=function({ident()},{ident()}){{return {ident()}.{ident()}({ident()}*"
+                       f"{r.randrange(999)})}};" for _ in range(60))
+    assert quality_reason(minified) == "mostly_non_text"
+    assert quality_reason(json.dumps([r.randrange(1000) for _ in range(400)])) == "mostly_non_text"
+
+
+def test_no_text_left_names_the_drop_reason(tmp_path):
+    """Nothing left after filtering: the message names why (here: not text), not "give longer documents"."""
+    for i in range(3):
+        (tmp_path / f"b{i}.txt").write_text(bytes(random.Random(i).randrange(256) for _ in range(900)).hex())
+    with pytest.raises(DataError, match="no text left after filtering") as e:
+        prepare_data(tmp_path, tmp_path / "r", seq_len=16)
+    assert "mostly non text (3)" in str(e.value) and "longer" not in str(e.value)
+    assert "minified code or data blobs" in str(e.value)
+
+
 def test_binary_and_non_utf8_dropped(tmp_path):
     write_corpus(tmp_path, 2)
     (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02" * 100)
@@ -82,6 +111,30 @@ def test_scrub():
     code = "x = a[1::2]; y = b[::3]; v = '3.11.7'; t = 12:30:45; f(d)\n"
     assert scrub(code)[0] == code
     assert scrub("999.1.1.1 is not an address")[0] == "999.1.1.1 is not an address"
+
+
+def test_scrub_more_secret_forms():
+    """Unquoted secret-named assignments, JSON keys, Stripe keys, bearer tokens / JWTs; code and short
+    values are left alone."""
+    secrets = {
+        "export AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY": "export AWS_SECRET_ACCESS_KEY=<SECRET>",
+        '{"api_key": "0123456789abcdef0123456789abcdef"}': '{"api_key": "<SECRET>"}',
+        "key sk_live_51H8abcdefghijklmnopqrstuvwx and rk_live_51H8abcdefghijklmnopqrstuvwx":
+            "key <SECRET> and <SECRET>",
+        "sk_test_4eC39HqLyjWDarjtT1zdp7dc": "<SECRET>",
+        "Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.abc123def456": "Authorization: Bearer <SECRET>",
+        "-H 'Authorization: Bearer 8f14e45fceea167a5a36dedd4bea2543'": "-H 'Authorization: Bearer <SECRET>'",
+        "jwt eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.abc123def456": "jwt <SECRET>",
+        "API_TOKEN: a8Fk29dkLq0ZpX7wQ3": "API_TOKEN: <SECRET>",
+    }
+    for text, want in secrets.items():
+        out, c = scrub(text)
+        assert out == want and c["secret"] == want.count("<SECRET>"), (text, out)
+    code = ("api_key = get_key()\npassword = None\ntoken = self.token\nsecret = \"short\"\nmax_tokens = 4096\n"
+            "SECRET_KEY = os.environ[\"SECRET_KEY\"]\neos_token = tokenizer_v2_instance\npassword=hunter2\n"
+            "api_key = load_key(path2048)\nnum_tokens = 12345678901234567890\nsk_live_short\n"
+            '{"eos_token": "<|endoftext|>"}\nThe bearer of this letter is welcome. Bearer tokens go in a header.\n')
+    assert scrub(code) == (code, {"email": 0, "ip": 0, "secret": 0})
 
 
 # ---- tokenizer ----

@@ -105,9 +105,8 @@ def prepare_data(data: str | os.PathLike | None, cache_dir: str | os.PathLike, s
         docs = load_documents(data, text_field)
     texts, stats = preprocess(docs, cfg, near_dup=near_dup, scrub_pii=scrub_pii, log_fn=say)
     if not texts:
-        raise DataError(f"no text left after filtering {stats['documents_in']} documents from {src_desc} "
-                        f"(dropped: {stats['quality_dropped']}, exact duplicates {stats['exact_duplicates']}); "
-                        "give more or longer documents")
+        raise DataError(f"no text left after filtering {stats['documents_in']} documents from {src_desc}: "
+                        + _drop_summary(stats, cfg))
     train_txt, val_txt = _split(texts, val_fraction)
     if given_tok is not None:
         tok = given_tok
@@ -136,6 +135,36 @@ def prepare_data(data: str | os.PathLike | None, cache_dir: str | os.PathLike, s
     os.replace(tmpm, meta_path)
     return DataBundle(tok, PackedDataset(tr_stream, tr_starts, seq_len), _val_dataset(va_stream, va_starts, seq_len),
                       stats, cache_dir / "tokenizer.json")
+
+
+_DROP_ADVICE = {
+    "too_short": "give longer documents (at least {min_chars} characters)",
+    "mostly_non_text": "give text, not symbols, minified code or data blobs",
+    "repetitive": "give documents that do not repeat the same lines",
+    "binary_or_non_utf8": "give UTF-8 text files",
+    "exact_duplicates": "give distinct documents",
+    "near_duplicates": "give distinct documents",
+}
+
+
+def _drop_summary(stats: dict, cfg: FilterConfig) -> str:
+    """Why nothing was left: the drop reasons, most frequent first, and what to change for the dominant
+    ones (a filter that dropped everything needs other data, not more of the same)."""
+    drops = dict(stats.get("quality_dropped", {}))
+    for k in ("exact_duplicates", "near_duplicates"):
+        if stats.get(k):
+            drops[k] = stats[k]
+    if not drops:
+        return "no documents to read; give more documents"
+    ranked = sorted(drops.items(), key=lambda kv: -kv[1])
+    top = [k for k, v in ranked if v >= ranked[0][1] / 2]  # the dominant reason(s)
+    advice = []
+    for k in top:
+        a = _DROP_ADVICE.get(k, "").format(min_chars=cfg.min_chars)
+        if a and a not in advice:
+            advice.append(a)
+    return ("dropped as " + ", ".join(f"{k.replace('_', ' ')} ({v})" for k, v in ranked)
+            + (f"; {'; '.join(advice)}" if advice else ""))
 
 
 def train_tokenizer_for(texts: list[str], vocab_size: int):

@@ -22,7 +22,7 @@ log = logging.getLogger("thrifty.data")
 class FilterConfig:
     min_chars: int = 64            # shorter documents are dropped ("too_short")
     min_text_ratio: float = 0.80   # share of letters/digits/whitespace/punctuation ("mostly_non_text")
-    max_mean_line_len: int = 1000  # minified blobs, base64 ("mostly_non_text")
+    max_mean_line_len: int = 1000  # longer lines that do not read as prose: minified code, base64 ("mostly_non_text")
     max_dup_line_frac: float = 0.5  # share of repeated non-empty lines ("repetitive")
     min_compress_ratio: float = 0.10  # zlib size / size below this is "repetitive"
     near_dup_threshold: float = 0.8  # MinHash LSH Jaccard threshold
@@ -31,7 +31,24 @@ class FilterConfig:
     max_shingles: int = 4000
 
 
+# long-line documents whose whitespace-separated words are longer than this on average are not prose. Not a
+# FilterConfig field: that would change the data-cache fingerprint of existing runs, which a --resume needs
+MAX_MEAN_WORD_LEN = 12
 _TEXTLIKE = set(string.ascii_letters + string.digits + string.whitespace + string.punctuation)
+
+
+def _spaceless_script(word: str) -> bool:
+    """Mostly letters of scripts written without spaces (Thai, CJK, ...: code points from U+0E00)."""
+    return sum(1 for c in word if c.isalpha() and ord(c) >= 0x0E00) > len(word) / 2
+
+
+def _reads_as_prose(text: str) -> bool:
+    """Word-sized runs between spaces and mostly letters: prose (prose in scripts without spaces too), not
+    minified code (`a.b=function(c){return`), base64/hex (one run) or a number dump (few letters)."""
+    words = [w for w in text.split() if not _spaceless_script(w)]
+    n = sum(len(w) for w in words)
+    letters = sum(1 for c in text if c.isalpha())
+    return (not words or n / len(words) <= MAX_MEAN_WORD_LEN) and letters >= len("".join(text.split())) / 2
 
 
 def quality_reason(text: str, cfg: FilterConfig = FilterConfig()) -> str | None:
@@ -43,7 +60,9 @@ def quality_reason(text: str, cfg: FilterConfig = FilterConfig()) -> str | None:
     if ok < cfg.min_text_ratio * len(stripped):
         return "mostly_non_text"
     lines = [ln.strip() for ln in stripped.splitlines() if ln.strip()]
-    if lines and len(stripped) / len(lines) > cfg.max_mean_line_len:
+    # one long line is also what a paragraph (a .jsonl "text" field) looks like: only blobs that do not
+    # read as prose (few word breaks, few letters) are dropped
+    if lines and len(stripped) / len(lines) > cfg.max_mean_line_len and not _reads_as_prose(stripped):
         return "mostly_non_text"
     if len(lines) >= 10 and 1 - len(set(lines)) / len(lines) > cfg.max_dup_line_frac:
         return "repetitive"
@@ -104,11 +123,21 @@ SECRET_RES = [
     re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}\b"),           # Slack
     re.compile(r"\bAIza[0-9A-Za-z_-]{35}\b"),                  # Google API key
     re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"),                    # Hugging Face token
+    re.compile(r"\b[rs]k_(?:live|test)_[A-Za-z0-9]{16,}\b"),    # Stripe secret / restricted keys
+    re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),  # JWT (base64 of '{"' twice)
     re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----"),
 ]
-# key = "value" assignments whose name says secret
+_SECRET_NAME = r"[\w-]*(?:api[_-]?key|secret|token|passwd|password|access[_-]?key)[\w-]*"
+# key = "value" (or JSON "key": "value") assignments whose name says secret; not special tokens like
+# "eos_token": "<|endoftext|>"
 ASSIGN_SECRET_RE = re.compile(
-    r"""(?i)\b([\w-]*(?:api[_-]?key|secret|token|passwd|password|access[_-]?key)[\w-]*)(\s*[:=]\s*)(["'])([^"'\s]{12,})\3""")
+    rf"""(?i)\b({_SECRET_NAME})(["']?\s*[:=]\s*)(["'])([^"'\s<>]{{12,}})\3""")
+# KEY=value unquoted (shell, .env, YAML): only a long token mixing letters and digits with no identifier or
+# call punctuation (_ . ( [), so code like `api_key = get_key()` or `password = None` stays
+ASSIGN_BARE_SECRET_RE = re.compile(
+    rf"""(?i)\b({_SECRET_NAME})(\s*[:=]\s*)(?=[A-Za-z+/=-]*\d)(?=[0-9+/=-]*[A-Za-z])([A-Za-z0-9+/=-]{{16,}})(?=[\s,;&)\]}}]|$)""")
+# Authorization: Bearer <token> (a token with a digit: not "the bearer of ...")
+BEARER_RE = re.compile(r"(?i)\b(bearer\s+)(?=[A-Za-z._~+/-]*\d)[A-Za-z0-9._~+/-]{16,}=*")
 
 PLACEHOLDERS = {"email": "<EMAIL>", "ip": "<IP_ADDRESS>", "secret": "<SECRET>"}
 
@@ -143,6 +172,10 @@ def scrub(text: str) -> tuple[str, dict[str, int]]:
         text, n = r.subn(PLACEHOLDERS["secret"], text)
         counts["secret"] += n
     text, n = ASSIGN_SECRET_RE.subn(lambda m: f"{m.group(1)}{m.group(2)}{m.group(3)}{PLACEHOLDERS['secret']}{m.group(3)}", text)
+    counts["secret"] += n
+    text, n = ASSIGN_BARE_SECRET_RE.subn(lambda m: f"{m.group(1)}{m.group(2)}{PLACEHOLDERS['secret']}", text)
+    counts["secret"] += n
+    text, n = BEARER_RE.subn(lambda m: f"{m.group(1)}{PLACEHOLDERS['secret']}", text)
     counts["secret"] += n
     text, n = EMAIL_RE.subn(PLACEHOLDERS["email"], text)
     counts["email"] += n
