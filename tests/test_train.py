@@ -510,3 +510,79 @@ def test_qlora_base_keeps_multihead_attention_out_proj_float():
     apply_lora(layer, 4, targets="linear1,linear2")
     layer(torch.randn(2, 10, 64)).sum().backward()
     assert layer.linear1.lora_B.grad is not None and layer.linear2.lora_B.grad.abs().sum() > 0
+
+
+def _tree(d: Path) -> dict:
+    return {str(p.relative_to(d)): (p.read_bytes() if p.is_file() else None) for p in sorted(d.rglob("*"))}
+
+
+def test_failed_resume_leaves_run_dir_byte_identical(corpus, tmp_path, capsys):
+    """A --resume that fails (other data, so another trained tokenizer; another --seq-len) must not leave a new
+    tokenizer.json / data cache next to checkpoints trained with the old ones: RUN_DIR stays byte for byte."""
+    out = tmp_path / "r"
+    assert run(cfg(corpus, out, tokenizer=None, vocab_size=320, steps=3, save_every=3)) == 0
+    before = _tree(out)
+    other = tmp_path / "other"
+    for i in range(24):
+        (other / f"doc{i:02d}.txt").parent.mkdir(exist_ok=True)
+        (other / f"doc{i:02d}.txt").write_text(prose(100 + i, 300).upper())
+    _fails(capsys, cfg(corpus, out, data=str(other), tokenizer=None, vocab_size=320, steps=5, resume=True), 2,
+           "tokenizer differs", out)
+    assert _tree(out) == before
+    _fails(capsys, cfg(corpus, out, tokenizer=None, vocab_size=320, steps=5, seq_len=16, resume=True), 2,
+           "sampler state", out)
+    assert _tree(out) == before
+    assert run(cfg(corpus, out, tokenizer=None, vocab_size=320, steps=5, resume=True)) == 0  # still resumable
+
+
+def test_time_budget_ends_close_to_the_budget(corpus, tmp_path, monkeypatch):
+    """The step count of a --time-budget run comes from the steady step rate (the slow first steps of a process
+    left out, estimated again early on), so the run uses its budget instead of stopping well short of it (the
+    first step is made 0.3 s slower here, like a first step's allocations and kernel choice on a real model)."""
+    step = Trainer.train_step
+    calls = []
+
+    def slow_first_step(self):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.3)
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", slow_first_step)
+    budget = 4.0
+    out = tmp_path / "r"
+    res = Trainer(cfg(corpus, out, steps=None, time_budget=budget, eval_every=1000)).train()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert res["steps"] == rows[-1]["step"] > 3
+    assert 0.8 * budget <= rows[-1]["elapsed_s"] <= budget + 1.0, (rows[-1], len(rows))
+
+
+def test_time_budget_resume_keeps_the_schedule(corpus, tmp_path, monkeypatch):
+    """The final step estimate of a --time-budget run is saved with the checkpoint: a --resume keeps it (the
+    same learning-rate schedule) instead of estimating a new one from the resumed process's speed."""
+    from thrifty.train import trainer as trmod
+    monkeypatch.setattr(trmod, "BUDGET_ESTIMATE_FRACTION", 0.0)  # final at the first estimate (step 3)
+    out = tmp_path / "r"
+    Trainer(cfg(corpus, out, steps=None, time_budget=3.0, save_every=5, stop_at_step=5, eval_every=1000)).train()
+    state = torch.load(out / "checkpoints" / "step_000005" / "trainer_state.pt", weights_only=False)
+    total = state["schedule_total"]
+    assert state["budget_final"] == 3.0 and 5 < total < 10**9
+    t = Trainer(cfg(corpus, out, steps=None, time_budget=3.0, save_every=5, resume=True, eval_every=1000))
+    res = t.train()
+    assert t.schedule.total == total and res["steps"] <= total
+    sched = trmod.WarmupCosine(1, total, t.cfg.min_lr_ratio)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert [r["step"] for r in rows][:6] == [1, 2, 3, 4, 5, 6]
+    for r in rows[4:]:  # from the first step after the estimate on, before and after the resume
+        assert r["lr"] == pytest.approx(t.cfg.lr * sched(r["step"] - 1), rel=1e-6), r
+
+
+def test_save_every_zero_saves_only_at_the_end(corpus, tmp_path, capsys):
+    """--save-every 0: no periodic checkpoint, the one at the end still (as the help says); negative: refused."""
+    out = tmp_path / "r"
+    _fails(capsys, cfg(corpus, out, save_every=-1), 2, "--save-every", out)
+    assert not out.exists()
+    assert run(cfg(corpus, out, steps=3, save_every=0)) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000003"]
+    assert Trainer(cfg(corpus, out, steps=4, save_every=0, resume=True)).train()["steps"] == 4
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000003", "step_000004"]

@@ -51,7 +51,11 @@ def save_tokenizer(tok, directory: str | os.PathLike) -> Path:
         cfg.update(eos_token=eos, bos_token=eos)
     if tok.token_to_id(PAD_TOKEN) is not None:
         cfg["pad_token"] = PAD_TOKEN
-    (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
+    # temp + rename like tokenizer.json: a new file, never the old one rewritten in place (a failed
+    # training start restores RUN_DIR from hard links of what was there)
+    tmpc = d / ".tokenizer_config.json.tmp"
+    tmpc.write_text(json.dumps(cfg, indent=1))
+    os.replace(tmpc, d / "tokenizer_config.json")
     return path
 
 

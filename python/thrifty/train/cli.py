@@ -2,7 +2,7 @@
 
 With no arguments it trains the `tiny` preset on the embedded default corpus (the Python
 standard library's own sources) into runs/default. Under torchrun it runs data-parallel:
-    torchrun --nproc-per-node 2 -m thrifty.cli train --data corpus/ [--fsdp]
+    torchrun --nproc-per-node 2 -m thrifty train --data corpus/ [--fsdp]
 Exit codes: 0 done, 2 bad input / does not fit (nothing half-written), 3 stopped on repeated NaN.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ def add_arguments(p) -> None:
     g.add_argument("--lora-group-size", type=int, default=64, help="int4 group size of the QLoRA base (default 64)")
     g = p.add_argument_group("run")
     g.add_argument("--out", help="run directory (default runs/default for the embedded corpus, else runs/run-<time>)")
-    g.add_argument("--save-every", type=int, help="checkpoint every N steps (always one at the end)")
+    g.add_argument("--save-every", type=int, help="checkpoint every N steps (always one at the end; 0: only that one)")
     g.add_argument("--keep-last", type=int, default=2, help="checkpoints kept (default 2)")
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     g.add_argument("--eval-every", type=int, help="validation every N steps (default steps/10)")

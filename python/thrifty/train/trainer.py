@@ -131,6 +131,12 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
+# --time-budget: the first steps of a process are slow (allocations, kernel choice) and are left out of
+# the step rate; the step count is estimated again after 1, 2, 4, 8, ... measured steps while under this
+# share of the budget is used, then kept (and saved with the checkpoints, so a --resume keeps the schedule)
+BUDGET_WARMUP_STEPS = 2
+BUDGET_ESTIMATE_FRACTION = 0.2
+
 _PEAK_CACHE: dict = {}
 
 
@@ -203,6 +209,65 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _RunDirSnapshot:
+    """What an existing RUN_DIR held before a start, so that a run that fails before its first checkpoint
+    leaves it byte for byte as it was (a failed --resume must not leave a new tokenizer.json or data cache
+    next to checkpoints trained with the old ones): the files it overwrote come back from hard links taken
+    here (every writer replaces a file by rename, never rewrites it in place), the files it added go.
+    checkpoints/ is not covered: only a checkpoint save writes there, and after one the run has started."""
+
+    def __init__(self, rd: Path):
+        self.rd = rd
+        self.keep = rd / f".tmp-restore-{os.getpid()}"
+        self.before = set()
+        for p in self._walk(rd):
+            rel = p.relative_to(rd)
+            self.before.add(rel)
+            if p.is_file() and not p.is_symlink():
+                dst = self.keep / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(p, dst)
+                except OSError:  # no hard links on this filesystem
+                    shutil.copy2(p, dst)
+
+    def _walk(self, d: Path, top: bool = True):
+        with os.scandir(d) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            if top and e.name.startswith(".tmp-restore-"):  # ours, or a killed run's (removed by the next start)
+                continue
+            yield Path(e.path)
+            if e.is_dir(follow_symlinks=False) and not (top and e.name == "checkpoints"):
+                yield from self._walk(Path(e.path), False)
+
+    def restore(self) -> None:
+        for rel in self.before:
+            src = self.keep / rel
+            if src.is_file():
+                try:
+                    (self.rd / rel).parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(src, self.rd / rel)
+                except OSError:
+                    pass
+        for p in sorted(self._walk(self.rd), key=lambda p: len(p.parts), reverse=True):  # deepest first
+            if p.relative_to(self.rd) not in self.before:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+        self.discard()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.keep, ignore_errors=True)
+
+
+def _write_replace(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _rank_info():
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
@@ -223,6 +288,7 @@ class Trainer:
         self.rank, self.world, self.local_rank = _rank_info()
         self.is_main = self.rank == 0
         self._bar = None
+        self._ckpts_written = 0  # by this Trainer: after the first one a failure no longer restores RUN_DIR
 
     # ---------- logging ----------
     def log(self, msg: str) -> None:
@@ -350,11 +416,13 @@ class Trainer:
             raise TrainError(f"--val-fraction: expected a fraction in [0, 1) (0: no validation split), got {c.val_fraction}")
         if c.steps is not None and c.steps < 1:
             raise TrainError(f"--steps: expected a positive number, got {c.steps}")
+        if c.save_every is not None and c.save_every < 0:
+            raise TrainError(f"--save-every: expected a number of steps (0: only at the end), got {c.save_every}")
         self.time_budget = parse_duration(c.time_budget)
         if c.steps is None and self.time_budget is None:
             self.time_budget = 600.0
             self.log("schedule: neither --steps nor --time-budget given: training for 10 minutes")
-        self.run_dir = self._run_dir()
+        self.run_dir = getattr(self, "run_dir", None) or self._run_dir()
         if not c.resume and self._checkpoints():
             raise TrainError(f"{self.run_dir} already holds checkpoints: pass --resume to continue it, or another --out")
         if c.resume and not self._latest_checkpoint():
@@ -481,6 +549,7 @@ class Trainer:
         self.nan_skipped = 0
         self._consecutive_nan = 0
         self.elapsed_before = 0.0
+        self.budget_steps_final = False  # --time-budget: whether schedule.total is the final step count
         self.flops_per_token = model_flops_per_token(self.model_config, c.seq_len)
         # MFU against the matmul rate of the compute dtype, measured in this run
         self.peak_flops = measured_matmul_flops(self.device, torch.bfloat16 if c.precision == "bf16" else torch.float32)
@@ -519,6 +588,8 @@ class Trainer:
         for d in (self._ckpt_root(), self.run_dir):
             if d.is_dir():
                 for p in d.glob(".tmp-*"):
+                    if p.name == f".tmp-restore-{os.getpid()}":  # this start's own snapshot of RUN_DIR
+                        continue
                     if p.is_dir():
                         shutil.rmtree(p, ignore_errors=True)
                     else:
@@ -587,6 +658,7 @@ class Trainer:
             "step": self.step, "tokens_seen": self.tokens_seen, "nan_skipped": self.nan_skipped,
             "elapsed": self.elapsed_before + (time.perf_counter() - self._t_start),
             "optimizer": osd, "scheduler": self.scheduler.state_dict(), "schedule_total": self.schedule.total,
+            "budget_final": self.time_budget if self.budget_steps_final else None,
             "sampler": self.sampler.state_dict(), "config": asdict(self.cfg),
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -600,6 +672,9 @@ class Trainer:
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
+        self._ckpts_written += 1
+        if getattr(self, "_snapshot", None) is not None:  # the run has started: no restore from here on
+            self._snapshot.discard()
         _fsync_dir(root)  # the rename itself survives a power cut, not only a kill
         cks = sorted(p for p in root.iterdir() if re.fullmatch(r"step_\d+", p.name))
         for old in cks[:-max(1, self.cfg.keep_last)]:
@@ -613,6 +688,12 @@ class Trainer:
             dist.barrier()
 
     def load_checkpoint(self, path: Path) -> None:
+        ck_tok = path / "tokenizer.json"
+        if ck_tok.is_file() and tokmod.load_tokenizer(ck_tok).get_vocab() != self.tokenizer.get_vocab():
+            # the model's embeddings belong to the checkpoint's tokenizer: going on with another is garbage
+            raise TrainError(f"--resume: the tokenizer differs from the one {path} was trained with (the data, "
+                             "--tokenizer or the data filters changed since): resume with the same --data and "
+                             "--tokenizer, or use another --out")
         state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
         from safetensors.torch import load_file
         if self.cfg.lora_rank:
@@ -642,6 +723,8 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.tokens_seen, self.nan_skipped = state["step"], state["tokens_seen"], state["nan_skipped"]
         self.elapsed_before = state["elapsed"]
+        # the step count a --time-budget run settled on holds for the same budget (another one: estimated anew)
+        self.budget_steps_final = self.time_budget is not None and state.get("budget_final") == self.time_budget
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
@@ -760,36 +843,42 @@ class Trainer:
     def train(self) -> dict:
         """Runs the whole job; returns a summary dict (final loss, val loss, paths, counters)."""
         c = self.cfg
-        rd0 = Path(c.out) if c.out else self._run_dir()
+        rd0 = self.run_dir = self._run_dir()
         created = not rd0.exists()
-        # what RUN_DIR held before: a failed start removes only what it added (nothing half-written)
-        before = set() if created or not rd0.is_dir() else {p.name for p in rd0.iterdir()}
+        # what RUN_DIR held before: a failed start puts it back as it was (nothing half-written)
+        snap = self._snapshot = _RunDirSnapshot(rd0) if self.is_main and not created and rd0.is_dir() else None
         try:
-            self.setup()
-            if c.resume:
-                self.load_checkpoint(self._latest_checkpoint())
-        except (TrainError, DataError, OSError, ValueError) as e:
-            self._cleanup_failed(created, before)
-            if isinstance(e, TrainError):
+            try:
+                self.setup()
+                if c.resume:
+                    self.load_checkpoint(self._latest_checkpoint())
+            except (TrainError, DataError, OSError, ValueError) as e:
+                self._cleanup_failed(created, snap)
+                if isinstance(e, TrainError):
+                    raise
+                raise TrainError(str(e)) from e
+            except BaseException:
+                self._cleanup_failed(created, snap)
                 raise
-            raise TrainError(str(e)) from e
-        except BaseException:
-            self._cleanup_failed(created, before)
-            raise
-        if c.resume and self._finished():
-            return self._nothing_to_do()
-        try:
-            return self._loop()
-        except TrainError:
-            # e.g. the first step ran out of memory: a run that never wrote a checkpoint leaves nothing behind
-            if not c.resume and not self._checkpoints():
-                self._cleanup_failed(created, before)
-            raise
+            if c.resume and self._finished():
+                return self._nothing_to_do()
+            try:
+                return self._loop()
+            except TrainError:
+                # e.g. the first step ran out of memory: a run that wrote no checkpoint leaves RUN_DIR as it was
+                if not self._ckpts_written:
+                    self._cleanup_failed(created, snap)
+                raise
+        finally:
+            if snap is not None:
+                snap.discard()
 
     def _finished(self) -> bool:
         """Whether the resumed checkpoint already reached the end of the schedule (--steps or --time-budget)."""
         if self.cfg.steps is not None:
             return self.step >= self.cfg.steps
+        if self.time_budget is not None and self.budget_steps_final and self.step >= self.schedule.total:
+            return True
         return self.time_budget is not None and self.elapsed_before >= self.time_budget
 
     def _nothing_to_do(self) -> dict:
@@ -837,19 +926,14 @@ class Trainer:
                      + f"; model in {rd} (Hugging Face format), checkpoints in {self._ckpt_root()}")
         self._barrier()
 
-    def _cleanup_failed(self, created: bool, before: set | None = None) -> None:
+    def _cleanup_failed(self, created: bool, snap: _RunDirSnapshot | None = None) -> None:
         rd = getattr(self, "run_dir", None) or (Path(self.cfg.out) if self.cfg.out else None)
         if rd is None or not rd.exists() or not self.is_main:
             return
         if created:
             shutil.rmtree(rd, ignore_errors=True)
-        elif before is not None and rd.is_dir():
-            for p in rd.iterdir():
-                if p.name not in before:
-                    if p.is_dir() and not p.is_symlink():
-                        shutil.rmtree(p, ignore_errors=True)
-                    else:
-                        p.unlink(missing_ok=True)
+        elif snap is not None and rd.is_dir():
+            snap.restore()
 
     def _loop(self) -> dict:
         c = self.cfg
@@ -857,12 +941,13 @@ class Trainer:
         if self.is_main:
             rd.mkdir(parents=True, exist_ok=True)
             self._remove_stale_temps()
-            (rd / "train_config.json").write_text(json.dumps(asdict(c), indent=1, default=str))
+            # temp + rename, never in place: a failure before the first checkpoint restores the old files
+            _write_replace(rd / "train_config.json", json.dumps(asdict(c), indent=1, default=str))
         metrics_path = rd / "metrics.jsonl"
         if self.is_main:
             lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
             keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= self.step] if c.resume else []
-            metrics_path.write_text("".join(ln + "\n" for ln in keep))
+            _write_replace(metrics_path, "".join(ln + "\n" for ln in keep))
         self._consecutive_nan = 0
         eval_every = c.eval_every or max(1, (c.steps or 500) // 10)
         mc = self.model_config
@@ -876,6 +961,10 @@ class Trainer:
         from tqdm import tqdm
         self._t_start = time.perf_counter()
         total_steps = c.steps
+        if total_steps is None and self.budget_steps_final:  # resumed: the same schedule as before the kill
+            total_steps = self.schedule.total
+        t_ref = step_ref = None  # --time-budget: start of the steady-state rate measurement
+        next_estimate = 1
         self._bar = tqdm(total=total_steps, initial=self.step, disable=not (c.progress and self.is_main),
                          dynamic_ncols=True, file=sys.stderr, unit="step")
         last_good = None
@@ -891,14 +980,20 @@ class Trainer:
             while True:
                 if total_steps is not None and self.step >= total_steps:
                     break
-                elapsed = self.elapsed_before + time.perf_counter() - self._t_start
-                if self.time_budget is not None and total_steps is None and self.step >= start_step + 3:
-                    per = (time.perf_counter() - self._t_start) / (self.step - start_step)
-                    remaining = self.time_budget - (self.elapsed_before + time.perf_counter() - self._t_start)
-                    total_steps = max(self.step + 1, self.step + int(remaining / per))
-                    self.schedule.total = total_steps
-                    self._bar.total = total_steps
-                    self._bar.refresh()
+                if self.time_budget is not None and c.steps is None and not self.budget_steps_final:
+                    now = time.perf_counter()
+                    if self.step == start_step + BUDGET_WARMUP_STEPS:
+                        t_ref, step_ref = now, self.step
+                    elif step_ref is not None and self.step - step_ref >= next_estimate:
+                        # the steady rate (evaluations and saves in the window included) over the time left
+                        per = (now - t_ref) / (self.step - step_ref)
+                        elapsed = self.elapsed_before + now - self._t_start
+                        total_steps = max(self.step + 1, self.step + int((self.time_budget - elapsed) / per))
+                        self.schedule.total = total_steps
+                        self.budget_steps_final = elapsed >= BUDGET_ESTIMATE_FRACTION * self.time_budget
+                        next_estimate *= 2
+                        self._bar.total = total_steps
+                        self._bar.refresh()
                 try:
                     out = self.train_step()
                 except torch.OutOfMemoryError as e:
@@ -957,7 +1052,7 @@ class Trainer:
                       tokens=self.tokens_seen, **val)
         if stopped_early:
             return result
-        if c.save_every is None or self.step % (c.save_every or 1) != 0:
+        if not c.save_every or self.step % c.save_every != 0:  # None / 0: only this one at the end
             last_good = self.save_checkpoint() if self._consecutive_nan == 0 else last_good
         self._write_export(result, metrics_path)
         return result
