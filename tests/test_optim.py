@@ -208,6 +208,75 @@ def test_skip_nonfinite_off_lets_nan_through():
     assert torch.isnan(p).all() and not opt.last_step_skipped
 
 
+@pytest.mark.parametrize("opt_name", ["AdamW", "AdamW8bit", "Lion"])
+def test_large_finite_grads_step_instead_of_skipping(device, opt_name):
+    # grads around 1e18 are finite, but their float32 sum of squares overflows (past ~3.4e38), so the
+    # norm is inf: only inf/nan elements skip a step. The step must equal the one on the same grads
+    # scaled down by 2^-60 (Adam and Lion do not see the scale; the 8-bit blocks scale by their absmax)
+    cls = getattr(thrifty.optim, opt_name)
+    params = make_params([5000, 7], device)
+    if params[0].is_cuda:  # documented: on CUDA an overflowed norm skips (no extra pass over the grads)
+        opt = cls(params, lr=1e-2)
+        set_grads(params, random_grads(params, 10, scale=2.0**60))
+        opt.step()
+        assert torch.isinf(opt.last_grad_norm) and opt.last_step_skipped
+        return
+    small, big32 = clones(params, torch.float32), clones(params, torch.float32)
+    ours, ref = cls(params, lr=1e-2), cls(small, lr=1e-2)
+    torch_ref = torch.optim.AdamW(big32, lr=1e-2, foreach=False) if opt_name == "AdamW" else None
+    for s in range(3):
+        gs = random_grads(params, 10 + s, scale=2.0**60)
+        set_grads(params, gs)
+        set_grads(small, [g * 2.0**-60 for g in gs])
+        ours.step()
+        ref.step()
+        assert torch.isinf(ours.last_grad_norm), "the test needs a float32 norm that overflows"
+        assert not ours.last_step_skipped and ours.skipped_steps == 0
+        if torch_ref is not None:
+            set_grads(big32, gs)
+            torch_ref.step()
+    for p, q in zip(params, small):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    if torch_ref is not None:  # torch.optim.AdamW steps on these grads too
+        for p, q in zip(params, big32):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("opt_name", ["AdamW", "AdamW8bit", "Lion"])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_nonfinite_grad_among_large_ones_still_skips(device, opt_name, bad):
+    # the element-wise look that runs when the norm overflowed still finds a real inf/nan
+    params = make_params([5000, 7], device)
+    opt = getattr(thrifty.optim, opt_name)(params, lr=1e-2)
+    before = [p.detach().clone() for p in params]
+    gs = random_grads(params, 4, scale=2.0**60)
+    gs[1][3] = bad
+    set_grads(params, gs)
+    opt.step()
+    assert opt.last_step_skipped and opt.skipped_steps == 1
+    assert all(torch.equal(b, p.detach()) for b, p in zip(before, params))
+
+
+def test_clipping_with_an_overflowed_norm_matches_clip_grad_norm(device):
+    # torch.nn.utils.clip_grad_norm_ also sums float32 squares: its norm is inf there, its clip coefficient
+    # max_norm / (inf + 1e-6) = 0, and AdamW then steps on zeroed grads (moments decay, step counts on)
+    params = make_params([5000, 7], device)
+    ref_ps = clones(params, torch.float32)
+    kw = dict(lr=1e-2, weight_decay=0.1)
+    ours, ref = thrifty.optim.AdamW(params, max_grad_norm=1.0, **kw), torch.optim.AdamW(ref_ps, foreach=False, **kw)
+    for s in range(4):
+        gs = random_grads(params, 20 + s, scale=2.0**60 if s in (1, 2) else 1.0)
+        set_grads(params, gs)
+        set_grads(ref_ps, gs)
+        ours.step()
+        torch_norm = torch.nn.utils.clip_grad_norm_(ref_ps, 1.0)
+        ref.step()
+        assert not ours.last_step_skipped
+        assert torch.isinf(ours.last_grad_norm) == torch.isinf(torch_norm) == (s in (1, 2))
+    for p, q in zip(params, ref_ps):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 def test_grad_scaler(device):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1)).to(device)
@@ -653,6 +722,89 @@ def test_bad_hyperparameters(opt_name, kwargs, msg):
         pytest.skip("Lion has no eps")
     with pytest.raises(ValueError, match=msg):
         getattr(thrifty.optim, opt_name)([torch.zeros(3, requires_grad=True)], **kwargs)
+
+
+@pytest.mark.parametrize("opt_name", ["AdamW", "AdamW8bit", "Lion"])
+def test_numpy_hyperparameters_are_accepted(opt_name):
+    # torch.optim takes any real number; numpy scalars (and 0-d arrays) step exactly like the floats and
+    # are stored as plain floats (a state_dict then loads with weights_only=True)
+    np = pytest.importorskip("numpy")
+    import io
+    cls = getattr(thrifty.optim, opt_name)
+    kw = dict(lr=np.float32(1e-2), betas=(np.float64(0.9), np.float32(0.99)), weight_decay=np.array(0.01))
+    if opt_name != "Lion":
+        kw["eps"] = np.float64(1e-8)
+    plain = {k: tuple(float(b) for b in v) if k == "betas" else float(v) for k, v in kw.items()}
+    params = make_params([5000, 7], "cpu")
+    params2 = clones(params, torch.float32)
+    a, b = cls(params, **kw), cls(params2, **plain)
+    a.add_param_group({"params": [torch.nn.Parameter(torch.ones(3))], "lr": np.int64(1)})
+    b.add_param_group({"params": [torch.nn.Parameter(torch.ones(3))], "lr": 1})
+    for s in range(2):
+        gs = random_grads(params, s)
+        set_grads(params, gs)
+        set_grads(params2, gs)
+        a.step()
+        b.step()
+    for p, q in zip(params, params2):
+        assert torch.equal(p, q)
+    for group in a.param_groups:
+        for k in ("lr", "eps", "weight_decay"):
+            assert k not in group or type(group[k]) in (float, int), (k, type(group[k]))
+        assert all(type(x) is float for x in group["betas"])
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("opt_name", ["AdamW", "AdamW8bit", "Lion"])
+def test_lambda_lr_returning_a_numpy_float(opt_name):
+    # under NumPy 2, base_lr * np.float32(f) is an np.float32: LambdaLR puts it into the group
+    np = pytest.importorskip("numpy")
+    cls = getattr(thrifty.optim, opt_name)
+    params = make_params([5000, 7], "cpu")
+    params2 = clones(params, torch.float32)
+    a, b = cls(params, lr=1e-2), cls(params2, lr=1e-2)
+    sa = torch.optim.lr_scheduler.LambdaLR(a, lambda s: np.float32(0.5 ** s))
+    sb = torch.optim.lr_scheduler.LambdaLR(b, lambda s: 0.5 ** s)
+    for s in range(3):
+        gs = random_grads(params, s)
+        set_grads(params, gs)
+        set_grads(params2, gs)
+        a.step()
+        b.step()
+        sa.step()
+        sb.step()
+    for p, q in zip(params, params2):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("value,exc,msg", [
+    (True, TypeError, "lr must be a real number"),
+    ("1e-3", TypeError, "lr must be a real number"),
+    (None, TypeError, "lr must be a real number"),
+    (1e-3j, TypeError, "lr must be a real number"),
+    ("np.bool_", TypeError, "lr must be a real number"),
+    ("np.array([1e-3])", TypeError, "lr must be a real number"),
+    ("np.float32('nan')", ValueError, "lr must be finite"),
+    ("np.float64('inf')", ValueError, "lr must be finite"),
+    ("np.float32(-1)", ValueError, "lr must be >= 0"),
+])
+@pytest.mark.parametrize("opt_name", ["AdamW", "AdamW8bit", "Lion"])
+def test_bad_hyperparameter_types(opt_name, value, exc, msg):
+    np = pytest.importorskip("numpy")
+    if isinstance(value, str) and value.startswith("np."):
+        value = np.bool_(True) if value == "np.bool_" else eval(value, {"np": np})
+    cls = getattr(thrifty.optim, opt_name)
+    with pytest.raises(exc, match=msg):
+        cls([torch.zeros(3, requires_grad=True)], lr=value)
+    p = torch.zeros(3, requires_grad=True)
+    opt = cls([p])
+    opt.param_groups[0]["lr"] = value  # set later (a scheduler, a user): refused at the step
+    p.grad = torch.ones(3)
+    with pytest.raises(exc, match=msg):
+        opt.step()
 
 
 @pytest.mark.parametrize("opt_name", ["AdamW", "AdamW8bit", "Lion"])

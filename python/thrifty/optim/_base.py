@@ -3,6 +3,7 @@ lr as a tensor, per-bucket dispatch, and a load_state_dict that keeps float32 st
 from __future__ import annotations
 
 import math
+import numbers
 from collections import defaultdict
 from itertools import chain
 
@@ -13,6 +14,22 @@ import thrifty.ops.optim  # noqa: F401  (fake registrations)
 _ops = torch.ops.thrifty
 
 
+def _real(name: str, value) -> float:
+    """``value`` as a float if it is a real number, as torch.optim takes it: int, float, numpy floating /
+    integer scalars (a LambdaLR returning np.float32 under NumPy 2 puts one into the group) and 0-d numpy
+    arrays; bool (and numpy bool), str, None, complex and the like raise TypeError."""
+    kind = getattr(getattr(value, "dtype", None), "kind", None)
+    if kind in ("f", "i", "u") and getattr(value, "ndim", None) == 0:  # a numpy scalar or 0-d array
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number (got {type(value).__name__})")
+    return float(value)
+
+
+def _plain(value) -> bool:
+    return type(value) in (float, int) or isinstance(value, torch.Tensor)
+
+
 def _check_finite(name: str, value, lo: float | None = None, hi: float | None = None, hi_open: bool = False) -> None:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
@@ -20,8 +37,7 @@ def _check_finite(name: str, value, lo: float | None = None, hi: float | None = 
         if value.device.type != "cpu":  # reading a device value would sync: checked by the kernel's caller instead
             return
         value = value.item()
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a float (got {type(value).__name__})")
+    value = _real(name, value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite (got {value})")
     if lo is not None and value < lo:
@@ -117,6 +133,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         # torch flags set on a group (a param-group dict, or param_groups edited later) are checked too
         _check_torch_flags(type(self).__name__, {k: v for k, v in group.items() if k in TORCH_FLAGS})
         self._validate_group(group)
+        # numpy scalars (checked above) become plain floats in the group: the kernels take floats, and a
+        # state_dict holding np.float32 would not load with torch.load(weights_only=True)
+        # (np.float64 subclasses float: the exact type is checked)
+        for k in ("lr", "eps", "weight_decay"):
+            if k in group and not _plain(group[k]):
+                group[k] = _real(k, group[k])
+        betas = group.get("betas")
+        if betas is not None and not all(_plain(b) for b in betas):
+            group["betas"] = tuple(b if _plain(b) else _real("betas", b) for b in betas)
 
     # ---- reporting ----
     @property
@@ -189,8 +214,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         devices = sorted({g.device for g in all_grads}, key=str)
         need_norm = self.max_grad_norm is not None or (self.skip_nonfinite and scaler_found is None)
         norm = None
+        by_dev = defaultdict(list)
         if need_norm and all_grads:
-            by_dev = defaultdict(list)
             for g in all_grads:
                 by_dev[g.device].append(g)
             norms = [_ops.multi_tensor_l2norm(by_dev[d]) for d in devices]
@@ -202,13 +227,16 @@ class FusedOptimizer(torch.optim.Optimizer):
                 norm = norm / grad_scale.to(norm.device, torch.float32)
         self.last_grad_norm = norm
         found0 = None
-        if norm is not None and (self.skip_nonfinite or self.max_grad_norm is not None):
-            found0 = (~torch.isfinite(norm)).float()
         if scaler_found is not None:
-            sf = torch.as_tensor(scaler_found).float().reshape(()).to(devices[0] if devices else "cpu")
-            found0 = sf if found0 is None else found0.to(sf.device) + sf
+            # GradScaler's found_inf comes from its own element-wise check of these same grads; an
+            # overflowed (inf) norm of finite grads clips to zero below instead of skipping
+            found0 = torch.as_tensor(scaler_found).float().reshape(()).to(devices[0] if devices else "cpu")
+        elif norm is not None and (self.skip_nonfinite or self.max_grad_norm is not None):
+            found0 = self._nonfinite_grads(norm, by_dev, devices)
         coef0 = None
         if self.max_grad_norm is not None and norm is not None:
+            # clip_grad_norm_'s coefficient; an inf norm of finite grads (float32 overflow) gives 0, as
+            # clip_grad_norm_ does with its own float32 norm: the step then runs on zeroed grads
             coef0 = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
         if grad_scale is not None:
             inv = grad_scale.to(torch.float32).reciprocal().reshape(())
@@ -218,6 +246,37 @@ class FusedOptimizer(torch.optim.Optimizer):
             per_dev[d] = (None if coef0 is None else coef0.to(d).reshape(()),
                           None if found0 is None else found0.to(d).reshape(()))
         return per_dev
+
+    @staticmethod
+    def _nonfinite_grads(norm: torch.Tensor, by_dev: dict, devices: list) -> torch.Tensor:
+        """1.0 if some grad element is inf/nan, else 0.0 (float32 scalar on norm's device). No host sync
+        on a GPU (where an overflowed norm counts as non-finite, see below).
+
+        A non-finite norm alone is no proof: the float32 sum of squares overflows past ~3.4e38 (grads of
+        ~1e18 and up) with every element finite, and torch.optim steps on such grads. A nan norm does mean
+        a nan element (sums of squares of finite values never make nan); an inf one takes the element-wise
+        look: max |g| per grad (torch._foreach_norm's inf-norm, which cannot overflow and keeps nan)."""
+        bad = ~torch.isfinite(norm)
+        if norm.device.type != "cpu":
+            # on a GPU, telling an overflowed norm from an inf element would take one more read of all the
+            # grads every step (branching on the norm would sync): there an inf norm skips the step, i.e.
+            # grads whose float32 sum of squares overflows (|g| ~1e18 and up) count as non-finite
+            return bad.float()
+        # a CPU value: reading it is free, so the extra pass over the grads runs only in the rare case
+        if not bool(bad) or bool(torch.isnan(norm)):
+            return bad.float()
+        # grouped by dtype: a mixed list would leave torch's multi-tensor path for a launch per tensor (an
+        # empty grad has no inf-norm)
+        groups = defaultdict(list)
+        for d in devices:
+            for g in by_dev[d]:
+                if g.numel():
+                    groups[(d, g.dtype)].append(g)
+        amax = [torch.stack(torch._foreach_norm(gs, float("inf"))).max().float().to(norm.device)
+                for gs in groups.values()]
+        if not amax:
+            return bad.float()
+        return (~torch.isfinite(torch.stack(amax).max())).float()
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -24,15 +24,20 @@ class AdamW(FusedOptimizer):
 
     Args:
         params: iterable of tensors or param-group dicts (float32, bfloat16 or float16).
-        lr: float or one-value tensor (a tensor is read on device: no sync, no recompilation).
+        lr: a real number (float, int, numpy scalar) or one-value tensor (a tensor is read on device: no
+            sync, no recompilation).
         betas, eps, weight_decay: as torch.optim.AdamW.
         master_weights: keep a float32 master copy of every bfloat16/float16 param; the step
             updates the master and writes the rounded value into the param in the same pass.
         max_grad_norm: clip the global L2 norm of all grads to this (clip_grad_norm_'s
             coefficient min(1, max_norm / (norm + 1e-6))), applied inside the step.
         skip_nonfinite: skip the whole step (params, moments and step counts untouched) when any
-            grad is inf/nan; reported by ``last_step_skipped`` / ``skipped_steps``. The check reuses
-            the clipping norm, else costs one read of the grads. Under torch.amp.GradScaler the
+            grad element is inf/nan; reported by ``last_step_skipped`` / ``skipped_steps``. The check reuses
+            the clipping norm, else costs one read of the grads. Finite grads whose float32 norm
+            overflows (|g| ~1e18 and up) step as in torch.optim on CPU (a max |g| pass, run only when the
+            norm is not finite, tells them from an inf/nan element); on CUDA, where that pass would cost a
+            read of the grads every step, they skip. Clipping an overflowed norm gives clip_grad_norm_'s
+            coefficient, 0. Under torch.amp.GradScaler the
             scaler's found_inf is used instead.
         amsgrad, maximize, foreach, fused, capturable, differentiable: torch.optim.AdamW's flags, for
             drop-in use. foreach / fused take any bool or None (they pick among torch's implementations of
