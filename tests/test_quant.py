@@ -784,6 +784,37 @@ def test_cli_gptq_via_transformers(tmp_path):
     assert (out / "tokenizer.json").exists()
 
 
+def test_cli_gptq_on_hf_dir_without_tokenizer(tmp_path, capsys):
+    # LlamaForCausalLM(cfg).save_pretrained(d) writes no tokenizer: GPTQ calibrates on seeded random
+    # token ids from the vocabulary and says so; a --calibration text file still needs a tokenizer
+    transformers = pytest.importorskip("transformers")
+    import argparse
+
+    from safetensors.torch import load_file
+
+    from thrifty.quant import cli
+    src = tmp_path / "m"
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(src))
+    assert not any((src / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    base = ["--bits", "4", "--group-size", "128", "--method", "gptq", "--calibration-tokens", "128", "--seq-len", "64"]
+    outs = []
+    for out in ("q", "q2"):
+        assert cli.main(p.parse_args([str(src), str(tmp_path / out), *base])) == 0
+        assert "random token ids" in capsys.readouterr().err
+        outs.append(load_file(str(tmp_path / out / "model.safetensors")))
+    layers = json.loads(thrifty.quant.model.read_metadata(str(tmp_path / "q" / "model.safetensors"))["layers"])
+    assert len(layers) == 7 and all(v["act_order"] and v["group_size"] == 128 for v in layers.values())
+    assert outs[0].keys() == outs[1].keys() and all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])  # seeded
+    (tmp_path / "cal.txt").write_text(cli.DEFAULT_CORPUS)
+    with pytest.raises(SystemExit, match="--calibration .* needs a tokenizer"):
+        cli.main(p.parse_args([str(src), str(tmp_path / "q3"), *base, "--calibration", str(tmp_path / "cal.txt")]))
+
+
 def test_perplexity_table_on_a_trained_micro_llama(tmp_path):
     """bench.quant.perplexity_rows end to end, small enough for the suite: trains a micro Llama on a slice
     of the default corpus, quantizes it per format and method, measures held-out perplexity."""

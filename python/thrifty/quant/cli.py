@@ -8,7 +8,8 @@ config), config.json with a "quantization_config" block, and the tokenizer files
 
 GPTQ needs calibration activations: the float model is run through thrifty.models.Llama (no transformers
 needed; transformers' AutoModelForCausalLM for other architectures, when installed) on text from
---calibration FILE or an embedded default corpus, tokenized with the directory's tokenizer.json.
+--calibration FILE or an embedded default corpus, tokenized with the directory's tokenizer.json. A directory
+without a tokenizer (and no --calibration FILE) calibrates on seeded random token ids from the vocabulary.
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--group-size", type=int, default=128, help="bits=4 group size (multiple of 32)")
     parser.add_argument("--method", default="rtn", choices=["rtn", "gptq"])
     parser.add_argument("--act-bits", type=int, default=16, choices=[16, 8], help="8: W8A8 (bits=8 only)")
-    parser.add_argument("--calibration", help="text file for GPTQ calibration (default: an embedded corpus)")
+    parser.add_argument("--calibration", help="text file for GPTQ calibration (default: an embedded corpus, or random "
+                        "token ids when MODEL_DIR has no tokenizer)")
     parser.add_argument("--calibration-tokens", type=int, default=4096)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--damp", type=float, default=0.01)
@@ -70,7 +72,8 @@ def quantizable(name: str, t) -> bool:
 
 def _calibration_ids(model_dir: Path, text: str):
     """Token ids of the calibration text: tokenizer.json through the `tokenizers` library (no transformers
-    needed), else transformers' AutoTokenizer (tokenizer.model and the like) when it is installed."""
+    needed), else transformers' AutoTokenizer (tokenizer.model and the like) when it is installed.
+    None when the directory has no tokenizer that can be loaded."""
     import torch
     if (model_dir / "tokenizer.json").is_file():
         try:
@@ -87,8 +90,15 @@ def _calibration_ids(model_dir: Path, text: str):
         if transformers is not None:
             tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
             return tok(text, return_tensors="pt")["input_ids"][0]
-    raise SystemExit(f"thrifty quantize: --method gptq needs a tokenizer in {model_dir} (tokenizer.json) to "
-                     "encode the calibration text")
+    return None
+
+
+def _random_ids(vocab_size: int, n: int):
+    """n token ids drawn uniformly from the vocabulary with a fixed seed: the usual GPTQ fallback when no
+    text can be encoded (the layer inputs still cover the model's embedding space, so the Hessians are
+    well conditioned; text from the model's domain calibrates better)."""
+    import torch
+    return torch.randint(0, vocab_size, (n,), generator=torch.Generator().manual_seed(0), dtype=torch.long)
 
 
 def _calibration_model(model_dir: Path):
@@ -124,14 +134,30 @@ def _calibration_hessians(model_dir: Path, names: list[str], args) -> dict:
     else:
         text = DEFAULT_CORPUS
     ids = _calibration_ids(model_dir, text)
-    if ids.numel() == 0:
+    if ids is None and args.calibration:  # the user's text cannot be used without a tokenizer: say so
+        raise SystemExit(f"thrifty quantize: --calibration {args.calibration} needs a tokenizer in {model_dir} "
+                         "(tokenizer.json, or tokenizer files transformers can load) to encode the text; "
+                         "leave --calibration out to calibrate on random token ids instead")
+    if ids is not None and ids.numel() == 0:
         raise SystemExit("thrifty quantize: the calibration text encodes to no tokens")
     model = _calibration_model(model_dir)
     max_pos = getattr(model.config, "max_position_embeddings", None) or args.seq_len
     seq_len = max(1, min(args.seq_len, max_pos))
+    n_tokens = max(seq_len, args.calibration_tokens // seq_len * seq_len)
+    if ids is None:
+        # no tokenizer and no text given (e.g. save_pretrained of a bare model): the embedded corpus
+        # cannot be encoded, so calibrate on seeded random ids from the vocabulary, as GPTQ tools do
+        vocab = getattr(model.config, "vocab_size", None)
+        if not vocab:
+            raise SystemExit(f"thrifty quantize: --method gptq found no tokenizer in {model_dir} and no "
+                             "vocab_size in its config to draw random calibration tokens from")
+        print(f"thrifty quantize: no usable tokenizer in {model_dir}: calibrating on {n_tokens} random token ids "
+              f"(seed 0) from the model's vocabulary of {vocab}; add the tokenizer files for text calibration",
+              file=sys.stderr, flush=True)
+        ids = _random_ids(int(vocab), n_tokens)
     while ids.numel() < args.calibration_tokens:
         ids = torch.cat([ids, ids])
-    ids = ids[: max(seq_len, args.calibration_tokens // seq_len * seq_len)]
+    ids = ids[:n_tokens]
     batches = [ids[i:i + seq_len][None] for i in range(0, ids.numel(), seq_len)]
     mods = [n[: -len(".weight")] for n in names]
     have = dict(model.named_modules())
