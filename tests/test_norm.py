@@ -149,6 +149,44 @@ def test_strided_inputs(device):
     torch.testing.assert_close(thrifty.ops.rms_norm(x3, w), ref_rms_norm(x3, w, 1e-6).float())
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("kind", ["step2", "expanded"])
+def test_strided_weight_forward_and_backward(fused, kind):
+    # a non-contiguous weight (every other value of a longer vector, or one value broadcast): right
+    # answer, and the weight grad reaches the strided view (the expanded one sums into its base)
+    hidden = 769
+    if kind == "step2":
+        base = torch.randn(2 * hidden, dtype=torch.float64).float().requires_grad_()
+        w = base[::2]
+    else:
+        base = torch.randn(1).requires_grad_()
+        w = base.expand(hidden)
+    x = torch.randn(5, hidden, requires_grad=True)
+    r = torch.randn(5, hidden, requires_grad=True)
+    gy, gh = torch.randn(5, hidden), torch.randn(5, hidden)
+    if fused:
+        y, h = thrifty.ops.rms_norm(x, w, 1e-6, residual=r)
+        (y * gy).sum().add_((h * gh).sum()).backward()
+    else:
+        y = thrifty.ops.rms_norm(x, w, 1e-6)
+        (y * gy).sum().backward()
+    got = [y, x.grad, base.grad]
+
+    def run_ref(cast):
+        xs, rs, bs = [t.detach().to(cast).requires_grad_() for t in (x, r, base)]
+        ws = bs[::2] if kind == "step2" else bs.expand(hidden)
+        hh = xs + rs if fused else xs
+        yy = ref_rms_norm(hh, ws, 1e-6) if cast == torch.float64 else F.rms_norm(hh, (hidden,), ws, 1e-6)
+        loss = (yy * gy.to(cast)).sum() + ((hh * gh.to(cast)).sum() if fused else 0)
+        loss.backward()
+        return [yy.detach(), xs.grad, bs.grad]
+
+    for g, ref, low, name in zip(got, run_ref(torch.float64), run_ref(torch.float32), ["y", "grad_x", "grad_weight"]):
+        assert_close_to_ref(g, ref, low, factor=2.0, atol=1e-4 * (5 if name == "grad_weight" else 1), name=name)
+    if fused:
+        torch.testing.assert_close(r.grad, x.grad, rtol=0, atol=0)
+
+
 def test_empty_and_nonfinite():
     assert thrifty.ops.rms_norm(torch.empty(0, 64), torch.ones(64)).shape == (0, 64)
     x = torch.randn(2, 64)

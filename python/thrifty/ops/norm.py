@@ -35,6 +35,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
     Returns:
         y (..., hidden) in x's dtype, or (y, h) with ``residual``.
     """
+    # the kernels read weight as one dense vector: a strided one (w[::2], an expanded view) is copied
+    # here, a hidden-size copy; autograd carries grad_weight back through the copy to the strided view
+    if isinstance(weight, torch.Tensor) and not weight.is_contiguous():
+        weight = weight.contiguous()
     if residual is None:
         y, _ = _ops.rms_norm(x, weight, eps)
         return y
