@@ -215,6 +215,22 @@ THRIFTY_INLINE void store_row(const float* x, float scale, int D, T* y) {
 // propagates (the clamp returns its second operand on NaN). About 13 vector ops instead of
 // ~30 for the general exp of cpu/vec.h.
 #if defined(THRIFTY_AVX512)
+// 2^x for softmax arguments already in base 2 (x <= ~0; the bf16 forward folds log2(e) into the score
+// scale): n = round(x), f = x - n exact, 2^f by the polynomial above composed with f ln2 (coefficients
+// c_k ln2^k, relative error ~2e-7), 2^n applied by VSCALEFPS. x is clamped below at -200 (2^-200 is 0;
+// exp2(-inf) must not become -inf - -inf = NaN); NaN propagates. 9 vector ops against exp_sm's 12 (no
+// exponent-bit assembly, no two-part ln2 reduction).
+THRIFTY_INLINE Vec exp2_sm(Vec x) {
+  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-200.0f), x.v);
+  const __m512 n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(xc, n);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.3298733392730355e-3f), f, _mm512_set1_ps(9.671743027865887e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550572648644447e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402225285768509e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471824645996e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
 THRIFTY_INLINE Vec exp_sm(Vec x) {
   const __m512 magic = _mm512_set1_ps(12582912.0f);
   const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-88.0f), x.v);
@@ -1050,6 +1066,18 @@ THRIFTY_INLINE __m512i row_pairs_bf16(__m512 a, __m512 b) {
   return pair_words(ai, bi);
 }
 
+// Lane i of the result = the pair (a[i], b[i]) rounded to bf16, a in the low half: the same words as
+// row_pairs_bf16 in two instructions (VCVTNE2PS2BF16 puts a's 16 values in words 0-15 and b's in 16-31,
+// VPERMW interleaves them) instead of six.
+THRIFTY_INLINE __m512i interleave_bf16(__m512 a, __m512 b) {
+  alignas(64) static constexpr uint16_t kIdx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  __m512bh ab = _mm512_cvtne2ps_pbh(b, a);
+  __m512i w;
+  std::memcpy(&w, &ab, sizeof(w));
+  return _mm512_permutexvar_epi16(_mm512_load_si512(kIdx), w);
+}
+
 // Rows r < n of a tile as pairs along head_dim: pair i of row r, (x_r[2i], x_r[2i+1]), the odd head_dim's
 // last pair completed with 0, goes to dst[r * rs + i * is]; rows n <= r < n_pad are zero.
 //   rows of pairs (A operands):         rs = D2, is = 1  (pack_q_pairs)
@@ -1112,6 +1140,8 @@ void fwd_bf16_dot(const AttentionParams& p) {
   // not positive needs the scaled scores first.
   const bool prescale = cap > 0.0f || !(p.softmax_scale > 0.0f);
   const Vec vsc = Vec::set1(prescale ? 1.0f : p.softmax_scale), vpre = Vec::set1(p.softmax_scale);
+  constexpr float kLog2e = 1.44269504088896341f;
+  const Vec vlog2e = Vec::set1(kLog2e), vsc2 = Vec::set1((prescale ? 1.0f : p.softmax_scale) * kLog2e);
 
   // K rows and V2 of the (batch, kv_head) at hand, kept per thread as in fwd() when they fit.
   const int64_t sk_cap = round_up(p.seqlen_k, BK);
@@ -1184,20 +1214,26 @@ void fwd_bf16_dot(const AttentionParams& p) {
                               attention_tile_unmasked(i0, i0 + mq, j0, j0 + kn, sq.sq, sq.sk, wl, wr);
         if (!unmasked) mask_scores_t(st, FBQ, mq, i0, j0, kn, sq, wl, wr);
         // As fwd(): m starts at -FLT_MAX, so a row with nothing visible yet gets P = 0 and alpha = 0.
+        // m stays in natural units (lse = m + log l); the exponents are taken in base 2, log2(e) folded
+        // into the score scale: P = 2^(s vsc log2e - m log2e), one FMA per score before exp2_sm.
         for (int ib = 0; ib < nq; ib += W) {
-          Vec vm = Vec::load(m + ib);
-          const Vec mold = vm;
-          for (int j = 0; j < kn; ++j) vm = max(vm, Vec::load(st + j * FBQ + ib) * vsc);
+          const Vec mold = Vec::load(m + ib);
+          Vec raw = Vec::set1(kNegInf);
+          for (int j = 0; j < kn; ++j) raw = max(raw, Vec::load(st + j * FBQ + ib));
+          const Vec vm = max(mold, raw * vsc);  // vsc > 0: max(s) vsc = max(s vsc), one product per column
           vm.store(m + ib);
-          exp_sm(mold - vm).store(alpha + ib);
-          const Vec nvm = Vec::zero() - vm;
+          exp2_sm((mold - vm) * vlog2e).store(alpha + ib);
+          // -m log2e, capped at FLT_MAX: m = -FLT_MAX (nothing visible yet) would give +inf and -inf + inf = NaN
+          // for the masked scores, which must give 2^-inf = 0.
+          // (min returns its second operand on NaN: a NaN m stays NaN, as before.)
+          const Vec nvm2 = min(Vec::set1(std::numeric_limits<float>::max()), Vec::zero() - vm * vlog2e);
           Vec s0 = Vec::zero(), s1 = Vec::zero();
           for (int j = 0; j < kn; j += 2) {  // keys 2jp, 2jp + 1 -> one bf16 pair per query
-            const Vec e0 = exp_sm(fma(Vec::load(st + j * FBQ + ib), vsc, nvm));
-            const Vec e1 = j + 1 < kn ? exp_sm(fma(Vec::load(st + (j + 1) * FBQ + ib), vsc, nvm)) : Vec::zero();
+            const Vec e0 = exp2_sm(fma(Vec::load(st + j * FBQ + ib), vsc2, nvm2));
+            const Vec e1 = j + 1 < kn ? exp2_sm(fma(Vec::load(st + (j + 1) * FBQ + ib), vsc2, nvm2)) : Vec::zero();
             s0 = s0 + e0;
             s1 = s1 + e1;
-            _mm512_storeu_si512(p2t + (j / 2) * FBQ + ib, row_pairs_bf16(e0.v, e1.v));
+            _mm512_storeu_si512(p2t + (j / 2) * FBQ + ib, interleave_bf16(e0.v, e1.v));
           }
           fma(Vec::load(l + ib), Vec::load(alpha + ib), s0 + s1).store(l + ib);
         }
