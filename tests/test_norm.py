@@ -84,6 +84,17 @@ def test_backward_float32_weight_with_low_precision_x(cpu_isa, dtype, shape, dev
     torch.testing.assert_close(w.grad.double(), wd.grad, rtol=1e-4, atol=1e-4 * shape[0])
 
 
+def rms_norm_backward(x, w, r, gy, gh, fused):
+    """thrifty.ops.rms_norm forward and backward with output grads gy (and gh for h = x + r when fused); returns y."""
+    if fused:
+        y, h = thrifty.ops.rms_norm(x, w, 1e-6, residual=r)
+        (y * gy).sum().add_((h * gh).sum()).backward()
+    else:
+        y = thrifty.ops.rms_norm(x, w, 1e-6)
+        (y * gy).sum().backward()
+    return y
+
+
 # Rows wide enough for each CUDA backward variant: 1, 2 and 4 vectors per thread in registers (64..8192),
 # shared-memory partial sums beyond (8256) and for unaligned widths (769).
 @pytest.mark.parametrize("shape", [(3, 769), (2, 5, 1000), (300, 64), (9, 2056), (37, 4096), (5, 8192), (3, 8256)])
@@ -95,12 +106,7 @@ def test_backward(cpu_isa, shape, dtype, fused, device):
     w = torch.randn(shape[-1], dtype=dtype, device=device, requires_grad=True)
     gy = torch.randn(shape, dtype=dtype, device=device)
     gh = torch.randn(shape, dtype=dtype, device=device)
-    if fused:
-        y, h = thrifty.ops.rms_norm(x, w, 1e-6, residual=r)
-        (y * gy).sum().add_((h * gh).sum()).backward()
-    else:
-        y = thrifty.ops.rms_norm(x, w, 1e-6)
-        (y * gy).sum().backward()
+    rms_norm_backward(x, w, r, gy, gh, fused)
     grads = [x.grad, w.grad] + ([r.grad] if fused else [])
 
     def run_ref(cast):
@@ -164,12 +170,7 @@ def test_strided_weight_forward_and_backward(fused, kind):
     x = torch.randn(5, hidden, requires_grad=True)
     r = torch.randn(5, hidden, requires_grad=True)
     gy, gh = torch.randn(5, hidden), torch.randn(5, hidden)
-    if fused:
-        y, h = thrifty.ops.rms_norm(x, w, 1e-6, residual=r)
-        (y * gy).sum().add_((h * gh).sum()).backward()
-    else:
-        y = thrifty.ops.rms_norm(x, w, 1e-6)
-        (y * gy).sum().backward()
+    y = rms_norm_backward(x, w, r, gy, gh, fused)
     got = [y, x.grad, base.grad]
 
     def run_ref(cast):

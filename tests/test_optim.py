@@ -36,6 +36,20 @@ def clones(params, dtype):
     return [p.detach().clone().to(dtype).requires_grad_() for p in params]
 
 
+def step_in_lockstep(a, params, b, params2, steps, each_step=None):
+    """Steps optimizers a (over params) and b (over params2) on the same grads; the params must stay equal."""
+    for s in range(steps):
+        gs = random_grads(params, s)
+        set_grads(params, gs)
+        set_grads(params2, gs)
+        a.step()
+        b.step()
+        if each_step is not None:
+            each_step()
+    for p, q in zip(params, params2):
+        assert torch.equal(p, q)
+
+
 def check_against(out, ref64, lowp, factor=2.0, atol=1e-6, name="param"):
     for i, (o, r, l) in enumerate(zip(out, ref64, lowp)):
         err = max_err(o, r)
@@ -740,14 +754,7 @@ def test_numpy_hyperparameters_are_accepted(opt_name):
     a, b = cls(params, **kw), cls(params2, **plain)
     a.add_param_group({"params": [torch.nn.Parameter(torch.ones(3))], "lr": np.int64(1)})
     b.add_param_group({"params": [torch.nn.Parameter(torch.ones(3))], "lr": 1})
-    for s in range(2):
-        gs = random_grads(params, s)
-        set_grads(params, gs)
-        set_grads(params2, gs)
-        a.step()
-        b.step()
-    for p, q in zip(params, params2):
-        assert torch.equal(p, q)
+    step_in_lockstep(a, params, b, params2, 2)
     for group in a.param_groups:
         for k in ("lr", "eps", "weight_decay"):
             assert k not in group or type(group[k]) in (float, int), (k, type(group[k]))
@@ -768,16 +775,7 @@ def test_lambda_lr_returning_a_numpy_float(opt_name):
     a, b = cls(params, lr=1e-2), cls(params2, lr=1e-2)
     sa = torch.optim.lr_scheduler.LambdaLR(a, lambda s: np.float32(0.5 ** s))
     sb = torch.optim.lr_scheduler.LambdaLR(b, lambda s: 0.5 ** s)
-    for s in range(3):
-        gs = random_grads(params, s)
-        set_grads(params, gs)
-        set_grads(params2, gs)
-        a.step()
-        b.step()
-        sa.step()
-        sb.step()
-    for p, q in zip(params, params2):
-        assert torch.equal(p, q)
+    step_in_lockstep(a, params, b, params2, 3, each_step=lambda: (sa.step(), sb.step()))
 
 
 @pytest.mark.parametrize("value,exc,msg", [
@@ -831,14 +829,7 @@ def test_torch_flags_at_their_defaults_are_accepted(opt_name):
     params = make_params([5000, 7], "cpu")
     params2 = clones(params, torch.float32)
     a, b = cls(params, lr=1e-2, **flags), cls(params2, lr=1e-2)
-    for s in range(2):
-        gs = random_grads(params, s)
-        set_grads(params, gs)
-        set_grads(params2, gs)
-        a.step()
-        b.step()
-    for p, q in zip(params, params2):
-        assert torch.equal(p, q)
+    step_in_lockstep(a, params, b, params2, 2)
     # not stored: the state dict is the one the optimizer had without them
     assert a.state_dict()["param_groups"] == b.state_dict()["param_groups"]
     assert not set(TORCH_DEFAULT_FLAGS) & set(a.param_groups[0])
