@@ -215,6 +215,21 @@ THRIFTY_INLINE void store_row(const float* x, float scale, int D, T* y) {
 // propagates (the clamp returns its second operand on NaN). About 13 vector ops instead of
 // ~30 for the general exp of cpu/vec.h.
 #if defined(THRIFTY_AVX512)
+THRIFTY_INLINE Vec exp_sm(Vec x) {
+  const __m512 magic = _mm512_set1_ps(12582912.0f);
+  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-88.0f), x.v);
+  const __m512 t = _mm512_fmadd_ps(xc, _mm512_set1_ps(1.44269504088896341f), magic);
+  const __m512 n = _mm512_sub_ps(t, magic);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(8.31156857e-3f), r, _mm512_set1_ps(4.18989286e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.66671529e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.99991715e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_add_epi32(_mm512_slli_epi32(_mm512_castps_si512(t), 23), _mm512_set1_epi32(127 << 23));
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
 // 2^x for softmax arguments already in base 2 (x <= ~0; the bf16 forward folds log2(e) into the score
 // scale): n = round(x), f = x - n exact, 2^f by the polynomial above composed with f ln2 (coefficients
 // c_k ln2^k, relative error ~2e-7), 2^n applied by VSCALEFPS. x is clamped below at -200 (2^-200 is 0;
@@ -230,21 +245,6 @@ THRIFTY_INLINE Vec exp2_sm(Vec x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471824645996e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
-}
-THRIFTY_INLINE Vec exp_sm(Vec x) {
-  const __m512 magic = _mm512_set1_ps(12582912.0f);
-  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-88.0f), x.v);
-  const __m512 t = _mm512_fmadd_ps(xc, _mm512_set1_ps(1.44269504088896341f), magic);
-  const __m512 n = _mm512_sub_ps(t, magic);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(8.31156857e-3f), r, _mm512_set1_ps(4.18989286e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.66671529e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.99991715e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  const __m512i e = _mm512_add_epi32(_mm512_slli_epi32(_mm512_castps_si512(t), 23), _mm512_set1_epi32(127 << 23));
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 #elif defined(__AVX2__)
 THRIFTY_INLINE Vec exp_sm(Vec x) {
@@ -1057,18 +1057,9 @@ THRIFTY_INLINE __m512i pair_words(__m256i lo, __m256i hi) {
   return _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
 }
 
-// pair_words of 16 float lanes of two rows, each rounded to bf16.
-THRIFTY_INLINE __m512i row_pairs_bf16(__m512 a, __m512 b) {
-  __m256bh ah = _mm512_cvtneps_pbh(a), bh = _mm512_cvtneps_pbh(b);
-  __m256i ai, bi;
-  std::memcpy(&ai, &ah, sizeof(ai));
-  std::memcpy(&bi, &bh, sizeof(bi));
-  return pair_words(ai, bi);
-}
-
-// Lane i of the result = the pair (a[i], b[i]) rounded to bf16, a in the low half: the same words as
-// row_pairs_bf16 in two instructions (VCVTNE2PS2BF16 puts a's 16 values in words 0-15 and b's in 16-31,
-// VPERMW interleaves them) instead of six.
+// Lane i of the result = the pair (a[i], b[i]) rounded to bf16 (RNE), a in the low half: pair_words of two
+// rows of 16 floats in two instructions (VCVTNE2PS2BF16 puts a's 16 values in words 0-15 and b's in 16-31,
+// VPERMW interleaves them) instead of six (two conversions, two widenings, a shift, an or).
 THRIFTY_INLINE __m512i interleave_bf16(__m512 a, __m512 b) {
   alignas(64) static constexpr uint16_t kIdx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                                     8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
@@ -1401,8 +1392,8 @@ void bwd_bf16_dot(const AttentionBwdParams& p) {
               const int64_t o0 = static_cast<int64_t>(r0) * BK + v * W, o1 = o0 + BK;
               const __m512 p0 = _mm512_loadu_ps(s + o0), p1 = has1 ? _mm512_loadu_ps(s + o1) : _mm512_setzero_ps();
               const __m512 d0 = _mm512_loadu_ps(dp + o0), d1 = has1 ? _mm512_loadu_ps(dp + o1) : _mm512_setzero_ps();
-              _mm512_storeu_si512(p2 + static_cast<int64_t>(rp) * BK + v * W, row_pairs_bf16(p0, p1));
-              _mm512_storeu_si512(ds2 + static_cast<int64_t>(rp) * BK + v * W, row_pairs_bf16(d0, d1));
+              _mm512_storeu_si512(p2 + static_cast<int64_t>(rp) * BK + v * W, interleave_bf16(p0, p1));
+              _mm512_storeu_si512(ds2 + static_cast<int64_t>(rp) * BK + v * W, interleave_bf16(d0, d1));
             }
           }
           gemm_dp<1>(kn, NV, mp, p2, 1, BK, gr, Dp, dv_acc, Dp);                  // dV += P^T dO
