@@ -18,7 +18,8 @@ import numpy as np
 from thrifty.data import tokenizer as tokmod
 from thrifty.data.packing import PackedDataset, pack_documents
 from thrifty.data.preprocess import FilterConfig, preprocess
-from thrifty.data.sources import DataError, default_corpus_files, list_files, load_default_corpus, load_documents
+from thrifty.data.sources import (DataError, default_corpus_files, list_files, load_default_corpus, load_documents,
+                                  replace_text)
 
 log = logging.getLogger("thrifty.data")
 CACHE_VERSION = 1
@@ -130,9 +131,7 @@ def prepare_data(data: str | os.PathLike | None, cache_dir: str | os.PathLike, s
     tmp = ddir / ".streams.tmp.npz"
     np.savez(tmp, train=tr_stream, train_starts=tr_starts, val=va_stream, val_starts=va_starts)
     os.replace(tmp, ddir / "streams.npz")
-    tmpm = ddir / ".meta.json.tmp"
-    tmpm.write_text(json.dumps({"fingerprint": fp, "stats": stats, "source": src_desc}, indent=1))
-    os.replace(tmpm, meta_path)
+    replace_text(meta_path, json.dumps({"fingerprint": fp, "stats": stats, "source": src_desc}, indent=1))
     return DataBundle(tok, PackedDataset(tr_stream, tr_starts, seq_len), _val_dataset(va_stream, va_starts, seq_len),
                       stats, cache_dir / "tokenizer.json")
 

@@ -14,6 +14,15 @@ from pathlib import Path
 from typing import Iterator
 
 
+def replace_text(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temp file and a rename: readers never see half a file, and an
+    existing file is replaced, never rewritten in place (a failed training start restores RUN_DIR from hard
+    links of what was there). The temp name matches the trainer's stale-temp sweep (``.tmp-*``)."""
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 class DataError(ValueError):
     """Bad or unusable training data (missing path, empty corpus, unreadable format)."""
 

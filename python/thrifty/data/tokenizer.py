@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from thrifty.data.sources import replace_text
+
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 _EOS_CANDIDATES = (EOS_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>", "<|eot_id|>")
@@ -51,11 +53,7 @@ def save_tokenizer(tok, directory: str | os.PathLike) -> Path:
         cfg.update(eos_token=eos, bos_token=eos)
     if tok.token_to_id(PAD_TOKEN) is not None:
         cfg["pad_token"] = PAD_TOKEN
-    # temp + rename like tokenizer.json: a new file, never the old one rewritten in place (a failed
-    # training start restores RUN_DIR from hard links of what was there)
-    tmpc = d / ".tokenizer_config.json.tmp"
-    tmpc.write_text(json.dumps(cfg, indent=1))
-    os.replace(tmpc, d / "tokenizer_config.json")
+    replace_text(d / "tokenizer_config.json", json.dumps(cfg, indent=1))  # temp + rename, like tokenizer.json
     return path
 
 

@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 
 from thrifty.data import IGNORE_INDEX, DataError, ResumableSampler, prepare_data
 from thrifty.data import tokenizer as tokmod
+from thrifty.data.sources import replace_text
 from thrifty.train import _compat, lora as loramod
 
 
@@ -260,12 +261,6 @@ class _RunDirSnapshot:
 
     def discard(self) -> None:
         shutil.rmtree(self.keep, ignore_errors=True)
-
-
-def _write_replace(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _rank_info():
@@ -942,12 +937,12 @@ class Trainer:
             rd.mkdir(parents=True, exist_ok=True)
             self._remove_stale_temps()
             # temp + rename, never in place: a failure before the first checkpoint restores the old files
-            _write_replace(rd / "train_config.json", json.dumps(asdict(c), indent=1, default=str))
+            replace_text(rd / "train_config.json", json.dumps(asdict(c), indent=1, default=str))
         metrics_path = rd / "metrics.jsonl"
         if self.is_main:
             lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
             keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= self.step] if c.resume else []
-            _write_replace(metrics_path, "".join(ln + "\n" for ln in keep))
+            replace_text(metrics_path, "".join(ln + "\n" for ln in keep))
         self._consecutive_nan = 0
         eval_every = c.eval_every or max(1, (c.steps or 500) // 10)
         mc = self.model_config
