@@ -271,10 +271,11 @@ def test_nonfinite_grad_among_large_ones_still_skips(device, opt_name, bad):
     assert all(torch.equal(b, p.detach()) for b, p in zip(before, params))
 
 
-def test_clipping_with_an_overflowed_norm_matches_clip_grad_norm(device):
+def test_clipping_with_an_overflowed_norm_matches_clip_grad_norm():
     # torch.nn.utils.clip_grad_norm_ also sums float32 squares: its norm is inf there, its clip coefficient
-    # max_norm / (inf + 1e-6) = 0, and AdamW then steps on zeroed grads (moments decay, step counts on)
-    params = make_params([5000, 7], device)
+    # max_norm / (inf + 1e-6) = 0, and AdamW then steps on zeroed grads (moments decay, step counts on).
+    # CPU only: on CUDA an overflowed norm skips the step (documented; next test)
+    params = make_params([5000, 7], torch.device("cpu"))
     ref_ps = clones(params, torch.float32)
     kw = dict(lr=1e-2, weight_decay=0.1)
     ours, ref = thrifty.optim.AdamW(params, max_grad_norm=1.0, **kw), torch.optim.AdamW(ref_ps, foreach=False, **kw)
@@ -289,6 +290,21 @@ def test_clipping_with_an_overflowed_norm_matches_clip_grad_norm(device):
         assert torch.isinf(ours.last_grad_norm) == torch.isinf(torch_norm) == (s in (1, 2))
     for p, q in zip(params, ref_ps):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_overflowed_norm_skips_the_step_on_cuda():
+    # documented (thrifty.optim.AdamW, skip_nonfinite): telling an overflowed float32 norm of finite grads
+    # from an inf element would take another read of every grad per step on a GPU, so the step is skipped
+    params = make_params([5000, 7], torch.device("cuda"))
+    opt = thrifty.optim.AdamW(params, lr=1e-2, max_grad_norm=1.0)
+    set_grads(params, random_grads(params, 20))
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    set_grads(params, random_grads(params, 21, scale=2.0**60))
+    opt.step()
+    assert opt.last_step_skipped and opt.skipped_steps == 1 and torch.isinf(opt.last_grad_norm)
+    assert all(torch.equal(b, p.detach()) for b, p in zip(before, params))
 
 
 def test_grad_scaler(device):
