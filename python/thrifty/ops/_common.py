@@ -17,6 +17,24 @@ def _tensors_of(value):
                 yield v
 
 
+_BelowAutograd = torch._C._AutoDispatchBelowAutograd
+
+
+def call_op(op: Callable, *args):
+    """``op(*args)`` for an op whose autograd is registered in Python (torch.library.register_autograd).
+
+    That autograd kernel runs on every call, also when nothing needs a gradient (inference, no_grad,
+    frozen weights), and costs about as much as the dispatch of the op itself: ~7 us of Python per call,
+    more than a decode-sized GPU kernel runs. When grad mode is off or no tensor argument requires grad,
+    there is no graph to record, so the call goes straight below the autograd keys (what that kernel
+    would do after its check). Under torch.compile the plain call is traced."""
+    if torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+        return op(*args)
+    with _BelowAutograd():
+        return op(*args)
+
+
 def register_fake(opname: str) -> Callable:
     """torch.library.register_fake, plus a device check the dispatcher does not make: an op called
     with a "meta" tensor among real ones is dispatched to the Meta key, i.e. to this fake, which

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from thrifty.ops._common import register_fake, register_no_double_backward
+from thrifty.ops._common import call_op, register_fake, register_no_double_backward
 
 _ops = torch.ops.thrifty
 
@@ -29,7 +29,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     Returns:
         (..., n) contiguous, the dtype of gate.
     """
-    return _ops.swiglu(gate, up)
+    return call_op(_ops.swiglu, gate, up)
 
 
 @register_fake("thrifty::swiglu")

@@ -36,7 +36,7 @@ import numbers
 
 import torch
 
-from thrifty.ops._common import register_fake, register_no_double_backward
+from thrifty.ops._common import call_op, register_fake, register_no_double_backward
 
 _ops = torch.ops.thrifty
 
@@ -86,9 +86,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         out like q (contiguous), or (out, lse).
     """
     wl, wr = _window(window)
-    out, lse = _ops.flash_attention_fwd(q, k, v, None, None, q.shape[1] if q.dim() == 4 else 0,
-                                        k.shape[1] if k.dim() == 4 else 0, _scale(q, softmax_scale), bool(causal),
-                                        wl, wr, float(softcap))
+    out, lse = call_op(_ops.flash_attention_fwd, q, k, v, None, None, q.shape[1] if q.dim() == 4 else 0,
+                       k.shape[1] if k.dim() == 4 else 0, _scale(q, softmax_scale), bool(causal), wl, wr,
+                       float(softcap))
     return (out, lse) if return_lse else out
 
 
@@ -111,8 +111,8 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         Rows of q past cu_seqlens_q[-1] get out 0, lse -inf.
     """
     wl, wr = _window(window)
-    out, lse = _ops.flash_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                                        _scale(q, softmax_scale), bool(causal), wl, wr, float(softcap))
+    out, lse = call_op(_ops.flash_attention_fwd, q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                       int(max_seqlen_k), _scale(q, softmax_scale), bool(causal), wl, wr, float(softcap))
     return (out, lse) if return_lse else out
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from thrifty.ops._common import register_fake
+from thrifty.ops._common import call_op, register_fake
 
 _ops = torch.ops.thrifty
 
@@ -31,7 +31,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     Returns:
         (..., N) in x's dtype, contiguous.
     """
-    return _ops.linear(x, weight, bias)
+    return call_op(_ops.linear, x, weight, bias)
 
 
 @register_fake("thrifty::linear")

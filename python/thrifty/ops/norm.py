@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from thrifty.ops._common import register_fake, register_no_double_backward
+from thrifty.ops._common import call_op, register_fake, register_no_double_backward
 
 _ops = torch.ops.thrifty
 
@@ -40,9 +40,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
     if isinstance(weight, torch.Tensor) and not weight.is_contiguous():
         weight = weight.contiguous()
     if residual is None:
-        y, _ = _ops.rms_norm(x, weight, eps)
+        y, _ = call_op(_ops.rms_norm, x, weight, eps)
         return y
-    y, h, _ = _ops.fused_add_rms_norm(x, residual, weight, eps)
+    y, h, _ = call_op(_ops.fused_add_rms_norm, x, residual, weight, eps)
     return y, h
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from thrifty.ops._common import register_fake
+from thrifty.ops._common import call_op, register_fake
 
 _ops = torch.ops.thrifty
 
@@ -78,7 +78,7 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     how = "" if k is None else f"qweight {tuple(qweight.shape)}: " + (
         "two 4-bit weights per byte, K = 2 * qweight.shape[1]" if bits == 4 else "(N, K)")
     _check_x(op, "x", x, k, how)
-    return _ops.quant_linear(x, qweight, scales, zeros, bits, group_size, bias)
+    return call_op(_ops.quant_linear, x, qweight, scales, zeros, bits, group_size, bias)
 
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None, *, bits: int,

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from thrifty.ops._common import register_fake, register_no_double_backward
+from thrifty.ops._common import call_op, register_fake, register_no_double_backward
 
 _ops = torch.ops.thrifty
 
@@ -49,7 +49,7 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, 
     if cos_sin_cache.requires_grad and torch.is_grad_enabled():
         raise ValueError("thrifty.rotary_embedding: argument 'cos_sin_cache' must not require grad "
                          "(no gradient flows to the cache; pass cos_sin_cache.detach())")
-    return _ops.rotary_embedding(q, k, positions, cos_sin_cache, interleaved)
+    return call_op(_ops.rotary_embedding, q, k, positions, cos_sin_cache, interleaved)
 
 
 _ROPE_TYPES = ("default", "linear", "llama3")
