@@ -81,6 +81,27 @@ def timeit(fn: Callable[[], object], device: torch.device | str = "cpu", *, warm
     return statistics.median(times)
 
 
+def timeit_graphed(fn: Callable[[], object], device: torch.device | str, *, calls: int = 20) -> float:
+    """Median seconds per call of ``fn`` on a GPU with the host's launch cost taken out: ``calls`` calls
+    captured back to back in one CUDA graph, the graph replayed (how serving engines run decode steps).
+    Small decode kernels run for less time than the Python and dispatcher work that launches them
+    eagerly, so eager timing measures the host there; this measures the kernels."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        raise ValueError(f"timeit_graphed: CUDA graphs need a cuda device, got {dev}")
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):  # warm-up off the capture (lazy inits, allocator pools)
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return timeit(graph.replay, dev) / calls
+
+
 def measure_copy_bandwidth(device: torch.device | str = "cpu", nbytes: int = 512 * 2**20) -> float:
     """Bytes/s of a large tensor copy (bytes read + bytes written), far larger than any cache."""
     dev = torch.device(device)
@@ -154,15 +175,21 @@ class Bench:
 
     def case(self, *, op: str, shape: str, dtype: str | torch.dtype, thrifty: Callable[[], object],
              torch_fn: Callable[[], object] | None = None, bytes: float | None = None,
-             flops: float | None = None, baseline: str = "torch", **extra) -> Case:
+             flops: float | None = None, baseline: str = "torch", graphed: bool = False, **extra) -> Case:
         """Times ``thrifty`` and ``torch_fn`` (same process, same inputs) and records a row.
 
         ``bytes``: the fewest bytes the op must move (each input read once, each output
         written once): gives GB/s and % of copy bandwidth. ``flops``: gives TFLOP/s and %
-        of the matmul rate. Give whichever bounds the op.
+        of the matmul rate. Give whichever bounds the op. ``graphed`` (CUDA only): both
+        sides timed inside CUDA graphs (:func:`timeit_graphed`), recorded as extra["graphed"].
         """
-        t = timeit(thrifty, self.device)
-        tt = timeit(torch_fn, self.device) if torch_fn is not None else None
+        if graphed:
+            t = timeit_graphed(thrifty, self.device)
+            tt = timeit_graphed(torch_fn, self.device) if torch_fn is not None else None
+            extra["graphed"] = True
+        else:
+            t = timeit(thrifty, self.device)
+            tt = timeit(torch_fn, self.device) if torch_fn is not None else None
         c = Case(op=op, shape=shape, dtype=str(dtype).replace("torch.", ""), thrifty_s=t, torch_s=tt,
                  speedup=(tt / t) if tt else None, bytes=bytes, flops=flops, baseline=baseline, extra=extra)
         if bytes:

@@ -4,7 +4,8 @@ machine's read bandwidth measured in the same run.
 
 CPU weights (K=4096, N=14336) and (K=14336, N=4096) do not fit the L3; M = 1, 8, 64, 256.
 GPU: K=N=8192, W4A16 and W8A8 at M = 1, 4, 8, 16, 32, 256 (W8A16 up to 32) against cuBLAS bf16; for M <= 32
-also with the decode tensor-core kernels switched off (set_cuda_quant_mma), the paths they replaced.
+also inside CUDA graphs (the kernels without the host's launch cost) with the decode tensor-core kernels
+on and switched off (set_cuda_quant_mma), the paths they replaced.
 """
 from __future__ import annotations
 
@@ -106,23 +107,36 @@ def _run_gpu(b: Bench, device, quick: bool) -> Bench:
     q8 = QuantLinear.from_float(lin, bits=8)
     q8a8 = QuantLinear.from_float(lin, bits=8, act_bits=8)
     w4_bytes = q4.qweight.numel() + 8 * q4.scales.numel()
+    graphs = True
     for m in ([1, 16] if quick else [1, 4, 8, 16, 32, 256]):
         x = torch.randn(m, k, device=device).bfloat16()
         bf16 = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
         shape = f"M={m} K={k} N={n}"
-        # up to 32 rows each op runs twice: on thrifty's decode tensor-core kernels, and with them switched off
-        # (W4: the GEMV up to 8 rows, dequantize + cuBLAS above; W8A8: at::_int_mm on zero-padded rows)
-        for mma in (["on", "off"] if m <= 32 else ["on"]):
+        ops = [("W4A16", lambda: q4(x), dict(bytes=w4_bytes))]
+        if m <= 32:
+            ops.append(("W8A16", lambda: q8(x), dict(bytes=q8.qweight.numel() + 4 * n)))
+        ops.append(("W8A8", lambda: q8a8(x), dict(flops=2.0 * m * k * n)))
+        # Eager rows: what a Python decode loop pays per call. At these sizes the kernels run for less
+        # time than the Python and dispatcher work that launches them, so up to 32 rows each op also
+        # runs inside CUDA graphs (as serving engines run decode), on thrifty's decode tensor-core
+        # kernels and with them switched off (W4: the GEMV up to 8 rows, dequantize + cuBLAS above;
+        # W8A8: at::_int_mm on zero-padded rows): those rows time the kernels.
+        for name, fn, size in ops:
+            b.case(op=f"{name} vs cuBLAS bf16", shape=shape, dtype="bfloat16", thrifty=fn, torch_fn=bf16,
+                   baseline="cublas", **size)
+        if m > 32 or not graphs:
+            continue
+        for mma in ("on", "off"):
             prev = thrifty._C.set_cuda_quant_mma(mma)
             try:
-                off = " (mma off)" if mma == "off" else ""
-                b.case(op=f"W4A16{off} vs cuBLAS bf16", shape=shape, dtype="bfloat16", thrifty=lambda: q4(x),
-                       torch_fn=bf16, bytes=w4_bytes, baseline="cublas")
-                if m <= 32:
-                    b.case(op=f"W8A16{off} vs cuBLAS bf16", shape=shape, dtype="bfloat16", thrifty=lambda: q8(x),
-                           torch_fn=bf16, bytes=q8.qweight.numel() + 4 * n, baseline="cublas")
-                b.case(op=f"W8A8{off} vs cuBLAS bf16", shape=shape, dtype="bfloat16", thrifty=lambda: q8a8(x),
-                       torch_fn=bf16, flops=2.0 * m * k * n, baseline="cublas")
+                off = " mma off" if mma == "off" else ""
+                for name, fn, size in ops:
+                    b.case(op=f"{name} vs cuBLAS bf16 (graph{off})", shape=shape, dtype="bfloat16", thrifty=fn,
+                           torch_fn=bf16, baseline="cublas", graphed=True, **size)
+            except RuntimeError as e:  # a capture failure is a finding to report, not a reason to lose the rest
+                print(f"  CUDA graph capture failed ({type(e).__name__}: {e}); eager rows only from here",
+                      flush=True)
+                graphs = False
             finally:
                 thrifty._C.set_cuda_quant_mma(prev)
     return b
