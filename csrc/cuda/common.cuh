@@ -88,6 +88,29 @@ inline int multiprocessors() {
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
+// Lets Kernel take `bytes` of dynamic shared memory past the 48 KiB default (once per device; throws naming
+// `what` where the device has less).
+template <auto Kernel>
+inline void allow_dynamic_smem(int bytes, const char* what) {
+  if (bytes <= 48 * 1024) return;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) throw std::runtime_error("thrifty: cudaGetDevice failed");
+  static std::atomic<bool> done[64] = {};
+  if (dev < 64 && done[dev].load()) return;
+  const cudaError_t err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("thrifty: ") + what + " needs " + std::to_string(bytes) +
+                             " bytes of shared memory per block: " + cudaGetErrorString(err));
+  if (dev < 64) done[dev].store(true);
+}
+
+// Kernel<<<grid, threads, smem, stream>>>(args...), with the shared memory opt-in it needs first.
+template <auto Kernel, typename... Args>
+inline void launch_with_smem(dim3 grid, int threads, int smem, cudaStream_t stream, const char* what, Args... args) {
+  allow_dynamic_smem<Kernel>(smem, what);
+  Kernel<<<grid, threads, smem, stream>>>(args...);
+}
+
 }  // namespace thrifty::cuda
 
 // Calls body with T bound to the storage type of `dt` (f32, bf16, f16).

@@ -87,6 +87,7 @@ int main() {
       {17, 640, 20, DType::bf16, true, 1},    {32, 2048, 17, DType::f16, false, 1},
       {3, 4096, 40, DType::bf16, true, 2},    {12, 2560, 19, DType::f32, false, 3},
       {27, 2048, 24, DType::f16, true, 4},
+      {2, 8192, 24, DType::bf16, true, 1},    {20, 6144, 17, DType::f32, false, 1},  // the lane ring wraps around
   };
   for (const Case& c : cases) ok = check(c.M, c.K, c.N, c.out, c.bias, c.splits, rng) && ok;
   std::printf(ok ? "all passed\n" : "FAILED\n");

@@ -167,6 +167,8 @@ int main() {
       {5, 512, 16, 256, false, 1},  {2, 2048, 8, 64, true, 1},    {13, 4096, 20, 128, true, 1},
       {27, 640, 24, 64, true, 1},   {32, 1152, 17, 128, false, 1},
       {1, 4736, 24, 128, true, 2},  {6, 2304, 33, 64, false, 3},  {20, 1152, 17, 32, true, 4},  // K split
+      // more segments per warp than the lane ring has slots (mma_decode.cuh: 6): the ring wraps around
+      {2, 8192, 24, 64, true, 1},   {17, 8192, 16, 128, false, 1}, {3, 3072, 17, 32, true, 2},
   };
   for (const Case& c : cases) {
     ok = check<__nv_bfloat16, true>(c.M, c.K, c.N, c.G, c.bias, c.splits, rng) && ok;
@@ -177,6 +179,7 @@ int main() {
       {1, 64, 16, true, 1},   {3, 2368, 24, false, 1},  {8, 640, 17, true, 1},   {9, 1024, 40, false, 1},
       {16, 704, 33, true, 1}, {27, 1280, 20, true, 1},  {32, 640, 8, false, 1},
       {1, 4096, 24, true, 2}, {6, 2304, 33, false, 3},  {20, 2048, 17, true, 4},
+      {1, 8192, 24, true, 1}, {12, 6144, 17, false, 1},  // the lane ring wraps around
   };
   for (const Case8& c : cases8) {
     ok = check8<__nv_bfloat16, true>(c.M, c.K, c.N, c.bias, c.splits, rng) && ok;

@@ -2,10 +2,12 @@
 // after this header) run on the CPU: one std::thread per CUDA thread (run_block), warp shuffles and
 // mma.sync (m16n8k16 bf16/f16 -> f32, m16n8k32 s8 -> s32; fragment layouts of csrc/cuda/mma.cuh) emulated with
 // per-warp barriers, __syncthreads with a block barrier, __shared__ arrays as statics (blocks run one at a
-// time). Used by the *_emulate.cpp checks here; it says nothing about speed.
+// time), cp.async as copies deferred to the wait that covers them. Used by the *_emulate.cpp checks here; it
+// says nothing about speed.
 #pragma once
 #include <immintrin.h>
 
+#include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -73,6 +75,24 @@ inline float __shfl_sync(unsigned, float v, int src) { return exchange(v, src & 
 inline void __syncthreads() { this_block->arrive_and_wait(); }
 
 namespace thrifty::cuda {
+// cp.async, deferred as on the GPU: a thread's copies wait in commit groups until cp_async_wait<N> leaves at most
+// N groups open, so a kernel that reads its shared memory before the wait for that copy reads stale bytes (the
+// dynamic shared memory starts poisoned for every block).
+struct AsyncCopy { void* dst; const void* src; int bytes; };
+inline thread_local std::vector<AsyncCopy> open_copies;
+inline thread_local std::vector<std::vector<AsyncCopy>> copy_groups;
+template <int B> inline void cp_async(void* dst, const void* src) { open_copies.push_back({dst, src, B}); }
+inline void cp_async_commit() { copy_groups.push_back(std::move(open_copies)); open_copies.clear(); }
+template <int N> inline void cp_async_wait() {
+  while (copy_groups.size() > static_cast<size_t>(N)) {
+    for (const AsyncCopy& c : copy_groups.front()) std::memcpy(c.dst, c.src, static_cast<size_t>(c.bytes));
+    copy_groups.erase(copy_groups.begin());
+  }
+}
+// The block's dynamic shared memory (blocks run one at a time, so one buffer serves them all).
+inline std::vector<unsigned char> dynamic_smem_buffer(256 * 1024);
+inline unsigned char* dynamic_smem() { return dynamic_smem_buffer.data(); }
+
 template <typename T> inline float elem(uint16_t v);
 template <> inline float elem<__nv_bfloat16>(uint16_t v) { return bf16_to_float(v); }
 template <> inline float elem<__half>(uint16_t v) { return half_to_float(v); }
@@ -119,6 +139,7 @@ inline void mma16832_s8(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32
 inline void run_block(unsigned bx, unsigned by, unsigned gx, unsigned gy, int threads,
                       const std::function<void()>& kernel) {
   std::barrier<> block(threads);
+  std::fill(thrifty::cuda::dynamic_smem_buffer.begin(), thrifty::cuda::dynamic_smem_buffer.end(), 0xA5);
   std::vector<std::unique_ptr<Warp>> warps;
   for (int w = 0; w < (threads + 31) / 32; ++w) warps.push_back(std::make_unique<Warp>());
   std::vector<std::thread> th;

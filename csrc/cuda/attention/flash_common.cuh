@@ -13,6 +13,7 @@
 
 #include "common/attention_params.h"
 #include "cuda/common.cuh"
+#include "cuda/cp_async.cuh"
 #include "cuda/mma.cuh"
 
 namespace thrifty::cuda::flash {
@@ -20,19 +21,11 @@ namespace thrifty::cuda::flash {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared, asynchronously; zero-fills the destination when !pred.
+// 16 bytes global -> shared, asynchronously; zero-fills the destination when !pred (commit / wait and
+// smem_addr: cuda/cp_async.cuh).
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
   const int n = pred ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* smem) {

@@ -5,6 +5,7 @@
 #include <stdexcept>
 
 #include "cuda/common.cuh"
+#include "cuda/cp_async.cuh"
 #include "cuda/mma.cuh"
 #include "cuda/quant/quant_launch.h"
 
@@ -119,7 +120,8 @@ template <int MT>
 void launch_int8_mma_mt(const Int8LinearParams& p, int splits, int* partial, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((p.N + mmadec::kRowsPerBlock - 1) / mmadec::kRowsPerBlock),
                   static_cast<unsigned>(splits));
-  i8mma::int8_mma_kernel<MT><<<grid, mmadec::kThreads, 0, stream>>>(p, partial);
+  launch_with_smem<i8mma::int8_mma_kernel<MT>>(grid, mmadec::kThreads, i8mma::int8_mma_smem_bytes(), stream,
+                                                "int8_linear (mma)", p, partial);
 }
 
 }  // namespace

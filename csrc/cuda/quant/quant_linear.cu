@@ -21,6 +21,7 @@
 #include <string>
 
 #include "cuda/common.cuh"
+#include "cuda/cp_async.cuh"
 #include "cuda/mma.cuh"
 #include "cuda/quant/code_bits.cuh"
 #include "cuda/quant/quant_launch.h"
@@ -419,9 +420,13 @@ template <typename T, bool BF16, int S>
 void launch_w4_mma_s(const QuantLinearParams& p, int splits, float* partial, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((p.N + mmadec::kRowsPerBlock - 1) / mmadec::kRowsPerBlock),
                   static_cast<unsigned>(splits));
-  if (p.M <= 8) w4mma::w4_mma_kernel<T, BF16, S, 1><<<grid, mmadec::kThreads, 0, stream>>>(p, partial);
-  else if (p.M <= 16) w4mma::w4_mma_kernel<T, BF16, S, 2><<<grid, mmadec::kThreads, 0, stream>>>(p, partial);
-  else w4mma::w4_mma_kernel<T, BF16, S, 4><<<grid, mmadec::kThreads, 0, stream>>>(p, partial);
+  constexpr int smem = w4mma::w4_mma_smem_bytes<S>();
+  constexpr const char* what = "quant_linear (W4 mma)";
+  constexpr int threads = mmadec::kThreads;
+  if (p.M <= 8) launch_with_smem<w4mma::w4_mma_kernel<T, BF16, S, 1>>(grid, threads, smem, stream, what, p, partial);
+  else if (p.M <= 16)
+    launch_with_smem<w4mma::w4_mma_kernel<T, BF16, S, 2>>(grid, threads, smem, stream, what, p, partial);
+  else launch_with_smem<w4mma::w4_mma_kernel<T, BF16, S, 4>>(grid, threads, smem, stream, what, p, partial);
   static_assert(mmadec::kMaxM == 32, "the m-tile buckets above end at kMaxM");
   if (splits > 1)
     w4mma::w4_mma_finish_kernel<T><<<static_cast<unsigned>((p.M * p.N + 255) / 256), 256, 0, stream>>>(p, partial,
@@ -444,9 +449,12 @@ template <typename T, bool BF16>
 void launch_w8_mma_t(const QuantLinearParams& p, int splits, float* partial, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((p.N + mmadec::kRowsPerBlock - 1) / mmadec::kRowsPerBlock),
                   static_cast<unsigned>(splits));
-  if (p.M <= 8) w8mma::w8_mma_kernel<T, BF16, 1><<<grid, mmadec::kThreads, 0, stream>>>(p, partial);
-  else if (p.M <= 16) w8mma::w8_mma_kernel<T, BF16, 2><<<grid, mmadec::kThreads, 0, stream>>>(p, partial);
-  else w8mma::w8_mma_kernel<T, BF16, 4><<<grid, mmadec::kThreads, 0, stream>>>(p, partial);
+  constexpr int smem = w8mma::w8_mma_smem_bytes();
+  constexpr const char* what = "quant_linear (W8 mma)";
+  constexpr int threads = mmadec::kThreads;
+  if (p.M <= 8) launch_with_smem<w8mma::w8_mma_kernel<T, BF16, 1>>(grid, threads, smem, stream, what, p, partial);
+  else if (p.M <= 16) launch_with_smem<w8mma::w8_mma_kernel<T, BF16, 2>>(grid, threads, smem, stream, what, p, partial);
+  else launch_with_smem<w8mma::w8_mma_kernel<T, BF16, 4>>(grid, threads, smem, stream, what, p, partial);
   static_assert(mmadec::kMaxM == 32, "the m-tile buckets above end at kMaxM");
   if (splits > 1)
     w8mma::w8_mma_finish_kernel<T><<<static_cast<unsigned>((p.M * p.N + 255) / 256), 256, 0, stream>>>(p, partial,

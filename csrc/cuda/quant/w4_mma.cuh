@@ -6,8 +6,9 @@
 // rows fill the 16-row A side and up to 8 x rows the B side (MT = 1, 2 or 4 m tiles of 8 rows).
 //
 // K is walked in segments of S = 32, 64 or 128 k (the largest of them dividing group_size), one group's s, z
-// each. Lane (g = lane / 4, t = lane % 4) loads S / 8 bytes of weight rows n0 + g and n0 + g + 8 at k offset
-// t * S / 4: the 4 lanes of a quad cover the segment, and 8 rows x (4 lanes x S/8 bytes) makes every load
+// each. Lane (g = lane / 4, t = lane % 4) copies S / 8 bytes of weight rows n0 + g and n0 + g + 8 at k offset
+// t * S / 4 (and the group's scale and zero point) into its lane ring (mma_decode.cuh: cp.async, 5 segments in
+// flight per warp): the 4 lanes of a quad cover the segment, and 8 rows x (4 lanes x S/8 bytes) makes every copy
 // instruction read whole 32-byte sectors. The k slots of an mma need not be the k order in memory, only the
 // same for A and B, so each 32-bit word (8 nibbles, k0..k7 of the lane's range) feeds two mma k steps as it
 // lies:  pair j = ((word >> 4j) & 0x000F000F) | magic  is the 16-bit pair (c + k_j, c + k_{j+4}), one shift
@@ -24,10 +25,10 @@
 // them up (in split order), adds the bias and rounds.
 //
 // This header holds only the kernels (template over T = __nv_bfloat16 / __half, S, MT = m tiles; the block
-// shape, reduction and K splits of mma_decode.cuh) and needs from its includer: QuantLinearParams,
-// uint2/uint4, __ldg, __ldcs, __byte_perm, __shfl_sync, __shfl_xor_sync, __syncthreads,
-// threadIdx/blockIdx/gridDim/blockDim, mma16816<T>, from_float<T>, to_float2<T>, bias_at, so that a CPU warp
-// emulator can run the same source (tests/cuda_emulated/quant_mma_emulate.cpp).
+// shape, reduction, K splits and lane ring of mma_decode.cuh) and needs from its includer: QuantLinearParams,
+// uint2/uint4, __ldg, cp_async<B>, cp_async_commit, cp_async_wait<N>, dynamic_smem(), __byte_perm, __shfl_sync,
+// __shfl_xor_sync, __syncthreads, threadIdx/blockIdx/gridDim/blockDim, mma16816<T>, from_float<T>, to_float2<T>,
+// bias_at, so that a CPU warp emulator can run the same source (tests/cuda_emulated/quant_mma_emulate.cpp).
 #pragma once
 #include "cuda/quant/mma_decode.cuh"
 
@@ -66,27 +67,34 @@ __device__ __forceinline__ void add_x8(const uint4& v, float& sum) {
   }
 }
 
-// NW words (S / 8 bytes) of a packed row at p, streamed (evict first: each weight byte is read once).
+// NW words (S / 8 bytes) of a packed row at p (the lane ring in shared memory).
 template <int NW>
-__device__ __forceinline__ void load_words(const uint8_t* p, uint32_t (&w)[NW]) {
+__device__ __forceinline__ void read_words(const unsigned char* p, uint32_t (&w)[NW]) {
   if constexpr (NW == 4) {
-    const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p));
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
     w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
   } else if constexpr (NW == 2) {
-    const uint2 v = __ldcs(reinterpret_cast<const uint2*>(p));
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
     w[0] = v.x, w[1] = v.y;
   } else {
-    w[0] = __ldcs(reinterpret_cast<const unsigned int*>(p));
+    w[0] = *reinterpret_cast<const unsigned int*>(p);
   }
 }
 
+// The dynamic shared memory w4_mma_kernel<., ., S, .> needs (its lane ring).
+template <int S>
+constexpr int w4_mma_smem_bytes() {
+  return mmadec::LaneRing<S / 8, true>::kBytes;
+}
+
 // T: __nv_bfloat16 or __half. S: k per segment (32, 64, 128; divides group_size). MT: 8-row m tiles (M <= 8 MT).
-// Needs: qweight 16-byte aligned, x 16-byte aligned with x_stride a multiple of 8 elements (or M == 1).
+// Needs: qweight 16-byte aligned, x 16-byte aligned with x_stride a multiple of 8 elements (or M == 1), and
+// w4_mma_smem_bytes<S>() bytes of dynamic shared memory.
 // partial: null with gridDim.y == 1; else (gridDim.y, M, N) float32 sums, finished by w4_mma_finish_kernel.
 template <typename T, bool BF16, int S, int MT>
 __global__ void __launch_bounds__(kThreads, 2) w4_mma_kernel(QuantLinearParams p, float* partial) {
-  constexpr int NW = S / 32;          // packed words per lane, row and segment
-  constexpr int U = MT == 4 ? 2 : 4;  // segments in flight per warp (4 m tiles: registers)
+  constexpr int NW = S / 32;  // packed words per lane, row and segment
+  using Ring = mmadec::LaneRing<S / 8, true>;
   constexpr uint32_t magic = Magic<BF16>::bits;
   constexpr float offset = Magic<BF16>::offset;
   const int lane = static_cast<int>(threadIdx.x) & 31, g = lane >> 2, t = lane & 3;
@@ -105,85 +113,78 @@ __global__ void __launch_bounds__(kThreads, 2) w4_mma_kernel(QuantLinearParams p
   for (int mt = 0; mt < MT; ++mt)
     for (int e = 0; e < 4; ++e) acc[mt][e] = 0.0f;
 
-  const mmadec::SegmentWalk walk = mmadec::segment_walk();
-  const int stride = walk.stride;
-  for (int s0 = walk.first; s0 < nseg; s0 += stride * U) {
-    // The U segments' weights (DRAM) and scales / zeros are all requested first; x (L1 / L2: every block
-    // reads the same x) is loaded per segment, so registers go to weight bytes in flight.
-    uint32_t wq[U][2][NW];
-    float sc[U][2], zz[U][2];
+  const mmadec::WarpSegments segs(mmadec::segment_walk(), nseg);
+  // The b-th segment's copies: S / 8 weight bytes of both rows, their group's scale and zero point.
+  const auto issue = [&](int b, const Ring& ring) {
+    const int seg = segs[b];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int seg = s0 + u * stride;
-      const bool live = seg < nseg;
-      const int sl = live ? seg : 0;
+    for (int r = 0; r < 2; ++r) {
+      cp_async<S / 8>(ring.weights(b, r), q[r] + static_cast<int64_t>(seg) * (S / 2));
+      const int64_t gi = row[r] * ng + seg / spg;
+      cp_async<4>(ring.pair(b, r), p.scales + gi);
+      cp_async<4>(ring.pair(b, r) + 1, p.zeros + gi);
+    }
+  };
+  const auto compute = [&](int b, const Ring& ring) {
+    const int seg = segs[b];
+    uint32_t wq[2][NW];
+    float sc[2], zz[2];
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        if (live) {
-          load_words<NW>(q[r] + static_cast<int64_t>(sl) * (S / 2), wq[u][r]);
-        } else {
-          for (int w = 0; w < NW; ++w) wq[u][r][w] = 0u;
-        }
-        const int64_t gi = row[r] * ng + sl / spg;
-        sc[u][r] = __ldg(p.scales + gi);
-        zz[u][r] = offset + __ldg(p.zeros + gi);
-      }
+    for (int r = 0; r < 2; ++r) {
+      read_words<NW>(ring.weights(b, r), wq[r]);
+      sc[r] = ring.pair(b, r)[0];
+      zz[r] = offset + ring.pair(b, r)[1];
+    }
+    // Word by word: x's 8 values at the word's k for each m tile (rows m = 8 mt + g, zeros past M), their
+    // sum, and the word's two mma steps.
+    float c[MT][4], xsum[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      xsum[mt] = 0.0f;
+      for (int e = 0; e < 4; ++e) c[mt][e] = 0.0f;
     }
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int seg = s0 + u * stride;
-      if (seg >= nseg) break;  // the same for the whole warp
-      // Word by word: x's 8 values at the word's k for each m tile (rows m = 8 mt + g, zeros past M), their
-      // sum, and the word's two mma steps; x is loaded per word to keep registers for weights in flight.
-      float c[MT][4], xsum[MT];
+    for (int w = 0; w < NW; ++w) {
+      uint4 xv[MT];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        xsum[mt] = 0.0f;
-        for (int e = 0; e < 4; ++e) c[mt][e] = 0.0f;
+        const int m = 8 * mt + g;
+        const T* xr = x + static_cast<int64_t>(m) * p.x_stride + static_cast<int64_t>(seg) * S + t * (S / 4) + 8 * w;
+        xv[mt] = m < M ? __ldg(reinterpret_cast<const uint4*>(xr)) : uint4{0u, 0u, 0u, 0u};
+        add_x8<T>(xv[mt], xsum[mt]);
       }
 #pragma unroll
-      for (int w = 0; w < NW; ++w) {
-        uint4 xv[MT];
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t a[4] = {nibble_pair(wq[0][w], 2 * h, magic), nibble_pair(wq[1][w], 2 * h, magic),
+                               nibble_pair(wq[0][w], 2 * h + 1, magic), nibble_pair(wq[1][w], 2 * h + 1, magic)};
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          const int m = 8 * mt + g;
-          const T* xr = x + static_cast<int64_t>(m) * p.x_stride + static_cast<int64_t>(seg) * S + t * (S / 4) + 8 * w;
-          xv[mt] = m < M ? __ldg(reinterpret_cast<const uint4*>(xr)) : uint4{0u, 0u, 0u, 0u};
-          add_x8<T>(xv[mt], xsum[mt]);
+          const uint32_t lo = h == 0 ? xv[mt].x : xv[mt].y;  // x_{2h}, x_{2h+1}
+          const uint32_t hi = h == 0 ? xv[mt].z : xv[mt].w;  // x_{2h+4}, x_{2h+5}
+          mma16816<T>(c[mt], a, __byte_perm(lo, hi, 0x5410u), __byte_perm(lo, hi, 0x7632u));
         }
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const uint32_t a[4] = {nibble_pair(wq[u][0][w], 2 * h, magic), nibble_pair(wq[u][1][w], 2 * h, magic),
-                                 nibble_pair(wq[u][0][w], 2 * h + 1, magic),
-                                 nibble_pair(wq[u][1][w], 2 * h + 1, magic)};
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            const uint32_t lo = h == 0 ? xv[mt].x : xv[mt].y;  // x_{2h}, x_{2h+1}
-            const uint32_t hi = h == 0 ? xv[mt].z : xv[mt].w;  // x_{2h+4}, x_{2h+5}
-            mma16816<T>(c[mt], a, __byte_perm(lo, hi, 0x5410u), __byte_perm(lo, hi, 0x7632u));
-          }
-        }
-      }
-      // xs[m] over the segment (quad sums), moved to the C layout: this lane's outputs are m = 2t, 2t + 1.
-      float xa[MT], xb[MT];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        float sum = xsum[mt];
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);  // lanes of quad g: row m = 8 mt + g
-        xa[mt] = __shfl_sync(0xffffffffu, sum, 8 * t);
-        xb[mt] = __shfl_sync(0xffffffffu, sum, 8 * t + 4);
-      }
-      // c: (n = g, m = 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1) of the m tile.
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        acc[mt][0] = fmaf(sc[u][0], fmaf(-zz[u][0], xa[mt], c[mt][0]), acc[mt][0]);
-        acc[mt][1] = fmaf(sc[u][0], fmaf(-zz[u][0], xb[mt], c[mt][1]), acc[mt][1]);
-        acc[mt][2] = fmaf(sc[u][1], fmaf(-zz[u][1], xa[mt], c[mt][2]), acc[mt][2]);
-        acc[mt][3] = fmaf(sc[u][1], fmaf(-zz[u][1], xb[mt], c[mt][3]), acc[mt][3]);
       }
     }
-  }
+    // xs[m] over the segment (quad sums), moved to the C layout: this lane's outputs are m = 2t, 2t + 1.
+    float xa[MT], xb[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      float sum = xsum[mt];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);  // lanes of quad g: row m = 8 mt + g
+      xa[mt] = __shfl_sync(0xffffffffu, sum, 8 * t);
+      xb[mt] = __shfl_sync(0xffffffffu, sum, 8 * t + 4);
+    }
+    // c: (n = g, m = 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1) of the m tile.
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      acc[mt][0] = fmaf(sc[0], fmaf(-zz[0], xa[mt], c[mt][0]), acc[mt][0]);
+      acc[mt][1] = fmaf(sc[0], fmaf(-zz[0], xb[mt], c[mt][1]), acc[mt][1]);
+      acc[mt][2] = fmaf(sc[1], fmaf(-zz[1], xa[mt], c[mt][2]), acc[mt][2]);
+      acc[mt][3] = fmaf(sc[1], fmaf(-zz[1], xb[mt], c[mt][3]), acc[mt][3]);
+    }
+  };
+  mmadec::stream_segments<S / 8, true>(segs, issue, compute);
 
   mmadec::block_store<MT>(acc, n0, M, N, partial, [&](int64_t m, int64_t n, float sum) {
     static_cast<T*>(p.y)[m * N + n] = from_float<T>(sum + bias_at(p, n));

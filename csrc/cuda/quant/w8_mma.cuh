@@ -2,10 +2,11 @@
 // straight from the (N, K) int8 weight: the companion of w4_mma.cuh (same operand roles, warps, K splits and
 // workspace) for bits 8, whose per-channel scale leaves no groups inside K.
 //
-// K is walked in segments of 64: lane (g = lane / 4, t = lane % 4) loads 16 bytes of weight rows n0 + g and
-// n0 + g + 8 at k = 64 seg + 16 t, and x row m = 8 mt + g's 16 values there (two 16-byte loads). Word w of the
-// weight load (k0..k3 of the lane's 4 k) is mma step w: a0 / a1 = the 16-bit pair (k0, k1) of rows g / g + 8
-// (k slots 2t, 2t+1), a2 / a3 = (k2, k3) (slots 2t+8, 2t+9); B = x's pairs (x0, x1), (x2, x3) as they lie.
+// K is walked in segments of 64: lane (g = lane / 4, t = lane % 4) copies 16 bytes of weight rows n0 + g and
+// n0 + g + 8 at k = 64 seg + 16 t into its lane ring (mma_decode.cuh) and loads x row m = 8 mt + g's 16 values
+// there (two 16-byte loads). Word w of the weight bytes (k0..k3 of the lane's 4 k) is mma step w: a0 / a1 = the
+// 16-bit pair (k0, k1) of rows g / g + 8 (k slots 2t, 2t+1), a2 / a3 = (k2, k3) (slots 2t+8, 2t+9); B = x's pairs
+// (x0, x1), (x2, x3) as they lie.
 // Each byte becomes the exact 16-bit value of u = q + 128 (0..255):
 //   f16:  0x6400 | u = 1024 + u, one byte permute per pair (offset c = 1024);
 //   bf16: u goes through float32 (the byte in the mantissa of 2^23, minus 2^23) and a paired round to bf16,
@@ -14,8 +15,8 @@
 // (and K splits, as in w4_mma.cuh) are added, then y = s[n] * acc + bias, rounded once to T.
 //
 // Block shape, reduction and K splits: mma_decode.cuh. Needs from its includer (see w4_mma.cuh):
-// QuantLinearParams, uint4, __ldg, __ldcs, __byte_perm, __uint_as_float, __shfl_sync, __shfl_xor_sync,
-// __syncthreads, threadIdx/blockIdx/gridDim/blockDim, mma16816<T>,
+// QuantLinearParams, uint4, __ldg, cp_async<B>, cp_async_commit, cp_async_wait<N>, dynamic_smem(), __byte_perm,
+// __uint_as_float, __shfl_sync, __shfl_xor_sync, __syncthreads, threadIdx/blockIdx/gridDim/blockDim, mma16816<T>,
 // from_float<T>, to_float2<T>, pack2<T>, bias_at.
 #pragma once
 #include "cuda/quant/code_bits.cuh"
@@ -41,11 +42,15 @@ __device__ __forceinline__ void w8_pairs(uint32_t word, uint32_t& p01, uint32_t&
   }
 }
 
+// The dynamic shared memory w8_mma_kernel needs (its lane ring: 16 bytes per row and segment).
+constexpr int w8_mma_smem_bytes() { return mmadec::LaneRing<16, false>::kBytes; }
+
 // partial: null with gridDim.y == 1; else (gridDim.y, M, N) float32 sums (before the scale), finished by
-// w8_mma_finish_kernel. Needs K % 64 == 0, 16-byte aligned qweight and x, x_stride % 8 == 0 (or M == 1).
+// w8_mma_finish_kernel. Needs K % 64 == 0, 16-byte aligned qweight and x, x_stride % 8 == 0 (or M == 1), and
+// w8_mma_smem_bytes() bytes of dynamic shared memory.
 template <typename T, bool BF16, int MT>
 __global__ void __launch_bounds__(kThreads, 2) w8_mma_kernel(QuantLinearParams p, float* partial) {
-  constexpr int U = MT == 4 ? 2 : 4;  // segments in flight per warp
+  using Ring = mmadec::LaneRing<16, false>;
   constexpr float offset = BF16 ? 128.0f : 1024.0f + 128.0f;
   const int lane = static_cast<int>(threadIdx.x) & 31, g = lane >> 2, t = lane & 3;
   const int64_t K = p.K, N = p.N, n0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
@@ -61,39 +66,39 @@ __global__ void __launch_bounds__(kThreads, 2) w8_mma_kernel(QuantLinearParams p
     xsum[mt] = 0.0f;
     for (int e = 0; e < 4; ++e) c[mt][e] = 0.0f;
   }
-  const mmadec::SegmentWalk walk = mmadec::segment_walk();
-  const int stride = walk.stride;
-  for (int s0 = walk.first; s0 < nseg; s0 += stride * U) {
-    uint4 wq[U][2];  // the U segments' weight bytes, requested first
-    mmadec::load_rows16<U>(q, s0, stride, nseg, kSeg, wq);
+  const mmadec::WarpSegments segs(mmadec::segment_walk(), nseg);
+  const auto issue = [&](int b, const Ring& ring) {  // the b-th segment's 16 weight bytes of both rows
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int seg = s0 + u * stride;
-      if (seg >= nseg) break;  // the same for the whole warp
-      const uint32_t w0[4] = {wq[u][0].x, wq[u][0].y, wq[u][0].z, wq[u][0].w};
-      const uint32_t w1[4] = {wq[u][1].x, wq[u][1].y, wq[u][1].z, wq[u][1].w};
+    for (int r = 0; r < 2; ++r) cp_async<16>(ring.weights(b, r), q[r] + static_cast<int64_t>(segs[b]) * kSeg);
+  };
+  const auto compute = [&](int b, const Ring& ring) {
+    const int seg = segs[b];
+    const uint4 v0 = *reinterpret_cast<const uint4*>(ring.weights(b, 0));
+    const uint4 v1 = *reinterpret_cast<const uint4*>(ring.weights(b, 1));
+    const uint32_t w0[4] = {v0.x, v0.y, v0.z, v0.w};
+    const uint32_t w1[4] = {v1.x, v1.y, v1.z, v1.w};
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {  // x values 8h .. 8h + 7 of the lane's 16: weight words 2h, 2h + 1
-        uint4 xv[MT];
+    for (int h = 0; h < 2; ++h) {  // x values 8h .. 8h + 7 of the lane's 16: weight words 2h, 2h + 1
+      uint4 xv[MT];
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          const int m = 8 * mt + g;
-          const T* xr = x + static_cast<int64_t>(m) * p.x_stride + static_cast<int64_t>(seg) * kSeg + 16 * t + 8 * h;
-          xv[mt] = m < M ? __ldg(reinterpret_cast<const uint4*>(xr)) : uint4{0u, 0u, 0u, 0u};
-          w4mma::add_x8<T>(xv[mt], xsum[mt]);
-        }
+      for (int mt = 0; mt < MT; ++mt) {
+        const int m = 8 * mt + g;
+        const T* xr = x + static_cast<int64_t>(m) * p.x_stride + static_cast<int64_t>(seg) * kSeg + 16 * t + 8 * h;
+        xv[mt] = m < M ? __ldg(reinterpret_cast<const uint4*>(xr)) : uint4{0u, 0u, 0u, 0u};
+        w4mma::add_x8<T>(xv[mt], xsum[mt]);
+      }
 #pragma unroll
-        for (int s = 0; s < 2; ++s) {  // mma step: weight word 2h + s, x words 2s, 2s + 1
-          uint32_t a[4];
-          w8_pairs<BF16>(w0[2 * h + s], a[0], a[2]);
-          w8_pairs<BF16>(w1[2 * h + s], a[1], a[3]);
+      for (int s = 0; s < 2; ++s) {  // mma step: weight word 2h + s, x words 2s, 2s + 1
+        uint32_t a[4];
+        w8_pairs<BF16>(w0[2 * h + s], a[0], a[2]);
+        w8_pairs<BF16>(w1[2 * h + s], a[1], a[3]);
 #pragma unroll
-          for (int mt = 0; mt < MT; ++mt)
-            mma16816<T>(c[mt], a, s == 0 ? xv[mt].x : xv[mt].z, s == 0 ? xv[mt].y : xv[mt].w);
-        }
+        for (int mt = 0; mt < MT; ++mt)
+          mma16816<T>(c[mt], a, s == 0 ? xv[mt].x : xv[mt].z, s == 0 ? xv[mt].y : xv[mt].w);
       }
     }
-  }
+  };
+  mmadec::stream_segments<16, false>(segs, issue, compute);
   // acc = C - offset * sum x (this warp's segments), in the C layout: this lane's outputs are m = 2t, 2t + 1.
   float acc[MT][4];
 #pragma unroll
