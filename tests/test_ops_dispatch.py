@@ -17,6 +17,7 @@ def _calls(device):
     def r(*shape):
         return torch.randn(*shape, generator=g).to(device)
 
+    attn_dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
     cache = thrifty.ops.build_rotary_cache(16, 32, device=device)
     pos = torch.arange(5, device=device)
     qlin = QuantLinear.from_float(torch.nn.Linear(64, 24), bits=4, group_size=32).to(device)
@@ -28,8 +29,9 @@ def _calls(device):
         "rotary": (lambda q, k: torch.cat([t.flatten() for t in thrifty.ops.rotary_embedding(q, k, pos, cache)]),
                    [r(5, 4, 16), r(5, 2, 16)]),
         "quant_linear": (lambda x: qlin(x), [r(3, 64)]),
+        # CUDA attention takes 16-bit inputs only
         "flash_attention": (lambda q, k, v: thrifty.ops.flash_attention(q, k, v, causal=True),
-                            [r(1, 9, 2, 16), r(1, 9, 2, 16), r(1, 9, 2, 16)]),
+                            [t.to(attn_dtype) for t in (r(1, 9, 2, 16), r(1, 9, 2, 16), r(1, 9, 2, 16))]),
     }
 
 
