@@ -535,26 +535,50 @@ def test_failed_resume_leaves_run_dir_byte_identical(corpus, tmp_path, capsys):
     assert run(cfg(corpus, out, tokenizer=None, vocab_size=320, steps=5, resume=True)) == 0  # still resumable
 
 
+class _StepClock:
+    """The trainer's clock in a test: time passes only in training steps (first_step s for the first, step s
+    for the others), so a --time-budget run's step count does not depend on how loaded the machine is."""
+
+    def __init__(self, first_step: float, step: float):
+        self.now, self.first_step, self.step, self.steps = 1000.0, first_step, step, 0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def advance(self) -> None:
+        self.steps += 1
+        self.now += self.first_step if self.steps == 1 else self.step
+
+    def __getattr__(self, name):  # everything else of the time module
+        return getattr(time, name)
+
+
 def test_time_budget_ends_close_to_the_budget(corpus, tmp_path, monkeypatch):
     """The step count of a --time-budget run comes from the steady step rate (the slow first steps of a process
     left out, estimated again early on), so the run uses its budget instead of stopping well short of it (the
-    first step is made 0.3 s slower here, like a first step's allocations and kernel choice on a real model)."""
-    step = Trainer.train_step
-    calls = []
+    first step takes 0.3 s here against 10 ms for the others, like a first step's allocations and kernel choice
+    on a real model)."""
+    import thrifty.train.trainer as trainer_mod
 
-    def slow_first_step(self):
-        calls.append(1)
-        if len(calls) == 1:
-            time.sleep(0.3)
+    for dtype in (torch.float32, torch.bfloat16):  # the MFU denominator, measured on the real clock first
+        trainer_mod.measured_matmul_flops(torch.device("cpu"), dtype)
+    clock = _StepClock(first_step=0.3, step=0.01)
+    monkeypatch.setattr(trainer_mod, "time", clock)
+    step = Trainer.train_step
+
+    def timed_step(self):
+        clock.advance()
         return step(self)
 
-    monkeypatch.setattr(Trainer, "train_step", slow_first_step)
-    budget = 4.0
+    monkeypatch.setattr(Trainer, "train_step", timed_step)
+    budget = 2.0
     out = tmp_path / "r"
     res = Trainer(cfg(corpus, out, steps=None, time_budget=budget, eval_every=1000)).train()
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    assert res["steps"] == rows[-1]["step"] > 3
-    assert 0.8 * budget <= rows[-1]["elapsed_s"] <= budget + 1.0, (rows[-1], len(rows))
+    assert res["steps"] == rows[-1]["step"] == clock.steps
+    # 0.3 s + (n - 1) x 10 ms: the budget is used to within a step (a rate taken over the first step would
+    # have stopped after ~7 steps)
+    assert budget - 0.011 <= rows[-1]["elapsed_s"] <= budget + 0.011, (rows[-1], len(rows))
 
 
 def test_time_budget_resume_keeps_the_schedule(corpus, tmp_path, monkeypatch):
