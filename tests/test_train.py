@@ -553,24 +553,30 @@ class _StepClock:
         return getattr(time, name)
 
 
+def _step_clock(monkeypatch, first_step: float, step: float) -> _StepClock:
+    """Puts the trainer on a _StepClock (the MFU denominator measured on the real clock first)."""
+    import thrifty.train.trainer as trainer_mod
+
+    for dtype in (torch.float32, torch.bfloat16):
+        trainer_mod.measured_matmul_flops(torch.device("cpu"), dtype)
+    clock = _StepClock(first_step, step)
+    monkeypatch.setattr(trainer_mod, "time", clock)
+    train_step = Trainer.train_step
+
+    def timed_step(self):
+        clock.advance()
+        return train_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", timed_step)
+    return clock
+
+
 def test_time_budget_ends_close_to_the_budget(corpus, tmp_path, monkeypatch):
     """The step count of a --time-budget run comes from the steady step rate (the slow first steps of a process
     left out, estimated again early on), so the run uses its budget instead of stopping well short of it (the
     first step takes 0.3 s here against 10 ms for the others, like a first step's allocations and kernel choice
     on a real model)."""
-    import thrifty.train.trainer as trainer_mod
-
-    for dtype in (torch.float32, torch.bfloat16):  # the MFU denominator, measured on the real clock first
-        trainer_mod.measured_matmul_flops(torch.device("cpu"), dtype)
-    clock = _StepClock(first_step=0.3, step=0.01)
-    monkeypatch.setattr(trainer_mod, "time", clock)
-    step = Trainer.train_step
-
-    def timed_step(self):
-        clock.advance()
-        return step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", timed_step)
+    clock = _step_clock(monkeypatch, first_step=0.3, step=0.01)
     budget = 2.0
     out = tmp_path / "r"
     res = Trainer(cfg(corpus, out, steps=None, time_budget=budget, eval_every=1000)).train()
@@ -579,6 +585,19 @@ def test_time_budget_ends_close_to_the_budget(corpus, tmp_path, monkeypatch):
     # 0.3 s + (n - 1) x 10 ms: the budget is used to within a step (a rate taken over the first step would
     # have stopped after ~7 steps)
     assert budget - 0.011 <= rows[-1]["elapsed_s"] <= budget + 0.011, (rows[-1], len(rows))
+
+
+def test_short_time_budget_warms_up_to_the_peak_lr(corpus, tmp_path, monkeypatch):
+    """Without --warmup, a --time-budget run warms up over 5% of its estimated steps (as --steps does), not over a
+    fixed 100: a run of ~60 steps reaches its peak lr and decays from it."""
+    _step_clock(monkeypatch, first_step=0.05, step=0.01)
+    out = tmp_path / "r"
+    Trainer(cfg(corpus, out, steps=None, warmup=None, time_budget=0.65, eval_every=1000)).train()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "lr" in x]
+    lrs = [r["lr"] for r in rows]
+    assert 50 <= len(rows) <= 70
+    peak = max(range(len(lrs)), key=lrs.__getitem__)
+    assert lrs[peak] > 0.95 * 3e-3 and peak < 10 and lrs[-1] < 0.2 * 3e-3, lrs
 
 
 def test_time_budget_resume_keeps_the_schedule(corpus, tmp_path, monkeypatch):

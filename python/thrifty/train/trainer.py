@@ -138,6 +138,13 @@ class WarmupCosine:
 BUDGET_WARMUP_STEPS = 2
 BUDGET_ESTIMATE_FRACTION = 0.2
 
+
+def default_warmup(total_steps: int) -> int:
+    """lr warmup steps when --warmup is not given: 5% of the run, at most 100 (a --time-budget run's
+    estimated step count sets it, like --steps)."""
+    return max(1, min(100, total_steps // 20))
+
+
 _PEAK_CACHE: dict = {}
 
 
@@ -526,7 +533,7 @@ class Trainer:
         except ValueError as e:
             raise TrainError(str(e)) from None
         total = c.steps or 10**9
-        warm = c.warmup if c.warmup is not None else max(1, min(100, (c.steps or 2000) // 20))
+        warm = c.warmup if c.warmup is not None else default_warmup(c.steps or 2000)
         self.schedule = WarmupCosine(warm, total, c.min_lr_ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
 
@@ -985,6 +992,8 @@ class Trainer:
                         elapsed = self.elapsed_before + now - self._t_start
                         total_steps = max(self.step + 1, self.step + int((self.time_budget - elapsed) / per))
                         self.schedule.total = total_steps
+                        if c.warmup is None:  # a short budget must still reach the peak lr
+                            self.schedule.warmup = default_warmup(total_steps)
                         self.budget_steps_final = elapsed >= BUDGET_ESTIMATE_FRACTION * self.time_budget
                         next_estimate *= 2
                         self._bar.total = total_steps
