@@ -58,6 +58,18 @@ def test_long_line_prose_kept_blobs_dropped():
                        f"{r.randrange(999)})}};" for _ in range(60))
     assert quality_reason(minified) == "mostly_non_text"
     assert quality_reason(json.dumps([r.randrange(1000) for _ in range(400)])) == "mostly_non_text"
+    # the same blobs wrapped in short lines (MIME's 76 characters, PEM's 64), with a header line of prose
+    b64 = __import__("base64").b64encode(blob).decode()
+    for width in (64, 76):
+        wrapped = "Here is the attached file:\n" + "\n".join(b64[i:i + width] for i in range(0, len(b64), width))
+        assert quality_reason(wrapped) == "mostly_non_text"
+    assert quality_reason("\n".join(blob.hex()[i:i + 64] for i in range(0, 3000, 64))) == "mostly_non_text"
+    # short-line text that is not blobs stays: code, a table, a poem
+    code = "\n".join(f"def {ident()}_{i}(self, {ident()}):\n    return self.{ident()}({ident()} + {i})" for i in range(30))
+    table = "\n".join(f"| {r.choice(WORDS)} | {r.randrange(100)} | {r.choice(WORDS)} |" for _ in range(30))
+    poem = "\n".join(" ".join(r.choice(WORDS) for _ in range(6)) for _ in range(20))
+    for text in (code, table, poem):
+        assert quality_reason(text) is None, text[:80]
 
 
 def test_no_text_left_names_the_drop_reason(tmp_path):
