@@ -22,6 +22,10 @@
 #   GPU_CHECK_DEADLINE   seconds from the start by which the benchmarks must end (default 480): each
 #                        family runs under min(GPU_CHECK_FAMILY_TIMEOUT (default 150), time left)
 #   GPU_CHECK_DEVICE     benchmark device (default cuda; `cpu` with THRIFTY_CUDA=off dry-runs the script)
+#   GPU_CHECK_NCU        1 profiles one call of each kernel of tools/dev/gpu_profile.py with Nsight Compute
+#                        after the benchmarks, within the deadline (GPU_CHECK_NCU_TARGETS: its targets, default
+#                        all); the full report goes to ncu.txt, a line per kernel (duration, DRAM and SM
+#                        throughput, achieved occupancy) to the console
 # The `train` family needs datasketch (a `train` extra) that the lent GPU image lacks: carry its wheel in
 # .whl/ and install it with `pip install --no-index --no-deps --target /tmp/site .whl/*.whl` and
 # PYTHONPATH=/tmp/site before calling this script (PYTHONPATH is kept).
@@ -104,6 +108,21 @@ if [ "${GPU_CHECK_CPU_BENCH:-0}" = 1 ]; then
     grep -E '^\|' "$LOGS/cpu_bench.log" || tail -5 "$LOGS/cpu_bench.log"
   else
     stamp "CPU attention bench skipped (the ${DEADLINE}s deadline is near)"
+  fi
+fi
+if [ "${GPU_CHECK_NCU:-0}" = 1 ]; then
+  left=$(( DEADLINE - $(elapsed) ))
+  if [ "$left" -ge 30 ] && command -v ncu >/dev/null; then
+    stamp "Nsight Compute: tools/dev/gpu_profile.py ${GPU_CHECK_NCU_TARGETS:-} (timeout ${left}s)"
+    # shellcheck disable=SC2086
+    timeout "$left" ncu --nvtx --nvtx-include "profile/" --clock-control none --section SpeedOfLight \
+      --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
+      $PY tools/dev/gpu_profile.py ${GPU_CHECK_NCU_TARGETS:-} >"$LOGS/ncu.txt" 2>&1
+    stamp "ncu rc=$?"
+    grep -E "^  [A-Za-z_].*\(|profiled:|Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy" \
+      "$LOGS/ncu.txt" | sed 's/  */ /g' | cut -c1-160
+  else
+    stamp "Nsight Compute skipped (the ${DEADLINE}s deadline is near, or no ncu)"
   fi
 fi
 stamp "done (tests rc=$test_rc, bench rc=$bench_rc)"
