@@ -64,11 +64,17 @@ def test_long_line_prose_kept_blobs_dropped():
         wrapped = "Here is the attached file:\n" + "\n".join(b64[i:i + width] for i in range(0, len(b64), width))
         assert quality_reason(wrapped) == "mostly_non_text"
     assert quality_reason("\n".join(blob.hex()[i:i + 64] for i in range(0, 3000, 64))) == "mostly_non_text"
-    # short-line text that is not blobs stays: code, a table, a poem
+    # short-line text that is not blobs stays: code (long camelCase identifiers too), a table, CSV, URLs, a poem
     code = "\n".join(f"def {ident()}_{i}(self, {ident()}):\n    return self.{ident()}({ident()} + {i})" for i in range(30))
+    java = "\n".join(f"    private final Map<String, List<TransactionAttributeSource{i}>> transactionAttributeSourceCache{i} "
+                     "= new ConcurrentHashMap<>();" for i in range(12))
+    python = "\n".join(f"    result_{i} = self.model_runner.execute_model(scheduler_output, intermediate_tensors=None)"
+                       for i in range(12))
     table = "\n".join(f"| {r.choice(WORDS)} | {r.randrange(100)} | {r.choice(WORDS)} |" for _ in range(30))
+    csv = "\n".join(f"{i},{i * 3.14159:.5f},{i * 2.71828:.5f},station_{i % 7},2024-01-{i % 28 + 1:02d}" for i in range(30))
+    urls = "Links:\n" + "\n".join(f"https://github.com/example/project-{i}/blob/main/docs/setup.md" for i in range(10))
     poem = "\n".join(" ".join(r.choice(WORDS) for _ in range(6)) for _ in range(20))
-    for text in (code, table, poem):
+    for text in (code, java, python, table, csv, urls, poem):
         assert quality_reason(text) is None, text[:80]
 
 

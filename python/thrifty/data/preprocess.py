@@ -42,18 +42,27 @@ def _spaceless_script(word: str) -> bool:
     return sum(1 for c in word if c.isalpha() and ord(c) >= 0x0E00) > len(word) / 2
 
 
-def _word_sized(text: str) -> bool:
-    """Runs between spaces of word length on average (scripts written without spaces left out): not base64 /
-    hex, whether on one line or wrapped in 64- or 76-character lines."""
-    words = [w for w in text.split() if not _spaceless_script(w)]
-    return not words or sum(len(w) for w in words) / len(words) <= MAX_MEAN_WORD_LEN
-
-
 def _reads_as_prose(text: str) -> bool:
     """Word-sized runs between spaces and mostly letters: prose (prose in scripts without spaces too), not
     minified code (`a.b=function(c){return`), base64/hex (one run) or a number dump (few letters)."""
+    words = [w for w in text.split() if not _spaceless_script(w)]
+    n = sum(len(w) for w in words)
     letters = sum(1 for c in text if c.isalpha())
-    return _word_sized(text) and letters >= len("".join(text.split())) / 2
+    return (not words or n / len(words) <= MAX_MEAN_WORD_LEN) and letters >= len("".join(text.split())) / 2
+
+
+# a base64 / hex run (hex is a subset): 24+ characters of the alphabet with letters and digits both, which
+# camelCase identifiers (no digits) and numbers (no letters) are not
+_BLOB_RUN = re.compile(r"(?=[A-Za-z0-9+/]*[0-9])(?=[A-Za-z0-9+/]*[A-Za-z])[A-Za-z0-9+/]{24,}={0,2}")
+MAX_BLOB_SHARE = 0.5  # documents whose non-space characters are mostly such runs are data, not text
+
+
+def _blob_share(text: str) -> float:
+    """Share of the non-space characters in whitespace-separated runs that are base64 / hex blobs (also when
+    wrapped in 64- or 76-character lines, as PEM and MIME do)."""
+    runs = text.split()
+    total = sum(len(r) for r in runs)
+    return sum(len(r) for r in runs if _BLOB_RUN.fullmatch(r)) / total if total else 0.0
 
 
 def quality_reason(text: str, cfg: FilterConfig = FilterConfig()) -> str | None:
@@ -69,7 +78,7 @@ def quality_reason(text: str, cfg: FilterConfig = FilterConfig()) -> str | None:
     # read as prose (few word breaks, few letters) are dropped
     if lines and len(stripped) / len(lines) > cfg.max_mean_line_len and not _reads_as_prose(stripped):
         return "mostly_non_text"
-    if not _word_sized(stripped):  # data blobs in short lines (base64 in MIME / PEM wrapping)
+    if _blob_share(stripped) > MAX_BLOB_SHARE:  # data blobs in short lines (base64 in MIME / PEM wrapping)
         return "mostly_non_text"
     if len(lines) >= 10 and 1 - len(set(lines)) / len(lines) > cfg.max_dup_line_frac:
         return "repetitive"
