@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
@@ -88,20 +89,24 @@ inline int multiprocessors() {
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-// Lets Kernel take `bytes` of dynamic shared memory past the 48 KiB default (once per device; throws naming
-// `what` where the device has less).
+// Lets Kernel take `bytes` of dynamic shared memory past the 48 KiB default, on the current device: the
+// attribute is set when a launch needs more than any launch before it on that device (so kernels whose size
+// depends on the shape work too), not on every launch; throws naming `what` where the device has less.
 template <auto Kernel>
 inline void allow_dynamic_smem(int bytes, const char* what) {
   if (bytes <= 48 * 1024) return;
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) throw std::runtime_error("thrifty: cudaGetDevice failed");
-  static std::atomic<bool> done[64] = {};
-  if (dev < 64 && done[dev].load()) return;
+  static std::atomic<int> allowed[64] = {};
+  if (dev < 64 && bytes <= allowed[dev].load()) return;
+  static std::mutex grow;  // two threads raising it at once must not leave the smaller value set
+  const std::lock_guard<std::mutex> lock(grow);
+  if (dev < 64 && bytes <= allowed[dev].load()) return;
   const cudaError_t err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (err != cudaSuccess)
     throw std::runtime_error(std::string("thrifty: ") + what + " needs " + std::to_string(bytes) +
                              " bytes of shared memory per block: " + cudaGetErrorString(err));
-  if (dev < 64) done[dev].store(true);
+  if (dev < 64) allowed[dev].store(bytes);
 }
 
 // Kernel<<<grid, threads, smem, stream>>>(args...), with the shared memory opt-in it needs first.

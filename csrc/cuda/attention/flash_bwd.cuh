@@ -450,10 +450,8 @@ void run_flash_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
     using Cfg = BwdCfg<D>;
     const int nblocks = (p.seqlen_k + Cfg::BN - 1) / Cfg::BN;
     if (nblocks > 0) {
-      auto kernel = flash_bwd_kv_kernel<T, D>;
-      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Cfg::kSmem)),
-                 "flash_attention_bwd (shared memory opt-in)");
-      kernel<<<dim3(nblocks, p.kv_heads, p.batch), Cfg::kThreads, Cfg::kSmem, stream>>>(p, sm, wl, wr);
+      launch_with_smem<flash_bwd_kv_kernel<T, D>>(dim3(nblocks, p.kv_heads, p.batch), Cfg::kThreads, int(Cfg::kSmem),
+                                                  stream, "flash_attention_bwd (dk, dv)", p, sm, wl, wr);
       check_launch("flash_attention_bwd (dk, dv)");
     }
   }
@@ -461,10 +459,8 @@ void run_flash_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
     using Cfg = BwdDqCfg<D>;
     const int mblocks = (p.seqlen_q + Cfg::BM - 1) / Cfg::BM;
     if (mblocks > 0) {
-      auto kernel = flash_bwd_dq_kernel<T, D>;
-      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Cfg::kSmem)),
-                 "flash_attention_bwd (shared memory opt-in)");
-      kernel<<<dim3(mblocks, p.heads, p.batch), Cfg::kThreads, Cfg::kSmem, stream>>>(p, sm, wl, wr);
+      launch_with_smem<flash_bwd_dq_kernel<T, D>>(dim3(mblocks, p.heads, p.batch), Cfg::kThreads, int(Cfg::kSmem),
+                                                  stream, "flash_attention_bwd (dq)", p, sm, wl, wr);
       check_launch("flash_attention_bwd (dq)");
     }
   }

@@ -57,11 +57,6 @@ __device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t row_st
   }
 }
 
-inline void check_cuda(cudaError_t e, const char* what) {
-  if (e != cudaSuccess)
-    throw std::runtime_error(std::string("thrifty: CUDA error in ") + what + ": " + cudaGetErrorString(e));
-}
-
 // Scratch layout (workspace), Msq = max_seqlen_q (batched: seqlen_q), rows indexed b * Msq + i:
 //   dsum   float [heads][batch * Msq]
 //   dq_acc float [batch * Msq][heads][Dk]        (non-deterministic mode only)

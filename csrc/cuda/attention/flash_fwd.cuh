@@ -237,13 +237,8 @@ void run_flash_fwd(const AttentionParams& p, cudaStream_t stream) {
   if (mblocks == 0 || p.batch == 0 || p.heads == 0) return;
   int wl, wr;
   effective_window(p, wl, wr);
-  auto kernel = flash_fwd_kernel<T, D>;
-  if (Cfg::kSmem > 48 * 1024) {
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Cfg::kSmem)),
-               "flash_attention_fwd (shared memory opt-in)");
-  }
-  dim3 grid(mblocks, p.heads, p.batch);
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmem, stream>>>(p, make_score_map(p), wl, wr);
+  launch_with_smem<flash_fwd_kernel<T, D>>(dim3(mblocks, p.heads, p.batch), Cfg::kThreads, int(Cfg::kSmem), stream,
+                                           "flash_attention_fwd", p, make_score_map(p), wl, wr);
   check_launch("flash_attention_fwd");
 }
 

@@ -283,8 +283,8 @@ int resident_blocks(K kernel, int threads, size_t smem, int64_t want) {
 template <typename T, typename TW, int V>
 int bwd_v(const RmsNormBwdParams& p, cudaStream_t s) {
   const size_t smem = p.hidden * sizeof(float);
-  auto kernel = rms_norm_bwd_kernel<T, TW, V>;
-  if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  constexpr auto kernel = rms_norm_bwd_kernel<T, TW, V>;
+  allow_dynamic_smem<kernel>(static_cast<int>(smem), "rms_norm backward");  // before the occupancy query
   const int threads = threads_for(p.hidden, V);
   const int blocks = resident_blocks(kernel, threads, smem, p.chunks);
   kernel<<<static_cast<unsigned>(blocks), threads, smem, s>>>(p);
