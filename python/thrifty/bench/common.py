@@ -2,7 +2,8 @@
 `thrifty bench [family...]` or the thin scripts bench/<family>.py).
 
 Each family script builds a list of cases, times thrifty against the PyTorch baseline in
-the same process (warm-up, median of many runs), and calls :func:`report`, which prints
+the same process (warm-up, median of many runs; on the CPU the two sides' calls interleaved,
+:func:`timeit_pair`), and calls :func:`report`, which prints
 a markdown table and writes JSON under bench/results/. Rooflines (copy bandwidth and a
 large matmul) are measured in the same run, so ratios hold even when absolute times on
 shared CPUs drift.
@@ -79,6 +80,37 @@ def timeit(fn: Callable[[], object], device: torch.device | str = "cpu", *, warm
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def timeit_pair(fa: Callable[[], object], fb: Callable[[], object], *, warmup: int = 3,
+                min_time: float = 0.3, max_reps: int = 200, block_time: float = 0.05) -> tuple[float, float]:
+    """Median seconds per call of ``fa`` and of ``fb`` on the CPU, their calls interleaved in blocks
+    of about ``block_time`` seconds (each side at least 5 and at most ``max_reps`` calls, about
+    ``min_time`` seconds in all).
+
+    Why interleaved: on a shared box the rate of the machine can change for seconds at a time (the
+    2-vCPU CI box swings between ~0.40 and ~0.21 TFLOP/s of bf16 matmul from one second to the next,
+    as the host moves its vCPUs). Timing one side after the other lets such a swing land on one side
+    only and skew the ratio; interleaved blocks expose both sides to the same machine. Calls within a
+    block run back to back, so each side keeps its warm caches as when timed alone.
+    """
+    for _ in range(warmup):
+        fa()
+        fb()
+    sides = []
+    for fn in (fa, fb):
+        t0 = time.perf_counter()
+        fn()
+        once = max(time.perf_counter() - t0, 1e-6)
+        reps = int(min(max_reps, max(5, min_time / once)))
+        sides.append([fn, reps, max(1, min(reps, int(block_time / once))), []])
+    while any(len(times) < reps for _, reps, _, times in sides):
+        for fn, reps, block, times in sides:
+            for _ in range(min(block, reps - len(times))):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+    return statistics.median(sides[0][3]), statistics.median(sides[1][3])
 
 
 def timeit_graphed(fn: Callable[[], object], device: torch.device | str, *, calls: int = 20) -> float:
@@ -187,6 +219,8 @@ class Bench:
             t = timeit_graphed(thrifty, self.device)
             tt = timeit_graphed(torch_fn, self.device) if torch_fn is not None else None
             extra["graphed"] = True
+        elif torch_fn is not None and self.device.type == "cpu":
+            t, tt = timeit_pair(thrifty, torch_fn)  # interleaved: see timeit_pair
         else:
             t = timeit(thrifty, self.device)
             tt = timeit(torch_fn, self.device) if torch_fn is not None else None
