@@ -16,7 +16,9 @@ from reference import DTYPES, assert_close_to_ref
 from thrifty.nn import QuantLinear
 from thrifty.quant import formats as qf
 
-MS = [1, 3, 5, 7, 8, 9, 300]  # 5 and 7: the GEMV splits M > 4 into two passes (3+2, 4+3)
+# 4: the last M of the bf16 W4 GEMV's 64-k decode; 5 and 7: the float GEMV splits M > 4 into two passes
+# (3+2, 4+3; the bf16 dot GEMV takes them in one)
+MS = [1, 3, 4, 5, 7, 8, 9, 300]
 cpu_isa = cpu_isa_with_bf16_dot_fixture()  # the W4 GEMV of bf16 x: VDPBF16PS and FMA at avx512_bf16
 
 
@@ -242,10 +244,12 @@ def test_leading_dims_and_strided_x():
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("m", [5, 9, 300])  # GEMV, GEMM (bf16: the VDPBF16PS paths pack x rows themselves)
+# GEMV (M <= 4 with groups of 64: the W4 dot path's even/odd copy of x), GEMV, GEMM (bf16: the VDPBF16PS
+# paths pack x rows themselves)
+@pytest.mark.parametrize("m", [3, 5, 9, 300])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_bf16_x_with_odd_row_stride_and_offset(cpu_isa, m, bits):
-    k, n, g = 128, 37, 32
+    k, n, g = 128, 37, 64 if m <= 4 else 32
     base = torch.randn(m * (k + 1) + 1).bfloat16()
     x = base[1:].view(m, k + 1)[:, :k]  # rows start at odd bf16 offsets: no 4-byte alignment
     assert x.stride(0) == k + 1 and x.storage_offset() == 1

@@ -51,6 +51,15 @@ THRIFTY_INLINE void store_any(void* p, int64_t i, float v, DType dt) {
   }
 }
 
+// The W4 dot GEMV decodes 64 k at a time (B64 in gemv_w4_dot) up to this many rows of x: 1.3-1.5x at
+// M = 1-2 and ~1.05x at M = 4 on a Zen 4, but slower at M = 8, where the 32-k decode is kept.
+constexpr int kB64MaxM = 4;
+
+// bf16 elements between rows of x when xbuf holds bf16 copies (the dot GEMV's even/odd split, K a multiple
+// of 64): K + 64, so that rows 4 KiB multiples apart (K = 4096: 8 KiB) do not all map to the same L1 sets.
+// Fits: xbuf has xbuf_stride >= K floats per row, room for 2K >= K + 64 bf16.
+THRIFTY_INLINE int64_t xbuf_bf16_row(const QuantLinearParams& p) { return p.K + 64; }
+
 // x (M, K) any float type -> xbuf (M, K) float32; `interleave`: per block of 2W, even k then odd k.
 template <typename T>
 void prep_x(const QuantLinearParams& p, bool interleave) {
@@ -83,16 +92,36 @@ void prep_x(const QuantLinearParams& p, bool interleave) {
 }
 
 // x's per-group sums (xsum) straight from bf16 x, in k order: what the VDPBF16PS W4 paths need besides x.
-void group_sums_bf16(const QuantLinearParams& p) {
+// split64: also x's rows into xbuf (as bf16, xbuf_bf16_row apart) with each 64-k block's even elements
+// first, then its odd ones: the pair order of gemv_w4_dot's 64-k decode (see there).
+void group_sums_bf16(const QuantLinearParams& p, bool split64) {
   const bf16_t* x = static_cast<const bf16_t*>(p.x);
   const int64_t K = p.K, G = p.group_size, ng = K / G;  // G: a multiple of 32
   parallel_for(0, p.M, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t m = b; m < e; ++m)
+    for (int64_t m = b; m < e; ++m) {
+      const bf16_t* xr = x + m * p.x_stride;
       for (int64_t g = 0; g < ng; ++g) {
         Vec a = Vec::zero();
-        for (int64_t k = g * G; k < (g + 1) * G; k += W) a = a + Vec::load(x + m * p.x_stride + k);
+        for (int64_t k = g * G; k < (g + 1) * G; k += W) a = a + Vec::load(xr + k);
         p.xsum[m * ng + g] = a.reduce_add();
       }
+#if defined(THRIFTY_AVX512_BF16)
+      if (split64) {
+        alignas(64) static constexpr uint16_t kEven[32] = {0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20,
+                                                           22, 24, 26, 28, 30, 32, 34, 36, 38, 40, 42,
+                                                           44, 46, 48, 50, 52, 54, 56, 58, 60, 62};
+        const __m512i even = _mm512_load_si512(kEven), odd = _mm512_add_epi16(even, _mm512_set1_epi16(1));
+        bf16_t* d = reinterpret_cast<bf16_t*>(p.xbuf) + m * xbuf_bf16_row(p);
+        for (int64_t k = 0; k < K; k += 64) {  // K: a multiple of G, itself of 64 here
+          const __m512i a = _mm512_loadu_si512(xr + k), c = _mm512_loadu_si512(xr + k + 32);
+          _mm512_storeu_si512(d + k, _mm512_permutex2var_epi16(a, even, c));
+          _mm512_storeu_si512(d + k + 32, _mm512_permutex2var_epi16(a, odd, c));
+        }
+      }
+#else
+      (void)split64;
+#endif
+    }
   });
 }
 
@@ -231,7 +260,12 @@ THRIFTY_INLINE void gemv_w8(const QuantLinearParams& p, int64_t n0, int64_t m0, 
 // (0x4300): 4 integer ops and one VDPBF16PS per 32 weights, where the float path widens two vectors of
 // nibbles to float and runs two FMAs. The products are exact in float32; the 128 offset joins the
 // zero point in the per-row correction, y = hsum(tot) - sum_g s[g] * (z[g] + 128) * xsum[g].
-template <int MT, int R>
+//
+// B64 (groups of a multiple of 64, x split by group_sums_bf16): 64 k at a time from 32 bytes, 4 integer ops
+// instead of 8: the bytes widened to 16-bit words (b_i in word i), then (b & 15) | 0x4300 and
+// (b >> 4) | 0x4300 in place. 32-bit lane j then holds the pairs (w[4j], w[4j+2]) and (w[4j+1], w[4j+3]),
+// whose x pairs are the block's even and odd elements: what the split copy of x holds.
+template <int MT, int R, bool B64>
 THRIFTY_INLINE void gemv_w4_dot(const QuantLinearParams& p, int64_t n0, int64_t m0, bool pf) {
   constexpr bool TWO = MT * R <= 4;  // two accumulator chains per (row, column) for VDPBF16PS latency
   const int64_t K = p.K, G = p.group_size, ng = K / G;
@@ -247,6 +281,32 @@ THRIFTY_INLINE void gemv_w4_dot(const QuantLinearParams& p, int64_t n0, int64_t 
     for (int m = 0; m < MT; ++m)
       for (int r = 0; r < R; ++r) a0[m][r] = a1[m][r] = _mm512_setzero_ps();
     if (pf) w4.prefetch_next_block(g, G);
+    if constexpr (B64) {
+      const __m512i lo15 = _mm512_set1_epi16(0x000F), b128w = _mm512_set1_epi16(0x4300);
+      const bf16_t* xs = reinterpret_cast<const bf16_t*>(p.xbuf) + m0 * xbuf_bf16_row(p);
+      for (int64_t k = g * G; k < (g + 1) * G; k += 64) {
+        __m512bh wl[R], wh[R];
+        for (int r = 0; r < R; ++r) {
+          const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[r] + k / 2)));
+          const __m512i l = _mm512_ternarylogic_epi32(b, lo15, b128w, 0xEA);  // (b & 15) | 0x4300
+          const __m512i h = _mm512_or_si512(_mm512_srli_epi16(b, 4), b128w);
+          std::memcpy(&wl[r], &l, sizeof(l));
+          std::memcpy(&wh[r], &h, sizeof(h));
+        }
+        for (int m = 0; m < MT; ++m) {
+          const bf16_t* xm = xs + m * xbuf_bf16_row(p) + k;
+          const __m512i xe = _mm512_loadu_si512(xm), xo = _mm512_loadu_si512(xm + 32);
+          __m512bh be, bo;
+          std::memcpy(&be, &xe, sizeof(be));
+          std::memcpy(&bo, &xo, sizeof(bo));
+          for (int r = 0; r < R; ++r) {
+            a0[m][r] = _mm512_dpbf16_ps(a0[m][r], be, wl[r]);
+            if (TWO) a1[m][r] = _mm512_dpbf16_ps(a1[m][r], bo, wh[r]);
+            else a0[m][r] = _mm512_dpbf16_ps(a0[m][r], bo, wh[r]);
+          }
+        }
+      }
+    } else
     for (int64_t k = g * G; k < (g + 1) * G; k += 2 * W) {
       const bool odd = TWO && ((k - g * G) / (2 * W)) % 2 == 1;
       __m512bh wb[R];
@@ -288,7 +348,11 @@ THRIFTY_INLINE void gemv_w4_dot(const QuantLinearParams& p, int64_t n0, int64_t 
 template <int MT, int R>
 THRIFTY_INLINE void gemv_rows_part(const QuantLinearParams& p, int64_t n0, int64_t m0, bool pf, bool dot) {
 #if defined(THRIFTY_AVX512_BF16)
-  if (dot) return gemv_w4_dot<MT, R>(p, n0, m0, pf);
+  if (dot) {
+    if constexpr (MT <= kB64MaxM)
+      if (p.group_size % 64 == 0) return gemv_w4_dot<MT, R, true>(p, n0, m0, pf);
+    return gemv_w4_dot<MT, R, false>(p, n0, m0, pf);
+  }
 #else
   (void)dot;
 #endif
@@ -588,7 +652,7 @@ void quant_linear_fwd(const QuantLinearParams& p) {
   const bool dot_gemm = false, dot = false;
 #endif
   if (dot) {
-    if (p.bits == 4) group_sums_bf16(p);
+    if (p.bits == 4) group_sums_bf16(p, use_gemv && p.M <= kB64MaxM && p.group_size % 64 == 0);
   } else {
     const bool interleave = p.bits == 4;  // GEMV and GEMM both read W4 rows in even/odd order
     switch (p.dtype) {
