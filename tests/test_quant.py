@@ -16,8 +16,7 @@ from reference import DTYPES, assert_close_to_ref
 from thrifty.nn import QuantLinear
 from thrifty.quant import formats as qf
 
-# 4: the last M of the bf16 W4 GEMV's 64-k decode; 5 and 7: the float GEMV splits M > 4 into two passes
-# (3+2, 4+3; the bf16 dot GEMV takes them in one)
+# 5 and 7: the float GEMV splits M > 4 into two passes (3+2, 4+3; the bf16 dot GEMV takes them in one)
 MS = [1, 3, 4, 5, 7, 8, 9, 300]
 cpu_isa = cpu_isa_with_bf16_dot_fixture()  # the W4 GEMV of bf16 x: VDPBF16PS and FMA at avx512_bf16
 
@@ -244,8 +243,8 @@ def test_leading_dims_and_strided_x():
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-# GEMV (M <= 4 with groups of 64: the W4 dot path's even/odd copy of x), GEMV, GEMM (bf16: the VDPBF16PS
-# paths pack x rows themselves)
+# GEMV (groups of 64: the W4 dot GEMV's even/odd copy of x; of 32: x read in place), GEMM (bf16: the
+# VDPBF16PS paths pack x rows themselves)
 @pytest.mark.parametrize("m", [3, 5, 9, 300])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_bf16_x_with_odd_row_stride_and_offset(cpu_isa, m, bits):

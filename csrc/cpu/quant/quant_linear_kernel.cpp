@@ -51,10 +51,6 @@ THRIFTY_INLINE void store_any(void* p, int64_t i, float v, DType dt) {
   }
 }
 
-// The W4 dot GEMV decodes 64 k at a time (B64 in gemv_w4_dot) up to this many rows of x: 1.3-1.5x at
-// M = 1-2 and ~1.05x at M = 4 on a Zen 4, but slower at M = 8, where the 32-k decode is kept.
-constexpr int kB64MaxM = 4;
-
 // bf16 elements between rows of x when xbuf holds bf16 copies (the dot GEMV's even/odd split, K a multiple
 // of 64): K + 64, so that rows 4 KiB multiples apart (K = 4096: 8 KiB) do not all map to the same L1 sets.
 // Fits: xbuf has xbuf_stride >= K floats per row, room for 2K >= K + 64 bf16.
@@ -264,7 +260,10 @@ THRIFTY_INLINE void gemv_w8(const QuantLinearParams& p, int64_t n0, int64_t m0, 
 // B64 (groups of a multiple of 64, x split by group_sums_bf16): 64 k at a time from 32 bytes, 4 integer ops
 // instead of 8: the bytes widened to 16-bit words (b_i in word i), then (b & 15) | 0x4300 and
 // (b >> 4) | 0x4300 in place. 32-bit lane j then holds the pairs (w[4j], w[4j+2]) and (w[4j+1], w[4j+3]),
-// whose x pairs are the block's even and odd elements: what the split copy of x holds.
+// whose x pairs are the block's even and odd elements: what the split copy of x holds. On a Zen 4 (best of
+// 6 windows, alternating builds, K4096 N14336 and K14336 N4096): M = 1 ~1.05 -> ~0.70 ms (the GEMV was
+// bound by vector-op issue, not memory: 33 GB/s from L3 as from DRAM), M = 2 1.4 -> 1.0, M = 4 1.8 -> 1.65,
+// M = 8 3.3 -> 3.15.
 template <int MT, int R, bool B64>
 THRIFTY_INLINE void gemv_w4_dot(const QuantLinearParams& p, int64_t n0, int64_t m0, bool pf) {
   constexpr bool TWO = MT * R <= 4;  // two accumulator chains per (row, column) for VDPBF16PS latency
@@ -285,24 +284,26 @@ THRIFTY_INLINE void gemv_w4_dot(const QuantLinearParams& p, int64_t n0, int64_t 
       const __m512i lo15 = _mm512_set1_epi16(0x000F), b128w = _mm512_set1_epi16(0x4300);
       const bf16_t* xs = reinterpret_cast<const bf16_t*>(p.xbuf) + m0 * xbuf_bf16_row(p);
       for (int64_t k = g * G; k < (g + 1) * G; k += 64) {
-        __m512bh wl[R], wh[R];
-        for (int r = 0; r < R; ++r) {
-          const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[r] + k / 2)));
-          const __m512i l = _mm512_ternarylogic_epi32(b, lo15, b128w, 0xEA);  // (b & 15) | 0x4300
-          const __m512i h = _mm512_or_si512(_mm512_srli_epi16(b, 4), b128w);
-          std::memcpy(&wl[r], &l, sizeof(l));
-          std::memcpy(&wh[r], &h, sizeof(h));
-        }
-        for (int m = 0; m < MT; ++m) {
-          const bf16_t* xm = xs + m * xbuf_bf16_row(p) + k;
-          const __m512i xe = _mm512_loadu_si512(xm), xo = _mm512_loadu_si512(xm + 32);
-          __m512bh be, bo;
-          std::memcpy(&be, &xe, sizeof(be));
-          std::memcpy(&bo, &xo, sizeof(bo));
+        __m512i b[R];
+        __m512bh w[R];
+        for (int r = 0; r < R; ++r)
+          b[r] = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[r] + k / 2)));
+        // the low nibbles against the even x, then the high ones against the odd x: one set of decoded
+        // weights live at a time (with both, 8 rows of x ran out of registers and slowed)
+        for (int h = 0; h < 2; ++h) {
           for (int r = 0; r < R; ++r) {
-            a0[m][r] = _mm512_dpbf16_ps(a0[m][r], be, wl[r]);
-            if (TWO) a1[m][r] = _mm512_dpbf16_ps(a1[m][r], bo, wh[r]);
-            else a0[m][r] = _mm512_dpbf16_ps(a0[m][r], bo, wh[r]);
+            const __m512i v = h == 0 ? _mm512_ternarylogic_epi32(b[r], lo15, b128w, 0xEA)  // (b & 15) | 0x4300
+                                     : _mm512_or_si512(_mm512_srli_epi16(b[r], 4), b128w);
+            std::memcpy(&w[r], &v, sizeof(v));
+          }
+          for (int m = 0; m < MT; ++m) {
+            const __m512i xv = _mm512_loadu_si512(xs + m * xbuf_bf16_row(p) + k + 32 * h);
+            __m512bh xb;
+            std::memcpy(&xb, &xv, sizeof(xb));
+            for (int r = 0; r < R; ++r) {
+              if (TWO && h == 1) a1[m][r] = _mm512_dpbf16_ps(a1[m][r], xb, w[r]);
+              else a0[m][r] = _mm512_dpbf16_ps(a0[m][r], xb, w[r]);
+            }
           }
         }
       }
@@ -349,8 +350,7 @@ template <int MT, int R>
 THRIFTY_INLINE void gemv_rows_part(const QuantLinearParams& p, int64_t n0, int64_t m0, bool pf, bool dot) {
 #if defined(THRIFTY_AVX512_BF16)
   if (dot) {
-    if constexpr (MT <= kB64MaxM)
-      if (p.group_size % 64 == 0) return gemv_w4_dot<MT, R, true>(p, n0, m0, pf);
+    if (p.group_size % 64 == 0) return gemv_w4_dot<MT, R, true>(p, n0, m0, pf);
     return gemv_w4_dot<MT, R, false>(p, n0, m0, pf);
   }
 #else
@@ -652,7 +652,7 @@ void quant_linear_fwd(const QuantLinearParams& p) {
   const bool dot_gemm = false, dot = false;
 #endif
   if (dot) {
-    if (p.bits == 4) group_sums_bf16(p, use_gemv && p.M <= kB64MaxM && p.group_size % 64 == 0);
+    if (p.bits == 4) group_sums_bf16(p, use_gemv && p.group_size % 64 == 0);
   } else {
     const bool interleave = p.bits == 4;  // GEMV and GEMM both read W4 rows in even/odd order
     switch (p.dtype) {
