@@ -307,27 +307,28 @@ THRIFTY_INLINE void gemv_w4_dot(const QuantLinearParams& p, int64_t n0, int64_t 
           }
         }
       }
-    } else
-    for (int64_t k = g * G; k < (g + 1) * G; k += 2 * W) {
-      const bool odd = TWO && ((k - g * G) / (2 * W)) % 2 == 1;
-      __m512bh wb[R];
-      for (int r = 0; r < R; ++r) {
-        const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[r] + k / 2)));
-        // (d | d << 12) holds lo in bits 0-3 and hi in bits 16-19; (t & nib) | b128 in one ternary-logic op
-        const __m512i t = _mm512_or_si512(d, _mm512_slli_epi32(d, 12));
-        const __m512i wv = _mm512_ternarylogic_epi32(t, nib, b128, 0xEA);
-        std::memcpy(&wb[r], &wv, sizeof(wb[r]));
-      }
-      // x row outer: each 64-byte x load (from L2 for long rows: 8 rows of K = 14336 are 224 KiB) serves
-      // the R weight rows; with the row loop outer the compiler reloaded x for every weight row.
-      for (int m = 0; m < MT; ++m) {
-        const bf16_t* xm = static_cast<const bf16_t*>(p.x) + (m0 + m) * p.x_stride + k;
-        const __m512i xv = _mm512_loadu_si512(xm);
-        __m512bh xb;
-        std::memcpy(&xb, &xv, sizeof(xb));
+    } else {
+      for (int64_t k = g * G; k < (g + 1) * G; k += 2 * W) {
+        const bool odd = TWO && ((k - g * G) / (2 * W)) % 2 == 1;
+        __m512bh wb[R];
         for (int r = 0; r < R; ++r) {
-          if (odd) a1[m][r] = _mm512_dpbf16_ps(a1[m][r], xb, wb[r]);
-          else a0[m][r] = _mm512_dpbf16_ps(a0[m][r], xb, wb[r]);
+          const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[r] + k / 2)));
+          // (d | d << 12) holds lo in bits 0-3 and hi in bits 16-19; (t & nib) | b128 in one ternary-logic op
+          const __m512i t = _mm512_or_si512(d, _mm512_slli_epi32(d, 12));
+          const __m512i wv = _mm512_ternarylogic_epi32(t, nib, b128, 0xEA);
+          std::memcpy(&wb[r], &wv, sizeof(wb[r]));
+        }
+        // x row outer: each 64-byte x load (from L2 for long rows: 8 rows of K = 14336 are 224 KiB) serves
+        // the R weight rows; with the row loop outer the compiler reloaded x for every weight row.
+        for (int m = 0; m < MT; ++m) {
+          const bf16_t* xm = static_cast<const bf16_t*>(p.x) + (m0 + m) * p.x_stride + k;
+          const __m512i xv = _mm512_loadu_si512(xm);
+          __m512bh xb;
+          std::memcpy(&xb, &xv, sizeof(xb));
+          for (int r = 0; r < R; ++r) {
+            if (odd) a1[m][r] = _mm512_dpbf16_ps(a1[m][r], xb, wb[r]);
+            else a0[m][r] = _mm512_dpbf16_ps(a0[m][r], xb, wb[r]);
+          }
         }
       }
     }
