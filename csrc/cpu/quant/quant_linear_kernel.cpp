@@ -56,6 +56,10 @@ THRIFTY_INLINE void store_any(void* p, int64_t i, float v, DType dt) {
 // Fits: xbuf has xbuf_stride >= K floats per row, room for 2K >= K + 64 bf16.
 THRIFTY_INLINE int64_t xbuf_bf16_row(const QuantLinearParams& p) { return p.K + 64; }
 
+// Whether the W4 dot GEMV decodes 64 k at a time (gemv_w4_dot's B64): the one rule for both the GEMV and
+// the even/odd copy of x it reads (group_sums_bf16's split64), so the two cannot disagree.
+THRIFTY_INLINE bool w4_dot_b64(const QuantLinearParams& p) { return p.group_size % 64 == 0; }
+
 // x (M, K) any float type -> xbuf (M, K) float32; `interleave`: per block of 2W, even k then odd k.
 template <typename T>
 void prep_x(const QuantLinearParams& p, bool interleave) {
@@ -351,7 +355,7 @@ template <int MT, int R>
 THRIFTY_INLINE void gemv_rows_part(const QuantLinearParams& p, int64_t n0, int64_t m0, bool pf, bool dot) {
 #if defined(THRIFTY_AVX512_BF16)
   if (dot) {
-    if (p.group_size % 64 == 0) return gemv_w4_dot<MT, R, true>(p, n0, m0, pf);
+    if (w4_dot_b64(p)) return gemv_w4_dot<MT, R, true>(p, n0, m0, pf);
     return gemv_w4_dot<MT, R, false>(p, n0, m0, pf);
   }
 #else
@@ -653,7 +657,7 @@ void quant_linear_fwd(const QuantLinearParams& p) {
   const bool dot_gemm = false, dot = false;
 #endif
   if (dot) {
-    if (p.bits == 4) group_sums_bf16(p, use_gemv && p.group_size % 64 == 0);
+    if (p.bits == 4) group_sums_bf16(p, use_gemv && w4_dot_b64(p));
   } else {
     const bool interleave = p.bits == 4;  // GEMV and GEMM both read W4 rows in even/odd order
     switch (p.dtype) {

@@ -46,6 +46,11 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
+def _reps(once: float, min_time: float, max_reps: int) -> int:
+    """Timed calls for a function taking ``once`` seconds: about ``min_time`` in all, 5 to ``max_reps``."""
+    return int(min(max_reps, max(5, min_time / once)))
+
+
 def timeit(fn: Callable[[], object], device: torch.device | str = "cpu", *, warmup: int = 3,
            reps: int | None = None, min_time: float = 0.3, max_reps: int = 200) -> float:
     """Median seconds per call of ``fn`` after ``warmup`` calls.
@@ -63,7 +68,7 @@ def timeit(fn: Callable[[], object], device: torch.device | str = "cpu", *, warm
         fn()
         sync(dev)
         once = max(time.perf_counter() - t0, 1e-6)
-        reps = int(min(max_reps, max(5, min_time / once)))
+        reps = _reps(once, min_time, max_reps)
     times = []
     if dev.type == "cuda":
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
@@ -102,7 +107,7 @@ def timeit_pair(fa: Callable[[], object], fb: Callable[[], object], *, warmup: i
         t0 = time.perf_counter()
         fn()
         once = max(time.perf_counter() - t0, 1e-6)
-        reps = int(min(max_reps, max(5, min_time / once)))
+        reps = _reps(once, min_time, max_reps)
         sides.append([fn, reps, max(1, min(reps, int(block_time / once))), []])
     while any(len(times) < reps for _, reps, _, times in sides):
         for fn, reps, block, times in sides:
