@@ -68,6 +68,9 @@ TORCH_LIBRARY(thrifty, m) {
   // (tokens, V) logits never exist. reduction 0 none / 1 mean / 2 sum; softcap > 0 caps logits c*tanh(x/c).
   // Returns the loss (hidden's dtype; scalar, or (tokens,) for none) and lse (tokens,) float32 for the backward.
   m.def("linear_cross_entropy(Tensor hidden, Tensor weight, Tensor labels, int ignore_index, int reduction, float label_smoothing, float softcap, int chunk_size) -> (Tensor loss, Tensor lse)");
-  // Gradients w.r.t. hidden and weight, recomputing the logits block by block over the vocab from lse.
-  m.def("linear_cross_entropy_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor labels, Tensor lse, int ignore_index, int reduction, float label_smoothing, float softcap, int chunk_size) -> (Tensor grad_hidden, Tensor grad_weight)");
+  // The same as one chunk, also returning its logits (tokens, V) in hidden's dtype for the backward (small inputs).
+  m.def("linear_cross_entropy_keep_logits(Tensor hidden, Tensor weight, Tensor labels, int ignore_index, int reduction, float label_smoothing, float softcap) -> (Tensor loss, Tensor lse, Tensor logits)");
+  // Gradients w.r.t. hidden and weight, recomputing the logits block by block over the vocab from lse, or
+  // taking them from `logits` (the keep_logits forward's third output; read, not modified).
+  m.def("linear_cross_entropy_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor labels, Tensor lse, int ignore_index, int reduction, float label_smoothing, float softcap, int chunk_size, Tensor? logits=None) -> (Tensor grad_hidden, Tensor grad_weight)");
 }

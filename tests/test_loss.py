@@ -114,6 +114,78 @@ def test_opcheck(dtype, device):
                           (torch.tensor(2.0, device=device), hd, wd, y, lse, -100, 1, 0.1, 2.0, 0))
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_logits_give_the_recomputed_gradients(device, reduction, dtype):
+    # chunk_size=0 keeps the forward's logits for the backward (small input, grads needed); chunk_size=T runs
+    # the same one-chunk forward and recomputes them: the same numbers up to the matmuls' blocking
+    T, H, V = 29, 40, 203
+    h, w, y = make(T, H, V, dtype, device)
+    if dtype == torch.bfloat16 and device.type == "cpu" and not thrifty.ops.loss._cpu_multiplies_bf16():
+        pytest.skip("below avx512_bf16 the CPU multiplies bfloat16 in float32 copies: logits are not kept")
+    assert thrifty.ops.loss._keep_logits(h.requires_grad_(), w, 0)
+    gout = torch.randn(T if reduction == "none" else (), dtype=torch.float64).to(device)
+    kept = run(thrifty.ops.linear_cross_entropy, h, w, y, gout, reduction=reduction, **LS_CAP)
+    recomputed = run(thrifty.ops.linear_cross_entropy, h, w, y, gout, reduction=reduction, chunk_size=T, **LS_CAP)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-4)
+    for a, b in zip(kept, recomputed):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_kept_logits_survive_a_retained_graph():
+    # the backward turns its copy of the logits into the gradient in place: a second backward must see the logits
+    h, w, y = make(16, 24, 50, torch.float32, "cpu")
+    h.requires_grad_()
+    loss = thrifty.ops.linear_cross_entropy(h, w, y, label_smoothing=0.1)
+    assert "linear_cross_entropy_keep_logits" in loss.grad_fn.name()
+    loss.backward(retain_graph=True)
+    first = h.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(h.grad, 2 * first, rtol=0, atol=0)
+
+
+def test_when_logits_are_kept(monkeypatch):
+    h, w, y = make(16, 24, 50, torch.float32, "cpu")
+    keep = thrifty.ops.loss._keep_logits
+    assert not keep(h, w, 0)  # nothing needs a gradient
+    hg = h.clone().requires_grad_()
+    assert keep(hg, w, 0) and not keep(hg, w, 8)  # an explicit chunk size is kept to
+    with torch.no_grad():
+        assert not keep(hg, w, 0)
+    monkeypatch.setattr(thrifty.ops.loss, "KEEP_LOGITS_BYTES", 16 * 50 * 4 - 1)  # one byte short
+    assert not keep(hg, w, 0)
+    loss = thrifty.ops.linear_cross_entropy(hg, w, y)
+    assert "keep_logits" not in loss.grad_fn.name()  # the recomputing op
+    loss.backward()
+    ref = run(torch_loss, h.double(), w.double(), y, torch.tensor(1.0, dtype=torch.float64), reduction="mean")
+    torch.testing.assert_close(hg.grad.double(), ref[1], rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_keep_logits(dtype, device):
+    h, w, y = make(13, 24, 40, dtype, device)
+    h.requires_grad_()
+    w.requires_grad_()
+    for red in (0, 1, 2):
+        torch.library.opcheck(torch.ops.thrifty.linear_cross_entropy_keep_logits, (h, w, y, -100, red, 0.1, 3.0))
+    hd, wd = h.detach(), w.detach()
+    _, lse, logits = torch.ops.thrifty.linear_cross_entropy_keep_logits(hd, wd, y, -100, 0, 0.0, 0.0)
+    assert logits.shape == (13, 40) and logits.dtype == dtype
+    torch.library.opcheck(torch.ops.thrifty.linear_cross_entropy_backward,
+                          (torch.randn(13, device=device), hd, wd, y, lse, -100, 0, 0.0, 0.0, 0, logits))
+
+
+def test_backward_rejects_logits_of_the_wrong_shape():
+    h, w, y = make(6, 16, 30, torch.float32, "cpu")
+    _, lse, logits = torch.ops.thrifty.linear_cross_entropy_keep_logits(h, w, y, -100, 1, 0.0, 0.0)
+    with pytest.raises(ValueError, match=r"'logits' must have shape \(6, 30\)"):
+        torch.ops.thrifty.linear_cross_entropy_backward(torch.tensor(1.0), h, w, y, lse, -100, 1, 0.0, 0.0, 0,
+                                                        logits[:, :-1])
+    with pytest.raises(TypeError, match="'logits' must have the same dtype as 'hidden'"):
+        torch.ops.thrifty.linear_cross_entropy_backward(torch.tensor(1.0), h, w, y, lse, -100, 1, 0.0, 0.0, 0,
+                                                        logits.double())
+
+
 def test_torch_compile_fullgraph():
     h, w, y = make(16, 32, 64, torch.float32, "cpu")
 

@@ -13,6 +13,11 @@
 // one code path for every reduction (reduction="none" needs the per-token incoming gradient,
 // which only the backward has), no gradient stored between forward and backward, and
 // grad_weight rounded once instead of once per token chunk.
+// Small inputs skip the recompute: linear_cross_entropy_keep_logits runs the forward as one chunk and
+// returns its (tokens, V) logits, which the backward then takes (a copy of them: the gradient kernel
+// works in place and the saved logits must survive a retain_graph backward) instead of the matmul. The
+// Python wrapper picks it for logits of at most 64 MiB (ops/loss.py), where one logits matmul is about a
+// quarter of the loss's forward + backward.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -86,22 +91,27 @@ inline int64_t lce_block(int64_t n, int64_t other, int64_t chunk_size, int64_t m
   return std::max<int64_t>(1, std::min<int64_t>(n, rows));
 }
 
-inline std::tuple<at::Tensor, at::Tensor> lce_forward(const at::Tensor& hidden, const at::Tensor& weight,
-                                                      const at::Tensor& labels, int64_t ignore_index,
-                                                      int64_t reduction, double label_smoothing, double softcap,
-                                                      int64_t chunk_size, CeFwdFn fwd) {
-  const char* op = "linear_cross_entropy";
+// keep: one chunk, and its logits returned third (in hidden's dtype; undefined when !keep).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_forward(const at::Tensor& hidden, const at::Tensor& weight,
+                                                                  const at::Tensor& labels, int64_t ignore_index,
+                                                                  int64_t reduction, double label_smoothing,
+                                                                  double softcap, int64_t chunk_size, CeFwdFn fwd,
+                                                                  bool keep = false) {
+  const char* op = keep ? "linear_cross_entropy_keep_logits" : "linear_cross_entropy";
   lce_check(op, hidden, weight, labels, reduction, label_smoothing, softcap, chunk_size);
   const int64_t T = hidden.size(0), V = weight.size(0);
   const int64_t count = lce_count_labels(op, labels, V, ignore_index);
   auto h = lce_operand(hidden.contiguous()), w = lce_operand(weight.contiguous()), lab = labels.contiguous();
   auto f32 = hidden.options().dtype(at::kFloat);
   auto loss_rows = at::empty({T}, f32), lse = at::empty({T}, f32);
-  const int64_t rows = lce_block(T, V, chunk_size, hidden.device().is_cpu() ? kLceCpuMinRows : 1);
+  const int64_t rows = keep ? std::max<int64_t>(T, 1)
+                            : lce_block(T, V, chunk_size, hidden.device().is_cpu() ? kLceCpuMinRows : 1);
   auto wt = w.t();
+  at::Tensor kept;
   for (int64_t s = 0; s < T; s += rows) {
     const int64_t n = std::min(rows, T - s);
     auto logits = at::mm(h.narrow(0, s, n), wt);
+    if (keep) kept = logits;
     CeFwdParams p;
     p.rows = n;
     p.vocab = V;
@@ -124,14 +134,15 @@ inline std::tuple<at::Tensor, at::Tensor> lce_forward(const at::Tensor& hidden, 
     if (reduction == kLceMean) total = total / static_cast<double>(count);  // 0/0 = nan, as torch
     loss = total.to(hidden.scalar_type());
   }
-  return {loss, lse};
+  if (keep) kept = T == 0 ? at::empty({0, V}, hidden.options()) : kept.to(hidden.scalar_type());
+  return {loss, lse, kept};
 }
 
 inline std::tuple<at::Tensor, at::Tensor> lce_backward(const at::Tensor& grad_loss, const at::Tensor& hidden,
                                                        const at::Tensor& weight, const at::Tensor& labels,
                                                        const at::Tensor& lse, int64_t ignore_index, int64_t reduction,
                                                        double label_smoothing, double softcap, int64_t chunk_size,
-                                                       CeGradFn grad_fn) {
+                                                       CeGradFn grad_fn, const c10::optional<at::Tensor>& logits) {
   const char* op = "linear_cross_entropy_backward";
   lce_check(op, hidden, weight, labels, reduction, label_smoothing, softcap, chunk_size);
   check_same_device(op, "grad_loss", grad_loss, "hidden", hidden);
@@ -147,6 +158,14 @@ inline std::tuple<at::Tensor, at::Tensor> lce_backward(const at::Tensor& grad_lo
     TORCH_CHECK_VALUE(grad_loss.numel() == 1, "thrifty.", op,
                       ": argument 'grad_loss' must be a scalar for reduction mean or sum, got shape ", grad_loss.sizes());
   }
+  const bool have_logits = logits.has_value() && logits->defined();
+  if (have_logits) {
+    check_same_dtype(op, "logits", *logits, "hidden", hidden);
+    check_same_device(op, "logits", *logits, "hidden", hidden);
+    TORCH_CHECK_VALUE(logits->dim() == 2 && logits->size(0) == T && logits->size(1) == V, "thrifty.", op,
+                      ": argument 'logits' must have shape (", T, ", ", V, ") (hidden @ weight.T), got ",
+                      logits->sizes());
+  }
   auto h = lce_operand(hidden.contiguous()), w = lce_operand(weight.contiguous());
   auto lab = labels.contiguous(), l = lse.contiguous();
   at::Tensor scale = grad_loss.to(at::kFloat).reshape({-1}).contiguous();
@@ -161,11 +180,17 @@ inline std::tuple<at::Tensor, at::Tensor> lce_backward(const at::Tensor& grad_lo
     gw.zero_();
     return {gh_acc.to(hidden.scalar_type()), gw};
   }
-  const int64_t cols = lce_block(V, T, chunk_size);
+  const int64_t cols = have_logits ? V : lce_block(V, T, chunk_size);
   for (int64_t v0 = 0; v0 < V; v0 += cols) {
     const int64_t n = std::min(cols, V - v0);
     auto wb = w.narrow(0, v0, n);
-    auto z = at::mm(h, wb.t());  // (T, n)
+    at::Tensor z;  // (T, n), turned into G in place below
+    if (have_logits) {
+      z = lce_operand(*logits);
+      z = z.is_same(*logits) ? z.clone(at::MemoryFormat::Contiguous) : z.contiguous();
+    } else {
+      z = at::mm(h, wb.t());
+    }
     CeGradParams p;
     p.rows = T;
     p.cols = n;

@@ -17,23 +17,34 @@ std::tuple<at::Tensor, at::Tensor> lce_cuda(const at::Tensor& hidden, const at::
                                             int64_t ignore_index, int64_t reduction, double label_smoothing,
                                             double softcap, int64_t chunk_size) {
   const c10::cuda::OptionalCUDAGuard guard(cuda::cuda_device_of(hidden));
-  return lce_forward(hidden, weight, labels, ignore_index, reduction, label_smoothing, softcap, chunk_size,
-                     &ce_fwd_cuda);
+  auto r = lce_forward(hidden, weight, labels, ignore_index, reduction, label_smoothing, softcap, chunk_size,
+                       &ce_fwd_cuda);
+  return {std::get<0>(r), std::get<1>(r)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_keep_cuda(const at::Tensor& hidden, const at::Tensor& weight,
+                                                         const at::Tensor& labels, int64_t ignore_index,
+                                                         int64_t reduction, double label_smoothing, double softcap) {
+  const c10::cuda::OptionalCUDAGuard guard(cuda::cuda_device_of(hidden));
+  return lce_forward(hidden, weight, labels, ignore_index, reduction, label_smoothing, softcap, 0, &ce_fwd_cuda,
+                     /*keep=*/true);
 }
 
 std::tuple<at::Tensor, at::Tensor> lce_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& hidden,
                                                      const at::Tensor& weight, const at::Tensor& labels,
                                                      const at::Tensor& lse, int64_t ignore_index, int64_t reduction,
-                                                     double label_smoothing, double softcap, int64_t chunk_size) {
+                                                     double label_smoothing, double softcap, int64_t chunk_size,
+                                                    const c10::optional<at::Tensor>& logits) {
   const c10::cuda::OptionalCUDAGuard guard(cuda::cuda_device_of(hidden));
   return lce_backward(grad_loss, hidden, weight, labels, lse, ignore_index, reduction, label_smoothing, softcap,
-                      chunk_size, &ce_grad_cuda);
+                      chunk_size, &ce_grad_cuda, logits);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(thrifty, CUDA, m) {
   m.impl("linear_cross_entropy", &lce_cuda);
+  m.impl("linear_cross_entropy_keep_logits", &lce_keep_cuda);
   m.impl("linear_cross_entropy_backward", &lce_backward_cuda);
 }
 

@@ -25,6 +25,14 @@ in exchange every reduction, "none" included (whose gradient needs the per-token
 gradient, only known in the backward; public fused losses get it wrong), has one tested code
 path, nothing but lse is stored between forward and backward, and grad_weight is rounded to
 bf16/f16 once rather than once per token chunk.
+
+Small inputs skip the recompute: when a gradient will be needed and the whole (tokens, vocab)
+logits take at most 64 MiB (``KEEP_LOGITS_BYTES``; e.g. 512 tokens x 32000 vocab in bfloat16), the
+forward runs as one chunk and keeps its logits for the backward (the op
+``linear_cross_entropy_keep_logits``), which then starts from them instead of the matmul: one
+logits matmul fewer, about a quarter of the loss's forward + backward, for that much memory
+held between the two. Not with an explicit ``chunk_size``, nor where the CPU multiplies bfloat16
+and float16 in float32 copies (below avx512_bf16: the kept logits would be rounded).
 """
 from __future__ import annotations
 
@@ -34,6 +42,24 @@ from thrifty.ops._common import register_fake, register_no_double_backward
 
 _ops = torch.ops.thrifty
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+KEEP_LOGITS_BYTES = 64 << 20  # the most logits memory the forward keeps for the backward
+
+
+@torch.compiler.assume_constant_result  # a constant to torch.compile (no graph break on the extension call)
+def _cpu_multiplies_bf16() -> bool:
+    """Whether the CPU kernels in use multiply bfloat16 natively (avx512_bf16; below it, in float32 copies)."""
+    from thrifty import _C
+
+    return _C.cpu_isa() == "avx512_bf16"
+
+
+def _keep_logits(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int) -> bool:
+    """Whether the forward keeps its logits for the backward (see the module docstring)."""
+    if chunk_size != 0 or not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
+        return False
+    if hidden.device.type == "cpu" and hidden.dtype != torch.float32 and not _cpu_multiplies_bf16():
+        return False
+    return hidden.shape[0] * weight.shape[0] * hidden.element_size() <= KEEP_LOGITS_BYTES
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -63,8 +89,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     red = _REDUCTIONS[reduction]
     h2 = hidden.reshape(-1, hidden.shape[-1])
     l2 = labels.reshape(-1)
-    loss, _ = _ops.linear_cross_entropy(h2, weight, l2, int(ignore_index), red, float(label_smoothing),
-                                        float(softcap), int(chunk_size))
+    if _keep_logits(h2, weight, int(chunk_size)):
+        loss = _ops.linear_cross_entropy_keep_logits(h2, weight, l2, int(ignore_index), red, float(label_smoothing),
+                                                     float(softcap))[0]
+    else:
+        loss = _ops.linear_cross_entropy(h2, weight, l2, int(ignore_index), red, float(label_smoothing),
+                                         float(softcap), int(chunk_size))[0]
     return loss.view(labels.shape) if red == 0 else loss
 
 
@@ -75,9 +105,15 @@ def _lce_fake(hidden, weight, labels, ignore_index, reduction, label_smoothing, 
     return hidden.new_empty((T,) if reduction == 0 else ()), hidden.new_empty((T,), dtype=torch.float32)
 
 
+@register_fake("thrifty::linear_cross_entropy_keep_logits")
+def _lce_keep_fake(hidden, weight, labels, ignore_index, reduction, label_smoothing, softcap):
+    loss, lse = _lce_fake(hidden, weight, labels, ignore_index, reduction, label_smoothing, softcap, 0)
+    return loss, lse, hidden.new_empty((hidden.shape[0], weight.shape[0]))
+
+
 @register_fake("thrifty::linear_cross_entropy_backward")
 def _lce_backward_fake(grad_loss, hidden, weight, labels, lse, ignore_index, reduction, label_smoothing, softcap,
-                       chunk_size):
+                       chunk_size, logits=None):
     return (torch.empty_like(hidden, memory_format=torch.contiguous_format),
             torch.empty_like(weight, memory_format=torch.contiguous_format))
 
@@ -96,4 +132,19 @@ def _backward(ctx, grad_loss, _grad_lse):
 
 
 torch.library.register_autograd("thrifty::linear_cross_entropy", _backward, setup_context=_setup)
+
+
+def _setup_keep(ctx, inputs, output):
+    hidden, weight, labels, *args = inputs
+    ctx.args = args
+    ctx.save_for_backward(hidden, weight, labels, output[1], output[2])
+
+
+def _backward_keep(ctx, grad_loss, _grad_lse, _grad_logits):
+    hidden, weight, labels, lse, logits = ctx.saved_tensors
+    grad_h, grad_w = _ops.linear_cross_entropy_backward(grad_loss, hidden, weight, labels, lse, *ctx.args, 0, logits)
+    return grad_h, grad_w, None, None, None, None, None
+
+
+torch.library.register_autograd("thrifty::linear_cross_entropy_keep_logits", _backward_keep, setup_context=_setup_keep)
 register_no_double_backward("thrifty::linear_cross_entropy_backward")
