@@ -213,15 +213,17 @@ BAD = [
     (lambda h, w, y: (h, w, y), dict(label_smoothing=1.5), ValueError, r"'label_smoothing' must be in \[0, 1\]"),
     (lambda h, w, y: (h, w, y), dict(softcap=-1.0), ValueError, "'softcap' must be finite and >= 0"),
     (lambda h, w, y: (h, w[:0], y), {}, ValueError, "'weight' must have at least one row"),
+    (lambda h, w, y: (h, w[0], y), {}, ValueError, "'weight' must be 2-D"),
 ]
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])  # grad: the op that keeps the logits
 @pytest.mark.parametrize("case", BAD, ids=lambda c: c[3][:40])
-def test_bad_input(case):
+def test_bad_input(case, grad):
     make_args, kw, exc, msg = case
     h, w, y = make(6, 16, 30, torch.float32, "cpu", ignore_frac=0.0)
     with pytest.raises(exc, match=msg):
-        thrifty.ops.linear_cross_entropy(*make_args(h, w, y), **kw)
+        thrifty.ops.linear_cross_entropy(*make_args(h.requires_grad_(grad), w, y), **kw)
 
 
 @pytest.mark.cuda

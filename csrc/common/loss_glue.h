@@ -97,7 +97,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_forward(const at::Tens
                                                                   int64_t reduction, double label_smoothing,
                                                                   double softcap, int64_t chunk_size, CeFwdFn fwd,
                                                                   bool keep = false) {
-  const char* op = keep ? "linear_cross_entropy_keep_logits" : "linear_cross_entropy";
+  const char* op = "linear_cross_entropy";  // the name users call, for either op
   lce_check(op, hidden, weight, labels, reduction, label_smoothing, softcap, chunk_size);
   const int64_t T = hidden.size(0), V = weight.size(0);
   const int64_t count = lce_count_labels(op, labels, V, ignore_index);

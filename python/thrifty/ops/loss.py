@@ -57,6 +57,8 @@ def _keep_logits(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int) ->
     """Whether the forward keeps its logits for the backward (see the module docstring)."""
     if chunk_size != 0 or not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
         return False
+    if weight.dim() != 2:  # bad input: left to the op's checks
+        return False
     if hidden.device.type == "cpu" and hidden.dtype != torch.float32 and not _cpu_multiplies_bf16():
         return False
     return hidden.shape[0] * weight.shape[0] * hidden.element_size() <= KEEP_LOGITS_BYTES
