@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 
+from thrifty._alloc import tune_cpu_malloc
 from thrifty.data import IGNORE_INDEX, DataError, ResumableSampler, prepare_data
 from thrifty.data import tokenizer as tokmod
 from thrifty.data.sources import replace_text
@@ -437,6 +438,8 @@ class Trainer:
         torch.manual_seed(c.seed)
         random.seed(c.seed)
         np.random.seed(c.seed)
+        if self.device.type == "cpu":  # fresh pages for every large tensor of every step cost ~15% (thrifty._alloc)
+            self.log(f"allocator: {tune_cpu_malloc()}")
 
         # ---- data (rank 0 prepares, the others wait and read the cache)
         tok_arg = c.tokenizer
