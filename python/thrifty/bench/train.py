@@ -276,13 +276,12 @@ def main(argv=None) -> None:
     ap.add_argument("--cases", default="default,lean,hf", help="comma-separated subset of default,lean,lean8,hf")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if not args.worker:  # the allocator settings of the other families, for both sides (bench/_env.py)
-        from thrifty.bench._env import reexec_with_bench_env
-
-        reexec_with_bench_env([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
     if args.worker:
         print(json.dumps(_worker(json.loads(args.worker))), flush=True)
         return
+    from thrifty.bench._env import reexec_with_bench_env  # the other families' allocator settings, both sides
+
+    reexec_with_bench_env([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
     run(torch.device(args.device), quick=args.quick, preset=args.preset, batch=args.batch, seq=args.seq,
         reps=args.reps, hf_reps=args.hf_reps, cases=tuple(x for x in args.cases.split(",") if x)).report()
 
