@@ -286,6 +286,54 @@ def test_failures_leave_nothing(corpus, base_model, tmp_path, capsys):
         assert not out.exists()
 
 
+def test_bad_options_and_model_dirs_fail_before_writing(corpus, base_model, tmp_path, capsys):
+    """Options out of range, a --device that is not there, a --model that is missing or quantized: a message
+    naming the real problem, exit 2, nothing written (the data is not even prepared)."""
+    import shutil
+
+    out = tmp_path / "r"
+    for kw, msg in ((dict(warmup=-5), "--warmup"), (dict(grad_clip=float("nan")), "--grad-clip"),
+                    (dict(grad_clip=-1.0), "--grad-clip"), (dict(lora_rank=2, lora_alpha=-1.0), "--lora-alpha"),
+                    (dict(eval_batches=0), "--eval-batches"), (dict(max_nan_steps=0), "--max-nan-steps"),
+                    (dict(eval_every=0), "--eval-every"), (dict(keep_last=0), "--keep-last"),
+                    (dict(device="bogus"), "--device"), (dict(device="tpu"), "--device")):
+        _fails(capsys, cfg(corpus, out, **kw), 2, msg, out)
+        assert not out.exists()
+    if not torch.cuda.is_available():
+        _fails(capsys, cfg(corpus, out, device="cuda"), 2, "no CUDA device", out)
+        assert not out.exists()
+    # a --model that does not exist: said so, not "has no tokenizer.json"
+    err = _fails(capsys, cfg(corpus, out, model=str(tmp_path / "no" / "such"), model_overrides=None, tokenizer=None),
+                 2, "does not exist", out)
+    assert "tokenizer" not in err and not out.exists()
+    # a quantized directory (thrifty quantize / save_pretrained of a quantized model) cannot be trained or exported
+    qdir = tmp_path / "quantized"
+    shutil.copytree(base_model, qdir)
+    conf = json.loads((qdir / "config.json").read_text())
+    conf["quantization_config"] = {"quant_method": "thrifty", "format_version": 1}
+    (qdir / "config.json").write_text(json.dumps(conf))
+    for lora in (0, 4):
+        _fails(capsys, cfg(corpus, out, model=str(qdir), model_overrides=None, tokenizer=None, lora_rank=lora), 2,
+               "holds a quantized model", out)
+        assert not out.exists()
+
+
+def test_metrics_are_strict_json_when_a_step_is_skipped(corpus, tmp_path):
+    """A skipped step's NaN loss is written as null: metrics.jsonl and summary.json parse without NaN support."""
+    out = tmp_path / "r"
+    Trainer(cfg(corpus, out, steps=3, inject_nan_steps=(2,), plot=True)).train()
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+    rows = [strict(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    skipped = [r for r in rows if r.get("skipped")]
+    assert len(skipped) == 1 and skipped[0]["loss"] is None and skipped[0]["grad_norm"] is None
+    assert all(isinstance(r["loss"], float) for r in rows if not r.get("skipped"))
+    strict((out / "summary.json").read_text())
+    assert (out / "loss_curve.png").is_file()
+
+
 def test_val_fraction_zero_means_no_validation(corpus, tmp_path):
     res = Trainer(cfg(corpus, tmp_path / "r", val_fraction=0.0, steps=2)).train()
     assert res["steps"] == 2 and "val_loss" not in res
@@ -404,6 +452,10 @@ def test_generate_cli(corpus, tmp_path, capsys):
     assert "corrupt or truncated" in capsys.readouterr().err
     (corrupt / "config.json").write_text("{not json")
     assert generate_cli.main(args) == 2
+    capsys.readouterr()
+    for dev in ("bogus", "tpu") + (() if torch.cuda.is_available() else ("cuda",)):
+        assert generate_cli.main(Namespace(**{**vars(args), "model_dir": str(out), "device": dev})) == 2
+        assert "--device" in capsys.readouterr().err
 
 
 def test_demo_loss_points_each_step_once():

@@ -39,7 +39,7 @@ def main(args) -> int:
     if rc:
         return rc
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    tr = [r for r in rows if "loss" in r]
+    tr = [r for r in rows if r.get("loss") is not None]  # a skipped step logs null
     va = [r for r in rows if "val_loss" in r]
     print("\nloss falling:")
     for r in loss_points(tr):

@@ -98,6 +98,12 @@ def main(args) -> int:
     bad = _bad_args(args)
     if bad:
         return _error(bad)
+    if args.device:
+        from thrifty.train.trainer import TrainError, parse_device
+        try:
+            parse_device(args.device, "--device")
+        except TrainError as e:
+            return _error(e)
     try:
         model, tok = load(args.model_dir, args.device)
     except SafetensorError as e:

@@ -140,6 +140,30 @@ BUDGET_WARMUP_STEPS = 2
 BUDGET_ESTIMATE_FRACTION = 0.2
 
 
+def parse_device(spec: str, flag: str) -> torch.device:
+    """torch.device(spec) for a user's flag, with a TrainError (not torch's RuntimeError) for a bad or absent one."""
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise TrainError(f"{flag}: expected cpu, cuda or cuda:N, got {spec!r} ({e})") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise TrainError(f"{flag}: expected cpu, cuda or cuda:N, got {spec!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"{flag} {spec}: no CUDA device is available to this torch "
+                         f"({torch.__version__}{', a CPU-only build' if torch.version.cuda is None else ''})")
+    return dev
+
+
+def finite_or_none(d: dict) -> dict:
+    """d with non-finite floats (a skipped step's NaN loss) as None: strict JSON has no NaN/Infinity."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+def json_line(row: dict) -> str:
+    """One metrics.jsonl row, strict JSON (NaN -> null), so jq and JSON parsers other than Python's read it."""
+    return json.dumps(finite_or_none(row), allow_nan=False)
+
+
 def default_warmup(total_steps: int) -> int:
     """lr warmup steps when --warmup is not given: 5% of the run, at most 100 (a --time-budget run's
     estimated step count sets it, like --steps)."""
@@ -311,9 +335,12 @@ class Trainer:
     def _setup_distributed(self):
         c = self.cfg
         if c.device:
-            dev = torch.device(c.device)
+            dev = parse_device(c.device, "--device")
             if dev.type == "cuda" and dev.index is None:  # "cuda" means this rank's GPU (set_device wants an index)
                 dev = torch.device("cuda", self.local_rank)
+            if dev.type == "cuda" and dev.index >= torch.cuda.device_count():
+                raise TrainError(f"--device {c.device}: this process would use GPU {dev.index}, but "
+                                 f"{torch.cuda.device_count()} are visible")
         elif torch.cuda.is_available():
             dev = torch.device("cuda", self.local_rank)
         else:
@@ -340,8 +367,6 @@ class Trainer:
         torch.manual_seed(c.seed)
         if c.model:
             mdir = Path(c.model)
-            if not (mdir / "config.json").is_file():
-                raise TrainError(f"--model: {str(mdir)!r} is not a Hugging Face model directory (no config.json)")
             try:
                 model = Llama.from_pretrained(str(mdir))
             except SafetensorError as e:
@@ -397,9 +422,56 @@ class Trainer:
                 f"logits {logits / 2**30:.1f} GiB), {avail / 2**30:.1f} GiB available on {self.device}; lower "
                 "--batch-size (raise --grad-accum to keep the global batch) or --seq-len, or add --activation-checkpointing")
 
+    def _check_numbers(self) -> None:
+        """Options out of range, before anything is written (the optimizer checks lr, betas, weight decay)."""
+        c = self.cfg
+
+        def count(name, lo, what, none_ok=False):
+            v = getattr(c, name)
+            if v is None and none_ok:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise TrainError(f"--{name.replace('_', '-')}: expected {what}, got {v!r}")
+
+        count("warmup", 0, "a number of steps >= 0", none_ok=True)
+        count("eval_every", 1, "a number of steps >= 1", none_ok=True)
+        count("eval_batches", 1, "a number of batches >= 1 (--val-fraction 0: no validation)")
+        count("log_every", 1, "a number of steps >= 1")
+        count("keep_last", 1, "a number of checkpoints >= 1")
+        count("max_nan_steps", 1, "a number of steps >= 1")
+        if c.grad_clip is not None and not (isinstance(c.grad_clip, (int, float)) and 0 <= c.grad_clip < math.inf):
+            raise TrainError(f"--grad-clip: expected a finite norm >= 0 (0: off), got {c.grad_clip!r}")
+        if c.lora_alpha is not None and not (isinstance(c.lora_alpha, (int, float)) and 0 < c.lora_alpha < math.inf):
+            raise TrainError(f"--lora-alpha: expected a finite number > 0, got {c.lora_alpha!r}")
+        if not (isinstance(c.min_lr_ratio, (int, float)) and 0 <= c.min_lr_ratio <= 1):
+            raise TrainError(f"min_lr_ratio: expected a fraction in [0, 1], got {c.min_lr_ratio!r}")
+
+    def _check_model_dir(self) -> None:
+        """--model must be a floating-point Hugging Face directory: checked before the data is prepared, so the
+        real problem is reported (not a missing tokenizer.json) and nothing is trained that cannot be exported."""
+        mdir = Path(self.cfg.model)
+        if not (mdir / "config.json").is_file():
+            what = "does not exist" if not mdir.exists() else "is not a Hugging Face model directory (no config.json)"
+            raise TrainError(f"--model: {str(mdir)!r} {what}")
+        try:
+            raw = json.loads((mdir / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise TrainError(f"--model: cannot read {str(mdir / 'config.json')!r} ({e})") from None
+        qc = raw.get("quantization_config") if isinstance(raw, dict) else None
+        if qc is not None:
+            method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
+            raise TrainError(f"--model: {str(mdir)!r} holds a quantized model (quant_method {method!r}); training "
+                             "and LoRA need its floating-point weights: pass the original model (with --lora-rank R "
+                             "--qlora for LoRA on a 4-bit frozen base)")
+
     def setup(self) -> None:
         c = self.cfg
         self._setup_distributed()
+        self._check_numbers()
+        if c.model:
+            self._check_model_dir()
+        if c.fsdp and not self.distributed:
+            self.log("--fsdp: a single process has nothing to shard (launch with torchrun); training unsharded")
         if c.precision not in ("bf16", "fp32", "auto"):
             raise TrainError(f"--precision: expected bf16, fp32 or auto, got {c.precision!r}")
         if c.precision == "auto":
@@ -929,7 +1001,7 @@ class Trainer:
             tmp.rmdir()
             if c.plot and metrics_path.is_file():
                 self.plot_loss(metrics_path, rd / "loss_curve.png")
-            (rd / "summary.json").write_text(json.dumps(result, indent=1))
+            (rd / "summary.json").write_text(json.dumps(finite_or_none(result), indent=1, allow_nan=False))
             fl = result.get("final_loss")
             self.log(f"done: {self.step} steps, final train loss " + (f"{fl:.4f}" if fl is not None else "unknown")
                      + (f", val loss {result['val_loss']:.4f} (perplexity {result['val_ppl']:.2f})" if "val_loss" in result else "")
@@ -1035,7 +1107,7 @@ class Trainer:
                         self.log(f"step {self.step}: train loss {out['loss']:.4f}, val loss {val['val_loss']:.4f}, "
                                  f"perplexity {val['val_ppl']:.2f}")
                 if mf and (self.step % c.log_every == 0 or out["skipped"] or evaluated):
-                    mf.write(json.dumps(row) + "\n")
+                    mf.write(json_line(row) + "\n")
                     mf.flush()
                 self._bar.update(1)
                 self._bar.set_postfix_str(f"loss {out['loss']:.3f} | {tps:,.0f} tok/s | MFU {100 * mfu:.1f}%"
@@ -1075,7 +1147,7 @@ class Trainer:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         rows = [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines() if ln.strip()]
-        tr = [(r["step"], r["loss"]) for r in rows if "loss" in r and math.isfinite(r["loss"])]
+        tr = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None and math.isfinite(r["loss"])]
         va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
         fig, ax = plt.subplots(figsize=(7, 4))
         if tr:
