@@ -88,6 +88,17 @@ def test_no_text_left_names_the_drop_reason(tmp_path):
     assert "minified code or data blobs" in str(e.value)
 
 
+def test_malformed_jsonl_lines_counted_as_such(tmp_path):
+    good = json.dumps({"text": "a perfectly ordinary line of text, " * 5})
+    (tmp_path / "d.jsonl").write_bytes((good + "\n{not json\n" + good.replace("ordinary", "usual") + "\n").encode()
+                                       + b'{"text": "caf\xe9"}\n')
+    docs = load_documents(tmp_path / "d.jsonl")
+    assert [d.rejected for d in docs] == [None, "malformed_json", None, "binary_or_non_utf8"]
+    assert docs[1].source.endswith("d.jsonl:2")
+    _, stats = preprocess(docs, near_dup=False)
+    assert stats["quality_dropped"] == {"malformed_json": 1, "binary_or_non_utf8": 1}
+
+
 def test_binary_and_non_utf8_dropped(tmp_path):
     write_corpus(tmp_path, 2)
     (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02" * 100)

@@ -141,6 +141,7 @@ _DROP_ADVICE = {
     "mostly_non_text": "give text, not symbols, minified code or data blobs",
     "repetitive": "give documents that do not repeat the same lines",
     "binary_or_non_utf8": "give UTF-8 text files",
+    "malformed_json": "fix the .jsonl lines that are not valid JSON (one object per line)",
     "exact_duplicates": "give distinct documents",
     "near_duplicates": "give distinct documents",
 }

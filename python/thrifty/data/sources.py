@@ -2,7 +2,8 @@
 a single such file, or the embedded default corpus (the Python standard library's own source).
 
 Every loader yields :class:`Document` objects; bytes that are not UTF-8 or look binary are kept as
-``text=None`` with ``rejected="binary_or_non_utf8"`` so the preprocessing step can count them.
+``text=None`` with ``rejected="binary_or_non_utf8"`` (a .jsonl line that is not JSON: ``"malformed_json"``)
+so the preprocessing step can count them.
 """
 from __future__ import annotations
 
@@ -56,8 +57,11 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
             src = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except UnicodeDecodeError:
                 yield Document(None, src, "binary_or_non_utf8")
+                continue
+            except json.JSONDecodeError:  # a broken line among good ones: counted and dropped, not fatal
+                yield Document(None, src, "malformed_json")
                 continue
             if not isinstance(obj, dict) or text_field not in obj:
                 raise DataError(f"{src}: expected a JSON object with a {text_field!r} field, got "
