@@ -10,10 +10,15 @@ GPTQ needs calibration activations: the float model is run through thrifty.model
 needed; transformers' AutoModelForCausalLM for other architectures, when installed) on text from
 --calibration FILE or an embedded default corpus, tokenized with the directory's tokenizer.json. A directory
 without a tokenizer (and no --calibration FILE) calibrates on seeded random token ids from the vocabulary.
+
+Exit codes: 0 done, 2 bad input (one line on stderr; OUT_DIR untouched: every input is read and checked
+before anything is written, and the outputs go to a temporary directory moved into place at the end).
 """
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
 import sys
 from pathlib import Path
@@ -43,6 +48,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json", "vocab.json", "merges.txt")
 
 
+class QuantizeError(Exception):
+    """Bad input to `thrifty quantize`: main prints it as one line on stderr and returns 2."""
+
+
+def _error(msg) -> int:
+    print(f"thrifty quantize: error: {msg}", file=sys.stderr)
+    return 2
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("model_dir", help="Hugging Face Llama-style directory (config.json + *.safetensors)")
     parser.add_argument("out_dir", help="where the quantized model is written")
@@ -61,9 +75,111 @@ def add_arguments(parser) -> None:
 def _weight_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise QuantizeError(f"{index}: not a valid safetensors index (a JSON object with a \"weight_map\" "
+                                f"of tensor name -> file): {type(e).__name__}: {e}") from None
         return [model_dir / f for f in files]
     return sorted(model_dir.glob("*.safetensors"))
+
+
+def _read_config(model_dir: Path) -> dict:
+    """config.json, parsed before anything is computed or written (OUT_DIR gets a copy of it)."""
+    path = model_dir / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise QuantizeError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise QuantizeError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _check_out_dir(src: Path, out: Path) -> None:
+    """OUT_DIR must be creatable (or an existing directory) and must not be MODEL_DIR: checked before the
+    quantization work, which can take minutes."""
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise QuantizeError(f"OUT_DIR {str(out)!r} exists and is not a directory")
+        if os.path.samefile(out, src):
+            raise QuantizeError(f"OUT_DIR {str(out)!r} is MODEL_DIR: the quantized model would overwrite the "
+                                "float one; pick another directory")
+        return
+    for parent in out.absolute().parents:  # the nearest existing ancestor is where OUT_DIR gets created
+        if parent.exists():
+            if not parent.is_dir():
+                raise QuantizeError(f"cannot create OUT_DIR {str(out)!r}: {str(parent)!r} is not a directory")
+            return
+
+
+def _calibration_text(args) -> str:
+    if not args.calibration:
+        return DEFAULT_CORPUS
+    cal = Path(args.calibration)
+    if not cal.is_file():
+        raise QuantizeError(f"--calibration: no such file {str(cal)!r}")
+    try:
+        text = cal.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise QuantizeError(f"--calibration: cannot read {str(cal)!r} ({e})") from None
+    if not text.strip():
+        raise QuantizeError(f"--calibration: {str(cal)!r} is empty")
+    return text
+
+
+def _load_tensors(files: list[Path]) -> dict:
+    from safetensors import SafetensorError, safe_open
+
+    tensors = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    tensors[k] = fh.get_tensor(k)
+        except SafetensorError as e:
+            raise QuantizeError(f"{str(f)!r}: corrupt or truncated *.safetensors file ({e})") from None
+        except OSError as e:  # a shard the index names but that is missing or unreadable
+            raise QuantizeError(f"cannot read {str(f)!r}: {e}") from None
+    return tensors
+
+
+def _write_atomically(out: Path, write) -> None:
+    """Runs write(tmp) on a fresh directory and only then moves its files into OUT_DIR: a new OUT_DIR is a
+    sibling renamed into place, an existing one gets the files os.replace'd into it. On any failure the
+    temporary directory and any parent directories made for it are removed: OUT_DIR stays as it was."""
+    made = []
+    existed = out.is_dir()
+    try:
+        if not existed:
+            for parent in reversed(out.absolute().parents):
+                if not parent.exists():
+                    parent.mkdir()
+                    made.append(parent)
+        tmp = (out if existed else out.parent) / f".{out.name}.thrifty-tmp-{secrets.token_hex(4)}"
+        tmp.mkdir()
+    except OSError as e:
+        for d in reversed(made):
+            d.rmdir()
+        raise QuantizeError(f"cannot create OUT_DIR {str(out)!r}: {e}") from None
+    try:
+        write(tmp)
+        if existed:
+            for f in tmp.iterdir():
+                os.replace(f, out / f.name)
+            tmp.rmdir()
+        else:
+            os.rename(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for d in reversed(made):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        if isinstance(e, OSError):
+            raise QuantizeError(f"cannot write OUT_DIR {str(out)!r}: {e}") from None
+        raise
 
 
 def quantizable(name: str, t) -> bool:
@@ -113,9 +229,9 @@ def _calibration_model(model_dir: Path):
         try:
             import transformers
         except ImportError:
-            raise SystemExit(f"thrifty quantize: --method gptq runs the model for calibration activations; "
-                             f"thrifty.models.Llama cannot run it ({err}) and transformers is not installed "
-                             "(pip install transformers), or use --method rtn")
+            raise QuantizeError(f"--method gptq runs the model for calibration activations; "
+                                f"thrifty.models.Llama cannot run it ({err}) and transformers is not installed "
+                                "(pip install transformers), or use --method rtn") from None
         model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
         return model.eval()
 
@@ -124,22 +240,14 @@ def _calibration_hessians(model_dir: Path, names: list[str], args) -> dict:
     import torch
 
     from thrifty.quant.model import collect_hessians
-    if args.calibration:
-        cal = Path(args.calibration)
-        if not cal.is_file():
-            raise SystemExit(f"thrifty quantize: --calibration: no such file {str(cal)!r}")
-        text = cal.read_text(encoding="utf-8", errors="replace")
-        if not text.strip():
-            raise SystemExit(f"thrifty quantize: --calibration: {str(cal)!r} is empty")
-    else:
-        text = DEFAULT_CORPUS
+    text = _calibration_text(args)
     ids = _calibration_ids(model_dir, text)
     if ids is None and args.calibration:  # the user's text cannot be used without a tokenizer: say so
-        raise SystemExit(f"thrifty quantize: --calibration {args.calibration} needs a tokenizer in {model_dir} "
-                         "(tokenizer.json, or tokenizer files transformers can load) to encode the text; "
-                         "leave --calibration out to calibrate on random token ids instead")
+        raise QuantizeError(f"--calibration {args.calibration} needs a tokenizer in {model_dir} "
+                            "(tokenizer.json, or tokenizer files transformers can load) to encode the text; "
+                            "leave --calibration out to calibrate on random token ids instead")
     if ids is not None and ids.numel() == 0:
-        raise SystemExit("thrifty quantize: the calibration text encodes to no tokens")
+        raise QuantizeError("the calibration text encodes to no tokens")
     model = _calibration_model(model_dir)
     max_pos = getattr(model.config, "max_position_embeddings", None) or args.seq_len
     seq_len = max(1, min(args.seq_len, max_pos))
@@ -149,8 +257,8 @@ def _calibration_hessians(model_dir: Path, names: list[str], args) -> dict:
         # cannot be encoded, so calibrate on seeded random ids from the vocabulary, as GPTQ tools do
         vocab = getattr(model.config, "vocab_size", None)
         if not vocab:
-            raise SystemExit(f"thrifty quantize: --method gptq found no tokenizer in {model_dir} and no "
-                             "vocab_size in its config to draw random calibration tokens from")
+            raise QuantizeError(f"--method gptq found no tokenizer in {model_dir} and no "
+                                "vocab_size in its config to draw random calibration tokens from")
         print(f"thrifty quantize: no usable tokenizer in {model_dir}: calibrating on {n_tokens} random token ids "
               f"(seed 0) from the model's vocabulary of {vocab}; add the tokenizer files for text calibration",
               file=sys.stderr, flush=True)
@@ -163,8 +271,7 @@ def _calibration_hessians(model_dir: Path, names: list[str], args) -> dict:
     have = dict(model.named_modules())
     missing = [m for m in mods if m not in have]
     if missing:
-        raise SystemExit(f"thrifty quantize: layers {missing[:3]} of the checkpoint are not modules of the "
-                         "model; cannot calibrate")
+        raise QuantizeError(f"layers {missing[:3]} of the checkpoint are not modules of the model; cannot calibrate")
     print(f"calibrating on {ids.numel()} tokens in {len(batches)} sequences ...", flush=True)
     return collect_hessians(model, mods, batches)
 
@@ -174,49 +281,47 @@ _hessians_via_transformers = _calibration_hessians
 
 
 def main(args) -> int:
-    import torch
-    from safetensors import safe_open
+    try:
+        return _quantize(args)
+    except QuantizeError as e:
+        return _error(e)
+
+
+def _quantize(args) -> int:
     from safetensors.torch import save_file
 
     from thrifty.quant import formats as F
     from thrifty.quant.gptq import gptq_quantize
     from thrifty.quant.model import FORMAT_NAME
 
+    # every input is read and checked before the work, and nothing is written before the work is done
     src, out = Path(args.model_dir), Path(args.out_dir)
-    if not (src / "config.json").exists():
-        print(f"thrifty quantize: {src} has no config.json (expected a Hugging Face model directory)", file=sys.stderr)
-        return 2
+    if not (src / "config.json").is_file():
+        raise QuantizeError(f"{src} has no config.json (expected a Hugging Face model directory)")
+    config = _read_config(src)
     files = _weight_files(src)
     if not files:
-        print(f"thrifty quantize: no *.safetensors files in {src}", file=sys.stderr)
-        return 2
+        raise QuantizeError(f"no *.safetensors files in {src}")
     if args.act_bits == 8 and args.bits != 8:
-        print("thrifty quantize: --act-bits 8 needs --bits 8 (W8A8)", file=sys.stderr)
-        return 2
+        raise QuantizeError("--act-bits 8 needs --bits 8 (W8A8)")
     if args.method == "gptq" and (args.calibration_tokens < 1 or args.seq_len < 1):
-        print(f"thrifty quantize: --calibration-tokens and --seq-len must be positive, got {args.calibration_tokens} "
-              f"and {args.seq_len}", file=sys.stderr)
-        return 2
-    if args.damp < 0:
-        print(f"thrifty quantize: --damp must be >= 0, got {args.damp}", file=sys.stderr)
-        return 2
+        raise QuantizeError(f"--calibration-tokens and --seq-len must be positive, got {args.calibration_tokens} "
+                            f"and {args.seq_len}")
+    if not args.damp >= 0:  # NaN too
+        raise QuantizeError(f"--damp must be >= 0, got {args.damp}")
     if args.bits == 4 and (args.group_size <= 0 or args.group_size % 32):
-        print(f"thrifty quantize: --group-size must be a positive multiple of 32, got {args.group_size}", file=sys.stderr)
-        return 2
-    tensors, meta_in = {}, {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                tensors[k] = fh.get_tensor(k)
+        raise QuantizeError(f"--group-size must be a positive multiple of 32, got {args.group_size}")
+    _check_out_dir(src, out)
+    if args.method == "gptq":
+        _calibration_text(args)  # a missing or empty --calibration file fails now, not after loading
+    tensors = _load_tensors(files)
     names = [k for k, t in tensors.items() if quantizable(k, t)]
     if not names:
-        print(f"thrifty quantize: no *_proj.weight matrices found in {src}", file=sys.stderr)
-        return 2
+        raise QuantizeError(f"no *_proj.weight matrices found in {src}")
     for n in names:
         if args.bits == 4 and tensors[n].shape[1] % args.group_size:
-            print(f"thrifty quantize: {n}: in_features K={tensors[n].shape[1]} is not a multiple of "
-                  f"group_size={args.group_size}", file=sys.stderr)
-            return 2
+            raise QuantizeError(f"{n}: in_features K={tensors[n].shape[1]} is not a multiple of "
+                                f"group_size={args.group_size}")
     hessians = _calibration_hessians(src, names, args) if args.method == "gptq" else {}
     outt, layers = {}, {}
     for k, t in tensors.items():
@@ -247,17 +352,19 @@ def main(args) -> int:
         err = (F.dequantize_reference(F.unpack_int4(outt[base + ".qweight"]) if args.bits == 4 else q, s, z,
                                       args.group_size) - (w if perm is None else w[:, perm])).norm() / w.norm()
         print(f"  {base}: {tuple(w.shape)} -> int{args.bits}  weight rel. error {err:.4f}", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
     cfg = {"bits": args.bits, "group_size": args.group_size, "method": args.method, "act_bits": args.act_bits}
-    save_file(outt, str(out / "model.safetensors"),
-              metadata={"format": FORMAT_NAME, "format_version": str(F.FORMAT_VERSION), "layers": json.dumps(layers),
-                        "config": json.dumps(cfg)})
-    config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "thrifty", "format_version": F.FORMAT_VERSION, **cfg}
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    for f in TOKENIZER_FILES:
-        if (src / f).exists():
-            shutil.copy(src / f, out / f)
+
+    def write(d: Path) -> None:
+        save_file(outt, str(d / "model.safetensors"),
+                  metadata={"format": FORMAT_NAME, "format_version": str(F.FORMAT_VERSION),
+                            "layers": json.dumps(layers), "config": json.dumps(cfg)})
+        (d / "config.json").write_text(json.dumps(config, indent=2))
+        for f in TOKENIZER_FILES:
+            if (src / f).exists():
+                shutil.copy(src / f, d / f)
+
+    _write_atomically(out, write)
     before = sum(t.numel() * t.element_size() for t in tensors.values())
     after = sum(t.numel() * t.element_size() for t in outt.values())
     print(f"wrote {out / 'model.safetensors'}: {len(layers)} layers quantized, {before / 2**20:.1f} MiB -> "
