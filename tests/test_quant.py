@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -336,6 +337,32 @@ def test_quantlinear_matches_its_dequantized_weight(bits, act_bits, method):
     assert rel < (0.02 if bits == 8 else 0.2)
 
 
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_act_order_with_smooth_matches_the_float_layer(tmp_path, act_order):
+    # smooth is stored in the original feature order; forward and dequantize() divided by it after the
+    # act-order gather / before undoing it, which scrambled every layer with both (rel. error 2.0)
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 32)
+    x = torch.randn(300, 128) * (torch.rand(128) * 5)
+    s = torch.rand(128) * 3 + 0.2
+    m = QuantLinear.from_float(lin, bits=4, group_size=32, method="gptq", calibration=x, smooth=s,
+                               act_order=act_order)
+    assert (m.perm is not None) == act_order and torch.equal(m.smooth, s)
+    with torch.no_grad():
+        y, want = m(x), lin(x)
+        assert ((y - want).norm() / want.norm()).item() < 0.2
+        w = m.dequantize()
+        assert ((w - lin.weight).norm() / lin.weight.norm()).item() < 0.35
+        torch.testing.assert_close(y.double(), x.double() @ w.double().t() + lin.bias.double(), rtol=1e-5,
+                                   atol=1e-4)
+        torch.testing.assert_close(m.weight, w)
+        # the same through save_quantized / load_quantized (smooth and perm round-trip as stored)
+        path = str(tmp_path / "q.safetensors")
+        thrifty.quant.save_quantized(nn.Sequential(m), path)
+        m2 = thrifty.quant.load_quantized(nn.Sequential(nn.Linear(128, 32)), path)[0]
+        assert torch.equal(m2(x), y) and torch.equal(m2.dequantize(), w)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("smooth", [False, True])
 def test_w8a8_quantlinear_backward_straight_through(dtype, smooth):
@@ -504,6 +531,14 @@ IMPORT_BAD = [
     (lambda: QuantLinear.from_awq(*_AWQ, group_size="32"), TypeError, "'group_size' must be an int or None"),
     (lambda: QuantLinear.from_awq(_AWQ[0][:96], *_AWQ[1:], group_size=32), ValueError,
      r"qweight must have K = 128 rows"),
+    # K itself not a multiple of group_size: said so, whatever group size the scales' shape implies
+    (lambda: QuantLinear.from_awq(_AWQ[0][:80], *_AWQ[1:], group_size=32), ValueError,
+     r"from_awq: in_features K=80 .* is not a multiple of group_size=32"),
+    (lambda: QuantLinear.from_awq(_AWQ[0][:90], *_AWQ[1:], group_size=32), ValueError,
+     r"in_features K=90 .* is not a multiple of group_size=32"),
+    (lambda: QuantLinear.from_awq(*qf.to_awq_tensors(torch.randint(0, 16, (96, 16)), torch.randint(0, 16, (2, 16)),
+                                                     torch.rand(2, 16) + 0.1), group_size=64), ValueError,
+     r"in_features K=96 .* is not a multiple of group_size=64"),
     (lambda: QuantLinear.from_awq(*_AWQ[:2], _AWQ[2][:, :8], group_size=32), ValueError, r"scales must have shape"),
     (lambda: QuantLinear.from_awq(_AWQ[0], _AWQ[1][:, :1], _AWQ[2], group_size=32), ValueError,
      r"qzeros must have shape"),
@@ -814,8 +849,10 @@ def test_cli_gptq_on_hf_dir_without_tokenizer(tmp_path, capsys):
     assert len(layers) == 7 and all(v["act_order"] and v["group_size"] == 128 for v in layers.values())
     assert outs[0].keys() == outs[1].keys() and all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])  # seeded
     (tmp_path / "cal.txt").write_text(cli.DEFAULT_CORPUS)
-    with pytest.raises(SystemExit, match="--calibration .* needs a tokenizer"):
-        cli.main(p.parse_args([str(src), str(tmp_path / "q3"), *base, "--calibration", str(tmp_path / "cal.txt")]))
+    assert cli.main(p.parse_args([str(src), str(tmp_path / "q3"), *base, "--calibration",
+                                  str(tmp_path / "cal.txt")])) == 2
+    assert re.search("--calibration .* needs a tokenizer", capsys.readouterr().err)
+    assert not (tmp_path / "q3").exists()
 
 
 def test_perplexity_table_on_a_trained_micro_llama(tmp_path):

@@ -76,7 +76,8 @@ class QuantLinear(nn.Module):
     Buffers: ``qweight`` (int8 (N, K) for bits=8, uint8 (N, K/2) for bits=4), ``scales`` float32
     ((N,) or (N, K/G)), ``zeros`` float32 (N, K/G) (bits=4), optional ``bias`` (N,), optional ``perm``
     int64 (K,) (input features reordered: act-order GPTQ), optional ``smooth`` float32 (K,) (W8A8
-    SmoothQuant factors not folded into a previous layer: x is divided by them).
+    SmoothQuant factors not folded into a previous layer: x is divided by them; in the original
+    input-feature order, applied before the ``perm`` gather).
     ``act_bits=8`` (W8A8, bits=8 only) quantizes activations per token and multiplies in int8; its
     backward passes straight through the activation rounding (grad_x = grad_y @ dequantize()).
     ``weight`` (read-only property): the dequantized weight in ``weight_dtype`` (the float layer's
@@ -140,10 +141,12 @@ class QuantLinear(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"QuantLinear: input must have in_features={self.in_features} in its last dimension, "
                              f"got shape {tuple(x.shape)}")
-        if self.perm is not None:
-            x = x.index_select(-1, self.perm)
+        # smooth is in the original feature order (as the float layer's columns): divide before the
+        # act-order gather, which reorders x into the packed weight's column order
         if self.smooth is not None:
             x = x / self.smooth.to(x.dtype)
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
         bias = self.bias
         if bias is not None and bias.dtype not in (x.dtype, torch.float32):
             bias = bias.to(x.dtype)
@@ -158,12 +161,12 @@ class QuantLinear(nn.Module):
         """float32 (out_features, in_features): the weight exactly as the kernels see it (in the
         original input-feature order, smoothing folded back in)."""
         w = qops.dequantize(self.qweight, self.scales, self.zeros, bits=self.bits, group_size=self.group_size)
-        if self.smooth is not None:
-            w = w / self.smooth.float()[None, :]
-        if self.perm is not None:
+        if self.perm is not None:  # packed column j is input feature perm[j]: back to the original order
             out = torch.empty_like(w)
             out[:, self.perm] = w
             w = out
+        if self.smooth is not None:  # (K,) in the original order, so only after undoing perm
+            w = w / self.smooth.float()[None, :]
         return w
 
     def extra_repr(self) -> str:

@@ -206,6 +206,14 @@ def awq_dequantize_reference(qweight, qzeros, scales) -> torch.Tensor:
 
 
 def from_awq_tensors(qweight, qzeros, scales, group_size: int | None = None):
+    if group_size is not None and group_size > 0:
+        # K alone (qweight's rows) rules out the group size: say so, rather than the shape mismatch
+        # (or groups-do-not-divide-K error) that the scales would report for it
+        _check_int32("qweight", qweight)
+        k = qweight.shape[0]
+        _check(k % group_size == 0, f"in_features K={k} (rows of qweight (K, N/8) = {tuple(qweight.shape)}) is not "
+                                    f"a multiple of group_size={group_size} (AWQ quantizes whole groups of "
+                                    "group_size input features)")
     q, z, s, gs = awq_unpack(qweight, qzeros, scales)
     if group_size is not None and group_size != gs:
         raise ValueError(f"group_size={group_size} does not match the shapes: qweight (K, N/8) = "
