@@ -193,8 +193,8 @@ THRIFTY_INLINE Vec exp(Vec x) {
 
 // sigmoid(x) = 1 / (1 + exp(-x)) (and 1 - that) for activations; the AVX2 version below says why it
 // is written this way (latency-bound: -x folded into constants, Estrin polynomial, one division).
-// x is clamped to +-87 (sigmoid has saturated there). NaN propagates (min/max return their
-// second operand on NaN).
+// x is clamped to +-87 (sigmoid has saturated there) and the saturated side set to 0 beyond it. NaN
+// propagates (min/max return their second operand on NaN; the compares are false on NaN).
 THRIFTY_INLINE Vec sigmoid(Vec x, Vec& one_minus_s) {
   __m512 xc = _mm512_min_ps(_mm512_set1_ps(87.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x.v));
   // t = exp(-x) = 2^n exp(r), n = round(-x / ln2), r = -x - n ln2 (two-constant ln2)
@@ -211,8 +211,11 @@ THRIFTY_INLINE Vec sigmoid(Vec x, Vec& one_minus_s) {
   __m512 p = _mm512_fmadd_ps(q, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   __m512 t = _mm512_scalef_ps(p, n);  // exp(-x)
   __m512 e = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(t, _mm512_set1_ps(1.0f)));
-  one_minus_s = _mm512_mul_ps(t, e);
-  return e;
+  // past the clamp the saturated side is 0, not exp(-87) ~ 1.6e-38: silu(g) = g s must not grow with |g|
+  const __m512 zero = _mm512_setzero_ps();
+  one_minus_s = _mm512_mask_mov_ps(_mm512_mul_ps(t, e), _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(87.0f), _CMP_GT_OQ),
+                                   zero);
+  return _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(-87.0f), _CMP_LT_OQ), zero);
 }
 
 // bf16 in pairs: 2W consecutive bf16 values as two float vectors, `even` holding elements
@@ -340,7 +343,7 @@ THRIFTY_INLINE Vec exp(Vec x) {
 }
 
 // sigmoid(x) = 1 / (1 + exp(-x)) (and 1 - that) for activations. x is clamped to +-87 (sigmoid has
-// saturated there) so 2^n is a single exponent field. Written for a short dependency chain: at
+// saturated there; the saturated side is set to 0 beyond) so 2^n is a single exponent field. Written for a short dependency chain: at
 // ~27 vector ops per element the loop is bound by latency over the out-of-order window, not by
 // throughput, so -x is folded into the constants, the polynomial is evaluated Estrin-style
 // (3 dependent FMAs instead of 6) and 1/(1+t) is one division (shorter than rcp + Newton, and
@@ -363,8 +366,9 @@ THRIFTY_INLINE Vec sigmoid(Vec x, Vec& one_minus_s) {
   __m256 p = _mm256_fmadd_ps(q, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   __m256 t = _mm256_mul_ps(p, scale);  // exp(-x)
   __m256 e = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(t, _mm256_set1_ps(1.0f)));
-  one_minus_s = _mm256_mul_ps(t, e);
-  return e;
+  // past the clamp the saturated side is 0, not exp(-87) ~ 1.6e-38: silu(g) = g s must not grow with |g|
+  one_minus_s = _mm256_andnot_ps(_mm256_cmp_ps(x.v, _mm256_set1_ps(87.0f), _CMP_GT_OQ), _mm256_mul_ps(t, e));
+  return _mm256_andnot_ps(_mm256_cmp_ps(x.v, _mm256_set1_ps(-87.0f), _CMP_LT_OQ), e);
 }
 
 // bf16 in pairs: 2W consecutive bf16 values as two float vectors, `even` holding elements
