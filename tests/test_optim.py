@@ -214,12 +214,29 @@ def test_nonfinite_grads_skip_the_step(cpu_isa, device, opt_name, bad):
     assert not opt.last_step_skipped and opt.skipped_steps == 1
 
 
-def test_skip_nonfinite_off_lets_nan_through():
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0])
+def test_skip_nonfinite_off_lets_nan_through(max_grad_norm):
+    # with clipping too: the NaN norm makes every update NaN, as clip_grad_norm_ + torch.optim.AdamW do
     p = torch.zeros(10, requires_grad=True)
-    opt = thrifty.optim.AdamW([p], skip_nonfinite=False)
-    p.grad = torch.full((10,), float("nan"))
+    opt = thrifty.optim.AdamW([p], skip_nonfinite=False, max_grad_norm=max_grad_norm)
+    p.grad = torch.full((10,), float("nan")) if max_grad_norm is None else torch.tensor([1.0, float("nan")] * 5)
     opt.step()
-    assert torch.isnan(p).all() and not opt.last_step_skipped
+    assert torch.isnan(p).all() and not opt.last_step_skipped and opt.skipped_steps == 0
+
+
+def test_huge_finite_grads_second_moment_as_torch():
+    # |g| 1e19..1e24: g * g overflows float32 but (1 - beta2) g * g does not; torch (addcmul) scales first
+    p = torch.zeros(40)
+    q = p.clone().requires_grad_()
+    p.requires_grad_()
+    ours, ref = thrifty.optim.AdamW([p], weight_decay=0.0), torch.optim.AdamW([q], weight_decay=0.0, foreach=False)
+    g = torch.logspace(19, 24, 40) * torch.tensor([1.0, -1.0]).repeat(20)
+    p.grad, q.grad = g.clone(), g.clone()
+    ours.step()
+    ref.step()
+    assert not ours.last_step_skipped
+    torch.testing.assert_close(ours.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("opt_name", ["AdamW", "AdamW8bit", "Lion"])

@@ -46,7 +46,7 @@ THRIFTY_INLINE Vec adamw_math(const StepConsts& c, Vec p, Vec g, Vec& m, Vec& v)
   g = g * c.coef;
   p = p * c.decay;
   m = fma(c.omb1, g - m, m);  // lerp(m, g, 1 - beta1)
-  v = fma(c.omb2, g * g, v * c.b2);
+  v = fma(c.omb2 * g, g, v * c.b2);  // (1 - b2) g first, as torch: g * g overflows from |g| ~ 1.8e19
   Vec denom = fma(vsqrt(v), c.inv_bc2, c.eps);
   return p - c.step_size * (m / denom);
 }

@@ -39,7 +39,7 @@ __device__ __forceinline__ void update_one(const Consts& c, float& p, float g, f
   } else {
     p = p * c.decay;
     m = fmaf(c.omb1, g - m, m);
-    v = fmaf(c.omb2, g * g, v * c.b2);
+    v = fmaf(c.omb2 * g, g, v * c.b2);  // (1 - b2) g first, as torch: g * g overflows from |g| ~ 1.8e19
     const float denom = fmaf(sqrtf(v), c.inv_bc2, c.eps);
     p = p - c.step_size * (m / denom);
   }

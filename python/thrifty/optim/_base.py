@@ -231,7 +231,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             # GradScaler's found_inf comes from its own element-wise check of these same grads; an
             # overflowed (inf) norm of finite grads clips to zero below instead of skipping
             found0 = torch.as_tensor(scaler_found).float().reshape(()).to(devices[0] if devices else "cpu")
-        elif norm is not None and (self.skip_nonfinite or self.max_grad_norm is not None):
+        elif norm is not None and self.skip_nonfinite:  # off: inf/nan grads step, as clip_grad_norm_ + torch.optim
             found0 = self._nonfinite_grads(norm, by_dev, devices)
         coef0 = None
         if self.max_grad_norm is not None and norm is not None:
