@@ -948,6 +948,43 @@ def test_torch_adamw_state_with_flags_loads_and_round_trips():
         torch.optim.Adam(m.parameters()).state_dict())
 
 
+def test_loaded_state_of_another_kind_is_refused_at_load():
+    """An AdamW8bit state (uint8 codes) loaded into AdamW or Lion, or a float state of the wrong shape, fails in
+    load_state_dict with a message, not at the next step's kernel; torch.optim's bf16 moments (bf16 params)
+    load as float32 and step as thrifty's own would."""
+    torch.manual_seed(0)
+    p8 = torch.nn.Parameter(torch.randn(64, 80))
+    o8 = thrifty.optim.AdamW8bit([p8])
+    p8.grad = torch.randn(64, 80)
+    o8.step()
+    for cls in (thrifty.optim.AdamW, thrifty.optim.Lion):
+        with pytest.raises(ValueError, match="8-bit codes"):
+            cls([torch.nn.Parameter(torch.randn(64, 80))]).load_state_dict(o8.state_dict())
+    with pytest.raises(ValueError, match=r"has shape \(64, 80\), the param \(80, 64\)"):
+        thrifty.optim.AdamW([torch.nn.Parameter(torch.randn(80, 64))]).load_state_dict(
+            thrifty.optim.AdamW([p8]).state_dict() | {"state": {0: {k: v.clone() for k, v in o8.state[p8].items()
+                                                                       if k == "step"}
+                                                                   | {"exp_avg": torch.zeros(64, 80),
+                                                                      "exp_avg_sq": torch.zeros(64, 80)}}})
+    bad = copy.deepcopy(o8.state_dict())
+    bad["state"][0]["exp_avg_sq"] = bad["state"][0]["exp_avg_sq"].float()
+    with pytest.raises(ValueError, match="expected uint8 codes"):
+        thrifty.optim.AdamW8bit([torch.nn.Parameter(torch.randn(64, 80))]).load_state_dict(bad)
+    # torch.optim.AdamW keeps bf16 moments for bf16 params: they load widened to float32
+    w = torch.nn.Parameter(torch.randn(8, 16, dtype=torch.bfloat16))
+    ref = torch.optim.AdamW([w], lr=1e-2)
+    w.grad = torch.randn(8, 16, dtype=torch.bfloat16)
+    ref.step()
+    assert ref.state[w]["exp_avg"].dtype == torch.bfloat16
+    w2 = torch.nn.Parameter(w.detach().clone())
+    ours = thrifty.optim.AdamW([w2], lr=1e-2)
+    ours.load_state_dict(ref.state_dict())
+    assert ours.state[w2]["exp_avg"].dtype == torch.float32 and ours.state[w2]["exp_avg_sq"].dtype == torch.float32
+    w2.grad = torch.randn(8, 16, dtype=torch.bfloat16)
+    ours.step()
+    assert torch.isfinite(w2).all()
+
+
 def test_nonfinite_lr_set_later_raises():
     p = torch.zeros(3, requires_grad=True)
     opt = thrifty.optim.AdamW([p])

@@ -159,6 +159,26 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _init_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
         raise NotImplementedError
 
+    # state tensors a subclass keeps as float32 moments of the param's shape
+    _float_moments: tuple = ()
+
+    def _check_loaded_state(self, p: torch.Tensor, state: dict, where) -> None:
+        """A loaded state fits this optimizer now, not at the next step's kernel check: float moments of the
+        param's shape (another float dtype, torch.optim's bf16 moments of bf16 params say, is widened to float32)."""
+        owner = type(self).__name__
+        for k in self._float_moments:
+            v = state.get(k)
+            if v is None:
+                continue
+            if tuple(v.shape) != tuple(p.shape):
+                raise ValueError(f"{owner}.load_state_dict: state {k!r} of param {where} has shape {tuple(v.shape)}, "
+                                 f"the param {tuple(p.shape)}")
+            if not v.is_floating_point():
+                raise ValueError(f"{owner}.load_state_dict: state {k!r} of param {where} is {v.dtype}, not float "
+                                 "moments (8-bit codes are thrifty.optim.AdamW8bit's: load the state dict there)")
+            if v.dtype != torch.float32:
+                state[k] = v.float()
+
     def _bucket_key(self, p: torch.Tensor, group: dict, state: dict):
         return (p.device, p.dtype, "master" in state)
 
@@ -353,6 +373,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                     st[k] = v.detach().to(device=p.device, copy=True)
                 elif k == "step" and isinstance(v, (int, float)):  # older torch.optim state dicts
                     st[k] = torch.tensor(float(v), dtype=torch.float32, device=p.device)
+        for sid, p in zip(saved_ids, params):
+            if self.state.get(p):
+                self._check_loaded_state(p, self.state[p], sid)
         # a state saved without master copies (e.g. by torch.optim.AdamW) loaded into groups that
         # keep them: start the masters from the params, as a fresh step would
         for group in self.param_groups:

@@ -58,6 +58,8 @@ class AdamW(FusedOptimizer):
                         master_weights=bool(master_weights))
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite)
 
+    _float_moments = ("exp_avg", "exp_avg_sq")
+
     def _validate_group(self, group):
         _check_adam_hparams(group["lr"], group["betas"], group["eps"], group["weight_decay"])
 
@@ -127,6 +129,16 @@ class AdamW8bit(AdamW):
         state["absmax_v"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
         if group.get("master_weights", False) and p.dtype != torch.float32:
             state["master"] = p.detach().float().contiguous()
+
+    def _check_loaded_state(self, p, state, where):
+        if "absmax_m" not in state:  # float moments (a small tensor, or a state saved by AdamW)
+            return super()._check_loaded_state(p, state, where)
+        for k in ("exp_avg", "exp_avg_sq"):
+            v = state.get(k)
+            if v is None or v.dtype != torch.uint8 or tuple(v.shape) != tuple(p.shape):
+                got = "missing" if v is None else f"{v.dtype} {tuple(v.shape)}"
+                raise ValueError(f"AdamW8bit.load_state_dict: state {k!r} of param {where}: expected uint8 codes of "
+                                 f"shape {tuple(p.shape)} beside its absmax, got {got}")
 
     def _bucket_key(self, p, group, state):
         return (p.device, p.dtype, "master" in state, "absmax_m" in state)

@@ -40,6 +40,8 @@ class Lion(FusedOptimizer):
     def _validate_group(self, group):
         _check_lion_hparams(group["lr"], group["betas"], group["weight_decay"])
 
+    _float_moments = ("exp_avg",)
+
     def _init_state(self, p, group, state):
         state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
         if group.get("master_weights", False) and p.dtype != torch.float32:
