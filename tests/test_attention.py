@@ -430,8 +430,23 @@ def test_sdpa_drop_in(L, S, is_causal, gqa):
     k, v = torch.randn(2, 2 if gqa else 8, S, 64), torch.randn(2, 2 if gqa else 8, S, 64)
     got = thrifty.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=gqa)
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=gqa)
-    assert got.shape == ref.shape
+    assert got.shape == ref.shape and got.is_contiguous()  # torch's CPU result is contiguous: .view() works
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_broadcasts_one_kv_head_and_reads_3d_as_heads():
+    # as torch: a size-1 kv head dim broadcasts without enable_gqa, and 3-D inputs are (heads, L, E), so a
+    # 3-D grouped-query call works
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 1, 5, 8), torch.randn(2, 1, 5, 8)
+    for gqa in (False, True):
+        torch.testing.assert_close(thrifty.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=gqa),
+                                   F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa), atol=1e-5, rtol=1e-5)
+    q3, k3, v3 = torch.randn(4, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    got = thrifty.nn.functional.scaled_dot_product_attention(q3, k3, v3, enable_gqa=True, is_causal=True)
+    ref = F.scaled_dot_product_attention(q3, k3, v3, enable_gqa=True, is_causal=True)
+    assert got.shape == ref.shape == (4, 5, 8)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert got.view(4, 40).shape == (4, 40)
 
 
 def test_sdpa_drop_in_scale_3d_and_grad():
@@ -452,8 +467,9 @@ def test_sdpa_refuses_masks():
     q = torch.randn(1, 2, 4, 16)
     with pytest.raises(ValueError, match="attn_mask cannot be fused"):
         thrifty.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(4, 4, dtype=torch.bool))
-    with pytest.raises(ValueError, match="enable_gqa=True"):
-        thrifty.nn.functional.scaled_dot_product_attention(q, q[:, :1], q[:, :1])
+    with pytest.raises(ValueError, match="enable_gqa=True"):  # 4 query heads, 2 kv heads: torch refuses too
+        k2 = torch.randn(1, 2, 4, 16)
+        thrifty.nn.functional.scaled_dot_product_attention(torch.randn(1, 4, 4, 16), k2, k2)
 
 
 # ---- bad input ----

@@ -22,8 +22,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     kernel, with torch's layout and conventions.
 
     Args:
-        query: (..., heads, L, E); key: (..., kv_heads, S, E); value: (..., kv_heads, S, Ev) (3-D and
-            2-D inputs mean one head / one batch, as in torch). Ev may differ from E, as in torch (the
+        query: (..., heads, L, E); key: (..., kv_heads, S, E); value: (..., kv_heads, S, Ev) (a 3-D
+            input is (heads, L, E) and a 2-D one (L, E), as in torch). Ev may differ from E, as in torch (the
             smaller side is zero-padded to max(E, Ev) <= 256 for the kernel: exact, at the larger
             size's cost). The batch dims ``...`` broadcast as in torch.
             float32, bfloat16 or float16, one dtype and device.
@@ -31,13 +31,14 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         is_causal: torch's convention: query i sees keys j <= i (top-left aligned, also when L != S).
         scale: default 1/sqrt(E).
         enable_gqa: as torch: heads may be a multiple of kv_heads (each kv head serves
-            heads // kv_heads consecutive query heads); without it they must be equal.
+            heads // kv_heads consecutive query heads); without it they must be equal, or kv_heads 1
+            (a size-1 head dim broadcasts, as torch broadcasts it).
         dropout_p: accepted by keyword so that torch-style calls (``dropout_p=0.0``, what Hugging
             Face passes outside training) run unchanged; only 0 is supported (dropout is not
             fused: a nonzero value is a ValueError).
     Returns:
-        (..., heads, L, Ev) in query's dtype (a transposed view of a contiguous (..., L, heads, Ev), as
-        torch's CUDA flash backend returns; call .contiguous() where a contiguous result is needed).
+        (..., heads, L, Ev) in query's dtype, contiguous as torch's CPU result is (so ``.view`` on it works;
+        the kernel writes (..., L, heads, Ev), and the copy costs ~1/S of the attention itself).
 
     Positional order: this signature has no positional dropout_p (is_causal is the 5th
     argument); a float in that place is refused with a TypeError rather than read as a flag.
@@ -73,8 +74,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         raise ValueError(f"{_NAME}: key must have the embedding size E of query ({query.shape[-1]}), got key "
                          f"{tuple(key.shape)}")
     q, k, v = query, key, value
-    for _ in range(4 - min(query.dim(), 4)):  # 2-D (L, E) and 3-D (N, L, E): one head, one batch
-        q, k, v = q.unsqueeze(-3), k.unsqueeze(-3), v.unsqueeze(-3)
+    for _ in range(4 - min(query.dim(), 4)):  # 3-D (heads, L, E), 2-D (L, E): one batch (and one head)
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
     if k.shape[-3:-1] != v.shape[-3:-1]:
         raise ValueError(f"{_NAME}: key and value must have the same heads and length S: {tuple(key.shape)} vs "
                          f"{tuple(value.shape)}")
@@ -86,7 +87,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                          f"{tuple(value.shape)} do not broadcast") from None
     q, k, v = (t if t.shape[:-3] == lead else t.expand(*lead, *t.shape[-3:]) for t in (q, k, v))
     hq, hk = q.shape[-3], k.shape[-3]
-    if hq != hk:
+    if hq != hk and hk != 1:  # kv_heads 1 broadcasts with or without enable_gqa, as in torch
         if not enable_gqa:
             raise ValueError(f"{_NAME}: query has {hq} heads and key/value {hk}; pass enable_gqa=True for grouped-query "
                              "attention")
@@ -118,8 +119,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     out = flash_attention(q4, k4, v4, causal=causal, softmax_scale=sc, window=window)
     if Ev < E:
         out = out[..., :Ev]
-    out = out.transpose(1, 2)  # (batch, heads, L, Ev)
+    out = out.transpose(1, 2).contiguous()  # (batch, heads, L, Ev)
     out = out.reshape(*lead, hq, L, Ev)
     for _ in range(4 - min(query.dim(), 4)):
-        out = out.squeeze(-3)
+        out = out.squeeze(0)
     return out
