@@ -193,10 +193,12 @@ THRIFTY_INLINE Vec exp(Vec x) {
 
 // sigmoid(x) = 1 / (1 + exp(-x)) (and 1 - that) for activations; the AVX2 version below says why it
 // is written this way (latency-bound: -x folded into constants, Estrin polynomial, one division).
-// x is clamped to +-87 (sigmoid has saturated there) and the saturated side set to 0 beyond it. NaN
-// propagates (min/max return their second operand on NaN; the compares are false on NaN).
+// x is clamped to +-104, where VSCALEFPS takes exp(-x) to inf (x < -88.7: s = 1 / inf = 0) or 0
+// (x > 103: 1 - s = 0), so the saturated side is exactly 0, as silu(g) = g s needs for huge |g|; then
+// 1 - s = t s is inf * 0 = NaN, which the min turns into 1. NaN propagates in s (min/max return their
+// second operand on NaN); 1 - s reads 1 for a NaN x, s itself is NaN.
 THRIFTY_INLINE Vec sigmoid(Vec x, Vec& one_minus_s) {
-  __m512 xc = _mm512_min_ps(_mm512_set1_ps(87.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x.v));
+  __m512 xc = _mm512_min_ps(_mm512_set1_ps(104.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x.v));
   // t = exp(-x) = 2^n exp(r), n = round(-x / ln2), r = -x - n ln2 (two-constant ln2)
   __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(-1.44269504088896341f)),
                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -209,13 +211,10 @@ THRIFTY_INLINE Vec sigmoid(Vec x, Vec& one_minus_s) {
   __m512 c = _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500e-4f), r, _mm512_set1_ps(1.3981999507e-3f));
   __m512 q = _mm512_fmadd_ps(_mm512_fmadd_ps(c, r2, b), r2, a);
   __m512 p = _mm512_fmadd_ps(q, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  __m512 t = _mm512_scalef_ps(p, n);  // exp(-x)
+  __m512 t = _mm512_scalef_ps(p, n);  // exp(-x): inf or 0 past +-88.7 / 103
   __m512 e = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(t, _mm512_set1_ps(1.0f)));
-  // past the clamp the saturated side is 0, not exp(-87) ~ 1.6e-38: silu(g) = g s must not grow with |g|
-  const __m512 zero = _mm512_setzero_ps();
-  one_minus_s = _mm512_mask_mov_ps(_mm512_mul_ps(t, e), _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(87.0f), _CMP_GT_OQ),
-                                   zero);
-  return _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(-87.0f), _CMP_LT_OQ), zero);
+  one_minus_s = _mm512_min_ps(_mm512_mul_ps(t, e), _mm512_set1_ps(1.0f));
+  return e;
 }
 
 // bf16 in pairs: 2W consecutive bf16 values as two float vectors, `even` holding elements
