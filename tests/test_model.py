@@ -202,6 +202,8 @@ def test_packed_documents_match_separate():
     loss = m(torch.cat([a, b]), labels=torch.cat([a, b]), cu_seqlens=cu)
     la, lb = m(a[None], labels=a[None]), m(b[None], labels=b[None])
     torch.testing.assert_close(loss, (la * 6 + lb * 4) / 10)
+    # cu_seqlens as a plain list, with labels too
+    torch.testing.assert_close(m(torch.cat([a, b]), labels=torch.cat([a, b]), cu_seqlens=[0, 7, 12]), loss)
 
 
 def test_sampling_and_eos():

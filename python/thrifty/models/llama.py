@@ -195,7 +195,7 @@ class Llama(nn.Module):
         shifted = F.pad(labels, (0, 1), value=-100)[..., 1:]
         if cu_seqlens is not None:  # the last token of a document predicts nothing
             shifted = shifted.clone()
-            shifted[cu_seqlens[1:].long() - 1] = -100
+            shifted[torch.as_tensor(cu_seqlens, device=shifted.device)[1:].long() - 1] = -100  # a list works too
         # The loss comes back in float32 whatever the model's dtype, as transformers' does: one bf16 rounding
         # of the mean quantized logged losses to steps of ~0.2-0.4%.
         if not isinstance(self.lm_head, nn.Linear):  # a quantized LM head (quantize_model with skip=()): via logits
