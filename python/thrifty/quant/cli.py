@@ -236,11 +236,11 @@ def _calibration_model(model_dir: Path):
         return model.eval()
 
 
-def _calibration_hessians(model_dir: Path, names: list[str], args) -> dict:
+def _calibration_hessians(model_dir: Path, names: list[str], args, text: str | None = None) -> dict:
     import torch
 
     from thrifty.quant.model import collect_hessians
-    text = _calibration_text(args)
+    text = _calibration_text(args) if text is None else text
     ids = _calibration_ids(model_dir, text)
     if ids is None and args.calibration:  # the user's text cannot be used without a tokenizer: say so
         raise QuantizeError(f"--calibration {args.calibration} needs a tokenizer in {model_dir} "
@@ -312,8 +312,8 @@ def _quantize(args) -> int:
     if args.bits == 4 and (args.group_size <= 0 or args.group_size % 32):
         raise QuantizeError(f"--group-size must be a positive multiple of 32, got {args.group_size}")
     _check_out_dir(src, out)
-    if args.method == "gptq":
-        _calibration_text(args)  # a missing or empty --calibration file fails now, not after loading
+    # read now: a missing or empty --calibration file fails before the weights are loaded
+    cal_text = _calibration_text(args) if args.method == "gptq" else None
     tensors = _load_tensors(files)
     names = [k for k, t in tensors.items() if quantizable(k, t)]
     if not names:
@@ -322,7 +322,7 @@ def _quantize(args) -> int:
         if args.bits == 4 and tensors[n].shape[1] % args.group_size:
             raise QuantizeError(f"{n}: in_features K={tensors[n].shape[1]} is not a multiple of "
                                 f"group_size={args.group_size}")
-    hessians = _calibration_hessians(src, names, args) if args.method == "gptq" else {}
+    hessians = _calibration_hessians(src, names, args, cal_text) if args.method == "gptq" else {}
     outt, layers = {}, {}
     for k, t in tensors.items():
         if k not in names:
