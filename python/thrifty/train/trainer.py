@@ -466,8 +466,8 @@ class Trainer:
 
     def setup(self) -> None:
         c = self.cfg
+        self._check_numbers()  # no side effects yet: before any process group or device is touched
         self._setup_distributed()
-        self._check_numbers()
         if c.model:
             self._check_model_dir()
         if c.fsdp and not self.distributed:
