@@ -70,6 +70,13 @@ inline void check_size(const char* op, const char* arg, const at::Tensor& t, int
                     " in dimension ", dim, " (", what, "), got shape ", t.sizes());
 }
 
+// Rows of t (..., K): the product of its leading dims (not numel / K, which is 0 / 0 when K = 0).
+inline int64_t leading_rows(const at::Tensor& t) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
+  return rows;
+}
+
 inline void check_last_dim_contiguous(const char* op, const char* arg, const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.dim() == 0 || t.stride(-1) == 1 || t.size(-1) <= 1, "thrifty.", op, ": argument '", arg,
                     "' must be contiguous in its last dimension (got strides ", t.strides(), ")");

@@ -11,8 +11,9 @@ namespace thrifty {
 // Largest K for which int8 x int8 sums cannot overflow int32 (128 * 128 * K < 2^31).
 constexpr int64_t kInt8MaxK = 131072;
 
+// (rows, K) view of x (..., K); rows given explicitly, as reshape({-1, 0}) is ambiguous for K = 0.
 inline at::Tensor quant_rows_2d(const at::Tensor& x) {
-  auto x2 = x.reshape({-1, x.size(-1)});
+  auto x2 = x.reshape({leading_rows(x), x.size(-1)});
   if (x2.size(-1) > 1 && x2.stride(-1) != 1) x2 = x2.contiguous();
   return x2;
 }
@@ -137,7 +138,7 @@ inline Int8LinearPrep int8_linear_prepare(const char* op, const at::Tensor& xq, 
   check_same_device(op, "x_scales", x_scales, "xq", xq);
   check_same_device(op, "wq", wq, "xq", xq);
   check_same_device(op, "w_scales", w_scales, "xq", xq);
-  const int64_t K = xq.size(-1), N = wq.size(0), M = xq.numel() / std::max<int64_t>(K, 1);
+  const int64_t K = xq.size(-1), N = wq.size(0), M = leading_rows(xq);
   check_size(op, "wq", wq, 1, K, "in_features, xq.size(-1)");
   TORCH_CHECK_VALUE(K <= kInt8MaxK, "thrifty.", op, ": in_features K=", K, " is too large for int32 accumulation (at most ",
                     kInt8MaxK, ")");
@@ -152,7 +153,7 @@ inline Int8LinearPrep int8_linear_prepare(const char* op, const at::Tensor& xq, 
   TORCH_CHECK_TYPE(odt == at::kFloat || odt == at::kBFloat16 || odt == at::kHalf, "thrifty.", op,
                    ": argument 'out_dtype' must be Float, BFloat16 or Half (got ", odt, ")");
   Int8LinearPrep r;
-  r.xq2 = xq.reshape({-1, K}).contiguous();
+  r.xq2 = xq.reshape({M, K}).contiguous();
   r.xs = x_scales.reshape({-1}).contiguous();
   TORCH_CHECK_VALUE(wq.is_contiguous(), "thrifty.", op, ": argument 'wq' must be contiguous (got strides ",
                     wq.strides(), ")");

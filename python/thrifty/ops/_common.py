@@ -74,3 +74,34 @@ def register_no_double_backward(opname: str) -> None:
         raise NotImplementedError(f"{opname} is not differentiable (double backward of a thrifty op is not supported)")
 
     torch.library.register_autograd(opname, _backward)
+
+
+def register_not_differentiable(opname: str, why: str, allowed: Callable | None = None) -> None:
+    """Registers autograd for a forward op with no useful derivative (quantizers, integer GEMMs), so
+    that backpropagating through it raises a message naming the op, instead of PyTorch's fallback,
+    which warns and silently leaves the inputs' .grad as None.
+
+    ``allowed(ctx, *grads)``, when given, returns the gradients the op does have (e.g. a bias's) as
+    a tuple with None for the rest; it is called only when no other input needs a gradient."""
+
+    def _setup(ctx, inputs, output):
+        ctx.inputs_meta = [(t.dtype, t.shape) if isinstance(t, torch.Tensor) else None for t in inputs]
+
+    def _backward(ctx, *grads):
+        if allowed is not None:
+            result = allowed(ctx, *grads)
+            blocked = [i for i, need in enumerate(ctx.needs_input_grad) if need and result[i] is None]
+            if not blocked:
+                return result
+        raise RuntimeError(f"{opname} is not differentiable: {why}. Detach its inputs "
+                           f"(x.detach()) or compute the gradient-carrying part outside it")
+
+    torch.library.register_autograd(opname, _backward, setup_context=_setup)
+
+
+def require_tensors(op: str, **args) -> None:
+    """TypeError naming the first argument that is not a tensor (None included: pass optional
+    arguments only when they are given). Cheap enough for every call: isinstance per argument."""
+    for name, value in args.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{op}: argument '{name}' must be a tensor, got {type(value).__name__}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from thrifty.ops._common import call_op, register_fake, register_no_double_backward
+from thrifty.ops._common import call_op, register_fake, register_no_double_backward, require_tensors
 
 _ops = torch.ops.thrifty
 
@@ -29,6 +29,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     Returns:
         (..., n) contiguous, the dtype of gate.
     """
+    require_tensors("thrifty.swiglu", gate=gate, up=up)
     return call_op(_ops.swiglu, gate, up)
 
 

@@ -36,7 +36,7 @@ import numbers
 
 import torch
 
-from thrifty.ops._common import call_op, register_fake, register_no_double_backward
+from thrifty.ops._common import call_op, register_fake, register_no_double_backward, require_tensors
 
 _ops = torch.ops.thrifty
 
@@ -85,6 +85,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     Returns:
         out like q (contiguous), or (out, lse).
     """
+    require_tensors("thrifty.flash_attention", q=q, k=k, v=v)
     wl, wr = _window(window)
     out, lse = call_op(_ops.flash_attention_fwd, q, k, v, None, None, q.shape[1] if q.dim() == 4 else 0,
                        k.shape[1] if k.dim() == 4 else 0, _scale(q, softmax_scale), bool(causal), wl, wr,
@@ -110,6 +111,8 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         out (total_q, heads, head_dim), or (out, lse) with lse (heads, total_q) float32.
         Rows of q past cu_seqlens_q[-1] get out 0, lse -inf.
     """
+    require_tensors("thrifty.flash_attention_varlen", q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q,
+                    cu_seqlens_k=cu_seqlens_k)
     wl, wr = _window(window)
     out, lse = call_op(_ops.flash_attention_fwd, q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                        int(max_seqlen_k), _scale(q, softmax_scale), bool(causal), wl, wr, float(softcap))

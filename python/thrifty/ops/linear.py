@@ -13,9 +13,11 @@ Backward (torch ops; float32 on the CPU for bf16/f16, for the same reason)::
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from thrifty.ops._common import call_op, register_fake
+from thrifty.ops._common import call_op, register_fake, require_tensors
 
 _ops = torch.ops.thrifty
 
@@ -31,6 +33,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     Returns:
         (..., N) in x's dtype, contiguous.
     """
+    require_tensors("thrifty.linear", x=x, weight=weight)
+    if bias is not None:
+        require_tensors("thrifty.linear", bias=bias)
     return call_op(_ops.linear, x, weight, bias)
 
 
@@ -51,14 +56,15 @@ def _setup_linear(ctx, inputs, output):
 def _backward_linear(ctx, grad_y):
     x, weight = ctx.saved_tensors
     n, k = weight.shape
-    g = grad_y.reshape(-1, n)
+    m = math.prod(x.shape[:-1])  # rows; reshape(-1, n) is ambiguous when n or k is 0
+    g = grad_y.reshape(m, n)
     # torch's bf16/f16 CPU matmuls are slow below avx512_bf16: multiply float32 copies there
     cdt = torch.float32 if g.device.type == "cpu" else g.dtype
     grad_x = grad_w = grad_b = None
     if ctx.needs_input_grad[0]:
         grad_x = (g.to(cdt) @ weight.to(cdt)).to(x.dtype).reshape(x.shape)
     if ctx.needs_input_grad[1]:
-        grad_w = (g.to(cdt).t() @ x.reshape(-1, k).to(cdt)).to(weight.dtype)
+        grad_w = (g.to(cdt).t() @ x.reshape(m, k).to(cdt)).to(weight.dtype)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_b = g.to(torch.float32).sum(0).to(grad_y.dtype)
     return grad_x, grad_w, grad_b

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from thrifty.ops._common import register_fake, register_no_double_backward
+from thrifty.ops._common import register_fake, register_no_double_backward, require_tensors
 
 _ops = torch.ops.thrifty
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
@@ -83,13 +83,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
         raise ValueError(f"thrifty.linear_cross_entropy: argument 'reduction' must be 'mean', 'sum' or 'none', "
                          f"got {reduction!r}")
-    if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor) or not isinstance(labels, torch.Tensor):
-        raise TypeError("thrifty.linear_cross_entropy: hidden, weight and labels must be tensors")
+    require_tensors("thrifty.linear_cross_entropy", hidden=hidden, weight=weight, labels=labels)
     if hidden.dim() < 1 or labels.shape != hidden.shape[:-1]:
         raise ValueError(f"thrifty.linear_cross_entropy: argument 'labels' must have the leading dims of 'hidden' "
                          f"{tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}")
     red = _REDUCTIONS[reduction]
-    h2 = hidden.reshape(-1, hidden.shape[-1])
+    h2 = hidden.reshape(labels.numel(), hidden.shape[-1])  # not (-1, H): ambiguous when H = 0
     l2 = labels.reshape(-1)
     if _keep_logits(h2, weight, int(chunk_size)):
         loss = _ops.linear_cross_entropy_keep_logits(h2, weight, l2, int(ignore_index), red, float(label_smoothing),

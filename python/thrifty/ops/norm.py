@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from thrifty.ops._common import call_op, register_fake, register_no_double_backward
+from thrifty.ops._common import call_op, register_fake, register_no_double_backward, require_tensors
 
 _ops = torch.ops.thrifty
 
@@ -37,7 +37,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
     """
     # the kernels read weight as one dense vector: a strided one (w[::2], an expanded view) is copied
     # here, a hidden-size copy; autograd carries grad_weight back through the copy to the strided view
-    if isinstance(weight, torch.Tensor) and not weight.is_contiguous():
+    require_tensors("thrifty.rms_norm", x=x, weight=weight)
+    if residual is not None:
+        require_tensors("thrifty.rms_norm", residual=residual)
+    if not weight.is_contiguous():
         weight = weight.contiguous()
     if residual is None:
         y, _ = call_op(_ops.rms_norm, x, weight, eps)

@@ -43,7 +43,12 @@ def multi_tensor_l2norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     An empty list gives a float32 zero on the CPU (as torch.nn.utils.clip_grad_norm_ with no grads):
     with no tensors there is no device to dispatch to.
     """
-    tensors = list(tensors)
+    # a single tensor counts as a list of one, as torch.nn.utils.clip_grad_norm_ takes it
+    tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"thrifty.multi_tensor_l2norm: argument 'tensors' must hold tensors only, element {i} "
+                            f"is {type(t).__name__}")
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
     return _ops.multi_tensor_l2norm(tensors)
@@ -110,6 +115,21 @@ def _l2norm_fake(tensors):
     if len(tensors) == 0:
         return torch.empty((), dtype=torch.float32)
     return tensors[0].new_empty((), dtype=torch.float32)
+
+
+def _setup_l2norm(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[0], output)
+
+
+def _backward_l2norm(ctx, grad):
+    # d sqrt(sum x^2) / dx = x / norm (0 where the norm is 0, as torch.linalg.vector_norm).
+    *tensors, norm = ctx.saved_tensors
+    scale = torch.where(norm == 0, torch.zeros_like(norm), grad / norm)
+    # needs_input_grad[0] is one flag per tensor of the list
+    return [(t.float() * scale).to(t.dtype) if need else None for t, need in zip(tensors, ctx.needs_input_grad[0])]
+
+
+torch.library.register_autograd("thrifty::multi_tensor_l2norm", _backward_l2norm, setup_context=_setup_l2norm)
 
 
 @register_fake("thrifty::adamw_step")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from thrifty.ops._common import call_op, register_fake
+from thrifty.ops._common import call_op, register_fake, register_not_differentiable, require_tensors
 
 _ops = torch.ops.thrifty
 
@@ -67,6 +67,10 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     the K of a packed weight that agrees with its scales.
     """
     op = "thrifty.quant_linear"
+    require_tensors(op, x=x, qweight=qweight, scales=scales)
+    for name, t in (("zeros", zeros), ("bias", bias)):
+        if t is not None:
+            require_tensors(op, **{name: t})
     _int_arg(op, "bits", bits)
     if group_size is None and bits == 8:  # per output channel: no groups
         group_size = -1
@@ -84,6 +88,9 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None, *, bits: int,
                group_size: int) -> torch.Tensor:
     """The float32 (N, K) weight quant_linear multiplies by (each element rounded once to float32)."""
+    require_tensors("thrifty.dequantize", qweight=qweight, scales=scales)
+    if zeros is not None:
+        require_tensors("thrifty.dequantize", zeros=zeros)
     return _ops.quant_dequantize(qweight, scales, zeros, bits, group_size)
 
 
@@ -93,6 +100,7 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns (xq int8 (..., K), scales float32 (..., 1)) with scales = max|x| / 127 over the row
     and xq = round_half_even(x * 127 / max|x|), so xq * scales ~ x. An all-zero row gets scale 0.
     """
+    require_tensors("thrifty.quantize_per_token", x=x)
     return _ops.quantize_per_token(x)
 
 
@@ -106,6 +114,9 @@ def int8_linear(xq: torch.Tensor, x_scales: torch.Tensor, wq: torch.Tensor, w_sc
         bias: optional (N,) float.
         out_dtype: float32 (default), bfloat16 or float16.
     """
+    require_tensors("thrifty.int8_linear", xq=xq, x_scales=x_scales, wq=wq, w_scales=w_scales)
+    if bias is not None:
+        require_tensors("thrifty.int8_linear", bias=bias)
     k = _weight_k(wq, w_scales, 8, -1)
     _check_x("thrifty.int8_linear", "xq", xq, k, "" if k is None else f"wq {tuple(wq.shape)}: (N, K)")
     return _ops.int8_linear(xq, x_scales, wq, w_scales, bias, out_dtype)
@@ -143,6 +154,12 @@ def _setup_quant_linear(ctx, inputs, output):
     ctx.save_for_backward(qweight, scales, zeros)
 
 
+def _sum_rows(grad_y: torch.Tensor) -> torch.Tensor:
+    """grad_y (..., N) summed over its leading dims in float32 (reshape(-1, N) is ambiguous for N = 0)."""
+    g = grad_y.float()
+    return g.sum(dim=tuple(range(g.dim() - 1))) if g.dim() > 1 else g  # sum(dim=()) would sum everything
+
+
 def frozen_weight_grads(grad_y, qweight, scales, zeros, bits: int, group_size: int, x_dtype, bias_dtype,
                         need_x: bool, need_bias: bool):
     """(grad_x, grad_bias) of y = x @ dequant(W).T + bias with W frozen: grad_x = grad_y @ w in float32
@@ -153,7 +170,7 @@ def frozen_weight_grads(grad_y, qweight, scales, zeros, bits: int, group_size: i
         w = _ops.quant_dequantize(qweight, scales, zeros, bits, group_size)
         grad_x = (grad_y.float() @ w).to(x_dtype)
     if bias_dtype is not None and need_bias:
-        grad_bias = grad_y.float().reshape(-1, grad_y.shape[-1]).sum(0).to(bias_dtype)
+        grad_bias = _sum_rows(grad_y).to(bias_dtype)
     return grad_x, grad_bias
 
 
@@ -165,3 +182,26 @@ def _backward_quant_linear(ctx, grad_y):
 
 
 torch.library.register_autograd("thrifty::quant_linear", _backward_quant_linear, setup_context=_setup_quant_linear)
+
+
+# ---- the inference-only ops: backpropagating through them is an error, not a silent None grad ----
+register_not_differentiable("thrifty::quant_dequantize", "it unpacks a frozen quantized weight (scales and zeros "
+                            "get no gradient)")
+register_not_differentiable("thrifty::quantize_per_token", "rounding to int8 has no useful derivative; for "
+                            "training through a W8A8 layer use thrifty.quant.QuantLinear, whose backward is "
+                            "straight-through")
+
+
+def _int8_linear_bias_grad(ctx, grad_y):
+    # y = acc * x_scales * w_scales + bias: only the bias has a gradient worth giving.
+    bias_meta = ctx.inputs_meta[4]
+    grad_bias = None
+    if bias_meta is not None and ctx.needs_input_grad[4]:
+        grad_bias = _sum_rows(grad_y).to(bias_meta[0])
+    return None, None, None, None, grad_bias, None
+
+
+register_not_differentiable("thrifty::int8_linear", "only its bias has a gradient (xq and wq are int8; the "
+                            "scales are frozen); for training through a W8A8 layer use "
+                            "thrifty.quant.QuantLinear, whose backward is straight-through",
+                            allowed=_int8_linear_bias_grad)

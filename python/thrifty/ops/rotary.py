@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from thrifty.ops._common import call_op, register_fake, register_no_double_backward
+from thrifty.ops._common import call_op, register_fake, register_no_double_backward, require_tensors
 
 _ops = torch.ops.thrifty
 
@@ -46,6 +46,7 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, 
     Returns:
         (q_rot, k_rot), contiguous, shapes and dtype of q and k.
     """
+    require_tensors("thrifty.rotary_embedding", q=q, k=k, positions=positions, cos_sin_cache=cos_sin_cache)
     if cos_sin_cache.requires_grad and torch.is_grad_enabled():
         raise ValueError("thrifty.rotary_embedding: argument 'cos_sin_cache' must not require grad "
                          "(no gradient flows to the cache; pass cos_sin_cache.detach())")

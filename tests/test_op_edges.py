@@ -1,0 +1,138 @@
+"""Edges every op wrapper shares: a non-tensor where a tensor belongs is named; an empty reduction
+dimension (K = 0) gives what torch gives; the inference-only ops refuse to be backpropagated through
+instead of leaving .grad silently None; multi_tensor_l2norm is differentiable."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import thrifty
+from thrifty import ops
+
+
+def _x(*shape, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+
+
+_W4 = dict(bits=8, group_size=-1)
+
+# (call, the argument the message must name); each call passes a non-tensor in that argument
+_NON_TENSOR_CALLS = [
+    (lambda: ops.rms_norm(None, _x(8)), "x"),
+    (lambda: ops.rms_norm(_x(2, 8), None), "weight"),
+    (lambda: ops.rms_norm(_x(2, 8), _x(8), residual=[1.0]), "residual"),
+    (lambda: ops.swiglu(_x(2, 8), None), "up"),
+    (lambda: ops.swiglu(3.0, _x(2, 8)), "gate"),
+    (lambda: ops.linear(_x(2, 8), None), "weight"),
+    (lambda: ops.linear(_x(2, 8), _x(3, 8), bias=[0.0, 0.0, 0.0]), "bias"),
+    (lambda: ops.flash_attention(_x(1, 4, 2, 8), None, _x(1, 4, 2, 8)), "k"),
+    (lambda: ops.flash_attention(1, _x(1, 4, 2, 8), _x(1, 4, 2, 8)), "q"),
+    (lambda: ops.flash_attention_varlen(_x(4, 2, 8), _x(4, 2, 8), _x(4, 2, 8), [0, 4], [0, 4], 4, 4), "cu_seqlens_q"),
+    (lambda: ops.rotary_embedding(_x(3, 2, 8), _x(3, 2, 8), None, ops.build_rotary_cache(8, 8)), "positions"),
+    (lambda: ops.linear_cross_entropy(_x(3, 8), None, torch.zeros(3, dtype=torch.long)), "weight"),
+    (lambda: ops.quantize_per_token(None), "x"),
+    (lambda: ops.int8_linear(torch.zeros(2, 8, dtype=torch.int8), None, torch.zeros(3, 8, dtype=torch.int8),
+                             torch.ones(3)), "x_scales"),
+    (lambda: ops.quant_linear(_x(2, 8), None, torch.ones(3), **_W4), "qweight"),
+    (lambda: ops.dequantize(torch.zeros(3, 8, dtype=torch.int8), None, **_W4), "scales"),
+]
+
+
+@pytest.mark.parametrize("call,arg", _NON_TENSOR_CALLS, ids=[f"{i}-{a}" for i, (_, a) in enumerate(_NON_TENSOR_CALLS)])
+def test_a_non_tensor_argument_is_named(call, arg):
+    with pytest.raises(TypeError, match=f"argument '{arg}' must be a tensor, got"):
+        call()
+
+
+def test_multi_tensor_l2norm_names_a_non_tensor_element_and_takes_a_single_tensor():
+    with pytest.raises(TypeError, match="element 1 is NoneType"):
+        ops.multi_tensor_l2norm([_x(3), None])
+    x = _x(4, 5)
+    torch.testing.assert_close(ops.multi_tensor_l2norm(x), torch.linalg.vector_norm(x))
+
+
+# ---- K = 0: an empty reduction is zero, as in torch ----
+def test_linear_with_zero_in_features_is_the_bias_and_backpropagates():
+    x = torch.zeros(3, 0, requires_grad=True)
+    w = torch.zeros(4, 0, requires_grad=True)
+    b = _x(4).requires_grad_()
+    y = ops.linear(x, w, b)
+    torch.testing.assert_close(y, b.detach().expand(3, 4))
+    y.sum().backward()
+    assert x.grad.shape == (3, 0) and w.grad.shape == (4, 0)
+    torch.testing.assert_close(b.grad, torch.full((4,), 3.0))
+
+
+def test_linear_cross_entropy_with_zero_hidden_is_uniform_over_the_vocab():
+    h = torch.zeros(3, 0, requires_grad=True)
+    w = torch.zeros(5, 0, requires_grad=True)
+    loss = ops.linear_cross_entropy(h, w, torch.tensor([0, 1, 4]))
+    torch.testing.assert_close(loss, torch.tensor(math.log(5.0)))
+    loss.backward()
+    assert h.grad.shape == (3, 0) and w.grad.shape == (5, 0)
+
+
+def test_int8_ops_with_zero_in_features():
+    xq, scales = ops.quantize_per_token(torch.zeros(2, 3, 0))
+    assert xq.shape == (2, 3, 0) and xq.dtype == torch.int8
+    torch.testing.assert_close(scales, torch.zeros(2, 3, 1))  # an empty row is an all-zero row: scale 0
+    b = _x(4)
+    y = ops.int8_linear(xq, scales, torch.zeros(4, 0, dtype=torch.int8), torch.ones(4), b)
+    torch.testing.assert_close(y, b.expand(2, 3, 4))
+    y8 = ops.quant_linear(torch.zeros(2, 0), torch.zeros(4, 0, dtype=torch.int8), torch.ones(4), bias=b, **_W4)
+    torch.testing.assert_close(y8, b.expand(2, 4))
+
+
+# ---- inference-only ops: backward is an error that names the op ----
+def test_quantize_per_token_refuses_backward():
+    x = _x(3, 16).requires_grad_()
+    _, scales = ops.quantize_per_token(x)
+    with pytest.raises(RuntimeError, match="thrifty::quantize_per_token is not differentiable"):
+        scales.sum().backward()
+
+
+def test_dequantize_refuses_backward_through_scales():
+    scales = torch.rand(4, requires_grad=True)
+    w = ops.dequantize(torch.ones(4, 8, dtype=torch.int8), scales, **_W4)
+    with pytest.raises(RuntimeError, match="thrifty::quant_dequantize is not differentiable"):
+        w.sum().backward()
+
+
+def test_int8_linear_gives_the_bias_gradient_and_refuses_the_scales():
+    xq, xs = ops.quantize_per_token(_x(2, 3, 16))
+    wq, ws = torch.randint(-127, 128, (5, 16), dtype=torch.int8), torch.rand(5)
+    bias = _x(5).requires_grad_()
+    gy = _x(2, 3, 5)
+    ops.int8_linear(xq, xs, wq, ws, bias).backward(gy)
+    torch.testing.assert_close(bias.grad, gy.sum((0, 1)))
+    # a 1-D xq: one row, the gradient is gy itself
+    bias.grad = None
+    ops.int8_linear(xq[0, 0], xs[0, 0], wq, ws, bias).backward(gy[0, 0])
+    torch.testing.assert_close(bias.grad, gy[0, 0])
+
+    ws.requires_grad_()
+    with pytest.raises(RuntimeError, match="thrifty::int8_linear is not differentiable"):
+        ops.int8_linear(xq, xs, wq, ws, bias).sum().backward()
+
+
+def test_multi_tensor_l2norm_gradient_matches_torch():
+    a = _x(7, 3).requires_grad_()
+    b = _x(11, dtype=torch.bfloat16).requires_grad_()
+    c = _x(5)  # no grad wanted for this one
+    ops.multi_tensor_l2norm([a, b, c]).backward()
+    assert b.grad.dtype == torch.bfloat16 and c.grad is None
+    a2, b2 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    torch.linalg.vector_norm(torch.cat([a2.flatten(), b2, c.double()])).backward()
+    torch.testing.assert_close(a.grad, a2.grad.float(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(b.grad, b2.grad.bfloat16())
+    # at zero the gradient is zero (not NaN), as torch's
+    z = torch.zeros(4, requires_grad=True)
+    ops.multi_tensor_l2norm([z]).backward()
+    assert torch.equal(z.grad, torch.zeros(4))
+
+
+def test_multi_tensor_l2norm_opcheck():
+    torch.library.opcheck(torch.ops.thrifty.multi_tensor_l2norm.default,
+                          ([_x(3, 4).requires_grad_(), _x(5).requires_grad_()],))
