@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -292,3 +293,111 @@ def test_to_bfloat16_keeps_float32_rotary_cache():
 def test_generate_too_long_is_an_error():
     with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
         tiny().generate(torch.zeros(1, 100, dtype=torch.long), max_new_tokens=100)
+
+
+# ---- audit findings ----
+def test_patch_hf_bfloat16_loss_is_float32():
+    """transformers' own loss upcasts the logits (a float32 loss for a bfloat16 model), and so does
+    thrifty's Llama: the patched model's fused loss too, also with num_items_in_batch."""
+    hf = hf_model("gqa").to(torch.bfloat16)
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 13))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    with torch.no_grad():
+        ref = hf(ids, labels=labels).loss
+        ref_sum = hf(ids, labels=labels, num_items_in_batch=torch.tensor(40)).loss
+        patched = thrifty.patch_hf(hf)
+        got = patched(ids, labels=labels).loss
+        got_sum = patched(ids, labels=labels, num_items_in_batch=torch.tensor(40)).loss
+    assert ref.dtype == torch.float32 and got.dtype == torch.float32 and got_sum.dtype == torch.float32
+    assert abs(got.item() - ref.item()) <= 1e-2 * ref.item()
+    assert abs(got_sum.item() - ref_sum.item()) <= 1e-2 * ref_sum.item()
+
+
+def test_packed_logits_keep_the_input_shape():
+    m = tiny()
+    ids = torch.randint(0, SMALL["vocab_size"], (1, 12))
+    cu = torch.tensor([0, 7, 12], dtype=torch.int32)
+    batched, flat = m(ids, cu_seqlens=cu), m(ids[0], cu_seqlens=cu)
+    assert batched.shape == (1, 12, SMALL["vocab_size"]) and flat.shape == (12, SMALL["vocab_size"])
+    torch.testing.assert_close(batched[0], flat)
+    assert m.hidden_states(ids, cu_seqlens=cu).shape == (1, 12, SMALL["hidden_size"])
+    # the loss of a (1, tokens) packed batch is the flat one's (the trainer passes flat tokens)
+    torch.testing.assert_close(m(ids, labels=ids, cu_seqlens=cu), m(ids[0], labels=ids[0], cu_seqlens=cu))
+
+
+def test_max_shard_size_strings_as_transformers(tmp_path):
+    """KB/MB/GB powers of 1000, KiB/MiB/GiB of 1024, as transformers' save_pretrained reads them."""
+    import numpy as np
+    from thrifty.models.hf import save_pretrained
+    m = tiny(tie_word_embeddings=False)
+    m.save_pretrained(tmp_path / "kb", max_shard_size="20KB")
+    index = json.loads((tmp_path / "kb" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    save_pretrained(m, tmp_path / "fn", max_shard_size="40KB")
+    assert (tmp_path / "fn" / "model.safetensors.index.json").exists()
+    ids = torch.randint(0, SMALL["vocab_size"], (1, 9))
+    torch.testing.assert_close(Llama.from_pretrained(tmp_path / "kb")(ids), m(ids))
+    for bad in (0, -5, "lots", "0KB", "-5KB", "20", True, 2.5):
+        with pytest.raises(ValueError, match="'max_shard_size'"):
+            m.save_pretrained(tmp_path / "bad", max_shard_size=bad)
+    assert not (tmp_path / "bad").exists()
+    from thrifty.models.hf import parse_shard_size
+    assert parse_shard_size("20KB") == 20_000 and parse_shard_size("500MB") == 500 * 10 ** 6
+    assert parse_shard_size("5GB") == 5 * 10 ** 9 and parse_shard_size("1.5gb") == 1_500_000_000
+    assert parse_shard_size("20KiB") == 20 * 1024 and parse_shard_size("2GiB") == 2 * 2 ** 30
+    assert parse_shard_size(40_000) == 40_000 and parse_shard_size(np.int64(40_000)) == 40_000
+    assert parse_shard_size(None) is None
+
+
+def test_generate_keeps_int32_and_takes_numpy_and_0d_tensor_ints():
+    import numpy as np
+    m = tiny()
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 5))
+    want = m.generate(ids, max_new_tokens=4, eos_token_id=[])
+    got = m.generate(ids.int(), max_new_tokens=4, eos_token_id=[])
+    assert want.dtype == torch.int64 and got.dtype == torch.int32 and torch.equal(got.long(), want)
+    assert m.generate(ids[0].int(), max_new_tokens=2, eos_token_id=[]).dtype == torch.int32
+    assert torch.equal(m.generate(ids, max_new_tokens=np.int64(4), eos_token_id=[]), want)
+    assert torch.equal(m.generate(ids, max_new_tokens=torch.tensor(4), eos_token_id=[]), want)
+    first = want[0, 5].item()
+    for eos in (np.int32(first), torch.tensor(first), [np.int64(first)], torch.tensor([first])):
+        assert torch.equal(m.generate(ids[:1], max_new_tokens=4, eos_token_id=eos), want[:1, :6])
+    g = torch.Generator().manual_seed(0)
+    a = m.generate(ids, max_new_tokens=3, temperature=1.0, top_k=np.int64(5), generator=g)
+    g.manual_seed(0)
+    assert torch.equal(a, m.generate(ids, max_new_tokens=3, temperature=1.0, top_k=torch.tensor(5), generator=g))
+    for kw, name in ((dict(max_new_tokens=True), "max_new_tokens"), (dict(max_new_tokens=2.0), "max_new_tokens"),
+                     (dict(max_new_tokens=torch.tensor(2.0)), "max_new_tokens"),
+                     (dict(max_new_tokens=torch.tensor(True)), "max_new_tokens"),
+                     (dict(top_k=np.bool_(True)), "top_k"), (dict(top_k=3.0), "top_k"),
+                     (dict(eos_token_id=2.5), "eos_token_id"), (dict(eos_token_id=[2, True]), "eos_token_id")):
+        with pytest.raises(ValueError, match=f"argument '{name}'"):
+            m.generate(ids, **kw)
+
+
+def test_quantized_checkpoint_format_version_is_checked(tmp_path):
+    from thrifty.quant import quantize_model
+    from thrifty.quant.formats import FORMAT_VERSION
+    m = quantize_model(tiny(tie_word_embeddings=False), {"bits": 8})
+    m.save_pretrained(tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    assert conf["quantization_config"]["format_version"] == FORMAT_VERSION
+    ids = torch.randint(0, SMALL["vocab_size"], (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(Llama.from_pretrained(tmp_path)(ids), m(ids))
+    for bad in (FORMAT_VERSION + 1, 0, "1", None):
+        conf["quantization_config"]["format_version"] = bad
+        (tmp_path / "config.json").write_text(json.dumps(conf))
+        with pytest.raises(ValueError, match="config.json.*format_version = .*supported.*versions 1") as err:
+            Llama.from_pretrained(tmp_path)
+        assert repr(bad) in str(err.value)
+
+
+@pytest.mark.parametrize("shape", [(2, 0), (0,), (0, 5)])
+def test_empty_input_is_a_value_error(shape):
+    m = tiny()
+    with pytest.raises(ValueError, match=rf"'input_ids'.*{re.escape(str(shape))}"):
+        m(torch.zeros(shape, dtype=torch.long))
+    with pytest.raises(ValueError, match=rf"'input_ids'.*{re.escape(str(shape))}"):
+        m(torch.zeros(shape, dtype=torch.long), labels=torch.zeros(shape, dtype=torch.long))

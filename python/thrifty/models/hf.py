@@ -3,6 +3,9 @@ model.safetensors.index.json), read and written directly, with no transformers i
 from __future__ import annotations
 
 import json
+import numbers
+import operator
+import re
 from pathlib import Path
 
 import torch
@@ -44,6 +47,23 @@ def resolve_dtype(dtype) -> torch.dtype | None:
                      f"their names or 'auto', got {dtype!r}")
 
 
+def _check_quant_format_version(qc: dict, config_file: Path) -> None:
+    """A thrifty quantization_config names the packed-weight format version it was written in
+    (thrifty.quant.formats.FORMAT_VERSION); one this thrifty does not know is refused rather than misread.
+    Absent (files from before the field): the safetensors metadata's version is checked when it is read."""
+    from thrifty.quant.formats import FORMAT_VERSION
+
+    if "format_version" not in qc:
+        return
+    version = qc["format_version"]
+    supported = list(range(1, FORMAT_VERSION + 1))
+    if isinstance(version, bool) or not isinstance(version, int) or version not in supported:
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
+        raise ValueError(f"from_pretrained: {config_file}: quantization_config.format_version = {version!r} is not "
+                         f"supported (this thrifty reads format versions {', '.join(map(str, supported))})"
+                         + ("; it was written by a newer thrifty: upgrade thrifty" if newer else ""))
+
+
 def load_pretrained(cls, path, dtype: torch.dtype | None = None, device=None):
     """Builds ``cls(config)`` from a checkpoint folder. dtype None (or "auto") keeps the stored dtype."""
     dtype = resolve_dtype(dtype)
@@ -58,6 +78,7 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = None, device=None):
     qc = raw.get("quantization_config") if isinstance(raw, dict) else None
     thrifty_quant = isinstance(qc, dict) and qc.get("quant_method") == "thrifty"
     if thrifty_quant:  # written by `thrifty quantize` / save_pretrained of a quantized model
+        _check_quant_format_version(qc, path / "config.json")
         raw = {k: v for k, v in raw.items() if k != "quantization_config"}
     cfg = LlamaConfig.from_dict(raw)
     tensors, layers = {}, {}
@@ -119,12 +140,50 @@ def _quant_layers(model, layers: dict, path) -> None:
             smooth=c.get("smooth", False)))
 
 
-def save_pretrained(model, path, max_shard_size: int | None = None) -> None:
-    """Writes config.json and model.safetensors (sharded with an index past max_shard_size bytes).
+# max_shard_size units as transformers' save_pretrained reads them: KB/MB/GB/TB powers of 1000
+# (huggingface_hub.serialization.parse_size_to_int), KiB/MiB/GiB powers of 1024 (transformers.utils.hub.
+# convert_file_size_to_int, which transformers 4 used); case-insensitive, a decimal number before the unit.
+_SIZE_UNITS = {"KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
+               "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
+_SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([KMGT]I?B)\s*", re.IGNORECASE)
+
+
+def parse_shard_size(max_shard_size) -> int | None:
+    """max_shard_size in bytes: None (no sharding), a positive int, or a string such as "5GB", "500MB", "20KB"
+    (powers of 1000) or "2GiB", "512MiB", "20KiB" (powers of 1024), as transformers' save_pretrained takes it.
+    Anything else (0, negative, bool, float, "lots") raises ValueError naming 'max_shard_size'."""
+    if max_shard_size is None:
+        return None
+    err = (f"save_pretrained: argument 'max_shard_size' must be a positive number of bytes (an int) or a size "
+           f"string such as '5GB', '500MB', '20KB' or '2GiB', got {max_shard_size!r}")
+    if isinstance(max_shard_size, str):
+        m = _SIZE_RE.fullmatch(max_shard_size)
+        if m is None:
+            raise ValueError(err)
+        size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+    elif isinstance(max_shard_size, numbers.Integral) or (isinstance(max_shard_size, torch.Tensor)
+                                                           and max_shard_size.dim() == 0):
+        if isinstance(max_shard_size, bool) or getattr(max_shard_size, "dtype", None) in (torch.bool,):
+            raise ValueError(err)
+        try:
+            size = operator.index(max_shard_size)
+        except TypeError:
+            raise ValueError(err) from None
+    else:
+        raise ValueError(err)
+    if size <= 0:
+        raise ValueError(err)
+    return size
+
+
+def save_pretrained(model, path, max_shard_size: int | str | None = None) -> None:
+    """Writes config.json and model.safetensors (sharded with an index past max_shard_size: bytes as an int, or
+    a string such as "5GB", "500MB" (powers of 1000) or "2GiB" (powers of 1024), as transformers takes it).
     A model with thrifty.nn.QuantLinear layers (thrifty.quant.quantize_model) is written in the format of
     `thrifty quantize` (quantization_config in config.json, the layers in the safetensors metadata)."""
     from thrifty.nn.quant import QuantLinear
 
+    max_shard_size = parse_shard_size(max_shard_size)  # before anything is written
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config

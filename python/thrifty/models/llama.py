@@ -5,6 +5,9 @@ checkpoints load and save unchanged (see thrifty.models.hf).
 """
 from __future__ import annotations
 
+import numbers
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -76,7 +79,8 @@ class Llama(nn.Module):
     computed by the fused thrifty.ops.linear_cross_entropy without the logits, as a float32 scalar
     whatever the model's dtype (as transformers returns it).
     ``cu_seqlens`` (docs + 1,) int32 marks packed documents in a flat (tokens,) or (1, tokens)
-    input: attention and the shifted labels stay inside each document.
+    input: attention and the shifted labels stay inside each document (the logits keep the input's
+    shape: (tokens, vocab) or (1, tokens, vocab)).
     """
 
     def __init__(self, config: LlamaConfig):
@@ -148,7 +152,15 @@ class Llama(nn.Module):
 
     def hidden_states(self, input_ids, positions=None, cu_seqlens=None, cache=None, max_seqlen=None):
         """Final-norm hidden states (input_ids' shape + (hidden,))."""
+        h = self._hidden(input_ids, positions, cu_seqlens, cache, max_seqlen)
+        return h.view(*input_ids.shape, h.shape[-1]) if cu_seqlens is not None else h
+
+    def _hidden(self, input_ids, positions=None, cu_seqlens=None, cache=None, max_seqlen=None):
+        """hidden_states, flat (tokens, hidden) with cu_seqlens."""
         self._check_ids(input_ids)
+        if input_ids.numel() == 0:
+            raise ValueError(f"Llama: argument 'input_ids' must hold at least one token, got shape "
+                             f"{tuple(input_ids.shape)}")
         meta = self.meta
         if cu_seqlens is not None:
             input_ids = input_ids.reshape(-1)
@@ -163,8 +175,8 @@ class Llama(nn.Module):
             meta = AttnMeta(meta.scale, meta.window, cu_seqlens, max_seqlen)
         else:
             if input_ids.dim() == 1:  # one unbatched sequence
-                return self.hidden_states(input_ids[None], None if positions is None else positions.reshape(1, -1),
-                                          None, cache)[0]
+                return self._hidden(input_ids[None], None if positions is None else positions.reshape(1, -1),
+                                    None, cache)[0]
             if input_ids.dim() != 2:
                 raise ValueError(f"Llama: argument 'input_ids' must be (batch, seq) (or (tokens,) with cu_seqlens), "
                                  f"got shape {tuple(input_ids.shape)}")
@@ -181,9 +193,11 @@ class Llama(nn.Module):
     def forward(self, input_ids, positions=None, labels=None, cu_seqlens=None, cache=None, *, max_seqlen=None):
         """Logits, or with ``labels`` the loss (see the class docstring). ``max_seqlen``: the longest document
         of ``cu_seqlens`` when the caller knows it (saves reading cu_seqlens back from the device)."""
-        h = self.hidden_states(input_ids, positions, cu_seqlens, cache, max_seqlen=max_seqlen)
+        h = self._hidden(input_ids, positions, cu_seqlens, cache, max_seqlen=max_seqlen)
         if labels is None:
-            return self.lm_head(h)
+            logits = self.lm_head(h)
+            # packed documents run flat; the logits take the input's shape back ((1, tokens) -> (1, tokens, vocab))
+            return logits.view(*input_ids.shape, logits.shape[-1]) if cu_seqlens is not None else logits
         if not isinstance(labels, torch.Tensor):
             raise TypeError(f"Llama: argument 'labels' must be a tensor, got {type(labels).__name__}")
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
@@ -217,17 +231,24 @@ class Llama(nn.Module):
 
         temperature 0 is greedy; top_k / top_p filter the distribution first. Generation stops
         when every row has produced an eos (the config's when eos_token_id is None); finished
-        rows are padded with their eos.
+        rows are padded with their eos. The ids come back in the prompt's dtype (int64 or int32).
+        max_new_tokens, top_k and eos_token_id take Python ints, other integers (numpy's) and 0-d
+        integer tensors; eos_token_id also a list (or 1-D tensor) of them.
         """
         self._check_ids(input_ids)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        n = _as_int(max_new_tokens)
+        if n is None or n < 0:
             raise ValueError(f"generate: argument 'max_new_tokens' must be a non-negative int, got {max_new_tokens!r}")
+        max_new_tokens = n
         if temperature is None:
             temperature = 0.0
         if not isinstance(temperature, (int, float)) or temperature != temperature or temperature < 0:
             raise ValueError(f"generate: argument 'temperature' must be a number >= 0 (0: greedy), got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
-            raise ValueError(f"generate: argument 'top_k' must be None or an int >= 0 (0: off), got {top_k!r}")
+        if top_k is not None:
+            k = _as_int(top_k)
+            if k is None or k < 0:
+                raise ValueError(f"generate: argument 'top_k' must be None or an int >= 0 (0: off), got {top_k!r}")
+            top_k = k
         if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise ValueError(f"generate: argument 'top_p' must be None or in (0, 1], got {top_p!r}")
         if input_ids.dim() not in (1, 2) or input_ids.shape[-1] == 0:
@@ -239,8 +260,7 @@ class Llama(nn.Module):
         if s + max_new_tokens > self.config.max_position_embeddings:
             raise ValueError(f"generate: prompt ({s}) + max_new_tokens ({max_new_tokens}) exceeds "
                              f"max_position_embeddings ({self.config.max_position_embeddings})")
-        eos = self.config.eos_ids if eos_token_id is None else (
-            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        eos = self.config.eos_ids if eos_token_id is None else _eos_list(eos_token_id)
         eos_t = torch.tensor(eos, device=ids.device, dtype=ids.dtype)
         w = self.model.embed_tokens.weight  # dtype and device of the cache (the LM head may be quantized)
         cache = KVCache(self.config.num_hidden_layers, b, s + max_new_tokens, self.config.num_key_value_heads,
@@ -250,7 +270,7 @@ class Llama(nn.Module):
         x = ids
         for _ in range(max_new_tokens):
             logits = self.lm_head(self.hidden_states(x, cache=cache)[:, -1]).float()
-            nxt = sample(logits, temperature, top_k, top_p, generator)
+            nxt = sample(logits, temperature, top_k, top_p, generator).to(ids.dtype)  # the prompt's dtype
             if len(eos):
                 nxt = torch.where(done, eos_t[0], nxt)
                 done |= torch.isin(nxt, eos_t)
@@ -276,7 +296,9 @@ class Llama(nn.Module):
             dtype = torch_dtype
         return load_pretrained(cls, path, dtype=dtype, device=device)
 
-    def save_pretrained(self, path, max_shard_size: int | None = None) -> None:
+    def save_pretrained(self, path, max_shard_size: int | str | None = None) -> None:
+        """config.json + model.safetensors (see thrifty.models.hf.save_pretrained); max_shard_size: bytes (int)
+        or a string as transformers takes it ("5GB", "500MB", "20KB": powers of 1000; "2GiB": of 1024)."""
         from thrifty.models.hf import save_pretrained
         save_pretrained(self, path, max_shard_size=max_shard_size)
 
@@ -288,6 +310,36 @@ class Llama(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _as_int(v) -> int | None:
+    """v as a Python int: an int, another numbers.Integral (numpy's) or a 0-d integer tensor (operator.index);
+    None for bools, floats and anything else (the caller names the argument)."""
+    if isinstance(v, torch.Tensor):
+        if v.dim() != 0 or v.dtype == torch.bool or v.dtype.is_floating_point or v.dtype.is_complex:
+            return None
+        return int(v.item())
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):  # np.bool_ is not Integral
+        return None
+    return operator.index(v)
+
+
+def _eos_list(eos_token_id) -> list[int]:
+    """generate's eos_token_id (not None): one integer, or a list / tuple / 1-D tensor of them."""
+    one = _as_int(eos_token_id)
+    if one is not None:
+        return [one]
+    items = None
+    if isinstance(eos_token_id, torch.Tensor):
+        if eos_token_id.dim() == 1:
+            items = list(eos_token_id)
+    elif isinstance(eos_token_id, (list, tuple)):
+        items = list(eos_token_id)
+    ids = None if items is None else [_as_int(x) for x in items]
+    if ids is None or any(i is None for i in ids):
+        raise ValueError(f"generate: argument 'eos_token_id' must be None, an int or a list of ints, "
+                         f"got {eos_token_id!r}")
+    return ids
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,

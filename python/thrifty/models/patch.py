@@ -11,7 +11,7 @@ In place, on the instance (transformers stays optional: nothing here imports it)
   transformers' own attention code, since the attention interface has no arbitrary-mask case.
 - the loss: forward(..., labels=...) uses thrifty.ops.linear_cross_entropy on the final
   hidden states (no logits materialised for the loss; ``out.logits`` is computed, with autograd,
-  only when it is read).
+  only when it is read), returned in float32 whatever the model's dtype, as transformers does.
 """
 from __future__ import annotations
 
@@ -125,6 +125,24 @@ def _lazy_logits_output_class():
     return _LAZY_OUTPUT
 
 
+def _float32_loss(h, weight, shifted, num_items=None):
+    """The fused cross-entropy of the final hidden states, in float32 whatever the model's dtype, as
+    transformers' own loss (it upcasts the logits) and thrifty's Llama return it: in bfloat16 / float16 the
+    per-token losses (each rounded once) are summed in float32. Mean over the tokens not ignored, or the
+    sum / num_items_in_batch when the trainer passes that."""
+    if h.dtype == torch.float32:
+        if num_items is None:
+            return linear_cross_entropy(h, weight, shifted)
+        total = linear_cross_entropy(h, weight, shifted, reduction="sum")
+    else:
+        per_token = linear_cross_entropy(h, weight, shifted, reduction="none").float()
+        total = per_token.sum()
+        if num_items is None:
+            return total / (shifted != -100).sum()
+    num = num_items.to(h.device) if isinstance(num_items, torch.Tensor) else num_items
+    return total / num
+
+
 def _causal_lm_forward(orig, state):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, *args, labels=None, **kwargs):
         state["plain_causal"] = _plain_causal(attention_mask)
@@ -149,11 +167,7 @@ def _causal_lm_forward(orig, state):
                          return_dict=True, **kwargs)
         h = out.last_hidden_state
         shifted = F.pad(labels, (0, 1), value=-100)[..., 1:].to(h.device)
-        if num_items is None:
-            loss = linear_cross_entropy(h, self.lm_head.weight, shifted)
-        else:
-            num = num_items.to(h.device) if isinstance(num_items, torch.Tensor) else num_items
-            loss = linear_cross_entropy(h, self.lm_head.weight, shifted, reduction="sum") / num
+        loss = _float32_loss(h, self.lm_head.weight, shifted, num_items)
 
         def make_logits():
             hs = h
