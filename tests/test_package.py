@@ -1,6 +1,7 @@
 """The package itself: `thrifty info`, the CLI, the ISA switch, kernels on ATen's thread pool."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
@@ -26,6 +27,18 @@ def test_info_fields():
     text = thrifty.info()
     for needle in (thrifty.__version__, torch.__version__, d["cpu_isa_in_use"], "GPUs seen"):
         assert needle in text
+
+
+def test_info_prints_and_returns_the_summary(capsys):
+    text = thrifty.info()
+    assert capsys.readouterr().out == text + "\n" and text == thrifty._info.info_text()
+    buf = io.StringIO()
+    assert thrifty.info(file=buf) == text and buf.getvalue() == text + "\n"
+    assert capsys.readouterr().out == ""
+    # `thrifty info` prints the same text
+    cli = subprocess.run([sys.executable, "-m", "thrifty.cli", "info"], env=PYTHON_ENV, capture_output=True,
+                         text=True, check=True).stdout
+    assert cli.count("GPUs seen") == 1 and cli.startswith(f"thrifty {thrifty.__version__}")
 
 
 def test_kernels_use_aten_thread_pool():

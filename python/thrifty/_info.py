@@ -44,8 +44,8 @@ def info_dict() -> dict:
     return d
 
 
-def info() -> str:
-    """Returns (and prints) a human-readable summary of the build and the machine."""
+def info_text() -> str:
+    """The human-readable summary of the build and the machine that :func:`info` prints."""
     d = info_dict()
     lines = [
         f"thrifty {d['thrifty']} ({d['git']})",
@@ -63,8 +63,15 @@ def info() -> str:
                             if d["cuda_built"] else "not built (CPU-only extension)"),
         f"GPUs seen    " + (", ".join(d["gpus"]) if d["gpus"] else "none"),
     ]
-    text = "\n".join(lines)
-    print(text)
+    return "\n".join(lines)
+
+
+def info(file=None) -> str:
+    """Prints a human-readable summary of the build and the machine (to ``file``, default stdout) and
+    returns it. (The REPL echoes the returned string after the printout; ``_ = thrifty.info()`` or
+    :func:`info_text` / :func:`info_dict` avoid that. Returning it keeps ``text = thrifty.info()`` working.)"""
+    text = info_text()
+    print(text, file=file)
     return text
 
 

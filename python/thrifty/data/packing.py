@@ -57,6 +57,12 @@ class PackedDataset:
     def batch(self, indices) -> dict:
         """input_ids, labels, positions (B, S) int64 and cu_seqlens (num_segments + 1,) int32."""
         S = self.seq_len
+        indices = [int(i) for i in indices]
+        if not indices:
+            raise ValueError("batch: expected at least one row index, got none")
+        bad = [i for i in indices if not 0 <= i < len(self)]
+        if bad:
+            raise IndexError(f"batch: row index {bad[0]} out of range for {len(self)} rows of {S} tokens")
         ids = np.stack([self.stream[i * S:(i + 1) * S] for i in indices]).astype(np.int64)
         labels = ids.copy()
         pos = np.empty_like(ids)

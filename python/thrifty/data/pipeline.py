@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -72,8 +73,20 @@ def prepare_data(data: str | os.PathLike | None, cache_dir: str | os.PathLike, s
     say = log_fn or log.info
     if not 0 <= val_fraction < 1:  # NaN too
         raise DataError(f"val_fraction: expected a fraction in [0, 1) (0: no validation split), got {val_fraction}")
+    # options that would fail only after the whole corpus was read, cleaned and tokenized: before any work
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise DataError(f"seq_len: expected a number of tokens >= 2, got {seq_len!r}")
+    if tokenizer is None:
+        try:
+            tokmod.check_vocab_size(vocab_size)
+        except ValueError as e:
+            raise DataError(str(e)) from None
     cache_dir = Path(cache_dir)
     cfg = filter_config or FilterConfig()
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise DataError(str(e)) from None
     files = list_files(data) if data is not None else default_corpus_files(**(default_caps or {}))
     tok_src = Path(tokenizer) if tokenizer is not None else None
     if tok_src is not None and tok_src.is_dir():
@@ -89,13 +102,9 @@ def prepare_data(data: str | os.PathLike | None, cache_dir: str | os.PathLike, s
     meta_path = ddir / "meta.json"
     tok_out = cache_dir / "tokenizer.json"
     if meta_path.is_file() and tok_out.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("fingerprint") == fp:
-            tok = tokmod.load_tokenizer(tok_out)
-            z = np.load(ddir / "streams.npz")
-            say(f"data: reusing the tokenized cache in {ddir} ({meta['stats'].get('train_tokens')} train tokens)")
-            return DataBundle(tok, PackedDataset(z["train"], z["train_starts"], seq_len),
-                              _val_dataset(z["val"], z["val_starts"], seq_len), meta["stats"], tok_out)
+        cached = _load_cache(ddir, tok_out, fp, seq_len, say)
+        if cached is not None:
+            return cached
 
     t0 = time.perf_counter()
     src_desc = str(data) if data is not None else f"embedded default corpus (Python standard library, {len(files)} files)"
@@ -134,6 +143,25 @@ def prepare_data(data: str | os.PathLike | None, cache_dir: str | os.PathLike, s
     replace_text(meta_path, json.dumps({"fingerprint": fp, "stats": stats, "source": src_desc}, indent=1))
     return DataBundle(tok, PackedDataset(tr_stream, tr_starts, seq_len), _val_dataset(va_stream, va_starts, seq_len),
                       stats, cache_dir / "tokenizer.json")
+
+
+def _load_cache(ddir: Path, tok_out: Path, fp: str, seq_len: int, say) -> DataBundle | None:
+    """The cached bundle when its fingerprint matches; None when it does not, or when a cache file is
+    unreadable (deleted, truncated, edited): the data is then prepared again, not a traceback."""
+    try:
+        meta = json.loads((ddir / "meta.json").read_text())
+        if not isinstance(meta, dict) or meta.get("fingerprint") != fp:
+            return None
+        tok = tokmod.load_tokenizer(tok_out)
+        with np.load(ddir / "streams.npz") as z:
+            arrays = {k: z[k] for k in ("train", "train_starts", "val", "val_starts")}
+        bundle = DataBundle(tok, PackedDataset(arrays["train"], arrays["train_starts"], seq_len),
+                            _val_dataset(arrays["val"], arrays["val_starts"], seq_len), meta["stats"], tok_out)
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:  # DataError, JSON too
+        say(f"data: the tokenized cache in {ddir} is unreadable ({type(e).__name__}: {str(e)[:120]}); preparing again")
+        return None
+    say(f"data: reusing the tokenized cache in {ddir} ({bundle.stats.get('train_tokens')} train tokens)")
+    return bundle
 
 
 _DROP_ADVICE = {

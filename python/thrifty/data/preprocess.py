@@ -9,7 +9,9 @@ import hashlib
 import ipaddress
 import logging
 import re
+import math
 import string
+import unicodedata
 import zlib
 from dataclasses import dataclass
 
@@ -30,16 +32,75 @@ class FilterConfig:
     shingle_words: int = 5
     max_shingles: int = 4000
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises ValueError naming the field when a threshold is out of range (a filter that would keep or drop
+        everything, or that datasketch rejects with an obscure message)."""
+        for name, (lo, hi, what, integer, lo_open, hi_open) in _FIELD_RANGES.items():
+            _check_number(f"FilterConfig.{name}", getattr(self, name), lo, hi, what, integer, lo_open, hi_open)
+
+
+# field: (low, high or None, what is expected, integer, low excluded, high excluded)
+_FIELD_RANGES = {
+    "min_chars": (0, None, "a number of characters >= 0", True, False, False),
+    "min_text_ratio": (0, 1, "a fraction in [0, 1]", False, False, False),
+    "max_mean_line_len": (1, None, "a number of characters >= 1", True, False, False),
+    "max_dup_line_frac": (0, 1, "a fraction in [0, 1]", False, False, False),
+    "min_compress_ratio": (0, 1, "a fraction in [0, 1]", False, False, False),
+    "near_dup_threshold": (0, 1, "a Jaccard similarity strictly between 0 and 1", False, True, True),
+    "num_perm": (2, None, "a number of permutations >= 2", True, False, False),
+    "shingle_words": (1, None, "a number of words >= 1", True, False, False),
+    "max_shingles": (1, None, "a number of shingles >= 1", True, False, False),
+}
+
+
+def _check_number(label, v, lo, hi, what, integer=False, lo_open=False, hi_open=False) -> None:
+    ok = not isinstance(v, bool) and (isinstance(v, int) if integer else
+                                      isinstance(v, (int, float)) and math.isfinite(v))
+    if ok:
+        ok = (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
+    if not ok:
+        raise ValueError(f"{label}: expected {what}, got {v!r}")
+
 
 # long-line documents whose whitespace-separated words are longer than this on average are not prose. Not a
 # FilterConfig field: that would change the data-cache fingerprint of existing runs, which a --resume needs
 MAX_MEAN_WORD_LEN = 12
 _TEXTLIKE = set(string.ascii_letters + string.digits + string.whitespace + string.punctuation)
+# lone UTF-16 surrogates: what a JSON "\ud800" escape decodes to; not text, and no UTF-8 encoder takes them
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _is_mark(c: str) -> bool:
+    """A combining mark (Unicode category M): the vowel signs and viramas of Indic scripts, Thai vowels and
+    tones, Arabic and Hebrew diacritics, the accents of decomposed (NFD) Latin text. Part of a letter, not noise."""
+    return unicodedata.category(c)[0] == "M"
+
+
+MAX_MARKS_PER_LETTER = 3  # Indic, Thai, Arabic, NFD Vietnamese stack at most 2-3; "Zalgo" text stacks many
+
+
+def _text_like_count(text: str) -> int:
+    """Letters, digits, whitespace, punctuation, and the combining marks on a letter (up to
+    MAX_MARKS_PER_LETTER of them: marks alone, after digits or symbols, or stacked deeper are noise)."""
+    ok, marks = 0, MAX_MARKS_PER_LETTER + 1  # marks since the last letter (over the cap: no letter before)
+    for c in text:
+        if c in _TEXTLIKE or c.isalnum() or c.isspace():
+            ok += 1
+            marks = 0 if c.isalpha() else MAX_MARKS_PER_LETTER + 1
+        elif _is_mark(c):
+            marks += 1
+            ok += marks <= MAX_MARKS_PER_LETTER
+        else:
+            marks = MAX_MARKS_PER_LETTER + 1
+    return ok
 
 
 def _spaceless_script(word: str) -> bool:
     """Mostly letters of scripts written without spaces (Thai, CJK, ...: code points from U+0E00)."""
-    return sum(1 for c in word if c.isalpha() and ord(c) >= 0x0E00) > len(word) / 2
+    return sum(1 for c in word if (c.isalpha() or _is_mark(c)) and ord(c) >= 0x0E00) > len(word) / 2
 
 
 def _reads_as_prose(text: str) -> bool:
@@ -47,7 +108,7 @@ def _reads_as_prose(text: str) -> bool:
     minified code (`a.b=function(c){return`), base64/hex (one run) or a number dump (few letters)."""
     words = [w for w in text.split() if not _spaceless_script(w)]
     n = sum(len(w) for w in words)
-    letters = sum(1 for c in text if c.isalpha())
+    letters = sum(1 for c in text if c.isalpha() or (ord(c) >= 0x300 and _is_mark(c)))
     return (not words or n / len(words) <= MAX_MEAN_WORD_LEN) and letters >= len("".join(text.split())) / 2
 
 
@@ -66,11 +127,17 @@ def _blob_share(text: str) -> float:
 
 
 def quality_reason(text: str, cfg: FilterConfig = FilterConfig()) -> str | None:
-    """Why ``text`` fails the quality filters (a short reason), or None when it passes."""
+    """Why ``text`` fails the quality filters (a short reason), or None when it passes.
+
+    Reasons: ``binary_or_non_utf8`` (lone surrogates, as a JSON ``\\ud800`` escape gives: no UTF-8 text),
+    ``too_short``, ``mostly_non_text`` (letters, combining marks, digits, whitespace and punctuation under
+    ``min_text_ratio``; or long lines / base64-hex runs that are data), ``repetitive``."""
+    if _SURROGATE.search(text):
+        return "binary_or_non_utf8"
     stripped = text.strip()
     if len(stripped) < cfg.min_chars:
         return "too_short"
-    ok = sum(1 for c in stripped if c in _TEXTLIKE or c.isalnum() or c.isspace())
+    ok = _text_like_count(stripped)
     if ok < cfg.min_text_ratio * len(stripped):
         return "mostly_non_text"
     lines = [ln.strip() for ln in stripped.splitlines() if ln.strip()]
@@ -102,7 +169,7 @@ def exact_dedup(texts: list[str]) -> tuple[list[str], int]:
 def _shingles(text: str, k: int, cap: int) -> list[bytes]:
     words = text.split()
     if len(words) < k:
-        return [" ".join(words).encode()]
+        return [" ".join(words).encode("utf-8", "replace")]
     sh = {" ".join(words[i:i + k]) for i in range(len(words) - k + 1)}
     return [s.encode("utf-8", "replace") for s in sorted(sh)[:cap]] if len(sh) > cap else [s.encode("utf-8", "replace") for s in sh]
 
@@ -110,7 +177,14 @@ def _shingles(text: str, k: int, cap: int) -> list[bytes]:
 def near_dedup(texts: list[str], threshold: float = 0.8, num_perm: int = 64, shingle_words: int = 5,
                max_shingles: int = 4000, seed: int = 1) -> tuple[list[str], int]:
     """Drops near-duplicates with MinHash LSH (datasketch): a document whose estimated Jaccard
-    similarity of word ``shingle_words``-grams with an earlier kept one reaches ``threshold``."""
+    similarity of word ``shingle_words``-grams with an earlier kept one reaches ``threshold``.
+
+    ``threshold`` must lie strictly between 0 and 1 (datasketch cannot band 1.0; exact copies are
+    :func:`exact_dedup`'s), ``num_perm`` >= 2, ``shingle_words`` and ``max_shingles`` >= 1: ValueError otherwise."""
+    for name, v in (("threshold", threshold), ("num_perm", num_perm), ("shingle_words", shingle_words),
+                    ("max_shingles", max_shingles)):
+        lo, hi, what, integer, lo_open, hi_open = _FIELD_RANGES["near_dup_threshold" if name == "threshold" else name]
+        _check_number(f"near_dedup {name}", v, lo, hi, what, integer, lo_open, hi_open)
     try:
         from datasketch import MinHash, MinHashLSH
     except ImportError as err:
@@ -129,7 +203,12 @@ def near_dedup(texts: list[str], threshold: float = 0.8, num_perm: int = 64, shi
 
 # ---- privacy scrubbing ----
 EMAIL_RE = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
-IPV4_RE = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.]*\d)")
+# four dotted ASCII numbers that are not part of a longer dotted run (1.2.3.4.5, a.1.2.3.4) nor glued to a
+# word (v10.0.0.1, x1.2.3.4); _ipv4 then decides (see scrub's docstring for the rule)
+IPV4_RE = re.compile(r"(?<![\w.])(?:[0-9]{1,3}\.){3}[0-9]{1,3}(?![\w.]*[0-9])")
+# the words right before a version number: "version 2.0.1.3", "Version: 4.3.2.1", "build 1.0.0.7", "rev. 3.2.1.0"
+_VERSION_BEFORE_RE = re.compile(r"(?i)(?:\b(?:v|ver|version|release|build|rev|revision|firmware)"
+                                r"\.?\s*[:=#]?|[=<>~!]=)\s*$")  # or a requirement pin: foo==1.2.3.4
 IPV6_RE = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?:%\w+)?(?![\w:])")
 SECRET_RES = [
     re.compile(r"\bAKIA[0-9A-Z]{16}\b"),                       # AWS access key id
@@ -161,8 +240,10 @@ PLACEHOLDERS = {"email": "<EMAIL>", "ip": "<IP_ADDRESS>", "secret": "<SECRET>"}
 def _ipv4(m: re.Match) -> str:
     s = m.group(0)
     try:
-        ipaddress.IPv4Address(s)
+        ipaddress.IPv4Address(s)  # each octet 0-255, no leading zeros ("01.02.03.04" is not an address)
     except ValueError:
+        return s
+    if _VERSION_BEFORE_RE.search(m.string[max(0, m.start() - 24):m.start()]):
         return s
     return PLACEHOLDERS["ip"]
 
@@ -182,7 +263,21 @@ def _ipv6(m: re.Match) -> str:
 
 def scrub(text: str) -> tuple[str, dict[str, int]]:
     """Replaces e-mail addresses, IPv4/IPv6 addresses and API-key-like secrets with placeholders
-    (``<EMAIL>``, ``<IP_ADDRESS>``, ``<SECRET>``). Returns the text and counts per kind."""
+    (``<EMAIL>``, ``<IP_ADDRESS>``, ``<SECRET>``). Returns the text and counts per kind.
+
+    IP addresses, private ranges included (a 192.168.x.x in a log still maps someone's network): an IPv4
+    address is replaced when all of these hold:
+
+    - it is four dotted decimal octets, each 0-255 with no leading zero (``01.2.3.4`` is no address);
+    - it is not part of a longer dotted run (``1.2.3.4.5``, ``10.1.2.3.4``) and not glued to a word or a
+      dot before it (``v10.0.0.1``, ``x1.2.3.4``, ``.1.2.3.4``);
+    - it does not follow a version word (``version 2.0.1.3``, ``Version: 4.3.2.1``, ``build 1.0.0.7``) or a
+      requirement pin (``foo==1.2.3.4``, ``>=``, ``~=``).
+
+    A trailing port, CIDR suffix or sentence full stop does not stop a match (``203.0.114.7:8080.``).
+    IPv6: a valid address with at least three groups or a full four-digit group (``::1`` and times
+    like ``12:30:45`` stay).
+    """
     counts = {"email": 0, "ip": 0, "secret": 0}
     for r in SECRET_RES:
         text, n = r.subn(PLACEHOLDERS["secret"], text)
@@ -209,6 +304,7 @@ def preprocess(docs: list[Document], cfg: FilterConfig | None = None, *, near_du
                scrub_pii: bool = True, log_fn=None) -> tuple[list[str], dict]:
     """Quality filters -> exact dedup -> near-dup removal -> scrubbing, with counts per step."""
     cfg = cfg or FilterConfig()
+    cfg.validate()  # fields set after construction too
     say = log_fn or log.info
     stats: dict = {"documents_in": len(docs)}
     rejected: dict[str, int] = {}

@@ -50,8 +50,15 @@ class ResumableSampler:
                 "num_items": self.num_items, "batch_size": self.batch_size}
 
     def load_state_dict(self, sd: dict) -> None:
+        missing = [k for k in ("epoch", "cursor", "seed", "num_items") if not isinstance(sd, dict) or k not in sd]
+        if missing:
+            raise ValueError(f"sampler state: not a ResumableSampler state_dict (missing {', '.join(missing)})")
         if sd["num_items"] != self.num_items:
             raise ValueError(f"sampler state: saved for {sd['num_items']} rows, the dataset now has {self.num_items} "
                              "(the data or --seq-len changed since the checkpoint)")
-        self.epoch, self.cursor, self.seed = sd["epoch"], sd["cursor"], sd["seed"]
+        ep, cur = sd["epoch"], sd["cursor"]
+        if not (isinstance(ep, int) and ep >= 0 and isinstance(cur, int) and 0 <= cur < self.num_items):
+            # a cursor past the end took a negative slice: silently wrong batches, not an error
+            raise ValueError(f"sampler state: epoch {ep!r} / cursor {cur!r} out of range for {self.num_items} rows")
+        self.epoch, self.cursor, self.seed = ep, cur, sd["seed"]
         self._perm = None

@@ -42,8 +42,8 @@ SUPPORTED = sorted(TEXT_SUFFIXES | {".jsonl", ".parquet"})
 def _decode(raw: bytes, source: str) -> Document:
     if b"\x00" in raw[:8192]:
         return Document(None, source, "binary_or_non_utf8")
-    try:
-        return Document(raw.decode("utf-8"), source)
+    try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the text
+        return Document(raw.decode("utf-8-sig"), source)
     except UnicodeDecodeError:
         return Document(None, source, "binary_or_non_utf8")
 
@@ -60,7 +60,8 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
             except UnicodeDecodeError:
                 yield Document(None, src, "binary_or_non_utf8")
                 continue
-            except json.JSONDecodeError:  # a broken line among good ones: counted and dropped, not fatal
+            except (json.JSONDecodeError, RecursionError):  # a broken line among good ones (or one nested
+                # deeper than the parser recurses): counted and dropped, not fatal
                 yield Document(None, src, "malformed_json")
                 continue
             if not isinstance(obj, dict) or text_field not in obj:
@@ -76,7 +77,10 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
     except ImportError as err:
         raise DataError(f"{path}: reading parquet needs pyarrow, which is not installed "
                         "(pip install pyarrow), or convert the data to .jsonl/.txt") from err
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid (a ValueError) / ArrowIOError (an OSError)
+        raise DataError(f"{path}: not a readable parquet file ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
     if text_field not in table.column_names:
         raise DataError(f"{path}: no {text_field!r} column in the parquet file; columns are {table.column_names}")
     for i, t in enumerate(table.column(text_field).to_pylist()):

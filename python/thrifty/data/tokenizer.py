@@ -21,14 +21,26 @@ def _tk():
     return tokenizers
 
 
+# larger than any released BPE vocabulary (256k): `tokenizers` reserves tables of this size up front, and a
+# typo like 10**12 aborted the whole process (a Rust allocation failure, no Python exception)
+MAX_VOCAB_SIZE = 1 << 20
+
+
+def check_vocab_size(vocab_size) -> None:
+    """ValueError unless ``vocab_size`` is an int in [300, MAX_VOCAB_SIZE]."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 300:
+        raise ValueError(f"vocab_size: expected at least 300 (256 bytes + merges + specials), got {vocab_size!r}")
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise ValueError(f"vocab_size: expected at most {MAX_VOCAB_SIZE} (2**20), got {vocab_size}")
+
+
 def train_tokenizer(texts, vocab_size: int = 8192, min_frequency: int = 2):
     """Trains a byte-level BPE on ``texts`` (an iterable of str). ``<|endoftext|>`` is id 0 and
     ``<|pad|>`` id 1; every byte is in the alphabet, so any text encodes."""
     tk = _tk()
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    if vocab_size < 300:
-        raise ValueError(f"vocab_size: expected at least 300 (256 bytes + merges + specials), got {vocab_size}")
+    check_vocab_size(vocab_size)
     tok = tk.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
