@@ -42,6 +42,6 @@ from thrifty import optim  # noqa: E402
 from thrifty import quant  # noqa: E402
 from thrifty import models  # noqa: E402
 from thrifty.models.patch import patch_hf  # noqa: E402
-from thrifty._info import info, info_dict  # noqa: E402
+from thrifty._info import info, info_dict, info_text  # noqa: E402
 
-__all__ = ["ops", "nn", "optim", "quant", "models", "patch_hf", "info", "info_dict", "__version__"]
+__all__ = ["ops", "nn", "optim", "quant", "models", "patch_hf", "info", "info_dict", "info_text", "__version__"]
