@@ -47,8 +47,42 @@ def load(path, device=None, dtype=None):
     return model, load_tokenizer(tok_dir)
 
 
-def _prompt_ids(tok, prompt: str, eos) -> list[int]:
-    return tok.encode(prompt).ids or ([eos] if eos is not None else [0])
+def _prompt_ids(tok, prompt: str, start) -> list[int]:
+    """The prompt's ids; an empty prompt starts from ``start`` (the model's bos, else its eos, else 0)."""
+    return tok.encode(prompt).ids or ([start] if start is not None else [0])
+
+
+def _start_id(model, eos: list[int]):
+    bos = getattr(model.config, "bos_token_id", None)
+    if isinstance(bos, int) and not isinstance(bos, bool) and 0 <= bos < model.config.vocab_size:
+        return bos
+    return eos[0] if eos else None
+
+
+def eos_ids(model, tok, model_dir=None) -> list[int]:
+    """The ids that end a sample, as transformers' generate reads them: generation_config.json's eos_token_id
+    in ``model_dir`` when it has one, else config.json's (Llama 3 Instruct lists <|eot_id|> there next to
+    <|end_of_text|>); then the tokenizer's own end-of-text token if not among them."""
+    import json
+
+    from thrifty.data import eos_id
+
+    ids = None
+    if model_dir is not None:
+        gc = Path(model_dir) / "generation_config.json"
+        try:
+            raw = json.loads(gc.read_text()).get("eos_token_id") if gc.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            raw = None
+        if raw is not None:
+            ids = [raw] if isinstance(raw, int) else list(raw) if isinstance(raw, list) else None
+    if ids is None:
+        ids = list(model.config.eos_ids)
+    ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+    t = eos_id(tok)
+    if t is not None and t not in ids:
+        ids.append(t)
+    return ids
 
 
 def _bad_args(args) -> str | None:
@@ -64,24 +98,28 @@ def _bad_args(args) -> str | None:
     return None
 
 
-def generate_text(model, tok, prompts, max_new_tokens=64, temperature=0.8, top_k=50, top_p=0.95, seed=0) -> list[str]:
+def generate_text(model, tok, prompts, max_new_tokens=64, temperature=0.8, top_k=50, top_p=0.95, seed=0,
+                  eos_token_id=None) -> list[str]:
+    """Each prompt followed by its sample. ``eos_token_id`` (an id or a list): the ids that end a sample
+    (default: the model config's and the tokenizer's, see :func:`eos_ids`); the text stops before the first."""
     import torch
-
-    from thrifty.data import eos_id
 
     torch.manual_seed(seed)
     dev = next(model.parameters()).device
     outs = []
-    eos = eos_id(tok)
+    if eos_token_id is None:
+        eos = eos_ids(model, tok)
+    else:
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    start = _start_id(model, eos)
     for prompt in prompts:
-        ids = _prompt_ids(tok, prompt, eos)
+        ids = _prompt_ids(tok, prompt, start)
         x = torch.tensor([ids], device=dev)
-        kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
-        if eos is not None:
-            kw["eos_token_id"] = eos
-        y = model.generate(x, **kw)
-        new = [t for t in y[0, len(ids):].tolist() if t != eos]
-        outs.append(prompt + tok.decode(new))
+        y = model.generate(x, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           eos_token_id=eos)
+        new = y[0, len(ids):].tolist()
+        stop = next((i for i, t in enumerate(new) if t in eos), len(new))
+        outs.append(prompt + tok.decode(new[:stop]))
     return outs
 
 
@@ -92,8 +130,6 @@ def _error(msg) -> int:
 
 def main(args) -> int:
     from safetensors import SafetensorError
-
-    from thrifty.data import eos_id
 
     bad = _bad_args(args)
     if bad:
@@ -115,15 +151,16 @@ def main(args) -> int:
         return _error(f"tokenizer/model vocab mismatch: the tokenizer has {vocab} tokens, the model "
                       f"{model.config.vocab_size}")
     prompts = args.prompt or [""]
+    eos = eos_ids(model, tok, resolve_model_dir(args.model_dir))
     limit = model.config.max_position_embeddings
-    longest = max(len(_prompt_ids(tok, p, eos_id(tok))) for p in prompts)
+    longest = max(len(_prompt_ids(tok, p, _start_id(model, eos))) for p in prompts)
     if longest + args.max_new_tokens > limit:
         return _error(f"--max-new-tokens {args.max_new_tokens}: the prompt ({longest} tokens) plus the new tokens "
                       f"exceed the model's max length (max_position_embeddings {limit}); at most "
                       f"{max(0, limit - longest)} new tokens fit")
     try:
         texts = generate_text(model, tok, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                              args.seed)
+                              args.seed, eos_token_id=eos)
     except ValueError as e:  # what generate() itself refuses
         return _error(e)
     for text in texts:

@@ -126,10 +126,13 @@ def apply_lora(model: nn.Module, rank: int, targets=DEFAULT_TARGETS, alpha: floa
         p.requires_grad_(False)
     names = [n for n, m in model.named_modules()
              if (isinstance(m, nn.Linear) or _is_quant(m)) and any(n == t or n.endswith("." + t) for t in targets)]
-    if not names:
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:  # a typo in a list ("q_proj,v_porj") must not silently leave that layer without an adapter
         linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                           if isinstance(m, nn.Linear) or _is_quant(m)})
-        raise ValueError(f"--lora-targets: no nn.Linear layer named {list(targets)} in the model; its linear layers are {linears}")
+        what = f"no nn.Linear layer named {list(targets)}" if not names else \
+            f"{unmatched} matches no nn.Linear layer"
+        raise ValueError(f"--lora-targets: {what} in the model; its linear layers are {linears}")
     for n in names:
         parent_name, _, child = n.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import json
 import math
+import numbers
 import os
 import random
 import re
@@ -381,9 +382,10 @@ class Trainer:
             over = dict(c.model_overrides or {})
             over.setdefault("vocab_size", int(math.ceil(vocab / 64) * 64))
             over.setdefault("max_position_embeddings", max(2048, c.seq_len))
-            if eos is not None:
-                over.setdefault("eos_token_id", eos)
-                over.setdefault("bos_token_id", eos)
+            # the tokenizer's end-of-text token; without one, no eos / bos (LlamaConfig's defaults 2 / 1 would name
+            # whatever tokens got those ids, and generation would stop at one of them)
+            over.setdefault("eos_token_id", eos)
+            over.setdefault("bos_token_id", eos)
             cfg = _compat.preset_config(c.preset, **over)
             if vocab > cfg.vocab_size:
                 raise TrainError(f"tokenizer/model vocab mismatch: the tokenizer has {vocab} tokens, "
@@ -443,6 +445,15 @@ class Trainer:
             raise TrainError(f"--grad-clip: expected a finite norm >= 0 (0: off), got {c.grad_clip!r}")
         if c.lora_alpha is not None and not (isinstance(c.lora_alpha, (int, float)) and 0 < c.lora_alpha < math.inf):
             raise TrainError(f"--lora-alpha: expected a finite number > 0, got {c.lora_alpha!r}")
+        # checked here rather than by the optimizer, whose message says "lr must be >= 0.0", not the flag
+        for name in ("lr", "weight_decay"):
+            v = getattr(c, name)
+            if v is None and name == "lr":
+                continue
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < math.inf:
+                raise TrainError(f"--{name.replace('_', '-')}: expected a finite number >= 0, got {v!r}")
+        if isinstance(c.seed, bool) or not isinstance(c.seed, numbers.Integral) or not 0 <= c.seed < 2**32:
+            raise TrainError(f"--seed: expected an integer in [0, 2**32), got {c.seed!r}")
         if not (isinstance(c.min_lr_ratio, (int, float)) and 0 <= c.min_lr_ratio <= 1):
             raise TrainError(f"min_lr_ratio: expected a fraction in [0, 1], got {c.min_lr_ratio!r}")
 
@@ -499,6 +510,8 @@ class Trainer:
         if c.save_every is not None and c.save_every < 0:
             raise TrainError(f"--save-every: expected a number of steps (0: only at the end), got {c.save_every}")
         self.time_budget = parse_duration(c.time_budget)
+        if self.time_budget is not None and not 0 < self.time_budget < math.inf:  # NaN too
+            raise TrainError(f"--time-budget: expected a positive duration like 90s, 10m or 1h30m, got {c.time_budget!r}")
         if c.steps is None and self.time_budget is None:
             self.time_budget = 600.0
             self.log("schedule: neither --steps nor --time-budget given: training for 10 minutes")
@@ -769,6 +782,33 @@ class Trainer:
             import torch.distributed as dist
             dist.barrier()
 
+    # Options a checkpoint's state is tied to: another value on --resume cannot continue its trajectory (the
+    # optimizer state or the adapters would not fit, or would be read as something else).
+    def _check_resume_options(self, path: Path, saved: dict) -> None:
+        c = self.cfg
+
+        def norm(name, v):
+            if name == "lora_targets":
+                v = v.split(",") if isinstance(v, str) else (v or ())
+                return tuple(t.strip() for t in v if t and t.strip())
+            return v
+
+        names = ["optimizer", "lora_rank"]
+        if c.lora_rank:
+            names += ["lora_targets", "lora_base_bits"] + (["lora_group_size"] if c.lora_base_bits == 4 else [])
+        if c.model is None and saved.get("model") is None:
+            names += ["preset", "model_overrides"]
+        for name in names:
+            if name not in saved:
+                continue
+            was, now = norm(name, saved[name]), norm(name, getattr(c, name))
+            if was != now:
+                flag = name if name == "model_overrides" else "--" + name.replace("_", "-")
+                show = (lambda v: ",".join(v)) if name == "lora_targets" else repr
+                raise TrainError(f"--resume: {path} was trained with {flag} {show(was)}, this run asks for "
+                                 f"{show(now)}: resume with the same {flag}, or start a new --out (--model {path} "
+                                 "fine-tunes from that checkpoint)")
+
     def load_checkpoint(self, path: Path) -> None:
         ck_tok = path / "tokenizer.json"
         if ck_tok.is_file() and tokmod.load_tokenizer(ck_tok).get_vocab() != self.tokenizer.get_vocab():
@@ -777,6 +817,7 @@ class Trainer:
                              "--tokenizer or the data filters changed since): resume with the same --data and "
                              "--tokenizer, or use another --out")
         state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        self._check_resume_options(path, state.get("config") or {})
         from safetensors.torch import load_file
         if self.cfg.lora_rank:
             loramod.load_lora_state_dict(self.raw_model, state["lora"])
@@ -785,14 +826,19 @@ class Trainer:
                 sd = load_file(str(path / "model.safetensors"))
             except SafetensorError as e:
                 raise TrainError(f"checkpoint {path}: corrupt or truncated model.safetensors ({e})") from None
-            if self.distributed and self.cfg.fsdp:
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-                set_model_state_dict(self.raw_model, sd, options=StateDictOptions(full_state_dict=True, strict=False))
-            else:
-                missing, unexpected = self.raw_model.load_state_dict(sd, strict=False)
-                missing = [m for m in missing if m != "lm_head.weight"]
-                if missing or unexpected:
-                    raise TrainError(f"checkpoint {path}: does not match the model (missing {missing[:4]}, unexpected {unexpected[:4]})")
+            try:
+                if self.distributed and self.cfg.fsdp:
+                    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+                    set_model_state_dict(self.raw_model, sd, options=StateDictOptions(full_state_dict=True, strict=False))
+                    missing = unexpected = []
+                else:
+                    missing, unexpected = self.raw_model.load_state_dict(sd, strict=False)
+            except RuntimeError as e:  # size mismatches: another --preset / --model than the checkpoint's
+                raise TrainError(f"--resume: checkpoint {path} does not match the model this run builds (--preset, "
+                                 f"--model or the model config changed since): {str(e).splitlines()[-1].strip()}") from None
+            missing = [m for m in missing if m != "lm_head.weight"]
+            if missing or unexpected:
+                raise TrainError(f"checkpoint {path}: does not match the model (missing {missing[:4]}, unexpected {unexpected[:4]})")
         if self.distributed and self.cfg.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
             set_optimizer_state_dict(self.raw_model, self.optimizer, state["optimizer"],

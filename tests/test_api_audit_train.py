@@ -1,0 +1,270 @@
+"""Issue 7 (training) as an outside user drives it from the issue text: `thrifty train` flag combinations on micro
+models, resume after a stop (same losses as an uninterrupted run) with every optimizer / precision / LoRA kind,
+fine-tuning a transformers-saved directory, `thrifty generate` from a run and from a Hugging Face directory, and
+bad input (a message naming the flag, exit 2, no traceback, nothing written). Micro models, CPU, a few seconds
+each; the transformers parts skip without it."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from thrifty.cli import main as cli_main
+from thrifty.data import load_tokenizer, save_tokenizer, train_tokenizer
+from thrifty.models import Llama, LlamaConfig
+from thrifty.train import TrainConfig, Trainer
+
+from test_data import prose
+
+MICRO = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():  # micro models: one thread avoids OpenMP barrier stalls on a shared box
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    for i in range(24):
+        (d / f"doc{i:02d}.txt").write_text(prose(i, 200))
+    save_tokenizer(train_tokenizer([prose(i, 200) for i in range(24)], vocab_size=320), d / "tok")
+    return d
+
+
+@pytest.fixture(scope="module")
+def base_model(corpus, tmp_path_factory):
+    """A micro thrifty Llama in Hugging Face format with the corpus tokenizer."""
+    torch.manual_seed(0)
+    m = Llama(LlamaConfig(vocab_size=320, max_position_embeddings=128, eos_token_id=0, bos_token_id=0,
+                          **MICRO)).init_weights()
+    d = tmp_path_factory.mktemp("base")
+    m.save_pretrained(d)
+    save_tokenizer(load_tokenizer(corpus / "tok"), d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def hf_dir(corpus, tmp_path_factory):
+    """A micro LlamaForCausalLM (GQA, tied embeddings, bfloat16) and its tokenizer, both saved by transformers."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   bos_token_id=0, eos_token_id=0, tie_word_embeddings=True,
+                                   initializer_range=0.3)  # varied greedy tokens (0.02: one token repeated)
+    d = tmp_path_factory.mktemp("hf")
+    transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(d)
+    transformers.PreTrainedTokenizerFast(tokenizer_file=str(corpus / "tok" / "tokenizer.json"),
+                                         eos_token="<|endoftext|>").save_pretrained(d)
+    return d
+
+
+def cfg(corpus, out, **kw) -> TrainConfig:
+    base = dict(data=str(corpus), tokenizer=str(corpus / "tok" / "tokenizer.json"), model_overrides=MICRO,
+                batch_size=2, seq_len=32, steps=4, lr=3e-3, warmup=1, progress=False, precision="fp32", plot=False,
+                eval_batches=2, out=str(out))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def losses(run_dir) -> dict:
+    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def cli(*argv) -> tuple[int, str, str]:
+    """`thrifty ARGV` in this process: (exit code, stdout, stderr). An exception escaping it is a traceback."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = cli_main([str(a) for a in argv])
+        except SystemExit as e:  # argparse
+            rc = e.code
+    return rc, out.getvalue(), err.getvalue()
+
+
+def tree(d: Path) -> dict:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def micro_cli(corpus, base_model, out, *extra):
+    steps = () if "--time-budget" in extra else ("--steps", 2)
+    return ("train", "--model", base_model, "--tokenizer", corpus / "tok" / "tokenizer.json", "--data", corpus,
+            "--seq-len", 32, "--batch-size", 2, *steps, "--precision", "fp32", "--no-progress", "--out", out, *extra)
+
+
+# ---------------- bad input: the message names the flag, exit 2, nothing written ----------------
+@pytest.mark.parametrize("flags, named", [
+    (("--lr", "-1"), "--lr"), (("--lr", "nan"), "--lr"), (("--weight-decay", "-0.5"), "--weight-decay"),
+    (("--seed", "-1"), "--seed"), (("--time-budget", "0s"), "--time-budget"),
+    (("--lora-rank", "4", "--lora-targets", "q_proj,v_porj"), "v_porj"),
+])
+def test_bad_flag_is_named_and_nothing_written(corpus, base_model, tmp_path, flags, named):
+    """The optimizer's own "lr must be >= 0.0" / numpy's "Seed must be between 0 and 2**32 - 1" named no flag; a
+    zero --time-budget trained a step; a misspelt --lora-targets entry was dropped silently when another matched."""
+    out = tmp_path / "run"
+    rc, _, err = cli(*micro_cli(corpus, base_model, out, *flags))
+    assert rc == 2 and named in err and "Traceback" not in err, err[-2000:]
+    assert "not allowed with" not in err  # the value is refused, not the flag combination
+    assert not out.exists()
+
+
+def test_python_api_checks_the_same_numbers(corpus, tmp_path):
+    from thrifty.train import TrainError
+
+    for kw, named in ((dict(lr=float("inf")), "--lr"), (dict(weight_decay=-1.0), "--weight-decay"),
+                      (dict(seed=2**32), "--seed"), (dict(steps=None, time_budget=-5), "--time-budget")):
+        with pytest.raises(TrainError, match=named):
+            Trainer(cfg(corpus, tmp_path / "r", **kw)).train()
+        assert not (tmp_path / "r").exists()
+
+
+def test_apply_lora_names_a_target_that_matches_nothing():
+    from thrifty.train.lora import apply_lora
+
+    m = Llama(LlamaConfig(vocab_size=64, max_position_embeddings=32, **MICRO))
+    with pytest.raises(ValueError, match=r"v_porj.*matches no nn.Linear"):
+        apply_lora(m, 4, "q_proj,v_porj")
+    assert len(apply_lora(m, 4, ("self_attn.q_proj", "v_proj"))) == 4  # dotted suffixes still match
+
+
+# ---------------- resume ----------------
+@pytest.mark.parametrize("kind", ["adamw8bit", "lion", "bf16_master", "bf16_no_master", "accum_checkpointing",
+                                  "lora", "qlora"])
+def test_resume_continues_the_same_losses(corpus, tmp_path, kind):
+    kw = {"adamw8bit": dict(optimizer="adamw8bit"), "lion": dict(optimizer="lion"),
+          "bf16_master": dict(precision="bf16"), "bf16_no_master": dict(precision="bf16", master_weights=False),
+          "accum_checkpointing": dict(grad_accum=2, activation_checkpointing=True),
+          "lora": dict(lora_rank=4, lora_targets="q_proj,v_proj,lm_head", lr=3e-2),
+          "qlora": dict(lora_rank=4, lora_base_bits=4, lora_group_size=32, lr=3e-2,
+                        model_overrides=dict(MICRO, hidden_size=64, intermediate_size=128))}[kind]
+    a, b = tmp_path / "a", tmp_path / "b"
+    Trainer(cfg(corpus, a, steps=6, save_every=3, **kw)).train()
+    Trainer(cfg(corpus, b, steps=6, save_every=3, stop_at_step=3, **kw)).train()
+    assert sorted(losses(b)) == [1, 2, 3]
+    Trainer(cfg(corpus, b, steps=6, save_every=3, resume=True, **kw)).train()
+    assert losses(b) == losses(a)
+    from safetensors.torch import load_file
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_with_other_options_is_refused_by_flag(corpus, base_model, tmp_path, capsys):
+    """--resume with an option the checkpoint's state depends on changed: exit 2 naming the flag, the run
+    directory byte for byte as it was (adamw state went silently into Lion / the 8-bit optimizer; another
+    --lora-rank or model shape raised KeyError / RuntimeError tracebacks); the same options still resume it."""
+    from thrifty.train.cli import run
+
+    ref, out, lo = tmp_path / "ref", tmp_path / "run", tmp_path / "lora"
+    assert run(cfg(corpus, ref, steps=4, save_every=2)) == 0
+    Trainer(cfg(corpus, out, steps=4, save_every=2, stop_at_step=2)).train()
+    Trainer(cfg(corpus, lo, steps=4, save_every=2, stop_at_step=2, lora_rank=4, lora_targets=("q_proj",))).train()
+    wide = dict(MICRO, hidden_size=64, intermediate_size=128)
+    bigger = tmp_path / "bigger"
+    Llama(LlamaConfig(vocab_size=320, max_position_embeddings=128, **wide)).save_pretrained(bigger)
+    save_tokenizer(load_tokenizer(corpus / "tok"), bigger)
+    capsys.readouterr()
+    for d, kw, named in ((out, dict(optimizer="lion"), "--optimizer 'adamw'"),
+                         (out, dict(optimizer="adamw8bit"), "--optimizer"),
+                         (out, dict(lora_rank=4), "--lora-rank 0"),
+                         (out, dict(model_overrides=wide), "model_overrides"),
+                         (out, dict(model=str(bigger), model_overrides=None), "does not match the model"),
+                         (lo, dict(lora_rank=8, lora_targets=("q_proj",)), "--lora-rank 4"),
+                         (lo, dict(lora_rank=4, lora_targets=("q_proj", "v_proj")), "--lora-targets q_proj,")):
+        before = tree(d)
+        assert run(cfg(corpus, d, steps=4, save_every=2, resume=True, **kw)) == 2, kw
+        err = capsys.readouterr().err
+        assert named in err and "Traceback" not in err, (kw, err)
+        assert tree(d) == before, kw
+    assert run(cfg(corpus, out, steps=4, save_every=2, resume=True)) == 0
+    assert losses(out) == losses(ref)
+    assert run(cfg(corpus, lo, steps=4, save_every=2, resume=True, lora_rank=4, lora_targets=("q_proj",))) == 0
+
+
+# ---------------- fine-tuning a transformers directory, export, generate ----------------
+@pytest.mark.parametrize("extra", [("--optimizer", "lion", "--grad-accum", "2", "--activation-checkpointing"),
+                                   ("--lora-rank", "4", "--lora-targets", "q_proj,v_proj,o_proj"),
+                                   ("--lora-rank", "4", "--qlora", "--lora-group-size", "32")])
+def test_finetune_transformers_dir_export_loads_in_both(hf_dir, corpus, tmp_path, extra):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "run"
+    rc, _, err = cli("train", "--model", hf_dir, "--data", corpus, "--seq-len", 32, "--batch-size", 2, "--steps", 3,
+                     "--lr", "1e-2", "--no-progress", "--out", out, *extra)
+    assert rc == 0, err[-3000:]
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["tie_word_embeddings"] is True and conf["num_key_value_heads"] == 2
+    x = torch.randint(0, 320, (2, 24))
+    ours = Llama.from_pretrained(out, dtype=torch.float32)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    before = Llama.from_pretrained(hf_dir, dtype=torch.float32)
+    with torch.no_grad():
+        lo, lt = ours(x), theirs(x).logits
+        assert not torch.equal(lo, before(x))  # it trained
+    torch.testing.assert_close(lo, lt, rtol=1e-4, atol=1e-4)
+    rc, text, err = cli("generate", out, "--prompt", "alpha beta", "--max-new-tokens", 6, "--device", "cpu")
+    assert rc == 0 and text.startswith("alpha beta"), err
+
+
+def test_generate_hf_dir_matches_transformers_and_stops_at_every_eos(hf_dir, tmp_path):
+    """`thrifty generate` on a transformers directory, greedy: the text of transformers' own greedy tokens; a
+    generation_config.json listing several eos ids (Llama 3 Instruct's <|end_of_text|> and <|eot_id|>) ends
+    the sample at any of them, as transformers' generate does (only the tokenizer's eos ended it)."""
+    import shutil
+
+    transformers = pytest.importorskip("transformers")
+    tok = load_tokenizer(hf_dir)
+    prompt = "alpha beta gamma"
+    ids = tok.encode(prompt).ids
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        new = hf.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0, len(ids):].tolist()
+    assert 0 not in new[:4]  # the micro model's greedy run does not hit its eos early
+    first = next(i for i in range(2, len(new)) if new[i] not in new[:i])  # a token seen first at i >= 2
+    d = tmp_path / "hf"
+    shutil.copytree(hf_dir, d)
+    gen_args = ("--prompt", prompt, "--max-new-tokens", 10, "--temperature", 0, "--device", "cpu")
+    cut = new[:new.index(0)] if 0 in new else new
+    rc, text, err = cli("generate", d, *gen_args)
+    assert rc == 0, err
+    assert text.split("\n" + "-" * 40)[0] == prompt + tok.decode(cut)
+    gc = json.loads((d / "generation_config.json").read_text())
+    gc["eos_token_id"] = [0, new[first]]
+    (d / "generation_config.json").write_text(json.dumps(gc))
+    with torch.no_grad():
+        stopped = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval().generate(
+            torch.tensor([ids]), max_new_tokens=10, do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
+    assert stopped == new[:first + 1]  # transformers stops at the listed id
+    rc, text, err = cli("generate", d, *gen_args)
+    assert rc == 0, err
+    assert text.split("\n" + "-" * 40)[0] == prompt + tok.decode(new[:first])
+
+
+def test_tokenizer_without_eos_leaves_the_config_without_one(corpus, tmp_path):
+    """A --tokenizer with no end-of-text token: config.json says so (eos/bos None), instead of LlamaConfig's
+    defaults 2 and 1, which named two ordinary BPE tokens (generation stopped at token 2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator([prose(i, 200) for i in range(24)], trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tk.save(str(tmp_path / "tokenizer.json"))
+    out = tmp_path / "run"
+    Trainer(cfg(corpus, out, tokenizer=str(tmp_path / "tokenizer.json"), steps=2)).train()
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["eos_token_id"] is None and conf["bos_token_id"] is None
+    m = Llama.from_pretrained(out)
+    assert m.config.eos_ids == [] and m.generate(torch.tensor([[5, 6]]), max_new_tokens=12).shape == (1, 14)
+    rc, text, err = cli("generate", out, "--max-new-tokens", 4, "--device", "cpu")  # empty prompt too
+    assert rc == 0, err
