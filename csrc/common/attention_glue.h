@@ -120,7 +120,8 @@ inline Shapes check_inputs(const char* op, const at::Tensor& q, const at::Tensor
   TORCH_CHECK_VALUE(k.size(-1) == s.head_dim, "thrifty.", op, ": 'k' and 'v' must have the head_dim of 'q' (",
                     s.head_dim, "), got shape ", k.sizes());
   TORCH_CHECK_VALUE(s.head_dim >= 1 && s.head_dim <= max_head_dim, "thrifty.", op, ": head_dim must be in [1, ",
-                    max_head_dim, "] on ", q.device().type(), " (got ", s.head_dim, ")");
+                    max_head_dim, "] on ", q.device().type(), " (got ", s.head_dim,
+                    ", the last dim of argument 'q' of shape ", q.sizes(), ")");
   TORCH_CHECK_VALUE(s.kv_heads >= 1 && s.heads >= 1 && s.heads % s.kv_heads == 0, "thrifty.", op,
                     ": the heads of 'q' (", s.heads, ") must be a positive multiple of the kv_heads of 'k'/'v' (",
                     s.kv_heads, ")");

@@ -12,6 +12,7 @@ __all__ = ["scaled_dot_product_attention"]
 
 _NAME = "thrifty.nn.functional.scaled_dot_product_attention"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MAX_HEAD_DIM = 256  # the kernels' head_dim limit (CPU and CUDA); E and Ev are padded to max(E, Ev)
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -25,20 +26,22 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         query: (..., heads, L, E); key: (..., kv_heads, S, E); value: (..., kv_heads, S, Ev) (a 3-D
             input is (heads, L, E) and a 2-D one (L, E), as in torch). Ev may differ from E, as in torch (the
             smaller side is zero-padded to max(E, Ev) <= 256 for the kernel: exact, at the larger
-            size's cost). The batch dims ``...`` broadcast as in torch.
-            float32, bfloat16 or float16, one dtype and device.
+            size's cost). The batch dims ``...`` broadcast as in torch, across ranks too (a 3-D query
+            against 4-D key/value). float32, bfloat16 or float16, one dtype and device.
         attn_mask: only None is fused; any mask is refused with a ValueError (no silent slow path).
         is_causal: torch's convention: query i sees keys j <= i (top-left aligned, also when L != S).
         scale: default 1/sqrt(E).
         enable_gqa: as torch: heads may be a multiple of kv_heads (each kv head serves
-            heads // kv_heads consecutive query heads); without it they must be equal, or kv_heads 1
-            (a size-1 head dim broadcasts, as torch broadcasts it).
+            heads // kv_heads consecutive query heads); without it the head dims broadcast as torch
+            broadcasts them: equal, or one of them 1 (kv_heads 1, or a single query head against
+            kv_heads heads, giving kv_heads output heads).
         dropout_p: accepted by keyword so that torch-style calls (``dropout_p=0.0``, what Hugging
             Face passes outside training) run unchanged; only 0 is supported (dropout is not
             fused: a nonzero value is a ValueError).
     Returns:
-        (..., heads, L, Ev) in query's dtype, contiguous as torch's CPU result is (so ``.view`` on it works;
-        the kernel writes (..., L, heads, Ev), and the copy costs ~1/S of the attention itself).
+        (..., heads, L, Ev) in query's dtype (the broadcast batch dims and heads), contiguous as torch's CPU
+        result is (so ``.view`` on it works; the kernel writes (..., L, heads, Ev), and the copy costs ~1/S of
+        the attention itself).
 
     Positional order: this signature has no positional dropout_p (is_causal is the 5th
     argument); a float in that place is refused with a TypeError rather than read as a flag.
@@ -59,6 +62,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                          f"is_causal, is supported); got a mask of shape {tuple(attn_mask.shape)}. Express causal or "
                          "sliding-window masks with is_causal or thrifty.ops.flash_attention(window=...).")
     for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{_NAME}: argument '{name}' must be a tensor, got {type(t).__name__}")
         if t.dtype not in _DTYPES:
             raise TypeError(f"{_NAME}: argument '{name}' must have dtype float32, bfloat16 or float16 (got {t.dtype})")
     if key.dtype != query.dtype or value.dtype != query.dtype:
@@ -67,32 +72,46 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     if key.device != query.device or value.device != query.device:
         raise RuntimeError(f"{_NAME}: query, key and value must be on one device; got {query.device}, {key.device}, "
                            f"{value.device}")
-    if query.dim() < 2 or key.dim() != query.dim() or value.dim() != query.dim():
-        raise ValueError(f"{_NAME}: query, key and value must have one rank >= 2, (..., heads, L, E); got shapes "
-                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+    if min(query.dim(), key.dim(), value.dim()) < 2:
+        raise ValueError(f"{_NAME}: query, key and value must each have at least 2 dims, (..., heads, L, E); got "
+                         f"shapes {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
     if key.shape[-1] != query.shape[-1]:
         raise ValueError(f"{_NAME}: key must have the embedding size E of query ({query.shape[-1]}), got key "
                          f"{tuple(key.shape)}")
-    q, k, v = query, key, value
-    for _ in range(4 - min(query.dim(), 4)):  # 3-D (heads, L, E), 2-D (L, E): one batch (and one head)
-        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-    if k.shape[-3:-1] != v.shape[-3:-1]:
+    if key.shape[-2] != value.shape[-2]:
         raise ValueError(f"{_NAME}: key and value must have the same heads and length S: {tuple(key.shape)} vs "
                          f"{tuple(value.shape)}")
+    if max(query.shape[-1], value.shape[-1]) > _MAX_HEAD_DIM:
+        raise ValueError(f"{_NAME}: the embedding sizes E of query/key ({query.shape[-1]}) and Ev of value "
+                         f"({value.shape[-1]}) must be <= {_MAX_HEAD_DIM} (the fused kernel's head_dim limit)")
+    # torch broadcasts every dim but the last two, inputs of lower rank included (a 3-D query against a
+    # 4-D key): pad the ranks to one (at least 4: a 3-D input is (heads, L, E), a 2-D one (L, E))
+    rank = max(query.dim(), key.dim(), value.dim())
+    q, k, v = query, key, value
+    q, k, v = (t.reshape((1,) * (max(rank, 4) - t.dim()) + tuple(t.shape)) for t in (q, k, v))
     # batch dims broadcast as in torch (an expanded view: stride 0, no copy)
     try:
         lead = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
     except RuntimeError:
         raise ValueError(f"{_NAME}: the batch dims of query {tuple(query.shape)}, key {tuple(key.shape)} and value "
                          f"{tuple(value.shape)} do not broadcast") from None
-    q, k, v = (t if t.shape[:-3] == lead else t.expand(*lead, *t.shape[-3:]) for t in (q, k, v))
-    hq, hk = q.shape[-3], k.shape[-3]
-    if hq != hk and hk != 1:  # kv_heads 1 broadcasts with or without enable_gqa, as in torch
-        if not enable_gqa:
-            raise ValueError(f"{_NAME}: query has {hq} heads and key/value {hk}; pass enable_gqa=True for grouped-query "
-                             "attention")
-        if hk == 0 or hq % hk != 0:
-            raise ValueError(f"{_NAME}: query heads ({hq}) must be a multiple of key/value heads ({hk})")
+    hq, hk, hv = q.shape[-3], k.shape[-3], v.shape[-3]
+    if hk != hv and 1 not in (hk, hv):
+        raise ValueError(f"{_NAME}: key and value must have the same heads and length S (a head dim of 1 "
+                         f"broadcasts, as in torch): {tuple(key.shape)} vs {tuple(value.shape)}")
+    hkv = max(hk, hv) if 0 not in (hk, hv) else 0
+    if hq != hkv and hkv != 1:  # kv_heads 1 broadcasts with or without enable_gqa, as in torch
+        if hq == 1 and not enable_gqa:  # a single query head broadcasts over the kv heads, as in torch
+            hq = hkv
+        elif not enable_gqa:
+            raise ValueError(f"{_NAME}: query has {hq} heads and key/value {hkv}; pass enable_gqa=True for "
+                             "grouped-query attention")
+        elif hkv == 0 or hq % hkv != 0:
+            raise ValueError(f"{_NAME}: query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    q = q if q.shape[:-2] == (*lead, hq) else q.expand(*lead, hq, *q.shape[-2:])
+    k = k if k.shape[:-2] == (*lead, hkv) else k.expand(*lead, hkv, *k.shape[-2:])
+    v = v if v.shape[:-2] == (*lead, hkv) else v.expand(*lead, hkv, *v.shape[-2:])
+    hk = hkv
     L, S = q.shape[-2], k.shape[-2]
     E, Ev = q.shape[-1], v.shape[-1]
     # to (batch, seq, heads, E) views (no copy: only the last dim needs unit stride)
@@ -121,6 +140,6 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         out = out[..., :Ev]
     out = out.transpose(1, 2).contiguous()  # (batch, heads, L, Ev)
     out = out.reshape(*lead, hq, L, Ev)
-    for _ in range(4 - min(query.dim(), 4)):
+    for _ in range(4 - min(rank, 4)):
         out = out.squeeze(0)
     return out

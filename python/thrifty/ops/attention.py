@@ -60,11 +60,21 @@ def _window(window) -> tuple[int, int]:
 
 def _scale(q: torch.Tensor, softmax_scale) -> float:
     if softmax_scale is None:
-        d = q.shape[-1]
-        if d == 0:
-            raise ValueError("thrifty.flash_attention: head_dim must be >= 1 (got 0)")
-        return 1.0 / math.sqrt(d)
+        if q.dim() == 0 or q.shape[-1] == 0:
+            return 1.0  # a placeholder: the op refuses the shape of 'q' (rank, head_dim) by name
+        return 1.0 / math.sqrt(q.shape[-1])
     return float(softmax_scale)
+
+
+def _max_seqlen(name: str, value) -> int:
+    """A Python int (or any integral scalar, a SymInt under torch.compile); a float or bool is refused rather
+    than truncated."""
+    if isinstance(value, bool) or (isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral)) or \
+            (isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()
+                                                  or value.dtype == torch.bool or value.numel() != 1)):
+        raise TypeError(f"thrifty.flash_attention_varlen: argument '{name}' must be an int (the longest sequence "
+                        f"length), got {value!r}")
+    return int(value)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
@@ -114,8 +124,9 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     require_tensors("thrifty.flash_attention_varlen", q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q,
                     cu_seqlens_k=cu_seqlens_k)
     wl, wr = _window(window)
-    out, lse = call_op(_ops.flash_attention_fwd, q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                       int(max_seqlen_k), _scale(q, softmax_scale), bool(causal), wl, wr, float(softcap))
+    out, lse = call_op(_ops.flash_attention_fwd, q, k, v, cu_seqlens_q, cu_seqlens_k,
+                       _max_seqlen("max_seqlen_q", max_seqlen_q), _max_seqlen("max_seqlen_k", max_seqlen_k),
+                       _scale(q, softmax_scale), bool(causal), wl, wr, float(softcap))
     return (out, lse) if return_lse else out
 
 
