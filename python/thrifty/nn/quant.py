@@ -1,6 +1,8 @@
 """QuantLinear: a drop-in nn.Linear with int8 or int4 weights (W8A16, W4A16, W8A8)."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -200,6 +202,17 @@ class QuantLinear(nn.Module):
             raise ValueError(f"QuantLinear.from_float: method must be 'rtn' or 'gptq', got {method!r}")
         k, n = linear.in_features, linear.out_features
         _check_layer_args("QuantLinear.from_float", k, bits, group_size, act_bits)
+        where = "QuantLinear.from_float"
+        if smooth is not None:
+            if not isinstance(smooth, torch.Tensor):
+                raise TypeError(f"{where}: argument 'smooth' must be a tensor or None, got {type(smooth).__name__}")
+            if tuple(smooth.shape) != (k,):
+                raise ValueError(f"{where}: argument 'smooth' must have shape (in_features,) = ({k},), got "
+                                 f"{tuple(smooth.shape)}")
+            if not smooth.is_floating_point() or not bool((torch.isfinite(smooth) & (smooth > 0)).all()):
+                raise ValueError(f"{where}: argument 'smooth' must hold finite positive floats (x is divided by it)")
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp < 0:
+            raise ValueError(f"{where}: argument 'damp' must be a finite number >= 0, got {damp!r}")
         w = linear.weight.detach().float()
         if smooth is not None:
             w = w * smooth.float()[None, :]
@@ -208,13 +221,23 @@ class QuantLinear(nn.Module):
             if calibration is None:
                 raise ValueError("QuantLinear.from_float: method='gptq' needs calibration activations "
                                  "(tokens, in_features)")
-            if calibration.shape[-1] != k:
+            if not isinstance(calibration, torch.Tensor):
+                raise TypeError(f"{where}: argument 'calibration' must be a tensor of input activations "
+                                f"(tokens, in_features), got {type(calibration).__name__}")
+            if not calibration.is_floating_point():
+                raise TypeError(f"{where}: argument 'calibration' must be a floating-point tensor, got "
+                                f"{calibration.dtype}")
+            if calibration.dim() == 0 or calibration.shape[-1] != k:
                 raise ValueError(f"QuantLinear.from_float: calibration must have in_features={k} columns, "
                                  f"got shape {tuple(calibration.shape)}")
             from thrifty.quant.gptq import gptq_quantize, hessian_from_inputs
-            xc = calibration.float()
+            xc = calibration.detach().float()
             if smooth is not None:
-                xc = xc / smooth.float()
+                xc = xc / smooth.to(xc.device).float()
+            if not bool(torch.isfinite(xc).all()):
+                raise ValueError(f"{where}: argument 'calibration' holds inf or nan (GPTQ needs finite activations)")
+            if xc.numel() == 0:
+                raise ValueError(f"{where}: argument 'calibration' has no tokens (shape {tuple(calibration.shape)})")
             h, cnt = hessian_from_inputs(xc)
             q, s, z, perm = gptq_quantize(w, 2 * h / max(cnt, 1), bits=bits, group_size=group_size, damp=damp,
                                           act_order=act_order)

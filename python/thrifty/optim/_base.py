@@ -343,6 +343,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         another update); its foreach / fused / capturable / differentiable are dropped (they choose
         among torch's implementations, not the update)."""
         owner = type(self).__name__
+        # torch's load_state_dict runs the load_state_dict pre-hooks first and loads what they return: run them
+        # here, so that the checks and the dtype-keeping copy below see that dict too, not the one passed in
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            hook_result = pre_hook(self, state_dict)
+            if hook_result is not None:
+                state_dict = hook_result
         for gi, g in enumerate(state_dict["param_groups"]):
             _check_torch_flags(owner, {k: g[k] for k in ("amsgrad", "maximize") if k in g},
                                f"param group {gi} of the state dict: ")
@@ -353,7 +360,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         saved_state = state_dict["state"]
         saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
         own_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
-        super().load_state_dict(state_dict)
+        hooks = self._optimizer_load_state_dict_pre_hooks
+        self._optimizer_load_state_dict_pre_hooks = type(hooks)()  # already run above: not twice
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = hooks
         # settings the saved groups lack (master_weights in a torch.optim.AdamW state dict) keep
         # this optimizer's values instead of vanishing; torch's flags (checked above, or selectors of
         # torch's implementations) are not kept, so thrifty's state dicts never carry them

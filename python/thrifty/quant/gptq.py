@@ -13,6 +13,8 @@ with a ``perm``: no g_idx gather in the kernels.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from thrifty.quant.formats import w4_group_params
@@ -39,6 +41,10 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, *, bits: int = 4, grou
         raise ValueError(f"in_features K={k} is not a multiple of group_size={group_size}")
     if tuple(hessian.shape) != (k, k):
         raise ValueError(f"hessian must have shape ({k}, {k}), got {tuple(hessian.shape)}")
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp < 0:
+        raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
+    if not bool(torch.isfinite(hessian).all()):
+        raise ValueError("hessian holds inf or nan (were the calibration activations finite?)")
     W = w.detach().double().clone()
     H = hessian.detach().double().clone()
     dead = torch.diag(H) == 0
@@ -49,8 +55,13 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, *, bits: int = 4, grou
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype, device=H.device)
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    try:
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    except torch.linalg.LinAlgError as err:
+        raise torch.linalg.LinAlgError(
+            f"GPTQ: the damped Hessian (damp={damp}) is not positive definite ({err}); raise damp (0.01 to 0.1 is "
+            "usual) or give more calibration tokens") from None
 
     if bits == 8:
         s8 = (W.abs().amax(1) / 127.0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -26,9 +27,17 @@ class QuantConfig:
     act_order: bool = True
 
     def __post_init__(self):
+        if self.skip is None:  # None: quantize every nn.Linear (as the dict form's skip=None)
+            self.skip = ()
         if isinstance(self.skip, str):
             self.skip = (self.skip,)
-        self.skip = tuple(self.skip)
+        try:
+            self.skip = tuple(self.skip)
+        except TypeError:
+            raise TypeError(f"quantize_model: config 'skip' must be a layer name or a list of them, got "
+                            f"{type(self.skip).__name__} ({self.skip!r})") from None
+        if not all(isinstance(n, str) for n in self.skip):
+            raise TypeError(f"quantize_model: config 'skip' must hold layer names (str), got {self.skip!r}")
         for name in ("bits", "group_size", "act_bits"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
@@ -44,7 +53,8 @@ class QuantConfig:
                              f"got {self.group_size}")
         if self.method not in ("rtn", "gptq"):
             raise ValueError(f"quantize_model: config 'method' must be 'rtn' or 'gptq', got {self.method!r}")
-        if not self.damp >= 0:
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not math.isfinite(self.damp) \
+                or not self.damp >= 0:
             raise ValueError(f"quantize_model: config 'damp' must be >= 0, got {self.damp}")
 
     @classmethod
@@ -74,10 +84,21 @@ def _skipped(name: str, skip) -> bool:
 
 def quantizable_linears(model: nn.Module, skip) -> list[str]:
     """Names of the nn.Linear layers of ``model`` a quantizer replaces: all but those named in ``skip``
-    (a name or a dotted suffix) and NonDynamicallyQuantizableLinear (nn.MultiheadAttention's out_proj, whose
+    (a name or a dotted suffix; a layer shared under several names is skipped when any of them is) and
+    NonDynamicallyQuantizableLinear (nn.MultiheadAttention's out_proj, whose
     weight the attention code reads directly; torch.ao's quantizers keep it in floating point too)."""
+    aliases = _aliases(model)
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
-            and not isinstance(m, NonDynamicallyQuantizableLinear) and not _skipped(n, skip)]
+            and not isinstance(m, NonDynamicallyQuantizableLinear)
+            and not any(_skipped(a, skip) for a in aliases.get(id(m), [n]))]
+
+
+def _aliases(model: nn.Module) -> dict[int, list[str]]:
+    """id(module) -> every name it is reachable under (named_modules lists a shared module once only)."""
+    out: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        out.setdefault(id(m), []).append(n)
+    return out
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -119,6 +140,9 @@ def collect_hessians(model: nn.Module, names: list[str], calibration) -> dict[st
     for n, (s, cnt) in sums.items():
         if s is None:
             raise ValueError(f"quantize_model: calibration never reached layer {n!r}")
+        if not bool(torch.isfinite(s).all()):
+            raise ValueError(f"quantize_model: the calibration inputs of layer {n!r} hold inf or nan (GPTQ needs "
+                             "finite activations)")
         out[n] = 2 * s / cnt
     return out
 
@@ -155,6 +179,7 @@ def quantize_model(model: nn.Module, config=None, calibration=None) -> nn.Module
         hessians = collect_hessians(model, names, calibration)
     elif cfg.method != "rtn":
         raise ValueError(f"quantize_model: method must be 'rtn' or 'gptq', got {cfg.method!r}")
+    aliases = _aliases(model)
     for n in names:
         lin = model.get_submodule(n)
         if cfg.method == "gptq":
@@ -164,7 +189,10 @@ def quantize_model(model: nn.Module, config=None, calibration=None) -> nn.Module
         else:
             qm = QuantLinear.from_float(lin, bits=cfg.bits, group_size=cfg.group_size, method="rtn",
                                         act_bits=cfg.act_bits)
-        _set_module(model, n, qm)
+        # one nn.Linear reachable under several names (a module shared by two parents): every name gets
+        # the same QuantLinear, as a shared float layer would be (named_modules lists it under one name only)
+        for alias in aliases.get(id(lin), [n]):
+            _set_module(model, alias, qm)
     model._thrifty_quant_config = asdict(cfg)
     return model
 
@@ -229,13 +257,17 @@ def read_metadata(path: str) -> dict:
 
 def load_quantized(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
     """Replaces the layers named in the checkpoint's metadata by empty QuantLinears and loads the tensors.
-    ``model`` is the float model architecture (its weights are overwritten)."""
+    ``model`` is the float model architecture (its weights are overwritten); it may be built on the meta
+    device (``with torch.device("meta"): model = ...``), so that its float weights are never allocated: the
+    checkpoint's tensors are then assigned (on the CPU; move the model afterwards). Buffers not saved
+    (non-persistent ones) stay on meta, but for thrifty's Llama, whose rotary cache is rebuilt."""
     from safetensors.torch import load_file
 
     from thrifty.nn.quant import QuantLinear
 
     meta = read_metadata(path)
     layers = json.loads(meta["layers"])
+    aliases = _aliases(model)
     for name, c in layers.items():
         try:
             old = model.get_submodule(name)
@@ -243,15 +275,33 @@ def load_quantized(model: nn.Module, path: str, strict: bool = True) -> nn.Modul
             raise ValueError(f"{path}: quantized layer {name!r} does not exist in the model") from err
         dev = next(iter(old.parameters()), torch.empty(0)).device
         bias_dtype = old.bias.dtype if getattr(old, "bias", None) is not None else None
-        _set_module(model, name, QuantLinear(c["in_features"], c["out_features"], c["bias"], bits=c["bits"],
-                                             group_size=c["group_size"] if c["bits"] == 4 else 128,
-                                             act_bits=c["act_bits"], device=dev, dtype=bias_dtype,
-                                             act_order=c["act_order"], smooth=c.get("smooth", False)))
+        new = QuantLinear(c["in_features"], c["out_features"], c["bias"], bits=c["bits"],
+                          group_size=c["group_size"] if c["bits"] == 4 else 128, act_bits=c["act_bits"], device=dev,
+                          dtype=bias_dtype, act_order=c["act_order"], smooth=c.get("smooth", False))
         w = getattr(old, "weight", None)
         if isinstance(w, torch.Tensor) and w.is_floating_point():
-            model.get_submodule(name).weight_dtype = w.dtype
+            new.weight_dtype = w.dtype
+        for alias in aliases.get(id(old), [name]):  # a layer shared under several names stays shared
+            _set_module(model, alias, new)
     sd = load_file(path)
-    model.load_state_dict(sd, strict=strict)
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(t.is_meta for t in tensors):
+        # a skeleton built on the meta device (so that the float weights are never allocated): copying into
+        # meta tensors is a no-op, so the checkpoint's tensors are assigned instead, ties between parameters
+        # (an LM head sharing the embedding) kept
+        shared: dict[int, list[str]] = {}
+        for n, prm in model.named_parameters(remove_duplicate=False):
+            shared.setdefault(id(prm), []).append(n)
+        model.load_state_dict(sd, strict=strict, assign=True)
+        for names in shared.values():
+            first = model.get_parameter(names[0])
+            for n in names[1:]:
+                mod_name, _, attr = n.rpartition(".")
+                setattr(model.get_submodule(mod_name) if mod_name else model, attr, first)
+        if callable(getattr(model, "reset_rope", None)):  # thrifty's Llama: its rotary cache is not in the file
+            model.reset_rope()
+    else:
+        model.load_state_dict(sd, strict=strict)
     model._thrifty_quant_config = json.loads(meta.get("config", "{}"))
     return model
 
@@ -264,6 +314,29 @@ def smooth_fold(prev: nn.Module, linears: list[nn.Linear], act_absmax: torch.Ten
     every following linear's columns are multiplied by s, so the float model is unchanged while x / s
     has smaller outliers for per-token int8. Returns s.
     """
+    # everything checked before the first in-place change: a failure half way would leave the float model altered
+    if isinstance(linears, nn.Linear):
+        linears = [linears]
+    linears = list(linears)
+    if not linears or not all(isinstance(l, nn.Linear) for l in linears):
+        raise TypeError("smooth_fold: 'linears' must be a non-empty list of nn.Linear layers sharing one input")
+    k = linears[0].in_features
+    if any(l.in_features != k for l in linears):
+        raise ValueError(f"smooth_fold: the linears must share one input, got in_features "
+                         f"{[l.in_features for l in linears]}")
+    if not isinstance(act_absmax, torch.Tensor) or tuple(act_absmax.shape) != (k,):
+        got = tuple(act_absmax.shape) if isinstance(act_absmax, torch.Tensor) else type(act_absmax).__name__
+        raise ValueError(f"smooth_fold: 'act_absmax' must be a tensor of shape (in_features,) = ({k},), got {got}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise ValueError(f"smooth_fold: 'alpha' must be a number in [0, 1], got {alpha!r}")
+    if not bool(torch.isfinite(act_absmax).all()):
+        raise ValueError("smooth_fold: 'act_absmax' holds inf or nan")
+    if isinstance(prev, nn.Linear):
+        if prev.out_features != k:
+            raise ValueError(f"smooth_fold: previous layer has {prev.out_features} outputs, expected {k}")
+    elif isinstance(getattr(prev, "weight", None), torch.Tensor) and prev.weight.dim() == 1:
+        if prev.weight.numel() != k:
+            raise ValueError(f"smooth_fold: previous layer's weight has {prev.weight.numel()} elements, expected {k}")
     with torch.no_grad():
         wmax = torch.stack([l.weight.detach().abs().amax(0).float() for l in linears]).amax(0)
         s = (act_absmax.float().clamp(min=1e-5) ** alpha / wmax.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
