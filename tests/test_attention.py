@@ -458,9 +458,23 @@ def test_sdpa_drop_in_scale_3d_and_grad():
     gq = torch.autograd.grad(got, q, g)[0]
     rq = torch.autograd.grad(ref, q, g)[0]
     torch.testing.assert_close(gq, rq, atol=1e-5, rtol=1e-4)
-    for bad in (0.0, -0.5, float("inf")):  # named as the drop-in's own argument
-        with pytest.raises(ValueError, match="'scale' must be a finite number > 0"):
+    for bad in (float("nan"), float("inf")):  # named as the drop-in's own argument
+        with pytest.raises(ValueError, match="'scale' must be a finite number"):
             thrifty.nn.functional.scaled_dot_product_attention(q, k, v, scale=bad)
+    # 0 and negative scales as torch takes them (the kernels take a positive scale), causal too
+    for sc in (0.0, -0.5):
+        for causal in (False, True):
+            got = thrifty.nn.functional.scaled_dot_product_attention(q, k, v, scale=sc, is_causal=causal)
+            # (torch's own CPU SDPA returns NaN for causal with scale <= 0: it scales the -inf mask; a plain
+            # reference instead)
+            scores = (q @ k.transpose(-1, -2)) * sc
+            if causal:
+                scores = scores.masked_fill(torch.ones(11, 11, dtype=torch.bool).triu(1), float("-inf"))
+            ref = scores.softmax(-1) @ v
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+            gs, rs = (torch.autograd.grad(o, (q, k, v), g) for o in (got, ref))
+            for a, b in zip(gs, rs):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_sdpa_refuses_masks():

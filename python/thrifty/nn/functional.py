@@ -30,7 +30,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
             against 4-D key/value). float32, bfloat16 or float16, one dtype and device.
         attn_mask: only None is fused; any mask is refused with a ValueError (no silent slow path).
         is_causal: torch's convention: query i sees keys j <= i (top-left aligned, also when L != S).
-        scale: default 1/sqrt(E).
+        scale: default 1/sqrt(E); any finite value, as in torch (the kernels take a positive scale:
+            a negative one runs as (-q) with |scale|, 0 as q * 0 with scale 1, uniform over the visible keys).
         enable_gqa: as torch: heads may be a multiple of kv_heads (each kv head serves
             heads // kv_heads consecutive query heads); without it the head dims broadcast as torch
             broadcasts them: equal, or one of them 1 (kv_heads 1, or a single query head against
@@ -51,9 +52,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                         "argument is is_causal: pass torch's dropout_p by keyword")
     if isinstance(scale, bool):
         raise TypeError(f"{_NAME}: 'scale' must be a float or None (got {scale!r})")
-    if scale is not None and not (isinstance(scale, numbers.Real) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"{_NAME}: 'scale' must be a finite number > 0 or None (got {scale!r}); the fused kernels "
-                         "take a positive softmax scale (torch's SDPA also accepts 0 and negative scales)")
+    if scale is not None and not (isinstance(scale, numbers.Real) and math.isfinite(scale)):
+        raise ValueError(f"{_NAME}: 'scale' must be a finite number or None (got {scale!r})")
     if dropout_p != 0.0:
         raise ValueError(f"{_NAME}: dropout is not fused into the kernel: 'dropout_p' must be 0.0 (got {dropout_p}); "
                          "use torch.nn.functional.scaled_dot_product_attention for attention dropout")
@@ -134,7 +134,11 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         else:
             k4, v4 = k4[:, :L], v4[:, :L]
             causal = True
-    sc = 1.0 / math.sqrt(E) if scale is None else scale
+    sc = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    if sc < 0:  # q.k * s = (-q).k * |s|; autograd carries the sign back to q
+        q4, sc = -q4, -sc
+    elif sc == 0:  # every score 0: softmax uniform over the visible keys, no gradient to q or k
+        q4, sc = q4 * 0, 1.0
     out = flash_attention(q4, k4, v4, causal=causal, softmax_scale=sc, window=window)
     if Ev < E:
         out = out[..., :Ev]
