@@ -16,9 +16,10 @@ import torch
 from thrifty.cli import main as cli_main
 from thrifty.data import load_tokenizer, save_tokenizer, train_tokenizer
 from thrifty.models import Llama, LlamaConfig
-from thrifty.train import TrainConfig, Trainer
+from thrifty.train import Trainer
 
 from test_data import prose
+from test_train import cfg, losses  # the same micro config and metrics reader
 
 MICRO = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
@@ -66,19 +67,6 @@ def hf_dir(corpus, tmp_path_factory):
     transformers.PreTrainedTokenizerFast(tokenizer_file=str(corpus / "tok" / "tokenizer.json"),
                                          eos_token="<|endoftext|>").save_pretrained(d)
     return d
-
-
-def cfg(corpus, out, **kw) -> TrainConfig:
-    base = dict(data=str(corpus), tokenizer=str(corpus / "tok" / "tokenizer.json"), model_overrides=MICRO,
-                batch_size=2, seq_len=32, steps=4, lr=3e-3, warmup=1, progress=False, precision="fp32", plot=False,
-                eval_batches=2, out=str(out))
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def losses(run_dir) -> dict:
-    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def cli(*argv) -> tuple[int, str, str]:
