@@ -19,6 +19,7 @@ from thrifty.models import Llama, LlamaConfig
 from thrifty.train import Trainer
 
 from test_data import prose
+from test_api_issues_5_7 import base_model  # noqa: F401 (a fixture: the micro Llama in HF format)
 from test_train import cfg, losses  # the same micro config and metrics reader
 
 MICRO = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -38,18 +39,6 @@ def corpus(tmp_path_factory):
     for i in range(24):
         (d / f"doc{i:02d}.txt").write_text(prose(i, 200))
     save_tokenizer(train_tokenizer([prose(i, 200) for i in range(24)], vocab_size=320), d / "tok")
-    return d
-
-
-@pytest.fixture(scope="module")
-def base_model(corpus, tmp_path_factory):
-    """A micro thrifty Llama in Hugging Face format with the corpus tokenizer."""
-    torch.manual_seed(0)
-    m = Llama(LlamaConfig(vocab_size=320, max_position_embeddings=128, eos_token_id=0, bos_token_id=0,
-                          **MICRO)).init_weights()
-    d = tmp_path_factory.mktemp("base")
-    m.save_pretrained(d)
-    save_tokenizer(load_tokenizer(corpus / "tok"), d)
     return d
 
 
