@@ -21,6 +21,9 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "thrifty's compiled kernels (ops are under torch.ops.thrifty)";
   // Reads THRIFTY_CPU_ISA now, so a bad value fails the import instead of the first kernel call.
   thrifty::cpu_isa_current();
+  // Likewise THRIFTY_CPU_BF16_DOT: a bad value fails the import, not thrifty.info() or the first bf16
+  // attention / quant_linear call.
+  thrifty::cpu_use_bf16_dot();
   m.def("build_info", [] {
     py::dict d;
     d["torch_version"] = THRIFTY_TORCH_VERSION;

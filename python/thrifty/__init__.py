@@ -11,10 +11,38 @@ import torch
 __version__ = "0.1.0"
 
 
+def _missing_extension_detail() -> str | None:
+    """Why ``thrifty._C`` cannot be found, or None when a loadable-looking file is there.
+
+    Without this, Python reports a missing compiled submodule as "cannot import name '_C' from
+    partially initialized module 'thrifty' (most likely due to a circular import)", which
+    sends the reader after an import cycle that does not exist."""
+    import importlib.machinery
+    import os
+
+    pkg_dir = os.path.dirname(os.path.abspath(__file__))
+    suffixes = importlib.machinery.EXTENSION_SUFFIXES
+    try:
+        names = sorted(os.listdir(pkg_dir))
+    except OSError:
+        names = []
+    if any(n == "_C" + s for n in names for s in suffixes):
+        return None
+    others = [n for n in names if n.startswith("_C.") and n.endswith((".so", ".pyd", ".dylib"))]
+    detail = f"no compiled extension _C{suffixes[0]} in {pkg_dir}"
+    if others:
+        detail += f" (found {', '.join(others)}: built for another Python or platform)"
+    else:
+        detail += " (the extension was not built or not installed here)"
+    return detail
+
+
 def _load_extension():
     try:
         from thrifty import _C
     except ImportError as err:
+        missing = _missing_extension_detail()
+        reason = missing if missing is not None else str(err)
         try:
             from thrifty import _build_info as built
             built_desc = (f"torch {built.TORCH_VERSION}"
@@ -22,15 +50,23 @@ def _load_extension():
         except ImportError:
             built_desc = "an unknown torch (no _build_info.py found: the extension was never built here)"
         running = f"torch {torch.__version__}" + (f" with CUDA {torch.version.cuda}" if torch.version.cuda else " (CPU only)")
-        if "THRIFTY_CPU_ISA" in str(err):  # a bad environment setting, not a bad build
+        if missing is not None:
+            hint = ("Build and install it: pip install --no-build-isolation . "
+                    "(in a source checkout used through PYTHONPATH: tools/build_inplace.sh)")
+        elif "THRIFTY_CPU_ISA" in reason:  # a bad environment setting, not a bad build
             hint = "Set THRIFTY_CPU_ISA to one of scalar, avx2, avx512, avx512_bf16, or unset it."
-        elif "THRIFTY_CUDA_QUANT_MMA" in str(err):
+        elif "THRIFTY_CPU_BF16_DOT" in reason:
+            hint = "Set THRIFTY_CPU_BF16_DOT to one of auto, on, off, or unset it."
+        elif "THRIFTY_CUDA_QUANT_MMA" in reason:
             hint = "Set THRIFTY_CUDA_QUANT_MMA to on or off, or unset it."
         else:
             hint = "Rebuild it against the running torch: pip install --no-build-isolation ."
-        raise ImportError(
-            f"thrifty's compiled extension thrifty._C failed to load: {err}\n"
-            f"  built against: {built_desc}\n  running:       {running}\n{hint}") from err
+        message = (f"thrifty's compiled extension thrifty._C failed to load: {reason}\n"
+                   f"  built against: {built_desc}\n  running:       {running}\n{hint}")
+        if missing is not None:
+            # Python's own error for a missing compiled submodule blames "a circular import": leave it out.
+            raise ImportError(message) from None
+        raise ImportError(message) from err
     return _C
 
 
