@@ -1,4 +1,5 @@
 from thrifty.bench.model import run
 from thrifty.bench.common import main
 
-main(run)
+if __name__ == "__main__":
+    main(run)

@@ -2,4 +2,5 @@
 from thrifty.bench.optim import run
 from thrifty.bench.common import main
 
-main(run)
+if __name__ == "__main__":
+    main(run)

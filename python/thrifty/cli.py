@@ -33,21 +33,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    as_command = argv is None  # run as the `thrifty` program, not called from Python with an argument list
+    argv = sys.argv[1:] if argv is None else list(argv)
     # Import only the chosen subcommand's module (heavy ones import torch extras lazily).
     if argv and argv[0] in COMMANDS:
         name = argv[0]
-        if name == "bench":
-            # Allocator settings under which fresh outputs do not page-fault on every call
-            # (thrifty.bench._env says why); they act only in a new process.
-            from thrifty.bench._env import reexec_with_bench_env
-
-            reexec_with_bench_env(["-m", "thrifty.cli", *argv])
         module, help_text = COMMANDS[name]
         mod = importlib.import_module(module)
         p = argparse.ArgumentParser(prog=f"thrifty {name}", description=help_text)
         mod.add_arguments(p)
-        args = p.parse_args(argv[1:])
+        args = p.parse_args(argv[1:])  # bad arguments: one usage line and exit code 2, before anything runs
+        if name == "bench" and as_command:
+            # Allocator settings under which fresh outputs do not page-fault on every call
+            # (thrifty.bench._env says why); they act only in a new process. Only the program
+            # re-executes itself: main(["bench", ...]) called from Python must not replace the caller.
+            from thrifty.bench._env import reexec_with_bench_env
+
+            reexec_with_bench_env(["-m", "thrifty.cli", *argv])
         return int(mod.main(args) or 0)
     ap = argparse.ArgumentParser(prog="thrifty", description="Cheap LLM training and serving on PyTorch.")
     ap.add_argument("command", nargs="?", choices=list(COMMANDS), help="; ".join(f"{k}: {v[1]}" for k, v in COMMANDS.items()))

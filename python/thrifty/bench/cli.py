@@ -1,9 +1,13 @@
 """`thrifty bench [family ...]`: runs kernel benchmarks, prints markdown tables, writes JSON."""
 from __future__ import annotations
 
+import argparse
 import importlib
+import sys
 
 import torch
+
+from thrifty.bench.common import bench_device
 
 # family -> module with run(device, quick) -> Bench
 FAMILIES = ["norm", "attention", "optim", "quant", "model", "train"]
@@ -22,21 +26,34 @@ def available_families() -> list[str]:
     return out
 
 
+def family_name(value: str) -> str:
+    """argparse type of a family argument: a name from FAMILIES (else a usage error, exit code 2)."""
+    if value not in FAMILIES:
+        raise argparse.ArgumentTypeError(f"unknown benchmark family {value!r} (choose from {', '.join(FAMILIES)})")
+    return value
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("families", nargs="*", help=f"families to run (default: all of {', '.join(FAMILIES)} present)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("families", nargs="*", type=family_name,
+                        help=f"families to run (default: all of {', '.join(FAMILIES)} present)")
+    parser.add_argument("--device", default="cpu", type=bench_device, help="cpu or cuda[:N] (default cpu)")
     parser.add_argument("--quick", action="store_true", help="fewer, smaller cases")
 
 
 def main(args) -> int:
     have = available_families()
-    families = args.families or have
+    families = list(dict.fromkeys(args.families or have))  # each family once, in the order named
     unknown = [f for f in families if f not in have]
     if unknown:
-        raise SystemExit(f"thrifty bench: unknown benchmark family {unknown}; available: {have}")
+        print(f"thrifty bench: error: unknown benchmark family {', '.join(map(repr, unknown))} "
+              f"(available: {', '.join(have)})", file=sys.stderr)
+        return 2
+    try:
+        bench_device(str(args.device))  # a Namespace built by hand skips argparse's check
+    except argparse.ArgumentTypeError as err:
+        print(f"thrifty bench: error: argument --device: {err}", file=sys.stderr)
+        return 2
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("thrifty bench: --device cuda but no CUDA GPU is visible")
     for f in families:
         print(f"== {f} ==", flush=True)
         mod = importlib.import_module(f"thrifty.bench.{f}")

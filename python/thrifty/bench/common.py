@@ -17,6 +17,7 @@ shared CPUs drift.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -39,6 +40,28 @@ def results_dir() -> Path:
     if Path("bench").is_dir():
         return Path("bench") / "results"
     return Path("bench-results")
+
+
+def bench_device(value: str) -> str:
+    """argparse type of ``--device``: ``value`` when benchmarks can run there, else
+    argparse.ArgumentTypeError saying why (a usage error: one line, exit code 2, no traceback)."""
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device (expected cpu or cuda[:N])") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"benchmarks run on cpu or cuda, not {value!r}")
+    if dev.type == "cuda":
+        import thrifty
+
+        if not thrifty._C.build_info()["cuda"]:
+            raise argparse.ArgumentTypeError(f"{value!r}: this thrifty was built without CUDA kernels "
+                                             "(rebuild with THRIFTY_CUDA=on)")
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{value!r}: no CUDA GPU is visible")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{value!r}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    return value
 
 
 def sync(device: torch.device | str) -> None:
@@ -290,11 +313,10 @@ class Bench:
 
 def main(run, argv: list[str] | None = None) -> None:
     """Entry point of a bench/<family>.py script: parses --device/--quick, runs, reports."""
-    import argparse
-
     ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--device", default="cpu", type=bench_device, help="cpu or cuda[:N]")
     ap.add_argument("--quick", action="store_true", help="fewer, smaller cases")
     args = ap.parse_args(argv)
-    reexec_with_bench_env([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    if argv is None:  # a script run as a program re-executes itself; a caller passing argv is not replaced
+        reexec_with_bench_env(sys.argv)
     run(torch.device(args.device), quick=args.quick).report()

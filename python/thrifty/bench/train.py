@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from thrifty.bench.common import Bench, Case, sync
+from thrifty.bench.common import Bench, Case, bench_device, sync
 
 CASES = {
     "default": dict(),
@@ -265,7 +265,7 @@ def main(argv=None) -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", type=bench_device, help="cpu or cuda[:N]")
     ap.add_argument("--quick", action="store_true", help="tiny preset, 2 x 128")
     ap.add_argument("--preset", choices=["tiny", "small"])
     ap.add_argument("--batch", type=int)
@@ -281,7 +281,8 @@ def main(argv=None) -> None:
         return
     from thrifty.bench._env import reexec_with_bench_env  # the other families' allocator settings, both sides
 
-    reexec_with_bench_env([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    if argv is None:  # a script run as a program re-executes itself; a caller passing argv is not replaced
+        reexec_with_bench_env(sys.argv)
     run(torch.device(args.device), quick=args.quick, preset=args.preset, batch=args.batch, seq=args.seq,
         reps=args.reps, hf_reps=args.hf_reps, cases=tuple(x for x in args.cases.split(",") if x)).report()
 
