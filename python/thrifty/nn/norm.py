@@ -1,10 +1,33 @@
 """RMSNorm module: drop-in for torch.nn.RMSNorm and Hugging Face LlamaRMSNorm."""
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import nn
 
 from thrifty.ops.norm import rms_norm
+
+
+def _hidden_size(value) -> int:
+    """An int, or torch.nn.RMSNorm's normalized_shape as a 1-element list/tuple/torch.Size."""
+    if isinstance(value, (str, bytes)) or isinstance(value, bool):
+        raise TypeError(f"thrifty.nn.RMSNorm: 'hidden_size' must be an int or a 1-element shape, got {value!r}")
+    if not isinstance(value, int) and hasattr(value, "__index__"):  # numpy / 0-d integer tensor
+        value = operator.index(value)
+    if not isinstance(value, int):
+        try:
+            shape = tuple(value)
+        except TypeError:
+            raise TypeError(f"thrifty.nn.RMSNorm: 'hidden_size' must be an int or a 1-element shape, "
+                            f"got {type(value).__name__} {value!r}") from None
+        if len(shape) != 1:
+            raise ValueError(f"thrifty.nn.RMSNorm normalizes over the last dim only: 'hidden_size' must be an int "
+                             f"or a 1-element shape (got {shape})")
+        return _hidden_size(shape[0])
+    if value < 0:
+        raise ValueError(f"thrifty.nn.RMSNorm: 'hidden_size' must be >= 0, got {value}")
+    return value
 
 
 class RMSNorm(nn.Module):
@@ -17,16 +40,16 @@ class RMSNorm(nn.Module):
 
     def __init__(self, hidden_size: int, eps: float | None = 1e-6, device=None, dtype=None):
         super().__init__()
-        if not isinstance(hidden_size, int):  # torch.nn.RMSNorm's normalized_shape as a 1-element list/tuple
-            shape = tuple(hidden_size)
-            if len(shape) != 1:
-                raise ValueError(f"thrifty.nn.RMSNorm normalizes over the last dim only: 'hidden_size' must be an int "
-                                 f"or a 1-element shape (got {shape})")
-            hidden_size = shape[0]
-        hidden_size = int(hidden_size)
+        hidden_size = _hidden_size(hidden_size)
         self.normalized_shape = (hidden_size,)  # torch.nn.RMSNorm's attribute
-        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.weight = nn.Parameter(torch.empty(hidden_size, device=device, dtype=dtype))
         self.eps = eps
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """weight = 1 (as torch.nn.RMSNorm.reset_parameters): after ``to_empty`` of a module built on the
+        meta device, this gives it real initial values."""
+        nn.init.ones_(self.weight)
 
     @property
     def variance_epsilon(self) -> float | None:  # the Hugging Face attribute name
