@@ -300,14 +300,14 @@ def test_data_errors(tmp_path):
 
 def test_parquet_source(tmp_path):
     """A parquet file's text column (any name, via text_field) goes through the same pipeline as .txt
-    files: same documents in, same token stream out; a null cell is dropped as non-text."""
+    files: same documents in, same token stream out; a null cell is dropped as text_not_a_string."""
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
     texts = [prose(i) for i in range(12)]
     table = pa.table({"id": list(range(13)), "body": texts + [None]})
     pq.write_table(table, tmp_path / "docs.parquet")
     docs = load_documents(tmp_path / "docs.parquet", text_field="body")
-    assert [d.text for d in docs[:12]] == texts and docs[12].rejected == "binary_or_non_utf8"
+    assert [d.text for d in docs[:12]] == texts and docs[12].rejected == "text_not_a_string"
     tok = tmp_path / "tok"
     save_tokenizer(train_tokenizer(texts, vocab_size=320), tok)
     b = prepare_data(tmp_path / "docs.parquet", tmp_path / "run", seq_len=32, tokenizer=tok, text_field="body",

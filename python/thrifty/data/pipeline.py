@@ -170,6 +170,8 @@ _DROP_ADVICE = {
     "repetitive": "give documents that do not repeat the same lines",
     "binary_or_non_utf8": "give UTF-8 text files",
     "malformed_json": "fix the .jsonl lines that are not valid JSON (one object per line)",
+    "no_text_field": "give every .jsonl record the text field (or name the field with --text-field)",
+    "text_not_a_string": "give the text field as a string (not null, a number or a list)",
     "exact_duplicates": "give distinct documents",
     "near_duplicates": "give distinct documents",
 }

@@ -202,7 +202,9 @@ def near_dedup(texts: list[str], threshold: float = 0.8, num_perm: int = 64, shi
 
 
 # ---- privacy scrubbing ----
-EMAIL_RE = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+# the top-level domain ends the address: not glued to a '-' or a word character (a locale like
+# sd_IN@devanagari.UTF-8 is no address)
+EMAIL_RE = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![\w-])")
 # four dotted ASCII numbers that are not part of a longer dotted run (1.2.3.4.5, a.1.2.3.4) nor glued to a
 # word (v10.0.0.1, x1.2.3.4); _ipv4 then decides (see scrub's docstring for the rule)
 IPV4_RE = re.compile(r"(?<![\w.])(?:[0-9]{1,3}\.){3}[0-9]{1,3}(?![\w.]*[0-9])")
@@ -221,16 +223,27 @@ SECRET_RES = [
     re.compile(r"\b[rs]k_(?:live|test)_[A-Za-z0-9]{16,}\b"),    # Stripe secret / restricted keys
     re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),  # JWT (base64 of '{"' twice)
     re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----"),
+    re.compile(r"\bglpat-[A-Za-z0-9_-]{20,}"),                  # GitLab personal access token
+    re.compile(r"\bnpm_[A-Za-z0-9]{36}\b"),                     # npm access token
+    re.compile(r"\bpypi-AgE[A-Za-z0-9_-]{50,}"),                # PyPI API token (a macaroon: pypi-AgEIcHlwaS5vcmc...)
 ]
 _SECRET_NAME = r"[\w-]*(?:api[_-]?key|secret|token|passwd|password|access[_-]?key)[\w-]*"
-# key = "value" (or JSON "key": "value") assignments whose name says secret; not special tokens like
-# "eos_token": "<|endoftext|>"
+# key = "value" (or JSON "key": "value") assignments whose name says secret and whose value looks like a key:
+# a letter and a digit, none of the punctuation of code, patterns, URLs or format strings ([ ] ( ) { } , % : and
+# no "//"). Not special tokens like "eos_token": "<|endoftext|>", nor tokenizer_class = "PreTrainedTokenizerFast",
+# TOKEN_PATTERN = "[A-Za-z_]+[0-9]*", token_range = "%d,%d-%d,%d:" or a token URL.
 ASSIGN_SECRET_RE = re.compile(
-    rf"""(?i)\b({_SECRET_NAME})(["']?\s*[:=]\s*)(["'])([^"'\s<>]{{12,}})\3""")
+    rf"""(?i)\b({_SECRET_NAME})(["']?\s*[:=]\s*)(["'])(?=[^"']*[0-9])(?=[^"']*[A-Za-z])(?![^"']*//)"""
+    rf"""([^"'\s<>\[\](){{}},%:]{{12,}})\3""")
 # KEY=value unquoted (shell, .env, YAML): only a long token mixing letters and digits with no identifier or
 # call punctuation (_ . ( [), so code like `api_key = get_key()` or `password = None` stays
 ASSIGN_BARE_SECRET_RE = re.compile(
     rf"""(?i)\b({_SECRET_NAME})(\s*[:=]\s*)(?=[A-Za-z+/=-]*\d)(?=[0-9+/=-]*[A-Za-z])([A-Za-z0-9+/=-]{{16,}})(?=[\s,;&)\]}}]|$)""")
+# .env / shell lines NAME=value (export optional, no spaces around '=', the whole line): any 8+ characters
+# with a letter and a digit, so values with _ # ! & count too (SECRET_KEY=django-insecure-9x_8#k2l!m3...);
+# not a $VAR or ${VAR} reference, nor a call.
+ENV_SECRET_RE = re.compile(
+    rf"""(?im)^(\s*(?:export\s+)?{_SECRET_NAME}=)(?![$'"{{])(?=\S*[0-9])(?=\S*[A-Za-z])(?!\S*\()(\S{{8,}})(?=[ \t]*$)""")
 # Authorization: Bearer <token> (a token with a digit: not "the bearer of ...")
 BEARER_RE = re.compile(r"(?i)\b(bearer\s+)(?=[A-Za-z._~+/-]*\d)[A-Za-z0-9._~+/-]{16,}=*")
 
@@ -285,6 +298,8 @@ def scrub(text: str) -> tuple[str, dict[str, int]]:
     text, n = ASSIGN_SECRET_RE.subn(lambda m: f"{m.group(1)}{m.group(2)}{m.group(3)}{PLACEHOLDERS['secret']}{m.group(3)}", text)
     counts["secret"] += n
     text, n = ASSIGN_BARE_SECRET_RE.subn(lambda m: f"{m.group(1)}{m.group(2)}{PLACEHOLDERS['secret']}", text)
+    counts["secret"] += n
+    text, n = ENV_SECRET_RE.subn(lambda m: f"{m.group(1)}{PLACEHOLDERS['secret']}", text)
     counts["secret"] += n
     text, n = BEARER_RE.subn(lambda m: f"{m.group(1)}{PLACEHOLDERS['secret']}", text)
     counts["secret"] += n

@@ -1,9 +1,14 @@
 """Text sources: a directory of .txt / .jsonl ("text" field) / .parquet (a text column) files,
 a single such file, or the embedded default corpus (the Python standard library's own source).
 
-Every loader yields :class:`Document` objects; bytes that are not UTF-8 or look binary are kept as
-``text=None`` with ``rejected="binary_or_non_utf8"`` (a .jsonl line that is not JSON: ``"malformed_json"``)
-so the preprocessing step can count them.
+Every loader yields :class:`Document` objects; what cannot be used is kept as ``text=None`` with a
+reason, so the preprocessing step can count it:
+
+- ``binary_or_non_utf8``: bytes that are not UTF-8 or look binary (a file, a .jsonl line, a parquet binary cell);
+- ``malformed_json``: a .jsonl line that is not JSON;
+- ``no_text_field``: a .jsonl record that is not an object or has no text field (a file where no record has
+  it is an error instead: the wrong ``text_field``, most likely);
+- ``text_not_a_string``: a text field or parquet cell that is null, a number, a list or an object.
 """
 from __future__ import annotations
 
@@ -48,7 +53,18 @@ def _decode(raw: bytes, source: str) -> Document:
         return Document(None, source, "binary_or_non_utf8")
 
 
+def _from_value(t, source: str) -> Document:
+    """The document of a .jsonl text field or a parquet cell: a string, UTF-8 bytes, or a reason."""
+    if isinstance(t, str):
+        return Document(t, source)
+    if isinstance(t, (bytes, bytearray)):  # a parquet binary column holding (UTF-8) text
+        return _decode(bytes(t), source)
+    return Document(None, source, "text_not_a_string")
+
+
 def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
+    records = with_field = 0
+    first_without = None
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
@@ -64,11 +80,18 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
                 # deeper than the parser recurses): counted and dropped, not fatal
                 yield Document(None, src, "malformed_json")
                 continue
+            records += 1
             if not isinstance(obj, dict) or text_field not in obj:
-                raise DataError(f"{src}: expected a JSON object with a {text_field!r} field, got "
-                                f"{type(obj).__name__}{' with keys ' + str(sorted(obj)[:8]) if isinstance(obj, dict) else ''}")
-            t = obj[text_field]
-            yield Document(t if isinstance(t, str) else None, src, None if isinstance(t, str) else "binary_or_non_utf8")
+                if first_without is None:
+                    first_without = (f"{src}: expected a JSON object with a {text_field!r} field, got {type(obj).__name__}"
+                                     f"{' with keys ' + str(sorted(obj)[:8]) if isinstance(obj, dict) else ''}")
+                yield Document(None, src, "no_text_field")  # one odd record among good ones: counted, not fatal
+                continue
+            with_field += 1
+            yield _from_value(obj[text_field], src)
+    if records and not with_field:  # no record has the field: the wrong field name, not odd records
+        raise DataError(f"{first_without} (and no record in the file has one; choose the field with text_field / "
+                        "--text-field)")
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
@@ -84,7 +107,7 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
     if text_field not in table.column_names:
         raise DataError(f"{path}: no {text_field!r} column in the parquet file; columns are {table.column_names}")
     for i, t in enumerate(table.column(text_field).to_pylist()):
-        yield Document(t if isinstance(t, str) else None, f"{path}:{i}", None if isinstance(t, str) else "binary_or_non_utf8")
+        yield _from_value(t, f"{path}:{i}")
 
 
 def read_file(path: Path, text_field: str = "text") -> Iterator[Document]:
@@ -104,8 +127,22 @@ def list_files(path: str | os.PathLike) -> list[Path]:
         raise DataError(f"data path {str(p)!r} does not exist")
     if p.is_file():
         return [p]
-    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUPPORTED
-                   and not any(part.startswith(".") for part in f.relative_to(p).parts))
+    files = []
+    seen_dirs = set()
+    # os.walk with followlinks: a symlinked subdirectory is read too (Path.rglob skips it before Python 3.13);
+    # each real directory once, so a link back up the tree cannot loop.
+    for dirpath, dirnames, filenames in os.walk(p, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # hidden directories (.git, ...) skipped
+        for name in filenames:
+            f = Path(dirpath) / name
+            if not name.startswith(".") and f.suffix.lower() in SUPPORTED and f.is_file():
+                files.append(f)
+    files.sort()
     if not files:
         raise DataError(f"data directory {str(p)!r} holds no data files (looked for {', '.join(SUPPORTED)})")
     return files

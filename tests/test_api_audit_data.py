@@ -1,0 +1,90 @@
+"""Issue 7's data pipeline as an outside tester meets it: scrubbing that replaces only secret-looking values,
+the secret forms users paste (.env lines, GitLab / npm / PyPI tokens), parquet binary text, .jsonl records
+without the text field, symlinked folders."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from thrifty.data import DataError, load_documents, preprocess, scrub
+from thrifty.data.pipeline import _DROP_ADVICE
+
+from test_data import prose
+
+
+@pytest.mark.parametrize("text", [
+    'tokenizer_class = "PreTrainedTokenizerFast"',
+    '{"tokenizer_class": "PreTrainedTokenizerFast"}',
+    'TOKEN_PATTERN = "[A-Za-z_]+[0-9]*"',
+    'token_range = "%d,%d-%d,%d:" % (a, b, c, d)',  # CPython's Lib/tokenize.py: in the default corpus
+    'access_token_url = "https://example.com/oauth/token"',
+    'PASSWORD_FIELD = "password_confirmation"',
+    "export API_KEY=${API_KEY}",
+    "PASSWORD=get_password(1)",
+])
+def test_ordinary_code_is_not_scrubbed_as_a_secret(text):
+    assert scrub(text) == (text, {"email": 0, "ip": 0, "secret": 0})
+
+
+@pytest.mark.parametrize("text, kept", [
+    ("SECRET_KEY=django-insecure-9x_8#k2l!m3n4o5p6q7r8s9t0", "SECRET_KEY="),
+    ("DB_PASSWORD=Tr0ub4dor&3xyzabc", "DB_PASSWORD="),
+    ("  export GITHUB_TOKEN=abc123def456ghi  \nnext", "  export GITHUB_TOKEN="),
+    ("token glpat-xxxxxxxxxxxxxxxxxxxx1 here", "token "),
+    ("NPM_AUTH npm_abcdefghijklmnopqrstuvwxyz0123456789", "NPM_AUTH "),
+    ("pypi-AgEIcHlwaS5vcmcCJGE0ZjM5ZGM3LWU3ZTQtNGE0Ny1hNzU4LTJkMTNhNWE0NjNmOAACKlszLCJmNGY4", ""),
+    ('api_key = "a8f3k2l9d0s7x6c5v4b3"', 'api_key = "'),
+    ('{"password": "hunter2hunter2!"}', '{"password": "'),
+])
+def test_secret_forms_are_scrubbed(text, kept):
+    out, counts = scrub(text)
+    assert counts["secret"] == 1 and out.startswith(kept + "<SECRET>"), out
+    assert "next" not in text or out.endswith("  \nnext")  # the rest of the line and the next one stay
+
+
+def test_a_locale_name_is_not_an_email_address():
+    assert scrub("sd_IN@devanagari.UTF-8")[1]["email"] == 0
+    assert scrub("write to bob@example.com.") == ("write to <EMAIL>.", {"email": 1, "ip": 0, "secret": 0})
+
+
+def test_parquet_binary_text_column_is_decoded(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    cells = [prose(i).encode() for i in range(3)] + [b"caf\xe9 latin-1", None]
+    pq.write_table(pa.table({"text": pa.array(cells, pa.binary())}), tmp_path / "b.parquet")
+    docs = load_documents(tmp_path / "b.parquet")
+    assert [d.text for d in docs[:3]] == [prose(i) for i in range(3)]
+    assert [d.rejected for d in docs] == [None, None, None, "binary_or_non_utf8", "text_not_a_string"]
+
+
+def test_jsonl_odd_records_are_counted_by_what_is_wrong(tmp_path):
+    lines = [{"text": prose(1)}, {"meta": 1}, ["a", "list"], {"text": None}, {"text": 3}, {"text": ["x"]},
+             {"text": prose(2)}]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    docs = load_documents(tmp_path)
+    assert [d.rejected for d in docs] == [None, "no_text_field", "no_text_field", "text_not_a_string",
+                                          "text_not_a_string", "text_not_a_string", None]
+    texts, stats = preprocess(docs, near_dup=False)
+    assert len(texts) == 2 and stats["quality_dropped"] == {"no_text_field": 2, "text_not_a_string": 3}
+    assert set(stats["quality_dropped"]) <= set(_DROP_ADVICE)
+
+
+def test_jsonl_where_no_record_has_the_field_names_it(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"body": prose(1)}) + "\n" + json.dumps({"body": prose(2)}) + "\n")
+    with pytest.raises(DataError, match=r"a\.jsonl:1: expected a JSON object with a 'text' field.*--text-field"):
+        load_documents(tmp_path)
+    assert [d.text for d in load_documents(tmp_path, text_field="body")] == [prose(1), prose(2)]
+
+
+def test_symlinked_subdirectory_is_read_once(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "r.txt").write_text(prose(2))
+    data = tmp_path / "data"
+    (data / ".hidden").mkdir(parents=True)
+    (data / ".hidden" / "h.txt").write_text(prose(4))
+    (data / "a.txt").write_text(prose(3))
+    (data / "link").symlink_to(real, target_is_directory=True)
+    (real / "loop").symlink_to(data, target_is_directory=True)  # a cycle back up must not loop
+    assert sorted(d.text for d in load_documents(data)) == sorted([prose(2), prose(3)])
