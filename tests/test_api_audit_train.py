@@ -17,6 +17,7 @@ from thrifty.cli import main as cli_main
 from thrifty.data import load_tokenizer, save_tokenizer, train_tokenizer
 from thrifty.models import Llama, LlamaConfig
 from thrifty.train import Trainer
+from thrifty.train.run_dir import step_dirs
 
 from test_data import prose
 from test_api_issues_5_7 import base_model  # noqa: F401 (a fixture: the micro Llama in HF format)
@@ -245,3 +246,25 @@ def test_tokenizer_without_eos_leaves_the_config_without_one(corpus, tmp_path):
     assert m.config.eos_ids == [] and m.generate(torch.tensor([[5, 6]]), max_new_tokens=12).shape == (1, 14)
     rc, text, err = cli("generate", out, "--max-new-tokens", 4, "--device", "cpu")  # empty prompt too
     assert rc == 0, err
+
+
+def test_checkpoints_past_step_999999_are_ordered_by_step(corpus, tmp_path):
+    """keep_last and --resume order step_<N> by N: step_1000000 sorts before step_999999 as text."""
+    out = tmp_path / "run"
+    Trainer(cfg(corpus, out, steps=2, save_every=1, keep_last=2)).train()
+    ck = out / "checkpoints"
+    state = torch.load(ck / "step_000002" / "trainer_state.pt", weights_only=False)
+    state["step"] = 999_999  # as if the run had been long
+    torch.save(state, ck / "step_000002" / "trainer_state.pt")
+    (ck / "step_000002").rename(ck / "step_999999")
+    Trainer(cfg(corpus, out, steps=1_000_001, save_every=1, keep_last=2, resume=True)).train()
+    assert set(losses(out)) == {1, 2, 1_000_000, 1_000_001}
+    # pruning kept the newest two (by name it would have deleted step_1000000 and kept step_999999)
+    assert sorted(p.name for p in ck.iterdir()) == ["step_1000000", "step_1000001"]
+    # and the latest checkpoint is found by number: resume picks step_1000001 over step_999999 and step_000010
+    (ck / "step_999999").mkdir()
+    (ck / "step_000010").mkdir()
+    for d in ("step_999999", "step_000010"):
+        (ck / d / "trainer_state.pt").write_bytes(b"")
+    assert [p.name for p in step_dirs(ck, holding="trainer_state.pt")] == [
+        "step_000010", "step_999999", "step_1000000", "step_1000001"]

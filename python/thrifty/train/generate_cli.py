@@ -2,9 +2,10 @@
 Llama-family directory (config.json + *.safetensors + tokenizer.json)."""
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
+
+from thrifty.train.run_dir import step_dirs
 
 
 def add_arguments(p) -> None:
@@ -25,7 +26,7 @@ def resolve_model_dir(path) -> Path:
         return p
     ck = p / "checkpoints"
     if ck.is_dir():
-        steps = sorted(d for d in ck.iterdir() if re.fullmatch(r"step_\d+", d.name) and (d / "config.json").is_file())
+        steps = step_dirs(ck, holding="config.json")
         if steps:
             return steps[-1]
     raise FileNotFoundError(f"{str(p)!r} holds no model (no config.json, no checkpoints/step_*)")

@@ -19,7 +19,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ from thrifty.data import IGNORE_INDEX, DataError, ResumableSampler, prepare_data
 from thrifty.data import tokenizer as tokmod
 from thrifty.data.sources import replace_text
 from thrifty.train import _compat, lora as loramod
+from thrifty.train.run_dir import step_dirs
 
 
 class TrainError(RuntimeError):
@@ -669,10 +670,7 @@ class Trainer:
 
     def _checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first (a killed save leaves only a .tmp-* directory, never a step_*)."""
-        root = self._ckpt_root()
-        if not root.is_dir():
-            return []
-        return sorted(p for p in root.iterdir() if re.fullmatch(r"step_\d+", p.name) and (p / "trainer_state.pt").is_file())
+        return step_dirs(self._ckpt_root(), holding="trainer_state.pt")
 
     def _latest_checkpoint(self) -> Path | None:
         cks = self._checkpoints()
@@ -771,7 +769,7 @@ class Trainer:
         if getattr(self, "_snapshot", None) is not None:  # the run has started: no restore from here on
             self._snapshot.discard()
         _fsync_dir(root)  # the rename itself survives a power cut, not only a kill
-        cks = sorted(p for p in root.iterdir() if re.fullmatch(r"step_\d+", p.name))
+        cks = step_dirs(root)
         for old in cks[:-max(1, self.cfg.keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
         self._barrier()
