@@ -58,10 +58,10 @@ def info_text() -> str:
            + ("VDPBF16PS" if d["cpu_bf16_dot"] else "float32 FMA (faster than VDPBF16PS on AMX-BF16 CPUs)")
            if d["cpu_isa_in_use"] == "avx512_bf16" else ""),
         f"threads      {d['threads']} (a thrifty CPU kernel loop ran on {d['threads_in_kernels']})",
-        f"CUDA         " + (f"built with CUDA {d['cuda_version_built']} for {d['cuda_archs']}; decode quant kernels "
+        "CUDA         " + (f"built with CUDA {d['cuda_version_built']} for {d['cuda_archs']}; decode quant kernels "
                             f"on tensor cores {'on' if d['cuda_quant_mma'] else 'off (THRIFTY_CUDA_QUANT_MMA)'}"
                             if d["cuda_built"] else "not built (CPU-only extension)"),
-        f"GPUs seen    " + (", ".join(d["gpus"]) if d["gpus"] else "none"),
+        "GPUs seen    " + (", ".join(d["gpus"]) if d["gpus"] else "none"),
     ]
     return "\n".join(lines)
 

@@ -20,11 +20,10 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
-from thrifty.bench.common import Bench, Case, sync, timeit
+from thrifty.bench.common import Bench, Case, timeit
 
 
 def _models(dtype, device, cfg_name="small"):
