@@ -115,10 +115,13 @@ inline void optim_check_hparams(const char* op, double beta1, double beta2, doub
                     weight_decay, ")");
 }
 
-// Hyperparameters into the step params; 1 - beta in double (1 - 0.999f is off by 1e-5).
+// Hyperparameters into the step params; 1 - beta in double (1 - 0.999f is off by 1e-5), and the betas
+// kept in double for the bias corrections.
 inline void optim_set_hparams(OptimStepParams& s, double beta1, double beta2, double eps, double weight_decay) {
   s.beta1 = static_cast<float>(beta1);
   s.beta2 = static_cast<float>(beta2);
+  s.beta1_exact = beta1;
+  s.beta2_exact = beta2;
   s.one_minus_beta1 = static_cast<float>(1.0 - beta1);
   s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   s.eps = static_cast<float>(eps);

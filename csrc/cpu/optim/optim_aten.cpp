@@ -76,8 +76,8 @@ void run_step(const char* op, OptimStepParams& s, OptimTable& tab, at::TensorLis
   for (auto& t : tab.tensors) {
     if (t.step == nullptr) continue;  // Lion: no step counts
     const double st = static_cast<double>(*t.step) + 1.0;
-    t.bias_c1 = static_cast<float>(1.0 - std::pow(static_cast<double>(s.beta1), st));
-    t.bias_c2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(static_cast<double>(s.beta2), st)));
+    t.bias_c1 = static_cast<float>(1.0 - std::pow(s.beta1_exact, st));
+    t.bias_c2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(s.beta2_exact, st)));
   }
   s.num_tensors = static_cast<int64_t>(tab.tensors.size());
   s.tensors = tab.tensors.data();

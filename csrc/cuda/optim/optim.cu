@@ -62,8 +62,8 @@ __device__ __forceinline__ Consts block_consts(const OptimStepParams& s, const O
   if (t.step != nullptr) {
     if (threadIdx.x == 0) {
       const double st = static_cast<double>(*t.step) + 1.0;
-      sh[0] = static_cast<float>(1.0 - pow(static_cast<double>(s.beta1), st));
-      sh[1] = static_cast<float>(sqrt(1.0 - pow(static_cast<double>(s.beta2), st)));
+      sh[0] = static_cast<float>(1.0 - pow(s.beta1_exact, st));
+      sh[1] = static_cast<float>(sqrt(1.0 - pow(s.beta2_exact, st)));
     }
     __syncthreads();
     c.step_size = c.lr / sh[0];
