@@ -360,12 +360,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         saved_state = state_dict["state"]
         saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
         own_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
-        hooks = self._optimizer_load_state_dict_pre_hooks
-        self._optimizer_load_state_dict_pre_hooks = type(hooks)()  # already run above: not twice
+        # the pre-hooks already ran above (not twice); the post-hooks run at the end, on the state as loaded
+        # here (torch's would run inside its load, on moments and masters it has cast to the param dtype,
+        # and what they changed would then be overwritten below)
+        pre_hooks, post_hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks = type(pre_hooks)()
+        self._optimizer_load_state_dict_post_hooks = type(post_hooks)()
         try:
             super().load_state_dict(state_dict)
         finally:
-            self._optimizer_load_state_dict_pre_hooks = hooks
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            self._optimizer_load_state_dict_post_hooks = post_hooks
         # settings the saved groups lack (master_weights in a torch.optim.AdamW state dict) keep
         # this optimizer's values instead of vanishing; torch's flags (checked above, or selectors of
         # torch's implementations) are not kept, so thrifty's state dicts never carry them
@@ -398,3 +403,5 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if st and "master" not in st and p.dtype != torch.float32:
                     st["master"] = p.detach().float().contiguous()
         self._lr_cache = {}
+        for post_hook in post_hooks.values():
+            post_hook(self)
