@@ -251,6 +251,28 @@ def test_nan_propagates_like_sdpa(cpu_isa, sq, dtype, device):
     assert torch.isnan(q.grad[0, 0, 0]).any()
 
 
+@pytest.mark.parametrize("sq", [40, 2])  # the tiled forward and the untiled decode rows
+def test_softcap_is_float32_accurate_at_any_cap(cpu_isa, sq):
+    """softcap * tanh(s / softcap) to float32 accuracy for every cap: tanh as (e - 1) / (e + 1) cancels for
+    small arguments, an absolute error ~1e-7 that the cap multiplies (cap 1e3: 4e-5 in the output, 1e8:
+    uniform attention). A NaN score stays NaN under the cap (it became -cap)."""
+    q, k, v = rand(1, sq, 2, 64), rand(1, 48, 2, 64), rand(1, 48, 2, 64)
+    for cap in (30.0, 1e3, 1e5, 1e8):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        out = thrifty.ops.flash_attention(qq, kk, vv, causal=True, softcap=cap)
+        rq, rk, rv = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref = ref_attention(rq, rk, rv, True, softcap=cap)[0]
+        assert (out.double() - ref).abs().max().item() < 5e-6, cap
+        g = torch.randn_like(out)
+        out.backward(g)
+        ref.backward(g.double())
+        for got, want in ((qq.grad, rq.grad), (kk.grad, rk.grad), (vv.grad, rv.grad)):
+            assert (got.double() - want).abs().max().item() < 2e-5, cap
+    q[0, 0, 0, 5] = float("nan")
+    out = thrifty.ops.flash_attention(q, k, v, causal=True, softcap=30.0)
+    assert torch.isnan(out[0, 0, 0]).all() and not torch.isnan(out[0, 1:]).any()
+
+
 def _varlen_case(lens_q, lens_k, h, hk, d, dtype):
     cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32)
     cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32)

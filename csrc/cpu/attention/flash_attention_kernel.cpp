@@ -279,12 +279,36 @@ THRIFTY_INLINE Vec exp_sm(Vec x) {
 THRIFTY_INLINE Vec exp_sm(Vec x) { return std::exp(x.v); }
 #endif
 
-// tanh through exp: t = (e - 1) / (e + 1), e = exp(2x), |x| clamped to 9 (tanh(9) = 1 - 3e-8).
+// tanh to float32 accuracy at every x (Cephes' tanhf): below |x| = 0.625 an odd polynomial, since
+// (e - 1) / (e + 1) cancels there (its absolute error ~1e-7 became softcap * 3e-8 in the capped scores,
+// garbage at softcap 1e8); above, 1 - 2 / (e + 1), e = exp(2|x|) with |x| clamped to 9 (tanh(9) rounds
+// to 1), its sign restored. NaN takes the polynomial branch and stays NaN.
 THRIFTY_INLINE Vec tanh_vec(Vec x) {
-  const Vec c = Vec::set1(9.0f);
-  const Vec xc = min(max(x, Vec::zero() - c), c);
-  const Vec e = exp(xc + xc);
-  return (e - Vec::set1(1.0f)) / (e + Vec::set1(1.0f));
+#if defined(THRIFTY_AVX512) || defined(__AVX2__)
+  const Vec z = x * x;
+  Vec p = fma(Vec::set1(-5.70498872745e-3f), z, Vec::set1(2.06390887954e-2f));
+  p = fma(p, z, Vec::set1(-5.37397155531e-2f));
+  p = fma(p, z, Vec::set1(1.33314422036e-1f));
+  p = fma(p, z, Vec::set1(-3.33332819422e-1f));
+  const Vec small = fma(p * z, x, x);
+#endif
+#if defined(THRIFTY_AVX512)
+  const __m512 ax = _mm512_abs_ps(x.v);
+  const Vec e = exp(Vec(_mm512_min_ps(ax, _mm512_set1_ps(9.0f))) * Vec::set1(2.0f));
+  const Vec large = Vec::set1(1.0f) - Vec::set1(2.0f) / (e + Vec::set1(1.0f));
+  const __m512 signed_large = _mm512_castsi512_ps(_mm512_or_si512(
+      _mm512_castps_si512(large.v), _mm512_and_si512(_mm512_castps_si512(x.v), _mm512_set1_epi32(INT32_MIN))));
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(ax, _mm512_set1_ps(0.625f), _CMP_GE_OQ), small.v, signed_large);
+#elif defined(__AVX2__)
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 ax = _mm256_andnot_ps(sign, x.v);
+  const Vec e = exp(Vec(_mm256_min_ps(ax, _mm256_set1_ps(9.0f))) * Vec::set1(2.0f));
+  const Vec large = Vec::set1(1.0f) - Vec::set1(2.0f) / (e + Vec::set1(1.0f));
+  const __m256 signed_large = _mm256_or_ps(large.v, _mm256_and_ps(sign, x.v));
+  return _mm256_blendv_ps(small.v, signed_large, _mm256_cmp_ps(ax, _mm256_set1_ps(0.625f), _CMP_GE_OQ));
+#else
+  return std::tanh(x.v);
+#endif
 }
 
 // s[0..n) = cap * tanh(s / cap); if dsc, dsc[j] = 1 - tanh^2 (the derivative).
