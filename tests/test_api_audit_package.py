@@ -143,3 +143,14 @@ def test_rmsnorm_accepts_an_int_or_a_one_element_shape(size):
 def test_rmsnorm_refuses_other_sizes_by_name(size, err, needle):
     with pytest.raises(err, match=needle):
         RMSNorm(size)
+
+
+def test_rmsnorm_elementwise_affine_as_torch():
+    x = torch.randn(3, 5, 24)
+    plain = RMSNorm(24, eps=1e-5, elementwise_affine=False)
+    ref = torch.nn.RMSNorm(24, eps=1e-5, elementwise_affine=False)
+    assert plain.weight is None and plain.elementwise_affine is False and plain.state_dict() == {}
+    torch.testing.assert_close(plain(x), ref(x))
+    assert RMSNorm(24).elementwise_affine is True
+    with pytest.raises(TypeError, match="elementwise_affine"):
+        RMSNorm(24, elementwise_affine="yes")

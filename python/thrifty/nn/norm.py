@@ -38,18 +38,26 @@ class RMSNorm(nn.Module):
     runs the fused add + norm and returns ``(y, x + residual)``.
     """
 
-    def __init__(self, hidden_size: int, eps: float | None = 1e-6, device=None, dtype=None):
+    def __init__(self, hidden_size: int, eps: float | None = 1e-6, device=None, dtype=None, *,
+                 elementwise_affine: bool = True):
         super().__init__()
         hidden_size = _hidden_size(hidden_size)
-        self.normalized_shape = (hidden_size,)  # torch.nn.RMSNorm's attribute
-        self.weight = nn.Parameter(torch.empty(hidden_size, device=device, dtype=dtype))
+        if not isinstance(elementwise_affine, bool):
+            raise TypeError(f"thrifty.nn.RMSNorm: 'elementwise_affine' must be a bool, got {elementwise_affine!r}")
+        self.normalized_shape = (hidden_size,)  # torch.nn.RMSNorm's attributes
+        self.elementwise_affine = elementwise_affine
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(hidden_size, device=device, dtype=dtype))
+        else:  # as torch.nn.RMSNorm(..., elementwise_affine=False): no weight, an empty state_dict
+            self.register_parameter("weight", None)
         self.eps = eps
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """weight = 1 (as torch.nn.RMSNorm.reset_parameters): after ``to_empty`` of a module built on the
         meta device, this gives it real initial values."""
-        nn.init.ones_(self.weight)
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
 
     @property
     def variance_epsilon(self) -> float | None:  # the Hugging Face attribute name
@@ -58,7 +66,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         # eps=None is torch.nn.RMSNorm's default: the machine epsilon of x's dtype
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
-        return rms_norm(x, self.weight, eps, residual=residual)
+        weight = self.weight
+        if weight is None:  # the kernels take a weight: ones of x's dtype (exact: y * 1 = y)
+            weight = torch.ones(self.normalized_shape, dtype=x.dtype, device=x.device)
+        return rms_norm(x, weight, eps, residual=residual)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+        return f"{self.normalized_shape[0]}, eps={self.eps}" + ("" if self.elementwise_affine else ", elementwise_affine=False")
