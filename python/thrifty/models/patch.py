@@ -43,8 +43,18 @@ def _plain_causal(attention_mask) -> bool:
     return isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and bool(attention_mask.all())
 
 
-def _attention_forward(orig, state):
+def _as_unbound(method, mod):
+    """``method`` (a module's forward before patching) as a function of the module: a bound method of
+    ``mod`` is called on the module the patched forward runs on, so a deepcopy of a patched model runs its
+    own weights, not the original's; any other callable (a hook's wrapper) is called as it is."""
+    if isinstance(method, types.MethodType) and method.__self__ is mod:
+        return method.__func__
+    return lambda _self, *args, **kwargs: method(*args, **kwargs)
+
+
+def _attention_forward(orig):
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        state = self._thrifty_state
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
         else:
@@ -52,7 +62,7 @@ def _attention_forward(orig, state):
         # state["plain_causal"]: set by the patched model forward for the duration of one call, so a mask
         # built from no padding is known to be the causal one; a direct call of the inner model leaves it False
         if (attention_mask is not None and not state["plain_causal"]) or position_embeddings is None:
-            return orig(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
+            return orig(self, hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
                         cache=cache, **kwargs)
         lead = hidden_states.shape[:-1]
         d = self.head_dim
@@ -143,8 +153,9 @@ def _float32_loss(h, weight, shifted, num_items=None):
     return total / num
 
 
-def _causal_lm_forward(orig, state):
+def _causal_lm_forward(orig):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, *args, labels=None, **kwargs):
+        state = self._thrifty_state
         state["plain_causal"] = _plain_causal(attention_mask)
         try:
             return inner(self, input_ids, attention_mask, position_ids, *args, labels=labels, **kwargs)
@@ -153,9 +164,9 @@ def _causal_lm_forward(orig, state):
 
     def inner(self, input_ids, attention_mask, position_ids, *args, labels=None, **kwargs):
         if args:  # positional past_key_values / cache, inputs_embeds, labels, ... (transformers' order)
-            return orig(input_ids, attention_mask, position_ids, *args, labels=labels, **kwargs)
+            return orig(self, input_ids, attention_mask, position_ids, *args, labels=labels, **kwargs)
         if labels is None:
-            return orig(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+            return orig(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         from dataclasses import fields
 
         num_items = kwargs.pop("num_items_in_batch", None)
@@ -203,7 +214,9 @@ def patch_hf(model):
     cfg = model.config
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise ValueError(f"thrifty.patch_hf: config field 'hidden_act' = {cfg.hidden_act!r} is not supported")
-    state = {"plain_causal": False}  # shared by the patched forwards of this model
+    # shared by the patched forwards of this model, kept on its modules (a deepcopy gets its own)
+    state = {"plain_causal": False}
+    model._thrifty_state = state
     for mod in model.modules():
         cls = type(mod).__name__
         if cls.endswith("RMSNorm"):
@@ -211,9 +224,10 @@ def patch_hf(model):
         elif cls.endswith("MLP") and hasattr(mod, "gate_proj"):
             mod.forward = types.MethodType(_mlp_forward, mod)
         elif cls.endswith("Attention") and hasattr(mod, "q_proj"):
-            mod.forward = types.MethodType(_attention_forward(mod.forward, state), mod)
+            mod._thrifty_state = state
+            mod.forward = types.MethodType(_attention_forward(_as_unbound(mod.forward, mod)), mod)
             if name == "MistralForCausalLM":
                 mod.sliding_window = getattr(cfg, "sliding_window", None)
-    model.forward = types.MethodType(_causal_lm_forward(model.forward, state), model)
+    model.forward = types.MethodType(_causal_lm_forward(_as_unbound(model.forward, model)), model)
     model._thrifty_patched = True
     return model
