@@ -18,13 +18,15 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def _files(path: Path) -> list[Path]:
+    # transformers' order: model.safetensors first, then the index (a folder saved unsharded over a sharded
+    # save by transformers keeps a stale index.json whose shards are gone)
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
     index = path / "model.safetensors.index.json"
     if index.exists():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return [path / s for s in shards]
-    single = path / "model.safetensors"
-    if single.exists():
-        return [single]
     found = sorted(path.glob("*.safetensors"))
     if not found:
         raise FileNotFoundError(f"no *.safetensors checkpoint in {path} (pytorch_model.bin is not read: convert it)")
@@ -206,6 +208,7 @@ def save_pretrained(model, path, max_shard_size: int | str | None = None) -> Non
         cfg.save(path, dtype)
     if max_shard_size is None or sum(t.numel() * t.element_size() for t in state.values()) <= max_shard_size:
         save_file(state, str(path / "model.safetensors"), metadata=meta)
+        _remove_stale_weights(path, {"model.safetensors"})
         return
     shards, cur, size = [], {}, 0
     for n, t in state.items():
@@ -224,3 +227,16 @@ def save_pretrained(model, path, max_shard_size: int | str | None = None) -> Non
     total = sum(t.numel() * t.element_size() for t in state.values())
     (path / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    _remove_stale_weights(path, {"model.safetensors.index.json", *weight_map.values()})
+
+
+_WEIGHT_FILE = re.compile(r"model\.safetensors(\.index\.json)?|model-\d{5}-of-\d{5}\.safetensors")
+
+
+def _remove_stale_weights(path: Path, written: set[str]) -> None:
+    """Removes the weight files of an earlier save into ``path`` (model.safetensors, its index, model-*-of-*
+    shards) that this save did not write, as transformers' save_pretrained does: left there, a loader could
+    read the old weights (an index next to a new model.safetensors, shards next to a new index)."""
+    for f in path.iterdir():
+        if f.name not in written and _WEIGHT_FILE.fullmatch(f.name) and f.is_file():
+            f.unlink()
