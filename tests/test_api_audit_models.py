@@ -109,3 +109,91 @@ def test_kv_cache_chunks_and_generate_match_full_recompute(model_type, extra, dt
         assert torch.equal(gen, ids)
     with pytest.raises(ValueError, match="cache length"):
         m(x[:, :1], cache=cache)  # the cache is full
+
+
+def _micro_hf(**kw):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **kw)
+    return transformers, transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_patch_hf_deepcopy_runs_its_own_weights():
+    """The patched forwards used to hold the original modules' bound methods: a deepcopy (a reference or EMA
+    model) ran the original's weights for its logits, padded path and generate."""
+    transformers, hf = _micro_hf()
+    thrifty.patch_hf(hf)
+    twin = copy.deepcopy(hf)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    ref = transformers.LlamaForCausalLM(hf.config).eval()
+    ref.load_state_dict(twin.state_dict())
+    ids = torch.randint(0, 300, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(twin(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(twin(ids, attention_mask=mask).logits[1], ref(ids, attention_mask=mask).logits[1],
+                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(twin(ids, labels=ids).loss, ref(ids, labels=ids).loss, atol=1e-5, rtol=1e-5)
+        assert torch.equal(twin.generate(ids[:1], max_new_tokens=5, do_sample=False),
+                           ref.generate(ids[:1], max_new_tokens=5, do_sample=False))
+        assert not torch.allclose(hf(ids).logits, twin(ids).logits)  # the original keeps its own weights
+
+
+def test_save_over_an_earlier_save_leaves_no_stale_weights(tmp_path):
+    transformers, hf = _micro_hf()
+    model = Llama(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).init_weights()
+    x = torch.randint(0, 300, (1, 6))
+    d = tmp_path / "m"
+    model.save_pretrained(d, max_shard_size="20KB")
+    assert (d / "model.safetensors.index.json").exists()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    model.save_pretrained(d)  # unsharded over sharded: the old shards and index go
+    assert sorted(f.name for f in d.glob("model*")) == ["model.safetensors"]
+    with torch.no_grad():
+        torch.testing.assert_close(Llama.from_pretrained(d)(x), model(x))
+        model.save_pretrained(d, max_shard_size="20KB")  # sharded over unsharded: model.safetensors goes
+        assert not (d / "model.safetensors").exists()
+        torch.testing.assert_close(transformers.AutoModelForCausalLM.from_pretrained(d)(x).logits, model(x),
+                                   atol=1e-4, rtol=1e-4)
+    # transformers saving sharded, then unsharded, into one folder keeps a stale index whose shards are gone;
+    # model.safetensors is read first, as transformers reads it
+    h = tmp_path / "h"
+    hf.save_pretrained(h)
+    (h / "model.safetensors.index.json").write_text(
+        '{"metadata": {}, "weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}}')
+    with torch.no_grad():
+        torch.testing.assert_close(Llama.from_pretrained(h)(x), hf(x).logits, atol=1e-4, rtol=1e-4)
+
+
+BASE_CFG = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("kw, named", [
+    (dict(sliding_window=4), "'sliding_window' = 4 is not supported for llama"),
+    (dict(model_type="qwen2", sliding_window=4), "'sliding_window' = 4 is not supported for qwen2"),
+    (dict(model_type="mistral", attention_bias=True), "'attention_bias' = True is not supported for mistral"),
+    (dict(model_type="mistral", mlp_bias=True), "'mlp_bias' = True is not supported for mistral"),
+    (dict(model_type="qwen2", mlp_bias=True), "'mlp_bias' = True is not supported for qwen2"),
+])
+def test_config_refuses_what_its_architecture_cannot_save(kw, named):
+    """Accepted before, then dropped by to_dict (a window on llama) or ignored by transformers (biases on
+    mistral / qwen2): the reloaded model computed something else, with no error."""
+    with pytest.raises(ValueError, match=named):
+        LlamaConfig(**BASE_CFG, **kw)
+
+
+def test_config_refuses_attention_dropout_and_counts_biases():
+    with pytest.raises(ValueError, match="'attention_dropout' = 0.5"):
+        LlamaConfig.from_dict({**BASE_CFG, "attention_dropout": 0.5})
+    assert LlamaConfig.from_dict({**BASE_CFG, "attention_dropout": 0.0}).hidden_size == 64
+    for kw in (dict(model_type="qwen2"), dict(attention_bias=True, mlp_bias=True), dict()):
+        cfg = LlamaConfig(**BASE_CFG, **kw)
+        assert cfg.num_params() == sum(p.numel() for p in Llama(cfg).parameters()), kw

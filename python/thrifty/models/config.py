@@ -104,6 +104,16 @@ class LlamaConfig:
                               f"num_attention_heads = {self.num_attention_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"config field 'head_dim' = {self.head_dim} must be even (rotary embedding)")
+        # what each architecture's config.json can say (transformers' Mistral has no biases, Qwen2 none in its
+        # MLP and no windows here, Llama no window): anything else would be lost on save, or ignored on load
+        if self.sliding_window is not None and self.model_type != "mistral":
+            raise ConfigError(f"config field 'sliding_window' = {self.sliding_window} is not supported for "
+                              f"{self.model_type} (only mistral)")
+        if self.model_type == "mistral" and (self.attention_bias or self.mlp_bias):
+            name = "attention_bias" if self.attention_bias else "mlp_bias"
+            raise ConfigError(f"config field {name!r} = True is not supported for mistral (its layers have no bias)")
+        if self.model_type == "qwen2" and self.mlp_bias:
+            raise ConfigError("config field 'mlp_bias' = True is not supported for qwen2 (its MLP has no bias)")
         rs = self.rope_scaling
         if rs is not None:
             kind = rs.get("rope_type", rs.get("type", "default"))
@@ -132,7 +142,7 @@ class LlamaConfig:
                                   f"(supported: {', '.join(ARCHITECTURES.values())})")
         for key, ok in (("quantization_config", None), ("attn_logit_softcapping", None),
                         ("final_logit_softcapping", None), ("num_local_experts", None), ("num_experts", None),
-                        ("partial_rotary_factor", 1.0)):
+                        ("partial_rotary_factor", 1.0), ("attention_dropout", 0.0)):
             if d.get(key, ok) not in (ok,):
                 raise ConfigError(f"config field {key!r} = {d[key]!r} is not supported by thrifty.models.Llama")
         if d.get("pretraining_tp", 1) != 1:
@@ -219,7 +229,8 @@ class LlamaConfig:
     def num_params(self) -> int:
         h, d, kv = self.hidden_size, self.head_dim, self.num_key_value_heads
         attn = h * d * (2 * self.num_attention_heads + 2 * kv)
-        mlp = 3 * h * self.intermediate_size
+        attn += (self.num_attention_heads + 2 * kv) * d * self.qkv_bias + h * self.o_bias
+        mlp = 3 * h * self.intermediate_size + (2 * self.intermediate_size + h) * self.mlp_bias
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * (attn + mlp + 2 * h) + emb + h
 
