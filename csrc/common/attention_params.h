@@ -43,6 +43,9 @@ struct AttentionParams {
   bool causal = false;
   int window_left = -1, window_right = -1;  // -1: unbounded
   float softcap = 0.0f;                     // 0: off; else scores = softcap * tanh(scores / softcap)
+  // CUDA: the batch index of a launch's blockIdx.z = 0 (a grid's z holds at most 65535 batches, so larger
+  // batches run as several launches); batch stays the whole batch, for the layouts indexed by it.
+  int batch_offset = 0;
 };
 
 struct AttentionBwdParams : AttentionParams {

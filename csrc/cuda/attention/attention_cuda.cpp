@@ -28,6 +28,9 @@ at::Tensor aligned16(const at::Tensor& t, std::vector<at::Tensor>& keep) {
 }
 
 void check_cuda_inputs(const char* op, const at::Tensor& q) {
+  // the heads are the launch grid's y (at most 65535); batches beyond 65535 run in slices
+  TORCH_CHECK_VALUE(q.dim() < 2 || q.size(-2) <= 65535, "thrifty.", op, ": on CUDA at most 65535 heads are supported (got ",
+                    q.size(-2), " in 'q' of shape ", q.sizes(), ")");
   TORCH_CHECK_TYPE(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, "thrifty.", op,
                    ": on CUDA argument 'q' must have dtype BFloat16 or Half (got ", q.scalar_type(),
                    "); float32 attention runs on CPU only");

@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(BwdCfg<D>::kThreads)
   float* sL = reinterpret_cast<float*>(sdS + BN * SDS);  // [2][BM] lse * log2e (-inf -> +inf)
   float* sDs = sL + 2 * BM;                               // [2][BM] Dsum
 
-  const int nb = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+  const int nb = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z + p.batch_offset;
   const SeqInfo si = seq_info(p, b);
   const int n0 = nb * BN;
   if (n0 >= si.sk) return;
@@ -284,7 +284,7 @@ __global__ void __launch_bounds__(BwdDqCfg<D>::kThreads)
   T* sK = sdO + BM * SD;  // [2][BN][SD]
   T* sV = sK + 2 * BN * SD;
 
-  const int mb = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;  // heavy (causal) tiles first
+  const int mb = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z + p.batch_offset;  // heavy (causal) tiles first
   const SeqInfo si = seq_info(p, b);
   const int m0 = mb * BM;
   if (m0 >= si.sq_rows) return;
@@ -449,18 +449,24 @@ void run_flash_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
   {
     using Cfg = BwdCfg<D>;
     const int nblocks = (p.seqlen_k + Cfg::BN - 1) / Cfg::BN;
-    if (nblocks > 0) {
-      launch_with_smem<flash_bwd_kv_kernel<T, D>>(dim3(nblocks, p.kv_heads, p.batch), Cfg::kThreads, int(Cfg::kSmem),
-                                                  stream, "flash_attention_bwd (dk, dv)", p, sm, wl, wr);
+    for (int b0 = 0; nblocks > 0 && b0 < p.batch; b0 += kMaxGridZ) {  // grid z <= 65535: batches in slices
+      AttentionBwdParams ps = p;
+      ps.batch_offset = b0;
+      launch_with_smem<flash_bwd_kv_kernel<T, D>>(dim3(nblocks, p.kv_heads, std::min(kMaxGridZ, p.batch - b0)),
+                                                  Cfg::kThreads, int(Cfg::kSmem), stream, "flash_attention_bwd (dk, dv)",
+                                                  ps, sm, wl, wr);
       check_launch("flash_attention_bwd (dk, dv)");
     }
   }
   if (p.deterministic) {
     using Cfg = BwdDqCfg<D>;
     const int mblocks = (p.seqlen_q + Cfg::BM - 1) / Cfg::BM;
-    if (mblocks > 0) {
-      launch_with_smem<flash_bwd_dq_kernel<T, D>>(dim3(mblocks, p.heads, p.batch), Cfg::kThreads, int(Cfg::kSmem),
-                                                  stream, "flash_attention_bwd (dq)", p, sm, wl, wr);
+    for (int b0 = 0; mblocks > 0 && b0 < p.batch; b0 += kMaxGridZ) {
+      AttentionBwdParams ps = p;
+      ps.batch_offset = b0;
+      launch_with_smem<flash_bwd_dq_kernel<T, D>>(dim3(mblocks, p.heads, std::min(kMaxGridZ, p.batch - b0)),
+                                                  Cfg::kThreads, int(Cfg::kSmem), stream, "flash_attention_bwd (dq)",
+                                                  ps, sm, wl, wr);
       check_launch("flash_attention_bwd (dq)");
     }
   }

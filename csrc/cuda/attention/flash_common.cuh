@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "common/attention_params.h"
@@ -20,6 +21,7 @@ namespace thrifty::cuda::flash {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kMaxGridZ = 65535;  // gridDim.y and .z limit: batches beyond it run in slices (batch_offset)
 
 // 16 bytes global -> shared, asynchronously; zero-fills the destination when !pred (commit / wait and
 // smem_addr: cuda/cp_async.cuh).

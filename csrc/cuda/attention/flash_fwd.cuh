@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(FwdCfg<D>::kThreads) flash_fwd_kernel(const At
   T* sK = sQ + BM * SD;
   T* sV = sK + BN * SD;
 
-  const int mb = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;  // heavy (causal) tiles first
+  const int mb = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z + p.batch_offset;  // heavy (causal) tiles first
   const SeqInfo si = seq_info(p, b);
   const int m0 = mb * BM;
   if (m0 >= si.sq_rows) return;
@@ -237,9 +237,13 @@ void run_flash_fwd(const AttentionParams& p, cudaStream_t stream) {
   if (mblocks == 0 || p.batch == 0 || p.heads == 0) return;
   int wl, wr;
   effective_window(p, wl, wr);
-  launch_with_smem<flash_fwd_kernel<T, D>>(dim3(mblocks, p.heads, p.batch), Cfg::kThreads, int(Cfg::kSmem), stream,
-                                           "flash_attention_fwd", p, make_score_map(p), wl, wr);
-  check_launch("flash_attention_fwd");
+  for (int b0 = 0; b0 < p.batch; b0 += kMaxGridZ) {  // grid z <= 65535: larger batches in slices
+    AttentionParams ps = p;
+    ps.batch_offset = b0;
+    launch_with_smem<flash_fwd_kernel<T, D>>(dim3(mblocks, p.heads, std::min(kMaxGridZ, p.batch - b0)), Cfg::kThreads,
+                                             int(Cfg::kSmem), stream, "flash_attention_fwd", ps, make_score_map(p), wl, wr);
+    check_launch("flash_attention_fwd");
+  }
 }
 
 }  // namespace thrifty::cuda::flash
