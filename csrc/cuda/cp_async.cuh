@@ -21,12 +21,13 @@ __device__ __forceinline__ void cp_async(void* smem, const void* gmem) {
   else
     asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "n"(B));
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 // Waits until at most N of this thread's commit groups are still in flight; the finished copies are then
-// visible to this thread (other threads need a barrier as well).
+// visible to this thread (other threads need a barrier as well). The "memory" clobber keeps the compiler from
+// hoisting this thread's shared-memory reads above the wait (the decode ring has no __syncthreads to do it).
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // The block's dynamic shared memory (the size given at launch), 16-byte aligned.

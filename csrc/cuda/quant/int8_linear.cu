@@ -126,17 +126,22 @@ void launch_int8_mma_mt(const Int8LinearParams& p, int splits, int* partial, cud
 
 }  // namespace
 
-bool int8_mma_fits(const Int8LinearParams& p) {
-  return quant_mma_enabled() && p.M >= 1 && p.M <= mmadec::kMaxM && p.K % i8mma::kSeg == 0 &&
-         p.K / i8mma::kSeg < (int64_t{1} << 30) && aligned16(p.xq) && aligned16(p.wq);
+namespace {
+// As quant_mma_shape_fits (quant_linear.cu): the launcher re-checks the shape, not the switch.
+bool int8_mma_shape_fits(const Int8LinearParams& p) {
+  return p.M >= 1 && p.M <= mmadec::kMaxM && p.K % i8mma::kSeg == 0 && p.K / i8mma::kSeg < (int64_t{1} << 30) &&
+         aligned16(p.xq) && aligned16(p.wq);
 }
+}  // namespace
+
+bool int8_mma_fits(const Int8LinearParams& p) { return quant_mma_enabled() && int8_mma_shape_fits(p); }
 
 int int8_mma_splits(const Int8LinearParams& p) {
   return mma_k_splits((p.N + mmadec::kRowsPerBlock - 1) / mmadec::kRowsPerBlock, p.K / i8mma::kSeg, mmadec::kWarps);
 }
 
 void launch_int8_mma(const Int8LinearParams& p, int splits, int* partial, cudaStream_t stream) {
-  if (!int8_mma_fits(p) || splits < 1 || (splits > 1) != (partial != nullptr))
+  if (!int8_mma_shape_fits(p) || splits < 1 || (splits > 1) != (partial != nullptr))
     throw std::logic_error(
         "thrifty: launch_int8_mma called for a shape int8_mma_fits rejects, or without its workspace");
   if (p.M <= 8) launch_int8_mma_mt<1>(p, splits, partial, stream);

@@ -498,13 +498,20 @@ std::string set_quant_mma(const std::string& mode) {
   return quant_mma_flag().exchange(on) ? "on" : "off";
 }
 
-bool quant_mma_fits(const QuantLinearParams& p) {
-  if (!quant_mma_enabled() || p.dtype == DType::f32 || p.M < 1 || p.M > mmadec::kMaxM || !aligned16(p.qweight) ||
-      !aligned16(p.x) || (p.M > 1 && p.x_stride % 8 != 0))  // 8 x 16-bit elements: 16-byte x rows
+namespace {
+// The shapes and alignments the mma decode kernels take (the switch aside: the launcher re-checks only
+// these, so THRIFTY_CUDA_QUANT_MMA switched off by another thread between the glue's check and the launch
+// cannot make it throw).
+bool quant_mma_shape_fits(const QuantLinearParams& p) {
+  if (p.dtype == DType::f32 || p.M < 1 || p.M > mmadec::kMaxM || !aligned16(p.qweight) || !aligned16(p.x) ||
+      (p.M > 1 && p.x_stride % 8 != 0))  // 8 x 16-bit elements: 16-byte x rows
     return false;
   if (p.bits == 4) return p.group_size % 32 == 0 && p.K % p.group_size == 0 && p.K / 32 < (int64_t{1} << 30);
   return p.bits == 8 && p.K % w8mma::kSeg == 0 && p.K / w8mma::kSeg < (int64_t{1} << 30);
 }
+}  // namespace
+
+bool quant_mma_fits(const QuantLinearParams& p) { return quant_mma_enabled() && quant_mma_shape_fits(p); }
 
 int quant_mma_splits(const QuantLinearParams& p) {
   const int64_t nseg = p.bits == 4 ? p.K / w4_mma_segment(p.group_size) : p.K / w8mma::kSeg;
@@ -512,7 +519,7 @@ int quant_mma_splits(const QuantLinearParams& p) {
 }
 
 void launch_quant_mma(const QuantLinearParams& p, int splits, float* partial, cudaStream_t stream) {
-  if (!quant_mma_fits(p) || splits < 1 || (splits > 1) != (partial != nullptr))
+  if (!quant_mma_shape_fits(p) || splits < 1 || (splits > 1) != (partial != nullptr))
     throw std::logic_error(
         "thrifty: launch_quant_mma called for a shape quant_mma_fits rejects, or without its workspace");
   const bool bf16 = p.dtype == DType::bf16;
