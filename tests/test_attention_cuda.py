@@ -157,6 +157,12 @@ def test_softcap(d):
     run_and_check(1, 100, 190, 2, 2, d, torch.float16, softcap=3.0)
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_batch_beyond_the_grid_z_limit(deterministic):
+    """65537 batches: the launch grid's z holds 65535, so the kernels run in batch slices (batch_offset)."""
+    run_and_check(65537, 3, 5, 1, 1, 64, torch.bfloat16, causal=True, deterministic=deterministic)
+
+
 def test_long_4096():
     run_and_check(1, 4096, 4096, 2, 1, 128, torch.bfloat16, causal=True)
 
