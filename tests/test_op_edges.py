@@ -136,3 +136,41 @@ def test_multi_tensor_l2norm_gradient_matches_torch():
 def test_multi_tensor_l2norm_opcheck():
     torch.library.opcheck(torch.ops.thrifty.multi_tensor_l2norm.default,
                           ([_x(3, 4).requires_grad_(), _x(5).requires_grad_()],))
+
+
+# ---- torch.autocast: each fused op has torch's rule for its kind of op ----
+def test_ops_under_autocast_follow_torchs_rules():
+    """Without autocast rules the fused ops got what the surrounding autocast ops left: a bf16 branch output next
+    to a float32 residual (fused_add_rms_norm refused the mix: thrifty.models.Llama and --fsdp bf16 failed)."""
+    x32, r32, w = torch.randn(4, 64), torch.randn(4, 64), torch.rand(64) + 0.5
+    x16 = x32.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, h = thrifty.ops.rms_norm(x16, w, 1e-6, residual=r32)  # norms: float32, as torch's layer_norm
+        assert y.dtype == h.dtype == torch.float32
+        q = torch.randn(1, 9, 2, 64)
+        assert thrifty.ops.flash_attention(q, q, q, causal=True).dtype == torch.bfloat16  # as SDPA: lower
+        assert thrifty.ops.linear(x32, torch.randn(8, 64)).dtype == torch.bfloat16       # as linear: lower
+        assert thrifty.ops.swiglu(x16, x32).dtype == torch.float32                        # elementwise: promote
+        assert thrifty.ops.swiglu(x16, x16).dtype == torch.bfloat16
+    h_ref = x16.float() + r32
+    torch.testing.assert_close(h, h_ref)
+    torch.testing.assert_close(y, h_ref * torch.rsqrt(h_ref.pow(2).mean(-1, keepdim=True) + 1e-6) * w)
+
+
+def test_llama_trains_under_autocast_and_compile():
+    from thrifty.models import Llama, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    m = Llama(cfg).init_weights()
+    ids = torch.randint(0, 300, (2, 16))
+    ref = m(ids, labels=ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m(ids, labels=ids)
+        assert m(ids).dtype == torch.bfloat16
+    assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < 2e-2
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters())
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(compiled(ids, labels=ids), loss.detach())

@@ -215,7 +215,10 @@ class Llama(nn.Module):
         if not isinstance(self.lm_head, nn.Linear):  # a quantized LM head (quantize_model with skip=()): via logits
             logits = self.lm_head(h).float()
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1))
-        if h.dtype == torch.float32:
+        # under torch.autocast the fused loss computes in the autocast dtype (its autocast rule, as torch's linear)
+        dev = h.device.type
+        compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        if compute == torch.float32:
             return linear_cross_entropy(h, self.lm_head.weight, shifted)
         # per-token losses (each rounded once; the errors average out) summed in float32, over the tokens
         # not ignored, as reduction "mean" counts them

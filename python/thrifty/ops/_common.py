@@ -105,3 +105,63 @@ def require_tensors(op: str, **args) -> None:
     for name, value in args.items():
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{op}: argument '{name}' must be a tensor, got {type(value).__name__}")
+
+
+# Autocast rules of the custom ops, as torch's own ops have them (torch.amp's op lists): without one, an op under
+# torch.autocast gets its inputs as the surrounding ops left them, e.g. a bf16 branch output and a float32
+# residual stream, which the fused kernels refuse (they take one dtype).
+_AUTOCAST_LIB = torch.library.Library("thrifty", "IMPL")
+_AUTOCAST_POLICIES = ("fp32", "lower", "promote")
+
+
+def _autocast_eligible(t, device_type: str) -> bool:
+    # torch's rule (autocast_mode.h is_eligible): floating point, on the autocast device, not float64
+    return (isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type == device_type
+            and t.dtype != torch.float64)
+
+
+def _autocast_target(args, device_type: str, policy: str) -> torch.dtype:
+    if policy == "fp32":
+        return torch.float32
+    if policy == "lower":
+        return torch.get_autocast_dtype(device_type)
+    dtypes = {t.dtype for a in args for t in _tensors_of(a) if _autocast_eligible(t, device_type)}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32  # promote: mixed low types widen to float32
+
+
+def register_autocast(opname: str, policy: str) -> None:
+    """The autocast rule of custom op ``opname`` on CPU and CUDA (each where torch supports autocast):
+
+    - ``"fp32"``: floating inputs cast to float32, as torch's layer_norm (the norms: the residual stream
+      stays float32 under autocast, as in Hugging Face's models);
+    - ``"lower"``: cast to the autocast dtype of the device (torch.get_autocast_dtype), as torch's linear and
+      scaled_dot_product_attention (the matmul-bound ops);
+    - ``"promote"``: cast to the widest floating dtype among the inputs, as torch's elementwise ops.
+
+    float64 and non-floating tensors are left alone, as torch's autocast leaves them. The op then runs with
+    autocast off; autograd sees the casts, so gradients reach the uncast tensors in their own dtype."""
+    if policy not in _AUTOCAST_POLICIES:
+        raise ValueError(f"register_autocast: policy must be one of {_AUTOCAST_POLICIES}, got {policy!r}")
+    ns, name = opname.split("::")
+    op = getattr(getattr(torch.ops, ns), name).default
+    for device_type in ("cpu", "cuda"):
+        if not torch._C._is_autocast_available(device_type):
+            continue
+        key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        key = getattr(torch._C.DispatchKey, key_name)
+
+        def cast_and_call(*args, _device_type=device_type, _key=key):
+            target = _autocast_target(args, _device_type, policy)
+
+            def cast(a):
+                if _autocast_eligible(a, _device_type):
+                    return a.to(target)
+                if isinstance(a, (list, tuple)):
+                    return type(a)(cast(x) for x in a)
+                return a
+
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
+                return op(*(cast(a) for a in args))
+
+        op.py_impl(key)(cast_and_call)  # what tracing (torch.compile) dispatches to
+        _AUTOCAST_LIB.impl(name, lambda _keyset, *args, _f=cast_and_call: _f(*args), key_name, with_keyset=True)

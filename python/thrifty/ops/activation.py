@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from thrifty.ops._common import call_op, register_fake, register_no_double_backward, require_tensors
+from thrifty.ops._common import call_op, register_autocast, register_fake, register_no_double_backward, require_tensors
 
 _ops = torch.ops.thrifty
 
@@ -55,4 +55,5 @@ def _backward_swiglu(ctx, grad):
 
 
 torch.library.register_autograd("thrifty::swiglu", _backward_swiglu, setup_context=_setup_swiglu)
+register_autocast("thrifty::swiglu", "promote")  # elementwise, as torch's mul and silu
 register_no_double_backward("thrifty::swiglu_backward")

@@ -36,7 +36,7 @@ import numbers
 
 import torch
 
-from thrifty.ops._common import call_op, register_fake, register_no_double_backward, require_tensors
+from thrifty.ops._common import call_op, register_autocast, register_fake, register_no_double_backward, require_tensors
 
 _ops = torch.ops.thrifty
 
@@ -169,4 +169,5 @@ def _backward_fwd(ctx, grad_out, _grad_lse):
 
 
 torch.library.register_autograd("thrifty::flash_attention_fwd", _backward_fwd, setup_context=_setup_fwd)
+register_autocast("thrifty::flash_attention_fwd", "lower")  # as torch's scaled_dot_product_attention
 register_no_double_backward("thrifty::flash_attention_bwd")

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from thrifty.ops._common import call_op, register_fake, require_tensors
+from thrifty.ops._common import call_op, register_autocast, register_fake, require_tensors
 
 _ops = torch.ops.thrifty
 
@@ -71,3 +71,4 @@ def _backward_linear(ctx, grad_y):
 
 
 torch.library.register_autograd("thrifty::linear", _backward_linear, setup_context=_setup_linear)
+register_autocast("thrifty::linear", "lower")  # as torch's linear

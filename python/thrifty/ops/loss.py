@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from thrifty.ops._common import register_fake, register_no_double_backward, require_tensors
+from thrifty.ops._common import register_autocast, register_fake, register_no_double_backward, require_tensors
 
 _ops = torch.ops.thrifty
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
@@ -148,4 +148,7 @@ def _backward_keep(ctx, grad_loss, _grad_lse, _grad_logits):
 
 
 torch.library.register_autograd("thrifty::linear_cross_entropy_keep_logits", _backward_keep, setup_context=_setup_keep)
+# the LM head matmul in the autocast dtype (as torch's linear before cross_entropy); the loss stays float32
+register_autocast("thrifty::linear_cross_entropy", "lower")
+register_autocast("thrifty::linear_cross_entropy_keep_logits", "lower")
 register_no_double_backward("thrifty::linear_cross_entropy_backward")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from thrifty.ops._common import call_op, register_fake, register_no_double_backward, require_tensors
+from thrifty.ops._common import call_op, register_autocast, register_fake, register_no_double_backward, require_tensors
 
 _ops = torch.ops.thrifty
 
@@ -97,4 +97,6 @@ def _backward_fused(ctx, grad_y, grad_h, _grad_rstd):
 
 
 torch.library.register_autograd("thrifty::fused_add_rms_norm", _backward_fused, setup_context=_setup_fused)
+register_autocast("thrifty::rms_norm", "fp32")  # as torch's layer_norm: the residual stream stays float32
+register_autocast("thrifty::fused_add_rms_norm", "fp32")
 register_no_double_backward("thrifty::rms_norm_backward")
