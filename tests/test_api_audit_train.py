@@ -8,6 +8,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +25,7 @@ from thrifty.train.run_dir import step_dirs
 
 from test_data import prose
 from test_api_issues_5_7 import base_model  # noqa: F401 (a fixture: the micro Llama in HF format)
-from test_train import cfg, losses  # the same micro config and metrics reader
+from test_train import THRIFTY_PATH, _free_port, cfg, losses  # the same micro config, metrics reader, launcher bits
 
 MICRO = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
@@ -268,3 +272,45 @@ def test_checkpoints_past_step_999999_are_ordered_by_step(corpus, tmp_path):
         (ck / d / "trainer_state.pt").write_bytes(b"")
     assert [p.name for p in step_dirs(ck, holding="trainer_state.pt")] == [
         "step_000010", "step_999999", "step_1000000", "step_1000001"]
+
+
+def _torchrun(base_model, corpus, out, *flags, timeout=240):
+    """`thrifty train` under torchrun, 2 processes (gloo on the CPU), on the micro model."""
+    env = {**os.environ, "PYTHONPATH": THRIFTY_PATH + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(_free_port()), "-m", "thrifty.cli", "train", "--model", str(base_model), "--data",
+                           str(corpus), "--seq-len", "32", "--batch-size", "2", "--lr", "1e-2", "--warmup", "1",
+                           "--no-progress", "--out", str(out), *flags], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.slow
+def test_fsdp_bf16_under_a_time_budget(corpus, base_model, tmp_path):
+    """--fsdp with bf16 runs autocast over float32 shards: the fused norms got a bf16 branch and a float32
+    residual and refused them. And a --time-budget under torchrun hung at its end: each rank read its own clock,
+    one saved and exported while the other stepped on."""
+    out = tmp_path / "run"
+    r = _torchrun(base_model, corpus, out, "--fsdp", "--precision", "bf16", "--time-budget", "6s", "--eval-every", "1000")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "autocast over fp32 params" in r.stderr and "FSDP2" in r.stderr
+    assert "done:" in r.stderr and (out / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_fsdp_lora_resume_and_ddp_checkpoint_under_fsdp(corpus, base_model, tmp_path):
+    """A LoRA run under --fsdp resumes (the adapters were copied as plain tensors into DTensor shards); a DDP
+    checkpoint resumed with --fsdp is refused by name (it was a KeyError traceback)."""
+    out = tmp_path / "lora"
+    flags = ("--precision", "fp32", "--fsdp", "--lora-rank", "4", "--lora-targets", "q_proj,v_proj", "--steps", "4",
+             "--save-every", "2", "--keep-last", "5", "--eval-every", "100")
+    r = _torchrun(base_model, corpus, out, *flags)
+    assert r.returncode == 0, r.stderr[-3000:]
+    full = losses(out)
+    shutil.rmtree(out / "checkpoints" / "step_000004")
+    r = _torchrun(base_model, corpus, out, *flags, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(out)[4] == full[4] and losses(out)[3] == full[3]
+    ddp = tmp_path / "ddp"
+    assert _torchrun(base_model, corpus, ddp, "--precision", "fp32", "--steps", "1").returncode == 0
+    r = _torchrun(base_model, corpus, ddp, "--precision", "fp32", "--steps", "2", "--fsdp", "--resume")
+    assert r.returncode != 0 and "was written without --fsdp" in r.stderr and "KeyError" not in r.stderr

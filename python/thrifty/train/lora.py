@@ -154,7 +154,12 @@ def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
         n, _, k = key.rpartition(".")
         if n not in mods:
             raise ValueError(f"LoRA state: the model has no adapter {n!r} (rank or targets changed?)")
-        getattr(mods[n], k).data.copy_(t)
+        p = getattr(mods[n], k)
+        if hasattr(p, "device_mesh") and hasattr(p, "placements"):  # an FSDP2 shard (DTensor): shard t the same way
+            from torch.distributed.tensor import distribute_tensor
+
+            t = distribute_tensor(t.to(device=p.device, dtype=p.dtype), p.device_mesh, p.placements)
+        p.data.copy_(t)
 
 
 _QUANT_KEYS = ("qweight", "scales", "zeros", "perm", "smooth")

@@ -780,6 +780,17 @@ class Trainer:
             import torch.distributed as dist
             dist.barrier()
 
+    def _rank0(self, *values: float) -> list[float]:
+        """``values`` as rank 0 has them, on every rank (one broadcast). Decisions taken from a clock, which
+        each process reads at its own moment, must be one decision: otherwise, at the end of a --time-budget,
+        one rank saves and exports while another starts a step, and both wait in different collectives."""
+        if not self.distributed:
+            return list(values)
+        import torch.distributed as dist
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.broadcast(t, src=0)
+        return t.tolist()
+
     # Options a checkpoint's state is tied to: another value on --resume cannot continue its trajectory (the
     # optimizer state or the adapters would not fit, or would be read as something else).
     def _check_resume_options(self, path: Path, saved: dict) -> None:
@@ -839,8 +850,12 @@ class Trainer:
                 raise TrainError(f"checkpoint {path}: does not match the model (missing {missing[:4]}, unexpected {unexpected[:4]})")
         if self.distributed and self.cfg.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            set_optimizer_state_dict(self.raw_model, self.optimizer, state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
+            try:
+                set_optimizer_state_dict(self.raw_model, self.optimizer, state["optimizer"],
+                                         options=StateDictOptions(full_state_dict=True))
+            except KeyError as e:  # a state dict keyed by parameter index (DDP / one process), not by name
+                raise TrainError(f"--resume --fsdp: checkpoint {path} was written without --fsdp (its optimizer state "
+                                 f"has no {e}); resume it without --fsdp (one process or DDP)") from None
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.total = state["schedule_total"]
@@ -1115,10 +1130,13 @@ class Trainer:
                         per = (now - t_ref) / (self.step - step_ref)
                         elapsed = self.elapsed_before + now - self._t_start
                         total_steps = max(self.step + 1, self.step + int((self.time_budget - elapsed) / per))
+                        final = elapsed >= BUDGET_ESTIMATE_FRACTION * self.time_budget
+                        total, final = self._rank0(total_steps, final)  # one schedule for all ranks
+                        total_steps, final = int(total), bool(final)
                         self.schedule.total = total_steps
                         if c.warmup is None:  # a short budget must still reach the peak lr
                             self.schedule.warmup = default_warmup(total_steps)
-                        self.budget_steps_final = elapsed >= BUDGET_ESTIMATE_FRACTION * self.time_budget
+                        self.budget_steps_final = final
                         next_estimate *= 2
                         self._bar.total = total_steps
                         self._bar.refresh()
@@ -1138,8 +1156,10 @@ class Trainer:
                     row["skipped"] = True
                     self.log(f"step {self.step}: non-finite loss/gradients ({out['loss']}), step skipped "
                              f"({self.nan_skipped} so far)")
-                done = (total_steps is not None and self.step >= total_steps) or (
-                    self.time_budget is not None and self.elapsed_before + time.perf_counter() - self._t_start >= self.time_budget)
+                done = total_steps is not None and self.step >= total_steps
+                if not done and self.time_budget is not None:  # rank 0's clock decides for every rank
+                    time_up = self.elapsed_before + time.perf_counter() - self._t_start >= self.time_budget
+                    done = bool(self._rank0(time_up)[0])
                 evaluated = False
                 if (self.step % eval_every == 0 or done) and self._consecutive_nan < c.max_nan_steps:
                     t_eval = time.perf_counter()
