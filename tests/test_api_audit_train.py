@@ -314,3 +314,45 @@ def test_fsdp_lora_resume_and_ddp_checkpoint_under_fsdp(corpus, base_model, tmp_
     assert _torchrun(base_model, corpus, ddp, "--precision", "fp32", "--steps", "1").returncode == 0
     r = _torchrun(base_model, corpus, ddp, "--precision", "fp32", "--steps", "2", "--fsdp", "--resume")
     assert r.returncode != 0 and "was written without --fsdp" in r.stderr and "KeyError" not in r.stderr
+
+
+def test_tokenizer_config_of_a_given_tokenizer_is_kept(corpus, tmp_path):
+    """save_tokenizer wrote bos = eos and dropped the source's tokenizer_config.json (chat_template, unk,
+    add_bos_token): a fine-tuned model's export lost them, and AutoTokenizer named the wrong bos."""
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel()
+    tok.train_from_iterator([prose(i) for i in range(8)], tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    plain = tmp_path / "plain"
+    save_tokenizer(tok, plain)
+    tcfg = json.loads((plain / "tokenizer_config.json").read_text())
+    assert (tcfg["bos_token"], tcfg["eos_token"], tcfg["unk_token"]) == ("<s>", "</s>", "<unk>")
+    src = tmp_path / "src"
+    save_tokenizer(tok, src)
+    (src / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "chat_template": "{{ messages }}"}))
+    out = tmp_path / "out"
+    save_tokenizer(load_tokenizer(src), out, source=src / "tokenizer.json")
+    tcfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert tcfg["chat_template"] == "{{ messages }}" and tcfg["add_bos_token"] is True and tcfg["unk_token"] == "<unk>"
+    # a model trained from scratch with it takes its <s> as bos (it took the eos)
+    run = tmp_path / "run"
+    Trainer(cfg(corpus, run, tokenizer=str(plain / "tokenizer.json"), steps=1)).train()
+    model_cfg = json.loads((run / "config.json").read_text())
+    assert (model_cfg["bos_token_id"], model_cfg["eos_token_id"]) == (tok.token_to_id("<s>"), tok.token_to_id("</s>"))
+
+
+def test_finetune_export_keeps_the_models_tokenizer_config(hf_dir, corpus, tmp_path):
+    base_cfg = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    base_cfg["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    src = tmp_path / "base"
+    src.mkdir()
+    for f in hf_dir.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    (src / "tokenizer_config.json").write_text(json.dumps(base_cfg))
+    out = tmp_path / "run"
+    rc, _, err = cli("train", "--model", src, "--data", corpus, "--seq-len", 32, "--batch-size", 2, "--steps", 1,
+                     "--precision", "fp32", "--no-progress", "--out", out)
+    assert rc == 0, err[-2000:]
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == base_cfg["chat_template"]

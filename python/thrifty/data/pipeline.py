@@ -136,7 +136,7 @@ def prepare_data(data: str | os.PathLike | None, cache_dir: str | os.PathLike, s
         f"({stats['prep_seconds']} s)")
     # write: tokenizer (unless given), then streams, then meta last (its presence marks a complete cache)
     ddir.mkdir(parents=True, exist_ok=True)
-    tokmod.save_tokenizer(tok, cache_dir)
+    tokmod.save_tokenizer(tok, cache_dir, source=tok_src)  # a given tokenizer keeps its tokenizer_config.json
     tmp = ddir / ".streams.tmp.npz"
     np.savez(tmp, train=tr_stream, train_starts=tr_starts, val=va_stream, val_starts=va_starts)
     os.replace(tmp, ddir / "streams.npz")

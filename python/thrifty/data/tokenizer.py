@@ -11,6 +11,8 @@ from thrifty.data.sources import replace_text
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 _EOS_CANDIDATES = (EOS_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>", "<|eot_id|>")
+_BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
+UNK_TOKEN = "<unk>"
 
 
 def _tk():
@@ -51,20 +53,37 @@ def train_tokenizer(texts, vocab_size: int = 8192, min_frequency: int = 2):
     return tok
 
 
-def save_tokenizer(tok, directory: str | os.PathLike) -> Path:
-    """Writes tokenizer.json and a tokenizer_config.json that transformers' AutoTokenizer reads."""
+def save_tokenizer(tok, directory: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:
+    """Writes tokenizer.json and a tokenizer_config.json that transformers' AutoTokenizer reads.
+
+    ``source``: the tokenizer.json (or its directory) ``tok`` was loaded from. When a tokenizer_config.json lies
+    next to it (a Hugging Face model's: its bos/eos/unk/pad tokens, chat_template, add_bos_token, ...), that
+    config is kept; the keys written here (the end-of-text token as eos, a begin-of-text token as bos, else the
+    eos; <unk> and the pad token where the vocabulary has them) only fill what it lacks."""
     d = Path(directory)
+    base = {}
+    if source is not None:
+        src = Path(source)
+        src_cfg = (src if src.is_dir() else src.parent) / "tokenizer_config.json"
+        if src_cfg.is_file():
+            base = json.loads(src_cfg.read_text(encoding="utf-8"))  # read before anything in d is replaced
     d.mkdir(parents=True, exist_ok=True)
     path = d / "tokenizer.json"
     tmp = d / ".tokenizer.json.tmp"
     tok.save(str(tmp))
     os.replace(tmp, path)
     eos = eos_token(tok)
+    bos = bos_token(tok) or eos
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30}
     if eos:
-        cfg.update(eos_token=eos, bos_token=eos)
+        cfg["eos_token"] = eos
+    if bos:
+        cfg["bos_token"] = bos
+    if tok.token_to_id(UNK_TOKEN) is not None:
+        cfg["unk_token"] = UNK_TOKEN
     if tok.token_to_id(PAD_TOKEN) is not None:
         cfg["pad_token"] = PAD_TOKEN
+    cfg.update(base)
     replace_text(d / "tokenizer_config.json", json.dumps(cfg, indent=1))  # temp + rename, like tokenizer.json
     return path
 
@@ -97,6 +116,20 @@ def eos_token(tok) -> str | None:
         if tok.token_to_id(t) is not None:
             return t
     return None
+
+
+def bos_token(tok) -> str | None:
+    """A begin-of-text token of the vocabulary (<|begin_of_text|>, <s>, ...), or None (GPT-2-style vocabularies,
+    and the ones trained here, have none: their bos is the end-of-text token)."""
+    for t in _BOS_CANDIDATES:
+        if tok.token_to_id(t) is not None:
+            return t
+    return None
+
+
+def bos_id(tok) -> int | None:
+    t = bos_token(tok)
+    return None if t is None else tok.token_to_id(t)
 
 
 def eos_id(tok) -> int | None:

@@ -386,7 +386,8 @@ class Trainer:
             # the tokenizer's end-of-text token; without one, no eos / bos (LlamaConfig's defaults 2 / 1 would name
             # whatever tokens got those ids, and generation would stop at one of them)
             over.setdefault("eos_token_id", eos)
-            over.setdefault("bos_token_id", eos)
+            bos = tokmod.bos_id(self.tokenizer)  # a given tokenizer's <s> / <|begin_of_text|>, else the eos
+            over.setdefault("bos_token_id", eos if bos is None else bos)
             cfg = _compat.preset_config(c.preset, **over)
             if vocab > cfg.vocab_size:
                 raise TrainError(f"tokenizer/model vocab mismatch: the tokenizer has {vocab} tokens, "
@@ -732,7 +733,7 @@ class Trainer:
         if left:
             raise TrainError(f"export: parameters missing from the state dict: {left[:4]}")
         shell.save_pretrained(str(dest))
-        tokmod.save_tokenizer(self.tokenizer, dest)
+        tokmod.save_tokenizer(self.tokenizer, dest, source=self.run_dir / "tokenizer.json")  # its config kept
 
     def save_checkpoint(self) -> Path | None:
         msd, osd = self._full_state()
