@@ -88,3 +88,72 @@ def test_symlinked_subdirectory_is_read_once(tmp_path):
     (data / "link").symlink_to(real, target_is_directory=True)
     (real / "loop").symlink_to(data, target_is_directory=True)  # a cycle back up must not loop
     assert sorted(d.text for d in load_documents(data)) == sorted([prose(2), prose(3)])
+
+
+def _header_like(n_funcs: int) -> str:
+    """Well-formed C-like code: unique declarations, the short structural lines code repeats by nature."""
+    parts = []
+    for i in range(n_funcs):
+        words = prose(i, 20).replace(".", "").split()
+        parts += ["  /**", f"   *  {' '.join(words[:9])}.", "   */",
+                  f"  const_reference {words[9]}_{i}(size_type __{words[10]}) const", "  {",
+                  f"    return _M_{words[11]}()[__{words[10]} + {i}];", "  }", ""]
+    return "\n".join(parts)
+
+
+def test_code_and_docs_with_repeated_structural_lines_are_kept():
+    """The duplicate-line rule counted every repeated line: }, /**, */ made well-formed headers and markdown
+    'repetitive' (74 of 3000 /usr/include headers). It now weighs repeated lines by their characters."""
+    from thrifty.data import quality_reason
+
+    assert quality_reason(_header_like(40)) is None
+    md = "\n".join(f"## Method {i}\n\n```js\nconst x{i} = require('x');\n```\n\nCalls the thing number {i}." for i in range(30))
+    assert quality_reason(md) is None
+
+
+@pytest.mark.parametrize("junk, reason", [
+    ("BUY CHEAP WATCHES NOW AT OUR STORE!!!\n" * 9, "repetitive"),      # under 10 lines: the rule did not run
+    ("buy now! " * 40, "repetitive"),                                   # under 512 bytes: zlib's check did not run
+    ("!@#$%^&*()_+-=[]{}|;':\",./<>?" * 5, "mostly_non_text"),          # punctuation counted as text
+    (("=" * 70 + "\n" + "-" * 70 + "\n") * 3, "mostly_non_text"),
+])
+def test_short_junk_is_dropped(junk, reason):
+    from thrifty.data import quality_reason
+
+    assert quality_reason(junk) == reason
+
+
+def test_near_dedup_decides_by_the_jaccard_estimate():
+    """LSH banded for the threshold kept about half the pairs at a true Jaccard of 0.83; the candidates of
+    recall-tuned bands are now checked with the MinHash estimate, so the drop rate follows the threshold."""
+    import random
+
+    from datasketch import MinHash
+
+    from thrifty.data import near_dedup
+    from thrifty.data.preprocess import _shingles
+
+    rnd = random.Random(1)
+    vocab = [f"w{i}" for i in range(100000)]
+
+    def rate(changes):
+        dropped, agree = 0, 0
+        for _ in range(40):
+            w = [rnd.choice(vocab) for _ in range(400)]
+            w2 = list(w)
+            for i in rnd.sample(range(400), changes):
+                w2[i] = rnd.choice(vocab)
+            a, b = " ".join(w), " ".join(w2)
+            n = near_dedup([a, b])[1]
+            ma, mb = MinHash(num_perm=128, seed=1), MinHash(num_perm=128, seed=1)
+            ma.update_batch(_shingles(a, 5, 4000))
+            mb.update_batch(_shingles(b, 5, 4000))
+            dropped += n
+            agree += n == (ma.jaccard(mb) >= 0.8)
+        return dropped / 40, agree / 40
+
+    high, agree_high = rate(4)   # true Jaccard ~0.91
+    mid, agree_mid = rate(8)     # ~0.82
+    low, agree_low = rate(30)    # ~0.51
+    assert high == 1.0 and mid >= 0.6 and low == 0.0
+    assert agree_high == agree_mid == agree_low == 1.0  # dropped exactly when the estimate reaches 0.8
