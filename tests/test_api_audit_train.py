@@ -356,3 +356,39 @@ def test_finetune_export_keeps_the_models_tokenizer_config(hf_dir, corpus, tmp_p
                      "--precision", "fp32", "--no-progress", "--out", out)
     assert rc == 0, err[-2000:]
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == base_cfg["chat_template"]
+
+
+def test_out_is_checked_before_anything_runs(corpus, base_model, tmp_path):
+    """--out a file failed after the whole data pipeline with "[Errno 20] Not a directory: .../data"; --out inside
+    --data wrote the run (metrics.jsonl included) into the corpus it would read next time."""
+    afile = tmp_path / "afile.txt"
+    afile.write_text("x")
+    rc, _, err = cli(*micro_cli(corpus, base_model, afile))
+    assert rc == 2 and "--out" in err and "is not a directory" in err and "Errno" not in err, err[-2000:]
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(12):
+        (data / f"d{i:02d}.txt").write_text(prose(i, 200))
+    before = tree(data)
+    for out in (data, data / "run"):
+        rc, _, err = cli("train", "--model", base_model, "--tokenizer", corpus / "tok" / "tokenizer.json", "--data", data,
+                         "--seq-len", 32, "--batch-size", 2, "--steps", 1, "--precision", "fp32", "--no-progress",
+                         "--out", out)
+        assert rc == 2 and "inside the --data directory" in err, err[-2000:]
+    assert tree(data) == before
+
+
+def test_demo_keeps_checkpoints_when_its_options_are_refused(tmp_path):
+    out = tmp_path / "demo"
+    (out / "checkpoints" / "step_000001").mkdir(parents=True)
+    (out / "checkpoints" / "step_000001" / "trainer_state.pt").write_bytes(b"state")
+    rc, _, err = cli("demo", "--out", out, "--time-budget", "0s")
+    assert rc == 2 and "--time-budget" in err
+    assert (out / "checkpoints" / "step_000001" / "trainer_state.pt").read_bytes() == b"state"
+
+
+@pytest.mark.parametrize("flags, named", [(("--seed", "99999999999999999999"), "--seed"), (("--seed", "-1"), "--seed"),
+                                          (("--temperature", "inf"), "--temperature")])
+def test_generate_refuses_seed_and_temperature_by_flag(hf_dir, flags, named):
+    rc, _, err = cli("generate", hf_dir, "--prompt", "the", *flags)
+    assert rc == 2 and named in err and "Overflow" not in err, err[-2000:]

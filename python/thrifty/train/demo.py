@@ -23,17 +23,15 @@ def loss_points(rows: list[dict], n: int = 8) -> list[dict]:
 
 
 def main(args) -> int:
-    import shutil
-
     from thrifty.train.cli import run
     from thrifty.train.generate_cli import generate_text, load
     from thrifty.train.trainer import TrainConfig
 
     out = Path(args.out)
-    if (out / "checkpoints").exists():
-        shutil.rmtree(out / "checkpoints")
+    # an earlier demo's checkpoints are replaced by the trainer once the options pass its checks
     cfg = TrainConfig(preset="tiny", time_budget=args.time_budget, seq_len=args.seq_len, batch_size=args.batch_size,
                       lr=2e-3, warmup=20, out=str(out), eval_every=50, eval_batches=4, keep_last=1,
+                      replace_checkpoints=True,
                       default_corpus_caps=dict(max_files=200, max_bytes=2_000_000))
     rc = run(cfg, prog="thrifty demo")
     if rc:

@@ -90,12 +90,14 @@ def _bad_args(args) -> str | None:
     """The message for a sampling option out of range, before any model is loaded."""
     if args.max_new_tokens < 0:
         return f"--max-new-tokens: expected a number >= 0, got {args.max_new_tokens}"
-    if not args.temperature >= 0:  # NaN too
-        return f"--temperature: expected a number >= 0 (0: greedy), got {args.temperature}"
+    if not 0 <= args.temperature < float("inf"):  # NaN too
+        return f"--temperature: expected a finite number >= 0 (0: greedy), got {args.temperature}"
     if args.top_k < 0:
         return f"--top-k: expected a number >= 0 (0: off), got {args.top_k}"
     if not 0 < args.top_p <= 1:
         return f"--top-p: expected a number in (0, 1], got {args.top_p}"
+    if not 0 <= args.seed < 2**32:  # as thrifty train's --seed (torch.manual_seed overflowed past 2**63)
+        return f"--seed: expected an integer in [0, 2**32), got {args.seed}"
     return None
 
 

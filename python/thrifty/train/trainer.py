@@ -52,6 +52,7 @@ class TrainConfig:
     vocab_size: int = 8192
     val_fraction: float = 0.05
     default_corpus_caps: dict | None = None
+    replace_checkpoints: bool = False        # `thrifty demo`: an earlier run's checkpoints in --out are replaced
     # model
     preset: str = "tiny"
     model: str | None = None                # HF directory to fine-tune from
@@ -362,6 +363,19 @@ class Trainer:
             return Path(c.out)
         return Path("runs") / ("default" if c.data is None and c.model is None else time.strftime("run-%Y%m%d-%H%M%S"))
 
+    def _check_out_dir(self) -> None:
+        """--out must be a directory (or not exist yet) outside --data: a run written into its own corpus
+        would read its metrics.jsonl as training data the next time."""
+        rd = self.run_dir
+        if rd.exists() and not rd.is_dir():
+            raise TrainError(f"--out: {str(rd)!r} exists and is not a directory")
+        if self.cfg.data is not None:
+            data = Path(self.cfg.data).resolve()
+            out = rd.resolve()
+            if data.is_dir() and (out == data or data in out.parents):
+                raise TrainError(f"--out: {str(rd)!r} is inside the --data directory {str(self.cfg.data)!r} (the run's "
+                                 "files would become training data): choose another --out")
+
     def _build_model(self, vocab: int, eos: int | None):
         c = self.cfg
         Llama, LlamaConfig, is_thrifty = _compat.model_api()
@@ -518,8 +532,11 @@ class Trainer:
             self.time_budget = 600.0
             self.log("schedule: neither --steps nor --time-budget given: training for 10 minutes")
         self.run_dir = getattr(self, "run_dir", None) or self._run_dir()
+        self._check_out_dir()
         if not c.resume and self._checkpoints():
-            raise TrainError(f"{self.run_dir} already holds checkpoints: pass --resume to continue it, or another --out")
+            if not c.replace_checkpoints:
+                raise TrainError(f"{self.run_dir} already holds checkpoints: pass --resume to continue it, or another --out")
+            shutil.rmtree(self._ckpt_root())  # only now, after every option was checked
         if c.resume and not self._latest_checkpoint():
             raise TrainError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
         torch.manual_seed(c.seed)
