@@ -124,9 +124,6 @@ void launch_int8_mma_mt(const Int8LinearParams& p, int splits, int* partial, cud
                                                 "int8_linear (mma)", p, partial);
 }
 
-}  // namespace
-
-namespace {
 // As quant_mma_shape_fits (quant_linear.cu): the launcher re-checks the shape, not the switch.
 bool int8_mma_shape_fits(const Int8LinearParams& p) {
   return p.M >= 1 && p.M <= mmadec::kMaxM && p.K % i8mma::kSeg == 0 && p.K / i8mma::kSeg < (int64_t{1} << 30) &&

@@ -11,7 +11,7 @@ from thrifty.ops.norm import rms_norm
 
 def _hidden_size(value) -> int:
     """An int, or torch.nn.RMSNorm's normalized_shape as a 1-element list/tuple/torch.Size."""
-    if isinstance(value, (str, bytes)) or isinstance(value, bool):
+    if isinstance(value, (str, bytes, bool)):
         raise TypeError(f"thrifty.nn.RMSNorm: 'hidden_size' must be an int or a 1-element shape, got {value!r}")
     if not isinstance(value, int) and hasattr(value, "__index__"):  # numpy / 0-d integer tensor
         value = operator.index(value)
