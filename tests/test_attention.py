@@ -175,6 +175,21 @@ def test_softmax_scale_and_large_scores(cpu_isa, dtype):
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_near_one_hot_rows_give_the_top_value_row(cpu_isa, dtype):
+    """Scores ~1e4 apart: each row's softmax is one-hot to the last bit, so the output is exactly the V row of
+    the top key, as torch's SDPA gives it. The bf16 VDPBF16PS forward took its row max and its exponents in
+    differently rounded units, which left P ~ 1.003 on the top key: one bf16 ulp off in ~10% of the outputs."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(s, generator=g).to(dtype) for s in ((1, 50, 2, 64), (1, 60, 1, 64), (1, 60, 1, 64)))
+    for scale in (1e3, 1e4):
+        out = thrifty.ops.flash_attention(q, k, v, softmax_scale=scale)
+        scores = torch.einsum("bqhd,bkd->bhqk", q.double(), k[:, :, 0].double())
+        top = scores.argmax(-1)  # (b, h, q)
+        expect = v[0, :, 0][top[0]].transpose(0, 1).unsqueeze(0)  # (1, q, h, d)
+        assert torch.equal(out, expect), (scale, (out.float() - expect.float()).abs().max().item())
+
+
 def test_strided_inputs_used_in_place():
     base = rand(2, 50, 3, 8, 64)  # q, k, v interleaved as from a fused qkv projection
     q, k, v = base[:, :, 0], base[:, :, 1], base[:, :, 2]

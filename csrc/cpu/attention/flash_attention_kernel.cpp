@@ -1182,14 +1182,20 @@ void fwd_bf16_dot(const AttentionParams& p) {
   // Scores are scaled inside the exponent (exp(scale S - m), one FMA) unless a softcap or a scale that is
   // not positive needs the scaled scores first.
   const bool prescale = cap > 0.0f || !(p.softmax_scale > 0.0f);
-  const Vec vsc = Vec::set1(prescale ? 1.0f : p.softmax_scale), vpre = Vec::set1(p.softmax_scale);
-  constexpr float kLog2e = 1.44269504088896341f;
-  const Vec vlog2e = Vec::set1(kLog2e), vsc2 = Vec::set1((prescale ? 1.0f : p.softmax_scale) * kLog2e);
+  const Vec vpre = Vec::set1(p.softmax_scale);
+  constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
+  const Vec vsc2 = Vec::set1((prescale ? 1.0f : p.softmax_scale) * kLog2e);  // the score scale in base-2 units
 
   // K rows and V2 of the (batch, kv_head) at hand, kept per thread as in fwd() when they fit.
   const int64_t sk_cap = round_up(p.seqlen_k, BK);
   const int64_t k2_words = sk_cap * D2, v2_words = sk_cap / 2 * Dp;
   const bool head_cache = (k2_words + v2_words) * static_cast<int64_t>(sizeof(uint32_t)) <= kFwdHeadCacheBytes;
+
+  // s vsc2 rounded on its own: an explicitly rounded multiply, which the compiler cannot contract with the
+  // add after it into an FMA (GCC contracts a plain _mm512_mul_ps + _mm512_add_ps: -ffp-contract=fast)
+  const auto scaled = [vsc2](Vec s) {
+    return Vec(_mm512_mul_round_ps(s.v, vsc2.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  };
 
   parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     const int64_t f_q = static_cast<int64_t>(D2) * FBQ, f_acc = static_cast<int64_t>(FBQ) * Dp,
@@ -1257,22 +1263,25 @@ void fwd_bf16_dot(const AttentionParams& p) {
                               attention_tile_unmasked(i0, i0 + mq, j0, j0 + kn, sq.sq, sq.sk, wl, wr);
         if (!unmasked) mask_scores_t(st, FBQ, mq, i0, j0, kn, sq, wl, wr);
         // As fwd(): m starts at -FLT_MAX, so a row with nothing visible yet gets P = 0 and alpha = 0.
-        // m stays in natural units (lse = m + log l); the exponents are taken in base 2, log2(e) folded
-        // into the score scale: P = 2^(s vsc log2e - m log2e), one FMA per score before exp2_p.
+        // The exponents are taken in base 2 with log2(e) folded into the score scale, and m is kept in those
+        // units (m2 = max s vsc2; natural units for lse after the last key tile): P = 2^(s vsc2 - m2), the
+        // product rounded as m2's was, so the row max's own exponent is exactly 0. An FMA there (one op fewer)
+        // leaves the product's rounding error in the exponent, and m in natural units two roundings apart:
+        // P ~ 1.003-1.01 on the top key at |scaled scores| ~ 1e4-1e5, a bf16 ulp off once P V rounds P.
         for (int ib = 0; ib < nq; ib += W) {
           const Vec mold = Vec::load(m + ib);
           const Vec raw = col_max(st + ib, FBQ, kn, Vec::set1(kNegInf));
-          const Vec vm = max(mold, raw * vsc);  // vsc > 0: max(s) vsc = max(s vsc), one product per column
+          const Vec vm = max(mold, scaled(raw));  // vsc2 > 0: max(s) vsc2 = max(s vsc2), one product per column
           vm.store(m + ib);
-          exp2_sm((mold - vm) * vlog2e).store(alpha + ib);
-          // -m log2e, capped at FLT_MAX: m = -FLT_MAX (nothing visible yet) would give +inf and -inf + inf = NaN
+          exp2_sm(mold - vm).store(alpha + ib);
+          // -m2, capped at FLT_MAX: m = -FLT_MAX (nothing visible yet) would give +inf and -inf + inf = NaN
           // for the masked scores, which must give 2^-inf = 0.
           // (min returns its second operand on NaN: a NaN m stays NaN, as before.)
-          const Vec nvm2 = min(Vec::set1(std::numeric_limits<float>::max()), Vec::zero() - vm * vlog2e);
+          const Vec nvm2 = min(Vec::set1(std::numeric_limits<float>::max()), Vec::zero() - vm);
           Vec s0 = Vec::zero(), s1 = Vec::zero();
           for (int j = 0; j < kn; j += 2) {  // keys 2jp, 2jp + 1 -> one bf16 pair per query
-            const Vec e0 = exp2_p(fma(Vec::load(st + j * FBQ + ib), vsc2, nvm2));
-            const Vec e1 = j + 1 < kn ? exp2_p(fma(Vec::load(st + (j + 1) * FBQ + ib), vsc2, nvm2)) : Vec::zero();
+            const Vec e0 = exp2_p(scaled(Vec::load(st + j * FBQ + ib)) + nvm2);
+            const Vec e1 = j + 1 < kn ? exp2_p(scaled(Vec::load(st + (j + 1) * FBQ + ib)) + nvm2) : Vec::zero();
             s0 = s0 + e0;
             s1 = s1 + e1;
             _mm512_storeu_si512(p2t + (j / 2) * FBQ + ib, interleave_bf16(e0.v, e1.v));
@@ -1281,6 +1290,7 @@ void fwd_bf16_dot(const AttentionParams& p) {
         }
         gemm_dp<2>(mq, NV, (kn + 1) / 2, p2t, 1, FBQ, vp, Dp, acc, Dp, alpha);  // O = alpha O + P V
       }
+      for (int r = 0; r < mq; ++r) m[r] *= kLn2;  // base-2 units -> natural, for lse = m + log l
       store_out_rows(acc, Dp, m, l, mq, D, tile.ob, p.o_row_stride, tile.lse);
     }
   });
