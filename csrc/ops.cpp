@@ -66,7 +66,7 @@ TORCH_LIBRARY(thrifty, m) {
   // ---- loss ----
   // Cross-entropy of hidden (tokens, H) @ weight (V, H)^T against labels (tokens,) int64, chunked over tokens so the
   // (tokens, V) logits never exist. reduction 0 none / 1 mean / 2 sum; softcap > 0 caps logits c*tanh(x/c).
-  // Returns the loss (hidden's dtype; scalar, or (tokens,) for none) and lse (tokens,) float32 for the backward.
+  // Returns the loss (float32: ops/loss.py rounds it to hidden's dtype outside autocast; scalar, or (tokens,) for none) and lse (tokens,) float32 for the backward.
   m.def("linear_cross_entropy(Tensor hidden, Tensor weight, Tensor labels, int ignore_index, int reduction, float label_smoothing, float softcap, int chunk_size) -> (Tensor loss, Tensor lse)");
   // The same as one chunk, also returning its logits (tokens, V) in hidden's dtype for the backward (small inputs).
   m.def("linear_cross_entropy_keep_logits(Tensor hidden, Tensor weight, Tensor labels, int ignore_index, int reduction, float label_smoothing, float softcap) -> (Tensor loss, Tensor lse, Tensor logits)");

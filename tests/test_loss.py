@@ -224,3 +224,26 @@ def test_cuda_device_mismatch():
     h, w, y = make(6, 16, 30, torch.float32, "cpu")
     with pytest.raises(RuntimeError, match="'weight' must be on the same device"):
         thrifty.ops.linear_cross_entropy(h, w.cuda(), y)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_autocast_loss_is_float32_as_cross_entropy_after_an_autocast_linear(reduction):
+    """Under torch.autocast the LM head's matmul runs in bf16 (linear's rule) and the loss comes back in
+    float32, as F.cross_entropy(F.linear(h, W), y) gives it there; outside autocast it is in hidden's dtype."""
+    h, w, y = make(37, 64, 300, torch.float32, "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(F.linear(h, w), y, reduction=reduction)
+        got = thrifty.ops.linear_cross_entropy(h, w, y, reduction=reduction)
+    assert ref.dtype == got.dtype == torch.float32
+    # both from bf16 logits; thrifty's loss is not rounded to bf16 on the way out
+    torch.testing.assert_close(got, ref, atol=2e-2, rtol=1e-2)
+    exact = torch_loss(h.bfloat16().double(), w.bfloat16().double(), y, reduction)
+    torch.testing.assert_close(got.double(), exact, atol=1e-2, rtol=1e-2)  # from bf16 logits, as torch's
+    assert (got != got.bfloat16().float()).any()  # and not rounded to bf16 on the way out
+    hb, wb = h.bfloat16(), w.bfloat16()
+    assert thrifty.ops.linear_cross_entropy(hb, wb, y, reduction=reduction).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # gradients reach the float32 leaves
+        hl, wl = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = thrifty.ops.linear_cross_entropy(hl, wl, y, reduction=reduction)
+    (loss.sum() if reduction == "none" else loss).backward()
+    assert hl.grad.dtype == wl.grad.dtype == torch.float32 and torch.isfinite(hl.grad).all()

@@ -126,13 +126,12 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_forward(const at::Tens
     p.lse = lse.data_ptr<float>() + s;
     fwd(p);
   }
-  at::Tensor loss;
-  if (reduction == kLceNone) {
-    loss = loss_rows.to(hidden.scalar_type());
-  } else {
-    auto total = loss_rows.sum();
-    if (reduction == kLceMean) total = total / static_cast<double>(count);  // 0/0 = nan, as torch
-    loss = total.to(hidden.scalar_type());
+  // The loss stays float32 (ops/loss.py rounds it to hidden's dtype outside autocast; under autocast it is
+  // float32, as F.cross_entropy's after an autocast linear).
+  at::Tensor loss = loss_rows;
+  if (reduction != kLceNone) {
+    loss = loss_rows.sum();
+    if (reduction == kLceMean) loss = loss / static_cast<double>(count);  // 0/0 = nan, as torch
   }
   if (keep) kept = T == 0 ? at::empty({0, V}, hidden.options()) : kept.to(hidden.scalar_type());
   return {loss, lse, kept};

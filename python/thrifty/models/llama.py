@@ -15,7 +15,7 @@ from torch import nn
 from thrifty.models.attention import AttnMeta, KVCache, attend
 from thrifty.models.config import LlamaConfig, build_cos_sin
 from thrifty.nn import RMSNorm
-from thrifty.ops import linear_cross_entropy
+from thrifty.ops.loss import _linear_cross_entropy
 from thrifty.models import _kernels as K
 
 
@@ -215,15 +215,9 @@ class Llama(nn.Module):
         if not isinstance(self.lm_head, nn.Linear):  # a quantized LM head (quantize_model with skip=()): via logits
             logits = self.lm_head(h).float()
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1))
-        # under torch.autocast the fused loss computes in the autocast dtype (its autocast rule, as torch's linear)
-        dev = h.device.type
-        compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-        if compute == torch.float32:
-            return linear_cross_entropy(h, self.lm_head.weight, shifted)
-        # per-token losses (each rounded once; the errors average out) summed in float32, over the tokens
-        # not ignored, as reduction "mean" counts them
-        per_token = linear_cross_entropy(h, self.lm_head.weight, shifted, reduction="none")
-        return per_token.float().sum() / (shifted != -100).sum()
+        # the fused kernels' float32 mean (under torch.autocast their matmuls run in the autocast dtype, as
+        # torch's linear)
+        return _linear_cross_entropy(h, self.lm_head.weight, shifted, -100, "mean", 0.0, 0.0, 0, float32_loss=True)
 
     # ---- generation ----
     @torch.inference_mode()

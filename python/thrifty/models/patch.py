@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from thrifty.models import _kernels as K
 from thrifty.models.attention import AttnMeta, attend
-from thrifty.ops import linear_cross_entropy, rms_norm, swiglu
+from thrifty.ops import rms_norm, swiglu
+from thrifty.ops.loss import _linear_cross_entropy
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -137,18 +138,11 @@ def _lazy_logits_output_class():
 
 def _float32_loss(h, weight, shifted, num_items=None):
     """The fused cross-entropy of the final hidden states, in float32 whatever the model's dtype, as
-    transformers' own loss (it upcasts the logits) and thrifty's Llama return it: in bfloat16 / float16 the
-    per-token losses (each rounded once) are summed in float32. Mean over the tokens not ignored, or the
-    sum / num_items_in_batch when the trainer passes that."""
-    if h.dtype == torch.float32:
-        if num_items is None:
-            return linear_cross_entropy(h, weight, shifted)
-        total = linear_cross_entropy(h, weight, shifted, reduction="sum")
-    else:
-        per_token = linear_cross_entropy(h, weight, shifted, reduction="none").float()
-        total = per_token.sum()
-        if num_items is None:
-            return total / (shifted != -100).sum()
+    transformers' own loss (it upcasts the logits) and thrifty's Llama return it (the kernels sum in float32).
+    Mean over the tokens not ignored, or the sum / num_items_in_batch when the trainer passes that."""
+    if num_items is None:
+        return _linear_cross_entropy(h, weight, shifted, -100, "mean", 0.0, 0.0, 0, float32_loss=True)
+    total = _linear_cross_entropy(h, weight, shifted, -100, "sum", 0.0, 0.0, 0, float32_loss=True)
     num = num_items.to(h.device) if isinstance(num_items, torch.Tensor) else num_items
     return total / num
 

@@ -78,8 +78,19 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         softcap: > 0 applies ``softcap * tanh(logits / softcap)`` first (Gemma 2 style); 0 disables it.
         chunk_size: tokens per forward chunk and vocab rows per backward block (0: automatic).
     Returns:
-        the loss in hidden's dtype: a scalar, or labels' shape for "none".
+        the loss in hidden's dtype (float32 under torch.autocast, as ``F.cross_entropy`` after an autocast
+        ``F.linear``; the kernels sum in float32 either way): a scalar, or labels' shape for "none".
     """
+    keep_float32 = (torch.is_autocast_enabled(hidden.device.type) and hidden.is_floating_point()
+                    and hidden.dtype != torch.float64) if isinstance(hidden, torch.Tensor) else False
+    return _linear_cross_entropy(hidden, weight, labels, ignore_index, reduction, label_smoothing, softcap, chunk_size,
+                                 float32_loss=keep_float32)
+
+
+def _linear_cross_entropy(hidden, weight, labels, ignore_index, reduction, label_smoothing, softcap, chunk_size, *,
+                          float32_loss: bool) -> torch.Tensor:
+    """linear_cross_entropy's body; float32_loss: return the kernels' float32 loss (the model's loss uses it:
+    one rounding to bf16 of a mean loss quantizes the logged losses to steps of ~0.2-0.4%)."""
     if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
         raise ValueError(f"thrifty.linear_cross_entropy: argument 'reduction' must be 'mean', 'sum' or 'none', "
                          f"got {reduction!r}")
@@ -96,6 +107,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     else:
         loss = _ops.linear_cross_entropy(h2, weight, l2, int(ignore_index), red, float(label_smoothing),
                                          float(softcap), int(chunk_size))[0]
+    if not float32_loss:
+        loss = loss.to(hidden.dtype)
     return loss.view(labels.shape) if red == 0 else loss
 
 
@@ -103,7 +116,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
 @register_fake("thrifty::linear_cross_entropy")
 def _lce_fake(hidden, weight, labels, ignore_index, reduction, label_smoothing, softcap, chunk_size):
     T = hidden.shape[0]
-    return hidden.new_empty((T,) if reduction == 0 else ()), hidden.new_empty((T,), dtype=torch.float32)
+    return (hidden.new_empty((T,) if reduction == 0 else (), dtype=torch.float32),
+            hidden.new_empty((T,), dtype=torch.float32))
 
 
 @register_fake("thrifty::linear_cross_entropy_keep_logits")
