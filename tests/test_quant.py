@@ -315,6 +315,28 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(f(x), m4(x) + m8(x))
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_torch_compile_fullgraph_weights_as_dynamic_arguments(bits):
+    """The packed weight passed in, its shape changing between calls (torch then recompiles with symbolic
+    shapes): the x check's message was an f-string joined to another string on every call, which Dynamo
+    cannot trace over a symbolic shape."""
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(x, qw, s, z):
+        return thrifty.ops.quant_linear(x, qw, s, z, bits=bits, group_size=-1 if bits == 8 else 32)
+
+    for n, k in ((24, 64), (40, 96), (8, 128)):
+        x = torch.randn(5, k)
+        if bits == 8:
+            qw, s, z = torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n), None
+        else:
+            qw, s, z = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8), torch.rand(n, k // 32), \
+                torch.randint(0, 16, (n, k // 32)).float()
+        torch.testing.assert_close(f(x, qw, s, z), thrifty.ops.quant_linear(x, qw, s, z, bits=bits,
+                                                                           group_size=-1 if bits == 8 else 32))
+    with pytest.raises(ValueError, match=r"in_features K=128 in its last dimension \(qweight \(8, "):
+        thrifty.ops.quant_linear(torch.randn(5, 7), qw, s, z, bits=bits, group_size=-1 if bits == 8 else 32)
+
+
 # ---------------- QuantLinear ----------------
 @pytest.mark.parametrize("bits,act_bits,method", [(8, 16, "rtn"), (4, 16, "rtn"), (8, 8, "rtn"), (4, 16, "gptq"),
                                                   (8, 16, "gptq")])

@@ -41,12 +41,14 @@ def _weight_k(qweight, scales, bits: int, group_size: int) -> int | None:
     return k if ok else None
 
 
-def _check_x(op: str, name: str, x, k: int | None, what: str) -> None:
+def _check_x(op: str, name: str, x, k: int | None, what) -> None:
+    """what(): the weight's layout for the message, built only on the error path (an f-string over a
+    symbolic shape concatenated on every call broke torch.compile(fullgraph=True, dynamic=True))."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: argument '{name}' must be a tensor, got {type(x).__name__}")
     if k is not None and x.dim() >= 1 and x.shape[-1] != k:
         raise ValueError(f"{op}: argument '{name}' must have the weight's in_features K={k} in its last dimension "
-                         f"({what}), got shape {tuple(x.shape)}")
+                         f"({what()}), got shape {tuple(x.shape)}")
 
 
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None, *,
@@ -79,9 +81,8 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
                         "dividing K, 32, 64, 128), got None")
     _int_arg(op, "group_size", group_size)
     k = _weight_k(qweight, scales, bits, group_size) if bits in (4, 8) else None
-    how = "" if k is None else f"qweight {tuple(qweight.shape)}: " + (
-        "two 4-bit weights per byte, K = 2 * qweight.shape[1]" if bits == 4 else "(N, K)")
-    _check_x(op, "x", x, k, how)
+    _check_x(op, "x", x, k, lambda: f"qweight {tuple(qweight.shape)}: " + (
+        "two 4-bit weights per byte, K = 2 * qweight.shape[1]" if bits == 4 else "(N, K)"))
     return call_op(_ops.quant_linear, x, qweight, scales, zeros, bits, group_size, bias)
 
 
@@ -118,7 +119,7 @@ def int8_linear(xq: torch.Tensor, x_scales: torch.Tensor, wq: torch.Tensor, w_sc
     if bias is not None:
         require_tensors("thrifty.int8_linear", bias=bias)
     k = _weight_k(wq, w_scales, 8, -1)
-    _check_x("thrifty.int8_linear", "xq", xq, k, "" if k is None else f"wq {tuple(wq.shape)}: (N, K)")
+    _check_x("thrifty.int8_linear", "xq", xq, k, lambda: f"wq {tuple(wq.shape)}: (N, K)")
     return _ops.int8_linear(xq, x_scales, wq, w_scales, bias, out_dtype)
 
 
