@@ -154,3 +154,16 @@ def test_rmsnorm_elementwise_affine_as_torch():
     assert RMSNorm(24).elementwise_affine is True
     with pytest.raises(TypeError, match="elementwise_affine"):
         RMSNorm(24, elementwise_affine="yes")
+
+
+def test_data_and_train_reachable_from_the_package_as_the_readme_lists_them():
+    """README's API table lists thrifty.data and thrifty.train.Trainer next to thrifty.ops: after a plain
+    `import thrifty` they load on first use (they were AttributeErrors), without loading at import."""
+    code = ("import sys, thrifty; assert 'thrifty.train' not in sys.modules; "
+            "print(thrifty.train.Trainer.__name__, thrifty.data.prepare_data.__name__, "
+            "'data' in dir(thrifty), 'train' in thrifty.__all__)")
+    out = _run(["-c", code])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["Trainer", "prepare_data", "True", "True"]
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        thrifty.nonexistent  # noqa: B018

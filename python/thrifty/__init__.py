@@ -80,4 +80,21 @@ from thrifty import models  # noqa: E402
 from thrifty.models.patch import patch_hf  # noqa: E402
 from thrifty._info import info, info_dict, info_text  # noqa: E402
 
-__all__ = ["ops", "nn", "optim", "quant", "models", "patch_hf", "info", "info_dict", "info_text", "__version__"]
+__all__ = ["ops", "nn", "optim", "quant", "models", "data", "train", "patch_hf", "info", "info_dict", "info_text",
+           "__version__"]
+
+# thrifty.data and thrifty.train load on first use (they import the optional tokenizers / datasketch / tqdm):
+# `import thrifty; thrifty.train.Trainer(...)` works, and `import thrifty` alone stays light.
+_LAZY_SUBMODULES = ("data", "train")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"thrifty.{name}")
+    raise AttributeError(f"module 'thrifty' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
