@@ -51,10 +51,22 @@ def test_op_signatures(fn, expected):
 def test_sdpa_signature_issue_order_plus_keyword_dropout():
     got = _params(inspect.signature(thrifty.nn.functional.scaled_dot_product_attention))
     names = [n for n, _, _ in got]
-    # the issue's positional order, then torch's dropout_p accepted by keyword
-    assert names[:7] == ["query", "key", "value", "attn_mask", "is_causal", "scale", "enable_gqa"]
+    # the issue's names and positional order, then torch's dropout_p accepted by keyword
+    assert names[:7] == ["q", "k", "v", "attn_mask", "is_causal", "scale", "enable_gqa"]
     assert [d for _, _, d in got[3:7]] == [None, False, None, False]
     assert ("dropout_p", K, 0.0) in got
+
+
+def test_sdpa_takes_the_issue_names_and_torch_names_by_keyword():
+    sdpa = thrifty.nn.functional.scaled_dot_product_attention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g) for n in (5, 7, 7))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    for out in (sdpa(q, k, v, is_causal=True), sdpa(q=q, k=k, v=v, is_causal=True),
+                sdpa(query=q, key=k, value=v, is_causal=True), sdpa(q, key=k, value=v, is_causal=True)):
+        torch.testing.assert_close(out, ref)
+    with pytest.raises(TypeError, match="got both 'q' and its torch name 'query'"):
+        sdpa(q=q, query=q, k=k, v=v)
 
 
 def test_cache_helper_signature():

@@ -1,6 +1,7 @@
 """Functional drop-ins for torch.nn.functional built on thrifty's fused ops."""
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 
@@ -15,14 +16,28 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_HEAD_DIM = 256  # the kernels' head_dim limit (CPU and CUDA); E and Ev are padded to max(E, Ev)
 
 
-def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                 attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-                                 scale: float | None = None, enable_gqa: bool = False, *,
-                                 dropout_p: float = 0.0) -> torch.Tensor:
+_TORCH_NAMES = (("query", "q"), ("key", "k"), ("value", "v"))
+
+
+def scaled_dot_product_attention(*args, **kwargs) -> torch.Tensor:
+    # Issue 3 names the tensors q, k, v; torch names them query, key, value: both are taken by keyword.
+    for torch_name, name in _TORCH_NAMES:
+        if torch_name in kwargs:
+            if name in kwargs:
+                raise TypeError(f"{_NAME}: got both '{name}' and its torch name '{torch_name}'")
+            kwargs[name] = kwargs.pop(torch_name)
+    return _scaled_dot_product_attention(*args, **kwargs)
+
+
+def _scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                                  scale: float | None = None, enable_gqa: bool = False, *,
+                                  dropout_p: float = 0.0) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on thrifty's fused
     kernel, with torch's layout and conventions.
 
     Args:
+        q, k, v (torch's query, key, value; those names are taken by keyword too):
         query: (..., heads, L, E); key: (..., kv_heads, S, E); value: (..., kv_heads, S, Ev) (a 3-D
             input is (heads, L, E) and a 2-D one (L, E), as in torch). Ev may differ from E, as in torch (the
             smaller side is zero-padded to max(E, Ev) <= 256 for the kernel: exact, at the larger
@@ -47,6 +62,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     Positional order: this signature has no positional dropout_p (is_causal is the 5th
     argument); a float in that place is refused with a TypeError rather than read as a flag.
     """
+    query, key, value = q, k, v
     if isinstance(is_causal, float):
         raise TypeError(f"{_NAME}: 'is_causal' must be a bool (got {is_causal!r}); note that here the 5th positional "
                         "argument is is_causal: pass torch's dropout_p by keyword")
@@ -147,3 +163,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     for _ in range(4 - min(rank, 4)):
         out = out.squeeze(0)
     return out
+
+
+scaled_dot_product_attention.__doc__ = _scaled_dot_product_attention.__doc__
+scaled_dot_product_attention.__signature__ = inspect.signature(_scaled_dot_product_attention)
