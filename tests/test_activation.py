@@ -167,7 +167,10 @@ BAD = [
     (lambda: thrifty.ops.swiglu(torch.randn(3, 8), torch.randn(3, 8).half()), TypeError, "'up' must have the same dtype as 'gate'"),
     (lambda: thrifty.ops.swiglu(torch.randn(3, 8), torch.randn(3, 9)), ValueError, "'up' must have the same shape as 'gate'"),
     (lambda: thrifty.ops.swiglu(torch.randn(3, 8), torch.randn(8)), ValueError, "'up' must have the same shape as 'gate'"),
-    (lambda: thrifty.ops.swiglu(torch.randn(()), torch.randn(())), ValueError, "'gate' must have at least 1"),
+    (lambda: torch.ops.thrifty.swiglu(torch.randn(()), torch.randn(())), ValueError, "'gate' must have at least 1"),
+    (lambda: torch.ops.thrifty.swiglu(torch.randn((), device="meta"), torch.randn((), device="meta")), ValueError,
+     "'gate' must have at least 1"),
+    (lambda: thrifty.ops.swiglu(torch.randn(()), torch.randn(3)), ValueError, "'gate' must have at least 1"),
     (lambda: thrifty.ops.swiglu(torch.ones(3, dtype=torch.int32), torch.ones(3, dtype=torch.int32)), TypeError, "'gate' must have dtype"),
     (lambda: torch.ops.thrifty.swiglu_backward(torch.randn(3, 7), torch.randn(3, 8), torch.randn(3, 8)), ValueError,
      "'grad' must have the same shape as 'gate'"),
@@ -196,3 +199,17 @@ def test_fused_gate_up_slices_are_not_copied():
         torch.ops.thrifty.swiglu(g, u)
         torch.ops.thrifty.swiglu_backward(torch.randn(3, 4, 100), g, u)
     assert [e.name for e in prof.events() if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")] == []
+
+
+def test_scalars_as_torch_takes_them():
+    g = torch.tensor(0.7, requires_grad=True)
+    u = torch.tensor(-1.3, requires_grad=True)
+    y = thrifty.ops.swiglu(g, u)
+    assert y.shape == ()
+    y.backward()
+    g2, u2 = g.detach().clone().requires_grad_(), u.detach().clone().requires_grad_()
+    ref = torch.nn.functional.silu(g2) * u2
+    ref.backward()
+    torch.testing.assert_close(y.detach(), ref.detach())
+    torch.testing.assert_close((g.grad, u.grad), (g2.grad, u2.grad))
+    assert thrifty.ops.swiglu(torch.randn((), device="meta"), torch.randn((), device="meta")).shape == ()

@@ -23,18 +23,23 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
     Args:
         gate, up: same shape (..., n), same dtype (float32/bfloat16/float16), any leading
-            dims. The last dim must be contiguous for a copy-free call; other strides are
+            dims (or both 0-d). The last dim must be contiguous for a copy-free call; other strides are
             free, so the two halves of one fused (..., 2n) gate_up projection
             (``gate_up.chunk(2, -1)``) are read in place.
     Returns:
         (..., n) contiguous, the dtype of gate.
     """
     require_tensors("thrifty.swiglu", gate=gate, up=up)
+    if gate.dim() == 0 and up.dim() == 0:  # scalars, as torch's silu(g) * u takes them (the kernels want a last dim)
+        return call_op(_ops.swiglu, gate.reshape(1), up.reshape(1)).reshape(())
     return call_op(_ops.swiglu, gate, up)
 
 
 @register_fake("thrifty::swiglu")
 def _swiglu_fake(gate, up):
+    if gate.dim() == 0:  # as the kernels' check (the public swiglu reshapes scalars first)
+        raise ValueError(f"thrifty.swiglu: argument 'gate' must have at least 1 dimension(s) (got shape "
+                         f"{list(gate.shape)})")
     return torch.empty_like(gate, memory_format=torch.contiguous_format)
 
 
