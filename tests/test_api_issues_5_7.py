@@ -119,6 +119,28 @@ def test_quantize_cli_output_loads_in_thrifty_llama(tmp_path):
         assert torch.equal(Llama.from_pretrained(tmp_path / "again")(ids), want(ids))
 
 
+def test_w8_configs_record_per_channel_and_act_order_only_for_gptq(tmp_path):
+    """bits=8 is per output channel: config.json and the safetensors metadata say group_size -1 (the default
+    128 was written there), and an RTN model does not claim act-order."""
+    from safetensors import safe_open
+    m = micro_llama(tie_word_embeddings=True)
+    m.save_pretrained(tmp_path / "src")
+    assert _quantize_cli([tmp_path / "src", tmp_path / "q8", "--bits", "8"]) == 0
+    assert json.loads((tmp_path / "q8" / "config.json").read_text())["quantization_config"]["group_size"] == -1
+    q = quantize_model(copy.deepcopy(m), {"bits": 8})
+    q.save_pretrained(tmp_path / "api8")
+    conf = json.loads((tmp_path / "api8" / "config.json").read_text())["quantization_config"]
+    assert conf["group_size"] == -1 and conf["bits"] == 8
+    with safe_open(str(tmp_path / "api8" / "model.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["config"])
+    assert meta["group_size"] == -1 and meta["act_order"] is False
+    ids = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(Llama.from_pretrained(tmp_path / "api8")(ids), q(ids))
+    q4 = quantize_model(copy.deepcopy(m), {"bits": 4, "group_size": 32})
+    assert q4._thrifty_quant_config["group_size"] == 32 and q4._thrifty_quant_config["act_order"] is False
+
+
 def test_quantize_cli_gptq_without_transformers(tmp_path, monkeypatch, capsys):
     from thrifty.data import save_tokenizer, train_tokenizer
     from thrifty.quant import cli

@@ -60,16 +60,20 @@ def _error(msg) -> int:
 def add_arguments(parser) -> None:
     parser.add_argument("model_dir", help="Hugging Face Llama-style directory (config.json + *.safetensors)")
     parser.add_argument("out_dir", help="where the quantized model is written")
-    parser.add_argument("--bits", type=int, default=4, choices=[4, 8])
-    parser.add_argument("--group-size", type=int, default=128, help="bits=4 group size (multiple of 32)")
-    parser.add_argument("--method", default="rtn", choices=["rtn", "gptq"])
-    parser.add_argument("--act-bits", type=int, default=16, choices=[16, 8], help="8: W8A8 (bits=8 only)")
+    parser.add_argument("--bits", type=int, default=4, choices=[4, 8], help="weight bits (default: 4)")
+    parser.add_argument("--group-size", type=int, default=128, help="bits=4 group size, a multiple of 32 "
+                        "(default: 128; bits=8 is per output channel)")
+    parser.add_argument("--method", default="rtn", choices=["rtn", "gptq"],
+                        help="rtn: round to nearest; gptq: error-compensated with calibration data (default: rtn)")
+    parser.add_argument("--act-bits", type=int, default=16, choices=[16, 8], help="8: W8A8 (bits=8 only) (default: 16)")
     parser.add_argument("--calibration", help="text file for GPTQ calibration (default: an embedded corpus, or random "
                         "token ids when MODEL_DIR has no tokenizer)")
-    parser.add_argument("--calibration-tokens", type=int, default=4096)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--damp", type=float, default=0.01)
-    parser.add_argument("--no-act-order", action="store_true")
+    parser.add_argument("--calibration-tokens", type=int, default=4096, help="gptq: calibration tokens (default: 4096)")
+    parser.add_argument("--seq-len", type=int, default=512, help="gptq: calibration sequence length (default: 512)")
+    parser.add_argument("--damp", type=float, default=0.01,
+                        help="gptq: Hessian dampening, a fraction of its mean diagonal (default: 0.01)")
+    parser.add_argument("--no-act-order", action="store_true",
+                        help="gptq: quantize columns in their order, not by decreasing Hessian diagonal")
 
 
 def _weight_files(model_dir: Path) -> list[Path]:
@@ -352,7 +356,8 @@ def _quantize(args) -> int:
         err = (F.dequantize_reference(F.unpack_int4(outt[base + ".qweight"]) if args.bits == 4 else q, s, z,
                                       args.group_size) - (w if perm is None else w[:, perm])).norm() / w.norm()
         print(f"  {base}: {tuple(w.shape)} -> int{args.bits}  weight rel. error {err:.4f}", flush=True)
-    cfg = {"bits": args.bits, "group_size": args.group_size, "method": args.method, "act_bits": args.act_bits}
+    cfg = {"bits": args.bits, "group_size": args.group_size if args.bits == 4 else -1,  # W8: per output channel
+           "method": args.method, "act_bits": args.act_bits}
     config["quantization_config"] = {"quant_method": "thrifty", "format_version": F.FORMAT_VERSION, **cfg}
 
     def write(d: Path) -> None:

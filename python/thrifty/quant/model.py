@@ -193,7 +193,9 @@ def quantize_model(model: nn.Module, config=None, calibration=None) -> nn.Module
         # the same QuantLinear, as a shared float layer would be (named_modules lists it under one name only)
         for alias in aliases.get(id(lin), [n]):
             _set_module(model, alias, qm)
-    model._thrifty_quant_config = asdict(cfg)
+    # what the layers hold: W8 is per output channel (group_size -1) and act-order is GPTQ's alone
+    model._thrifty_quant_config = {**asdict(cfg), "group_size": cfg.group_size if cfg.bits == 4 else -1,
+                                   "act_order": cfg.act_order and cfg.method == "gptq"}
     return model
 
 
