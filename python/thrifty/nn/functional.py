@@ -37,8 +37,8 @@ def _scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     kernel, with torch's layout and conventions.
 
     Args:
-        q, k, v (torch's query, key, value; those names are taken by keyword too):
-        query: (..., heads, L, E); key: (..., kv_heads, S, E); value: (..., kv_heads, S, Ev) (a 3-D
+        q: (..., heads, L, E); k: (..., kv_heads, S, E); v: (..., kv_heads, S, Ev), torch's query, key and
+            value (those names are taken by keyword too; the messages below use them) (a 3-D
             input is (heads, L, E) and a 2-D one (L, E), as in torch). Ev may differ from E, as in torch (the
             smaller side is zero-padded to max(E, Ev) <= 256 for the kernel: exact, at the larger
             size's cost). The batch dims ``...`` broadcast as in torch, across ranks too (a 3-D query
