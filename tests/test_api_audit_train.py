@@ -89,6 +89,7 @@ def micro_cli(corpus, base_model, out, *extra):
     (("--lr", "-1"), "--lr"), (("--lr", "nan"), "--lr"), (("--weight-decay", "-0.5"), "--weight-decay"),
     (("--seed", "-1"), "--seed"), (("--time-budget", "0s"), "--time-budget"),
     (("--lora-rank", "4", "--lora-targets", "q_proj,v_porj"), "v_porj"),
+    (("--lora-alpha", "16"), "--lora-alpha 16.0 (the adapters' scale) needs --lora-rank"),
 ])
 def test_bad_flag_is_named_and_nothing_written(corpus, base_model, tmp_path, flags, named):
     """The optimizer's own "lr must be >= 0.0" / numpy's "Seed must be between 0 and 2**32 - 1" named no flag; a

@@ -167,3 +167,19 @@ def test_writes_into_new_nested_and_existing_out_dirs(src, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "q", "src"]
     loaded = Llama.from_pretrained(out)
     assert isinstance(loaded.model.layers[0].self_attn.q_proj, thrifty.nn.QuantLinear)
+
+
+@pytest.mark.parametrize("flags, noted", [
+    (["--bits", "8", "--group-size", "64"], ["--group-size 64 with --bits 8"]),
+    (RTN + ["--damp", "0.1", "--no-act-order"], ["--damp with --method rtn", "--no-act-order with --method rtn"]),
+    (RTN + ["--seq-len", "64", "--calibration-tokens", "100"], ["--seq-len with", "--calibration-tokens with"]),
+    (RTN, []),
+])
+def test_flags_without_effect_are_noted(src, tmp_path, capsys, flags, noted):
+    """A flag given a value it does not act on (W8 has no groups; RTN reads no calibration) runs, with a note
+    naming it on stderr (it was accepted silently)."""
+    assert _quantize(src, tmp_path / "q", *flags) == 0
+    err = capsys.readouterr().err
+    for n in noted:
+        assert n in err and "has no effect here" in err, err
+    assert err.count("has no effect here") == len(noted)

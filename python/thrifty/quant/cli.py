@@ -57,21 +57,29 @@ def _error(msg) -> int:
     return 2
 
 
+_DEFAULTS = {"group_size": 128, "calibration_tokens": 4096, "seq_len": 512, "damp": 0.01}
+
+
 def add_arguments(parser) -> None:
+    d = _DEFAULTS
     parser.add_argument("model_dir", help="Hugging Face Llama-style directory (config.json + *.safetensors)")
     parser.add_argument("out_dir", help="where the quantized model is written")
-    parser.add_argument("--bits", type=int, default=4, choices=[4, 8], help="weight bits (default: 4)")
-    parser.add_argument("--group-size", type=int, default=128, help="bits=4 group size, a multiple of 32 "
-                        "(default: 128; bits=8 is per output channel)")
+    parser.add_argument("--bits", type=int, default=4, choices=[4, 8], help="weight bits (default: %(default)s)")
+    parser.add_argument("--group-size", type=int, default=d["group_size"],
+                        help="bits=4 group size, a multiple of 32 (default: %(default)s; bits=8 is per output channel)")
     parser.add_argument("--method", default="rtn", choices=["rtn", "gptq"],
-                        help="rtn: round to nearest; gptq: error-compensated with calibration data (default: rtn)")
-    parser.add_argument("--act-bits", type=int, default=16, choices=[16, 8], help="8: W8A8 (bits=8 only) (default: 16)")
+                        help="rtn: round to nearest; gptq: error-compensated with calibration data "
+                        "(default: %(default)s)")
+    parser.add_argument("--act-bits", type=int, default=16, choices=[16, 8],
+                        help="8: W8A8 (bits=8 only) (default: %(default)s)")
     parser.add_argument("--calibration", help="text file for GPTQ calibration (default: an embedded corpus, or random "
                         "token ids when MODEL_DIR has no tokenizer)")
-    parser.add_argument("--calibration-tokens", type=int, default=4096, help="gptq: calibration tokens (default: 4096)")
-    parser.add_argument("--seq-len", type=int, default=512, help="gptq: calibration sequence length (default: 512)")
-    parser.add_argument("--damp", type=float, default=0.01,
-                        help="gptq: Hessian dampening, a fraction of its mean diagonal (default: 0.01)")
+    parser.add_argument("--calibration-tokens", type=int, default=d["calibration_tokens"],
+                        help="gptq: calibration tokens (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=d["seq_len"],
+                        help="gptq: calibration sequence length (default: %(default)s)")
+    parser.add_argument("--damp", type=float, default=d["damp"],
+                        help="gptq: Hessian dampening, a fraction of its mean diagonal (default: %(default)s)")
     parser.add_argument("--no-act-order", action="store_true",
                         help="gptq: quantize columns in their order, not by decreasing Hessian diagonal")
 
@@ -284,6 +292,21 @@ def _calibration_hessians(model_dir: Path, names: list[str], args, text: str | N
 _hessians_via_transformers = _calibration_hessians
 
 
+def _ignored_flags(args) -> list[str]:
+    """The flags given a value they do not act on (W8 has no groups; RTN reads no calibration data)."""
+    out = []
+    d = _DEFAULTS
+    if args.bits == 8 and args.group_size != d["group_size"]:
+        out.append(f"--group-size {args.group_size} with --bits 8 (per output channel)")
+    if args.method == "rtn":
+        given = [("--calibration", args.calibration is not None),
+                 ("--calibration-tokens", args.calibration_tokens != d["calibration_tokens"]),
+                 ("--seq-len", args.seq_len != d["seq_len"]), ("--damp", args.damp != d["damp"]),
+                 ("--no-act-order", args.no_act_order)]
+        out += [f"{name} with --method rtn (GPTQ only)" for name, set_ in given if set_]
+    return out
+
+
 def main(args) -> int:
     try:
         return _quantize(args)
@@ -316,6 +339,8 @@ def _quantize(args) -> int:
     if args.bits == 4 and (args.group_size <= 0 or args.group_size % 32):
         raise QuantizeError(f"--group-size must be a positive multiple of 32, got {args.group_size}")
     _check_out_dir(src, out)
+    for flag in _ignored_flags(args):
+        print(f"thrifty quantize: note: {flag} has no effect here", file=sys.stderr, flush=True)
     # read now: a missing or empty --calibration file fails before the weights are loaded
     cal_text = _calibration_text(args) if args.method == "gptq" else None
     tensors = _load_tensors(files)

@@ -461,6 +461,8 @@ class Trainer:
             raise TrainError(f"--grad-clip: expected a finite norm >= 0 (0: off), got {c.grad_clip!r}")
         if c.lora_alpha is not None and not (isinstance(c.lora_alpha, (int, float)) and 0 < c.lora_alpha < math.inf):
             raise TrainError(f"--lora-alpha: expected a finite number > 0, got {c.lora_alpha!r}")
+        if c.lora_alpha is not None and not c.lora_rank:  # as --lora-base-bits: no adapters, nothing to scale
+            raise TrainError(f"--lora-alpha {c.lora_alpha} (the adapters' scale) needs --lora-rank R")
         # checked here rather than by the optimizer, whose message says "lr must be >= 0.0", not the flag
         for name in ("lr", "weight_decay"):
             v = getattr(c, name)
