@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -189,6 +190,9 @@ def test_finetune_transformers_dir_export_loads_in_both(hf_dir, corpus, tmp_path
     ours = Llama.from_pretrained(out, dtype=torch.float32)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     before = Llama.from_pretrained(hf_dir, dtype=torch.float32)
+    # the logged size counts a QLoRA base's quantized weights (buffers, not parameters: it logged 0.02M of 0.09M)
+    total, trainable = map(float, re.search(r"model: ([\d.]+)M parameters \(([\d.]+)M trainable", err).groups())
+    assert abs(total - (before.num_params() / 1e6 + (trainable if "--lora-rank" in extra else 0))) < 0.011, err
     with torch.no_grad():
         lo, lt = ours(x), theirs(x).logits
         assert not torch.equal(lo, before(x))  # it trained

@@ -621,6 +621,9 @@ class Trainer:
             self._apply_activation_checkpointing(model)
         self.n_params = sum(p.numel() for p in model.parameters())
         self.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        # a QLoRA base's int4/int8 weights are buffers of its QuantLinear layers, not parameters: counted apart
+        from thrifty.nn import QuantLinear
+        self.n_quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
 
         # ---- FSDP2 shards the parameters (they become DTensors): before the optimizer sees them
         if self.distributed and c.fsdp:
@@ -1112,7 +1115,9 @@ class Trainer:
         self._consecutive_nan = 0
         eval_every = c.eval_every or max(1, (c.steps or 500) // 10)
         mc = self.model_config
-        self.log(f"model: {self.n_params / 1e6:.2f}M parameters ({self.n_trainable / 1e6:.2f}M trainable), "
+        quantized = f", {self.n_quantized / 1e6:.2f}M quantized frozen" if self.n_quantized else ""
+        self.log(f"model: {(self.n_params + self.n_quantized) / 1e6:.2f}M parameters ({self.n_trainable / 1e6:.2f}M "
+                 f"trainable{quantized}), "
                  f"{mc.num_hidden_layers} layers x {mc.hidden_size}, vocab {mc.vocab_size}; "
                  f"{'thrifty' if self.thrifty_model else 'stand-in'} model, optimizer {type(self.optimizer).__module__}."
                  f"{type(self.optimizer).__name__}; precision {c.precision} "
