@@ -499,6 +499,17 @@ def test_awq_import_roundtrip():
         QuantLinear.from_awq(qweight, qzeros, scales, group_size=128)
 
 
+def test_awq_group_size_minus_one_is_one_group_of_k():
+    """AutoAWQ's q_group_size -1 (WQLinear_GEMM: group_size = in_features): one group of all K inputs."""
+    k, n = 128, 16
+    q, z = torch.randint(0, 16, (k, n)), torch.randint(0, 16, (1, n))
+    s = torch.rand(1, n) + 0.1
+    qw, qz, sc = qf.to_awq_tensors(q, z, s)
+    m = QuantLinear.from_awq(qw, qz, sc, group_size=-1)
+    assert m.group_size == k
+    assert torch.equal(m.dequantize(), ((q.float() - z.float()) * sc.float()).t())
+
+
 def test_gptq_awq_writers_roundtrip():
     k, n, g = 128, 16, 32
     q = torch.randint(0, 16, (k, n))
@@ -545,7 +556,20 @@ IMPORT_BAD = [
     (lambda: QuantLinear.from_gptq(_GPTQ[0].numpy(), *_GPTQ[1:]), TypeError, "qweight must be a torch.Tensor"),
     (lambda: QuantLinear.from_gptq(*_GPTQ, bits="4"), TypeError, "'bits' must be an int"),
     (lambda: QuantLinear.from_gptq(*_GPTQ, g_idx=torch.zeros(128, dtype=torch.int32, device="meta")), ValueError,
-     "g_idx is on meta, qweight on cpu"),
+     "g_idx is on the meta device"),
+    (lambda: QuantLinear.from_gptq(_GPTQ[0].to("meta"), *_GPTQ[1:]), ValueError, "qweight is on the meta device"),
+    (lambda: QuantLinear.from_gptq(_GPTQ[0], _GPTQ[1], _GPTQ[2][:2]), ValueError,
+     r"qzeros has 4 groups and scales 2 .*: they must agree"),
+    # AutoGPTQ writes ceil(K / G) groups: K=96 at G=64 is two groups of 64 and 32, named as such
+    (lambda: QuantLinear.from_gptq(torch.zeros(12, 16, dtype=torch.int32), torch.zeros(2, 2, dtype=torch.int32),
+                                   torch.ones(2, 16).half(), (torch.arange(96) // 64).int()), ValueError,
+     r"in_features K=96 is not a multiple of the group size 64 \(from g_idx"),
+    (lambda: QuantLinear.from_gptq(torch.zeros(12, 16, dtype=torch.int32), torch.zeros(2, 2, dtype=torch.int32),
+                                   torch.ones(2, 16).half(), (torch.arange(96) % 3 != 0).int()), ValueError,
+     r"g_idx must give every group the same number of input features, got \[32, 64\]"),
+    (lambda: QuantLinear.from_gptq(torch.zeros(20, 16, dtype=torch.int32), torch.zeros(3, 2, dtype=torch.int32),
+                                   torch.ones(3, 16).half()), ValueError,
+     r"scales has 3 groups, which does not divide K=160 .*K must be a multiple of the group size"),
     (lambda: QuantLinear.from_awq(*_AWQ, bias=torch.zeros(24), group_size=32), ValueError,
      r"from_awq: argument 'bias' must have shape \(out_features,\) = \(16,\)"),
     (lambda: QuantLinear.from_awq(*_AWQ, bias=torch.zeros(16, dtype=torch.int32), group_size=32), TypeError,
@@ -565,7 +589,13 @@ IMPORT_BAD = [
     (lambda: QuantLinear.from_awq(_AWQ[0], _AWQ[1][:, :1], _AWQ[2], group_size=32), ValueError,
      r"qzeros must have shape"),
     (lambda: QuantLinear.from_awq(*_AWQ[:2], _AWQ[2].to("meta"), group_size=32), ValueError,
-     "scales is on meta, qweight on cpu"),
+     "scales is on the meta device"),
+    (lambda: QuantLinear.from_awq(*(t.to("meta") for t in _AWQ), group_size=32), ValueError,
+     "qweight is on the meta device"),
+    (lambda: QuantLinear.from_awq(*_AWQ, group_size=0), ValueError,
+     r"group_size must be a positive multiple of 32, -1 \(one group of all K inputs\) or None"),
+    (lambda: QuantLinear.from_awq(*_AWQ, group_size=-1), ValueError,
+     r"group_size=128 does not match the shapes"),  # -1 is one group of K = 128; the scales hold 4
 ]
 
 

@@ -108,6 +108,8 @@ def _unpack_int32_cols(qweight: torch.Tensor, order=None) -> torch.Tensor:
 
 def _check_tensor(name: str, t, device: torch.device | None = None):
     _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    _check(t.device.type != "meta", f"{name} is on the meta device: importing reads the packed values, so it needs "
+                                    "real tensors (load the checkpoint's tensors first)")
     _check(device is None or t.device == device, f"{name} is on {t.device}, qweight on {device}: "
                                                  "they must be on the same device")
 
@@ -137,20 +139,32 @@ def gptq_unpack(qweight, qzeros, scales, g_idx=None):
     ng = scales.shape[0]
     _check(scales.shape[1] == n, f"scales must have shape (groups, {n}) to match qweight (K/8, N) = "
                                  f"{tuple(qweight.shape)}, got {tuple(scales.shape)}")
-    _check(ng >= 1 and k % ng == 0, f"scales has {ng} groups, which does not divide K={k} (from qweight)")
     _check(n % 8 == 0, f"out_features N={n} (qweight (K/8, N) = {tuple(qweight.shape)}) must be a multiple of 8: "
                        "GPTQ packs 8 zero points per int32 of qzeros")
+    _check(qzeros.shape[0] == ng, f"qzeros has {qzeros.shape[0]} groups and scales {ng} (qzeros "
+                                  f"{tuple(qzeros.shape)}, scales {tuple(scales.shape)}): they must agree")
     _check(tuple(qzeros.shape) == (ng, n // 8),
            f"qzeros must have shape (groups, N/8) = ({ng}, {n // 8}), got {tuple(qzeros.shape)}")
-    gs = k // ng
-    if g_idx is None:
-        g_idx = torch.arange(k, device=qweight.device) // gs
-    else:
+    if g_idx is not None:
         _check_tensor("g_idx", g_idx, qweight.device)
         _check(g_idx.dtype in (torch.int32, torch.int64), f"g_idx must be int32 or int64, got {g_idx.dtype}", TypeError)
         _check(tuple(g_idx.shape) == (k,), f"g_idx must have shape (K,) = ({k},), got {tuple(g_idx.shape)}")
         g_idx = g_idx.long()
         _check(bool(((g_idx >= 0) & (g_idx < ng)).all()), f"g_idx values must lie in [0, {ng})")
+        # GPTQ writes ceil(K / G) groups, the last one short when G does not divide K: name G and K
+        counts = torch.bincount(g_idx, minlength=ng)
+        g = int(counts.max())
+        if not bool((counts == g).all()):
+            _check(not (bool((counts[:-1] == g).all()) and int(counts[-1]) < g),
+                   f"in_features K={k} is not a multiple of the group size {g} (from g_idx: its last group has "
+                   f"{int(counts[-1])} input features); thrifty's int4 kernels quantize whole groups")
+            raise ValueError(f"g_idx must give every group the same number of input features, got "
+                             f"{sorted(set(counts.tolist()))}")
+    _check(ng >= 1 and k % ng == 0, f"scales has {ng} groups, which does not divide K={k} (from qweight): GPTQ "
+                                    "writes ceil(K / group size) groups, so K must be a multiple of the group size")
+    gs = k // ng
+    if g_idx is None:
+        g_idx = torch.arange(k, device=qweight.device) // gs
     q = _unpack_int32_rows(qweight)
     z = _unpack_int32_cols(qzeros) + 1  # stored nibble + 1: a stored 15 means zero point 16
     return q, z, scales.float(), g_idx, gs
@@ -206,7 +220,13 @@ def awq_dequantize_reference(qweight, qzeros, scales) -> torch.Tensor:
 
 
 def from_awq_tensors(qweight, qzeros, scales, group_size: int | None = None):
-    if group_size is not None and group_size > 0:
+    if group_size == -1:  # AutoAWQ's q_group_size -1: one group of all K input features
+        _check_int32("qweight", qweight)
+        group_size = qweight.shape[0]
+    _check(group_size is None or group_size > 0,
+           f"group_size must be a positive multiple of 32, -1 (one group of all K inputs) or None (from the "
+           f"shapes), got {group_size}")
+    if group_size is not None:
         # K alone (qweight's rows) rules out the group size: say so, rather than the shape mismatch
         # (or groups-do-not-divide-K error) that the scales would report for it
         _check_int32("qweight", qweight)
