@@ -394,6 +394,25 @@ def test_quantized_checkpoint_format_version_is_checked(tmp_path):
         assert repr(bad) in str(err.value)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quantized_checkpoint_layers_take_the_model_dtype(tmp_path, dtype):
+    """The reloaded QuantLinears' dequantized .weight (and bias) follow the model's dtype as before saving
+    (weight_dtype came back float32 in a bf16 model: the layers were built without a dtype)."""
+    from thrifty.nn import QuantLinear
+    from thrifty.quant import quantize_model
+    m = quantize_model(tiny().to(dtype), {"bits": 4, "group_size": 32})
+    m.save_pretrained(tmp_path)
+    for load_dtype in (None, dtype):
+        r = Llama.from_pretrained(tmp_path, dtype=load_dtype)
+        layers = [mod for mod in r.modules() if isinstance(mod, QuantLinear)]
+        assert layers and all(mod.weight.dtype == dtype for mod in layers)
+        ids = torch.randint(0, SMALL["vocab_size"], (1, 7))
+        with torch.no_grad():
+            assert torch.equal(r(ids), m(ids))
+    r = Llama.from_pretrained(tmp_path, dtype=torch.float32)
+    assert all(mod.weight.dtype == torch.float32 for mod in r.modules() if isinstance(mod, QuantLinear))
+
+
 @pytest.mark.parametrize("shape", [(2, 0), (0,), (0, 5)])
 def test_empty_input_is_a_value_error(shape):
     m = tiny()

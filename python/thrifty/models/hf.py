@@ -97,7 +97,7 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = None, device=None):
     with torch.device("meta"):
         model = cls(cfg)
         if layers:
-            _quant_layers(model, layers, path)
+            _quant_layers(model, layers, path, dtype)
     expected = model.state_dict()
     keep_dtype = {f"{n}.{b}" for n in layers for b in ("qweight", "scales", "zeros", "perm", "smooth")}
     if cfg.tie_word_embeddings and "lm_head" not in layers:
@@ -123,23 +123,22 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = None, device=None):
     return model.eval()
 
 
-def _quant_layers(model, layers: dict, path) -> None:
-    """Replaces the layers a thrifty-quantized checkpoint names by empty QuantLinears (meta device)."""
+def _quant_layers(model, layers: dict, path, dtype: torch.dtype) -> None:
+    """Replaces the layers a thrifty-quantized checkpoint names by empty QuantLinears (meta device) whose
+    bias and dequantized ``weight`` take the model's dtype, as the float layers they replace."""
     from thrifty.nn.quant import QuantLinear
 
     for name, c in layers.items():
         try:
-            old = model.get_submodule(name)
+            model.get_submodule(name)
         except AttributeError as err:
             raise ValueError(f"{path}: quantized layer {name!r} does not exist in the model") from err
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        bias = getattr(old, "bias", None)
         setattr(parent, child, QuantLinear(
             c["in_features"], c["out_features"], c["bias"], bits=c["bits"],
             group_size=c["group_size"] if c["bits"] == 4 else 128, act_bits=c.get("act_bits", 16),
-            dtype=bias.dtype if bias is not None else None, act_order=c.get("act_order", False),
-            smooth=c.get("smooth", False)))
+            dtype=dtype, act_order=c.get("act_order", False), smooth=c.get("smooth", False)))
 
 
 # max_shard_size units as transformers' save_pretrained reads them: KB/MB/GB/TB powers of 1000
