@@ -124,6 +124,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         non-finite lr, betas, eps or weight_decay in a group raises here, not at the next step)."""
         super().add_param_group(param_group)
         try:
+            # torch only warns on a tensor listed twice in a group (a future error there); the fused pass
+            # would update it twice with step 1's bias correction, or race on it across threads
+            params = self.param_groups[-1]["params"]
+            if len({id(p) for p in params}) != len(params):
+                raise ValueError("the same tensor is listed more than once in a param group; list each "
+                                 "parameter once")
             self._check_group(self.param_groups[-1])
         except (TypeError, ValueError, NotImplementedError) as err:
             self.param_groups.pop()
@@ -161,10 +167,26 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # state tensors a subclass keeps as float32 moments of the param's shape
     _float_moments: tuple = ()
+    # the keys of a param's state: all of _state_keys, and any of _optional_state_keys
+    _state_keys: tuple = ()
+    _optional_state_keys: tuple = ("master",)
+
+    def _check_state_keys(self, state: dict, where, required, optional) -> None:
+        """Another optimizer's state (Lion's into AdamW, AdamW's into Lion) is refused by its keys at load time;
+        it loaded silently and then stepped with foreign moments, or failed at the step with a KeyError."""
+        missing = [k for k in required if k not in state]
+        unknown = sorted(k for k in state if k not in required and k not in optional)
+        if missing or unknown:
+            what = "; ".join(x for x in (f"lacks {missing}" if missing else "",
+                                         f"has {unknown}" if unknown else "") if x)
+            raise ValueError(f"{type(self).__name__}.load_state_dict: the state of param {where} {what} (its keys: "
+                             f"{sorted(state)}; {type(self).__name__} keeps {list(required)}): a state dict saved by "
+                             "another optimizer?")
 
     def _check_loaded_state(self, p: torch.Tensor, state: dict, where) -> None:
-        """A loaded state fits this optimizer now, not at the next step's kernel check: float moments of the
-        param's shape (another float dtype, torch.optim's bf16 moments of bf16 params say, is widened to float32)."""
+        """A loaded state fits this optimizer now, not at the next step's kernel check: its keys, float moments of
+        the param's shape (another float dtype, torch.optim's bf16 moments of bf16 params say, is widened to
+        float32)."""
         owner = type(self).__name__
         for k in self._float_moments:
             v = state.get(k)
@@ -178,6 +200,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                                  "moments (8-bit codes are thrifty.optim.AdamW8bit's: load the state dict there)")
             if v.dtype != torch.float32:
                 state[k] = v.float()
+        self._check_state_keys(state, where, self._state_keys, self._optional_state_keys)
 
     def _bucket_key(self, p: torch.Tensor, group: dict, state: dict):
         return (p.device, p.dtype, "master" in state)
@@ -366,11 +389,23 @@ class FusedOptimizer(torch.optim.Optimizer):
         pre_hooks, post_hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
         self._optimizer_load_state_dict_pre_hooks = type(pre_hooks)()
         self._optimizer_load_state_dict_post_hooks = type(post_hooks)()
+        # torch's load replaces self.state and self.param_groups with new objects: kept, to be put back when the
+        # checks below refuse what was loaded (a refused state dict left its lrs and foreign state behind)
+        before = (self.state, self.param_groups)
         try:
-            super().load_state_dict(state_dict)
+            self._load_state_dict_checked(state_dict, saved_state, saved_ids, own_groups)
+        except BaseException:
+            self.state, self.param_groups = before
+            raise
         finally:
             self._optimizer_load_state_dict_pre_hooks = pre_hooks
             self._optimizer_load_state_dict_post_hooks = post_hooks
+        self._lr_cache = {}
+        for post_hook in post_hooks.values():
+            post_hook(self)
+
+    def _load_state_dict_checked(self, state_dict, saved_state, saved_ids, own_groups) -> None:
+        super().load_state_dict(state_dict)
         # settings the saved groups lack (master_weights in a torch.optim.AdamW state dict) keep
         # this optimizer's values instead of vanishing; torch's flags (checked above, or selectors of
         # torch's implementations) are not kept, so thrifty's state dicts never carry them
@@ -402,6 +437,3 @@ class FusedOptimizer(torch.optim.Optimizer):
                 st = self.state.get(p)
                 if st and "master" not in st and p.dtype != torch.float32:
                     st["master"] = p.detach().float().contiguous()
-        self._lr_cache = {}
-        for post_hook in post_hooks.values():
-            post_hook(self)

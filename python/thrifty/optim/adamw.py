@@ -59,6 +59,7 @@ class AdamW(FusedOptimizer):
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite)
 
     _float_moments = ("exp_avg", "exp_avg_sq")
+    _state_keys = ("step", "exp_avg", "exp_avg_sq")
 
     def _validate_group(self, group):
         _check_adam_hparams(group["lr"], group["betas"], group["eps"], group["weight_decay"])
@@ -133,6 +134,8 @@ class AdamW8bit(AdamW):
     def _check_loaded_state(self, p, state, where):
         if "absmax_m" not in state:  # float moments (a small tensor, or a state saved by AdamW)
             return super()._check_loaded_state(p, state, where)
+        self._check_state_keys(state, where, ("step", "exp_avg", "exp_avg_sq", "absmax_m", "absmax_v"),
+                               self._optional_state_keys)
         for k in ("exp_avg", "exp_avg_sq"):
             v = state.get(k)
             if v is None or v.dtype != torch.uint8 or tuple(v.shape) != tuple(p.shape):

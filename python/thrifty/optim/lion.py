@@ -41,6 +41,7 @@ class Lion(FusedOptimizer):
         _check_lion_hparams(group["lr"], group["betas"], group["weight_decay"])
 
     _float_moments = ("exp_avg",)
+    _state_keys = ("exp_avg",)
 
     def _init_state(self, p, group, state):
         state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
