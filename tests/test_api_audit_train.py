@@ -397,3 +397,55 @@ def test_demo_keeps_checkpoints_when_its_options_are_refused(tmp_path):
 def test_generate_refuses_seed_and_temperature_by_flag(hf_dir, flags, named):
     rc, _, err = cli("generate", hf_dir, "--prompt", "the", *flags)
     assert rc == 2 and named in err and "Overflow" not in err, err[-2000:]
+
+
+# ---------------- damaged run directories, a skipped last step, a stale export ----------------
+def test_damaged_trainer_state_or_metrics_line_at_resume(corpus, tmp_path):
+    """A truncated trainer_state.pt was a PytorchStreamReader traceback (exit 1) where a truncated
+    model.safetensors is a clean error; a cut-short last metrics.jsonl line (power loss, full disk) was a
+    JSONDecodeError traceback. Now: the first names the file and the way out, the second is dropped."""
+    from thrifty.train import TrainError
+    from thrifty.train.cli import run
+    out, ref = tmp_path / "run", tmp_path / "ref"
+    Trainer(cfg(corpus, ref, steps=6, save_every=2)).train()
+    Trainer(cfg(corpus, out, steps=6, save_every=2, stop_at_step=4)).train()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 4.0')
+    state = out / "checkpoints" / "step_000004" / "trainer_state.pt"
+    good = state.read_bytes()
+    state.write_bytes(good[:1000])
+    with pytest.raises(TrainError, match=r"step_000004: corrupt or truncated trainer_state.pt .*remove .*step_000004"):
+        Trainer(cfg(corpus, out, steps=6, save_every=2, resume=True)).train()
+    state.write_bytes(good)
+    assert run(cfg(corpus, out, steps=6, save_every=2, resume=True)) == 0
+    assert losses(out) == losses(ref)
+
+
+def test_a_skipped_last_step_still_checkpoints_and_resumes(corpus, tmp_path):
+    """A non-finite loss on the last step is skipped (the weights stay the last good step's), yet no checkpoint
+    was written at all: the run said "checkpoints in ..." and --resume then found none."""
+    out = tmp_path / "run"
+    res = Trainer(cfg(corpus, out, steps=4, inject_nan_steps=(4,))).train()
+    assert res["nan_skipped"] == 1
+    assert [d.name for d in step_dirs(out / "checkpoints")] == ["step_000004"]
+    Trainer(cfg(corpus, out, steps=6, resume=True)).train()
+    got = losses(out)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6] and got[4] is None  # the skipped step's loss is logged as null
+    assert all(got[s] is not None for s in (1, 2, 3, 5, 6))
+
+
+def test_a_kill_between_the_last_checkpoint_and_the_export_is_finished_by_resume(corpus, tmp_path):
+    """A finished 4-step run extended with --steps 6 and killed after its step-6 checkpoint, before the export:
+    --resume said "nothing to do" and kept the step-4 model.safetensors and summary.json for good."""
+    out, ext = tmp_path / "run", tmp_path / "ext"
+    Trainer(cfg(corpus, out, steps=4, save_every=2)).train()
+    shutil.copytree(out, ext)
+    Trainer(cfg(corpus, ext, steps=6, save_every=2, resume=True)).train()
+    # what the kill leaves: the extension's checkpoints and metrics beside the 4-step export
+    shutil.rmtree(out / "checkpoints")
+    shutil.copytree(ext / "checkpoints", out / "checkpoints")
+    shutil.copy(ext / "metrics.jsonl", out / "metrics.jsonl")
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+    res = Trainer(cfg(corpus, out, steps=6, save_every=2, resume=True)).train()
+    assert res["steps"] == 6 and json.loads((out / "summary.json").read_text())["steps"] == 6
+    assert (out / "model.safetensors").read_bytes() == (ext / "model.safetensors").read_bytes()

@@ -14,11 +14,13 @@ import json
 import math
 import numbers
 import os
+import pickle
 import random
 import re
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -200,6 +202,26 @@ def measured_matmul_flops(device: torch.device, dtype: torch.dtype = torch.bfloa
             best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
         _PEAK_CACHE[key] = best
     return _PEAK_CACHE[key]
+
+
+def _metrics_lines(path: Path) -> list[tuple[str, dict]]:
+    """metrics.jsonl's (line, row) pairs; a line that is not a JSON object (the last one cut short by a power
+    loss or a full disk) is skipped, not a JSONDecodeError traceback at --resume."""
+    if not Path(path).is_file():
+        return []
+    out = []
+    for ln in Path(path).read_text().splitlines():
+        try:
+            row = json.loads(ln)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            out.append((ln, row))
+    return out
+
+
+def _metrics_rows(path: Path) -> list[dict]:
+    return [row for _, row in _metrics_lines(path)]
 
 
 def model_flops_per_token(cfg, seq_len: int) -> float:
@@ -848,7 +870,11 @@ class Trainer:
             raise TrainError(f"--resume: the tokenizer differs from the one {path} was trained with (the data, "
                              "--tokenizer or the data filters changed since): resume with the same --data and "
                              "--tokenizer, or use another --out")
-        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # torch's zip reader raises RuntimeError
+            raise TrainError(f"checkpoint {path}: corrupt or truncated trainer_state.pt ({str(e).splitlines()[0]}); "
+                             f"remove {path} to resume from the checkpoint before it") from None
         self._check_resume_options(path, state.get("config") or {})
         from safetensors.torch import load_file
         if self.cfg.lora_rank:
@@ -974,7 +1000,9 @@ class Trainer:
         else:
             self._consecutive_nan = 0
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped first step is counted and logged: torch's ordering warning
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
         self.step += 1
         self.tokens_seen += len(batch) * c.seq_len
         return {"loss": loss_val, "grad_norm": gnorm, "lr": lr, "skipped": skipped}
@@ -1046,8 +1074,9 @@ class Trainer:
         return self.time_budget is not None and self.elapsed_before >= self.time_budget
 
     def _nothing_to_do(self) -> dict:
-        """A resume with no step left: the export and summary.json stay as they are (written again only
-        when a kill between the last checkpoint and the export left them missing)."""
+        """A resume with no step left: the export and summary.json stay as they are (written again when a
+        kill between the last checkpoint and the export left them missing, or left an earlier run's export:
+        a finished run resumed with more --steps and killed after its last checkpoint)."""
         c, rd = self.cfg, self.run_dir
         goal = f"{c.steps}" if c.steps is not None else f"the --time-budget of {self.time_budget:.0f} s"
         self.log(f"run already at step {self.step} of {goal}: nothing to do"
@@ -1055,12 +1084,12 @@ class Trainer:
         summary = rd / "summary.json"
         if summary.is_file() and (rd / "config.json").is_file():
             try:
-                return json.loads(summary.read_text())
+                done = json.loads(summary.read_text())
             except ValueError:
-                pass
-        rows = []
-        if (rd / "metrics.jsonl").is_file():
-            rows = [json.loads(ln) for ln in (rd / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+                done = None
+            if isinstance(done, dict) and done.get("steps") == self.step:
+                return done
+        rows = _metrics_rows(rd / "metrics.jsonl")
         last = [r for r in rows if r.get("step") == self.step]
         result = {"run_dir": str(rd), "steps": self.step,
                   "final_loss": next((r["loss"] for r in reversed(last) if "loss" in r), None),
@@ -1109,8 +1138,7 @@ class Trainer:
             replace_text(rd / "train_config.json", json.dumps(asdict(c), indent=1, default=str))
         metrics_path = rd / "metrics.jsonl"
         if self.is_main:
-            lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-            keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= self.step] if c.resume else []
+            keep = [ln for ln, row in _metrics_lines(metrics_path) if row.get("step", 0) <= self.step] if c.resume else []
             replace_text(metrics_path, "".join(ln + "\n" for ln in keep))
         self._consecutive_nan = 0
         eval_every = c.eval_every or max(1, (c.steps or 500) // 10)
@@ -1207,7 +1235,7 @@ class Trainer:
                     raise TrainStopped(f"stopped: {self._consecutive_nan} consecutive steps with a non-finite loss "
                                        f"(step {self.step}); the last good checkpoint is "
                                        f"{last_good or self._latest_checkpoint() or 'none (no checkpoint was written)'}")
-                if c.save_every and self.step % c.save_every == 0 and self._consecutive_nan == 0:
+                if c.save_every and self.step % c.save_every == 0 and self._checkpoint_is_good():
                     t_save = time.perf_counter()
                     last_good = self.save_checkpoint()
                     t_window += time.perf_counter() - t_save
@@ -1226,16 +1254,25 @@ class Trainer:
         if stopped_early:
             return result
         if not c.save_every or self.step % c.save_every != 0:  # None / 0: only this one at the end
-            last_good = self.save_checkpoint() if self._consecutive_nan == 0 else last_good
+            last_good = self.save_checkpoint() if self._checkpoint_is_good() else last_good
         self._write_export(result, metrics_path)
         return result
+
+    def _checkpoint_is_good(self) -> bool:
+        """Whether the state now makes a good checkpoint: after a finite step, or after skipped non-finite
+        steps (they left the weights and optimizer as the last good step did) while the weights are finite.
+        A skipped last step wrote no checkpoint at all, so the run could not be resumed."""
+        if self._consecutive_nan == 0:
+            return True
+        # every rank takes the same branch (the skip decision is global); a DTensor's all() reduces over ranks
+        return all(bool(torch.isfinite(p.detach()).all()) for p in self.raw_model.parameters())
 
     @staticmethod
     def plot_loss(metrics_path: Path, png: Path) -> None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        rows = [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines() if ln.strip()]
+        rows = _metrics_rows(metrics_path)
         tr = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None and math.isfinite(r["loss"])]
         va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
         fig, ax = plt.subplots(figsize=(7, 4))
