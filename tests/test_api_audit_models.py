@@ -197,3 +197,75 @@ def test_config_refuses_attention_dropout_and_counts_biases():
     for kw in (dict(model_type="qwen2"), dict(attention_bias=True, mlp_bias=True), dict()):
         cfg = LlamaConfig(**BASE_CFG, **kw)
         assert cfg.num_params() == sum(p.numel() for p in Llama(cfg).parameters()), kw
+
+
+# ---------------- patch_hf beside transformers' static cache, checkpointing, output views ----------------
+def _tiny_hf(kind="llama", **kw):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg_cls, model_cls = ((transformers.MistralConfig, transformers.MistralForCausalLM) if kind == "mistral" else
+                          (transformers.LlamaConfig, transformers.LlamaForCausalLM))
+    cfg = cfg_cls(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, **kw)
+    m = model_cls(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.1)
+    return m
+
+
+def test_patch_hf_static_cache_keeps_logits_and_tokens():
+    """A StaticCache (generate(cache_implementation="static"), the torch.compile path) hands back its whole
+    buffer, empty slots included: thrifty's bottom-right causal attention let the queries see them (logits off
+    by 144%, other tokens). Such layers now run transformers' attention (and its mask)."""
+    transformers = pytest.importorskip("transformers")
+    ref = _tiny_hf()
+    pat = thrifty.patch_hf(copy.deepcopy(ref))
+    ids = torch.randint(3, 97, (1, 6))
+    with torch.no_grad():
+        a = ref(ids, past_key_values=transformers.StaticCache(config=ref.config, max_cache_len=32), use_cache=True)
+        b = pat(ids, past_key_values=transformers.StaticCache(config=pat.config, max_cache_len=32), use_cache=True)
+    torch.testing.assert_close(b.logits, a.logits, rtol=1e-4, atol=1e-5)
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    for impl in ("static", None):
+        extra = {"cache_implementation": impl} if impl else {}
+        assert torch.equal(pat.generate(ids, **kw, **extra), ref.generate(ids, **kw, **extra)), impl
+
+
+@pytest.mark.parametrize("kind, kw", [("llama", dict(attn_implementation="eager")),
+                                      ("mistral", dict(sliding_window=5))])
+def test_patch_hf_gradient_checkpointing(monkeypatch, kind, kw):
+    """gradient_checkpointing_enable() (use_reentrant=False): the recompute in the backward ran after the
+    patched forward had returned, so it no longer knew the mask was the causal one, took transformers' path and
+    failed torch's recompute check (CheckpointError). It now takes thrifty's path again, gradients as unpatched."""
+    import thrifty.models.patch as P
+    calls = []
+    orig = P.attend
+    monkeypatch.setattr(P, "attend", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    ref = _tiny_hf(kind, **kw).train()
+    pat = thrifty.patch_hf(copy.deepcopy(ref))
+    pat.gradient_checkpointing_enable()
+    ids = torch.randint(0, 97, (2, 20))
+    ref(ids, labels=ids).loss.backward()
+    pat(ids, labels=ids).loss.backward()
+    assert len(calls) == 2 * 2  # the forward and the recompute, two layers each
+    for (n, a), (_, b) in zip(ref.named_parameters(), pat.named_parameters()):
+        assert (a.grad - b.grad).abs().max() <= 1e-4 * a.grad.abs().max() + 1e-7, n
+
+
+def test_patch_hf_output_views_list_logits_and_attention_weights_fall_back():
+    """With labels the patched output computes logits when read; its keys()/items() (what transformers.Trainer's
+    prediction_step gathers) left them out. output_attentions=True returned no weights: such calls now run
+    transformers' attention."""
+    ref = _tiny_hf(attn_implementation="eager")
+    pat = thrifty.patch_hf(copy.deepcopy(ref))
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        o0, o1 = ref(input_ids=ids, labels=ids), pat(input_ids=ids, labels=ids)
+        assert "logits" in o1 and len(o1) == len(o0)
+        assert list(o1.keys()) == list(o0.keys())
+        torch.testing.assert_close(dict(o1.items())["logits"], o0.logits, rtol=1e-4, atol=1e-5)
+        w0, w1 = ref(ids, output_attentions=True).attentions, pat(ids, output_attentions=True).attentions
+    assert len(w1) == len(w0) == 2
+    for a, b in zip(w0, w1):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)

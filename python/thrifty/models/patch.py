@@ -8,7 +8,9 @@ In place, on the instance (transformers stays optional: nothing here imports it)
   causal (or, for Mistral, sliding-window causal) one: no mask at all, or the mask transformers builds
   from no attention_mask or an all-ones one (eager attention always builds it; sliding windows shorter
   than the input too). With padding (a 2-D mask with zeros) or a custom 4-D mask the layer runs
-  transformers' own attention code, since the attention interface has no arbitrary-mask case.
+  transformers' own attention code, since the attention interface has no arbitrary-mask case; so it does
+  when attention weights are asked for (output_attentions) and with a static cache (StaticCache layers hand
+  back their whole buffer, empty slots included).
 - the loss: forward(..., labels=...) uses thrifty.ops.linear_cross_entropy on the final
   hidden states (no logits materialised for the loss; ``out.logits`` is computed, with autograd,
   only when it is read), returned in float32 whatever the model's dtype, as transformers does.
@@ -16,6 +18,7 @@ In place, on the instance (transformers stays optional: nothing here imports it)
 from __future__ import annotations
 
 import types
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +56,32 @@ def _as_unbound(method, mod):
     return lambda _self, *args, **kwargs: method(*args, **kwargs)
 
 
+def _cache_layer_is_dynamic(cache, layer_idx) -> bool:
+    """Whether transformers' cache layer returns exactly the keys seen so far (DynamicCache's layers, sliding or
+    not), which the attention interface's bottom-right causal alignment needs. A StaticCache layer returns its
+    whole max_cache_len buffer, empty slots included: the queries would see them (its 4-D mask hides them)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer_idx is None:
+        return False
+    if layer_idx < len(layers):
+        return not getattr(layers[layer_idx], "is_compileable", True)
+    return not getattr(cache, "is_compileable", True)  # a DynamicCache adds its layers on first update
+
+
+def _mask_is_plain(state, attention_mask) -> bool:
+    """state["plain_causal"]: set by the patched model forward for the duration of one call, so a mask built
+    from no padding is known to be the causal one (a direct call of the inner model leaves it False). The masks
+    so judged are remembered (by identity, weakly), so a gradient-checkpointing recompute in the backward,
+    after that call returned, takes the same path with the same mask."""
+    if attention_mask is None:
+        return True
+    known = state["plain_masks"]
+    if state["plain_causal"]:
+        known[id(attention_mask)] = attention_mask
+        return True
+    return known.get(id(attention_mask)) is attention_mask
+
+
 def _attention_forward(orig):
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         state = self._thrifty_state
@@ -60,9 +89,10 @@ def _attention_forward(orig):
             cache = kwargs.pop("past_key_values", None)
         else:
             kwargs.pop("past_key_values", None)
-        # state["plain_causal"]: set by the patched model forward for the duration of one call, so a mask
-        # built from no padding is known to be the causal one; a direct call of the inner model leaves it False
-        if (attention_mask is not None and not state["plain_causal"]) or position_embeddings is None:
+        # transformers' own attention for what the attention interface does not do: a padded or custom mask,
+        # attention weights asked for (output_attentions), a cache that hands back empty slots
+        if (not _mask_is_plain(state, attention_mask) or position_embeddings is None or state["want_weights"]
+                or (cache is not None and not _cache_layer_is_dynamic(cache, getattr(self, "layer_idx", None)))):
             return orig(self, hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
                         cache=cache, **kwargs)
         lead = hidden_states.shape[:-1]
@@ -132,6 +162,32 @@ def _lazy_logits_output_class():
                     self._get_logits()
                 return super().to_tuple()
 
+            # the mapping views list logits as the unpatched output does (transformers.Trainer's prediction_step
+            # gathers `outputs.items()`): reading them computes the logits; `"logits" in out` does not
+            def _listed(self):
+                if self.__dict__.get("_make_logits") is not None:
+                    self._get_logits()
+                return self
+
+            def keys(self):
+                return OrderedDict.keys(self._listed())
+
+            def values(self):
+                return OrderedDict.values(self._listed())
+
+            def items(self):
+                return OrderedDict.items(self._listed())
+
+            def __iter__(self):
+                return OrderedDict.__iter__(self._listed())
+
+            def __len__(self):
+                return OrderedDict.__len__(self) + (self.__dict__.get("_make_logits") is not None)
+
+            def __contains__(self, k):
+                return (k == "logits" and self.__dict__.get("_make_logits") is not None) or OrderedDict.__contains__(
+                    self, k)
+
         _LAZY_OUTPUT = LazyLogitsCausalLMOutput
     return _LAZY_OUTPUT
 
@@ -151,10 +207,12 @@ def _causal_lm_forward(orig):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, *args, labels=None, **kwargs):
         state = self._thrifty_state
         state["plain_causal"] = _plain_causal(attention_mask)
+        want = kwargs.get("output_attentions")
+        state["want_weights"] = bool(getattr(self.config, "output_attentions", False) if want is None else want)
         try:
             return inner(self, input_ids, attention_mask, position_ids, *args, labels=labels, **kwargs)
         finally:
-            state["plain_causal"] = False
+            state["plain_causal"] = state["want_weights"] = False
 
     def inner(self, input_ids, attention_mask, position_ids, *args, labels=None, **kwargs):
         if args:  # positional past_key_values / cache, inputs_embeds, labels, ... (transformers' order)
@@ -209,7 +267,7 @@ def patch_hf(model):
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise ValueError(f"thrifty.patch_hf: config field 'hidden_act' = {cfg.hidden_act!r} is not supported")
     # shared by the patched forwards of this model, kept on its modules (a deepcopy gets its own)
-    state = {"plain_causal": False}
+    state = {"plain_causal": False, "want_weights": False, "plain_masks": weakref.WeakValueDictionary()}
     model._thrifty_state = state
     for mod in model.modules():
         cls = type(mod).__name__
