@@ -266,6 +266,13 @@ def test_config_old_and_new_rope_fields(tmp_path):
     (dict(intermediate_size=-1), "'intermediate_size' = -1"),
     (dict(max_position_embeddings=0), "'max_position_embeddings' = 0"),
     (dict(hidden_size=2), "'hidden_size' = 2 is smaller than num_attention_heads"),
+    # numbers and flags a wrong config.json carried into the model unnoticed
+    (dict(rope_theta=-1), r"'rope_theta' = -1.0 must be a finite number > 0"),
+    (dict(rms_norm_eps="1e-5"), r"'rms_norm_eps' = '1e-5' must be a finite number > 0"),
+    (dict(tie_word_embeddings="yes"), r"'tie_word_embeddings' = 'yes' must be true or false"),
+    (dict(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=0),
+     r"'sliding_window' = 0 must be a positive integer or null"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 0}), r"\(linear\) has factor 0"),
 ])
 def test_config_errors_name_the_field(tmp_path, fields, match):
     with pytest.raises(ConfigError, match=match):

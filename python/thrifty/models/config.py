@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +105,16 @@ class LlamaConfig:
                               f"num_attention_heads = {self.num_attention_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"config field 'head_dim' = {self.head_dim} must be even (rotary embedding)")
+        # numbers a wrong config.json would otherwise carry into the model unnoticed (a string eps, a negative theta)
+        for name, v in (("rms_norm_eps", self.rms_norm_eps), ("rope_theta", self.rope_theta)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < math.inf:
+                raise ConfigError(f"config field {name!r} = {v!r} must be a finite number > 0")
+        for name in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"config field {name!r} = {getattr(self, name)!r} must be true or false")
+        sw = self.sliding_window
+        if sw is not None and (isinstance(sw, bool) or not isinstance(sw, numbers.Integral) or sw <= 0):
+            raise ConfigError(f"config field 'sliding_window' = {sw!r} must be a positive integer or null")
         # what each architecture's config.json can say (transformers' Mistral has no biases, Qwen2 none in its
         # MLP and no windows here, Llama no window): anything else would be lost on save, or ignored on load
         if self.sliding_window is not None and self.model_type != "mistral":
@@ -126,6 +137,11 @@ class LlamaConfig:
                         raise ConfigError(f"config field 'rope_scaling' (llama3) lacks {k!r}")
             if kind == "linear" and "factor" not in rs:
                 raise ConfigError("config field 'rope_scaling' (linear) lacks 'factor'")
+            f = rs.get("factor")
+            if kind in ("linear", "llama3") and (isinstance(f, bool) or not isinstance(f, numbers.Real)
+                                                 or not 0 < f < math.inf):
+                raise ConfigError(f"config field 'rope_scaling' ({kind}) has factor {f!r}: it must be a finite "
+                                  "number > 0")
 
     # ---- config.json ----
     @classmethod
