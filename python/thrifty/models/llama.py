@@ -117,7 +117,8 @@ class Llama(nn.Module):
 
     def _check_cu_seqlens(self, cu_seqlens, n_tokens: int, max_seqlen):
         """cu_seqlens as varlen attention takes it (int32, 1-D, from 0 to the token count) and the longest
-        document; reads the device values only when max_seqlen is not given (one host sync)."""
+        document; reads the device values only when max_seqlen is not given (one host sync; under torch.compile
+        the token count stands for it instead)."""
         if not isinstance(cu_seqlens, torch.Tensor):
             cu_seqlens = torch.as_tensor(cu_seqlens, dtype=torch.int32)
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
@@ -127,6 +128,10 @@ class Llama(nn.Module):
             if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
                 raise TypeError(f"Llama: argument 'cu_seqlens' must be an integer tensor (int32), got {cu_seqlens.dtype}")
             cu_seqlens = cu_seqlens.to(torch.int32)
+        if max_seqlen is None and torch.compiler.is_compiling():
+            # the longest document is a device value (a data-dependent guard torch.compile cannot trace): the
+            # token count bounds it, which the kernels accept (max_seqlen is an upper bound); they check cu_seqlens
+            max_seqlen = n_tokens
         if max_seqlen is None:
             first, last, longest = torch.stack([cu_seqlens[0], cu_seqlens[-1],
                                                 (cu_seqlens[1:] - cu_seqlens[:-1]).max()]).tolist()

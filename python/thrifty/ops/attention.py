@@ -97,9 +97,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     """
     require_tensors("thrifty.flash_attention", q=q, k=k, v=v)
     wl, wr = _window(window)
-    out, lse = call_op(_ops.flash_attention_fwd, q, k, v, None, None, q.shape[1] if q.dim() == 4 else 0,
-                       k.shape[1] if k.dim() == 4 else 0, _scale(q, softmax_scale), bool(causal), wl, wr,
-                       float(softcap))
+    # max_seqlen 0, 0: the batched kernels read the lengths from q and k (passing q.shape[1] made it a constant
+    # of the op call, so torch.compile / torch.export specialized every graph to one sequence length)
+    out, lse = call_op(_ops.flash_attention_fwd, q, k, v, None, None, 0, 0, _scale(q, softmax_scale), bool(causal),
+                       wl, wr, float(softcap))
     return (out, lse) if return_lse else out
 
 
