@@ -269,3 +269,49 @@ def test_patch_hf_output_views_list_logits_and_attention_weights_fall_back():
     assert len(w1) == len(w0) == 2
     for a, b in zip(w0, w1):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+# ---------------- torch.compile / torch.export with varying sequence lengths, patched models ----------------
+def test_dynamic_sequence_length_compiles_once_and_exports():
+    """flash_attention passed q.shape[1] into the op as an int, so every graph specialized to one sequence
+    length: torch.export with a dynamic sequence Dim failed on Llama, and torch.compile recompiled per length
+    (fullgraph failed at the recompile limit). Packed documents without max_seqlen compile too (they raised a
+    data-dependent guard error)."""
+    from torch._dynamo.testing import CompileCounter
+    from torch.export import Dim
+    cnt = CompileCounter()
+    f = torch.compile(lambda q: thrifty.ops.flash_attention(q, q, q, causal=True), backend=cnt, dynamic=True,
+                      fullgraph=True)
+    for s in (5, 9, 17, 33):
+        q = torch.randn(2, s, 4, 16)
+        torch.testing.assert_close(f(q), thrifty.ops.flash_attention(q, q, q, causal=True))
+    assert cnt.frame_count == 1
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    m = Llama(cfg).init_weights().eval()
+    ep = torch.export.export(m, (torch.randint(0, 128, (2, 7)),), dynamic_shapes=({1: Dim("S", min=2, max=32)},))
+    for s in (3, 13, 32):
+        x = torch.randint(0, 128, (2, s))
+        torch.testing.assert_close(ep.module()(x), m(x))
+    cu = torch.tensor([0, 5, 13], dtype=torch.int32)
+    ids = torch.randint(0, 128, (13,))
+    g = torch.compile(lambda i: m(i, cu_seqlens=cu), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(g(ids), m(ids, cu_seqlens=cu))
+
+
+@pytest.mark.parametrize("call", ["no_cache", "labels"])
+def test_patch_hf_compiles_fullgraph(call):
+    """A patched model under torch.compile(fullgraph=True): with a mask tensor built (use_cache=False) the
+    remembered-mask dict broke the graph; with labels the lazy-logits output class could not be traced."""
+    import io
+    ref = _tiny_hf(attn_implementation="eager")
+    pat = thrifty.patch_hf(copy.deepcopy(ref))
+    ids = torch.randint(0, 97, (2, 9))
+    kw = dict(use_cache=False) if call == "no_cache" else dict(labels=ids)
+    with torch.no_grad():
+        got = torch.compile(pat, fullgraph=True, backend="aot_eager")(input_ids=ids, **kw)
+        want = ref(input_ids=ids, **kw)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
+    if call == "labels":
+        torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    torch.save(pat, io.BytesIO())  # the patched model still pickles

@@ -1,6 +1,6 @@
 """thrifty.patch_hf: thrifty kernels inside an existing transformers Llama / Mistral / Qwen2 model.
 
-In place, on the instance (transformers stays optional: nothing here imports it):
+In place, on the instance (transformers stays optional: only patch_hf imports it, on a transformers model):
 - every *RMSNorm -> thrifty.ops.rms_norm
 - every MLP -> the thrifty SwiGLU path of thrifty.models (same gate/up/down weights)
 - attention -> thrifty rotary + the model's attention interface (thrifty.models.attention.attend)
@@ -18,7 +18,6 @@ In place, on the instance (transformers stays optional: nothing here imports it)
 from __future__ import annotations
 
 import types
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -70,14 +69,18 @@ def _cache_layer_is_dynamic(cache, layer_idx) -> bool:
 
 def _mask_is_plain(state, attention_mask) -> bool:
     """state["plain_causal"]: set by the patched model forward for the duration of one call, so a mask built
-    from no padding is known to be the causal one (a direct call of the inner model leaves it False). The masks
-    so judged are remembered (by identity, weakly), so a gradient-checkpointing recompute in the backward,
-    after that call returned, takes the same path with the same mask."""
+    from no padding is known to be the causal one (a direct call of the inner model leaves it False). With grad
+    on, the masks so judged are remembered by identity until the next patched call, so a gradient-checkpointing
+    recompute in the backward, after that call returned, takes the same path with the same mask. Not under
+    torch.compile (it traces neither id() nor the dict; compiled checkpointing recomputes in the graph)."""
     if attention_mask is None:
         return True
+    if torch.compiler.is_compiling():
+        return state["plain_causal"]
     known = state["plain_masks"]
     if state["plain_causal"]:
-        known[id(attention_mask)] = attention_mask
+        if torch.is_grad_enabled():
+            known[id(attention_mask)] = attention_mask
         return True
     return known.get(id(attention_mask)) is attention_mask
 
@@ -207,6 +210,8 @@ def _causal_lm_forward(orig):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, *args, labels=None, **kwargs):
         state = self._thrifty_state
         state["plain_causal"] = _plain_causal(attention_mask)
+        if not torch.compiler.is_compiling():
+            state["plain_masks"].clear()  # the previous call's masks (kept for its backward's recomputes)
         want = kwargs.get("output_attentions")
         state["want_weights"] = bool(getattr(self.config, "output_attentions", False) if want is None else want)
         try:
@@ -219,8 +224,6 @@ def _causal_lm_forward(orig):
             return orig(self, input_ids, attention_mask, position_ids, *args, labels=labels, **kwargs)
         if labels is None:
             return orig(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
-        from dataclasses import fields
-
         num_items = kwargs.pop("num_items_in_batch", None)
         logits_to_keep = kwargs.pop("logits_to_keep", 0)
         return_dict = kwargs.pop("return_dict", None)
@@ -240,12 +243,19 @@ def _causal_lm_forward(orig):
                 hs = h[:, logits_to_keep, :]
             return self.lm_head(hs)
 
-        cls = _lazy_logits_output_class()
-        names = {f.name for f in fields(cls)}
+        if torch.compiler.is_compiling():  # torch.compile traces neither the lazy class nor its property
+            from transformers.modeling_outputs import CausalLMOutputWithPast as cls
+        else:
+            cls = _lazy_logits_output_class()
+        names = self._thrifty_state["output_fields"]
         extra = {"hidden_states": getattr(out, "hidden_states", None), "attentions": getattr(out, "attentions", None)}
         cache_name = "cache" if "cache" in names else "past_key_values"
         extra[cache_name] = out[cache_name] if cache_name in out.keys() else None
-        res = cls(loss=loss, **{k: v for k, v in extra.items() if k in names})
+        kept = {k: v for k, v in extra.items() if k in names}
+        if torch.compiler.is_compiling():
+            res = cls(loss=loss, logits=make_logits(), **kept)
+            return res if return_dict else res.to_tuple()
+        res = cls(loss=loss, **kept)
         res.__dict__["_make_logits"] = make_logits
         if not return_dict:
             res._get_logits()
@@ -267,7 +277,12 @@ def patch_hf(model):
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise ValueError(f"thrifty.patch_hf: config field 'hidden_act' = {cfg.hidden_act!r} is not supported")
     # shared by the patched forwards of this model, kept on its modules (a deepcopy gets its own)
-    state = {"plain_causal": False, "want_weights": False, "plain_masks": weakref.WeakValueDictionary()}
+    from dataclasses import fields
+
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    state = {"plain_causal": False, "want_weights": False, "plain_masks": {},
+             # read here, not in forward: torch.compile does not trace dataclasses.fields
+             "output_fields": frozenset(f.name for f in fields(CausalLMOutputWithPast))}
     model._thrifty_state = state
     for mod in model.modules():
         cls = type(mod).__name__
