@@ -61,14 +61,16 @@ PYBIND11_MODULE(_C, m) {
         "The CPU ISA level the kernels use now.");
   m.def("set_cpu_isa", [](const std::string& name) {
     return std::string(thrifty::cpu_isa_name(thrifty::set_cpu_isa(name)));
-  }, py::arg("name"), "Switch the CPU kernels to ISA level `name`; returns the previous level. "
+  }, py::arg("name"), "Switch the CPU kernels to ISA level `name` for the whole process (a call already running "
+                      "keeps the level it read); returns the previous level. "
                       "Raises ValueError for unknown levels or levels this CPU lacks.");
   m.def("cpu_uses_bf16_dot", [] { return thrifty::cpu_use_bf16_dot(); },
         "Whether kernels with a VDPBF16PS and a float32 FMA path (bf16 attention forward, quant_linear) take the "
         "VDPBF16PS one at the avx512_bf16 level now.");
   m.def("set_cpu_bf16_dot", [](const std::string& mode) { return thrifty::set_cpu_bf16_dot(mode); },
         py::arg("mode"), "'auto' (VDPBF16PS unless the CPU has AMX-BF16, where it is the slower path), "
-                         "'on' or 'off'; returns the previous mode. Raises ValueError for other names.");
+                         "'on' or 'off', for the whole process; returns the previous mode. Raises ValueError for "
+                         "other names.");
 #ifdef THRIFTY_WITH_CUDA
   // Reads THRIFTY_CUDA_QUANT_MMA now, so a bad value fails the import.
   thrifty::cuda::quant_mma_enabled();

@@ -247,3 +247,39 @@ def test_autocast_loss_is_float32_as_cross_entropy_after_an_autocast_linear(redu
         loss = thrifty.ops.linear_cross_entropy(hl, wl, y, reduction=reduction)
     (loss.sum() if reduction == "none" else loss).backward()
     assert hl.grad.dtype == wl.grad.dtype == torch.float32 and torch.isfinite(hl.grad).all()
+
+
+def test_isa_switch_from_another_thread_mid_call_is_safe():
+    """set_cpu_isa is process-wide; a call reads the level once. The bf16 loss read it per operand, so a switch
+    from another thread between two reads widened hidden but not the kept logits, and the kernels wrote float32
+    gradients into the bf16 buffer (heap corruption, the process aborted within seconds)."""
+    import threading
+    import time
+    C = thrifty._C
+    if C.cpu_isa() != "avx512_bf16":
+        pytest.skip("needs a CPU at avx512_bf16 (the switch to avx2 changes the operands' dtype)")
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(90, 48, generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(500, 48, generator=g) * 0.1).bfloat16().requires_grad_()
+    lab = torch.randint(0, 500, (90,), generator=g)
+    ref = thrifty.ops.linear_cross_entropy(h.detach().float(), w.detach().float(), lab)
+    stop = threading.Event()
+
+    def flip():
+        while not stop.is_set():
+            C.set_cpu_isa("avx2")
+            C.set_cpu_isa("avx512_bf16")
+
+    t = threading.Thread(target=flip)
+    t.start()
+    try:
+        end = time.monotonic() + 3.0
+        while time.monotonic() < end:
+            loss = thrifty.ops.linear_cross_entropy(h, w, lab)
+            loss.backward()
+            assert abs(loss.float().item() - ref.item()) < 0.05
+    finally:
+        stop.set()
+        t.join()
+        C.set_cpu_isa("avx512_bf16")
+    assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()

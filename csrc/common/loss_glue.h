@@ -75,10 +75,14 @@ inline int64_t lce_count_labels(const char* op, const at::Tensor& labels, int64_
 
 // Matmul operands: on a CPU without native bf16 dot products (below avx512_bf16) torch's bf16/f16
 // GEMM is ~30x slower than float32, so the matmuls (and the kernels) run on float32 copies there.
-inline at::Tensor lce_operand(const at::Tensor& t) {
-  const bool up = t.device().is_cpu() && t.scalar_type() != at::kFloat && cpu_isa_current() != CpuIsa::avx512_bf16;
-  return up ? t.to(at::kFloat) : t;
+// Decided once per op call (lce_upcast) and applied to every operand: reading the ISA level per operand let a
+// set_cpu_isa from another thread mid-call widen hidden but not the logits, and the kernels then wrote float32
+// gradients into a bf16 buffer.
+inline bool lce_upcast(const at::Tensor& hidden) {
+  return hidden.device().is_cpu() && hidden.scalar_type() != at::kFloat && cpu_isa_current() != CpuIsa::avx512_bf16;
 }
+
+inline at::Tensor lce_operand(const at::Tensor& t, bool upcast) { return upcast ? t.to(at::kFloat) : t; }
 
 // Rows of a chunk (tokens) or block (vocab columns): at most kLceBudget logits, and at least 8
 // chunks once the whole (tokens x vocab) matrix passes 8 x 2^20 logits; at least min_rows rows where
@@ -101,7 +105,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_forward(const at::Tens
   lce_check(op, hidden, weight, labels, reduction, label_smoothing, softcap, chunk_size);
   const int64_t T = hidden.size(0), V = weight.size(0);
   const int64_t count = lce_count_labels(op, labels, V, ignore_index);
-  auto h = lce_operand(hidden.contiguous()), w = lce_operand(weight.contiguous()), lab = labels.contiguous();
+  const bool up = lce_upcast(hidden);
+  auto h = lce_operand(hidden.contiguous(), up), w = lce_operand(weight.contiguous(), up), lab = labels.contiguous();
   auto f32 = hidden.options().dtype(at::kFloat);
   auto loss_rows = at::empty({T}, f32), lse = at::empty({T}, f32);
   const int64_t rows = keep ? std::max<int64_t>(T, 1)
@@ -165,7 +170,8 @@ inline std::tuple<at::Tensor, at::Tensor> lce_backward(const at::Tensor& grad_lo
                       ": argument 'logits' must have shape (", T, ", ", V, ") (hidden @ weight.T), got ",
                       logits->sizes());
   }
-  auto h = lce_operand(hidden.contiguous()), w = lce_operand(weight.contiguous());
+  const bool up = lce_upcast(hidden);
+  auto h = lce_operand(hidden.contiguous(), up), w = lce_operand(weight.contiguous(), up);
   auto lab = labels.contiguous(), l = lse.contiguous();
   at::Tensor scale = grad_loss.to(at::kFloat).reshape({-1}).contiguous();
   if (reduction == kLceMean) {
@@ -185,7 +191,7 @@ inline std::tuple<at::Tensor, at::Tensor> lce_backward(const at::Tensor& grad_lo
     auto wb = w.narrow(0, v0, n);
     at::Tensor z;  // (T, n), turned into G in place below
     if (have_logits) {
-      z = lce_operand(*logits);
+      z = lce_operand(*logits, up);
       z = z.is_same(*logits) ? z.clone(at::MemoryFormat::Contiguous) : z.contiguous();
     } else {
       z = at::mm(h, wb.t());
