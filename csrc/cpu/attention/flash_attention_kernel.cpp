@@ -1264,10 +1264,11 @@ void fwd_bf16_dot(const AttentionParams& p) {
         if (!unmasked) mask_scores_t(st, FBQ, mq, i0, j0, kn, sq, wl, wr);
         // As fwd(): m starts at -FLT_MAX, so a row with nothing visible yet gets P = 0 and alpha = 0.
         // The exponents are taken in base 2 with log2(e) folded into the score scale, and m is kept in those
-        // units (m2 = max s vsc2; natural units for lse after the last key tile): P = 2^(s vsc2 - m2), the
-        // product rounded as m2's was, so the row max's own exponent is exactly 0. An FMA there (one op fewer)
-        // leaves the product's rounding error in the exponent, and m in natural units two roundings apart:
-        // P ~ 1.003-1.01 on the top key at |scaled scores| ~ 1e4-1e5, a bf16 ulp off once P V rounds P.
+        // units (m2 = max s vsc2; natural units for lse after the last key tile): P = 2^(s vsc2 - m2), one FMA
+        // per score. The FMA leaves the product's rounding error (half an ulp of m2) in the row max's own
+        // exponent: nothing below |m2| = 1024 (P = 1 + 4e-5 at most), but P ~ 1.003-1.01 on the top key at
+        // |scaled scores| ~ 1e4-1e5, a bf16 ulp off once P V rounds P. Columns past 1024 take the product
+        // rounded as m2's was (a multiply and an add), so the row max's exponent is exactly 0 there.
         for (int ib = 0; ib < nq; ib += W) {
           const Vec mold = Vec::load(m + ib);
           const Vec raw = col_max(st + ib, FBQ, kn, Vec::set1(kNegInf));
@@ -1279,13 +1280,23 @@ void fwd_bf16_dot(const AttentionParams& p) {
           // (min returns its second operand on NaN: a NaN m stays NaN, as before.)
           const Vec nvm2 = min(Vec::set1(std::numeric_limits<float>::max()), Vec::zero() - vm);
           Vec s0 = Vec::zero(), s1 = Vec::zero();
-          for (int j = 0; j < kn; j += 2) {  // keys 2jp, 2jp + 1 -> one bf16 pair per query
-            const Vec e0 = exp2_p(scaled(Vec::load(st + j * FBQ + ib)) + nvm2);
-            const Vec e1 = j + 1 < kn ? exp2_p(scaled(Vec::load(st + (j + 1) * FBQ + ib)) + nvm2) : Vec::zero();
-            s0 = s0 + e0;
-            s1 = s1 + e1;
-            _mm512_storeu_si512(p2t + (j / 2) * FBQ + ib, interleave_bf16(e0.v, e1.v));
-          }
+          const auto softmax_pairs = [&](auto exponent) {
+            for (int j = 0; j < kn; j += 2) {  // keys 2jp, 2jp + 1 -> one bf16 pair per query
+              const Vec e0 = exp2_p(exponent(Vec::load(st + j * FBQ + ib)));
+              const Vec e1 = j + 1 < kn ? exp2_p(exponent(Vec::load(st + (j + 1) * FBQ + ib))) : Vec::zero();
+              s0 = s0 + e0;
+              s1 = s1 + e1;
+              _mm512_storeu_si512(p2t + (j / 2) * FBQ + ib, interleave_bf16(e0.v, e1.v));
+            }
+          };
+          // |m2| > 1024 in any column with a visible key (false for NaN, which the FMA path carries as before,
+          // and for m2 = -FLT_MAX: nothing visible, every P is 0 either way)
+          if (_mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(vm.v, _mm512_set1_ps(-std::numeric_limits<float>::max()),
+                                                         _CMP_NEQ_OQ),
+                                      _mm512_abs_ps(vm.v), _mm512_set1_ps(1024.0f), _CMP_GT_OQ))
+            softmax_pairs([&](Vec s) { return scaled(s) + nvm2; });
+          else
+            softmax_pairs([&](Vec s) { return fma(s, vsc2, nvm2); });
           fma(Vec::load(l + ib), Vec::load(alpha + ib), s0 + s1).store(l + ib);
         }
         gemm_dp<2>(mq, NV, (kn + 1) / 2, p2t, 1, FBQ, vp, Dp, acc, Dp, alpha);  // O = alpha O + P V
