@@ -61,8 +61,8 @@ PYBIND11_MODULE(_C, m) {
         "The CPU ISA level the kernels use now.");
   m.def("set_cpu_isa", [](const std::string& name) {
     return std::string(thrifty::cpu_isa_name(thrifty::set_cpu_isa(name)));
-  }, py::arg("name"), "Switch the CPU kernels to ISA level `name` for the whole process (a call already running "
-                      "keeps the level it read); returns the previous level. "
+  }, py::arg("name"), "Switch the CPU kernels to ISA level `name` for the whole process (safe while other "
+                      "threads run ops); returns the previous level. "
                       "Raises ValueError for unknown levels or levels this CPU lacks.");
   m.def("cpu_uses_bf16_dot", [] { return thrifty::cpu_use_bf16_dot(); },
         "Whether kernels with a VDPBF16PS and a float32 FMA path (bf16 attention forward, quant_linear) take the "
