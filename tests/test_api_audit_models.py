@@ -251,6 +251,12 @@ def test_patch_hf_gradient_checkpointing(monkeypatch, kind, kw):
     assert len(calls) == 2 * 2  # the forward and the recompute, two layers each
     for (n, a), (_, b) in zip(ref.named_parameters(), pat.named_parameters()):
         assert (a.grad - b.grad).abs().max() <= 1e-4 * a.grad.abs().max() + 1e-7, n
+    # two forwards (and a no-grad one between) before one backward: each recompute still knows its own mask
+    l1 = pat(ids, labels=ids).loss
+    with torch.no_grad():
+        pat(ids[:1])
+    l2 = pat(ids.flip(0), labels=ids).loss
+    (l1 + l2).backward()
 
 
 def test_patch_hf_output_views_list_logits_and_attention_weights_fall_back():

@@ -67,6 +67,8 @@ def test_sdpa_takes_the_issue_names_and_torch_names_by_keyword():
         torch.testing.assert_close(out, ref)
     with pytest.raises(TypeError, match="got both 'q' and its torch name 'query'"):
         sdpa(q=q, query=q, k=k, v=v)
+    with pytest.raises(TypeError, match=r"^scaled_dot_product_attention\(\) got an unexpected keyword argument 'foo'"):
+        sdpa(q, k, v, foo=1)
 
 
 def test_cache_helper_signature():

@@ -18,6 +18,7 @@ In place, on the instance (transformers stays optional: only patch_hf imports it
 from __future__ import annotations
 
 import types
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -67,22 +68,25 @@ def _cache_layer_is_dynamic(cache, layer_idx) -> bool:
     return not getattr(cache, "is_compileable", True)  # a DynamicCache adds its layers on first update
 
 
+# The 4-D masks judged plain causal, by identity, held weakly (an entry goes with its mask: after the backward
+# that recomputes with it). Module-level, not in a model's state: a patched model still pickles.
+_PLAIN_MASKS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
 def _mask_is_plain(state, attention_mask) -> bool:
     """state["plain_causal"]: set by the patched model forward for the duration of one call, so a mask built
-    from no padding is known to be the causal one (a direct call of the inner model leaves it False). With grad
-    on, the masks so judged are remembered by identity until the next patched call, so a gradient-checkpointing
-    recompute in the backward, after that call returned, takes the same path with the same mask. Not under
-    torch.compile (it traces neither id() nor the dict; compiled checkpointing recomputes in the graph)."""
+    from no padding is known to be the causal one (a direct call of the inner model leaves it False). Masks so
+    judged are remembered for as long as they live, so a gradient-checkpointing recompute in the backward,
+    after that call returned (and after other calls), takes the same path with the same mask. Not under
+    torch.compile (it traces neither id() nor weak references; compiled checkpointing recomputes in the graph)."""
     if attention_mask is None:
         return True
     if torch.compiler.is_compiling():
         return state["plain_causal"]
-    known = state["plain_masks"]
     if state["plain_causal"]:
-        if torch.is_grad_enabled():
-            known[id(attention_mask)] = attention_mask
+        _PLAIN_MASKS[id(attention_mask)] = attention_mask
         return True
-    return known.get(id(attention_mask)) is attention_mask
+    return _PLAIN_MASKS.get(id(attention_mask)) is attention_mask
 
 
 def _attention_forward(orig):
@@ -210,8 +214,6 @@ def _causal_lm_forward(orig):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, *args, labels=None, **kwargs):
         state = self._thrifty_state
         state["plain_causal"] = _plain_causal(attention_mask)
-        if not torch.compiler.is_compiling():
-            state["plain_masks"].clear()  # the previous call's masks (kept for its backward's recomputes)
         want = kwargs.get("output_attentions")
         state["want_weights"] = bool(getattr(self.config, "output_attentions", False) if want is None else want)
         try:
@@ -280,7 +282,7 @@ def patch_hf(model):
     from dataclasses import fields
 
     from transformers.modeling_outputs import CausalLMOutputWithPast
-    state = {"plain_causal": False, "want_weights": False, "plain_masks": {},
+    state = {"plain_causal": False, "want_weights": False,
              # read here, not in forward: torch.compile does not trace dataclasses.fields
              "output_fields": frozenset(f.name for f in fields(CausalLMOutputWithPast))}
     model._thrifty_state = state

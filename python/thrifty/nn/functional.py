@@ -1,7 +1,7 @@
 """Functional drop-ins for torch.nn.functional built on thrifty's fused ops."""
 from __future__ import annotations
 
-import inspect
+import functools
 import math
 import numbers
 
@@ -19,20 +19,26 @@ _MAX_HEAD_DIM = 256  # the kernels' head_dim limit (CPU and CUDA); E and Ev are 
 _TORCH_NAMES = (("query", "q"), ("key", "k"), ("value", "v"))
 
 
-def scaled_dot_product_attention(*args, **kwargs) -> torch.Tensor:
-    # Issue 3 names the tensors q, k, v; torch names them query, key, value: both are taken by keyword.
-    for torch_name, name in _TORCH_NAMES:
-        if torch_name in kwargs:
-            if name in kwargs:
-                raise TypeError(f"{_NAME}: got both '{name}' and its torch name '{torch_name}'")
-            kwargs[name] = kwargs.pop(torch_name)
-    return _scaled_dot_product_attention(*args, **kwargs)
+def _taking_torch_names(fn):
+    """Issue 3 names the tensors q, k, v; torch names them query, key, value: both are taken by keyword.
+    (functools.wraps: the signature and docstring shown are fn's, and Python's own argument errors name it.)"""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        for torch_name, name in _TORCH_NAMES:
+            if torch_name in kwargs:
+                if name in kwargs:
+                    raise TypeError(f"{_NAME}: got both '{name}' and its torch name '{torch_name}'")
+                kwargs[name] = kwargs.pop(torch_name)
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
-def _scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                  attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-                                  scale: float | None = None, enable_gqa: bool = False, *,
-                                  dropout_p: float = 0.0) -> torch.Tensor:
+@_taking_torch_names
+def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                                 scale: float | None = None, enable_gqa: bool = False, *,
+                                 dropout_p: float = 0.0) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on thrifty's fused
     kernel, with torch's layout and conventions.
 
@@ -163,7 +169,3 @@ def _scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     for _ in range(4 - min(rank, 4)):
         out = out.squeeze(0)
     return out
-
-
-scaled_dot_product_attention.__doc__ = _scaled_dot_product_attention.__doc__
-scaled_dot_product_attention.__signature__ = inspect.signature(_scaled_dot_product_attention)
