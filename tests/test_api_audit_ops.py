@@ -309,3 +309,31 @@ def test_opcheck_odd_cases():
     torch.library.opcheck(ops.rotary_embedding, (r(2, 3, 4, 48, dtype=bf), r(2, 3, 1, 48, dtype=bf),
                                                  torch.randint(0, 50, (2, 3), dtype=torch.int32),
                                                  thrifty.ops.build_rotary_cache(32, 50), True))
+
+
+# ---------------- forward-mode AD: a clear error, not a silent zero tangent ----------------
+def _fwd_ad_cases():
+    g = torch.Generator().manual_seed(0)
+    x, u, w = torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g), torch.ones(8)
+    q = torch.randn(1, 5, 2, 16, generator=g)
+    lab = torch.randint(0, 6, (3,), generator=g)
+    return [("swiglu", lambda a: thrifty.ops.swiglu(a, u), x),
+            ("rms_norm", lambda a: thrifty.ops.rms_norm(a, w), x),
+            ("flash_attention", lambda a: thrifty.ops.flash_attention(a, a, a), q),
+            ("linear_cross_entropy", lambda a: thrifty.ops.linear_cross_entropy(a, torch.randn(6, 8), lab), x),
+            ("linear", lambda a: thrifty.ops.linear(a, torch.randn(4, 8)), x)]
+
+
+@pytest.mark.parametrize("i", range(5))
+def test_forward_mode_ad_is_refused_by_name(i):
+    """torch.library ops with register_autograd have no forward-mode formula, and torch gave jvp / dual-number
+    calls a zero or None tangent without a word (torch.func.jvp of swiglu: all zeros, the true one up to 2.4)."""
+    import torch.autograd.forward_ad as fwAD
+    name, f, x = _fwd_ad_cases()[i]
+    with pytest.raises(NotImplementedError, match=rf"thrifty.{name}: forward-mode AD .* is not supported"):
+        torch.func.jvp(f, (x,), (torch.ones_like(x),))
+    with fwAD.dual_level():
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            f(fwAD.make_dual(x, torch.ones_like(x)))
+        f(x)  # no tangent inside a dual level: runs
+    f(x)

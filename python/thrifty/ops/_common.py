@@ -6,6 +6,7 @@ import inspect
 from typing import Callable
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 
 def _tensors_of(value):
@@ -105,6 +106,14 @@ def require_tensors(op: str, **args) -> None:
     for name, value in args.items():
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{op}: argument '{name}' must be a tensor, got {type(value).__name__}")
+    if _forward_ad._current_level >= 0:  # a dual level is open (forward_ad, torch.func.jvp): rare, checked then
+        for name, value in args.items():
+            if _forward_ad.unpack_dual(value).tangent is not None:
+                # torch.library ops with register_autograd have no forward-mode formula: torch would
+                # silently give a zero / None tangent
+                raise NotImplementedError(f"{op}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not "
+                                          f"supported: argument '{name}' carries a tangent; the thrifty ops have "
+                                          "reverse-mode gradients only (backward, torch.func.grad / jacrev / vjp)")
 
 
 # Autocast rules of the custom ops, as torch's own ops have them (torch.amp's op lists): without one, an op under
