@@ -222,7 +222,7 @@ class Llama(nn.Module):
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1))
         # the fused kernels' float32 mean (under torch.autocast their matmuls run in the autocast dtype, as
         # torch's linear)
-        return _linear_cross_entropy(h, self.lm_head.weight, shifted, -100, "mean", 0.0, 0.0, 0, float32_loss=True)
+        return _linear_cross_entropy(h, self.lm_head.weight, shifted, float32_loss=True)
 
     # ---- generation ----
     @torch.inference_mode()

@@ -204,8 +204,8 @@ def _float32_loss(h, weight, shifted, num_items=None):
     transformers' own loss (it upcasts the logits) and thrifty's Llama return it (the kernels sum in float32).
     Mean over the tokens not ignored, or the sum / num_items_in_batch when the trainer passes that."""
     if num_items is None:
-        return _linear_cross_entropy(h, weight, shifted, -100, "mean", 0.0, 0.0, 0, float32_loss=True)
-    total = _linear_cross_entropy(h, weight, shifted, -100, "sum", 0.0, 0.0, 0, float32_loss=True)
+        return _linear_cross_entropy(h, weight, shifted, float32_loss=True)
+    total = _linear_cross_entropy(h, weight, shifted, reduction="sum", float32_loss=True)
     num = num_items.to(h.device) if isinstance(num_items, torch.Tensor) else num_items
     return total / num
 

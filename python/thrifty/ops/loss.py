@@ -83,11 +83,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     """
     keep_float32 = (torch.is_autocast_enabled(hidden.device.type) and hidden.is_floating_point()
                     and hidden.dtype != torch.float64) if isinstance(hidden, torch.Tensor) else False
-    return _linear_cross_entropy(hidden, weight, labels, ignore_index, reduction, label_smoothing, softcap, chunk_size,
+    return _linear_cross_entropy(hidden, weight, labels, ignore_index=ignore_index, reduction=reduction,
+                                 label_smoothing=label_smoothing, softcap=softcap, chunk_size=chunk_size,
                                  float32_loss=keep_float32)
 
 
-def _linear_cross_entropy(hidden, weight, labels, ignore_index, reduction, label_smoothing, softcap, chunk_size, *,
+def _linear_cross_entropy(hidden, weight, labels, *, ignore_index: int = -100, reduction: str = "mean",
+                          label_smoothing: float = 0.0, softcap: float = 0.0, chunk_size: int = 0,
                           float32_loss: bool) -> torch.Tensor:
     """linear_cross_entropy's body; float32_loss: return the kernels' float32 loss (the model's loss uses it:
     one rounding to bf16 of a mean loss quantizes the logged losses to steps of ~0.2-0.4%)."""

@@ -155,9 +155,10 @@ def gptq_unpack(qweight, qzeros, scales, g_idx=None):
         counts = torch.bincount(g_idx, minlength=ng)
         g = int(counts.max())
         if not bool((counts == g).all()):
-            _check(not (bool((counts[:-1] == g).all()) and int(counts[-1]) < g),
-                   f"in_features K={k} is not a multiple of the group size {g} (from g_idx: its last group has "
-                   f"{int(counts[-1])} input features); thrifty's int4 kernels quantize whole groups")
+            if bool((counts[:-1] == g).all()) and int(counts[-1]) < g:
+                raise ValueError(f"in_features K={k} is not a multiple of the group size {g} (from g_idx: its last "
+                                 f"group has {int(counts[-1])} input features); thrifty's int4 kernels quantize whole "
+                                 "groups")
             raise ValueError(f"g_idx must give every group the same number of input features, got "
                              f"{sorted(set(counts.tolist()))}")
     _check(ng >= 1 and k % ng == 0, f"scales has {ng} groups, which does not divide K={k} (from qweight): GPTQ "
@@ -220,17 +221,15 @@ def awq_dequantize_reference(qweight, qzeros, scales) -> torch.Tensor:
 
 
 def from_awq_tensors(qweight, qzeros, scales, group_size: int | None = None):
-    if group_size == -1:  # AutoAWQ's q_group_size -1: one group of all K input features
-        _check_int32("qweight", qweight)
-        group_size = qweight.shape[0]
-    _check(group_size is None or group_size > 0,
-           f"group_size must be a positive multiple of 32, -1 (one group of all K inputs) or None (from the "
-           f"shapes), got {group_size}")
     if group_size is not None:
-        # K alone (qweight's rows) rules out the group size: say so, rather than the shape mismatch
-        # (or groups-do-not-divide-K error) that the scales would report for it
         _check_int32("qweight", qweight)
         k = qweight.shape[0]
+        if group_size == -1:  # AutoAWQ's q_group_size -1: one group of all K input features
+            group_size = k
+        _check(group_size > 0, f"group_size must be a positive multiple of 32, -1 (one group of all K inputs) or "
+                               f"None (from the shapes), got {group_size}")
+        # K alone (qweight's rows) rules out the group size: say so, rather than the shape mismatch
+        # (or groups-do-not-divide-K error) that the scales would report for it
         _check(k % group_size == 0, f"in_features K={k} (rows of qweight (K, N/8) = {tuple(qweight.shape)}) is not "
                                     f"a multiple of group_size={group_size} (AWQ quantizes whole groups of "
                                     "group_size input features)")

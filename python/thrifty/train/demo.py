@@ -2,7 +2,6 @@
 sources) for about three minutes, shows the loss falling, then samples a few lines."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ def loss_points(rows: list[dict], n: int = 8) -> list[dict]:
 def main(args) -> int:
     from thrifty.train.cli import run
     from thrifty.train.generate_cli import generate_text, load
-    from thrifty.train.trainer import TrainConfig
+    from thrifty.train.trainer import TrainConfig, _metrics_rows
 
     out = Path(args.out)
     # an earlier demo's checkpoints are replaced by the trainer once the options pass its checks
@@ -36,7 +35,7 @@ def main(args) -> int:
     rc = run(cfg, prog="thrifty demo")
     if rc:
         return rc
-    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    rows = _metrics_rows(out / "metrics.jsonl")
     tr = [r for r in rows if r.get("loss") is not None]  # a skipped step logs null
     va = [r for r in rows if "val_loss" in r]
     print("\nloss falling:")
