@@ -12,14 +12,16 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// B (4, 8 or 16) bytes global -> shared; 16-byte copies bypass L1 (.cg), smaller ones cannot (.ca).
+// B (4, 8 or 16) bytes global -> shared; 16-byte copies bypass L1 (.cg), smaller ones cannot (.ca). The
+// "memory" clobber keeps the compiler from sinking earlier shared-memory reads of the slot being refilled
+// below the copy (the decode ring refills a slot right after computing from it, with no barrier between).
 template <int B>
 __device__ __forceinline__ void cp_async(void* smem, const void* gmem) {
   static_assert(B == 4 || B == 8 || B == 16, "cp.async copies 4, 8 or 16 bytes");
   if constexpr (B == 16)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem) : "memory");
   else
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "n"(B));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "n"(B) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 // Waits until at most N of this thread's commit groups are still in flight; the finished copies are then
