@@ -48,6 +48,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 grep -o 'avx512[a-z_0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' ' | sed 's/^/host CPU: /'; echo
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
       torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+# No GPU for a cuda check: stop before the build (minutes of device time) rather than skip every test after it.
+if [ "$DEV" = cuda ] && ! $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  stamp "NO GPU: torch sees no CUDA device (GPU_CHECK_DEVICE=cpu with THRIFTY_CUDA=off dry-runs the script)"
+  exit 1
+fi
 
 export THRIFTY_CUDA=${THRIFTY_CUDA:-on} THRIFTY_CUDA_ARCHS=${THRIFTY_CUDA_ARCHS:-90a}
 stamp "build (THRIFTY_CUDA=$THRIFTY_CUDA, archs $THRIFTY_CUDA_ARCHS, $(nproc) jobs)"
@@ -130,7 +135,8 @@ stamp "done (tests rc=$test_rc, bench rc=$bench_rc)"
 # Short table last: one line per benchmark case.
 $PY - "$LOGS/results" "$DEV" <<'PYEOF'
 import json, pathlib, sys
-for f in sorted(pathlib.Path(sys.argv[1]).glob(f"*-{sys.argv[2]}.json")):
+res = pathlib.Path(sys.argv[1])
+for f in sorted([*res.glob(f"*-{sys.argv[2]}.json"), *res.glob(f"*-{sys.argv[2]}-quick.json")]):
     d = json.loads(f.read_text())
     bw = d.get("copy_bandwidth_Bps") or 0
     mm = d.get("matmul_flops") or 0
@@ -142,4 +148,6 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob(f"*-{sys.argv[2]}.json")):
         print(f"  {c['op'][:34]:34s} {c['shape'][:24]:24s} {c['dtype'][:8]:8s} {c['thrifty_s']*1e3:8.3f} ms {sp:>7s} {perf:>20s} {pct:>5s}")
 PYEOF
 grep -E "passed|failed|error" "$LOGS/cuda_tests.log" | tail -1
-exit $test_rc
+# Non-zero when the tests or any benchmark family failed (the table above still shows what ran).
+[ "$test_rc" != 0 ] && exit "$test_rc"
+exit "$bench_rc"

@@ -86,7 +86,7 @@ def _decode_cases(seqs, bench: Bench):
 
 def run(device, quick: bool = False) -> Bench:
     device = torch.device(device)
-    bench = Bench("attention", device)
+    bench = Bench("attention", device, quick=quick)
     if device.type == "cuda":
         seqs = [1024, 4096] if quick else [1024, 4096, 16384]
         _cases(1 if quick else 2, seqs, [128], [False, True], [torch.bfloat16], ["fwd", "fwd+bwd"], bench)

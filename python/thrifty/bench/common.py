@@ -162,19 +162,24 @@ def timeit_graphed(fn: Callable[[], object], device: torch.device | str, *, call
     return timeit(graph.replay, dev) / calls
 
 
-def measure_copy_bandwidth(device: torch.device | str = "cpu", nbytes: int = 512 * 2**20) -> float:
-    """Bytes/s of a large tensor copy (bytes read + bytes written), far larger than any cache."""
+def measure_copy_bandwidth(device: torch.device | str = "cpu", nbytes: int = 512 * 2**20, tries: int = 3) -> float:
+    """Bytes/s of a large tensor copy (bytes read + bytes written), far larger than any cache: the best of
+    ``tries`` medians (a shared box's bandwidth swings by 2x from one second to the next, and a roofline is
+    what the machine can do). A copy's destination is also read into the cache before it is written
+    (write-allocate), which an in-place update does not pay: such ops can pass 100% of this figure."""
     dev = torch.device(device)
     n = nbytes // 4
     src = torch.randn(n, device=dev)
     dst = torch.empty_like(src)
-    t = timeit(lambda: dst.copy_(src), dev, warmup=2, min_time=0.5, max_reps=20)
+    t = min(timeit(lambda: dst.copy_(src), dev, warmup=2 if i == 0 else 0, min_time=0.5, max_reps=20)
+            for i in range(tries))
     return 2 * n * 4 / t
 
 
 def measure_matmul_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                          n: int | None = None) -> float:
-    """FLOP/s of a large square matmul through torch (the compute roofline of this run)."""
+    """FLOP/s of a large square matmul through torch in ``dtype`` (the compute roofline of this run for
+    work in that dtype)."""
     dev = torch.device(device)
     n = n or (8192 if dev.type == "cuda" else 2048)
     a = torch.randn(n, n, device=dev, dtype=dtype)
@@ -214,6 +219,7 @@ class Case:
     gbps: float | None = None
     tflops: float | None = None
     pct_roofline: float | None = None
+    roofline: str | None = None  # what pct_roofline is a share of: "copy" or "<dtype> matmul"
     baseline: str = "torch"
     extra: dict = field(default_factory=dict)
 
@@ -222,26 +228,47 @@ class Bench:
     """Collects timed cases for one family and reports them with this run's rooflines."""
 
     def __init__(self, family: str, device: torch.device | str = "cpu", *, rooflines: bool = True,
-                 matmul_dtype: torch.dtype | None = None):
+                 matmul_dtype: torch.dtype | None = None, quick: bool = False):
+        """``matmul_dtype``: the matmul rate measured up front (bfloat16 on CUDA, float32 on the CPU by
+        default); rows in another dtype get that dtype's rate, measured when first needed (with
+        ``rooflines``). ``quick``: the run uses the smaller cases (recorded, and written to its own JSON)."""
         self.family = family
         self.device = torch.device(device)
+        self.quick = quick
         self.cases: list[Case] = []
+        self.rooflines = rooflines
+        self.read_bw: float | None = None  # a family that measures a streaming read rate sets it (quant)
         self.copy_bw = measure_copy_bandwidth(self.device) if rooflines else None
         self.matmul_flops = None
+        self.matmul_rates: dict[str, float] = {}  # dtype name -> FLOP/s of torch's large matmul in this run
+        mdt = matmul_dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.matmul_dtype = str(mdt).replace("torch.", "")
         if rooflines:
-            mdt = matmul_dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-            self.matmul_flops = measure_matmul_flops(self.device, mdt)
-            self.matmul_dtype = str(mdt).replace("torch.", "")
+            self.matmul_flops = self.matmul_rate(self.matmul_dtype)
+
+    def matmul_rate(self, dtype: str) -> float | None:
+        """torch's large-matmul FLOP/s in ``dtype`` (a float dtype name) in this run, measured once; None
+        without rooflines or for a dtype torch has no matmul for."""
+        if dtype not in self.matmul_rates:
+            if not self.rooflines or not isinstance(getattr(torch, dtype, None), torch.dtype) \
+                    or not getattr(torch, dtype).is_floating_point:
+                return None
+            self.matmul_rates[dtype] = measure_matmul_flops(self.device, getattr(torch, dtype))
+            print(f"  roofline: {dtype} matmul {self.matmul_rates[dtype] / 1e12:.3f} TFLOP/s", flush=True)
+        return self.matmul_rates[dtype]
 
     def case(self, *, op: str, shape: str, dtype: str | torch.dtype, thrifty: Callable[[], object],
              torch_fn: Callable[[], object] | None = None, bytes: float | None = None,
-             flops: float | None = None, baseline: str = "torch", graphed: bool = False, **extra) -> Case:
+             flops: float | None = None, baseline: str = "torch", graphed: bool = False,
+             compute_dtype: str | torch.dtype | None = None, **extra) -> Case:
         """Times ``thrifty`` and ``torch_fn`` (same process, same inputs) and records a row.
 
         ``bytes``: the fewest bytes the op must move (each input read once, each output
         written once): gives GB/s and % of copy bandwidth. ``flops``: gives TFLOP/s and %
-        of the matmul rate. Give whichever bounds the op. ``graphed`` (CUDA only): both
-        sides timed inside CUDA graphs (:func:`timeit_graphed`), recorded as extra["graphed"].
+        of torch's matmul rate in ``compute_dtype`` (default: ``dtype``), measured in this
+        run; a kernel faster than torch's own matmul in that dtype reads over 100%. Give
+        whichever bounds the op. ``graphed`` (CUDA only): both sides timed inside CUDA
+        graphs (:func:`timeit_graphed`), recorded as extra["graphed"].
         """
         if graphed:
             t = timeit_graphed(thrifty, self.device)
@@ -254,18 +281,25 @@ class Bench:
             tt = timeit(torch_fn, self.device) if torch_fn is not None else None
         c = Case(op=op, shape=shape, dtype=str(dtype).replace("torch.", ""), thrifty_s=t, torch_s=tt,
                  speedup=(tt / t) if tt else None, bytes=bytes, flops=flops, baseline=baseline, extra=extra)
-        if bytes:
-            c.gbps = bytes / t / 1e9
-            if self.copy_bw:
-                c.pct_roofline = 100 * bytes / t / self.copy_bw
-        if flops:
-            c.tflops = flops / t / 1e12
-            if self.matmul_flops and not bytes:
-                c.pct_roofline = 100 * flops / t / self.matmul_flops
+        self._rates(c, compute_dtype)
         self.cases.append(c)
         print(f"  {op:28s} {c.shape:24s} {c.dtype:9s} thrifty {t * 1e3:9.3f} ms"
               + (f"  {baseline} {tt * 1e3:9.3f} ms  x{c.speedup:5.2f}" if tt else ""), flush=True)
         return c
+
+    def _rates(self, c: Case, compute_dtype: str | torch.dtype | None = None) -> None:
+        """Fills ``c``'s GB/s, TFLOP/s and % roofline from its bytes / flops and time."""
+        t = c.thrifty_s
+        if c.bytes:
+            c.gbps = c.bytes / t / 1e9
+            if self.copy_bw:
+                c.pct_roofline, c.roofline = 100 * c.bytes / t / self.copy_bw, "copy"
+        if c.flops:
+            c.tflops = c.flops / t / 1e12
+            dt = str(compute_dtype or c.dtype).replace("torch.", "")
+            rate = self.matmul_rate(dt)
+            if rate and not c.bytes:
+                c.pct_roofline, c.roofline = 100 * c.flops / t / rate, f"{dt} matmul"
 
     def table(self) -> str:
         hdr = ("| op | shape | dtype | thrifty ms | baseline ms | speedup | GB/s | TFLOP/s | % roofline |\n"
@@ -282,28 +316,39 @@ class Bench:
         roof = []
         if self.copy_bw:
             roof.append(f"copy bandwidth {self.copy_bw / 1e9:.1f} GB/s")
-        if self.matmul_flops:
-            roof.append(f"{self.matmul_dtype} matmul {self.matmul_flops / 1e12:.3f} TFLOP/s")
-        return (f"### {self.family} on {machine_description(self.device)}\n"
-                f"Rooflines measured in this run: {', '.join(roof) or 'not measured'}\n"
+        if self.read_bw:
+            roof.append(f"read bandwidth {self.read_bw / 1e9:.1f} GB/s")
+        rates = dict(self.matmul_rates)
+        if self.matmul_flops and self.matmul_dtype not in rates:
+            rates[self.matmul_dtype] = self.matmul_flops
+        roof += [f"{dt} matmul {r / 1e12:.3f} TFLOP/s" for dt, r in rates.items()]
+        return (f"### {self.family}{' (quick)' if self.quick else ''} on {machine_description(self.device)}\n"
+                f"Rooflines measured in this run: {', '.join(roof) or 'not measured'} (% roofline: of the copy "
+                f"bandwidth for rows given in GB/s, else of torch's matmul in the row's dtype)\n"
                 f"Allocator: {allocator_description()}\n\n" + hdr + "\n" + "\n".join(rows))
 
     def report(self, out_dir: Path | None = None) -> Path:
-        """Prints the markdown table and writes <results_dir>/<family>-<device>.json."""
+        """Prints the markdown table and writes <results_dir>/<family>-<device>.json (a quick run:
+        <family>-<device>-quick.json, so it never replaces a full run's file)."""
         text = self.table()
         print("\n" + text + "\n")
         out_dir = Path(out_dir) if out_dir else results_dir()
         out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"{self.family}-{self.device.type}.json"
+        path = out_dir / f"{self.family}-{self.device.type}{'-quick' if self.quick else ''}.json"
         payload = {
             "family": self.family,
+            "quick": self.quick,
+            "command": sys.argv,
             "machine": machine_description(self.device),
             "device": self.device.type,
             "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "allocator": allocator_description(),
             "copy_bandwidth_Bps": self.copy_bw,
+            "read_bandwidth_Bps": self.read_bw,
             "matmul_flops": self.matmul_flops,
+            "matmul_dtype": self.matmul_dtype,
+            "matmul_flops_by_dtype": self.matmul_rates,
             "cases": [asdict(c) for c in self.cases],
             "markdown": text,
         }

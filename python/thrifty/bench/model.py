@@ -43,9 +43,11 @@ def _models(dtype, device, cfg_name="small"):
     return ours, hf
 
 
-def _record(b: Bench, op, shape, dtype, t, tt, baseline="transformers", **extra):
+def _record(b: Bench, op, shape, dtype, t, tt, baseline="transformers", *, flops=None, bytes=None, **extra):
+    """A row timed outside Bench.case (fresh processes, generate loops); flops / bytes give its rates."""
     c = Case(op=op, shape=shape, dtype=str(dtype).replace("torch.", ""), thrifty_s=t, torch_s=tt,
-             speedup=tt / t if tt else None, baseline=baseline, extra=extra)
+             speedup=tt / t if tt else None, flops=flops, bytes=bytes, baseline=baseline, extra=extra)
+    b._rates(c)
     b.cases.append(c)
     print(f"  {op:28s} {shape:24s} thrifty {t * 1e3:9.1f} ms  {baseline} {tt * 1e3:9.1f} ms  x{c.speedup:5.2f} "
           f"{extra}", flush=True)
@@ -115,7 +117,7 @@ def _cuda_step_peak(fn) -> float:
 
 def run(device, quick: bool = False) -> Bench:
     device = torch.device(device)
-    b = Bench("model", device)
+    b = Bench("model", device, quick=quick)
     dtype = torch.bfloat16
     cuda = device.type == "cuda"
 
@@ -132,7 +134,8 @@ def run(device, quick: bool = False) -> Bench:
     import thrifty
     t = timeit(lambda: thrifty.ops.linear_cross_entropy(hh, ww, yy).backward(), device, warmup=1, reps=3)
     tt = timeit(lambda: F.cross_entropy(hh @ ww.T, yy).backward(), device, warmup=1, reps=3)
-    _record(b, "linear_cross_entropy fwd+bwd", f"T{T} V{V} H{H}", ldt, t, tt, baseline="torch",
+    # FLOPs: the logits (2 T V H) and the two gradient products (hidden and weight, 2 T V H each)
+    _record(b, "linear_cross_entropy fwd+bwd", f"T{T} V{V} H{H}", ldt, t, tt, baseline="torch", flops=6.0 * T * V * H,
             peak_mem_MB=round(m_ours / 2**20), torch_peak_mem_MB=round(m_torch / 2**20),
             mem_ratio=round(m_ours / m_torch, 3))
     del hh, ww, yy
@@ -168,7 +171,11 @@ def run(device, quick: bool = False) -> Bench:
         extra = {"tokens_per_s": round(bs * seq / t, 1), "hf_tokens_per_s": round(bs * seq / tt, 1),
                  "peak_rss_MB": round(r_o["peak"] / 2**20), "hf_peak_rss_MB": round(r_h["peak"] / 2**20),
                  "mem_ratio": round(r_o["peak"] / r_h["peak"], 3), "hf_timed_steps": len(r_h["times"])}
-    _record(b, f"{preset} train step fwd+bwd", f"{bs}x{seq}", dtype, t, tt, **extra)
+    from thrifty.models import LlamaConfig
+    from thrifty.train.trainer import model_flops_per_token
+
+    _record(b, f"{preset} train step fwd+bwd", f"{bs}x{seq}", dtype, t, tt,
+            flops=model_flops_per_token(LlamaConfig.preset(preset), seq) * bs * seq, **extra)
 
     # 3. batch-1 greedy decode: the `small` preset (on the CPU too: thrifty's decode GEMV makes it quick;
     # transformers' bf16 GEMV takes ~1 s per token on the AVX2 box, hence 32 new tokens there)
@@ -197,7 +204,11 @@ def run(device, quick: bool = False) -> Bench:
         # flat logits, the first tokens would mean a bug
         diff = (a != h).nonzero()
         first_diff = int(diff[0, 0]) if len(diff) else None
-    _record(b, "small decode batch 1", f"16+{new} tokens", dtype, t, tt, tokens_per_s=round(new / t, 1),
+    # bytes: every weight read once per new token (the prefill's 16 tokens share one read), the bound of batch-1 decode
+    w_bytes = sum(p.numel() * p.element_size() for n_, p in ours.named_parameters() if "embed_tokens" not in n_)
+    if ours.config.tie_word_embeddings:
+        w_bytes += ours.lm_head.weight.numel() * ours.lm_head.weight.element_size()
+    _record(b, "small decode batch 1", f"16+{new} tokens", dtype, t, tt, bytes=float(new * w_bytes), tokens_per_s=round(new / t, 1),
             hf_tokens_per_s=round(new / tt, 1), decode_only_tokens_per_s=round((new - 1) / (t - t1), 1),
             hf_decode_only_tokens_per_s=round((new - 1) / (tt - tt1), 1),
             decode_only_speedup=round((tt - tt1) / (t - t1), 2), same_tokens=same, first_diff=first_diff)

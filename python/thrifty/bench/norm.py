@@ -48,7 +48,7 @@ def _rope_eager(q, k, pos, cache):
 
 def run(device, quick: bool = False) -> Bench:
     device = torch.device(device)
-    b = Bench("norm", device)
+    b = Bench("norm", device, quick=quick)
     cuda = device.type == "cuda"
     gen = dict(device=device)
 

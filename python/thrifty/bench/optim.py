@@ -53,7 +53,7 @@ def _make(n_total: int, n_tensors: int, dtype, device, seed=0):
 
 def run(device, quick: bool = False) -> Bench:
     device = torch.device(device)
-    b = Bench("optim", device, rooflines=True)
+    b = Bench("optim", device, quick=quick)
     if device.type == "cuda":
         n_total, n_tensors = (200_000_000, 100)
     else:
@@ -93,7 +93,7 @@ def run(device, quick: bool = False) -> Bench:
     torch_foreach = torch.optim.AdamW(params, lr=1e-4, foreach=True)
     torch_foreach.step()
     case(op="AdamW step +inf check", shape=shape, dtype="float32", thrifty=step_fn(checked),
-           torch_fn=step_fn(torch_foreach), bytes=28 * n, baseline="torch foreach", bytes_per_param=28)
+           torch_fn=step_fn(torch_foreach), bytes=32 * n, baseline="torch foreach", bytes_per_param=32)
     del checked, torch_foreach
     gc.collect()
     torch_fused = torch.optim.AdamW(params, lr=1e-4, fused=True)  # the float32 baseline of the cases below

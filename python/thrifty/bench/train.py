@@ -22,6 +22,7 @@ weights updated directly as the baseline does, 8-bit moments, layers recomputed 
 """
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -49,6 +50,16 @@ LABELS = {
     "lean8": "thrifty train --optimizer adamw8bit --no-master-weights",
     "hf": "transformers LlamaForCausalLM (SDPA) + torch.optim.AdamW(fused=True)",
 }
+
+
+def case_list(value: str) -> tuple[str, ...]:
+    """argparse type of ``--cases``: comma-separated names from LABELS (else a usage error, exit code 2)."""
+    cases = tuple(dict.fromkeys(x.strip() for x in value.split(",") if x.strip()))
+    bad = [c for c in cases if c not in LABELS]
+    if not cases or bad:
+        raise argparse.ArgumentTypeError(f"unknown case(s) {', '.join(map(repr, bad)) or '(none given)'}: "
+                                         f"choose from {', '.join(LABELS)}")
+    return cases
 
 
 def _rss() -> int:
@@ -205,9 +216,11 @@ def run(device, quick: bool = False, *, preset=None, batch=None, seq=None, reps=
     from thrifty.train.trainer import measured_matmul_flops, model_flops_per_token
 
     device = torch.device(device)
+    if not cases or any(c not in LABELS for c in cases):
+        raise ValueError(f"bench train: cases must be names from {', '.join(LABELS)}, got {cases!r}")
     p0, b0, s0 = _configs(device, quick)
     preset, batch, seq = preset or p0, batch or b0, seq or s0
-    b = Bench("train", device, rooflines=False)
+    b = Bench("train", device, rooflines=False, quick=quick)
     b.matmul_flops = measured_matmul_flops(device, torch.bfloat16)
     b.matmul_dtype = "bfloat16"
     fp32_flops = measured_matmul_flops(device, torch.float32)
@@ -241,7 +254,7 @@ def run(device, quick: bool = False, *, preset=None, batch=None, seq=None, reps=
         t = statistics.median(r["times"])
         c = Case(op=f"train step {preset} ({case})", shape=f"{batch}x{seq}", dtype="bfloat16", thrifty_s=t,
                  torch_s=t_hf, speedup=(t_hf / t) if t_hf else None, flops=flops, tflops=flops / t / 1e12,
-                 pct_roofline=100 * flops / t / b.matmul_flops, baseline="transformers+torch AdamW fused",
+                 pct_roofline=100 * flops / t / b.matmul_flops, roofline="bfloat16 matmul", baseline="transformers+torch AdamW fused",
                  extra={"config": r["config"], "tokens_per_s": tokens / t, "step_times_s": r["times"],
                         "mfu_bf16": flops / t / b.matmul_flops, "mfu_fp32": flops / t / fp32_flops,
                         "peak_mem_MiB": r["peak"] / 2**20, "baseline_config": LABELS["hf"],
@@ -262,8 +275,6 @@ def run(device, quick: bool = False, *, preset=None, batch=None, seq=None, reps=
 
 
 def main(argv=None) -> None:
-    import argparse
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", type=bench_device, help="cpu or cuda[:N]")
     ap.add_argument("--quick", action="store_true", help="tiny preset, 2 x 128")
@@ -273,7 +284,8 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, help="timed thrifty steps after one warm-up (default 5)")
     ap.add_argument("--hf-reps", type=int, help="timed baseline steps (default 3; 1 without a warm-up on CPUs whose "
                     "bf16 matmul is slower than float32)")
-    ap.add_argument("--cases", default="default,lean,hf", help="comma-separated subset of default,lean,lean8,hf")
+    ap.add_argument("--cases", default=("default", "lean", "hf"), type=case_list,
+                    help="comma-separated subset of default,lean,lean8,hf (default: default,lean,hf)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -284,7 +296,7 @@ def main(argv=None) -> None:
     if argv is None:  # a script run as a program re-executes itself; a caller passing argv is not replaced
         reexec_with_bench_env(sys.argv)
     run(torch.device(args.device), quick=args.quick, preset=args.preset, batch=args.batch, seq=args.seq,
-        reps=args.reps, hf_reps=args.hf_reps, cases=tuple(x for x in args.cases.split(",") if x)).report()
+        reps=args.reps, hf_reps=args.hf_reps, cases=args.cases).report()
 
 
 if __name__ == "__main__":

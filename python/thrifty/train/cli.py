@@ -99,12 +99,12 @@ def run(config, prog: str = "thrifty train") -> int:
         print(f"{prog}: interrupted; the last checkpoint (if any) is intact: continue with --resume", file=sys.stderr)
         return 130
     finally:
-        try:
-            import torch.distributed as dist
-            if dist.is_initialized():
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            try:
                 dist.destroy_process_group()
-        except Exception:
-            pass
+            except RuntimeError as e:  # a peer already gone (DistBackendError): the run's own outcome stands
+                print(f"{prog}: note: tearing down the process group failed: {e}", file=sys.stderr)
     return 0
 
 
