@@ -157,3 +157,101 @@ def test_near_dedup_decides_by_the_jaccard_estimate():
     low, agree_low = rate(30)    # ~0.51
     assert high == 1.0 and mid >= 0.6 and low == 0.0
     assert agree_high == agree_mid == agree_low == 1.0  # dropped exactly when the estimate reaches 0.8
+
+
+# ---- odd real-world inputs (stop 26 audit) ----
+def test_a_single_text_file_gets_a_validation_split(tmp_path):
+    from thrifty.data import prepare_data
+
+    book = tmp_path / "book.txt"
+    book.write_text("\n".join(prose(i, 100) for i in range(40)))
+    msgs = []
+    b = prepare_data(book, tmp_path / "run", seq_len=32, vocab_size=300, val_fraction=0.1, log_fn=msgs.append)
+    assert b.stats["train_documents"] == 1 and b.stats["val_documents"] == 1
+    share = b.stats["val_tokens"] / (b.stats["train_tokens"] + b.stats["val_tokens"])
+    assert 0.07 < share < 0.13 and len(b.val) > 0
+    assert any("held out for validation" in m for m in msgs)
+    # its tail, cut at a line break: the two parts give back the document
+    from thrifty.data.pipeline import _split
+
+    text = book.read_text()
+    train, val = _split([text], 0.1)
+    assert train[0] + val[0] == text and train[0].endswith("\n")
+    assert _split([text], 0.0) == ([text], [])
+
+
+@pytest.mark.parametrize("name", ["data.json", "data.csv", "README", "corpus.jsonl.gz"])
+def test_a_data_file_of_an_unsupported_type_is_refused_by_name(tmp_path, name):
+    from thrifty.data import prepare_data
+
+    f = tmp_path / name
+    f.write_text(json.dumps([{"text": prose(0)}]))
+    with pytest.raises(DataError, match=r"unsupported type .*supported: .*\.jsonl"):
+        prepare_data(f, tmp_path / "run", seq_len=16)
+    assert not (tmp_path / "run").exists()
+
+
+def test_nul_bytes_anywhere_mark_a_document_binary(tmp_path):
+    (tmp_path / "a.txt").write_bytes(prose(0).encode() * 10 + b"\x00" * 100)  # NULs past the first 8 KB
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": prose(1) + "\u0000\u0001"}) + "\n"
+                                      + json.dumps({"text": prose(2)}) + "\n")
+    docs = load_documents(tmp_path)
+    assert [d.rejected for d in docs] == ["binary_or_non_utf8", "binary_or_non_utf8", None]
+
+
+def test_a_utf16_jsonl_is_rejected_line_by_line_not_half_read(tmp_path):
+    f = tmp_path / "u16.jsonl"
+    f.write_bytes("\n".join(json.dumps({"text": prose(i)}) for i in range(5)).encode("utf-16"))
+    docs = load_documents(f)
+    assert docs and all(d.rejected == "binary_or_non_utf8" for d in docs)
+    g = tmp_path / "bom.jsonl"  # a UTF-8 byte-order mark is fine
+    g.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps({"text": prose(i)}) for i in range(3)).encode())
+    assert [d.rejected for d in load_documents(g)] == [None] * 3
+
+
+def test_a_directory_that_cannot_be_listed_is_an_error(tmp_path, monkeypatch):
+    import os
+
+    d = tmp_path / "c"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.txt").write_text(prose(0))
+    real = os.scandir
+
+    def scandir(path="."):
+        if str(path).endswith("sub"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError, match=r"sub'? cannot be listed \(Permission denied\)"):
+        load_documents(d)
+
+
+def test_a_file_that_cannot_be_read_is_named(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    f = tmp_path / "a.txt"
+    f.write_text(prose(0))
+
+    def read_bytes(self):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    with pytest.raises(DataError, match=r"a\.txt: cannot be read \(Input/output error\)"):
+        load_documents(f)
+
+
+@pytest.mark.parametrize("text, want", [
+    ("postgresql://app:hunter2hunter2@10.0.0.5/db", "postgresql://app:<SECRET>@<IP_ADDRESS>/db"),
+    ("postgres://admin:S3cr3t!pw@db.example.com/x", "postgres://admin:<SECRET>@db.example.com/x"),
+    ("https://user:ghx9token@github.example.org/repo.git", "https://user:<SECRET>@github.example.org/repo.git"),
+    ("key ASIAIOSFODNN7EXAMPLE here", "key <SECRET> here"),
+    ('__version__ = "1.2.3.4"', '__version__ = "1.2.3.4"'),
+    ("version = '1.2.3.4'", "version = '1.2.3.4'"),
+    ('{"version": "10.0.0.1"}', '{"version": "10.0.0.1"}'),
+    ("Python 3.11.4.1", "Python 3.11.4.1"),
+    ('server = "10.0.0.1"', 'server = "<IP_ADDRESS>"'),
+    ("https://example.com/user@host", "https://example.com/user@host"),
+])
+def test_url_passwords_sts_keys_and_quoted_versions(text, want):
+    assert scrub(text)[0] == want

@@ -449,3 +449,21 @@ def test_a_kill_between_the_last_checkpoint_and_the_export_is_finished_by_resume
     res = Trainer(cfg(corpus, out, steps=6, save_every=2, resume=True)).train()
     assert res["steps"] == 6 and json.loads((out / "summary.json").read_text())["steps"] == 6
     assert (out / "model.safetensors").read_bytes() == (ext / "model.safetensors").read_bytes()
+
+
+def test_resume_without_data_or_tokenizer_uses_the_runs_own(corpus, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    Trainer(cfg(corpus, a, steps=4, save_every=2)).train()
+    Trainer(cfg(corpus, b, steps=4, save_every=2, stop_at_step=2)).train()
+    t = Trainer(cfg(corpus, b, steps=4, save_every=2, resume=True, data=None, tokenizer=None))
+    t.train()
+    assert t.cfg.data == str(corpus) and t.cfg.tokenizer == str(corpus / "tok" / "tokenizer.json")
+    assert losses(b) == losses(a)
+    moved = tmp_path / "elsewhere"  # the recorded path gone: a message that says to pass it
+    shutil.copytree(corpus, moved)
+    Trainer(cfg(moved, tmp_path / "c", steps=2, save_every=1, stop_at_step=1)).train()
+    shutil.rmtree(moved)
+    from thrifty.train.trainer import TrainError
+
+    with pytest.raises(TrainError, match=r"was trained with --data .*elsewhere, which is not there now .*pass --data"):
+        Trainer(cfg(corpus, tmp_path / "c", steps=2, save_every=1, resume=True, data=None)).train()

@@ -43,10 +43,27 @@ def _fingerprint(files: list[Path], extra: dict) -> str:
     return h.hexdigest()[:16]
 
 
+def _split_one(text: str, val_fraction: float) -> tuple[list[str], list[str]]:
+    """A lone document (one .txt file: a book, tinyshakespeare's input.txt) is split in two: its last
+    ``val_fraction`` held out, cut at the line break (else the space) nearest that point."""
+    at = int(round(len(text) * (1 - val_fraction)))
+    if not 0 < at < len(text):
+        return [text], []
+    cuts = [i + 1 for i in (text.rfind("\n", 0, at), text.find("\n", at)) if 0 <= i < len(text) - 1]
+    if not cuts:
+        cuts = [i + 1 for i in (text.rfind(" ", 0, at), text.find(" ", at)) if 0 <= i < len(text) - 1]
+    if cuts:
+        at = min(cuts, key=lambda c: abs(c - at))
+    return [text[:at]], [text[at:]]
+
+
 def _split(texts: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
-    """Held-out split by a hash of each document (stable whatever the order or the other documents)."""
-    if len(texts) < 2 or val_fraction <= 0:
+    """Held-out split by a hash of each document (stable whatever the order or the other documents); a
+    single document is split at a line break instead (:func:`_split_one`)."""
+    if val_fraction <= 0 or not texts:
         return texts, []
+    if len(texts) == 1:
+        return _split_one(texts[0], val_fraction)
     key = [int.from_bytes(hashlib.sha1(t.encode("utf-8", "replace")).digest()[:4], "little") / 2**32 for t in texts]
     val = [t for t, k in zip(texts, key) if k < val_fraction]
     train = [t for t, k in zip(texts, key) if k >= val_fraction]
@@ -118,6 +135,8 @@ def prepare_data(data: str | os.PathLike | None, cache_dir: str | os.PathLike, s
         raise DataError(f"no text left after filtering {stats['documents_in']} documents from {src_desc}: "
                         + _drop_summary(stats, cfg))
     train_txt, val_txt = _split(texts, val_fraction)
+    if len(texts) == 1 and val_txt:
+        say(f"data: one document: its last {len(val_txt[0])} characters ({100 * val_fraction:g}%) held out for validation")
     if given_tok is not None:
         tok = given_tok
         say(f"tokenizer: loaded {tok_src} (vocab {tokmod.vocab_size(tok)})")

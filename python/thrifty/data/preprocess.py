@@ -241,12 +241,13 @@ EMAIL_RE = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0
 # four dotted ASCII numbers that are not part of a longer dotted run (1.2.3.4.5, a.1.2.3.4) nor glued to a
 # word (v10.0.0.1, x1.2.3.4); _ipv4 then decides (see scrub's docstring for the rule)
 IPV4_RE = re.compile(r"(?<![\w.])(?:[0-9]{1,3}\.){3}[0-9]{1,3}(?![\w.]*[0-9])")
-# the words right before a version number: "version 2.0.1.3", "Version: 4.3.2.1", "build 1.0.0.7", "rev. 3.2.1.0"
-_VERSION_BEFORE_RE = re.compile(r"(?i)(?:\b(?:v|ver|version|release|build|rev|revision|firmware)"
-                                r"\.?\s*[:=#]?|[=<>~!]=)\s*$")  # or a requirement pin: foo==1.2.3.4
+# the words right before a version number: "version 2.0.1.3", "Version: 4.3.2.1", "build 1.0.0.7", "rev. 3.2.1.0",
+# also as a name assigned a quoted value: __version__ = "1.2.3.4", "version": "1.2.3.4", VERSION='1.2.3.4'
+_VERSION_BEFORE_RE = re.compile(r"""(?i)(?:(?<![A-Za-z0-9])(?:v|ver|version|release|build|rev|revision|firmware|python)"""
+                                r"""_*["']?\.?\s*[:=#]?|[=<>~!]=)\s*["']?\s*$""")  # or a requirement pin: foo==1.2.3.4
 IPV6_RE = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?:%\w+)?(?![\w:])")
 SECRET_RES = [
-    re.compile(r"\bAKIA[0-9A-Z]{16}\b"),                       # AWS access key id
+    re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),              # AWS access key id (ASIA: temporary, from STS)
     re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}\b"),             # GitHub tokens
     re.compile(r"\bgithub_pat_[A-Za-z0-9_]{30,}\b"),
     re.compile(r"\bsk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}\b"),   # OpenAI / Anthropic style
@@ -277,6 +278,9 @@ ASSIGN_BARE_SECRET_RE = re.compile(
 # not a $VAR or ${VAR} reference, nor a call.
 ENV_SECRET_RE = re.compile(
     rf"""(?im)^(\s*(?:export\s+)?{_SECRET_NAME}=)(?![$'"{{])(?=\S*[0-9])(?=\S*[A-Za-z])(?!\S*\()(\S{{8,}})(?=[ \t]*$)""")
+# the password of a URL's user:password@ (postgresql://app:hunter2@db/x, https://user:token@host): before the
+# e-mail pattern, which would otherwise take "password@host.tld" for an address and leave the rest
+URL_PASSWORD_RE = re.compile(r"""(?i)\b([a-z][a-z0-9+.-]*://[^\s:/@'"<>]+:)([^\s/@'"<>]+)(@)""")
 # Authorization: Bearer <token> (a token with a digit: not "the bearer of ...")
 BEARER_RE = re.compile(r"(?i)\b(bearer\s+)(?=[A-Za-z._~+/-]*\d)[A-Za-z0-9._~+/-]{16,}=*")
 
@@ -309,7 +313,9 @@ def _ipv6(m: re.Match) -> str:
 
 def scrub(text: str) -> tuple[str, dict[str, int]]:
     """Replaces e-mail addresses, IPv4/IPv6 addresses and API-key-like secrets with placeholders
-    (``<EMAIL>``, ``<IP_ADDRESS>``, ``<SECRET>``). Returns the text and counts per kind.
+    (``<EMAIL>``, ``<IP_ADDRESS>``, ``<SECRET>``). Returns the text and counts per kind. Secrets: known
+    key formats, long key-like values assigned to secret-named keys, bearer tokens and the password of a
+    URL's ``user:password@``.
 
     IP addresses, private ranges included (a 192.168.x.x in a log still maps someone's network): an IPv4
     address is replaced when all of these hold:
@@ -317,8 +323,9 @@ def scrub(text: str) -> tuple[str, dict[str, int]]:
     - it is four dotted decimal octets, each 0-255 with no leading zero (``01.2.3.4`` is no address);
     - it is not part of a longer dotted run (``1.2.3.4.5``, ``10.1.2.3.4``) and not glued to a word or a
       dot before it (``v10.0.0.1``, ``x1.2.3.4``, ``.1.2.3.4``);
-    - it does not follow a version word (``version 2.0.1.3``, ``Version: 4.3.2.1``, ``build 1.0.0.7``) or a
-      requirement pin (``foo==1.2.3.4``, ``>=``, ``~=``).
+    - it does not follow a version word (``version 2.0.1.3``, ``Version: 4.3.2.1``, ``build 1.0.0.7``,
+      ``__version__ = "1.2.3.4"``, ``"version": "1.2.3.4"``) or a requirement pin (``foo==1.2.3.4``, ``>=``,
+      ``~=``).
 
     A trailing port, CIDR suffix or sentence full stop does not stop a match (``203.0.114.7:8080.``).
     IPv6: a valid address with at least three groups or a full four-digit group (``::1`` and times
@@ -335,6 +342,8 @@ def scrub(text: str) -> tuple[str, dict[str, int]]:
     text, n = ENV_SECRET_RE.subn(lambda m: f"{m.group(1)}{PLACEHOLDERS['secret']}", text)
     counts["secret"] += n
     text, n = BEARER_RE.subn(lambda m: f"{m.group(1)}{PLACEHOLDERS['secret']}", text)
+    counts["secret"] += n
+    text, n = URL_PASSWORD_RE.subn(lambda m: f"{m.group(1)}{PLACEHOLDERS['secret']}{m.group(3)}", text)
     counts["secret"] += n
     text, n = EMAIL_RE.subn(PLACEHOLDERS["email"], text)
     counts["email"] += n

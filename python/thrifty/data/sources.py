@@ -45,7 +45,7 @@ SUPPORTED = sorted(TEXT_SUFFIXES | {".jsonl", ".parquet"})
 
 
 def _decode(raw: bytes, source: str) -> Document:
-    if b"\x00" in raw[:8192]:
+    if b"\x00" in raw:  # text has no NUL anywhere (UTF-16 text is full of them): one memchr over the bytes
         return Document(None, source, "binary_or_non_utf8")
     try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the text
         return Document(raw.decode("utf-8-sig"), source)
@@ -56,7 +56,8 @@ def _decode(raw: bytes, source: str) -> Document:
 def _from_value(t, source: str) -> Document:
     """The document of a .jsonl text field or a parquet cell: a string, UTF-8 bytes, or a reason."""
     if isinstance(t, str):
-        return Document(t, source)
+        # a NUL ("\u0000" in JSON) is a binary blob stored as a string, as in a file
+        return Document(t, source) if "\x00" not in t else Document(None, source, "binary_or_non_utf8")
     if isinstance(t, (bytes, bytearray)):  # a parquet binary column holding (UTF-8) text
         return _decode(bytes(t), source)
     return Document(None, source, "text_not_a_string")
@@ -71,8 +72,11 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
             if not line:
                 continue
             src = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
+            if b"\x00" in line:  # binary, or UTF-16/32 text (NUL in every other byte): not UTF-8 JSON
+                yield Document(None, src, "binary_or_non_utf8")
+                continue
+            try:  # decoded here: json.loads of bytes would guess UTF-16/32 and read a UTF-16 file's first line
+                obj = json.loads(line.decode("utf-8-sig" if lineno == 1 else "utf-8"))
             except UnicodeDecodeError:
                 yield Document(None, src, "binary_or_non_utf8")
                 continue
@@ -112,26 +116,44 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
 
 def read_file(path: Path, text_field: str = "text") -> Iterator[Document]:
     suf = path.suffix.lower()
-    if suf == ".jsonl":
-        yield from _read_jsonl(path, text_field)
-    elif suf == ".parquet":
-        yield from _read_parquet(path, text_field)
-    else:
-        yield _decode(path.read_bytes(), str(path))
+    try:
+        if suf == ".jsonl":
+            yield from _read_jsonl(path, text_field)
+        elif suf == ".parquet":
+            yield from _read_parquet(path, text_field)
+        else:
+            yield _decode(path.read_bytes(), str(path))
+    except OSError as err:  # permissions, I/O errors: name the file (an OSError alone often does not)
+        raise DataError(f"{path}: cannot be read ({err.strerror or err})") from err
+
+
+def _unsupported(p: Path) -> str:
+    return (f"data file {str(p)!r}: unsupported type {p.suffix.lower() or '(no suffix)'!r}; supported: "
+            f"{', '.join(SUPPORTED)} (plain text: name it .txt; JSON records: one object per line, as .jsonl)")
 
 
 def list_files(path: str | os.PathLike) -> list[Path]:
-    """The data files under ``path`` (a file or a directory, searched recursively), sorted."""
+    """The data files under ``path`` (a file or a directory, searched recursively), sorted. A file given
+    directly must have a supported suffix, as the files found in a directory (others are skipped there); a
+    directory that cannot be listed is an error, not a silent gap in the corpus."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"data path {str(p)!r} does not exist")
     if p.is_file():
+        if p.suffix.lower() not in SUPPORTED:
+            raise DataError(_unsupported(p))
         return [p]
+    if not p.is_dir():
+        raise DataError(f"data path {str(p)!r} is neither a file nor a directory")
     files = []
     seen_dirs = set()
+
+    def unreadable(err: OSError):
+        raise DataError(f"data directory {err.filename!r} cannot be listed ({err.strerror or err})") from err
+
     # os.walk with followlinks: a symlinked subdirectory is read too (Path.rglob skips it before Python 3.13);
     # each real directory once, so a link back up the tree cannot loop.
-    for dirpath, dirnames, filenames in os.walk(p, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(p, onerror=unreadable, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen_dirs:
             dirnames[:] = []

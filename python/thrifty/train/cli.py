@@ -14,8 +14,10 @@ from thrifty.train.lora import DEFAULT_TARGETS
 
 def add_arguments(p) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="directory or file of .txt / .jsonl (\"text\" field) / .parquet; "
-                                  "default: the embedded corpus (Python's standard library sources)")
+    g.add_argument("--data", help="directory (searched recursively) or file of plain text (.txt .text .md .rst .py), "
+                                  ".jsonl (\"text\" field) or .parquet; a single document has its tail held out for "
+                                  "validation; default: the embedded corpus (Python's standard library sources; "
+                                  "--resume: the run's own)")
     g.add_argument("--text-field", default="text", help="the text field of .jsonl / column of .parquet (default text)")
     g.add_argument("--tokenizer", help="a tokenizer.json to use (default: the --model's, else train a byte-level BPE)")
     g.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary when training one (default 8192)")

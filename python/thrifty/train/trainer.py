@@ -566,6 +566,8 @@ class Trainer:
             shutil.rmtree(self._ckpt_root())  # only now, after every option was checked
         if c.resume and not self._latest_checkpoint():
             raise TrainError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+        if c.resume:
+            self._resume_data_options()
         torch.manual_seed(c.seed)
         random.seed(c.seed)
         np.random.seed(c.seed)
@@ -838,6 +840,26 @@ class Trainer:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.broadcast(t, src=0)
         return t.tolist()
+
+    def _resume_data_options(self) -> None:
+        """--resume without --data / --tokenizer: the run's own (train_config.json), not the embedded corpus and a
+        freshly trained tokenizer, which cannot match the checkpoint's embeddings."""
+        c = self.cfg
+        try:
+            saved = json.loads((self.run_dir / "train_config.json").read_text())
+        except (OSError, ValueError):  # an older or damaged run directory: the given options stand
+            return
+        if not isinstance(saved, dict):
+            return
+        for name in ("data", "tokenizer"):
+            was = saved.get(name)
+            if getattr(c, name) is not None or not isinstance(was, str):
+                continue
+            if not Path(was).exists():
+                raise TrainError(f"--resume: {self.run_dir} was trained with --{name} {was}, which is not there now "
+                                 f"(another working directory?): pass --{name}")
+            self.log(f"resume: no --{name} given: using the run's own {was} (train_config.json)")
+            setattr(c, name, was)
 
     # Options a checkpoint's state is tied to: another value on --resume cannot continue its trajectory (the
     # optimizer state or the adapters would not fit, or would be read as something else).
