@@ -145,8 +145,13 @@ def test_ops_under_autocast_follow_torchs_rules():
     x32, r32, w = torch.randn(4, 64), torch.randn(4, 64), torch.rand(64) + 0.5
     x16 = x32.bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y, h = thrifty.ops.rms_norm(x16, w, 1e-6, residual=r32)  # norms: float32, as torch's layer_norm
+        y, h = thrifty.ops.rms_norm(x16, w, 1e-6, residual=r32)  # fused add: promoted as x + residual would be
         assert y.dtype == h.dtype == torch.float32
+        # a norm alone keeps its input's dtype, as torch's on the CPU (its autocast leaves norms alone)
+        assert thrifty.ops.rms_norm(x16, w).dtype == torch.nn.RMSNorm(64)(x16).dtype == torch.bfloat16
+        assert thrifty.nn.RMSNorm(64).bfloat16()(x16).dtype == torch.bfloat16
+        assert thrifty.ops.rms_norm(x32, w).dtype == torch.nn.RMSNorm(64)(x32).dtype == torch.float32
+        assert thrifty.ops.rms_norm(x16, w.bfloat16(), residual=x16)[1].dtype == torch.bfloat16
         q = torch.randn(1, 9, 2, 64)
         assert thrifty.ops.flash_attention(q, q, q, causal=True).dtype == torch.bfloat16  # as SDPA: lower
         assert thrifty.ops.linear(x32, torch.randn(8, 64)).dtype == torch.bfloat16       # as linear: lower
@@ -174,3 +179,43 @@ def test_llama_trains_under_autocast_and_compile():
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(compiled(ids, labels=ids), loss.detach())
+
+
+def test_quantized_linears_under_autocast_compute_in_its_dtype_as_nn_linear():
+    from thrifty.nn import QuantLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(3, 64)
+    for kw in (dict(bits=4, group_size=32), dict(bits=8), dict(bits=8, act_bits=8)):
+        q = QuantLinear.from_float(lin, **kw)
+        want = q(x.bfloat16())  # outside autocast, on bf16 input
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = q(x)
+            assert got.dtype == lin(x).dtype == torch.bfloat16, kw
+            with torch.autocast("cpu", enabled=False):
+                assert q(x).dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the op itself, scales and zeros left float32
+        q4 = QuantLinear.from_float(lin, bits=4, group_size=32)
+        y = thrifty.ops.quant_linear(x, q4.qweight, q4.scales, q4.zeros, bits=4, group_size=32, bias=q4.bias)
+    assert y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_with_an_infinite_logit_is_finite_where_torchs_is(dtype):
+    """loss = (1 - eps) (lse - z_y) + eps (lse - mean z): with eps = 0 an infinite logit elsewhere in the row made
+    the second term 0 * inf = NaN."""
+    import torch.nn.functional as F
+
+    h = torch.randn(4, 16).abs().to(dtype)
+    w = torch.randn(10, 16).to(dtype)
+    w[7, 0] = -float("inf")
+    y = torch.tensor([1, 2, 3, 4])
+    ref = F.cross_entropy(F.linear(h.double(), w.double()), y, reduction="none")
+    got = thrifty.ops.linear_cross_entropy(h, w, y, reduction="none")
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), ref, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-4)
+    # label smoothing averages every logit: -inf in the row makes torch's loss inf too
+    assert torch.isinf(thrifty.ops.linear_cross_entropy(h, w, y, label_smoothing=0.1))
+    assert torch.isinf(F.cross_entropy(F.linear(h.float(), w.float()), y, label_smoothing=0.1))

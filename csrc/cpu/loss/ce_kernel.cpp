@@ -72,9 +72,14 @@ void fwd_rows(const CeFwdParams& p) {
       for (; j < V; ++j) se += std::exp(cap(to_float(z[j])) - m);
       const float lse = m + std::log((a0 + a1).reduce_add() + se);
       p.lse[r] = lse;
-      p.loss[r] = y == p.ignore_index
-                      ? 0.0f
-                      : (1.0f - eps) * (lse - cap(to_float(z[y]))) + eps * (lse - zsum / static_cast<float>(V));
+      // each term only where its weight is not 0: an infinite logit makes zsum (or z_y) infinite, and 0 * inf
+      // would be NaN where F.cross_entropy's loss is finite
+      float loss = 0.0f;
+      if (y != p.ignore_index) {
+        if (eps < 1.0f) loss = (1.0f - eps) * (lse - cap(to_float(z[y])));
+        if (eps > 0.0f) loss += eps * (lse - zsum / static_cast<float>(V));
+      }
+      p.loss[r] = loss;
     }
   });
 }

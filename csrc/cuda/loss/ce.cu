@@ -52,9 +52,13 @@ __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(CeFwdParams p) {
   if (threadIdx.x == 0) {
     const float lse = m + logf(se);
     p.lse[r] = lse;
-    p.loss[r] = y == p.ignore_index ? 0.f
-                                    : (1.f - eps) * (lse - capped(to_float(z[y]), cap, inv_cap)) +
-                                          eps * (lse - zs / static_cast<float>(V));
+    // each term only where its weight is not 0 (an infinite logit: 0 * inf would be NaN), as the CPU kernel
+    float loss = 0.f;
+    if (y != p.ignore_index) {
+      if (eps < 1.f) loss = (1.f - eps) * (lse - capped(to_float(z[y]), cap, inv_cap));
+      if (eps > 0.f) loss += eps * (lse - zs / static_cast<float>(V));
+    }
+    p.loss[r] = loss;
   }
 }
 

@@ -143,6 +143,10 @@ class QuantLinear(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"QuantLinear: input must have in_features={self.in_features} in its last dimension, "
                              f"got shape {tuple(x.shape)}")
+        dev = x.device.type
+        if (x.is_floating_point() and x.dtype != torch.float64 and torch._C._is_autocast_available(dev)
+                and torch.is_autocast_enabled(dev)):
+            x = x.to(torch.get_autocast_dtype(dev))  # as nn.Linear under autocast (the W8A8 path has no op rule)
         # smooth is in the original feature order (as the float layer's columns): divide before the
         # act-order gather, which reorders x into the packed weight's column order
         if self.smooth is not None:

@@ -135,32 +135,40 @@ def _autocast_target(args, device_type: str, policy: str) -> torch.dtype:
     if policy == "lower":
         return torch.get_autocast_dtype(device_type)
     dtypes = {t.dtype for a in args for t in _tensors_of(a) if _autocast_eligible(t, device_type)}
-    return dtypes.pop() if len(dtypes) == 1 else torch.float32  # promote: mixed low types widen to float32
+    if len(dtypes) <= 1:
+        return dtypes.pop() if dtypes else torch.float32
+    out = dtypes.pop()
+    for d in dtypes:  # promote: as torch's type promotion (bf16 + f16 -> float32, bf16 + float32 -> float32)
+        out = torch.promote_types(out, d)
+    return out
 
 
-def register_autocast(opname: str, policy: str) -> None:
-    """The autocast rule of custom op ``opname`` on CPU and CUDA (each where torch supports autocast):
+def register_autocast(opname: str, policy: str, *, devices: tuple[str, ...] = ("cpu", "cuda"),
+                      keep: tuple[int, ...] = ()) -> None:
+    """The autocast rule of custom op ``opname`` on ``devices`` (each where torch supports autocast):
 
-    - ``"fp32"``: floating inputs cast to float32, as torch's layer_norm (the norms: the residual stream
-      stays float32 under autocast, as in Hugging Face's models);
+    - ``"fp32"``: floating inputs cast to float32, as torch's layer_norm on CUDA;
     - ``"lower"``: cast to the autocast dtype of the device (torch.get_autocast_dtype), as torch's linear and
       scaled_dot_product_attention (the matmul-bound ops);
     - ``"promote"``: cast to the widest floating dtype among the inputs, as torch's elementwise ops.
 
-    float64 and non-floating tensors are left alone, as torch's autocast leaves them. The op then runs with
-    autocast off; autograd sees the casts, so gradients reach the uncast tensors in their own dtype."""
+    ``keep``: positions of arguments left as they are (a quantized layer's float32 scales, a norm's weight,
+    which the kernels take in float32 or the input's dtype). float64 and non-floating tensors are left alone,
+    as torch's autocast leaves them. The op then runs with autocast off; autograd sees the casts, so gradients
+    reach the uncast tensors in their own dtype. A device not listed has no rule: the op runs on the dtypes it
+    is given, as torch's ops outside its autocast lists do."""
     if policy not in _AUTOCAST_POLICIES:
         raise ValueError(f"register_autocast: policy must be one of {_AUTOCAST_POLICIES}, got {policy!r}")
     ns, name = opname.split("::")
     op = getattr(getattr(torch.ops, ns), name).default
-    for device_type in ("cpu", "cuda"):
+    for device_type in devices:
         if not torch._C._is_autocast_available(device_type):
             continue
         key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
         key = getattr(torch._C.DispatchKey, key_name)
 
         def cast_and_call(*args, _device_type=device_type, _key=key):
-            target = _autocast_target(args, _device_type, policy)
+            target = _autocast_target([a for i, a in enumerate(args) if i not in keep], _device_type, policy)
 
             def cast(a):
                 if _autocast_eligible(a, _device_type):
@@ -170,7 +178,7 @@ def register_autocast(opname: str, policy: str) -> None:
                 return a
 
             with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
-                return op(*(cast(a) for a in args))
+                return op(*(a if i in keep else cast(a) for i, a in enumerate(args)))
 
         op.py_impl(key)(cast_and_call)  # what tracing (torch.compile) dispatches to
         _AUTOCAST_LIB.impl(name, lambda _keyset, *args, _f=cast_and_call: _f(*args), key_name, with_keyset=True)

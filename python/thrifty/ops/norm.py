@@ -97,6 +97,10 @@ def _backward_fused(ctx, grad_y, grad_h, _grad_rstd):
 
 
 torch.library.register_autograd("thrifty::fused_add_rms_norm", _backward_fused, setup_context=_setup_fused)
-register_autocast("thrifty::rms_norm", "fp32")  # as torch's layer_norm: the residual stream stays float32
-register_autocast("thrifty::fused_add_rms_norm", "fp32")
+# Autocast as torch's norms: on CUDA float32 (layer_norm's rule: the residual stream stays float32, as in Hugging
+# Face's models); on the CPU, where torch's autocast leaves layer_norm / rms_norm alone, the input's dtype (bf16
+# stays bf16, as torch.nn.RMSNorm) with the fused add's two inputs promoted as their unfused x + residual would be.
+register_autocast("thrifty::rms_norm", "fp32", devices=("cuda",))
+register_autocast("thrifty::fused_add_rms_norm", "fp32", devices=("cuda",))
+register_autocast("thrifty::fused_add_rms_norm", "promote", devices=("cpu",), keep=(2,))  # (x, residual, weight, eps)
 register_no_double_backward("thrifty::rms_norm_backward")

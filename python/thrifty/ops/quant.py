@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from thrifty.ops._common import call_op, register_fake, register_not_differentiable, require_tensors
+from thrifty.ops._common import (call_op, register_autocast, register_fake, register_not_differentiable,
+                                 require_tensors)
 
 _ops = torch.ops.thrifty
 
@@ -183,6 +184,9 @@ def _backward_quant_linear(ctx, grad_y):
 
 
 torch.library.register_autograd("thrifty::quant_linear", _backward_quant_linear, setup_context=_setup_quant_linear)
+# x to the autocast dtype, as torch's linear; the float32 scales / zeros and the bias are taken as they are
+# (quant_linear(x, qweight, scales, zeros, bits, group_size, bias))
+register_autocast("thrifty::quant_linear", "lower", keep=(2, 3, 6))
 
 
 # ---- the inference-only ops: backpropagating through them is an error, not a silent None grad ----
