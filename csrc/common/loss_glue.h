@@ -74,12 +74,14 @@ inline int64_t lce_count_labels(const char* op, const at::Tensor& labels, int64_
 }
 
 // Matmul operands: on a CPU without native bf16 dot products (below avx512_bf16) torch's bf16/f16
-// GEMM is ~30x slower than float32, so the matmuls (and the kernels) run on float32 copies there.
+// GEMM is ~30x slower than float32, so the matmuls (and the kernels) run on float32 copies there; float16
+// always on the CPU (torch's f16 CPU GEMM ran ~45x slower than bf16 at avx512_bf16: 142 s against 3 s).
 // Decided once per op call (lce_upcast) and applied to every operand: reading the ISA level per operand let a
 // set_cpu_isa from another thread mid-call widen hidden but not the logits, and the kernels then wrote float32
 // gradients into a bf16 buffer.
 inline bool lce_upcast(const at::Tensor& hidden) {
-  return hidden.device().is_cpu() && hidden.scalar_type() != at::kFloat && cpu_isa_current() != CpuIsa::avx512_bf16;
+  return hidden.device().is_cpu() && hidden.scalar_type() != at::kFloat &&
+         (hidden.scalar_type() == at::kHalf || cpu_isa_current() != CpuIsa::avx512_bf16);
 }
 
 inline at::Tensor lce_operand(const at::Tensor& t, bool upcast) { return upcast ? t.to(at::kFloat) : t; }
@@ -185,14 +187,18 @@ inline std::tuple<at::Tensor, at::Tensor> lce_backward(const at::Tensor& grad_lo
     gw.zero_();
     return {gh_acc.to(hidden.scalar_type()), gw};
   }
-  const int64_t cols = have_logits ? V : lce_block(V, T, chunk_size);
+  // Vocab blocks as the recomputing path's, kept logits or not: the kept logits are copied a block at a time
+  // (G is formed in place, and the saved logits must stay as they are for a retained graph), so the backward
+  // holds one block more than the logits, not a second full copy (the kept path's peak was ~4x the logits).
+  const int64_t cols = lce_block(V, T, chunk_size);
   for (int64_t v0 = 0; v0 < V; v0 += cols) {
     const int64_t n = std::min(cols, V - v0);
     auto wb = w.narrow(0, v0, n);
     at::Tensor z;  // (T, n), turned into G in place below
     if (have_logits) {
-      z = lce_operand(*logits, up);
-      z = z.is_same(*logits) ? z.clone(at::MemoryFormat::Contiguous) : z.contiguous();
+      auto zb = logits->narrow(1, v0, n);
+      z = lce_operand(zb, up);
+      z = z.is_same(zb) ? z.clone(at::MemoryFormat::Contiguous) : z.contiguous();
     } else {
       z = at::mm(h, wb.t());
     }

@@ -31,8 +31,9 @@ logits take at most 64 MiB (``KEEP_LOGITS_BYTES``; e.g. 512 tokens x 32000 vocab
 forward runs as one chunk and keeps its logits for the backward (the op
 ``linear_cross_entropy_keep_logits``), which then starts from them instead of the matmul: one
 logits matmul fewer, about a quarter of the loss's forward + backward, for that much memory
-held between the two. Not with an explicit ``chunk_size``, nor where the CPU multiplies bfloat16
-and float16 in float32 copies (below avx512_bf16: the kept logits would be rounded).
+held between the two (the backward copies them a vocab block at a time, as it recomputes them).
+Not with an explicit ``chunk_size``, nor where the CPU multiplies in float32 copies (bfloat16
+below avx512_bf16, float16 always: the kept logits would be rounded).
 """
 from __future__ import annotations
 
@@ -59,7 +60,9 @@ def _keep_logits(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int) ->
         return False
     if weight.dim() != 2:  # bad input: left to the op's checks
         return False
-    if hidden.device.type == "cpu" and hidden.dtype != torch.float32 and not _cpu_multiplies_bf16():
+    # the CPU kernels then multiply float32 copies (lce_upcast in loss_glue.h): no logits in hidden's dtype to keep
+    if hidden.device.type == "cpu" and (hidden.dtype == torch.float16
+                                        or (hidden.dtype != torch.float32 and not _cpu_multiplies_bf16())):
         return False
     return hidden.shape[0] * weight.shape[0] * hidden.element_size() <= KEEP_LOGITS_BYTES
 

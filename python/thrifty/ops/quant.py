@@ -162,6 +162,9 @@ def _sum_rows(grad_y: torch.Tensor) -> torch.Tensor:
     return g.sum(dim=tuple(range(g.dim() - 1))) if g.dim() > 1 else g  # sum(dim=()) would sum everything
 
 
+_DEQUANT_BLOCK_BYTES = 16 << 20  # float32 weight rows dequantized at a time in the frozen layers' backward
+
+
 def frozen_weight_grads(grad_y, qweight, scales, zeros, bits: int, group_size: int, x_dtype, bias_dtype,
                         need_x: bool, need_bias: bool):
     """(grad_x, grad_bias) of y = x @ dequant(W).T + bias with W frozen: grad_x = grad_y @ w in float32
@@ -169,8 +172,20 @@ def frozen_weight_grads(grad_y, qweight, scales, zeros, bits: int, group_size: i
     QuantLinear's W8A8 straight-through backward."""
     grad_x = grad_bias = None
     if need_x:
-        w = _ops.quant_dequantize(qweight, scales, zeros, bits, group_size)
-        grad_x = (grad_y.float() @ w).to(x_dtype)
+        # float32 sums over blocks of output rows, each dequantized on its own: a float32 copy of the whole
+        # weight (N K 4 bytes, 224 MiB for a 4096 x 14336 layer) per layer per backward was a QLoRA step's peak
+        n = qweight.shape[0]
+        k = qweight.shape[1] * (2 if bits == 4 else 1)
+        g = grad_y.float()
+        gx = g.new_zeros(g.shape[:-1] + (k,))
+        if n > 0 and gx.numel() > 0:
+            g2, gx2 = g.reshape(-1, n), gx.view(-1, k)
+            rows = max(1, _DEQUANT_BLOCK_BYTES // (4 * max(k, 1)))
+            for n0 in range(0, n, rows):
+                w = _ops.quant_dequantize(qweight[n0:n0 + rows], scales[n0:n0 + rows],
+                                          zeros[n0:n0 + rows] if zeros is not None else None, bits, group_size)
+                gx2.addmm_(g2[:, n0:n0 + rows], w)
+        grad_x = gx.to(x_dtype)
     if bias_dtype is not None and need_bias:
         grad_bias = _sum_rows(grad_y).to(bias_dtype)
     return grad_x, grad_bias
