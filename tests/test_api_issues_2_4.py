@@ -130,14 +130,23 @@ def test_sdpa_accepts_torch_dropout_keyword():
         sdpa(q, k, k, dropout_p=0.1)
 
 
-def test_sdpa_torch_positional_dropout_is_refused_not_misread():
-    q = torch.randn(1, 2, 4, 16)
-    # torch order (q, k, v, mask, dropout_p, is_causal): a float lands on is_causal here
-    with pytest.raises(TypeError, match="is_causal"):
-        thrifty.nn.functional.scaled_dot_product_attention(q, q, q, None, 0.0, True)
-    # the issue's order works positionally
-    got = thrifty.nn.functional.scaled_dot_product_attention(q, q, q, None, True)
-    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, q, q, is_causal=True), atol=1e-5, rtol=1e-5)
+def test_sdpa_takes_torchs_positional_order_and_the_issues():
+    q, k = torch.randn(1, 2, 4, 16), torch.randn(1, 2, 6, 16)
+    sdpa = thrifty.nn.functional.scaled_dot_product_attention
+    causal = F.scaled_dot_product_attention(q, k, k, is_causal=True)
+    # torch's order (query, key, value, attn_mask, dropout_p, is_causal): a number in the 5th place is dropout_p
+    for args in ((None, 0.0, True), (None, 0, True)):
+        torch.testing.assert_close(sdpa(q, k, k, *args), causal, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sdpa(q, k, k, None, 0.0, False, scale=0.3),
+                               F.scaled_dot_product_attention(q, k, k, None, 0.0, False, scale=0.3), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="dropout_p"):
+        sdpa(q, k, k, None, 0.5, True)
+    with pytest.raises(TypeError, match="both as the 5th positional argument"):
+        sdpa(q, k, k, None, 0.0, dropout_p=0.0)
+    # the issue's order (q, k, v, attn_mask, is_causal, scale, enable_gqa): a bool in the 5th place is is_causal
+    torch.testing.assert_close(sdpa(q, k, k, None, True), causal, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sdpa(q, k, k, None, False, 0.3), F.scaled_dot_product_attention(q, k, k, scale=0.3),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_sdpa_broadcasts_batch_dims_like_torch():
@@ -377,6 +386,13 @@ def test_rmsnorm_module_torch_conventions():
     m_none = thrifty.nn.RMSNorm([24], eps=None)
     m_none.load_state_dict(ref.state_dict())
     torch.testing.assert_close(m_none(x), ref(x))
+    for dt in (torch.bfloat16, torch.float16):  # eps=None in half precision: float32's epsilon, as torch's
+        xh = (torch.randn(4, 24) * 1e-3).to(dt)
+        torch.testing.assert_close(m_none.to(dt)(xh).float(), ref.to(dt)(xh).float(), rtol=1e-2, atol=1e-2)
+    # torch's positional order: (normalized_shape, eps, elementwise_affine, device, dtype)
+    plain = thrifty.nn.RMSNorm(24, 1e-5, False)
+    assert plain.weight is None and plain.eps == 1e-5 and not plain.elementwise_affine
+    assert thrifty.nn.RMSNorm(24, 1e-5, True, "cpu", torch.bfloat16).weight.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="last dim only"):
         thrifty.nn.RMSNorm((4, 6))
     y, h = m(x, x)  # the fused add + norm through the module

@@ -295,3 +295,31 @@ def test_float16_loss_on_the_cpu_multiplies_float32_copies():
     assert loss.dtype == h.grad.dtype == torch.float16
     torch.testing.assert_close(loss.double(), ref, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(h.grad.double(), hd.grad, rtol=2e-3, atol=2e-3)
+
+
+def test_adamw8bit_quantizes_a_loaded_float_state():
+    """Swapped into a running torch.optim.AdamW loop through load_state_dict, AdamW8bit kept float32 moments
+    for good (no 8-bit saving, no word). Now the tensors that take 8-bit state are quantized at load."""
+    from thrifty.ops.optim import create_dynamic_map, dequantize_blockwise
+    from thrifty.optim import AdamW8bit
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 256)  # weight 65536 elements: 8-bit; bias 256: float32
+    ref = torch.optim.AdamW(lin.parameters(), lr=1e-3)
+    for _ in range(3):
+        lin(torch.randn(8, 256)).square().mean().backward()
+        ref.step()
+        ref.zero_grad()
+    torch_state = {k: v.clone() for k, v in ref.state[lin.weight].items()}
+    opt = AdamW8bit(lin.parameters(), lr=1e-3)
+    opt.load_state_dict(ref.state_dict())
+    w, b = opt.state[lin.weight], opt.state[lin.bias]
+    assert w["exp_avg"].dtype == w["exp_avg_sq"].dtype == torch.uint8 and b["exp_avg"].dtype == torch.float32
+    m = dequantize_blockwise(w["exp_avg"], w["absmax_m"], create_dynamic_map(True))
+    v = dequantize_blockwise(w["exp_avg_sq"], w["absmax_v"], create_dynamic_map(False))
+    torch.testing.assert_close(m, torch_state["exp_avg"], rtol=0.1, atol=2e-2 * float(torch_state["exp_avg"].abs().max()))
+    torch.testing.assert_close(v, torch_state["exp_avg_sq"], rtol=0.1,
+                               atol=2e-2 * float(torch_state["exp_avg_sq"].abs().max()))
+    lin(torch.randn(8, 256)).square().mean().backward()
+    opt.step()  # the 8-bit kernel path steps on it
+    assert float(w["step"]) == 4 and w["exp_avg"].dtype == torch.uint8

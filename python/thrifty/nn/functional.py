@@ -21,9 +21,18 @@ _TORCH_NAMES = (("query", "q"), ("key", "k"), ("value", "v"))
 
 def _taking_torch_names(fn):
     """Issue 3 names the tensors q, k, v; torch names them query, key, value: both are taken by keyword.
-    (functools.wraps: the signature and docstring shown are fn's, and Python's own argument errors name it.)"""
+    Issue 3's positional order has is_causal 5th, torch's has dropout_p 5th: a number that is not a bool in
+    that place is torch's dropout_p, and the arguments after it follow torch's order (is_causal, scale,
+    enable_gqa), so a torch call runs unchanged. (functools.wraps: the signature and docstring shown are fn's,
+    and Python's own argument errors name it.)"""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if len(args) >= 5 and isinstance(args[4], numbers.Real) and not isinstance(args[4], bool):
+            if "dropout_p" in kwargs:
+                raise TypeError(f"{_NAME}: got dropout_p both as the 5th positional argument (torch's order) and "
+                                "by keyword")
+            kwargs["dropout_p"] = args[4]
+            args = args[:4] + args[5:]
         for torch_name, name in _TORCH_NAMES:
             if torch_name in kwargs:
                 if name in kwargs:
@@ -65,13 +74,14 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         result is (so ``.view`` on it works; the kernel writes (..., L, heads, Ev), and the copy costs ~1/S of
         the attention itself).
 
-    Positional order: this signature has no positional dropout_p (is_causal is the 5th
-    argument); a float in that place is refused with a TypeError rather than read as a flag.
+    Positional order: issue 3's (q, k, v, attn_mask, is_causal, scale, enable_gqa), and torch's
+    (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) too: a number that is
+    not a bool in the 5th place is torch's dropout_p (so ``f(q, k, v, None, 0.0, True)`` is causal,
+    as in torch), a bool is is_causal.
     """
     query, key, value = q, k, v
-    if isinstance(is_causal, float):
-        raise TypeError(f"{_NAME}: 'is_causal' must be a bool (got {is_causal!r}); note that here the 5th positional "
-                        "argument is is_causal: pass torch's dropout_p by keyword")
+    if isinstance(is_causal, (float, torch.Tensor)):
+        raise TypeError(f"{_NAME}: 'is_causal' must be a bool (got {is_causal!r})")
     if isinstance(scale, bool):
         raise TypeError(f"{_NAME}: 'scale' must be a float or None (got {scale!r})")
     if scale is not None and not (isinstance(scale, numbers.Real) and math.isfinite(scale)):

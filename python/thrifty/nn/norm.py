@@ -38,8 +38,9 @@ class RMSNorm(nn.Module):
     runs the fused add + norm and returns ``(y, x + residual)``.
     """
 
-    def __init__(self, hidden_size: int, eps: float | None = 1e-6, device=None, dtype=None, *,
-                 elementwise_affine: bool = True):
+    def __init__(self, hidden_size: int, eps: float | None = 1e-6, elementwise_affine: bool = True, device=None,
+                 dtype=None):
+        # torch.nn.RMSNorm's positional order (normalized_shape, eps, elementwise_affine, device, dtype)
         super().__init__()
         hidden_size = _hidden_size(hidden_size)
         if not isinstance(elementwise_affine, bool):
@@ -64,8 +65,9 @@ class RMSNorm(nn.Module):
         return self.eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        # eps=None is torch.nn.RMSNorm's default: the machine epsilon of x's dtype
-        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        # eps=None is torch.nn.RMSNorm's default: the machine epsilon of the dtype it computes in (float32 for
+        # float32 / bfloat16 / float16 inputs, as torch's kernels take it: bf16's own 2^-7 is ~6e4x larger)
+        eps = (torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps if self.eps is None else self.eps)
         weight = self.weight
         if weight is None:  # the kernels take a weight: ones of x's dtype (exact: y * 1 = y)
             weight = torch.ones(self.normalized_shape, dtype=x.dtype, device=x.device)

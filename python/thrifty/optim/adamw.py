@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from thrifty.ops.optim import QUANT_BLOCK, create_dynamic_map
+from thrifty.ops.optim import QUANT_BLOCK, create_dynamic_map, quantize_blockwise
 from thrifty.optim._base import FusedOptimizer, _check_finite, _check_torch_flags
 
 _ops = torch.ops.thrifty
@@ -90,7 +90,8 @@ class AdamW8bit(AdamW):
     (signed for m, unsigned for v) with a float32 absmax per 256-element block: about 2 bytes of
     state per parameter instead of 8. Tensors with fewer than ``min_8bit_size`` (4096) elements
     keep float32 moments. Same interface and semantics as :class:`AdamW` otherwise; the param
-    update uses the freshly computed float moments, which are then requantized.
+    update uses the freshly computed float moments, which are then requantized. A float state loaded
+    from :class:`AdamW` or ``torch.optim.AdamW`` is quantized at load for the tensors that take 8-bit state.
     """
 
     _pickled_attrs = FusedOptimizer._pickled_attrs + ("min_8bit_size",)
@@ -132,8 +133,15 @@ class AdamW8bit(AdamW):
             state["master"] = p.detach().float().contiguous()
 
     def _check_loaded_state(self, p, state, where):
-        if "absmax_m" not in state:  # float moments (a small tensor, or a state saved by AdamW)
-            return super()._check_loaded_state(p, state, where)
+        if "absmax_m" not in state:  # float moments (a small tensor, or a state saved by AdamW / torch.optim.AdamW)
+            super()._check_loaded_state(p, state, where)
+            if p.numel() >= self.min_8bit_size and "exp_avg" in state and "exp_avg_sq" in state:
+                # a tensor that takes 8-bit state here: quantized now (kept as float, the 2 B/param state this
+                # optimizer is for never came, silently), with the kernels' own rule
+                qm, qv = self._qmap(p.device)
+                state["exp_avg"], state["absmax_m"] = quantize_blockwise(state["exp_avg"], qm)
+                state["exp_avg_sq"], state["absmax_v"] = quantize_blockwise(state["exp_avg_sq"], qv)
+            return
         self._check_state_keys(state, where, ("step", "exp_avg", "exp_avg_sq", "absmax_m", "absmax_v"),
                                self._optional_state_keys)
         for k in ("exp_avg", "exp_avg_sq"):
