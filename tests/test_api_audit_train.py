@@ -295,9 +295,11 @@ def test_fsdp_bf16_under_a_time_budget(corpus, base_model, tmp_path):
     residual and refused them. And a --time-budget under torchrun hung at its end: each rank read its own clock,
     one saved and exported while the other stepped on."""
     out = tmp_path / "run"
-    r = _torchrun(base_model, corpus, out, "--fsdp", "--precision", "bf16", "--time-budget", "6s", "--eval-every", "1000")
+    r = _torchrun(base_model, corpus, out, "--fsdp", "--precision", "bf16", "--time-budget", "6s", "--eval-every", "1000",
+                  "--no-master-weights")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "autocast over fp32 params" in r.stderr and "FSDP2" in r.stderr
+    assert "--no-master-weights has no effect there" in r.stderr  # said, not silently dropped
     assert "done:" in r.stderr and (out / "model.safetensors").is_file()
 
 
@@ -467,3 +469,31 @@ def test_resume_without_data_or_tokenizer_uses_the_runs_own(corpus, tmp_path):
 
     with pytest.raises(TrainError, match=r"was trained with --data .*elsewhere, which is not there now .*pass --data"):
         Trainer(cfg(corpus, tmp_path / "c", steps=2, save_every=1, resume=True, data=None)).train()
+
+
+def test_resume_says_what_it_continues_differently(corpus, tmp_path, capsys):
+    """--batch-size is per process: the same value on another number of processes (here: another value on one)
+    changes the global batch, and a longer --steps keeps the checkpoint's schedule; both were silent."""
+    out = tmp_path / "r"
+    Trainer(cfg(corpus, out, steps=4, save_every=2, stop_at_step=2)).train()
+    capsys.readouterr()
+    Trainer(cfg(corpus, out, steps=6, save_every=2, resume=True, batch_size=4)).train()
+    err = capsys.readouterr().err
+    assert "trained with a global batch of 2 rows (2 x grad-accum 1 x 1 process(es)), this run takes 4" in err
+    assert "--batch-size 2 keeps it" in err
+    assert "keeps the checkpoint's total of 4 steps" in err
+    out2 = tmp_path / "same"
+    Trainer(cfg(corpus, out2, steps=4, save_every=2, stop_at_step=2)).train()
+    capsys.readouterr()
+    Trainer(cfg(corpus, out2, steps=4, save_every=2, resume=True)).train()
+    assert "resume: note" not in capsys.readouterr().err
+
+
+def test_errors_are_said_by_rank_0_only(corpus, tmp_path, capsys, monkeypatch):
+    from thrifty.train.cli import run
+
+    bad = cfg(corpus, tmp_path / "x", steps=0)
+    monkeypatch.setenv("RANK", "1")
+    assert run(bad) == 2 and "error" not in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    assert run(bad) == 2 and "--steps: expected a positive number" in capsys.readouterr().err

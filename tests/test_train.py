@@ -248,6 +248,32 @@ def test_ddp_two_processes_match_single(corpus, base_model, tmp_path):
         assert abs(ld[k] - ls[k]) <= 1e-5 * abs(ls[k]), (k, ld[k], ls[k])
 
 
+def test_validation_loss_is_the_same_at_any_world_size(corpus, base_model, tmp_path):
+    """Validation scores the first eval-batches global batches whatever the split (each process its share,
+    the sums reduced); it scored eval-batches x the per-process batch, a smaller set on more processes. An lr of
+    1e-12 leaves the weights as they were, so the two runs score one model (Adam's first steps move weights
+    whose gradients differ in the last bits by up to 2 lr, which would hide the rows' effect)."""
+    common = ["--model", str(base_model), "--data", str(corpus), "--seq-len", "32", "--steps", "1", "--lr", "1e-12",
+              "--warmup", "1", "--precision", "fp32", "--no-progress", "--eval-batches", "3"]
+    env = {**os.environ, "PYTHONPATH": THRIFTY_PATH + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    ddp = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-port", str(_free_port()), "-m", "thrifty.cli", "train", *common,
+                        "--batch-size", "1", "--out", str(ddp)], env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    single = tmp_path / "single"
+    assert run(cfg(corpus, single, model=str(base_model), model_overrides=None, batch_size=2, steps=1, lr=1e-12,
+                   eval_batches=3)) == 0
+    vd, vs = (_val_losses(d) for d in (ddp, single))
+    assert sorted(vd) == sorted(vs) == [1] and abs(vd[1] - vs[1]) <= 1e-6 * abs(vs[1]), (vd, vs)
+
+
+def _val_losses(run_dir) -> dict:
+    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+
+
 # ---- failures ----
 def _fails(capsys, config, code, pattern, out):
     assert run(config) == code

@@ -7,6 +7,7 @@ Exit codes: 0 done, 2 bad input / does not fit (nothing half-written), 3 stopped
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from thrifty.train.lora import DEFAULT_TARGETS
@@ -89,13 +90,17 @@ def run(config, prog: str = "thrifty train") -> int:
     """Runs a TrainConfig; maps failures to a message on stderr and an exit code."""
     from thrifty.train.trainer import Trainer, TrainError, TrainStopped
 
+    # under torchrun every rank meets the same option, data and NaN errors: rank 0 says it, all exit alike
+    main_rank = os.environ.get("RANK", "0") in ("", "0")
     try:
         Trainer(config).train()
     except TrainError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        if main_rank:
+            print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except TrainStopped as e:
-        print(f"{prog}: {e}", file=sys.stderr)
+        if main_rank:
+            print(f"{prog}: {e}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; the last checkpoint (if any) is intact: continue with --resume", file=sys.stderr)

@@ -617,6 +617,10 @@ class Trainer:
         self.fsdp = self.distributed and c.fsdp
         if self.fsdp and c.optimizer != "adamw":
             raise TrainError(f"--fsdp supports --optimizer adamw only (torch.optim.AdamW on DTensor shards), got {c.optimizer}")
+        if self.fsdp and c.precision == "bf16" and not c.lora_rank:
+            self.log("note: --fsdp with bf16 shards float32 parameters and runs bf16 by autocast (torch.optim.AdamW "
+                     "on the shards)" + ("; --no-master-weights has no effect there" if not c.master_weights else "")
+                     + "; the export is float32")
         bf16_params = c.precision == "bf16" and _compat.supports_master_weights(c.optimizer) and not c.lora_rank and not self.fsdp
         self.master_weights = bf16_params and c.master_weights
         self.param_dtype = torch.bfloat16 if bf16_params else torch.float32
@@ -802,7 +806,7 @@ class Trainer:
             "elapsed": self.elapsed_before + (time.perf_counter() - self._t_start),
             "optimizer": osd, "scheduler": self.scheduler.state_dict(), "schedule_total": self.schedule.total,
             "budget_final": self.time_budget if self.budget_steps_final else None,
-            "sampler": self.sampler.state_dict(), "config": asdict(self.cfg),
+            "sampler": self.sampler.state_dict(), "config": asdict(self.cfg), "world_size": self.world,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }
@@ -888,6 +892,26 @@ class Trainer:
                                  f"{show(now)}: resume with the same {flag}, or start a new --out (--model {path} "
                                  "fine-tunes from that checkpoint)")
 
+    def _note_resume_changes(self, path: Path, state: dict) -> None:
+        """What --resume continues differently from the run it resumes, said in the log: another global batch
+        (--batch-size is per process: the same value on another number of processes changes it), a longer
+        --steps (the schedule's total stays the checkpoint's)."""
+        c, saved = self.cfg, state.get("config") or {}
+        world = state.get("world_size")
+        if world and isinstance(saved.get("batch_size"), int) and isinstance(saved.get("grad_accum"), int):
+            was = saved["batch_size"] * saved["grad_accum"] * world
+            if was != self.global_batch:
+                per = was / (c.grad_accum * self.world)
+                hint = (f"--batch-size {int(per)} keeps it on {self.world} process(es)" if per == int(per) else
+                        f"no --batch-size on {self.world} process(es) with --grad-accum {c.grad_accum} gives {was}")
+                self.log(f"resume: note: {path} was trained with a global batch of {was} rows ({saved['batch_size']} "
+                         f"x grad-accum {saved['grad_accum']} x {world} process(es)), this run takes {self.global_batch}:"
+                         f" the loss trajectory will differ from the uninterrupted run's ({hint})")
+        if c.steps is not None and state.get("schedule_total") not in (None, c.steps) and saved.get("steps") != c.steps:
+            self.log(f"resume: note: the learning-rate schedule keeps the checkpoint's total of "
+                     f"{state['schedule_total']} steps (warmup + cosine); --steps {c.steps} only moves where the run "
+                     "stops")
+
     def load_checkpoint(self, path: Path) -> None:
         ck_tok = path / "tokenizer.json"
         if ck_tok.is_file() and tokmod.load_tokenizer(ck_tok).get_vocab() != self.tokenizer.get_vocab():
@@ -901,6 +925,7 @@ class Trainer:
             raise TrainError(f"checkpoint {path}: corrupt or truncated trainer_state.pt ({str(e).splitlines()[0]}); "
                              f"remove {path} to resume from the checkpoint before it") from None
         self._check_resume_options(path, state.get("config") or {})
+        self._note_resume_changes(path, state)
         from safetensors.torch import load_file
         if self.cfg.lora_rank:
             loramod.load_lora_state_dict(self.raw_model, state["lora"])
@@ -1045,13 +1070,25 @@ class Trainer:
         was_training = model.training
         model.eval()
         tot, n = 0.0, 0
-        rows = list(range(min(len(ds), (c.eval_batches if batches is None else batches) * c.batch_size)))
-        for k in range(0, len(rows), c.batch_size):
-            b = ds.batch(rows[k:k + c.batch_size])
-            m = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+        # The first `batches` global batches (batch-size x grad-accum x processes rows): the same rows, so the same
+        # loss, however the global batch is split; each process scores its share, batch_size rows per forward, and
+        # the sums are reduced. Every process runs the same number of forwards (DDP and FSDP forwards are
+        # collectives): one left without rows scores a row at weight 0.
+        rows = list(range(min(len(ds), (c.eval_batches if batches is None else batches) * self.global_batch)))
+        mine = ResumableSampler.shard(rows, self.rank, self.world)
+        n_fwd = -(-(-(-len(rows) // self.world)) // c.batch_size)  # ceil(ceil(rows / world) / batch_size)
+        for k in range(n_fwd):
+            part = mine[k * c.batch_size:(k + 1) * c.batch_size]
+            b = ds.batch(part or [0])
+            m = int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) if part else 0
             loss = self._forward_loss(b, model)
             tot += float(loss) * m
             n += m
+        if self.distributed:
+            import torch.distributed as dist
+            sums = torch.tensor([tot, n], dtype=torch.float64, device=self.device)
+            dist.all_reduce(sums)
+            tot, n = sums.tolist()
         model.train(was_training)
         vl = tot / max(1, n)
         return {"val_loss": vl, "val_ppl": math.exp(min(vl, 50))}
@@ -1226,7 +1263,7 @@ class Trainer:
                 tok_window += self.global_batch * c.seq_len
                 now = time.perf_counter()
                 tps = tok_window / max(1e-9, now - t_window)
-                mfu = tps * self.flops_per_token / self.peak_flops
+                mfu = tps * self.flops_per_token / (self.peak_flops * self.world)  # global tokens, every process's peak
                 row = {"step": self.step, "loss": out["loss"], "lr": out["lr"], "tokens_per_s": tps, "mfu": mfu,
                        "grad_norm": out["grad_norm"], "tokens": self.tokens_seen,
                        "elapsed_s": self.elapsed_before + now - self._t_start}
