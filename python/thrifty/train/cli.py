@@ -61,7 +61,8 @@ def add_arguments(p) -> None:
     g.add_argument("--keep-last", type=int, default=2, help="checkpoints kept (default 2)")
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     g.add_argument("--eval-every", type=int, help="validation every N steps (default steps/10)")
-    g.add_argument("--eval-batches", type=int, default=8)
+    g.add_argument("--eval-batches", type=int, default=8,
+                   help="validation global batches (batch-size x grad-accum x processes rows each; default 8)")
     g.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 fully_shard instead of DDP")
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: the local GPU if any)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
