@@ -497,3 +497,15 @@ def test_errors_are_said_by_rank_0_only(corpus, tmp_path, capsys, monkeypatch):
     assert run(bad) == 2 and "error" not in capsys.readouterr().err
     monkeypatch.setenv("RANK", "0")
     assert run(bad) == 2 and "--steps: expected a positive number" in capsys.readouterr().err
+
+
+def test_an_explicit_gpu_index_under_torchrun_is_refused(corpus, tmp_path, monkeypatch):
+    """--device cuda:1 under torchrun put every process on GPU 1 (NCCL refuses that later, obscurely)."""
+    import thrifty.train.trainer as tr
+
+    for k, v in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(tr, "parse_device", lambda value, flag: torch.device("cuda", 1))
+    t = Trainer(cfg(corpus, tmp_path / "x", device="cuda:1"))
+    with pytest.raises(tr.TrainError, match=r"--device cuda:1 under torchrun: each of the 2 processes takes the GPU"):
+        t._setup_distributed()

@@ -366,6 +366,9 @@ class Trainer:
             dev = parse_device(c.device, "--device")
             if dev.type == "cuda" and dev.index is None:  # "cuda" means this rank's GPU (set_device wants an index)
                 dev = torch.device("cuda", self.local_rank)
+            elif dev.type == "cuda" and self.world > 1:  # every process on one GPU: NCCL refuses it, later and obscurely
+                raise TrainError(f"--device {c.device} under torchrun: each of the {self.world} processes takes the GPU "
+                                 "of its LOCAL_RANK; pass --device cuda (choose GPUs with CUDA_VISIBLE_DEVICES)")
             if dev.type == "cuda" and dev.index >= torch.cuda.device_count():
                 raise TrainError(f"--device {c.device}: this process would use GPU {dev.index}, but "
                                  f"{torch.cuda.device_count()} are visible")
