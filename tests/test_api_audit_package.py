@@ -167,3 +167,20 @@ def test_data_and_train_reachable_from_the_package_as_the_readme_lists_them():
     assert out.stdout.split() == ["Trainer", "prepare_data", "True", "True"]
     with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
         thrifty.nonexistent  # noqa: B018
+
+
+@pytest.mark.parametrize("name, gone, extra", [("train", "datasketch", "train"), ("demo", "tqdm", "train"),
+                                               ("generate", "tokenizers", "train"), ("quantize", "safetensors", "hf")])
+def test_a_subcommand_without_its_extra_says_which_to_install(monkeypatch, capsys, name, gone, extra):
+    """A plain `pip install .` has torch and numpy only: train / demo / generate / quantize name the extra they
+    need, in one line before any work, instead of a traceback (or, for matplotlib, a failure after training)."""
+    import importlib.util
+
+    import thrifty.cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda m, *a: None if m == gone else real(m, *a))
+    args = {"train": ["--steps", "1"], "demo": [], "generate": ["somewhere"], "quantize": ["a", "b"]}[name]
+    assert thrifty.cli.main([name, *args]) == 2
+    err = capsys.readouterr().err
+    assert f"thrifty {name}: error: needs {gone} (the '{extra}' extra): pip install 'thrifty[{extra}]'" in err

@@ -509,3 +509,14 @@ def test_an_explicit_gpu_index_under_torchrun_is_refused(corpus, tmp_path, monke
     t = Trainer(cfg(corpus, tmp_path / "x", device="cuda:1"))
     with pytest.raises(tr.TrainError, match=r"--device cuda:1 under torchrun: each of the 2 processes takes the GPU"):
         t._setup_distributed()
+
+
+def test_no_matplotlib_skips_the_plot_not_the_finished_run(corpus, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda m, *a: None if m == "matplotlib" else real(m, *a))
+    out = tmp_path / "r"
+    Trainer(cfg(corpus, out, steps=2, plot=True)).train()
+    assert (out / "summary.json").is_file() and not (out / "loss_curve.png").exists()
+    assert "no loss_curve.png: matplotlib is not installed" in capsys.readouterr().err

@@ -137,3 +137,35 @@ def test_gpu_check_stops_before_building_when_no_gpu_is_visible(tmp_path):
                        timeout=120)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "NO GPU" in r.stdout and "build (" not in r.stdout
+
+
+def test_results_go_to_the_checkout_or_out_never_into_a_users_bench_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("THRIFTY_BENCH_OUT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bench").mkdir()  # the user's own folder of that name
+    assert common.results_dir() == Path("bench-results")
+    (tmp_path / "bench" / "RESULTS.md").write_text("x")
+    (tmp_path / "python" / "thrifty").mkdir(parents=True)  # thrifty's checkout
+    assert common.results_dir() == Path("bench") / "results"
+    monkeypatch.setenv("THRIFTY_BENCH_OUT", str(tmp_path / "elsewhere"))
+    assert common.results_dir() == tmp_path / "elsewhere"
+
+
+def test_bench_out_option_is_where_the_json_goes(tmp_path, monkeypatch):
+    import argparse
+
+    import thrifty.bench.cli as bench_cli
+
+    p = argparse.ArgumentParser()
+    bench_cli.add_arguments(p)
+    args = p.parse_args(["norm", "--quick", "--out", str(tmp_path / "o")])
+    assert args.out == tmp_path / "o"
+    seen = {}
+
+    class _B:
+        def report(self, out_dir=None):
+            seen["out"] = out_dir
+            return out_dir
+
+    monkeypatch.setattr("thrifty.bench.norm.run", lambda device, quick: _B())
+    assert bench_cli.main(args) == 0 and seen["out"] == tmp_path / "o"

@@ -21,6 +21,28 @@ COMMANDS = {
 }
 
 
+# The packages a subcommand needs beyond torch and numpy (pyproject's extras): checked before it starts, so a
+# plain `pip install .` gets one line naming the extra, not a traceback (or a failure after the training ran).
+NEEDS = {
+    "train": ("train", ("tokenizers", "safetensors", "datasketch", "tqdm")),
+    "demo": ("train", ("tokenizers", "safetensors", "datasketch", "tqdm")),
+    "generate": ("train", ("tokenizers", "safetensors")),
+    "quantize": ("hf", ("safetensors",)),
+}
+
+
+def missing_extra(name: str) -> str | None:
+    """The error line for subcommand ``name`` when a package it needs is not installed, else None."""
+    import importlib.util
+
+    extra, mods = NEEDS.get(name, ("", ()))
+    gone = [m for m in mods if importlib.util.find_spec(m) is None]
+    if not gone:
+        return None
+    return (f"thrifty {name}: error: needs {', '.join(gone)} (the '{extra}' extra): "
+            f"pip install 'thrifty[{extra}]' (in a checkout: pip install --no-build-isolation '.[{extra}]')")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="thrifty", description="Cheap LLM training and serving on PyTorch.")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
@@ -43,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         p = argparse.ArgumentParser(prog=f"thrifty {name}", description=help_text)
         mod.add_arguments(p)
         args = p.parse_args(argv[1:])  # bad arguments: one usage line and exit code 2, before anything runs
+        why = missing_extra(name)
+        if why:
+            print(why, file=sys.stderr)
+            return 2
         if name == "bench" and as_command:
             # Allocator settings under which fresh outputs do not page-fault on every call
             # (thrifty.bench._env says why); they act only in a new process. Only the program

@@ -4,10 +4,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 import torch
 
-from thrifty.bench.common import bench_device
+from thrifty.bench.common import OUT_HELP, bench_device
 
 # family -> module with run(device, quick) -> Bench
 FAMILIES = ["norm", "attention", "optim", "quant", "model", "train"]
@@ -38,6 +39,7 @@ def add_arguments(parser) -> None:
                         help=f"families to run (default: all of {', '.join(FAMILIES)} present)")
     parser.add_argument("--device", default="cpu", type=bench_device, help="cpu or cuda[:N] (default cpu)")
     parser.add_argument("--quick", action="store_true", help="fewer, smaller cases")
+    parser.add_argument("--out", type=Path, help=OUT_HELP)
 
 
 def main(args) -> int:
@@ -57,6 +59,6 @@ def main(args) -> int:
     for f in families:
         print(f"== {f} ==", flush=True)
         mod = importlib.import_module(f"thrifty.bench.{f}")
-        path = mod.run(device, quick=args.quick).report()
+        path = mod.run(device, quick=args.quick).report(getattr(args, "out", None))
         print(f"(wrote {path})")
     return 0

@@ -34,12 +34,17 @@ from thrifty.bench._env import allocator_description, reexec_with_bench_env
 
 
 def results_dir() -> Path:
-    """$THRIFTY_BENCH_OUT, else bench/results under the current directory (a checkout), else ./bench-results."""
+    """$THRIFTY_BENCH_OUT, else bench/results when the current directory is thrifty's checkout (its
+    bench/RESULTS.md beside python/thrifty), else ./bench-results (a user's own bench/ folder is left alone)."""
     if os.environ.get("THRIFTY_BENCH_OUT"):
         return Path(os.environ["THRIFTY_BENCH_OUT"])
-    if Path("bench").is_dir():
+    if Path("bench/RESULTS.md").is_file() and Path("python/thrifty").is_dir():
         return Path("bench") / "results"
     return Path("bench-results")
+
+
+OUT_HELP = ("directory for the JSON results (default: $THRIFTY_BENCH_OUT, else bench/results in thrifty's checkout, "
+            "else ./bench-results; a --quick run writes <family>-<device>-quick.json)")
 
 
 def bench_device(value: str) -> str:
@@ -361,7 +366,8 @@ def main(run, argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu", type=bench_device, help="cpu or cuda[:N]")
     ap.add_argument("--quick", action="store_true", help="fewer, smaller cases")
+    ap.add_argument("--out", type=Path, help=OUT_HELP)
     args = ap.parse_args(argv)
     if argv is None:  # a script run as a program re-executes itself; a caller passing argv is not replaced
         reexec_with_bench_env(sys.argv)
-    run(torch.device(args.device), quick=args.quick).report()
+    run(torch.device(args.device), quick=args.quick).report(args.out)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from thrifty.bench.common import Bench, Case, bench_device, sync
+from thrifty.bench.common import OUT_HELP, Bench, Case, bench_device, sync
 
 CASES = {
     "default": dict(),
@@ -286,6 +286,7 @@ def main(argv=None) -> None:
                     "bf16 matmul is slower than float32)")
     ap.add_argument("--cases", default=("default", "lean", "hf"), type=case_list,
                     help="comma-separated subset of default,lean,lean8,hf (default: default,lean,hf)")
+    ap.add_argument("--out", type=Path, help=OUT_HELP)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -296,7 +297,7 @@ def main(argv=None) -> None:
     if argv is None:  # a script run as a program re-executes itself; a caller passing argv is not replaced
         reexec_with_bench_env(sys.argv)
     run(torch.device(args.device), quick=args.quick, preset=args.preset, batch=args.batch, seq=args.seq,
-        reps=args.reps, hf_reps=args.hf_reps, cases=args.cases).report()
+        reps=args.reps, hf_reps=args.hf_reps, cases=args.cases).report(args.out)
 
 
 if __name__ == "__main__":

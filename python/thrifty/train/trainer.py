@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import json
 import math
 import numbers
@@ -1176,7 +1177,10 @@ class Trainer:
                 os.replace(f, rd / f.name)
             tmp.rmdir()
             if c.plot and metrics_path.is_file():
-                self.plot_loss(metrics_path, rd / "loss_curve.png")
+                if importlib.util.find_spec("matplotlib") is None:  # a finished run does not fail for its picture
+                    self.log("note: no loss_curve.png: matplotlib is not installed (pip install matplotlib)")
+                else:
+                    self.plot_loss(metrics_path, rd / "loss_curve.png")
             (rd / "summary.json").write_text(json.dumps(finite_or_none(result), indent=1, allow_nan=False))
             fl = result.get("final_loss")
             self.log(f"done: {self.step} steps, final train loss " + (f"{fl:.4f}" if fl is not None else "unknown")
