@@ -228,16 +228,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes_match_single(corpus, base_model, tmp_path):
-    common = ["--model", str(base_model), "--data", str(corpus), "--seq-len", "32", "--steps", "3", "--lr", "1e-2",
-              "--warmup", "1", "--precision", "fp32", "--no-progress", "--eval-every", "100"]
+def _train_two_processes(base_model, corpus, out, *flags) -> subprocess.CompletedProcess:
+    """`thrifty train` under torchrun, 2 processes of one thread, on the micro model in fp32."""
     env = {**os.environ, "PYTHONPATH": THRIFTY_PATH + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
-    ddp = tmp_path / "ddp"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                        "--master-port", str(_free_port()), "-m", "thrifty.cli", "train", *common,
-                        "--batch-size", "2", "--out", str(ddp)], env=env, capture_output=True, text=True, timeout=240)
+                        "--master-port", str(_free_port()), "-m", "thrifty.cli", "train", "--model", str(base_model),
+                        "--data", str(corpus), "--seq-len", "32", "--warmup", "1", "--precision", "fp32", "--no-progress",
+                        "--out", str(out), *flags], env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_ddp_two_processes_match_single(corpus, base_model, tmp_path):
+    ddp = tmp_path / "ddp"
+    r = _train_two_processes(base_model, corpus, ddp, "--steps", "3", "--lr", "1e-2", "--eval-every", "100",
+                             "--batch-size", "2")
     assert "2 process(es)" in r.stderr and "DDP" in r.stderr
     single = tmp_path / "single"
     assert run(cfg(corpus, single, model=str(base_model), model_overrides=None, batch_size=2, grad_accum=2, steps=3,
@@ -253,15 +259,9 @@ def test_validation_loss_is_the_same_at_any_world_size(corpus, base_model, tmp_p
     the sums reduced); it scored eval-batches x the per-process batch, a smaller set on more processes. An lr of
     1e-12 leaves the weights as they were, so the two runs score one model (Adam's first steps move weights
     whose gradients differ in the last bits by up to 2 lr, which would hide the rows' effect)."""
-    common = ["--model", str(base_model), "--data", str(corpus), "--seq-len", "32", "--steps", "1", "--lr", "1e-12",
-              "--warmup", "1", "--precision", "fp32", "--no-progress", "--eval-batches", "3"]
-    env = {**os.environ, "PYTHONPATH": THRIFTY_PATH + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1"}
     ddp = tmp_path / "ddp"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                        "--master-port", str(_free_port()), "-m", "thrifty.cli", "train", *common,
-                        "--batch-size", "1", "--out", str(ddp)], env=env, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
+    _train_two_processes(base_model, corpus, ddp, "--steps", "1", "--lr", "1e-12", "--eval-batches", "3",
+                         "--batch-size", "1")
     single = tmp_path / "single"
     assert run(cfg(corpus, single, model=str(base_model), model_overrides=None, batch_size=2, steps=1, lr=1e-12,
                    eval_batches=3)) == 0
