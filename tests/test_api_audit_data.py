@@ -178,6 +178,14 @@ def test_a_single_text_file_gets_a_validation_split(tmp_path):
     train, val = _split([text], 0.1)
     assert train[0] + val[0] == text and train[0].endswith("\n")
     assert _split([text], 0.0) == ([text], [])
+    # no line break near the point: a space, else right there; never a share far from the one asked for
+    essay = "My Essay\n" + "word " * 3000
+    train, val = _split([essay], 0.05)
+    assert 0.04 < len(val[0]) / len(essay) < 0.06 and train[0].endswith(" ")
+    lines = "\n".join(["a" * 100] * 3)
+    assert 0.04 < len(_split([lines], 0.05)[1][0]) / len(lines) < 0.06
+    tail = "\n".join(f"line {i} of text here" for i in range(100)) + "\n\n\n"  # trailing blank lines are no text
+    assert _split([tail], 0.1)[1][0].startswith("line 9")
 
 
 @pytest.mark.parametrize("name", ["data.json", "data.csv", "README", "corpus.jsonl.gz"])
@@ -204,9 +212,10 @@ def test_a_utf16_jsonl_is_rejected_line_by_line_not_half_read(tmp_path):
     f.write_bytes("\n".join(json.dumps({"text": prose(i)}) for i in range(5)).encode("utf-16"))
     docs = load_documents(f)
     assert docs and all(d.rejected == "binary_or_non_utf8" for d in docs)
-    g = tmp_path / "bom.jsonl"  # a UTF-8 byte-order mark is fine
-    g.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps({"text": prose(i)}) for i in range(3)).encode())
-    assert [d.rejected for d in load_documents(g)] == [None] * 3
+    g = tmp_path / "bom.jsonl"  # a UTF-8 byte-order mark is fine, on any line (files concatenated with cat)
+    g.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps({"text": prose(i)}) for i in range(3)).encode()
+                  + b"\n\xef\xbb\xbf" + json.dumps({"text": prose(3)}).encode())
+    assert [d.rejected for d in load_documents(g)] == [None] * 4
 
 
 def test_a_directory_that_cannot_be_listed_is_an_error(tmp_path, monkeypatch):
@@ -249,7 +258,12 @@ def test_a_file_that_cannot_be_read_is_named(tmp_path, monkeypatch):
     ('__version__ = "1.2.3.4"', '__version__ = "1.2.3.4"'),
     ("version = '1.2.3.4'", "version = '1.2.3.4'"),
     ('{"version": "10.0.0.1"}', '{"version": "10.0.0.1"}'),
-    ("Python 3.11.4.1", "Python 3.11.4.1"),
+    ("VERSION='1.2.3.4'", "VERSION='1.2.3.4'"),
+    # "version" named and quoted only: other names ending like version words are addresses
+    ("server_v = 10.20.30.40", "server_v = <IP_ADDRESS>"),
+    ('NEXT_REV="10.20.30.40"', 'NEXT_REV="<IP_ADDRESS>"'),
+    ('{"build": "10.20.30.40"}', '{"build": "<IP_ADDRESS>"}'),
+    ("my_release: 10.20.30.40", "my_release: <IP_ADDRESS>"),
     ('server = "10.0.0.1"', 'server = "<IP_ADDRESS>"'),
     ("https://example.com/user@host", "https://example.com/user@host"),
 ])

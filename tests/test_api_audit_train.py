@@ -489,14 +489,22 @@ def test_resume_says_what_it_continues_differently(corpus, tmp_path, capsys):
     assert "resume: note" not in capsys.readouterr().err
 
 
-def test_errors_are_said_by_rank_0_only(corpus, tmp_path, capsys, monkeypatch):
+def test_errors_under_torchrun_are_said_once_or_marked_by_rank(corpus, tmp_path, capsys, monkeypatch):
+    """Once the process group exists every rank meets the same errors: rank 0 says them (each rank printed its
+    copy). Before it, an error may be one rank's own (its GPU) while rank 0 waits: that rank says it, marked."""
+    import torch.distributed as dist
+
     from thrifty.train.cli import run
 
     bad = cfg(corpus, tmp_path / "x", steps=0)
     monkeypatch.setenv("RANK", "1")
-    assert run(bad) == 2 and "error" not in capsys.readouterr().err
+    assert run(bad) == 2 and "[rank 1] thrifty train: error: --steps: expected" in capsys.readouterr().err
     monkeypatch.setenv("RANK", "0")
-    assert run(bad) == 2 and "--steps: expected a positive number" in capsys.readouterr().err
+    assert run(bad) == 2 and capsys.readouterr().err.startswith("thrifty train: error: --steps: expected")
+    monkeypatch.setenv("RANK", "1")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # a group, as under torchrun
+    assert run(bad) == 2 and capsys.readouterr().err == ""
+    assert not dist.is_initialized()  # the command tears its group down
 
 
 def test_an_explicit_gpu_index_under_torchrun_is_refused(corpus, tmp_path, monkeypatch):

@@ -143,6 +143,8 @@ def test_sdpa_takes_torchs_positional_order_and_the_issues():
         sdpa(q, k, k, None, 0.5, True)
     with pytest.raises(TypeError, match="both as the 5th positional argument"):
         sdpa(q, k, k, None, 0.0, dropout_p=0.0)
+    torch.testing.assert_close(sdpa(q, k, k, None, torch.tensor(0.0), True), causal, atol=1e-5, rtol=1e-5)  # 0-d
+    torch.testing.assert_close(sdpa(q, k, k, None, torch.tensor(True)), causal, atol=1e-5, rtol=1e-5)
     # the issue's order (q, k, v, attn_mask, is_causal, scale, enable_gqa): a bool in the 5th place is is_causal
     torch.testing.assert_close(sdpa(q, k, k, None, True), causal, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sdpa(q, k, k, None, False, 0.3), F.scaled_dot_product_attention(q, k, k, scale=0.3),

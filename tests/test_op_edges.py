@@ -323,3 +323,46 @@ def test_adamw8bit_quantizes_a_loaded_float_state():
     lin(torch.randn(8, 256)).square().mean().backward()
     opt.step()  # the 8-bit kernel path steps on it
     assert float(w["step"]) == 4 and w["exp_avg"].dtype == torch.uint8
+
+
+def test_norm_under_cpu_autocast_takes_a_bf16_weight_with_float32_input():
+    x, wb = torch.randn(3, 64), torch.rand(64).bfloat16() + 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = thrifty.ops.rms_norm(x, wb)
+        ref = torch.nn.functional.rms_norm(x, (64,), wb.float(), 1e-6)
+        yf, hf = thrifty.ops.rms_norm(x.bfloat16(), wb, residual=x)
+    assert y.dtype == ref.dtype == torch.float32 and yf.dtype == hf.dtype == torch.float32
+    torch.testing.assert_close(y, ref)
+
+
+@pytest.mark.parametrize("opt_cls", ["AdamW", "AdamW8bit", "Lion"])
+def test_optimizer_step_bumps_param_versions_as_torchs_in_place_updates(opt_cls):
+    """The fused kernels wrote the params behind autograd's back: a graph that saved a param before the step then
+    differentiated with the updated weights, silently. torch.optim's steps make that backward an error."""
+    w = torch.nn.Parameter(torch.randn(3))
+    x = torch.randn(3, requires_grad=True)
+    y = (x * w).sum()
+    opt = getattr(thrifty.optim, opt_cls)([w], lr=0.5)
+    w.grad = torch.ones(3)
+    v = w._version
+    opt.step()
+    assert w._version > v
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+def test_multi_tensor_l2norm_refuses_forward_mode_ad():
+    x = torch.randn(3)
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(lambda t: thrifty.ops.multi_tensor_l2norm([t]), (x,), (torch.ones(3),))
+
+
+def test_quant_linear_scales_needing_grad_is_an_error_not_a_silent_none():
+    s = torch.rand(4, requires_grad=True)
+    qw = torch.randint(-127, 128, (4, 64), dtype=torch.int8)
+    y = thrifty.ops.quant_linear(torch.randn(3, 64), qw, s, bits=8, group_size=None)
+    with pytest.raises(RuntimeError, match="'scales' and 'zeros' get no gradient"):
+        y.sum().backward()
+    x = torch.randn(3, 64, requires_grad=True)  # x's gradient as before
+    thrifty.ops.quant_linear(x, qw, s.detach(), bits=8, group_size=None).sum().backward()
+    assert x.grad is not None

@@ -45,15 +45,18 @@ def _fingerprint(files: list[Path], extra: dict) -> str:
 
 def _split_one(text: str, val_fraction: float) -> tuple[list[str], list[str]]:
     """A lone document (one .txt file: a book, tinyshakespeare's input.txt) is split in two: its last
-    ``val_fraction`` held out, cut at the line break (else the space) nearest that point."""
-    at = int(round(len(text) * (1 - val_fraction)))
-    if not 0 < at < len(text):
+    ``val_fraction`` held out, cut at the line break (else the space) nearest that point within a quarter of
+    the held-out length of it (else right there), so the shares stay close to the fraction asked for."""
+    n = len(text.rstrip())  # trailing blank lines are no text to hold out
+    at = int(round(n * (1 - val_fraction)))
+    if not 0 < at < n:
         return [text], []
-    cuts = [i + 1 for i in (text.rfind("\n", 0, at), text.find("\n", at)) if 0 <= i < len(text) - 1]
-    if not cuts:
-        cuts = [i + 1 for i in (text.rfind(" ", 0, at), text.find(" ", at)) if 0 <= i < len(text) - 1]
-    if cuts:
-        at = min(cuts, key=lambda c: abs(c - at))
+    slack = max(1, (n - at) // 4)
+    for sep in ("\n", " "):
+        cuts = [i + 1 for i in (text.rfind(sep, at - slack, at), text.find(sep, at, at + slack)) if 0 <= i < n - 1]
+        if cuts:
+            at = min(cuts, key=lambda c: abs(c - at))
+            break
     return [text[:at]], [text[at:]]
 
 
@@ -136,7 +139,8 @@ def prepare_data(data: str | os.PathLike | None, cache_dir: str | os.PathLike, s
                         + _drop_summary(stats, cfg))
     train_txt, val_txt = _split(texts, val_fraction)
     if len(texts) == 1 and val_txt:
-        say(f"data: one document: its last {len(val_txt[0])} characters ({100 * val_fraction:g}%) held out for validation")
+        say(f"data: one document: its last {len(val_txt[0])} characters ({100 * len(val_txt[0]) / len(texts[0]):.1f}%) "
+            "held out for validation")
     if given_tok is not None:
         tok = given_tok
         say(f"tokenizer: loaded {tok_src} (vocab {tokmod.vocab_size(tok)})")

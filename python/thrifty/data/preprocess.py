@@ -242,9 +242,10 @@ EMAIL_RE = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0
 # word (v10.0.0.1, x1.2.3.4); _ipv4 then decides (see scrub's docstring for the rule)
 IPV4_RE = re.compile(r"(?<![\w.])(?:[0-9]{1,3}\.){3}[0-9]{1,3}(?![\w.]*[0-9])")
 # the words right before a version number: "version 2.0.1.3", "Version: 4.3.2.1", "build 1.0.0.7", "rev. 3.2.1.0",
-# also as a name assigned a quoted value: __version__ = "1.2.3.4", "version": "1.2.3.4", VERSION='1.2.3.4'
-_VERSION_BEFORE_RE = re.compile(r"""(?i)(?:(?<![A-Za-z0-9])(?:v|ver|version|release|build|rev|revision|firmware|python)"""
-                                r"""_*["']?\.?\s*[:=#]?|[=<>~!]=)\s*["']?\s*$""")  # or a requirement pin: foo==1.2.3.4
+# a requirement pin (foo==1.2.3.4), and a name that is "version" assigned a quoted value: __version__ = "1.2.3.4",
+# "version": "1.2.3.4", VERSION='1.2.3.4' (only "version" there: server_v = "10.0.0.1" is an address)
+_VERSION_BEFORE_RE = re.compile(r"""(?i)(?:\b(?:v|ver|version|release|build|rev|revision|firmware)\.?\s*[:=#]?\s*"""
+                                r"""|[=<>~!]=\s*|(?<![A-Za-z0-9])_*version_*["']?\s*[:=]\s*["'])$""")
 IPV6_RE = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?:%\w+)?(?![\w:])")
 SECRET_RES = [
     re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),              # AWS access key id (ASIA: temporary, from STS)

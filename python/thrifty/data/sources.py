@@ -76,7 +76,8 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
                 yield Document(None, src, "binary_or_non_utf8")
                 continue
             try:  # decoded here: json.loads of bytes would guess UTF-16/32 and read a UTF-16 file's first line
-                obj = json.loads(line.decode("utf-8-sig" if lineno == 1 else "utf-8"))
+                # (utf-8-sig on every line: concatenated files keep each one's byte-order mark)
+                obj = json.loads(line.decode("utf-8-sig"))
             except UnicodeDecodeError:
                 yield Document(None, src, "binary_or_non_utf8")
                 continue

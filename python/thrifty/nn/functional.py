@@ -27,7 +27,11 @@ def _taking_torch_names(fn):
     and Python's own argument errors name it.)"""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if len(args) >= 5 and isinstance(args[4], numbers.Real) and not isinstance(args[4], bool):
+        fifth = args[4] if len(args) >= 5 else None
+        if isinstance(fifth, torch.Tensor) and fifth.dim() == 0 and fifth.is_floating_point():
+            fifth = float(fifth)  # torch takes a 0-d tensor as dropout_p too
+            args = args[:4] + (fifth,) + args[5:]
+        if isinstance(fifth, numbers.Real) and not isinstance(fifth, bool):
             if "dropout_p" in kwargs:
                 raise TypeError(f"{_NAME}: got dropout_p both as the 5th positional argument (torch's order) and "
                                 "by keyword")
@@ -80,8 +84,9 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     as in torch), a bool is is_causal.
     """
     query, key, value = q, k, v
-    if isinstance(is_causal, (float, torch.Tensor)):
-        raise TypeError(f"{_NAME}: 'is_causal' must be a bool (got {is_causal!r})")
+    if isinstance(is_causal, float) or (isinstance(is_causal, torch.Tensor) and is_causal.dtype != torch.bool):
+        raise TypeError(f"{_NAME}: 'is_causal' must be a bool (got {is_causal!r}); in the 5th positional place a bool "
+                        "is is_causal (the issue's order) and a number torch's dropout_p")
     if isinstance(scale, bool):
         raise TypeError(f"{_NAME}: 'scale' must be a float or None (got {scale!r})")
     if scale is not None and not (isinstance(scale, numbers.Real) and math.isfinite(scale)):

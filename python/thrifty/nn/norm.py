@@ -44,7 +44,9 @@ class RMSNorm(nn.Module):
         super().__init__()
         hidden_size = _hidden_size(hidden_size)
         if not isinstance(elementwise_affine, bool):
-            raise TypeError(f"thrifty.nn.RMSNorm: 'elementwise_affine' must be a bool, got {elementwise_affine!r}")
+            raise TypeError(f"thrifty.nn.RMSNorm: 'elementwise_affine' must be a bool, got {elementwise_affine!r} "
+                            "(the arguments follow torch.nn.RMSNorm: (normalized_shape, eps, elementwise_affine, "
+                            "device, dtype); pass device and dtype by keyword)")
         self.normalized_shape = (hidden_size,)  # torch.nn.RMSNorm's attributes
         self.elementwise_affine = elementwise_affine
         if elementwise_affine:

@@ -144,7 +144,7 @@ def _autocast_target(args, device_type: str, policy: str) -> torch.dtype:
 
 
 def register_autocast(opname: str, policy: str, *, devices: tuple[str, ...] = ("cpu", "cuda"),
-                      keep: tuple[int, ...] = ()) -> None:
+                      keep: tuple[int, ...] = (), follow: tuple[int, ...] = ()) -> None:
     """The autocast rule of custom op ``opname`` on ``devices`` (each where torch supports autocast):
 
     - ``"fp32"``: floating inputs cast to float32, as torch's layer_norm on CUDA;
@@ -152,8 +152,9 @@ def register_autocast(opname: str, policy: str, *, devices: tuple[str, ...] = ("
       scaled_dot_product_attention (the matmul-bound ops);
     - ``"promote"``: cast to the widest floating dtype among the inputs, as torch's elementwise ops.
 
-    ``keep``: positions of arguments left as they are (a quantized layer's float32 scales, a norm's weight,
-    which the kernels take in float32 or the input's dtype). float64 and non-floating tensors are left alone,
+    ``keep``: positions of arguments left as they are (a quantized layer's float32 scales). ``follow``: positions
+    left out of the target's choice and cast to it unless float32 already (a norm's weight, which the kernels take
+    in the input's dtype or float32). float64 and non-floating tensors are left alone,
     as torch's autocast leaves them. The op then runs with autocast off; autograd sees the casts, so gradients
     reach the uncast tensors in their own dtype. A device not listed has no rule: the op runs on the dtypes it
     is given, as torch's ops outside its autocast lists do."""
@@ -168,7 +169,8 @@ def register_autocast(opname: str, policy: str, *, devices: tuple[str, ...] = ("
         key = getattr(torch._C.DispatchKey, key_name)
 
         def cast_and_call(*args, _device_type=device_type, _key=key):
-            target = _autocast_target([a for i, a in enumerate(args) if i not in keep], _device_type, policy)
+            target = _autocast_target([a for i, a in enumerate(args) if i not in keep and i not in follow],
+                                      _device_type, policy)
 
             def cast(a):
                 if _autocast_eligible(a, _device_type):
@@ -177,8 +179,13 @@ def register_autocast(opname: str, policy: str, *, devices: tuple[str, ...] = ("
                     return type(a)(cast(x) for x in a)
                 return a
 
+            def arg(i, a):
+                if i in keep or (i in follow and (not _autocast_eligible(a, _device_type) or a.dtype == torch.float32)):
+                    return a
+                return cast(a)
+
             with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
-                return op(*(a if i in keep else cast(a) for i, a in enumerate(args)))
+                return op(*(arg(i, a) for i, a in enumerate(args)))
 
         op.py_impl(key)(cast_and_call)  # what tracing (torch.compile) dispatches to
         _AUTOCAST_LIB.impl(name, lambda _keyset, *args, _f=cast_and_call: _f(*args), key_name, with_keyset=True)

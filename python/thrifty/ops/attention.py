@@ -79,7 +79,7 @@ def _max_seqlen(name: str, value) -> int:
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                     softmax_scale: float | None = None, window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                    return_lse: bool = False):
+                    return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over batched sequences of one length.
 
     Args:
@@ -107,7 +107,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                            cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
                            softmax_scale: float | None = None, window: tuple[int, int] = (-1, -1),
-                           softcap: float = 0.0, return_lse: bool = False):
+                           softcap: float = 0.0, return_lse: bool = False
+                           ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over packed sequences of different lengths (documents packed for
     training, prompts batched for prefill).
 

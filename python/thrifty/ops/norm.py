@@ -23,7 +23,7 @@ _ops = torch.ops.thrifty
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
-             residual: torch.Tensor | None = None):
+             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm over the last dim of ``x`` (any leading dims, float32/bfloat16/float16).
 
     Args:
@@ -100,7 +100,10 @@ torch.library.register_autograd("thrifty::fused_add_rms_norm", _backward_fused, 
 # Autocast as torch's norms: on CUDA float32 (layer_norm's rule: the residual stream stays float32, as in Hugging
 # Face's models); on the CPU, where torch's autocast leaves layer_norm / rms_norm alone, the input's dtype (bf16
 # stays bf16, as torch.nn.RMSNorm) with the fused add's two inputs promoted as their unfused x + residual would be.
+# The weight follows the activations' dtype unless float32 (the kernels take either), as torch's norm takes a
+# bf16 weight with float32 input.
 register_autocast("thrifty::rms_norm", "fp32", devices=("cuda",))
 register_autocast("thrifty::fused_add_rms_norm", "fp32", devices=("cuda",))
-register_autocast("thrifty::fused_add_rms_norm", "promote", devices=("cpu",), keep=(2,))  # (x, residual, weight, eps)
+register_autocast("thrifty::rms_norm", "promote", devices=("cpu",), follow=(1,))  # (x, weight, eps)
+register_autocast("thrifty::fused_add_rms_norm", "promote", devices=("cpu",), follow=(2,))  # (x, residual, weight, eps)
 register_no_double_backward("thrifty::rms_norm_backward")

@@ -192,6 +192,10 @@ def frozen_weight_grads(grad_y, qweight, scales, zeros, bits: int, group_size: i
 
 
 def _backward_quant_linear(ctx, grad_y):
+    if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:  # an error, not a silent None grad (as dequantize's)
+        raise RuntimeError("thrifty.quant_linear: 'scales' and 'zeros' get no gradient (the quantized weight is "
+                           "frozen; x and bias have gradients): detach them, or train the float layer (or LoRA "
+                           "adapters beside this one)")
     qweight, scales, zeros = ctx.saved_tensors
     grad_x, grad_bias = frozen_weight_grads(grad_y, qweight, scales, zeros, ctx.bits, ctx.group_size, ctx.x_dtype,
                                             ctx.bias_dtype, ctx.needs_input_grad[0], ctx.needs_input_grad[6])

@@ -64,7 +64,7 @@ def _require(scaling: dict, key: str, rope_type: str):
 
 
 def rotary_inv_freq(rotary_dim: int, base: float = 10000.0, scaling: dict | None = None,
-                    device=None) -> torch.Tensor:
+                    device: torch.device | str | None = None) -> torch.Tensor:
     """The (rotary_dim/2,) float32 inverse frequencies, computed exactly as Hugging Face
     transformers does for rope_type default, "linear" and "llama3"."""
     if not isinstance(rotary_dim, int) or rotary_dim <= 0 or rotary_dim % 2:
@@ -108,7 +108,7 @@ def rotary_inv_freq(rotary_dim: int, base: float = 10000.0, scaling: dict | None
 
 
 def build_rotary_cache(rotary_dim: int, max_position: int, base: float = 10000.0, scaling: dict | None = None,
-                       dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+                       dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
     """The (max_position, rotary_dim) cos/sin cache of :func:`rotary_embedding`.
 
     Row p is ``[cos(p * inv_freq) | sin(p * inv_freq)]`` with inv_freq = base^(-2i/rotary_dim)

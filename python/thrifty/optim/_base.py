@@ -355,6 +355,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 for p, w in zip(bp, work):
                     if w is not p:
                         p.copy_(w)
+                # The kernels write the params behind autograd's back: bump their version counters as torch's
+                # in-place updates do, so a graph that saved a param before the step refuses a backward through
+                # it ("modified by an inplace operation") instead of differentiating with the updated weights.
+                if not torch.compiler.is_compiling():
+                    torch.autograd.graph.increment_version([p for p, w in zip(bp, work) if w is p])
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:

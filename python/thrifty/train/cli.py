@@ -91,17 +91,25 @@ def run(config, prog: str = "thrifty train") -> int:
     """Runs a TrainConfig; maps failures to a message on stderr and an exit code."""
     from thrifty.train.trainer import Trainer, TrainError, TrainStopped
 
-    # under torchrun every rank meets the same option, data and NaN errors: rank 0 says it, all exit alike
-    main_rank = os.environ.get("RANK", "0") in ("", "0")
+    def say(msg: str) -> None:
+        # Under torchrun, once the process group exists every rank meets the same errors (the options, the data,
+        # a NaN stop are decided alike or broadcast): rank 0 says them. Before it, an error may be one rank's own
+        # (its GPU, say) while rank 0 waits for the group: each rank says its own, marked.
+        rank = os.environ.get("RANK", "0") or "0"
+        import torch.distributed as dist
+        grouped = dist.is_available() and dist.is_initialized()
+        if rank == "0":
+            print(msg, file=sys.stderr)
+        elif not grouped:
+            print(f"[rank {rank}] {msg}", file=sys.stderr)
+
     try:
         Trainer(config).train()
     except TrainError as e:
-        if main_rank:
-            print(f"{prog}: error: {e}", file=sys.stderr)
+        say(f"{prog}: error: {e}")
         return 2
     except TrainStopped as e:
-        if main_rank:
-            print(f"{prog}: {e}", file=sys.stderr)
+        say(f"{prog}: {e}")
         return 3
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; the last checkpoint (if any) is intact: continue with --resume", file=sys.stderr)
