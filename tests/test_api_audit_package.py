@@ -169,7 +169,7 @@ def test_data_and_train_reachable_from_the_package_as_the_readme_lists_them():
         thrifty.nonexistent  # noqa: B018
 
 
-@pytest.mark.parametrize("name, gone, extra", [("train", "datasketch", "train"), ("demo", "tqdm", "train"),
+@pytest.mark.parametrize("name, gone, extra", [("train", "safetensors", "train"), ("demo", "tqdm", "train"),
                                                ("generate", "tokenizers", "train"), ("quantize", "safetensors", "hf")])
 def test_a_subcommand_without_its_extra_says_which_to_install(monkeypatch, capsys, name, gone, extra):
     """A plain `pip install .` has torch and numpy only: train / demo / generate / quantize name the extra they

@@ -489,22 +489,21 @@ def test_resume_says_what_it_continues_differently(corpus, tmp_path, capsys):
     assert "resume: note" not in capsys.readouterr().err
 
 
-def test_errors_under_torchrun_are_said_once_or_marked_by_rank(corpus, tmp_path, capsys, monkeypatch):
-    """Once the process group exists every rank meets the same errors: rank 0 says them (each rank printed its
-    copy). Before it, an error may be one rank's own (its GPU) while rank 0 waits: that rank says it, marked."""
-    import torch.distributed as dist
-
+def test_errors_under_torchrun_are_marked_by_rank_and_a_nan_stop_said_once(corpus, tmp_path, capsys, monkeypatch):
+    """Each rank printed its copy of an error, unmarked. Rank 0 says an error as it is, another rank its own marked
+    [rank N] (it may be that rank's alone: its GPU, its memory); a NaN stop, decided alike everywhere, rank 0 only."""
     from thrifty.train.cli import run
 
     bad = cfg(corpus, tmp_path / "x", steps=0)
     monkeypatch.setenv("RANK", "1")
     assert run(bad) == 2 and "[rank 1] thrifty train: error: --steps: expected" in capsys.readouterr().err
-    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("RANK", "")  # set but empty: rank 0, as unset
     assert run(bad) == 2 and capsys.readouterr().err.startswith("thrifty train: error: --steps: expected")
+    nan = dict(steps=6, inject_nan_steps=(1, 2, 3), max_nan_steps=2)
     monkeypatch.setenv("RANK", "1")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # a group, as under torchrun
-    assert run(bad) == 2 and capsys.readouterr().err == ""
-    assert not dist.is_initialized()  # the command tears its group down
+    assert run(cfg(corpus, tmp_path / "n1", **nan)) == 3 and "consecutive" not in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    assert run(cfg(corpus, tmp_path / "n0", **nan)) == 3 and "consecutive steps" in capsys.readouterr().err
 
 
 def test_an_explicit_gpu_index_under_torchrun_is_refused(corpus, tmp_path, monkeypatch):
@@ -528,3 +527,18 @@ def test_no_matplotlib_skips_the_plot_not_the_finished_run(corpus, tmp_path, cap
     Trainer(cfg(corpus, out, steps=2, plot=True)).train()
     assert (out / "summary.json").is_file() and not (out / "loss_curve.png").exists()
     assert "no loss_curve.png: matplotlib is not installed" in capsys.readouterr().err
+
+
+def test_no_datasketch_is_one_line_only_where_near_dup_needs_it(corpus, tmp_path, capsys, monkeypatch):
+    """datasketch does near-dup removal, which a single-document corpus never runs: `thrifty train` does not ask
+    for it up front; a corpus that needs it gets one line naming the extra (it was an ImportError traceback)."""
+    import sys
+
+    from thrifty.train.cli import run
+
+    monkeypatch.setitem(sys.modules, "datasketch", None)
+    assert run(cfg(corpus, tmp_path / "many", steps=1)) == 2
+    assert "near-duplicate removal needs datasketch" in capsys.readouterr().err
+    one = tmp_path / "one.txt"
+    one.write_text("\n".join(prose(i, 200) for i in range(30)))
+    assert run(cfg(one, tmp_path / "single", steps=1, tokenizer=None, vocab_size=300)) == 0

@@ -23,9 +23,9 @@ COMMANDS = {
 
 # The packages a subcommand needs beyond torch and numpy (pyproject's extras): checked before it starts, so a
 # plain `pip install .` gets one line naming the extra, not a traceback (or a failure after the training ran).
-NEEDS = {
-    "train": ("train", ("tokenizers", "safetensors", "datasketch", "tqdm")),
-    "demo": ("train", ("tokenizers", "safetensors", "datasketch", "tqdm")),
+NEEDS = {  # (datasketch, for near-dup removal, only once a corpus has two documents: data/pipeline.py says so then)
+    "train": ("train", ("tokenizers", "safetensors", "tqdm")),
+    "demo": ("train", ("tokenizers", "safetensors", "tqdm")),
     "generate": ("train", ("tokenizers", "safetensors")),
     "quantize": ("hf", ("safetensors",)),
 }

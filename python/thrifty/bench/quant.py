@@ -225,7 +225,7 @@ def _heldout_loss(trainer, model, rows: int | None) -> float:
     """Token-weighted mean loss of ``model`` over the first ``rows`` held-out rows (None: all of them;
     else a multiple of the batch size), through Trainer.evaluate (validation documents: never trained on)."""
     n = len(trainer.data.val) if rows is None else min(rows, len(trainer.data.val))
-    return trainer.evaluate(model, batches=-(-n // trainer.cfg.batch_size))["val_loss"]
+    return trainer.evaluate(model, batches=-(-n // trainer.global_batch))["val_loss"]  # evaluate counts global batches
 
 
 def perplexity_rows(steps: int = 400, preset: str = "tiny", model_overrides: dict | None = None,

@@ -133,7 +133,10 @@ def prepare_data(data: str | os.PathLike | None, cache_dir: str | os.PathLike, s
         docs = load_default_corpus(**(default_caps or {}))
     else:
         docs = load_documents(data, text_field)
-    texts, stats = preprocess(docs, cfg, near_dup=near_dup, scrub_pii=scrub_pii, log_fn=say)
+    try:
+        texts, stats = preprocess(docs, cfg, near_dup=near_dup, scrub_pii=scrub_pii, log_fn=say)
+    except ImportError as err:  # datasketch, needed only once there are two documents to compare
+        raise DataError(f"{err} (the 'train' extra: pip install 'thrifty[train]')") from err
     if not texts:
         raise DataError(f"no text left after filtering {stats['documents_in']} documents from {src_desc}: "
                         + _drop_summary(stats, cfg))

@@ -91,16 +91,14 @@ def run(config, prog: str = "thrifty train") -> int:
     """Runs a TrainConfig; maps failures to a message on stderr and an exit code."""
     from thrifty.train.trainer import Trainer, TrainError, TrainStopped
 
-    def say(msg: str) -> None:
-        # Under torchrun, once the process group exists every rank meets the same errors (the options, the data,
-        # a NaN stop are decided alike or broadcast): rank 0 says them. Before it, an error may be one rank's own
-        # (its GPU, say) while rank 0 waits for the group: each rank says its own, marked.
-        rank = os.environ.get("RANK", "0") or "0"
-        import torch.distributed as dist
-        grouped = dist.is_available() and dist.is_initialized()
+    def say(msg: str, shared: bool = False) -> None:
+        # Under torchrun rank 0 says an error as it is; another rank says its own marked [rank N]: it may be that
+        # rank's alone (its GPU, its memory) while rank 0 waits in a collective. A NaN stop is decided alike on
+        # every rank (the skip decision is reduced): rank 0 alone says it.
+        rank = os.environ.get("RANK") or "0"
         if rank == "0":
             print(msg, file=sys.stderr)
-        elif not grouped:
+        elif not shared:
             print(f"[rank {rank}] {msg}", file=sys.stderr)
 
     try:
@@ -109,7 +107,7 @@ def run(config, prog: str = "thrifty train") -> int:
         say(f"{prog}: error: {e}")
         return 2
     except TrainStopped as e:
-        say(f"{prog}: {e}")
+        say(f"{prog}: {e}", shared=True)
         return 3
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; the last checkpoint (if any) is intact: continue with --resume", file=sys.stderr)

@@ -330,7 +330,8 @@ class _RunDirSnapshot:
 
 
 def _rank_info():
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    env = os.environ  # set but empty counts as unset
+    return int(env.get("RANK") or 0), int(env.get("WORLD_SIZE") or 1), int(env.get("LOCAL_RANK") or 0)
 
 
 class Trainer:
