@@ -53,7 +53,8 @@ def _split_one(text: str, val_fraction: float) -> tuple[list[str], list[str]]:
         return [text], []
     slack = max(1, (n - at) // 4)
     for sep in ("\n", " "):
-        cuts = [i + 1 for i in (text.rfind(sep, at - slack, at), text.find(sep, at, at + slack)) if 0 <= i < n - 1]
+        cuts = [i + 1 for i in (text.rfind(sep, max(0, at - slack), at), text.find(sep, at, at + slack))
+                if 0 <= i < n - 1]
         if cuts:
             at = min(cuts, key=lambda c: abs(c - at))
             break

@@ -1081,7 +1081,8 @@ class Trainer:
         # collectives): one left without rows scores a row at weight 0.
         rows = list(range(min(len(ds), (c.eval_batches if batches is None else batches) * self.global_batch)))
         mine = ResumableSampler.shard(rows, self.rank, self.world)
-        n_fwd = -(-(-(-len(rows) // self.world)) // c.batch_size)  # ceil(ceil(rows / world) / batch_size)
+        most = -(-len(rows) // self.world)  # the largest share: ceil(rows / world)
+        n_fwd = -(-most // c.batch_size)
         for k in range(n_fwd):
             part = mine[k * c.batch_size:(k + 1) * c.batch_size]
             b = ds.batch(part or [0])
