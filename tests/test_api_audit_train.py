@@ -542,3 +542,41 @@ def test_no_datasketch_is_one_line_only_where_near_dup_needs_it(corpus, tmp_path
     one = tmp_path / "one.txt"
     one.write_text("\n".join(prose(i, 200) for i in range(30)))
     assert run(cfg(one, tmp_path / "single", steps=1, tokenizer=None, vocab_size=300)) == 0
+
+
+def test_generate_cli_text_keeps_the_space_sentencepiece_decoders_drop():
+    """`thrifty generate` printed prompt + decode(new ids): a Llama-2 / Mistral style decoder strips the first
+    token's leading space, so "the value is" + "▁true" read "the value istrue"."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    from thrifty.train.generate_cli import generate_text
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁the": 3, "▁value": 4, "▁is": 5, "▁true": 6}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+
+    class _Model(torch.nn.Module):  # generates "▁true" after any prompt
+        config = type("C", (), {"bos_token_id": 1, "vocab_size": 7, "eos_ids": [2]})()
+
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, x, max_new_tokens, **kw):
+            return torch.cat([x, torch.tensor([[6]])], 1)
+
+    assert generate_text(_Model(), tok, ["the value is"], 1, temperature=0) == ["the value is true"]
+
+
+def test_generate_cli_default_length_fits_a_short_context(tmp_path, capsys):
+    """The fixed default of 64 new tokens was an error on any model with a context of 64 or less."""
+    from thrifty.cli import main as cli
+
+    cfg_ = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)
+    Llama(cfg_).init_weights().save_pretrained(str(tmp_path))
+    save_tokenizer(train_tokenizer([prose(i) for i in range(5)], vocab_size=320), tmp_path)
+    assert cli(["generate", str(tmp_path), "--prompt", "alpha beta", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("alpha beta")

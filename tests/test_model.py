@@ -300,6 +300,32 @@ def test_to_bfloat16_keeps_float32_rotary_cache():
 def test_generate_too_long_is_an_error():
     with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
         tiny().generate(torch.zeros(1, 100, dtype=torch.long), max_new_tokens=100)
+    m = tiny()  # max_position_embeddings 128: the last new token is sampled, never fed back
+    assert m.generate(torch.zeros(1, 128, dtype=torch.long), max_new_tokens=1).shape == (1, 129)
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
+        m.generate(torch.zeros(1, 128, dtype=torch.long), max_new_tokens=2)
+
+
+def test_generate_returns_a_plain_tensor_and_takes_real_numbers():
+    """The ids came back as an inference tensor: scoring the samples with gradients (RL, distillation) or editing
+    them in place failed. numpy floats and 0-d tensors were refused as temperature / top_p."""
+    import numpy as np
+
+    m = tiny()
+    out = m.generate(torch.randint(3, 100, (2, 6)), max_new_tokens=3)
+    assert not out.is_inference()
+    out[0, 0] = 1
+    m(out, labels=out).backward()
+    with torch.inference_mode():  # inside inference mode the caller gets what it asked for
+        assert m.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2).is_inference()
+    torch.manual_seed(0)
+    a = m.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=4, temperature=np.float32(0.7),
+                   top_p=torch.tensor(0.9))
+    torch.manual_seed(0)
+    b = m.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=4, temperature=0.7, top_p=0.9)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="'temperature' must be a real number >= 0"):
+        m.generate(torch.zeros(1, 3, dtype=torch.long), temperature=True)
 
 
 # ---- audit findings ----

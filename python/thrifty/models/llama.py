@@ -225,7 +225,6 @@ class Llama(nn.Module):
         return _linear_cross_entropy(h, self.lm_head.weight, shifted, float32_loss=True)
 
     # ---- generation ----
-    @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id=None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
@@ -233,34 +232,48 @@ class Llama(nn.Module):
 
         temperature 0 is greedy; top_k / top_p filter the distribution first. Generation stops
         when every row has produced an eos (the config's when eos_token_id is None); finished
-        rows are padded with their eos. The ids come back in the prompt's dtype (int64 or int32).
+        rows are padded with their eos. The ids come back in the prompt's dtype (int64 or int32), as an
+        ordinary tensor (usable with autograd and in-place edits, as transformers' generate returns them).
         max_new_tokens, top_k and eos_token_id take Python ints, other integers (numpy's) and 0-d
-        integer tensors; eos_token_id also a list (or 1-D tensor) of them.
+        integer tensors; eos_token_id also a list (or 1-D tensor) of them; temperature and top_p any real
+        number or 0-d tensor.
         """
+        out = self._generate(input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator)
+        # the loop runs in inference mode (no version counters to keep); its result leaves it as a plain tensor,
+        # unless the caller is in inference mode itself
+        return out if torch.is_inference_mode_enabled() else out.clone()
+
+    @torch.inference_mode()
+    def _generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator):
         self._check_ids(input_ids)
         n = _as_int(max_new_tokens)
         if n is None or n < 0:
             raise ValueError(f"generate: argument 'max_new_tokens' must be a non-negative int, got {max_new_tokens!r}")
         max_new_tokens = n
-        if temperature is None:
-            temperature = 0.0
-        if not isinstance(temperature, (int, float)) or temperature != temperature or temperature < 0:
-            raise ValueError(f"generate: argument 'temperature' must be a number >= 0 (0: greedy), got {temperature!r}")
+        t = 0.0 if temperature is None else _as_float(temperature)
+        if t is None or t != t or t < 0:
+            raise ValueError(f"generate: argument 'temperature' must be a real number >= 0 (0: greedy), got "
+                             f"{temperature!r}")
+        temperature = t
         if top_k is not None:
             k = _as_int(top_k)
             if k is None or k < 0:
                 raise ValueError(f"generate: argument 'top_k' must be None or an int >= 0 (0: off), got {top_k!r}")
             top_k = k
-        if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-            raise ValueError(f"generate: argument 'top_p' must be None or in (0, 1], got {top_p!r}")
+        if top_p is not None:
+            p = _as_float(top_p)
+            if p is None or not 0 < p <= 1:
+                raise ValueError(f"generate: argument 'top_p' must be None or a real number in (0, 1], got {top_p!r}")
+            top_p = p
         if input_ids.dim() not in (1, 2) or input_ids.shape[-1] == 0:
             raise ValueError(f"generate: argument 'input_ids' must be a non-empty (batch, seq) or (seq,) prompt, "
                              f"got shape {tuple(input_ids.shape)}")
         squeeze = input_ids.dim() == 1
         ids = input_ids[None] if squeeze else input_ids
         b, s = ids.shape
-        if s + max_new_tokens > self.config.max_position_embeddings:
-            raise ValueError(f"generate: prompt ({s}) + max_new_tokens ({max_new_tokens}) exceeds "
+        # positions run to s + max_new_tokens - 2: the last new token is sampled, never fed back
+        if s + max(max_new_tokens - 1, 0) > self.config.max_position_embeddings:
+            raise ValueError(f"generate: prompt ({s}) + max_new_tokens ({max_new_tokens}) - 1 exceeds "
                              f"max_position_embeddings ({self.config.max_position_embeddings})")
         eos = self.config.eos_ids if eos_token_id is None else _eos_list(eos_token_id)
         eos_t = torch.tensor(eos, device=ids.device, dtype=ids.dtype)
@@ -312,6 +325,17 @@ class Llama(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _as_float(v) -> float | None:
+    """v as a Python float: a real number (numpy's too) or a 0-d real tensor; None for bools and anything else."""
+    if isinstance(v, torch.Tensor):
+        if v.dim() != 0 or v.dtype == torch.bool or v.dtype.is_complex:
+            return None
+        return float(v.item())
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        return None
+    return float(v)
 
 
 def _as_int(v) -> int | None:

@@ -11,7 +11,8 @@ from thrifty.train.run_dir import step_dirs
 def add_arguments(p) -> None:
     p.add_argument("model_dir", metavar="RUN_DIR", help="a run directory of `thrifty train` or a Hugging Face model directory")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for several; default: an empty prompt)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="new tokens per prompt (default 64, or as many as the model's context leaves)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--top-p", type=float, default=0.95)
@@ -88,7 +89,7 @@ def eos_ids(model, tok, model_dir=None) -> list[int]:
 
 def _bad_args(args) -> str | None:
     """The message for a sampling option out of range, before any model is loaded."""
-    if args.max_new_tokens < 0:
+    if args.max_new_tokens is not None and args.max_new_tokens < 0:
         return f"--max-new-tokens: expected a number >= 0, got {args.max_new_tokens}"
     if not 0 <= args.temperature < float("inf"):  # NaN too
         return f"--temperature: expected a finite number >= 0 (0: greedy), got {args.temperature}"
@@ -122,7 +123,10 @@ def generate_text(model, tok, prompts, max_new_tokens=64, temperature=0.8, top_k
                            eos_token_id=eos)
         new = y[0, len(ids):].tolist()
         stop = next((i for i, t in enumerate(new) if t in eos), len(new))
-        outs.append(prompt + tok.decode(new[:stop]))
+        # decoded with the prompt, then the prompt's own decoding cut off: SentencePiece-style decoders (Llama 2,
+        # Mistral) drop a leading space of the first token decoded alone ("is" + "Paris" for "is Paris")
+        head, full = tok.decode(ids), tok.decode(ids + new[:stop])
+        outs.append(prompt + (full[len(head):] if full.startswith(head) else tok.decode(new[:stop])))
     return outs
 
 
@@ -157,10 +161,13 @@ def main(args) -> int:
     eos = eos_ids(model, tok, resolve_model_dir(args.model_dir))
     limit = model.config.max_position_embeddings
     longest = max(len(_prompt_ids(tok, p, _start_id(model, eos))) for p in prompts)
-    if longest + args.max_new_tokens > limit:
+    fit = max(0, limit - longest + 1)  # the last new token is sampled, never fed back: limit + 1 - prompt fit
+    if args.max_new_tokens is None:
+        args.max_new_tokens = min(64, fit)
+    if args.max_new_tokens > fit:
         return _error(f"--max-new-tokens {args.max_new_tokens}: the prompt ({longest} tokens) plus the new tokens "
                       f"exceed the model's max length (max_position_embeddings {limit}); at most "
-                      f"{max(0, limit - longest)} new tokens fit")
+                      f"{fit} new tokens fit")
     try:
         texts = generate_text(model, tok, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                               args.seed, eos_token_id=eos)
