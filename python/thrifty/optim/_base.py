@@ -359,7 +359,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 # in-place updates do, so a graph that saved a param before the step refuses a backward through
                 # it ("modified by an inplace operation") instead of differentiating with the updated weights.
                 if not torch.compiler.is_compiling():
-                    torch.autograd.graph.increment_version([p for p, w in zip(bp, work) if w is p])
+                    for p, w in zip(bp, work):  # one tensor per call: a list is taken only by newer torch
+                        if w is p:
+                            torch.autograd.graph.increment_version(p)
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
