@@ -176,9 +176,13 @@ def measure_copy_bandwidth(device: torch.device | str = "cpu", nbytes: int = 512
     n = nbytes // 4
     src = torch.randn(n, device=dev)
     dst = torch.empty_like(src)
-    t = min(timeit(lambda: dst.copy_(src), dev, warmup=2 if i == 0 else 0, min_time=0.5, max_reps=20)
-            for i in range(tries))
-    return 2 * n * 4 / t
+    return 2 * n * 4 / best_time(lambda: dst.copy_(src), dev, tries)
+
+
+def best_time(fn: Callable[[], object], device: torch.device | str, tries: int = 3) -> float:
+    """The best of ``tries`` median times of ``fn`` (about 0.5 s each, one warm-up): a roofline measurement,
+    what the machine can do between a shared box's slow spells."""
+    return min(timeit(fn, device, warmup=2 if i == 0 else 0, min_time=0.5, max_reps=20) for i in range(tries))
 
 
 def measure_matmul_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -264,14 +268,13 @@ class Bench:
 
     def case(self, *, op: str, shape: str, dtype: str | torch.dtype, thrifty: Callable[[], object],
              torch_fn: Callable[[], object] | None = None, bytes: float | None = None,
-             flops: float | None = None, baseline: str = "torch", graphed: bool = False,
-             compute_dtype: str | torch.dtype | None = None, **extra) -> Case:
+             flops: float | None = None, baseline: str = "torch", graphed: bool = False, **extra) -> Case:
         """Times ``thrifty`` and ``torch_fn`` (same process, same inputs) and records a row.
 
         ``bytes``: the fewest bytes the op must move (each input read once, each output
         written once): gives GB/s and % of copy bandwidth. ``flops``: gives TFLOP/s and %
-        of torch's matmul rate in ``compute_dtype`` (default: ``dtype``), measured in this
-        run; a kernel faster than torch's own matmul in that dtype reads over 100%. Give
+        of torch's matmul rate in ``dtype``, measured in this run; a kernel faster than
+        torch's own matmul in that dtype reads over 100%. Give
         whichever bounds the op. ``graphed`` (CUDA only): both sides timed inside CUDA
         graphs (:func:`timeit_graphed`), recorded as extra["graphed"].
         """
@@ -286,13 +289,13 @@ class Bench:
             tt = timeit(torch_fn, self.device) if torch_fn is not None else None
         c = Case(op=op, shape=shape, dtype=str(dtype).replace("torch.", ""), thrifty_s=t, torch_s=tt,
                  speedup=(tt / t) if tt else None, bytes=bytes, flops=flops, baseline=baseline, extra=extra)
-        self._rates(c, compute_dtype)
+        self._rates(c)
         self.cases.append(c)
         print(f"  {op:28s} {c.shape:24s} {c.dtype:9s} thrifty {t * 1e3:9.3f} ms"
               + (f"  {baseline} {tt * 1e3:9.3f} ms  x{c.speedup:5.2f}" if tt else ""), flush=True)
         return c
 
-    def _rates(self, c: Case, compute_dtype: str | torch.dtype | None = None) -> None:
+    def _rates(self, c: Case) -> None:
         """Fills ``c``'s GB/s, TFLOP/s and % roofline from its bytes / flops and time."""
         t = c.thrifty_s
         if c.bytes:
@@ -301,10 +304,9 @@ class Bench:
                 c.pct_roofline, c.roofline = 100 * c.bytes / t / self.copy_bw, "copy"
         if c.flops:
             c.tflops = c.flops / t / 1e12
-            dt = str(compute_dtype or c.dtype).replace("torch.", "")
-            rate = self.matmul_rate(dt)
-            if rate and not c.bytes:
-                c.pct_roofline, c.roofline = 100 * c.flops / t / rate, f"{dt} matmul"
+            rate = None if c.bytes else self.matmul_rate(c.dtype)  # a byte-bound row needs no matmul roofline
+            if rate:
+                c.pct_roofline, c.roofline = 100 * c.flops / t / rate, f"{c.dtype} matmul"
 
     def table(self) -> str:
         hdr = ("| op | shape | dtype | thrifty ms | baseline ms | speedup | GB/s | TFLOP/s | % roofline |\n"
@@ -323,10 +325,7 @@ class Bench:
             roof.append(f"copy bandwidth {self.copy_bw / 1e9:.1f} GB/s")
         if self.read_bw:
             roof.append(f"read bandwidth {self.read_bw / 1e9:.1f} GB/s")
-        rates = dict(self.matmul_rates)
-        if self.matmul_flops and self.matmul_dtype not in rates:
-            rates[self.matmul_dtype] = self.matmul_flops
-        roof += [f"{dt} matmul {r / 1e12:.3f} TFLOP/s" for dt, r in rates.items()]
+        roof += [f"{dt} matmul {r / 1e12:.3f} TFLOP/s" for dt, r in self.matmul_rates.items()]
         return (f"### {self.family}{' (quick)' if self.quick else ''} on {machine_description(self.device)}\n"
                 f"Rooflines measured in this run: {', '.join(roof) or 'not measured'} (% roofline: of the copy "
                 f"bandwidth for rows given in GB/s, else of torch's matmul in the row's dtype)\n"

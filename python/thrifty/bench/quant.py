@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 import thrifty
-from thrifty.bench.common import Bench, timeit
+from thrifty.bench.common import Bench, best_time
 from thrifty.nn import QuantLinear
 
 
@@ -20,9 +20,7 @@ def measure_read_bandwidth(device, nbytes: int = 512 * 2**20, tries: int = 3) ->
     """Bytes/s of a pure streaming read (a max over a tensor far larger than the caches; torch's sum reads
     ~10% slower here): the best of ``tries`` medians, as measure_copy_bandwidth."""
     t = torch.randn(nbytes // 4, device=device)
-    s = min(timeit(lambda: t.amax(), device, warmup=2 if i == 0 else 0, min_time=0.5, max_reps=20)
-            for i in range(tries))
-    return nbytes / s
+    return nbytes / best_time(lambda: t.amax(), device, tries)
 
 
 def _read_share(c, nbytes: float, read_bw: float) -> None:

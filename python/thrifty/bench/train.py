@@ -221,7 +221,7 @@ def run(device, quick: bool = False, *, preset=None, batch=None, seq=None, reps=
     p0, b0, s0 = _configs(device, quick)
     preset, batch, seq = preset or p0, batch or b0, seq or s0
     b = Bench("train", device, rooflines=False, quick=quick)
-    b.matmul_flops = measured_matmul_flops(device, torch.bfloat16)
+    b.matmul_flops = b.matmul_rates["bfloat16"] = measured_matmul_flops(device, torch.bfloat16)
     b.matmul_dtype = "bfloat16"
     fp32_flops = measured_matmul_flops(device, torch.float32)
     # torch's bf16 CPU GEMM below avx512_bf16 runs far under its float32 one: the baseline's full

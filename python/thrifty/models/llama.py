@@ -225,6 +225,11 @@ class Llama(nn.Module):
         return _linear_cross_entropy(h, self.lm_head.weight, shifted, float32_loss=True)
 
     # ---- generation ----
+    def new_tokens_fit(self, prompt_len: int) -> int:
+        """The most new tokens generate() samples after a prompt of ``prompt_len`` tokens: positions run to
+        prompt_len + new - 2 (the last new token is sampled, never fed back), below max_position_embeddings."""
+        return max(0, self.config.max_position_embeddings - prompt_len + 1)
+
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id=None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
@@ -271,8 +276,7 @@ class Llama(nn.Module):
         squeeze = input_ids.dim() == 1
         ids = input_ids[None] if squeeze else input_ids
         b, s = ids.shape
-        # positions run to s + max_new_tokens - 2: the last new token is sampled, never fed back
-        if s + max(max_new_tokens - 1, 0) > self.config.max_position_embeddings:
+        if s > self.config.max_position_embeddings or max_new_tokens > self.new_tokens_fit(s):
             raise ValueError(f"generate: prompt ({s}) + max_new_tokens ({max_new_tokens}) - 1 exceeds "
                              f"max_position_embeddings ({self.config.max_position_embeddings})")
         eos = self.config.eos_ids if eos_token_id is None else _eos_list(eos_token_id)

@@ -106,8 +106,14 @@ def require_tensors(op: str, **args) -> None:
     for name, value in args.items():
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{op}: argument '{name}' must be a tensor, got {type(value).__name__}")
+    refuse_tangents(op, args.items())
+
+
+def refuse_tangents(op: str, named) -> None:
+    """NotImplementedError naming the first of ``named`` ((name, tensor) pairs, iterated only while a dual level is
+    open, so a generator costs nothing otherwise) that carries a forward-mode tangent."""
     if _forward_ad._current_level >= 0:  # a dual level is open (forward_ad, torch.func.jvp): rare, checked then
-        for name, value in args.items():
+        for name, value in named:
             if _forward_ad.unpack_dual(value).tangent is not None:
                 # torch.library ops with register_autograd have no forward-mode formula: torch would
                 # silently give a zero / None tangent
@@ -135,12 +141,8 @@ def _autocast_target(args, device_type: str, policy: str) -> torch.dtype:
     if policy == "lower":
         return torch.get_autocast_dtype(device_type)
     dtypes = {t.dtype for a in args for t in _tensors_of(a) if _autocast_eligible(t, device_type)}
-    if len(dtypes) <= 1:
-        return dtypes.pop() if dtypes else torch.float32
-    out = dtypes.pop()
-    for d in dtypes:  # promote: as torch's type promotion (bf16 + f16 -> float32, bf16 + float32 -> float32)
-        out = torch.promote_types(out, d)
-    return out
+    # promote: as torch's type promotion (bf16 + f16 -> float32, bf16 + float32 -> float32)
+    return functools.reduce(torch.promote_types, dtypes) if dtypes else torch.float32
 
 
 def register_autocast(opname: str, policy: str, *, devices: tuple[str, ...] = ("cpu", "cuda"),

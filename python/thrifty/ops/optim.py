@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from thrifty.ops._common import register_fake, require_tensors
+from thrifty.ops._common import refuse_tangents, register_fake
 
 _ops = torch.ops.thrifty
 
@@ -51,7 +51,7 @@ def multi_tensor_l2norm(tensors: list[torch.Tensor]) -> torch.Tensor:
                             f"is {type(t).__name__}")
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
-    require_tensors("thrifty.multi_tensor_l2norm", **{f"tensors[{i}]": t for i, t in enumerate(tensors)})  # forward AD
+    refuse_tangents("thrifty.multi_tensor_l2norm", ((f"tensors[{i}]", t) for i, t in enumerate(tensors)))
     return _ops.multi_tensor_l2norm(tensors)
 
 

@@ -29,12 +29,17 @@ def _int_arg(op: str, name: str, v) -> None:
         raise TypeError(f"{op}: argument '{name}' must be an int, got {type(v).__name__} ({v!r})")
 
 
+def _packed_k(qweight: torch.Tensor, bits: int) -> int:
+    """in_features K of a packed (N, K) int8 or (N, K/2) uint8 weight."""
+    return qweight.shape[1] * (2 if bits == 4 else 1)
+
+
 def _weight_k(qweight, scales, bits: int, group_size: int) -> int | None:
     """in_features K of the packed weight when qweight and scales agree with each other (then a K that
     differs from x's is x's fault), else None (the op's own checks name the inconsistent tensor)."""
     if not (isinstance(qweight, torch.Tensor) and isinstance(scales, torch.Tensor) and qweight.dim() == 2):
         return None
-    n, k = qweight.shape[0], qweight.shape[1] * (2 if bits == 4 else 1)
+    n, k = qweight.shape[0], _packed_k(qweight, bits)
     if bits == 8:
         ok = tuple(scales.shape) == (n,)
     else:
@@ -132,8 +137,7 @@ def _quant_linear_fake(x, qweight, scales, zeros, bits, group_size, bias):
 
 @register_fake("thrifty::quant_dequantize")
 def _dequantize_fake(qweight, scales, zeros, bits, group_size):
-    k = qweight.shape[1] * (2 if bits == 4 else 1)
-    return qweight.new_empty((qweight.shape[0], k), dtype=torch.float32)
+    return qweight.new_empty((qweight.shape[0], _packed_k(qweight, bits)), dtype=torch.float32)
 
 
 @register_fake("thrifty::quantize_per_token")
@@ -174,8 +178,7 @@ def frozen_weight_grads(grad_y, qweight, scales, zeros, bits: int, group_size: i
     if need_x:
         # float32 sums over blocks of output rows, each dequantized on its own: a float32 copy of the whole
         # weight (N K 4 bytes, 224 MiB for a 4096 x 14336 layer) per layer per backward was a QLoRA step's peak
-        n = qweight.shape[0]
-        k = qweight.shape[1] * (2 if bits == 4 else 1)
+        n, k = qweight.shape[0], _packed_k(qweight, bits)
         g = grad_y.float()
         gx = g.new_zeros(g.shape[:-1] + (k,))
         if n > 0 and gx.numel() > 0:

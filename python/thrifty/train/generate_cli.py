@@ -161,7 +161,7 @@ def main(args) -> int:
     eos = eos_ids(model, tok, resolve_model_dir(args.model_dir))
     limit = model.config.max_position_embeddings
     longest = max(len(_prompt_ids(tok, p, _start_id(model, eos))) for p in prompts)
-    fit = max(0, limit - longest + 1)  # the last new token is sampled, never fed back: limit + 1 - prompt fit
+    fit = model.new_tokens_fit(longest)
     if args.max_new_tokens is None:
         args.max_new_tokens = min(64, fit)
     if args.max_new_tokens > fit:
