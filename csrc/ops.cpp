@@ -25,9 +25,9 @@ TORCH_LIBRARY(thrifty, m) {
   // q (b, sq, h, d), k/v (b, sk, hk, d), lse (b, h, sq); varlen otherwise: q (total_q, h, d),
   // k/v (total_k, hk, d), cu_seqlens int32 (b+1), lse (h, total_q). See common/attention_params.h for masking.
   // max_seqlen_q/k: varlen only (the batched call reads the lengths from q and k, and ignores them).
-  m.def("flash_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, int window_left, int window_right, float softcap) -> (Tensor out, Tensor lse)");
+  m.def("flash_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float softmax_scale, bool causal, int window_left, int window_right, float softcap) -> (Tensor out, Tensor lse)");
   // Gradients of flash_attention_fwd, recomputing the probabilities from lse.
-  m.def("flash_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, int window_left, int window_right, float softcap, bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def("flash_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float softmax_scale, bool causal, int window_left, int window_right, float softcap, bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv)");
 
   // ---- activation ----
   // silu(gate) * up, elementwise; gate and up have one shape.

@@ -305,6 +305,41 @@ def test_dynamic_sequence_length_compiles_once_and_exports():
     torch.testing.assert_close(g(ids), m(ids, cu_seqlens=cu))
 
 
+def test_varlen_max_seqlen_is_symbolic_under_compile():
+    """max_seqlen_q/k were `int` in the op schema and int()-ed by the wrapper, so a dynamic-shape graph guarded
+    on their values: a compiled serving step recompiled for every longest-cache length (fullgraph failed at the
+    recompile limit), and Llama on packed documents for every token count. They are SymInt now, as in
+    flash-attn's custom op."""
+    from torch._dynamo.testing import CompileCounter
+    cnt = CompileCounter()
+    fav = thrifty.ops.flash_attention_varlen
+    f = torch.compile(lambda q, k, cuq, cuk, mq, mk: fav(q, k, k, cuq, cuk, mq, mk, causal=True), backend=cnt,
+                      dynamic=True, fullgraph=True)
+    q, k = torch.randn(3, 4, 16), torch.randn(20, 2, 16)
+    cuq, cuk = torch.arange(4, dtype=torch.int32), torch.tensor([0, 5, 10, 20], dtype=torch.int32)
+    for mk in range(10, 21):  # past torch's recompile limit of 8
+        torch.testing.assert_close(f(q, k, cuq, cuk, 1, mk), fav(q, k, k, cuq, cuk, 1, 10, causal=True))
+    assert cnt.frame_count == 1
+    g = torch.compile(lambda q, k, mk: fav(q, k, k, cuq, cuk, 1, mk, causal=True).sum(), dynamic=True,
+                      fullgraph=True)  # inductor, forward and backward
+    for mk in (10, 11, 12):
+        q.grad = None
+        q.requires_grad_()
+        g(q, k, mk).backward()
+        q2 = q.detach().requires_grad_()
+        fav(q2, k, k, cuq, cuk, 1, mk, causal=True).sum().backward()
+        torch.testing.assert_close(q.grad, q2.grad)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    m = Llama(cfg).init_weights().eval()
+    cnt = CompileCounter()
+    h = torch.compile(lambda i, cu: m(i, cu_seqlens=cu), backend=cnt, dynamic=True, fullgraph=True)
+    for n in (20, 24, 28, 32):
+        ids, cu = torch.randint(0, 128, (n,)), torch.tensor([0, 7, n], dtype=torch.int32)
+        torch.testing.assert_close(h(ids, cu), m(ids, cu_seqlens=cu))
+    assert cnt.frame_count == 1
+
+
 @pytest.mark.parametrize("call", ["no_cache", "labels"])
 def test_patch_hf_compiles_fullgraph(call):
     """A patched model under torch.compile(fullgraph=True): with a mask tensor built (use_cache=False) the

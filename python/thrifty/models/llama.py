@@ -139,7 +139,8 @@ class Llama(nn.Module):
                 raise ValueError(f"Llama: argument 'cu_seqlens' must run from 0 to the number of tokens {n_tokens}, "
                                  f"got {first} ... {last}")
             max_seqlen = longest
-        return cu_seqlens, int(max_seqlen)
+        # a SymInt stays one (int() would specialize a dynamic-shape graph to this token count)
+        return cu_seqlens, max_seqlen if isinstance(max_seqlen, torch.SymInt) else int(max_seqlen)
 
     def _check_ids(self, input_ids):
         if not isinstance(input_ids, torch.Tensor):

@@ -67,14 +67,15 @@ def _scale(q: torch.Tensor, softmax_scale) -> float:
 
 
 def _max_seqlen(name: str, value) -> int:
-    """A Python int (or any integral scalar, a SymInt under torch.compile); a float or bool is refused rather
-    than truncated."""
+    """A Python int (or any integral scalar); a float or bool is refused rather than truncated. A SymInt (under
+    torch.compile with dynamic shapes) passes as it is: int() would specialize the graph to its value, one
+    recompile per longest length, as a serving batch changes every step (the schema takes SymInt)."""
     if isinstance(value, bool) or (isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral)) or \
             (isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()
                                                   or value.dtype == torch.bool or value.numel() != 1)):
         raise TypeError(f"thrifty.flash_attention_varlen: argument '{name}' must be an int (the longest sequence "
                         f"length), got {value!r}")
-    return int(value)
+    return value if isinstance(value, torch.SymInt) else int(value)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
