@@ -194,6 +194,34 @@ def test_kv_cache_decode_matches_full_forward():
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("model_type,window", [("llama", None), ("mistral", 6)])
+def test_ragged_cache_mixes_prefill_chunks_and_decode(model_type, window):
+    """The serving hook: packed queries (cu_seqlens) over a per-sequence cache, so one forward holds prefill
+    chunks and decode steps of sequences with different cached lengths (the contiguous KVCache keeps one
+    length per batch, and packed input with a cache was refused). Each step's logits equal a no-cache forward
+    over that sequence's tokens so far."""
+    from thrifty.models import KVCache, RaggedKVCache
+    m = tiny(model_type=model_type, sliding_window=window)
+    seqs = [torch.randint(0, SMALL["vocab_size"], (n,)) for n in (14, 6, 21)]
+    cache = RaggedKVCache(2, 3, 24, 2, 16, torch.float32)
+    done = [0, 0, 0]
+    for step in [(5, 4, 0), (8, 0, 7), (1, 1, 13), (0, 1, 1)]:  # new tokens of each sequence
+        ids = torch.cat([s[d:d + n] for s, d, n in zip(seqs, done, step)])
+        cu = torch.tensor((0,) + step).cumsum(0).int()
+        got = m(ids, cu_seqlens=cu, cache=cache)
+        for s, d, n, g in zip(seqs, done, step, got.split(list(step))):
+            if n:
+                torch.testing.assert_close(g, m(s[None, :d + n])[0, d:], rtol=1e-5, atol=1e-5)
+        done = [d + n for d, n in zip(done, step)]
+        assert cache.lengths == done
+    with pytest.raises(ValueError, match="exceed the cache length 24"):
+        m(torch.zeros(11, dtype=torch.long), cu_seqlens=torch.tensor([0, 11, 11, 11], dtype=torch.int32), cache=cache)
+    with pytest.raises(ValueError, match="batch \\+ 1 = 4 offsets"):
+        m(seqs[0][:2], cu_seqlens=torch.tensor([0, 2], dtype=torch.int32), cache=cache)
+    with pytest.raises(ValueError, match="RaggedKVCache"):  # a one-length cache cannot take packed input
+        m(seqs[0][:2], cu_seqlens=torch.tensor([0, 2], dtype=torch.int32), cache=KVCache(2, 1, 8, 2, 16, torch.float32))
+
+
 def test_packed_documents_match_separate():
     m = tiny()
     a, b = torch.randint(0, SMALL["vocab_size"], (7,)), torch.randint(0, SMALL["vocab_size"], (5,))

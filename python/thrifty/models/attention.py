@@ -1,8 +1,14 @@
 """The one attention interface of the model, and its contiguous KV cache.
 
 Every layer calls ``attend(q, k, v, meta, cache, layer)`` and nothing else, so the serving
-engine can plug in a paged KV cache (any object with the ``KVCache.update`` method) without
-touching the layers.
+engine can plug in a paged KV cache without touching the layers. A cache is any object with
+
+- ``update(layer, k, v) -> (k_all, v_all)`` and ``advance(n)`` (``KVCache``): every sequence of the
+  batch has one length; or
+- ``update_varlen(layer, k, v, cu_seqlens) -> (k_all, v_all, cu_seqlens_k, max_seqlen_k)`` and
+  ``advance_varlen(cu_seqlens)`` (``RaggedKVCache``): packed queries (the model called with
+  cu_seqlens and explicit positions), each sequence with its own cached length, so one forward
+  can mix prefill chunks and decode steps of different sequences (continuous batching).
 
     q: (batch, seq, heads, head_dim), k/v: (batch, seq, kv_heads, head_dim) (rotary applied),
        or (tokens, heads, head_dim) for packed documents (meta.cu_seqlens set)
@@ -51,15 +57,70 @@ class KVCache:
         self.pos += n
 
 
+class RaggedKVCache:
+    """Per-sequence K/V cache for packed (varlen) forwards: slot b holds sequence b's keys at rows
+    0 .. lengths[b] of (layers, batch, max_len, kv_heads, head_dim). Each forward appends cu_seqlens'
+    tokens of sequence b after its own cached ones; a sequence with no new tokens keeps its cache and
+    takes no part (0 queries). The reference form of the protocol a paged cache implements: it
+    gathers the cached keys into one packed tensor per layer and call, which a paged kernel reading
+    the pages in place would not need."""
+
+    def __init__(self, layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device=None):
+        shape = (layers, batch, max_len, kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = [0] * batch  # host ints: the cached length of each sequence
+        self.max_len = max_len
+
+    def _new_lengths(self, cu_seqlens: torch.Tensor) -> list[int]:
+        cu = cu_seqlens.tolist()
+        if len(cu) != len(self.lengths) + 1:
+            raise ValueError(f"RaggedKVCache: cu_seqlens must have batch + 1 = {len(self.lengths) + 1} offsets (one "
+                             f"per cache slot), got {len(cu)}")
+        new = [b - a for a, b in zip(cu[:-1], cu[1:])]
+        for b, (have, n) in enumerate(zip(self.lengths, new)):
+            if have + n > self.max_len:
+                raise ValueError(f"RaggedKVCache: sequence {b}: {have + n} positions exceed the cache length "
+                                 f"{self.max_len}")
+        return new
+
+    def positions(self, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """The position of each packed token (its sequence's cached length + its offset in this step)."""
+        new = self._new_lengths(cu_seqlens)
+        return torch.cat([torch.arange(have, have + n) for have, n in zip(self.lengths, new)]).to(cu_seqlens.device)
+
+    def update_varlen(self, layer: int, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor):
+        """Stores the packed k, v (tokens, kv_heads, head_dim) after each sequence's cached rows; returns
+        every sequence's keys and values packed, their cu_seqlens (int32) and the longest length."""
+        new = self._new_lengths(cu_seqlens)
+        dev, max_len = k.device, self.max_len
+        # flat row of each new token in a (batch * max_len) view of this layer's slots, and of every kept key
+        dst = torch.cat([torch.arange(b * max_len + have, b * max_len + have + n)
+                         for b, (have, n) in enumerate(zip(self.lengths, new))]).to(dev)
+        keep = torch.cat([torch.arange(b * max_len, b * max_len + have + n)
+                          for b, (have, n) in enumerate(zip(self.lengths, new))]).to(dev)
+        kf, vf = self.k[layer].flatten(0, 1), self.v[layer].flatten(0, 1)
+        kf.index_copy_(0, dst, k)
+        vf.index_copy_(0, dst, v)
+        total = [have + n for have, n in zip(self.lengths, new)]
+        cu_k = torch.tensor([0] + total, dtype=torch.int64).cumsum(0).to(dtype=torch.int32, device=dev)
+        return kf.index_select(0, keep), vf.index_select(0, keep), cu_k, max(total, default=0)
+
+    def advance_varlen(self, cu_seqlens: torch.Tensor) -> None:
+        self.lengths = [have + n for have, n in zip(self.lengths, self._new_lengths(cu_seqlens))]
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta, cache=None,
            layer: int = 0) -> torch.Tensor:
     """Causal attention of q over k, v (plus what ``cache`` holds for this layer), through
     thrifty.ops.flash_attention (masks aligned bottom-right: the queries are the last keys)."""
     window = (meta.window - 1 if meta.window else -1, 0)
     if meta.cu_seqlens is not None:
-        if cache is not None:
-            raise ValueError("attention: packed documents (cu_seqlens) cannot be used with a KV cache")
-        return flash_attention_varlen(q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
+        cu_k, max_k = meta.cu_seqlens, meta.max_seqlen
+        if cache is not None:  # a varlen cache (checked by the model): the queries are each sequence's last keys
+            k, v, cu_k, max_k = cache.update_varlen(layer, k, v, meta.cu_seqlens)
+        return flash_attention_varlen(q, k, v, meta.cu_seqlens, cu_k, meta.max_seqlen, max_k,
                                       causal=True, softmax_scale=meta.scale, window=window)
     if cache is not None:
         k, v = cache.update(layer, k, v)

@@ -81,6 +81,9 @@ class Llama(nn.Module):
     ``cu_seqlens`` (docs + 1,) int32 marks packed documents in a flat (tokens,) or (1, tokens)
     input: attention and the shifted labels stay inside each document (the logits keep the input's
     shape: (tokens, vocab) or (1, tokens, vocab)).
+    ``cache``: a KVCache (batched input, one length for every sequence; generate() uses it) or,
+    with cu_seqlens, a RaggedKVCache-like cache (thrifty.models.attention): each packed sequence
+    continues its own cached tokens, so one forward can mix prefill chunks and decode steps.
     """
 
     def __init__(self, config: LlamaConfig):
@@ -171,7 +174,16 @@ class Llama(nn.Module):
         if cu_seqlens is not None:
             input_ids = input_ids.reshape(-1)
             cu_seqlens, max_seqlen = self._check_cu_seqlens(cu_seqlens, input_ids.shape[0], max_seqlen)
-            if positions is None:
+            if cache is not None and not (hasattr(cache, "update_varlen") and hasattr(cache, "advance_varlen")):
+                raise ValueError(f"Llama: packed input (cu_seqlens) with a cache needs a per-sequence cache with "
+                                 f"update_varlen() and advance_varlen() (thrifty.models.RaggedKVCache); "
+                                 f"{type(cache).__name__} keeps one length for the whole batch")
+            if positions is None and cache is not None:
+                if not hasattr(cache, "positions"):
+                    raise ValueError(f"Llama: packed input with a {type(cache).__name__} needs 'positions' (each "
+                                     f"token's position after its sequence's cached ones)")
+                positions = cache.positions(cu_seqlens)
+            elif positions is None:
                 starts = cu_seqlens[:-1].long()
                 lens = cu_seqlens[1:].long() - starts
                 positions = torch.arange(input_ids.shape[0], device=input_ids.device) - torch.repeat_interleave(
@@ -192,7 +204,9 @@ class Llama(nn.Module):
         h, delta = self._embed(input_ids), None
         for layer in self.model.layers:
             h, delta = layer(h, delta, positions, self.cos_sin, meta, cache)
-        if cache is not None:
+        if cache is not None and cu_seqlens is not None:
+            cache.advance_varlen(cu_seqlens)
+        elif cache is not None:
             cache.advance(input_ids.shape[-1])
         return self.model.norm(delta, h)[0]
 
