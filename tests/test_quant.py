@@ -938,3 +938,23 @@ def test_perplexity_table_on_a_trained_micro_llama(tmp_path):
     table = format_perplexity_table(rows, info).splitlines()
     assert table[2] == "| format | method | perplexity | change | change % |" and len(table) == 4 + len(rows)
     assert table[4].startswith("| float32 | - |") and "n/a" in table[-1]
+
+
+def test_quantize_model_twice_and_resave_keep_the_config(tmp_path):
+    """quantize_model on a quantized model replaced nothing, said nothing and recorded the second config (a
+    4-bit model saved as bits 8); a quantized checkpoint loaded and saved again lost bits / group_size /
+    method / act_bits from its quantization_config."""
+    import json
+    from thrifty.models import Llama, LlamaConfig
+    from thrifty.quant import quantize_model
+    m = Llama(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)).init_weights()
+    quantize_model(m, {"bits": 4, "group_size": 32})
+    with pytest.raises(ValueError, match="quantized already"):
+        quantize_model(m, {"bits": 8})
+    m.save_pretrained(tmp_path / "a")
+    Llama.from_pretrained(tmp_path / "a").save_pretrained(tmp_path / "b")
+    qa, qb = (json.loads((tmp_path / d / "config.json").read_text())["quantization_config"] for d in "ab")
+    assert qa == qb and qa["bits"] == 4 and qa["group_size"] == 32 and qa["method"] == "rtn"
+    with pytest.raises(ValueError, match="no nn.Linear layer to quantize outside config 'skip'"):
+        quantize_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), {"skip": ["0"]})

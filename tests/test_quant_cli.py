@@ -86,6 +86,8 @@ def test_invalid_config_json_writes_nothing(src, tmp_path, capsys, text, existin
 
 
 def test_invalid_index_json(src, tmp_path, capsys):
+    # a sharded folder's index (next to a model.safetensors it is ignored, as by the loaders)
+    (src / "model.safetensors").rename(src / "model-00001-of-00001.safetensors")
     (src / "model.safetensors.index.json").write_text('{"metadata": {}}')
     _assert_user_error(capsys, _quantize(src, tmp_path / "q", *RTN), "weight_map")
     assert not (tmp_path / "q").exists()
@@ -183,3 +185,51 @@ def test_flags_without_effect_are_noted(src, tmp_path, capsys, flags, noted):
     for n in noted:
         assert n in err and "has no effect here" in err, err
     assert err.count("has no effect here") == len(noted)
+
+
+def test_reads_the_files_the_loaders_read_and_clears_stale_weights(src, tmp_path, capsys):
+    """transformers saving unsharded over a sharded folder leaves a stale index.json whose shards are gone: the
+    loaders read model.safetensors first, the CLI read the index (refused the folder, or quantized stale shards
+    still on disk). Quantizing into a folder holding an earlier sharded save left its index and shards next to
+    the new model.safetensors (and a later `thrifty quantize` of it read them as a float model)."""
+    import json
+    from safetensors.torch import load_file
+    (src / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}))
+    out = tmp_path / "q"
+    Llama.from_pretrained(src).save_pretrained(out, max_shard_size="20KB")  # an earlier, sharded save in OUT_DIR
+    assert (out / "model.safetensors.index.json").exists()
+    assert _quantize(src, out, *RTN) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert "model.layers.0.mlp.down_proj.qweight" in load_file(str(out / "model.safetensors"))
+    capsys.readouterr()
+    # ... and the quantized folder is refused by name, not as "no *_proj.weight matrices"
+    _assert_user_error(capsys, _quantize(out, tmp_path / "q2", *RTN), "quantized already", "bits=4",
+                       "group_size=32")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (src / "config.json").write_text(json.dumps(cfg))
+    _assert_user_error(capsys, _quantize(src, tmp_path / "q3", *RTN), "quantized already", "'gptq'", "from_gptq")
+
+
+def test_gptq_tokenizer_beyond_the_vocab_and_unknown_architecture(src, tmp_path, capsys):
+    """A tokenizer whose ids pass the model's vocab (issue 7's "a tokenizer that does not match the model's
+    vocab") and an architecture neither thrifty nor transformers runs: one line and exit 2, not tracebacks.
+    With --method rtn such a folder quantizes, with a note that thrifty's loaders will not read OUT_DIR."""
+    import json
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog " * 50] * 20,
+                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(src / "tokenizer.json"))  # ids up to ~290 against vocab_size 128
+    gptq = ["--bits", "4", "--group-size", "32", "--method", "gptq", "--calibration-tokens", "64", "--seq-len", "32"]
+    _assert_user_error(capsys, _quantize(src, tmp_path / "q", *gptq), "does not match the model", "vocab_size is 128")
+    (src / "tokenizer.json").unlink()
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["model_type"] = "weirdlm"
+    (src / "config.json").write_text(json.dumps(cfg))
+    _assert_user_error(capsys, _quantize(src, tmp_path / "q", *gptq), "weirdlm", "--method rtn")
+    assert not (tmp_path / "q").exists()
+    assert _quantize(src, tmp_path / "q", *RTN) == 0
+    assert "cannot load this architecture" in capsys.readouterr().err

@@ -17,15 +17,20 @@ from thrifty.models.config import LlamaConfig
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _files(path: Path) -> list[Path]:
-    # transformers' order: model.safetensors first, then the index (a folder saved unsharded over a sharded
-    # save by transformers keeps a stale index.json whose shards are gone)
+def weight_files(path: Path) -> list[Path]:
+    """The checkpoint's *.safetensors files, in transformers' order: model.safetensors first, then the index
+    (a folder saved unsharded over a sharded save by transformers keeps a stale index.json whose shards are
+    gone), then any *.safetensors. The one rule for every reader (from_pretrained, `thrifty quantize`)."""
     single = path / "model.safetensors"
     if single.exists():
         return [single]
     index = path / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index (a JSON object with a \"weight_map\" of "
+                             f"tensor name -> file): {type(e).__name__}: {e}") from None
         return [path / s for s in shards]
     found = sorted(path.glob("*.safetensors"))
     if not found:
@@ -83,12 +88,14 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = None, device=None):
         _check_quant_format_version(qc, path / "config.json")
         raw = {k: v for k, v in raw.items() if k != "quantization_config"}
     cfg = LlamaConfig.from_dict(raw)
-    tensors, layers = {}, {}
-    for f in _files(path):
+    tensors, layers, quant_config = {}, {}, {}
+    for f in weight_files(path):
         with safe_open(str(f), framework="pt", device="cpu") as st:
             if thrifty_quant:
                 from thrifty.quant.model import read_metadata
-                layers.update(json.loads(read_metadata(str(f)).get("layers", "{}")))
+                meta = read_metadata(str(f))
+                layers.update(json.loads(meta.get("layers", "{}")))
+                quant_config = json.loads(meta.get("config", "{}")) or quant_config
             for name in st.keys():
                 tensors[name] = st.get_tensor(name)
     if dtype is None:
@@ -119,6 +126,9 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = None, device=None):
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if layers:  # what save_pretrained writes back as quantization_config (config.json's block if the files hold none)
+        model._thrifty_quant_config = quant_config or {k: qc[k] for k in ("bits", "group_size", "method", "act_bits")
+                                                       if k in qc}
     model.reset_rope()
     return model.eval()
 
@@ -207,7 +217,7 @@ def save_pretrained(model, path, max_shard_size: int | str | None = None) -> Non
         cfg.save(path, dtype)
     if max_shard_size is None or sum(t.numel() * t.element_size() for t in state.values()) <= max_shard_size:
         save_file(state, str(path / "model.safetensors"), metadata=meta)
-        _remove_stale_weights(path, {"model.safetensors"})
+        remove_stale_weights(path, {"model.safetensors"})
         return
     shards, cur, size = [], {}, 0
     for n, t in state.items():
@@ -226,13 +236,13 @@ def save_pretrained(model, path, max_shard_size: int | str | None = None) -> Non
     total = sum(t.numel() * t.element_size() for t in state.values())
     (path / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-    _remove_stale_weights(path, {"model.safetensors.index.json", *weight_map.values()})
+    remove_stale_weights(path, {"model.safetensors.index.json", *weight_map.values()})
 
 
 _WEIGHT_FILE = re.compile(r"model\.safetensors(\.index\.json)?|model-\d{5}-of-\d{5}\.safetensors")
 
 
-def _remove_stale_weights(path: Path, written: set[str]) -> None:
+def remove_stale_weights(path: Path, written: set[str]) -> None:
     """Removes the weight files of an earlier save into ``path`` (model.safetensors, its index, model-*-of-*
     shards) that this save did not write, as transformers' save_pretrained does: left there, a loader could
     read the old weights (an index next to a new model.safetensors, shards next to a new index)."""

@@ -85,15 +85,12 @@ def add_arguments(parser) -> None:
 
 
 def _weight_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise QuantizeError(f"{index}: not a valid safetensors index (a JSON object with a \"weight_map\" "
-                                f"of tensor name -> file): {type(e).__name__}: {e}") from None
-        return [model_dir / f for f in files]
-    return sorted(model_dir.glob("*.safetensors"))
+    """The files from_pretrained and transformers read (model.safetensors before a possibly stale index)."""
+    from thrifty.models.hf import weight_files
+    try:
+        return weight_files(model_dir)
+    except (ValueError, FileNotFoundError) as e:
+        raise QuantizeError(str(e)) from None
 
 
 def _read_config(model_dir: Path) -> dict:
@@ -106,6 +103,35 @@ def _read_config(model_dir: Path) -> dict:
     if not isinstance(config, dict):
         raise QuantizeError(f"{path}: expected a JSON object, got {type(config).__name__}")
     return config
+
+
+def _check_not_quantized(src: Path, config: dict) -> None:
+    """A checkpoint that is quantized already (its config.json's quantization_config) is refused by name: its
+    *_proj weights are packed codes, not matrices to quantize."""
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict):
+        return
+    method = qc.get("quant_method", "unknown")
+    if method == "thrifty":
+        what = ", ".join(f"{k}={qc[k]}" for k in ("bits", "group_size", "method", "act_bits") if k in qc)
+        raise QuantizeError(f"{src} is quantized already (by thrifty quantize: {what or 'no settings recorded'}); "
+                            "quantize the float model it came from instead")
+    raise QuantizeError(f"{src} is quantized already (quantization_config.quant_method = {method!r}); thrifty "
+                        "quantize reads float checkpoints (GPTQ / AWQ layers import with "
+                        "thrifty.nn.QuantLinear.from_gptq / from_awq)")
+
+
+def _note_unloadable(config: dict) -> None:
+    """OUT_DIR keeps MODEL_DIR's architecture: say when thrifty.models.Llama (from_pretrained,
+    thrifty generate) will not load it, and how its layers load instead."""
+    from thrifty.models import ConfigError, LlamaConfig
+    try:
+        LlamaConfig.from_dict(config)
+    except (ConfigError, ValueError, TypeError) as err:
+        print(f"thrifty quantize: note: thrifty.models.Llama cannot load this architecture ({err}), so "
+              "Llama.from_pretrained and thrifty generate will not load OUT_DIR; load its layers into your own "
+              "model with thrifty.quant.load_quantized(model, 'OUT_DIR/model.safetensors')", file=sys.stderr,
+              flush=True)
 
 
 def _check_out_dir(src: Path, out: Path) -> None:
@@ -158,7 +184,8 @@ def _load_tensors(files: list[Path]) -> dict:
 
 def _write_atomically(out: Path, write) -> None:
     """Runs write(tmp) on a fresh directory and only then moves its files into OUT_DIR: a new OUT_DIR is a
-    sibling renamed into place, an existing one gets the files os.replace'd into it. On any failure the
+    sibling renamed into place, an existing one gets the files os.replace'd into it (and loses the weight
+    files of an earlier save, as save_pretrained's target does). On any failure the
     temporary directory and any parent directories made for it are removed: OUT_DIR stays as it was."""
     made = []
     existed = out.is_dir()
@@ -177,9 +204,13 @@ def _write_atomically(out: Path, write) -> None:
     try:
         write(tmp)
         if existed:
-            for f in tmp.iterdir():
-                os.replace(f, out / f.name)
+            written = {f.name for f in tmp.iterdir()}
+            for name in sorted(written):  # model.safetensors before any stale index could be read instead
+                os.replace(tmp / name, out / name)
             tmp.rmdir()
+            # weight files of an earlier save (an index, shards) would shadow or outlive the new model.safetensors
+            from thrifty.models.hf import remove_stale_weights
+            remove_stale_weights(out, written)
         else:
             os.rename(tmp, out)
     except BaseException as e:
@@ -244,7 +275,13 @@ def _calibration_model(model_dir: Path):
             raise QuantizeError(f"--method gptq runs the model for calibration activations; "
                                 f"thrifty.models.Llama cannot run it ({err}) and transformers is not installed "
                                 "(pip install transformers), or use --method rtn") from None
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+        except (ValueError, KeyError, OSError, ImportError) as terr:  # an architecture transformers does not know
+            raise QuantizeError(f"--method gptq runs the model for calibration activations; neither "
+                                f"thrifty.models.Llama ({err}) nor transformers ({type(terr).__name__}: "
+                                f"{str(terr).splitlines()[0] if str(terr) else ''}) can run it; use --method rtn"
+                                ) from None
         return model.eval()
 
 
@@ -261,13 +298,16 @@ def _calibration_hessians(model_dir: Path, names: list[str], args, text: str | N
     if ids is not None and ids.numel() == 0:
         raise QuantizeError("the calibration text encodes to no tokens")
     model = _calibration_model(model_dir)
+    vocab = getattr(model.config, "vocab_size", None)
+    if ids is not None and vocab and int(ids.max()) >= vocab:
+        raise QuantizeError(f"the tokenizer in {model_dir} does not match the model: it encodes the calibration "
+                            f"text to ids up to {int(ids.max())}, the model's vocab_size is {vocab}")
     max_pos = getattr(model.config, "max_position_embeddings", None) or args.seq_len
     seq_len = max(1, min(args.seq_len, max_pos))
     n_tokens = max(seq_len, args.calibration_tokens // seq_len * seq_len)
     if ids is None:
         # no tokenizer and no text given (e.g. save_pretrained of a bare model): the embedded corpus
         # cannot be encoded, so calibrate on seeded random ids from the vocabulary, as GPTQ tools do
-        vocab = getattr(model.config, "vocab_size", None)
         if not vocab:
             raise QuantizeError(f"--method gptq found no tokenizer in {model_dir} and no "
                                 "vocab_size in its config to draw random calibration tokens from")
@@ -326,9 +366,8 @@ def _quantize(args) -> int:
     if not (src / "config.json").is_file():
         raise QuantizeError(f"{src} has no config.json (expected a Hugging Face model directory)")
     config = _read_config(src)
+    _check_not_quantized(src, config)
     files = _weight_files(src)
-    if not files:
-        raise QuantizeError(f"no *.safetensors files in {src}")
     if args.act_bits == 8 and args.bits != 8:
         raise QuantizeError("--act-bits 8 needs --bits 8 (W8A8)")
     if args.method == "gptq" and (args.calibration_tokens < 1 or args.seq_len < 1):
@@ -399,4 +438,5 @@ def _quantize(args) -> int:
     after = sum(t.numel() * t.element_size() for t in outt.values())
     print(f"wrote {out / 'model.safetensors'}: {len(layers)} layers quantized, {before / 2**20:.1f} MiB -> "
           f"{after / 2**20:.1f} MiB")
+    _note_unloadable(config)
     return 0

@@ -166,6 +166,11 @@ def quantize_model(model: nn.Module, config=None, calibration=None) -> nn.Module
         raise TypeError(f"quantize_model: model must be an nn.Module, got {type(model).__name__}")
     cfg = QuantConfig.make(config if config is not None else {})
     names = quantizable_linears(model, cfg.skip)
+    if not names:  # e.g. a second call on a quantized model: nothing would change, but the recorded config would
+        held = sum(isinstance(m, QuantLinear) for m in model.modules())
+        raise ValueError("quantize_model: the model has no nn.Linear layer to quantize"
+                         + (f" (it holds {held} QuantLinear layers: quantized already; quantize the float model)"
+                            if held else f" outside config 'skip' = {list(cfg.skip)}"))
     if cfg.bits == 4:
         bad = [(n, model.get_submodule(n).in_features) for n in names
                if model.get_submodule(n).in_features % cfg.group_size]
