@@ -8,7 +8,9 @@ Exit codes: 0 done, 2 bad input / does not fit (nothing half-written), 3 stopped
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 from thrifty.train.lora import DEFAULT_TARGETS
 
@@ -87,6 +89,15 @@ def config_from_args(args):
         max_nan_steps=args.max_nan_steps)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is (unwinding as Ctrl-C does: temp files of a save are removed at the
+    next start, finished checkpoints stay)."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
+
+
 def run(config, prog: str = "thrifty train") -> int:
     """Runs a TrainConfig; maps failures to a message on stderr and an exit code."""
     from thrifty.train.trainer import Trainer, TrainError, TrainStopped
@@ -101,6 +112,10 @@ def run(config, prog: str = "thrifty train") -> int:
         elif not shared:
             print(f"[rank {rank}] {msg}", file=sys.stderr)
 
+    # SIGTERM (kill, docker stop, a batch scheduler's preemption) ends the run as Ctrl-C does: the message and
+    # the exit status say what to do. One process only: under torchrun the launcher terminates the ranks.
+    own_sigterm = "WORLD_SIZE" not in os.environ and threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _terminated) if own_sigterm else None
     try:
         Trainer(config).train()
     except TrainError as e:
@@ -109,10 +124,13 @@ def run(config, prog: str = "thrifty train") -> int:
     except TrainStopped as e:
         say(f"{prog}: {e}", shared=True)
         return 3
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; the last checkpoint (if any) is intact: continue with --resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"{prog}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; the last checkpoint (if any) "
+              "is intact: continue with --resume", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     finally:
+        if own_sigterm:
+            signal.signal(signal.SIGTERM, before)
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
             try:

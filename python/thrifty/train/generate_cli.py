@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from thrifty.train.run_dir import step_dirs
+from thrifty.train.run_dir import step_dirs, step_of
 
 
 def add_arguments(p) -> None:
@@ -31,6 +31,21 @@ def resolve_model_dir(path) -> Path:
         if steps:
             return steps[-1]
     raise FileNotFoundError(f"{str(p)!r} holds no model (no config.json, no checkpoints/step_*)")
+
+
+def _note_newer_checkpoints(run_dir: Path) -> None:
+    """A finished run resumed with more steps and stopped before its end keeps the earlier export: say that
+    its checkpoints are newer (the export is what generate reads)."""
+    import json
+    try:
+        exported = json.loads((run_dir / "summary.json").read_text()).get("steps")
+    except (OSError, ValueError, AttributeError):
+        return
+    steps = step_dirs(run_dir / "checkpoints", holding="config.json")
+    if isinstance(exported, int) and steps and step_of(steps[-1]) > exported:
+        print(f"note: {run_dir}'s exported model is from step {exported}, its newest checkpoint from step "
+              f"{step_of(steps[-1])} (a resumed run that has not finished): generating from the export; pass "
+              f"{steps[-1]} for the newer weights, or finish the run with --resume", file=sys.stderr)
 
 
 def load(path, device=None, dtype=None):
@@ -158,7 +173,9 @@ def main(args) -> int:
         return _error(f"tokenizer/model vocab mismatch: the tokenizer has {vocab} tokens, the model "
                       f"{model.config.vocab_size}")
     prompts = args.prompt or [""]
-    eos = eos_ids(model, tok, resolve_model_dir(args.model_dir))
+    model_dir = resolve_model_dir(args.model_dir)
+    _note_newer_checkpoints(model_dir)
+    eos = eos_ids(model, tok, model_dir)
     limit = model.config.max_position_embeddings
     longest = max(len(_prompt_ids(tok, p, _start_id(model, eos))) for p in prompts)
     fit = model.new_tokens_fit(longest)

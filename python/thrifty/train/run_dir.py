@@ -19,3 +19,8 @@ def step_dirs(root: Path, holding: str | None = None) -> list[Path]:
         if m and (holding is None or (p / holding).is_file()):
             found.append((int(m.group(1)), p.name, p))
     return [p for _, _, p in sorted(found)]
+
+
+def step_of(path: Path) -> int:
+    """N of a step_<N> directory."""
+    return int(_STEP_DIR.fullmatch(path.name).group(1))

@@ -35,7 +35,7 @@ from thrifty.data import IGNORE_INDEX, DataError, ResumableSampler, prepare_data
 from thrifty.data import tokenizer as tokmod
 from thrifty.data.sources import replace_text
 from thrifty.train import _compat, lora as loramod
-from thrifty.train.run_dir import step_dirs
+from thrifty.train.run_dir import step_dirs, step_of
 
 
 class TrainError(RuntimeError):
@@ -733,7 +733,13 @@ class Trainer:
 
     def _latest_checkpoint(self) -> Path | None:
         cks = self._checkpoints()
-        return cks[-1] if cks else None
+        latest = cks[-1] if cks else None
+        # a save is renamed into place whole, so a step_* without trainer_state.pt was damaged by hand: say so
+        newer = [d for d in step_dirs(self._ckpt_root()) if step_of(d) > (step_of(latest) if latest else -1)]
+        if newer and self.cfg.resume:
+            self.log(f"resume: note: {', '.join(d.name for d in newer)} in {self._ckpt_root()} hold(s) no "
+                     f"trainer_state.pt (damaged): skipped, resuming from {latest.name if latest else 'nothing'}")
+        return latest
 
     def _remove_stale_temps(self) -> None:
         """Removes what a killed run was writing (checkpoints/.tmp-step_*, .tmp-export-*): never read, only in the way."""
@@ -912,6 +918,24 @@ class Trainer:
                 self.log(f"resume: note: {path} was trained with a global batch of {was} rows ({saved['batch_size']} "
                          f"x grad-accum {saved['grad_accum']} x {world} process(es)), this run takes {self.global_batch}:"
                          f" the loss trajectory will differ from the uninterrupted run's ({hint})")
+        # the optimizer's and scheduler's state carry these: another value on the command line is not applied, and
+        # the run's records (train_config.json) keep the values the run goes on with
+        for name in ("lr", "weight_decay", "betas", "min_lr_ratio"):
+            if name not in saved or saved[name] is None:
+                continue
+            was, now = saved[name], getattr(c, name)
+            same = (tuple(map(float, was)) == tuple(map(float, now))) if name == "betas" else float(was) == float(now)
+            if not same:
+                flag = "--" + name.replace("_", "-")
+                self.log(f"resume: note: {flag} {now} is not applied: the optimizer and the learning-rate schedule "
+                         f"continue with the checkpoint's {was} (a new --out, or --model {path} to fine-tune from "
+                         "it, takes another)")
+                setattr(c, name, tuple(was) if name == "betas" else was)
+        budget_was = saved.get("time_budget")
+        if c.time_budget is not None and budget_was is not None and parse_duration(budget_was) != self.time_budget:
+            self.log(f"resume: note: --time-budget {c.time_budget} is not the checkpoint's {budget_was}: the schedule's "
+                     "total is estimated anew for this budget, so the learning rate continues on another warmup + "
+                     "cosine length from here (--steps keeps the checkpoint's schedule)")
         if c.steps is not None and state.get("schedule_total") not in (None, c.steps) and saved.get("steps") != c.steps:
             self.log(f"resume: note: the learning-rate schedule keeps the checkpoint's total of "
                      f"{state['schedule_total']} steps (warmup + cosine); --steps {c.steps} only moves where the run "
@@ -937,8 +961,10 @@ class Trainer:
         else:
             try:
                 sd = load_file(str(path / "model.safetensors"))
-            except SafetensorError as e:
-                raise TrainError(f"checkpoint {path}: corrupt or truncated model.safetensors ({e})") from None
+            except (SafetensorError, FileNotFoundError) as e:
+                what = "missing" if isinstance(e, FileNotFoundError) else f"corrupt or truncated ({e})"
+                raise TrainError(f"checkpoint {path}: model.safetensors {what}; remove {path} to resume from the "
+                                 "checkpoint before it") from None
             try:
                 if self.distributed and self.cfg.fsdp:
                     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -962,9 +988,14 @@ class Trainer:
                                  f"has no {e}); resume it without --fsdp (one process or DDP)") from None
         else:
             self.optimizer.load_state_dict(state["optimizer"])
+        asked_warmup = self.cfg.warmup
         self.schedule.total = state["schedule_total"]
         self.scheduler.load_state_dict(state["scheduler"])
         self.schedule.total = state["schedule_total"]
+        if asked_warmup is not None and asked_warmup != self.schedule.warmup:
+            self.log(f"resume: note: --warmup {asked_warmup} is not applied: the schedule continues with the "
+                     f"checkpoint's warmup of {self.schedule.warmup} steps")
+            self.cfg.warmup = self.schedule.warmup
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.tokens_seen, self.nan_skipped = state["step"], state["tokens_seen"], state["nan_skipped"]
         self.elapsed_before = state["elapsed"]
@@ -1254,7 +1285,9 @@ class Trainer:
                         per = (now - t_ref) / (self.step - step_ref)
                         elapsed = self.elapsed_before + now - self._t_start
                         total_steps = max(self.step + 1, self.step + int((self.time_budget - elapsed) / per))
-                        final = elapsed >= BUDGET_ESTIMATE_FRACTION * self.time_budget
+                        # the share of what this process has of the budget (a resume starts with part of it spent)
+                        final = (now - self._t_start >= BUDGET_ESTIMATE_FRACTION
+                                 * (self.time_budget - self.elapsed_before))
                         total, final = self._rank0(total_steps, final)  # one schedule for all ranks
                         total_steps, final = int(total), bool(final)
                         self.schedule.total = total_steps
