@@ -920,13 +920,13 @@ class Trainer:
                          f" the loss trajectory will differ from the uninterrupted run's ({hint})")
         # the optimizer's and scheduler's state carry these: another value on the command line is not applied, and
         # the run's records (train_config.json) keep the values the run goes on with
-        for name in ("lr", "weight_decay", "betas", "min_lr_ratio"):
+        flags = {"lr": "--lr", "weight_decay": "--weight-decay", "betas": "betas", "min_lr_ratio": "min_lr_ratio"}
+        for name, flag in flags.items():  # (betas and min_lr_ratio: TrainConfig fields, no command-line flag)
             if name not in saved or saved[name] is None:
                 continue
             was, now = saved[name], getattr(c, name)
             same = (tuple(map(float, was)) == tuple(map(float, now))) if name == "betas" else float(was) == float(now)
             if not same:
-                flag = "--" + name.replace("_", "-")
                 self.log(f"resume: note: {flag} {now} is not applied: the optimizer and the learning-rate schedule "
                          f"continue with the checkpoint's {was} (a new --out, or --model {path} to fine-tune from "
                          "it, takes another)")
