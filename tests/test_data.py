@@ -473,3 +473,66 @@ def test_packed_batch_and_sampler_state_checked():
             s.load_state_dict(sd)
     with pytest.raises(ValueError, match="missing"):
         s.load_state_dict({})
+
+
+# ---- scale: what a corpus far larger than the default meets ----
+def test_scrub_is_linear_on_long_hyphen_runs():
+    """The secret-name and URL-scheme patterns retried every hyphen of a long [\\w-] run: quadratic, 249 s for an
+    80 KB "a-a-a-..." (slugs, UUID lists). A subprocess with a 60 s limit (~0.05 s now) guards it; the secrets
+    around such runs are still found."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import thrifty
+    code = ("from thrifty.data.preprocess import scrub\n"
+            "for s in ('a-' * 40000, 'token-' * 20000, 'x.' * 40000, 'a+' * 40000):\n"
+            "    assert scrub(s)[0] == s\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(thrifty.__file__).resolve().parents[1])}
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, env=env)
+    text = "a-" * 5000 + ' my-api_key = "sk9f8a7s6d5f4g3h2" and postgres://app:hunter2@db/x\nexport GITHUB_TOKEN=abc123def456'
+    out, counts = scrub(text)
+    assert counts["secret"] == 3 and "hunter2" not in out and "sk9f8" not in out and "abc123" not in out
+
+
+def test_prepare_data_at_scale(tmp_path, monkeypatch):
+    """A document past SPLIT_DOC_CHARS is read as parts cut at line breaks (the filters, shingling and the
+    tokenizer held ~30x a 300 MB record); texts are encoded a chunk at a time into int32 arrays with the same ids
+    as one encode; long stages say how far they are; the cache is shared by every spelling of the corpus path
+    and refuses streams encoded with another tokenizer.json (a preparation killed between the two writes)."""
+    import importlib
+    import os
+    pipe = importlib.import_module("thrifty.data.pipeline")
+    pre = importlib.import_module("thrifty.data.preprocess")  # the package's name 'preprocess' is the function
+    monkeypatch.setattr(pipe, "SPLIT_DOC_CHARS", 4000)
+    monkeypatch.setattr(pipe, "SPLIT_PART_CHARS", 1000)
+    monkeypatch.setattr(pre, "PROGRESS_SECONDS", 0.0)
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    big = "\n".join(prose(i, 40) for i in range(40))
+    (corpus / "big.txt").write_text(big)
+    (corpus / "small.txt").write_text(prose(99))
+    msgs = []
+    b = prepare_data(corpus, tmp_path / "run", seq_len=16, vocab_size=300, log_fn=msgs.append)
+    parts = next(m for m in msgs if "big.txt" in m)
+    n_parts = int(parts.split("read as ")[1].split()[0])
+    assert len(big) // 1000 <= n_parts <= len(big) // 500 and "cut at line breaks" in parts
+    assert b.stats["documents_in"] == n_parts + 1
+    for stage in ("quality filters", "near-dup", "privacy scrub", "tokenize"):
+        assert any(m.startswith(f"{stage}: 0 / ") for m in msgs), (stage, msgs)
+    texts = [prose(i, 30) for i in range(5)]
+    assert [a.tolist() for a in pipe._encode(b.tokenizer, texts, lambda m: None, chunk=2)] == \
+        [b.tokenizer.encode(t).ids for t in texts]
+    # another spelling of the same corpus: a cache hit
+    msgs = []
+    monkeypatch.chdir(tmp_path)
+    b2 = prepare_data(os.path.join(".", "c", "..", "c"), tmp_path / "run", seq_len=16, vocab_size=300,
+                      log_fn=msgs.append)
+    assert any("reusing the tokenized cache" in m for m in msgs) and np.array_equal(b2.train.stream, b.train.stream)
+    # tokenizer.json replaced by another preparation that stopped before its streams and meta: prepared again
+    tok = tmp_path / "run" / "tokenizer.json"
+    tok.write_text(tok.read_text().replace('"<|pad|>"', '"<|padding|>"'))
+    msgs = []
+    b3 = prepare_data(corpus, tmp_path / "run", seq_len=16, vocab_size=300, log_fn=msgs.append)
+    assert any("another tokenizer.json" in m for m in msgs) and np.array_equal(b3.train.stream, b.train.stream)

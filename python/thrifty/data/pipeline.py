@@ -18,7 +18,7 @@ import numpy as np
 
 from thrifty.data import tokenizer as tokmod
 from thrifty.data.packing import PackedDataset, pack_documents
-from thrifty.data.preprocess import FilterConfig, preprocess
+from thrifty.data.preprocess import FilterConfig, StageProgress, preprocess
 from thrifty.data.sources import (DataError, default_corpus_files, list_files, load_default_corpus, load_documents,
                                   replace_text)
 
@@ -36,11 +36,52 @@ class DataBundle:
 
 
 def _fingerprint(files: list[Path], extra: dict) -> str:
+    # resolved paths: the same corpus named relatively, absolutely or through a link is the same cache
     h = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode())
     for f in files:
         st = f.stat()
-        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
+
+
+# A document longer than this (a whole corpus in one .txt, a giant .jsonl record) is cut into parts of about
+# SPLIT_PART_CHARS at line breaks: the filters, near-dup shingling and the tokenizer hold several copies of
+# a document at once (~30x its size for one of 300 MB), parts bound that. Each part is a document of its own.
+SPLIT_DOC_CHARS = 8 << 20
+SPLIT_PART_CHARS = 1 << 20
+
+
+def _split_huge(docs: list, say) -> list:
+    from thrifty.data.sources import Document
+    out = []
+    for d in docs:
+        if d.text is None or len(d.text) <= SPLIT_DOC_CHARS:
+            out.append(d)
+            continue
+        text, start, parts = d.text, 0, 0
+        while start < len(text):
+            end = min(len(text), start + SPLIT_PART_CHARS)
+            if end < len(text):  # after the part's last line break (else its last space), when it has one
+                cut = text.rfind("\n", start, end)
+                cut = cut if cut > start else text.rfind(" ", start, end)
+                end = cut + 1 if cut > start else end
+            out.append(Document(text[start:end], d.source))
+            start, parts = end, parts + 1
+        say(f"data: {d.source}: one document of {len(text) / 2**20:.0f} M characters, read as {parts} parts of "
+            f"about {SPLIT_PART_CHARS >> 20} M characters cut at line breaks")
+    return out
+
+
+def _encode(tok, texts: list[str], say, chunk: int = 1024) -> list[np.ndarray]:
+    """Token ids of each text (int32 arrays), encoded a chunk of texts at a time: the tokenizers library's
+    Encoding objects (offsets, token strings, masks: ~250 B per token) live for one chunk only."""
+    encode = getattr(tok, "encode_batch_fast", None) or tok.encode_batch  # _fast (tokenizers >= 0.20.2): no offsets
+    out: list[np.ndarray] = []
+    progress = StageProgress(say, "tokenize", len(texts))
+    for i in range(0, len(texts), chunk):
+        progress(i)
+        out.extend(np.asarray(e.ids, dtype=np.int32) for e in encode(texts[i:i + chunk]))
+    return out
 
 
 def _split_one(text: str, val_fraction: float) -> tuple[list[str], list[str]]:
@@ -118,7 +159,7 @@ def prepare_data(data: str | os.PathLike | None, cache_dir: str | os.PathLike, s
     given_tok = tokmod.load_tokenizer(tok_src) if tok_src is not None else None  # a bad file fails before any work
     fp = _fingerprint(files, {"v": CACHE_VERSION, "tok": tok_hash, "vocab": vocab_size, "val": val_fraction,
                               "filters": asdict(cfg), "near": near_dup, "scrub": scrub_pii, "field": text_field,
-                              "data": str(data)})
+                              "data": str(Path(data).resolve()) if data is not None else None})
     ddir = cache_dir / "data"
     meta_path = ddir / "meta.json"
     tok_out = cache_dir / "tokenizer.json"
@@ -133,11 +174,12 @@ def prepare_data(data: str | os.PathLike | None, cache_dir: str | os.PathLike, s
     if data is None:
         docs = load_default_corpus(**(default_caps or {}))
     else:
-        docs = load_documents(data, text_field)
+        docs = _split_huge(load_documents(data, text_field), say)
     try:
         texts, stats = preprocess(docs, cfg, near_dup=near_dup, scrub_pii=scrub_pii, log_fn=say)
     except ImportError as err:  # datasketch, needed only once there are two documents to compare
         raise DataError(f"{err} (the 'train' extra: pip install 'thrifty[train]')") from err
+    del docs  # the raw texts: the cleaned ones are new strings
     if not texts:
         raise DataError(f"no text left after filtering {stats['documents_in']} documents from {src_desc}: "
                         + _drop_summary(stats, cfg))
@@ -153,9 +195,10 @@ def prepare_data(data: str | os.PathLike | None, cache_dir: str | os.PathLike, s
         tok = train_tokenizer_for(train_txt, vocab_size)
         say(f"tokenizer: trained byte-level BPE, vocab {tokmod.vocab_size(tok)} in {time.perf_counter() - t1:.1f} s")
     eos = tokmod.eos_id(tok)
-    enc = lambda ts: [e.ids for e in tok.encode_batch(ts)] if ts else []  # noqa: E731
-    tr_stream, tr_starts = pack_documents(enc(train_txt), eos)
-    va_stream, va_starts = pack_documents(enc(val_txt), eos)
+    t1 = time.perf_counter()
+    tr_stream, tr_starts = pack_documents(_encode(tok, train_txt, say), eos)
+    va_stream, va_starts = pack_documents(_encode(tok, val_txt, say), eos)
+    say(f"tokenize + pack: {len(tr_stream) + len(va_stream)} tokens in {time.perf_counter() - t1:.1f} s")
     stats.update(train_documents=len(train_txt), val_documents=len(val_txt), train_tokens=int(len(tr_stream)),
                  val_tokens=int(len(va_stream)), vocab_size=tokmod.vocab_size(tok),
                  prep_seconds=round(time.perf_counter() - t0, 2))
@@ -167,9 +210,16 @@ def prepare_data(data: str | os.PathLike | None, cache_dir: str | os.PathLike, s
     tmp = ddir / ".streams.tmp.npz"
     np.savez(tmp, train=tr_stream, train_starts=tr_starts, val=va_stream, val_starts=va_starts)
     os.replace(tmp, ddir / "streams.npz")
-    replace_text(meta_path, json.dumps({"fingerprint": fp, "stats": stats, "source": src_desc}, indent=1))
+    # the tokenizer the streams were encoded with: a run killed between the tokenizer's and the meta's writes
+    # leaves another run's meta next to this tokenizer, which the load then refuses
+    replace_text(meta_path, json.dumps({"fingerprint": fp, "stats": stats, "source": src_desc,
+                                        "tokenizer_sha256": _file_sha256(tok_out)}, indent=1))
     return DataBundle(tok, PackedDataset(tr_stream, tr_starts, seq_len), _val_dataset(va_stream, va_starts, seq_len),
                       stats, cache_dir / "tokenizer.json")
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _load_cache(ddir: Path, tok_out: Path, fp: str, seq_len: int, say) -> DataBundle | None:
@@ -178,6 +228,10 @@ def _load_cache(ddir: Path, tok_out: Path, fp: str, seq_len: int, say) -> DataBu
     try:
         meta = json.loads((ddir / "meta.json").read_text())
         if not isinstance(meta, dict) or meta.get("fingerprint") != fp:
+            return None
+        if meta.get("tokenizer_sha256") != _file_sha256(tok_out):
+            say(f"data: the tokenized cache in {ddir} was encoded with another tokenizer.json than {tok_out} (a "
+                "preparation stopped half-way); preparing again")
             return None
         tok = tokmod.load_tokenizer(tok_out)
         with np.load(ddir / "streams.npz") as z:

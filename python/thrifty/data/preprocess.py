@@ -11,6 +11,7 @@ import logging
 import re
 import math
 import string
+import time
 import unicodedata
 import zlib
 from dataclasses import dataclass
@@ -181,6 +182,22 @@ def quality_reason(text: str, cfg: FilterConfig = FilterConfig()) -> str | None:
     return None
 
 
+PROGRESS_SECONDS = 30.0  # a long stage says how far it is this often (its counts come at its end)
+
+
+class StageProgress:
+    """Called with the number of documents done; logs "<stage>: i / n documents" every PROGRESS_SECONDS."""
+
+    def __init__(self, say, stage: str, total: int):
+        self.say, self.stage, self.total, self.last = say, stage, total, time.monotonic()
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_SECONDS:
+            self.last = now
+            self.say(f"{self.stage}: {done} / {self.total} documents ...")
+
+
 def exact_dedup(texts: list[str]) -> tuple[list[str], int]:
     """Drops exact duplicates (SHA-256 of the whitespace-stripped text); keeps the first."""
     seen, out = set(), []
@@ -201,7 +218,7 @@ def _shingles(text: str, k: int, cap: int) -> list[bytes]:
 
 
 def near_dedup(texts: list[str], threshold: float = 0.8, num_perm: int = 128, shingle_words: int = 5,
-               max_shingles: int = 4000, seed: int = 1) -> tuple[list[str], int]:
+               max_shingles: int = 4000, seed: int = 1, log_fn=None) -> tuple[list[str], int]:
     """Drops near-duplicates with MinHash LSH (datasketch): a document whose estimated Jaccard
     similarity of word ``shingle_words``-grams with an earlier kept one reaches ``threshold``.
 
@@ -223,7 +240,9 @@ def near_dedup(texts: list[str], threshold: float = 0.8, num_perm: int = 128, sh
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
     kept = {}
     out = []
+    progress = StageProgress(log_fn or log.info, "near-dup", len(texts))
     for i, t in enumerate(texts):
+        progress(i)
         m = MinHash(num_perm=num_perm, seed=seed)
         m.update_batch(_shingles(t, shingle_words, max_shingles))
         if any(kept[k].jaccard(m) >= threshold for k in lsh.query(m)):
@@ -262,26 +281,32 @@ SECRET_RES = [
     re.compile(r"\bnpm_[A-Za-z0-9]{36}\b"),                     # npm access token
     re.compile(r"\bpypi-AgE[A-Za-z0-9_-]{50,}"),                # PyPI API token (a macaroon: pypi-AgEIcHlwaS5vcmc...)
 ]
-_SECRET_NAME = r"[\w-]*(?:api[_-]?key|secret|token|passwd|password|access[_-]?key)[\w-]*"
+_SECRET_WORD = r"(?:api[_-]?key|secret|token|passwd|password|access[_-]?key)"
+# A name holding a secret word: a whole run of word characters and hyphens, entered at its start only and taken
+# whole without backtracking into it (a lookahead capture, Python < 3.11 has no possessive quantifier). The
+# earlier [\w-]*word[\w-]* retried every hyphen of a run: quadratic, 249 s for an 80 KB "a-a-a-..." run.
+_SECRET_NAME = rf"(?<![\w-])(?=[\w-]*?{_SECRET_WORD})(?=(?P<run>[\w-]+))(?P=run)"
 # key = "value" (or JSON "key": "value") assignments whose name says secret and whose value looks like a key:
 # a letter and a digit, none of the punctuation of code, patterns, URLs or format strings ([ ] ( ) { } , % : and
 # no "//"). Not special tokens like "eos_token": "<|endoftext|>", nor tokenizer_class = "PreTrainedTokenizerFast",
 # TOKEN_PATTERN = "[A-Za-z_]+[0-9]*", token_range = "%d,%d-%d,%d:" or a token URL.
 ASSIGN_SECRET_RE = re.compile(
-    rf"""(?i)\b({_SECRET_NAME})(["']?\s*[:=]\s*)(["'])(?=[^"']*[0-9])(?=[^"']*[A-Za-z])(?![^"']*//)"""
-    rf"""([^"'\s<>\[\](){{}},%:]{{12,}})\3""")
+    rf"""(?i)(?P<name>{_SECRET_NAME})(?P<sep>["']?\s*[:=]\s*)(?P<q>["'])(?=[^"']*[0-9])(?=[^"']*[A-Za-z])"""
+    rf"""(?![^"']*//)[^"'\s<>\[\](){{}},%:]{{12,}}(?P=q)""")
 # KEY=value unquoted (shell, .env, YAML): only a long token mixing letters and digits with no identifier or
 # call punctuation (_ . ( [), so code like `api_key = get_key()` or `password = None` stays
 ASSIGN_BARE_SECRET_RE = re.compile(
-    rf"""(?i)\b({_SECRET_NAME})(\s*[:=]\s*)(?=[A-Za-z+/=-]*\d)(?=[0-9+/=-]*[A-Za-z])([A-Za-z0-9+/=-]{{16,}})(?=[\s,;&)\]}}]|$)""")
+    rf"""(?i)(?P<name>{_SECRET_NAME})(?P<sep>\s*[:=]\s*)(?=[A-Za-z+/=-]*\d)(?=[0-9+/=-]*[A-Za-z])"""
+    rf"""[A-Za-z0-9+/=-]{{16,}}(?=[\s,;&)\]}}]|$)""")
 # .env / shell lines NAME=value (export optional, no spaces around '=', the whole line): any 8+ characters
 # with a letter and a digit, so values with _ # ! & count too (SECRET_KEY=django-insecure-9x_8#k2l!m3...);
 # not a $VAR or ${VAR} reference, nor a call.
 ENV_SECRET_RE = re.compile(
-    rf"""(?im)^(\s*(?:export\s+)?{_SECRET_NAME}=)(?![$'"{{])(?=\S*[0-9])(?=\S*[A-Za-z])(?!\S*\()(\S{{8,}})(?=[ \t]*$)""")
+    rf"""(?im)^(?P<head>\s*(?:export\s+)?{_SECRET_NAME}=)(?![$'"{{])(?=\S*[0-9])(?=\S*[A-Za-z])(?!\S*\()"""
+    rf"""\S{{8,}}(?=[ \t]*$)""")
 # the password of a URL's user:password@ (postgresql://app:hunter2@db/x, https://user:token@host): before the
 # e-mail pattern, which would otherwise take "password@host.tld" for an address and leave the rest
-URL_PASSWORD_RE = re.compile(r"""(?i)\b([a-z][a-z0-9+.-]*://[^\s:/@'"<>]+:)([^\s/@'"<>]+)(@)""")
+URL_PASSWORD_RE = re.compile(r"""(?i)\b([a-z][a-z0-9+.-]{0,31}://[^\s:/@'"<>]+:)([^\s/@'"<>]+)(@)""")
 # Authorization: Bearer <token> (a token with a digit: not "the bearer of ...")
 BEARER_RE = re.compile(r"(?i)\b(bearer\s+)(?=[A-Za-z._~+/-]*\d)[A-Za-z0-9._~+/-]{16,}=*")
 
@@ -336,11 +361,11 @@ def scrub(text: str) -> tuple[str, dict[str, int]]:
     for r in SECRET_RES:
         text, n = r.subn(PLACEHOLDERS["secret"], text)
         counts["secret"] += n
-    text, n = ASSIGN_SECRET_RE.subn(lambda m: f"{m.group(1)}{m.group(2)}{m.group(3)}{PLACEHOLDERS['secret']}{m.group(3)}", text)
+    text, n = ASSIGN_SECRET_RE.subn(lambda m: f"{m['name']}{m['sep']}{m['q']}{PLACEHOLDERS['secret']}{m['q']}", text)
     counts["secret"] += n
-    text, n = ASSIGN_BARE_SECRET_RE.subn(lambda m: f"{m.group(1)}{m.group(2)}{PLACEHOLDERS['secret']}", text)
+    text, n = ASSIGN_BARE_SECRET_RE.subn(lambda m: f"{m['name']}{m['sep']}{PLACEHOLDERS['secret']}", text)
     counts["secret"] += n
-    text, n = ENV_SECRET_RE.subn(lambda m: f"{m.group(1)}{PLACEHOLDERS['secret']}", text)
+    text, n = ENV_SECRET_RE.subn(lambda m: f"{m['head']}{PLACEHOLDERS['secret']}", text)
     counts["secret"] += n
     text, n = BEARER_RE.subn(lambda m: f"{m.group(1)}{PLACEHOLDERS['secret']}", text)
     counts["secret"] += n
@@ -367,7 +392,9 @@ def preprocess(docs: list[Document], cfg: FilterConfig | None = None, *, near_du
     stats: dict = {"documents_in": len(docs)}
     rejected: dict[str, int] = {}
     texts = []
-    for d in docs:
+    progress = StageProgress(say, "quality filters", len(docs))
+    for i, d in enumerate(docs):
+        progress(i)
         reason = d.rejected or (quality_reason(d.text, cfg) if d.text is not None else "binary_or_non_utf8")
         if reason:
             rejected[reason] = rejected.get(reason, 0) + 1
@@ -380,7 +407,8 @@ def preprocess(docs: list[Document], cfg: FilterConfig | None = None, *, near_du
     stats["exact_duplicates"] = n
     say(f"exact dedup: {n} duplicates removed, {len(texts)} left")
     if near_dup and len(texts) > 1:
-        texts, n = near_dedup(texts, cfg.near_dup_threshold, cfg.num_perm, cfg.shingle_words, cfg.max_shingles)
+        texts, n = near_dedup(texts, cfg.near_dup_threshold, cfg.num_perm, cfg.shingle_words, cfg.max_shingles,
+                              log_fn=say)
     else:
         n = 0
     stats["near_duplicates"] = n
@@ -388,7 +416,9 @@ def preprocess(docs: list[Document], cfg: FilterConfig | None = None, *, near_du
     tot = {"email": 0, "ip": 0, "secret": 0}
     if scrub_pii:
         out = []
-        for t in texts:
+        progress = StageProgress(say, "privacy scrub", len(texts))
+        for i, t in enumerate(texts):
+            progress(i)
             t, c = scrub(t)
             for k in tot:
                 tot[k] += c[k]
