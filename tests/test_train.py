@@ -765,8 +765,8 @@ def test_time_budget_resume_measures_its_own_steps(corpus, tmp_path, monkeypatch
 
 def test_sigterm_ends_the_run_as_ctrl_c_does(corpus, tmp_path):
     """SIGTERM (kill, docker stop, a scheduler's preemption) killed the run without a word (status -15); it now
-    says, as Ctrl-C does, that the last checkpoint is intact and --resume continues (exit 143), and the resume
-    works."""
+    says, as Ctrl-C does, which checkpoint is intact and that --resume continues (exit 143), and the resume
+    works. Interrupted before any checkpoint, or in thrifty demo (no --resume), the message says to start over."""
     out = tmp_path / "r"
     argv = ["--data", str(corpus), "--tokenizer", str(corpus / "tok" / "tokenizer.json"), "--preset", "tiny",
             "--seq-len", "32", "--batch-size", "2", "--steps", "100000", "--save-every", "1", "--no-progress",
@@ -785,9 +785,9 @@ def test_sigterm_ends_the_run_as_ctrl_c_does(corpus, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 143, err[-3000:]
-    assert err.rstrip().endswith("thrifty train: terminated; the last checkpoint (if any) is intact: continue with "
-                                 "--resume"), err[-3000:]
     done = max(int(p.name[5:]) for p in out.glob("checkpoints/step_*"))
+    assert err.rstrip().endswith(f"thrifty train: terminated; the checkpoints up to step_{done:06d} are intact: "
+                                 "continue with --resume"), err[-3000:]
     assert run(cfg(corpus, out, steps=done + 1, resume=True, model_overrides=None, preset="tiny")) == 0
 
 
@@ -805,3 +805,14 @@ def test_generate_notes_checkpoints_newer_than_the_export(corpus, tmp_path, caps
     assert generate_cli.main(args) == 0
     err = capsys.readouterr().err
     assert "exported model is from step 2, its newest checkpoint from step 3" in err and err.count("note:") == 1, err
+
+
+def test_interrupt_message_offers_what_works(corpus, tmp_path, monkeypatch, capsys):
+    def interrupted(self):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Trainer, "train", interrupted)
+    assert run(cfg(corpus, tmp_path / "r")) == 130
+    assert capsys.readouterr().err.strip().endswith("interrupted before the first checkpoint: nothing to resume; the "
+                                                    "same command starts over")
+    assert run(cfg(corpus, tmp_path / "r"), prog="thrifty demo", restart_only=True) == 130
+    assert capsys.readouterr().err.strip() == "thrifty demo: interrupted; run it again to start over"

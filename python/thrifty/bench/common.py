@@ -60,8 +60,10 @@ def bench_device(value: str) -> str:
         import thrifty
 
         if not thrifty._C.build_info()["cuda"]:
-            raise argparse.ArgumentTypeError(f"{value!r}: this thrifty was built without CUDA kernels "
-                                             "(rebuild with THRIFTY_CUDA=on)")
+            fix = ("rebuild with THRIFTY_CUDA=on" if torch.version.cuda else
+                   f"the installed torch {torch.__version__} is a CPU-only build: install a CUDA build of torch, then "
+                   "rebuild thrifty")
+            raise argparse.ArgumentTypeError(f"{value!r}: this thrifty was built without CUDA kernels ({fix})")
         if not torch.cuda.is_available():
             raise argparse.ArgumentTypeError(f"{value!r}: no CUDA GPU is visible")
         if dev.index is not None and dev.index >= torch.cuda.device_count():

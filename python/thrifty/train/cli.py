@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from thrifty.train.lora import DEFAULT_TARGETS
 
@@ -98,8 +99,22 @@ def _terminated(signum, frame):
     raise Terminated()
 
 
-def run(config, prog: str = "thrifty train") -> int:
-    """Runs a TrainConfig; maps failures to a message on stderr and an exit code."""
+def _interrupted(e: KeyboardInterrupt, trainer, restart_only: bool) -> str:
+    """What Ctrl-C / SIGTERM left, and the command that goes on from there."""
+    from thrifty.train.run_dir import step_dirs
+    what = "terminated" if isinstance(e, Terminated) else "interrupted"
+    if restart_only:  # thrifty demo: no --resume; it starts over, replacing its earlier run
+        return f"{what}; run it again to start over"
+    run_dir = getattr(trainer, "run_dir", None)
+    done = step_dirs(Path(run_dir) / "checkpoints", holding="trainer_state.pt") if run_dir is not None else []
+    if not done:
+        return f"{what} before the first checkpoint: nothing to resume; the same command starts over"
+    return f"{what}; the checkpoints up to {done[-1].name} are intact: continue with --resume"
+
+
+def run(config, prog: str = "thrifty train", restart_only: bool = False) -> int:
+    """Runs a TrainConfig; maps failures to a message on stderr and an exit code. ``restart_only``: the
+    command has no --resume (thrifty demo), which an interruption's message then does not offer."""
     from thrifty.train.trainer import Trainer, TrainError, TrainStopped
 
     def say(msg: str, shared: bool = False) -> None:
@@ -116,8 +131,10 @@ def run(config, prog: str = "thrifty train") -> int:
     # the exit status say what to do. One process only: under torchrun the launcher terminates the ranks.
     own_sigterm = "WORLD_SIZE" not in os.environ and threading.current_thread() is threading.main_thread()
     before = signal.signal(signal.SIGTERM, _terminated) if own_sigterm else None
+    trainer = None
     try:
-        Trainer(config).train()
+        trainer = Trainer(config)
+        trainer.train()
     except TrainError as e:
         say(f"{prog}: error: {e}")
         return 2
@@ -125,8 +142,7 @@ def run(config, prog: str = "thrifty train") -> int:
         say(f"{prog}: {e}", shared=True)
         return 3
     except KeyboardInterrupt as e:
-        print(f"{prog}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; the last checkpoint (if any) "
-              "is intact: continue with --resume", file=sys.stderr)
+        print(f"{prog}: {_interrupted(e, trainer, restart_only)}", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     finally:
         if own_sigterm:

@@ -32,7 +32,7 @@ def main(args) -> int:
                       lr=2e-3, warmup=20, out=str(out), eval_every=50, eval_batches=4, keep_last=1,
                       replace_checkpoints=True,
                       default_corpus_caps=dict(max_files=200, max_bytes=2_000_000))
-    rc = run(cfg, prog="thrifty demo")
+    rc = run(cfg, prog="thrifty demo", restart_only=True)
     if rc:
         return rc
     rows = _metrics_rows(out / "metrics.jsonl")
