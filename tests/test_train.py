@@ -733,6 +733,7 @@ def test_resume_says_what_the_checkpoint_keeps_and_what_is_damaged(corpus, tmp_p
     assert run(cfg(corpus, out, steps=4, resume=True)) == 0
     err = capsys.readouterr().err
     assert "step_000003 in" in err and "no trainer_state.pt (damaged): skipped, resuming from step_000002" in err
+    assert err.count("(damaged)") == 1
 
 
 def test_time_budget_resume_measures_its_own_steps(corpus, tmp_path, monkeypatch):

@@ -567,7 +567,7 @@ class Trainer:
         self._check_out_dir()
         if not c.resume and self._checkpoints():
             if not c.replace_checkpoints:
-                raise TrainError(f"{self.run_dir} already holds checkpoints: pass --resume to continue it, or another --out")
+                raise TrainError(f"{self.run_dir} already holds checkpoints: pass --resume (TrainConfig resume=True) to continue it, or another --out")
             shutil.rmtree(self._ckpt_root())  # only now, after every option was checked
         if c.resume and not self._latest_checkpoint():
             raise TrainError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
@@ -736,7 +736,8 @@ class Trainer:
         latest = cks[-1] if cks else None
         # a save is renamed into place whole, so a step_* without trainer_state.pt was damaged by hand: say so
         newer = [d for d in step_dirs(self._ckpt_root()) if step_of(d) > (step_of(latest) if latest else -1)]
-        if newer and self.cfg.resume:
+        if newer and self.cfg.resume and not getattr(self, "_noted_damaged", False):
+            self._noted_damaged = True
             self.log(f"resume: note: {', '.join(d.name for d in newer)} in {self._ckpt_root()} hold(s) no "
                      f"trainer_state.pt (damaged): skipped, resuming from {latest.name if latest else 'nothing'}")
         return latest
