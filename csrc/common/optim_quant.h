@@ -2,7 +2,11 @@
 //
 // Rule (also the Python reference's and the CUDA kernel's): the code of a normalized value x
 // (|x| <= 1) is the number of code midpoints mid[k] = (q[k] + q[k+1]) / 2 (float32) below x, i.e.
-// the nearest code, ties to the lower one.
+// the nearest code, ties to the lower one; except that a map starting at 0 (an unsigned map: the
+// second moment's) has mid[0] = 0, so a positive value never rounds to 0. A second moment stored as 0
+// under a nonzero first moment made AdamW's next update m / eps: thousands of times lr for an element
+// whose gradient was 1e-4 of its block's largest. Its smallest code over-estimates such a v instead
+// (a smaller step than AdamW's, never a larger one).
 //
 // CPU: a table indexed by x's bits above bit `shift` — sign, exponent and the top mbits = 23 - shift
 // mantissa bits, a "bucket" — gives the code in one 32-bit load, so a vector of codes is one table
@@ -46,11 +50,11 @@ static inline uint32_t quant_float_bits(float x) {
   return u;
 }
 
-// The 255 midpoints of the 256-value map q; false unless q is finite and the midpoints strictly increase.
+// The 255 midpoints of the 256-value map q (the rule above); false unless q is finite and the midpoints strictly increase.
 static inline bool quant_mids(const float* q, float* mids) {
   for (int k = 0; k < 255; ++k) {
     if (!std::isfinite(q[k]) || !std::isfinite(q[k + 1])) return false;
-    mids[k] = (q[k] + q[k + 1]) * 0.5f;
+    mids[k] = (k == 0 && q[0] == 0.0f) ? 0.0f : (q[k] + q[k + 1]) * 0.5f;  // unsigned map: see the rule above
     if (k > 0 && !(mids[k - 1] < mids[k])) return false;
   }
   return true;

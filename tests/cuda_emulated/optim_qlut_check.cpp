@@ -23,7 +23,8 @@ using namespace thrifty::cuda;
 
 static bool check_map(const char* name, const std::vector<float>& q, std::mt19937& rng) {
   float mids[256];
-  for (int i = 0; i < 256; ++i) mids[i] = i < 255 ? (q[i] + q[i + 1]) * 0.5f : INFINITY;  // as optim.cu
+  for (int i = 0; i < 256; ++i)  // as optim.cu: an unsigned map (q[0] = 0) has mid[0] = 0
+    mids[i] = i == 0 && q[0] == 0.0f ? 0.0f : i < 255 ? (q[i] + q[i + 1]) * 0.5f : INFINITY;
   std::vector<uint8_t> lut(kQLutSize);
   for (uint32_t b = 0; b < static_cast<uint32_t>(kQLutSize); ++b)  // as build_qlut_kernel
     lut[b] = static_cast<uint8_t>(quantize_nearest(mids, qlut_bucket_floor(b)));

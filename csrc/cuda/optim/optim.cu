@@ -118,9 +118,11 @@ __global__ void __launch_bounds__(kThreads) optim_step_kernel(OptimStepParams s)
   }
 }
 
-// The two maps' 255 midpoints (and +inf) in shared memory, as both kernels below compute them.
+// The two maps' 255 midpoints (and +inf) in shared memory, as both kernels below compute them; a map starting
+// at 0 (unsigned: v's) has mid[0] = 0, so a positive v never rounds to 0 (common/optim_quant.h's rule).
 __device__ __forceinline__ void load_mids(const float* q, float* mids) {
-  for (int i = threadIdx.x; i < 256; i += blockDim.x) mids[i] = i < 255 ? (q[i] + q[i + 1]) * 0.5f : INFINITY;
+  for (int i = threadIdx.x; i < 256; i += blockDim.x)
+    mids[i] = i == 0 && q[0] == 0.0f ? 0.0f : i < 255 ? (q[i] + q[i + 1]) * 0.5f : INFINITY;
 }
 
 // lut[map * kQLutSize + b] = quantize_nearest(mids of map, floor of bucket b) (qlut.cuh), map 0: m, 1: v.

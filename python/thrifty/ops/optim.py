@@ -86,7 +86,9 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
 
 def quantize_blockwise(x: torch.Tensor, qmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference quantizer (the kernels' rule): per 256-element block absmax = max|x|, codes =
-    the number of code midpoints (q[k] + q[k+1]) / 2 below x / absmax: the nearest code, ties to the lower. Returns (codes uint8, absmax)."""
+    the number of code midpoints (q[k] + q[k+1]) / 2 below x / absmax: the nearest code, ties to the lower;
+    a map starting at 0 (unsigned, the second moment's) has its first midpoint at 0, so a positive value never
+    rounds to 0 (a v of 0 under a nonzero m made AdamW's next update m / eps). Returns (codes uint8, absmax)."""
     flat = x.detach().reshape(-1).float()
     n = flat.numel()
     nb = (n + QUANT_BLOCK - 1) // QUANT_BLOCK
@@ -98,6 +100,8 @@ def quantize_blockwise(x: torch.Tensor, qmap: torch.Tensor) -> tuple[torch.Tenso
     xn = torch.where(absmax[:, None] > 0, blocks / safe[:, None], torch.zeros_like(blocks)).reshape(-1)[:n]
     q = qmap.to(device=xn.device, dtype=torch.float32)
     mids = (q[:-1] + q[1:]) * 0.5
+    if q[0] == 0:
+        mids[0] = 0.0
     codes = torch.searchsorted(mids, xn.contiguous(), side="left").to(torch.uint8)  # #mids below x
     return codes.view(x.shape), absmax
 
