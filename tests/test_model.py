@@ -481,3 +481,17 @@ def test_empty_input_is_a_value_error(shape):
         m(torch.zeros(shape, dtype=torch.long))
     with pytest.raises(ValueError, match=rf"'input_ids'.*{re.escape(str(shape))}"):
         m(torch.zeros(shape, dtype=torch.long), labels=torch.zeros(shape, dtype=torch.long))
+
+
+def test_meta_device_build_then_to_empty_rebuilds_the_rotary_cache():
+    """A Llama built on the meta device (FSDP2 / torchtitan recipes), moved with to_empty() and loaded or
+    initialised gave NaN logits: the rotary cache is a non-persistent buffer, left as uninitialised memory."""
+    ref = tiny()
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 9))
+    with torch.device("meta"):
+        m = Llama(ref.config)
+    m.to_empty(device="cpu")
+    m.load_state_dict(ref.state_dict())
+    torch.testing.assert_close(m(ids), ref(ids))
+    m2 = Llama(ref.config).to("meta").to_empty(device="cpu").init_weights()
+    torch.testing.assert_close(m2.cos_sin, ref.cos_sin)

@@ -81,6 +81,9 @@ class Llama(nn.Module):
     ``cu_seqlens`` (docs + 1,) int32 marks packed documents in a flat (tokens,) or (1, tokens)
     input: attention and the shifted labels stay inside each document (the logits keep the input's
     shape: (tokens, vocab) or (1, tokens, vocab)).
+    With ``labels`` the fused loss reads ``lm_head.weight`` itself (the logits are never formed), so forward
+    hooks on lm_head do not run there (parametrizations of its weight do); ``model.model`` holds the layers
+    and has no forward of its own (``hidden_states`` gives the final-norm states).
     ``cache``: a KVCache (batched input, one length for every sequence; generate() uses it) or,
     with cu_seqlens, a RaggedKVCache-like cache (thrifty.models.attention): each packed sequence
     continues its own cached tokens, so one forward can mix prefill chunks and decode steps.
@@ -103,12 +106,17 @@ class Llama(nn.Module):
                                      self.model.embed_tokens.weight.device)
 
     def _apply(self, fn, recurse=True):
+        was_meta = self.cos_sin.is_meta
         super()._apply(fn, recurse)
-        if self.cos_sin.dtype != torch.float32:  # model.to(bfloat16) must not round the rotary cache
+        # model.to(bfloat16) must not round the rotary cache; to_empty() off the meta device leaves it
+        # uninitialised (a non-persistent buffer: load_state_dict does not fill it): both are rebuilt
+        if self.cos_sin.dtype != torch.float32 or (was_meta and not self.cos_sin.is_meta):
             self.cos_sin = build_cos_sin(self.config, self.config.max_position_embeddings, self.cos_sin.device)
         return self
 
     def init_weights(self, std: float = 0.02) -> "Llama":
+        if not self.cos_sin.is_meta:  # the step after to_empty() in meta-device recipes: the rotary cache too
+            self.reset_rope()
         for name, p in self.named_parameters():
             if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
                 nn.init.ones_(p)

@@ -119,7 +119,9 @@ def refuse_tangents(op: str, named) -> None:
                 # silently give a zero / None tangent
                 raise NotImplementedError(f"{op}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not "
                                           f"supported: argument '{name}' carries a tangent; the thrifty ops have "
-                                          "reverse-mode gradients only (backward, torch.func.grad / jacrev / vjp)")
+                                          "reverse-mode gradients through autograd only (loss.backward(), "
+                                          "torch.autograd.grad; torch.func.grad / vjp / jacrev do not run "
+                                          "torch.library's custom-op autograd either)")
 
 
 # Autocast rules of the custom ops, as torch's own ops have them (torch.amp's op lists): without one, an op under

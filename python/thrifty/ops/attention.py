@@ -92,7 +92,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         softmax_scale: multiplies Q K^T; default 1/sqrt(head_dim).
         window: (left, right) sliding window around the diagonal, -1 = unbounded.
         softcap: if > 0, scores become softcap * tanh(scores / softcap).
-        return_lse: also return lse (batch, heads, seqlen_q) float32.
+        return_lse: also return lse (batch, heads, seqlen_q) float32. lse carries no gradient (as in
+            flash-attn and torch's flash backend): attention merged from chunks by their lse
+            (split-KV, ring attention) differentiates only through the outputs.
     Returns:
         out like q (contiguous), or (out, lse).
     """
@@ -121,7 +123,8 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         max_seqlen_q, max_seqlen_k: the longest sequence lengths (upper bounds).
         Keywords as in :func:`flash_attention`; masks align each sequence's own diagonal.
     Returns:
-        out (total_q, heads, head_dim), or (out, lse) with lse (heads, total_q) float32.
+        out (total_q, heads, head_dim), or (out, lse) with lse (heads, total_q) float32 (no gradient,
+        as in :func:`flash_attention`).
         Rows of q past cu_seqlens_q[-1] get out 0, lse -inf.
     """
     require_tensors("thrifty.flash_attention_varlen", q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q,
