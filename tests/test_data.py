@@ -536,3 +536,22 @@ def test_prepare_data_at_scale(tmp_path, monkeypatch):
     msgs = []
     b3 = prepare_data(corpus, tmp_path / "run", seq_len=16, vocab_size=300, log_fn=msgs.append)
     assert any("another tokenizer.json" in m for m in msgs) and np.array_equal(b3.train.stream, b.train.stream)
+
+
+def test_one_huge_document_is_held_out_by_its_tail(tmp_path, monkeypatch):
+    """A lone document read as parts (past SPLIT_DOC_CHARS) is held out by its last val_fraction of characters, as
+    a lone document is; the parts were hashed instead (12% held out for 5%), and a short last part was dropped as
+    too short."""
+    import importlib
+    pipe = importlib.import_module("thrifty.data.pipeline")
+    monkeypatch.setattr(pipe, "SPLIT_DOC_CHARS", 4000)
+    monkeypatch.setattr(pipe, "SPLIT_PART_CHARS", 1000)
+    for text in ("\n".join(prose(i, 40) for i in range(40)), " ".join(prose(i, 40) for i in range(40))):
+        (tmp_path / "one.txt").write_text(text)
+        msgs = []
+        b = prepare_data(tmp_path / "one.txt", tmp_path / f"run{len(text)}", seq_len=16, vocab_size=300,
+                         near_dup=False, log_fn=msgs.append)
+        held = next(m for m in msgs if m.startswith("data: one document: its last"))
+        share = float(held.split("(")[1].split("%")[0])
+        assert 4.0 <= share <= 6.0, held
+        assert b.stats["quality_dropped"] == {}

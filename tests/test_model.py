@@ -218,6 +218,11 @@ def test_ragged_cache_mixes_prefill_chunks_and_decode(model_type, window):
         m(torch.zeros(11, dtype=torch.long), cu_seqlens=torch.tensor([0, 11, 11, 11], dtype=torch.int32), cache=cache)
     with pytest.raises(ValueError, match="batch \\+ 1 = 4 offsets"):
         m(seqs[0][:2], cu_seqlens=torch.tensor([0, 2], dtype=torch.int32), cache=cache)
+    with pytest.raises(ValueError, match="never decrease"):
+        m(seqs[0][:4], cu_seqlens=torch.tensor([0, 3, 2, 4], dtype=torch.int32), cache=cache)
+    with pytest.raises(ValueError, match="bfloat16 as the cache holds"):
+        m(seqs[0][:2], cu_seqlens=torch.tensor([0, 2, 2, 2], dtype=torch.int32),
+          cache=RaggedKVCache(2, 3, 24, 2, 16, torch.bfloat16))
     with pytest.raises(ValueError, match="RaggedKVCache"):  # a one-length cache cannot take packed input
         m(seqs[0][:2], cu_seqlens=torch.tensor([0, 2], dtype=torch.int32), cache=KVCache(2, 1, 8, 2, 16, torch.float32))
 

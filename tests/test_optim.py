@@ -1086,3 +1086,23 @@ def test_adamw8bit_step_is_bounded_where_v_rounds_small():
             torch.testing.assert_close(step[0], step_ref[0], rtol=0.02, atol=0)
     codes, _ = quantize_blockwise(torch.tensor([1.0, 1e-9, 0.0, 3e-8]), create_dynamic_map(False))
     assert codes.tolist()[1:] == [1, 0, 1]  # positive values never round to the zero code
+
+
+def test_adamw8bit_mends_loaded_states_with_v_at_the_zero_code():
+    """A state saved before the zero-code rule can hold v at code 0 under a nonzero m: loaded, it kept moving
+    such elements by m / eps. The load gives them the smallest code."""
+    p = torch.nn.Parameter(torch.zeros(8192))
+    opt = thrifty.optim.AdamW8bit([p], lr=1e-3, weight_decay=0.0)
+    g = torch.zeros(8192)
+    g[0], g[1] = 1.0, 1e-4
+    p.grad = g
+    opt.step()
+    sd = opt.state_dict()
+    sd["state"][0]["exp_avg_sq"][1] = 0  # what the old rule stored
+    opt2 = thrifty.optim.AdamW8bit([p], lr=1e-3, weight_decay=0.0)
+    opt2.load_state_dict(sd)
+    assert opt2.state[p]["exp_avg_sq"][1] == 1 and opt2.state[p]["exp_avg_sq"][2] == 0  # v = 0, m = 0: kept
+    before = p.detach().clone()
+    p.grad = torch.zeros(8192)
+    opt2.step()
+    assert (p.detach() - before).abs().max() / 1e-3 < 1.0

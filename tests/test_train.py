@@ -725,14 +725,18 @@ def test_resume_says_what_the_checkpoint_keeps_and_what_is_damaged(corpus, tmp_p
     assert (saved["lr"], saved["weight_decay"], saved["warmup"]) == (3e-3, 0.1, 1)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     assert rows[-1]["lr"] < 3e-3  # the checkpoint's schedule, not 5e-2
+    # options left at their defaults are not "given": no note (the checkpoint's lr 3e-3 against the default)
+    assert run(TrainConfig(**{**vars(cfg(corpus, out, steps=4, resume=True, save_every=1)), "lr": None,
+                              "weight_decay": 0.1, "warmup": None})) == 0
+    assert "is not applied" not in capsys.readouterr().err
     ck = out / "checkpoints"
-    (ck / "step_000003" / "model.safetensors").unlink()
-    err = _fails(capsys, cfg(corpus, out, steps=4, resume=True), 2, "model.safetensors missing; remove ", out)
-    assert "step_000003 to resume from the checkpoint before it" in err
-    (ck / "step_000003" / "trainer_state.pt").unlink()
-    assert run(cfg(corpus, out, steps=4, resume=True)) == 0
+    (ck / "step_000004" / "model.safetensors").unlink()
+    err = _fails(capsys, cfg(corpus, out, steps=5, resume=True), 2, "model.safetensors missing; remove ", out)
+    assert "step_000004 to resume from the checkpoint before it" in err
+    (ck / "step_000004" / "trainer_state.pt").unlink()
+    assert run(cfg(corpus, out, steps=5, resume=True)) == 0
     err = capsys.readouterr().err
-    assert "step_000003 in" in err and "no trainer_state.pt (damaged): skipped, resuming from step_000002" in err
+    assert "step_000004 in" in err and "no trainer_state.pt (damaged): skipped, resuming from step_000003" in err
     assert err.count("(damaged)") == 1
 
 

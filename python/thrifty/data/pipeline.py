@@ -61,6 +61,8 @@ def _split_huge(docs: list, say) -> list:
         text, start, parts = d.text, 0, 0
         while start < len(text):
             end = min(len(text), start + SPLIT_PART_CHARS)
+            if len(text) - end < SPLIT_PART_CHARS // 4:  # a short rest joins this part (alone it could be too short)
+                end = len(text)
             if end < len(text):  # after the part's last line break (else its last space), when it has one
                 cut = text.rfind("\n", start, end)
                 cut = cut if cut > start else text.rfind(" ", start, end)
@@ -102,11 +104,27 @@ def _split_one(text: str, val_fraction: float) -> tuple[list[str], list[str]]:
     return [text[:at]], [text[at:]]
 
 
-def _split(texts: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+def _split_tail(texts: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """The parts of one document (in order, :func:`_split_huge`): its last ``val_fraction`` of characters held
+    out, as :func:`_split_one` holds out a lone document's tail; the part it starts in is cut at a line break."""
+    need = val_fraction * sum(len(t) for t in texts)
+    k, tail = len(texts), 0
+    while k > 1 and tail + len(texts[k - 1]) <= need:
+        k -= 1
+        tail += len(texts[k])
+    if k == 0 or need - tail <= 0:
+        return texts[:k], texts[k:]
+    head, cut = _split_one(texts[k - 1], (need - tail) / len(texts[k - 1]))
+    return texts[:k - 1] + head, cut + texts[k:]
+
+
+def _split(texts: list[str], val_fraction: float, one_document: bool = False) -> tuple[list[str], list[str]]:
     """Held-out split by a hash of each document (stable whatever the order or the other documents); a
-    single document is split at a line break instead (:func:`_split_one`)."""
+    single document (or the parts of one, ``one_document``) is split at a line break instead (:func:`_split_one`)."""
     if val_fraction <= 0 or not texts:
         return texts, []
+    if one_document and len(texts) > 1:
+        return _split_tail(texts, val_fraction)
     if len(texts) == 1:
         return _split_one(texts[0], val_fraction)
     key = [int.from_bytes(hashlib.sha1(t.encode("utf-8", "replace")).digest()[:4], "little") / 2**32 for t in texts]
@@ -174,7 +192,9 @@ def prepare_data(data: str | os.PathLike | None, cache_dir: str | os.PathLike, s
     if data is None:
         docs = load_default_corpus(**(default_caps or {}))
     else:
-        docs = _split_huge(load_documents(data, text_field), say)
+        docs = load_documents(data, text_field)
+    one_document = len(docs) == 1  # a lone document is held out by its tail, also when read as parts
+    docs = _split_huge(docs, say)
     try:
         texts, stats = preprocess(docs, cfg, near_dup=near_dup, scrub_pii=scrub_pii, log_fn=say)
     except ImportError as err:  # datasketch, needed only once there are two documents to compare
@@ -183,10 +203,10 @@ def prepare_data(data: str | os.PathLike | None, cache_dir: str | os.PathLike, s
     if not texts:
         raise DataError(f"no text left after filtering {stats['documents_in']} documents from {src_desc}: "
                         + _drop_summary(stats, cfg))
-    train_txt, val_txt = _split(texts, val_fraction)
-    if len(texts) == 1 and val_txt:
-        say(f"data: one document: its last {len(val_txt[0])} characters ({100 * len(val_txt[0]) / len(texts[0]):.1f}%) "
-            "held out for validation")
+    train_txt, val_txt = _split(texts, val_fraction, one_document)
+    if (len(texts) == 1 or one_document) and val_txt:
+        held, total = sum(len(t) for t in val_txt), sum(len(t) for t in texts)
+        say(f"data: one document: its last {held} characters ({100 * held / total:.1f}%) held out for validation")
     if given_tok is not None:
         tok = given_tok
         say(f"tokenizer: loaded {tok_src} (vocab {tokmod.vocab_size(tok)})")
@@ -229,7 +249,8 @@ def _load_cache(ddir: Path, tok_out: Path, fp: str, seq_len: int, say) -> DataBu
         meta = json.loads((ddir / "meta.json").read_text())
         if not isinstance(meta, dict) or meta.get("fingerprint") != fp:
             return None
-        if meta.get("tokenizer_sha256") != _file_sha256(tok_out):
+        # (a cache written before meta.json recorded the tokenizer's hash is taken as it is)
+        if "tokenizer_sha256" in meta and meta["tokenizer_sha256"] != _file_sha256(tok_out):
             say(f"data: the tokenized cache in {ddir} was encoded with another tokenizer.json than {tok_out} (a "
                 "preparation stopped half-way); preparing again")
             return None

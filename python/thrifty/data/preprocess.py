@@ -305,8 +305,10 @@ ENV_SECRET_RE = re.compile(
     rf"""(?im)^(?P<head>\s*(?:export\s+)?{_SECRET_NAME}=)(?![$'"{{])(?=\S*[0-9])(?=\S*[A-Za-z])(?!\S*\()"""
     rf"""\S{{8,}}(?=[ \t]*$)""")
 # the password of a URL's user:password@ (postgresql://app:hunter2@db/x, https://user:token@host): before the
-# e-mail pattern, which would otherwise take "password@host.tld" for an address and leave the rest
-URL_PASSWORD_RE = re.compile(r"""(?i)\b([a-z][a-z0-9+.-]{0,31}://[^\s:/@'"<>]+:)([^\s/@'"<>]+)(@)""")
+# e-mail pattern, which would otherwise take "password@host.tld" for an address and leave the rest. The scheme
+# (its last 32 characters at most, anywhere in a word) is bounded: an unbounded one restarted at every hyphen or
+# dot of a long run, quadratic.
+URL_PASSWORD_RE = re.compile(r"""(?i)([a-z][a-z0-9+.-]{0,31}://[^\s:/@'"<>]+:)([^\s/@'"<>]+)(@)""")
 # Authorization: Bearer <token> (a token with a digit: not "the bearer of ...")
 BEARER_RE = re.compile(r"(?i)\b(bearer\s+)(?=[A-Za-z._~+/-]*\d)[A-Za-z0-9._~+/-]{16,}=*")
 

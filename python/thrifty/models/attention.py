@@ -79,6 +79,8 @@ class RaggedKVCache:
             raise ValueError(f"RaggedKVCache: cu_seqlens must have batch + 1 = {len(self.lengths) + 1} offsets (one "
                              f"per cache slot), got {len(cu)}")
         new = [b - a for a, b in zip(cu[:-1], cu[1:])]
+        if cu[0] != 0 or min(new, default=0) < 0:
+            raise ValueError(f"RaggedKVCache: cu_seqlens must start at 0 and never decrease, got {cu}")
         for b, (have, n) in enumerate(zip(self.lengths, new)):
             if have + n > self.max_len:
                 raise ValueError(f"RaggedKVCache: sequence {b}: {have + n} positions exceed the cache length "
@@ -94,6 +96,12 @@ class RaggedKVCache:
         """Stores the packed k, v (tokens, kv_heads, head_dim) after each sequence's cached rows; returns
         every sequence's keys and values packed, their cu_seqlens (int32) and the longest length."""
         new = self._new_lengths(cu_seqlens)
+        if not 0 <= layer < self.k.shape[0]:
+            raise ValueError(f"RaggedKVCache: layer {layer} of a cache for {self.k.shape[0]} layers")
+        for name, t in (("k", k), ("v", v)):
+            if t.dtype != self.k.dtype or tuple(t.shape[1:]) != tuple(self.k.shape[3:]) or t.shape[0] != sum(new):
+                raise ValueError(f"RaggedKVCache: {name} must be ({sum(new)}, {self.k.shape[3]}, {self.k.shape[4]}) "
+                                 f"{self.k.dtype} as the cache holds, got {tuple(t.shape)} {t.dtype}")
         dev, max_len = k.device, self.max_len
         # flat row of each new token in a (batch * max_len) view of this layer's slots, and of every kept key
         dst = torch.cat([torch.arange(b * max_len + have, b * max_len + have + n)

@@ -150,6 +150,14 @@ class AdamW8bit(AdamW):
                 got = "missing" if v is None else f"{v.dtype} {tuple(v.shape)}"
                 raise ValueError(f"AdamW8bit.load_state_dict: state {k!r} of param {where}: expected uint8 codes of "
                                  f"shape {tuple(p.shape)} beside its absmax, got {got}")
+        # states saved before a positive v kept the map's smallest code can hold v at code 0 under a nonzero m:
+        # the next steps would move such an element by m / eps. They take the smallest code, as the kernels now do.
+        qm, _ = self._qmap(p.device)
+        m_zero = int((qm == 0).nonzero()[0])
+        cm, cv = state["exp_avg"], state["exp_avg_sq"]
+        poisoned = (cv == 0) & (cm != m_zero)
+        poisoned &= (state["absmax_v"].to(cv.device) > 0).repeat_interleave(QUANT_BLOCK)[:cv.numel()].view(cv.shape)
+        state["exp_avg_sq"] = torch.where(poisoned, torch.ones_like(cv), cv)
 
     def _bucket_key(self, p, group, state):
         return (p.device, p.dtype, "master" in state, "absmax_m" in state)

@@ -438,5 +438,5 @@ def _quantize(args) -> int:
     after = sum(t.numel() * t.element_size() for t in outt.values())
     print(f"wrote {out / 'model.safetensors'}: {len(layers)} layers quantized, {before / 2**20:.1f} MiB -> "
           f"{after / 2**20:.1f} MiB")
-    _note_unloadable(config)
+    _note_unloadable({k: v for k, v in config.items() if k != "quantization_config"})  # MODEL_DIR's own
     return 0

@@ -351,6 +351,10 @@ class Trainer:
         self.is_main = self.rank == 0
         self._bar = None
         self._ckpts_written = 0  # by this Trainer: after the first one a failure no longer restores RUN_DIR
+        # the optimizer options given other than their defaults (a --resume notes those it cannot apply)
+        defaults = TrainConfig()
+        self._options_set = {n for n in ("lr", "weight_decay", "betas", "min_lr_ratio", "warmup")
+                             if getattr(self.cfg, n) != getattr(defaults, n)}
 
     # ---------- logging ----------
     def log(self, msg: str) -> None:
@@ -927,10 +931,11 @@ class Trainer:
                 continue
             was, now = saved[name], getattr(c, name)
             same = (tuple(map(float, was)) == tuple(map(float, now))) if name == "betas" else float(was) == float(now)
-            if not same:
+            if not same and name in self._options_set:
                 self.log(f"resume: note: {flag} {now} is not applied: the optimizer and the learning-rate schedule "
                          f"continue with the checkpoint's {was} (a new --out, or --model {path} to fine-tune from "
                          "it, takes another)")
+            if not same:  # the run's records say what it goes on with
                 setattr(c, name, tuple(was) if name == "betas" else was)
         budget_was = saved.get("time_budget")
         if c.time_budget is not None and budget_was is not None and parse_duration(budget_was) != self.time_budget:
