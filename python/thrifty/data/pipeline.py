@@ -19,8 +19,8 @@ import numpy as np
 from thrifty.data import tokenizer as tokmod
 from thrifty.data.packing import PackedDataset, pack_documents
 from thrifty.data.preprocess import FilterConfig, StageProgress, preprocess
-from thrifty.data.sources import (DataError, default_corpus_files, list_files, load_default_corpus, load_documents,
-                                  replace_text)
+from thrifty.data.sources import (DataError, Document, default_corpus_files, list_files, load_default_corpus,
+                                  load_documents, replace_text)
 
 log = logging.getLogger("thrifty.data")
 CACHE_VERSION = 1
@@ -51,8 +51,7 @@ SPLIT_DOC_CHARS = 8 << 20
 SPLIT_PART_CHARS = 1 << 20
 
 
-def _split_huge(docs: list, say) -> list:
-    from thrifty.data.sources import Document
+def _split_huge(docs: list[Document], say) -> list[Document]:
     out = []
     for d in docs:
         if d.text is None or len(d.text) <= SPLIT_DOC_CHARS:
@@ -112,7 +111,7 @@ def _split_tail(texts: list[str], val_fraction: float) -> tuple[list[str], list[
     while k > 1 and tail + len(texts[k - 1]) <= need:
         k -= 1
         tail += len(texts[k])
-    if k == 0 or need - tail <= 0:
+    if need <= tail:
         return texts[:k], texts[k:]
     head, cut = _split_one(texts[k - 1], (need - tail) / len(texts[k - 1]))
     return texts[:k - 1] + head, cut + texts[k:]

@@ -205,7 +205,7 @@ def _write_atomically(out: Path, write) -> None:
         write(tmp)
         if existed:
             written = {f.name for f in tmp.iterdir()}
-            for name in sorted(written):  # model.safetensors before any stale index could be read instead
+            for name in sorted(written):
                 os.replace(tmp / name, out / name)
             tmp.rmdir()
             # weight files of an earlier save (an index, shards) would shadow or outlive the new model.safetensors

@@ -355,6 +355,7 @@ class Trainer:
         defaults = TrainConfig()
         self._options_set = {n for n in ("lr", "weight_decay", "betas", "min_lr_ratio", "warmup")
                              if getattr(self.cfg, n) != getattr(defaults, n)}
+        self._noted_damaged = False  # the note on a damaged newest checkpoint is said once
 
     # ---------- logging ----------
     def log(self, msg: str) -> None:
@@ -740,7 +741,7 @@ class Trainer:
         latest = cks[-1] if cks else None
         # a save is renamed into place whole, so a step_* without trainer_state.pt was damaged by hand: say so
         newer = [d for d in step_dirs(self._ckpt_root()) if step_of(d) > (step_of(latest) if latest else -1)]
-        if newer and self.cfg.resume and not getattr(self, "_noted_damaged", False):
+        if newer and self.cfg.resume and not self._noted_damaged:
             self._noted_damaged = True
             self.log(f"resume: note: {', '.join(d.name for d in newer)} in {self._ckpt_root()} hold(s) no "
                      f"trainer_state.pt (damaged): skipped, resuming from {latest.name if latest else 'nothing'}")
