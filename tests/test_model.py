@@ -218,6 +218,8 @@ def test_ragged_cache_mixes_prefill_chunks_and_decode(model_type, window):
         m(torch.zeros(11, dtype=torch.long), cu_seqlens=torch.tensor([0, 11, 11, 11], dtype=torch.int32), cache=cache)
     with pytest.raises(ValueError, match="batch \\+ 1 = 4 offsets"):
         m(seqs[0][:2], cu_seqlens=torch.tensor([0, 2], dtype=torch.int32), cache=cache)
+    with pytest.raises(ValueError, match="1-D integer offsets"):
+        cache.update_varlen(0, torch.zeros(2, 2, 16), torch.zeros(2, 2, 16), torch.tensor([0, 2, 2, 2.5]))
     with pytest.raises(ValueError, match="never decrease"):
         m(seqs[0][:4], cu_seqlens=torch.tensor([0, 3, 2, 4], dtype=torch.int32), cache=cache)
     with pytest.raises(ValueError, match="bfloat16 as the cache holds"):
@@ -499,4 +501,19 @@ def test_meta_device_build_then_to_empty_rebuilds_the_rotary_cache():
     m.load_state_dict(ref.state_dict())
     torch.testing.assert_close(m(ids), ref(ids))
     m2 = Llama(ref.config).to("meta").to_empty(device="cpu").init_weights()
+    torch.testing.assert_close(m2.cos_sin, ref.cos_sin)
+
+
+def test_to_empty_keeps_a_tied_lm_head_and_computes_the_rotary_cache():
+    """to_empty() gave the tied LM head its own tensor (trained apart, lost on save), and on a model whose
+    buffers were real (accelerate's init_empty_weights) left the rotary cache uninitialised."""
+    ref = tiny(tie_word_embeddings=True)
+    with torch.device("meta"):
+        m = Llama(ref.config)
+    m.to_empty(device="cpu").init_weights()
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in ref.parameters())
+    m2 = tiny()
+    m2.cos_sin.fill_(float("nan"))
+    m2.to_empty(device="cpu")
     torch.testing.assert_close(m2.cos_sin, ref.cos_sin)

@@ -1106,3 +1106,14 @@ def test_adamw8bit_mends_loaded_states_with_v_at_the_zero_code():
     p.grad = torch.zeros(8192)
     opt2.step()
     assert (p.detach() - before).abs().max() / 1e-3 < 1.0
+
+
+def test_adamw8bit_load_refuses_block_scales_of_another_size():
+    p = torch.nn.Parameter(torch.zeros(8192))
+    opt = thrifty.optim.AdamW8bit([p])
+    p.grad = torch.randn(8192)
+    opt.step()
+    sd = opt.state_dict()
+    sd["state"][0]["absmax_v"] = sd["state"][0]["absmax_v"][:10]
+    with pytest.raises(ValueError, match="'absmax_v' of param .*expected 32 block scales"):
+        thrifty.optim.AdamW8bit([p]).load_state_dict(sd)

@@ -73,7 +73,11 @@ class RaggedKVCache:
         self.lengths = [0] * batch  # host ints: the cached length of each sequence
         self.max_len = max_len
 
-    def _new_lengths(self, cu_seqlens: torch.Tensor) -> list[int]:
+    def _new_lengths(self, cu_seqlens) -> list[int]:
+        cu_seqlens = torch.as_tensor(cu_seqlens)
+        if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool or cu_seqlens.dim() != 1:
+            raise ValueError(f"RaggedKVCache: cu_seqlens must be 1-D integer offsets, got {cu_seqlens.dtype} "
+                             f"of shape {tuple(cu_seqlens.shape)}")
         cu = cu_seqlens.tolist()
         if len(cu) != len(self.lengths) + 1:
             raise ValueError(f"RaggedKVCache: cu_seqlens must have batch + 1 = {len(self.lengths) + 1} offsets (one "
@@ -90,7 +94,8 @@ class RaggedKVCache:
     def positions(self, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """The position of each packed token (its sequence's cached length + its offset in this step)."""
         new = self._new_lengths(cu_seqlens)
-        return torch.cat([torch.arange(have, have + n) for have, n in zip(self.lengths, new)]).to(cu_seqlens.device)
+        return torch.cat([torch.arange(have, have + n) for have, n in zip(self.lengths, new)]).to(
+            torch.as_tensor(cu_seqlens).device)
 
     def update_varlen(self, layer: int, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor):
         """Stores the packed k, v (tokens, kv_heads, head_dim) after each sequence's cached rows; returns

@@ -114,9 +114,23 @@ class Llama(nn.Module):
             self.cos_sin = build_cos_sin(self.config, self.config.max_position_embeddings, self.cos_sin.device)
         return self
 
+    def to_empty(self, *, device, recurse: bool = True) -> "Llama":
+        """nn.Module.to_empty, then what it cannot do: the rotary cache (a non-persistent buffer, which no
+        load_state_dict fills) computed, and a tied LM head tied again (to_empty gives each name its own tensor)."""
+        super().to_empty(device=device, recurse=recurse)
+        self.reset_rope()
+        self._tie_lm_head()
+        return self
+
+    def _tie_lm_head(self) -> None:
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear) and \
+                self.lm_head.weight is not self.model.embed_tokens.weight:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
     def init_weights(self, std: float = 0.02) -> "Llama":
         if not self.cos_sin.is_meta:  # the step after to_empty() in meta-device recipes: the rotary cache too
             self.reset_rope()
+        self._tie_lm_head()
         for name, p in self.named_parameters():
             if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
                 nn.init.ones_(p)

@@ -150,6 +150,13 @@ class AdamW8bit(AdamW):
                 got = "missing" if v is None else f"{v.dtype} {tuple(v.shape)}"
                 raise ValueError(f"AdamW8bit.load_state_dict: state {k!r} of param {where}: expected uint8 codes of "
                                  f"shape {tuple(p.shape)} beside its absmax, got {got}")
+        nb = (p.numel() + QUANT_BLOCK - 1) // QUANT_BLOCK
+        for k in ("absmax_m", "absmax_v"):
+            a = state[k]
+            if not isinstance(a, torch.Tensor) or a.numel() != nb:
+                got = f"shape {list(a.shape)}" if isinstance(a, torch.Tensor) else type(a).__name__
+                raise ValueError(f"AdamW8bit.load_state_dict: state {k!r} of param {where}: expected {nb} block "
+                                 f"scales (one per {QUANT_BLOCK} elements), got {got}")
         # states saved before a positive v kept the map's smallest code can hold v at code 0 under a nonzero m:
         # the next steps would move such an element by m / eps. They take the smallest code, as the kernels now do.
         qm, _ = self._qmap(p.device)

@@ -1002,7 +1002,7 @@ class Trainer:
         if asked_warmup is not None and asked_warmup != self.schedule.warmup:
             self.log(f"resume: note: --warmup {asked_warmup} is not applied: the schedule continues with the "
                      f"checkpoint's warmup of {self.schedule.warmup} steps")
-            self.cfg.warmup = self.schedule.warmup
+            self.cfg.warmup = self.schedule.warmup  # (None stays None: a --time-budget run re-derives its warmup)
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.tokens_seen, self.nan_skipped = state["step"], state["tokens_seen"], state["nan_skipped"]
         self.elapsed_before = state["elapsed"]
