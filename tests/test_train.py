@@ -821,3 +821,24 @@ def test_interrupt_message_offers_what_works(corpus, tmp_path, monkeypatch, caps
                                                     "same command starts over")
     assert run(cfg(corpus, tmp_path / "r"), prog="thrifty demo", restart_only=True) == 130
     assert capsys.readouterr().err.strip() == "thrifty demo: interrupted; run it again to start over"
+
+
+def test_bare_resume_of_a_model_run_takes_the_runs_own_options(corpus, base_model, tmp_path, capsys):
+    """`thrifty train --out RUN --resume` of a --model run: the model, data, steps and step shape come from the
+    run (it built the default preset and a new tokenizer, then failed on the tokenizer mismatch); the export
+    keeps the --model's generation_config.json (extra stop tokens live only there)."""
+    (base_model / "generation_config.json").write_text('{"eos_token_id": [0, 5], "temperature": 0.6}')
+    try:
+        out = tmp_path / "r"
+        assert run(cfg(corpus, out, model=str(base_model), model_overrides=None, steps=4, save_every=2,
+                       stop_at_step=2)) == 0
+        capsys.readouterr()
+        assert run(TrainConfig(out=str(out), resume=True, progress=False, plot=False, precision="fp32")) == 0
+        err = capsys.readouterr().err
+        for said in ("no --model given", "no --data given", "going on to the run's own --steps 4",
+                     "--batch-size not given (or the default): using the run's own 2", "--seq-len not given"):
+            assert said in err, (said, err[-2000:])
+        assert sorted(losses(out)) == [1, 2, 3, 4]
+        assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [0, 5]
+    finally:
+        (base_model / "generation_config.json").unlink()

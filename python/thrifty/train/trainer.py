@@ -530,6 +530,7 @@ class Trainer:
 
     def setup(self) -> None:
         c = self.cfg
+        self._resume_run_options()
         self._check_numbers()  # no side effects yet: before any process group or device is touched
         self._setup_distributed()
         if c.model:
@@ -804,6 +805,10 @@ class Trainer:
             raise TrainError(f"export: parameters missing from the state dict: {left[:4]}")
         shell.save_pretrained(str(dest))
         tokmod.save_tokenizer(self.tokenizer, dest, source=self.run_dir / "tokenizer.json")  # its config kept
+        # the --model's generation defaults: its extra stop tokens (Llama 3 Instruct's <|eot_id|>) live only there
+        gen = Path(self.cfg.model) / "generation_config.json" if self.cfg.model else None
+        if gen is not None and gen.is_file():
+            shutil.copyfile(gen, dest / "generation_config.json")
 
     def save_checkpoint(self) -> Path | None:
         msd, osd = self._full_state()
@@ -862,15 +867,53 @@ class Trainer:
         dist.broadcast(t, src=0)
         return t.tolist()
 
+    def _saved_train_config(self, run_dir: Path) -> dict | None:
+        """The options a run was started with (its train_config.json); None for an older or damaged run directory
+        (the given options then stand)."""
+        try:
+            saved = json.loads((run_dir / "train_config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return saved if isinstance(saved, dict) else None
+
+    def _resume_run_options(self) -> None:
+        """--resume --out RUN without --model / --steps / --time-budget / the step's shape: the run's own (a bare
+        --resume of a --model run built the default preset and a new tokenizer, then failed on the tokenizer's
+        mismatch; it trained for the default 10 minutes instead of to the run's --steps, and took the default
+        --batch-size and --seq-len)."""
+        c = self.cfg
+        saved = self._saved_train_config(Path(c.out)) if c.resume and c.out else None
+        if saved is None:
+            return
+        was = saved.get("model")
+        if c.model is None and isinstance(was, str):
+            if not Path(was).exists():
+                raise TrainError(f"--resume: {c.out} was trained with --model {was}, which is not there now "
+                                 "(another working directory?): pass --model")
+            self.log(f"resume: no --model given: using the run's own {was} (train_config.json)")
+            c.model = was
+        # the shape of a step: a value left at its default (the command line cannot say "not given") takes the run's
+        defaults = TrainConfig()
+        for name in ("batch_size", "grad_accum", "seq_len"):
+            was = saved.get(name)
+            if getattr(c, name) == getattr(defaults, name) and isinstance(was, int) and not isinstance(was, bool) \
+                    and was != getattr(c, name):
+                self.log(f"resume: --{name.replace('_', '-')} not given (or the default): using the run's own {was}")
+                setattr(c, name, was)
+        if c.steps is None and c.time_budget is None:
+            if isinstance(saved.get("steps"), int) and not isinstance(saved["steps"], bool):
+                c.steps = saved["steps"]
+                self.log(f"resume: no --steps / --time-budget given: going on to the run's own --steps {c.steps}")
+            elif saved.get("time_budget") is not None:
+                c.time_budget = saved["time_budget"]
+                self.log(f"resume: no --steps / --time-budget given: the run's own --time-budget {c.time_budget}")
+
     def _resume_data_options(self) -> None:
         """--resume without --data / --tokenizer: the run's own (train_config.json), not the embedded corpus and a
         freshly trained tokenizer, which cannot match the checkpoint's embeddings."""
         c = self.cfg
-        try:
-            saved = json.loads((self.run_dir / "train_config.json").read_text())
-        except (OSError, ValueError):  # an older or damaged run directory: the given options stand
-            return
-        if not isinstance(saved, dict):
+        saved = self._saved_train_config(self.run_dir)
+        if saved is None:
             return
         for name in ("data", "tokenizer"):
             was = saved.get(name)
