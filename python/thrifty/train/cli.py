@@ -62,7 +62,10 @@ def add_arguments(p) -> None:
     g.add_argument("--out", help="run directory (default runs/default for the embedded corpus, else runs/run-<time>)")
     g.add_argument("--save-every", type=int, help="checkpoint every N steps (always one at the end; 0: only that one)")
     g.add_argument("--keep-last", type=int, default=2, help="checkpoints kept (default 2)")
-    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the last checkpoint in --out; options not given (--model, --data, --tokenizer, "
+                   "--steps / --time-budget, and --batch-size / --grad-accum / --seq-len left at their defaults) are "
+                   "the run's own; its optimizer and schedule keep their lr, weight decay and warmup")
     g.add_argument("--eval-every", type=int, help="validation every N steps (default steps/10)")
     g.add_argument("--eval-batches", type=int, default=8,
                    help="validation global batches (batch-size x grad-accum x processes rows each; default 8)")
