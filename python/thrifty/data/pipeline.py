@@ -18,7 +18,7 @@ import numpy as np
 
 from thrifty.data import tokenizer as tokmod
 from thrifty.data.packing import PackedDataset, pack_documents
-from thrifty.data.preprocess import FilterConfig, StageProgress, preprocess
+from thrifty.data.preprocess import FilterConfig, preprocess, with_progress
 from thrifty.data.sources import (DataError, Document, default_corpus_files, list_files, load_default_corpus,
                                   load_documents, replace_text)
 
@@ -78,9 +78,7 @@ def _encode(tok, texts: list[str], say, chunk: int = 1024) -> list[np.ndarray]:
     Encoding objects (offsets, token strings, masks: ~250 B per token) live for one chunk only."""
     encode = getattr(tok, "encode_batch_fast", None) or tok.encode_batch  # _fast (tokenizers >= 0.20.2): no offsets
     out: list[np.ndarray] = []
-    progress = StageProgress(say, "tokenize", len(texts))
-    for i in range(0, len(texts), chunk):
-        progress(i)
+    for i in with_progress(range(0, len(texts), chunk), say, "tokenize", len(texts), chunk):
         out.extend(np.asarray(e.ids, dtype=np.int32) for e in encode(texts[i:i + chunk]))
     return out
 

@@ -185,17 +185,17 @@ def quality_reason(text: str, cfg: FilterConfig = FilterConfig()) -> str | None:
 PROGRESS_SECONDS = 30.0  # a long stage says how far it is this often (its counts come at its end)
 
 
-class StageProgress:
-    """Called with the number of documents done; logs "<stage>: i / n documents" every PROGRESS_SECONDS."""
-
-    def __init__(self, say, stage: str, total: int):
-        self.say, self.stage, self.total, self.last = say, stage, total, time.monotonic()
-
-    def __call__(self, done: int) -> None:
+def with_progress(items, say, stage: str, total: int | None = None, step: int = 1):
+    """Yields ``items`` (a sequence, or ``total`` of them taken ``step`` documents at a time), logging
+    "<stage>: done / total documents" every PROGRESS_SECONDS."""
+    total = len(items) if total is None else total
+    last = time.monotonic()
+    for i, item in enumerate(items):
         now = time.monotonic()
-        if now - self.last >= PROGRESS_SECONDS:
-            self.last = now
-            self.say(f"{self.stage}: {done} / {self.total} documents ...")
+        if now - last >= PROGRESS_SECONDS:
+            last = now
+            say(f"{stage}: {i * step} / {total} documents ...")
+        yield item
 
 
 def exact_dedup(texts: list[str]) -> tuple[list[str], int]:
@@ -240,9 +240,7 @@ def near_dedup(texts: list[str], threshold: float = 0.8, num_perm: int = 128, sh
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
     kept = {}
     out = []
-    progress = StageProgress(log_fn or log.info, "near-dup", len(texts))
-    for i, t in enumerate(texts):
-        progress(i)
+    for i, t in enumerate(with_progress(texts, log_fn or log.info, "near-dup")):
         m = MinHash(num_perm=num_perm, seed=seed)
         m.update_batch(_shingles(t, shingle_words, max_shingles))
         if any(kept[k].jaccard(m) >= threshold for k in lsh.query(m)):
@@ -394,9 +392,7 @@ def preprocess(docs: list[Document], cfg: FilterConfig | None = None, *, near_du
     stats: dict = {"documents_in": len(docs)}
     rejected: dict[str, int] = {}
     texts = []
-    progress = StageProgress(say, "quality filters", len(docs))
-    for i, d in enumerate(docs):
-        progress(i)
+    for d in with_progress(docs, say, "quality filters"):
         reason = d.rejected or (quality_reason(d.text, cfg) if d.text is not None else "binary_or_non_utf8")
         if reason:
             rejected[reason] = rejected.get(reason, 0) + 1
@@ -418,9 +414,7 @@ def preprocess(docs: list[Document], cfg: FilterConfig | None = None, *, near_du
     tot = {"email": 0, "ip": 0, "secret": 0}
     if scrub_pii:
         out = []
-        progress = StageProgress(say, "privacy scrub", len(texts))
-        for i, t in enumerate(texts):
-            progress(i)
+        for t in with_progress(texts, say, "privacy scrub"):
             t, c = scrub(t)
             for k in tot:
                 tot[k] += c[k]

@@ -85,6 +85,11 @@ class AdamW(FusedOptimizer):
         self._step_float(group, params, grads, states, lr, coef, found)
 
 
+def _zero_code(qmap: torch.Tensor) -> int:
+    """The code of 0 in a quantization map."""
+    return int((qmap == 0).nonzero()[0])
+
+
 class AdamW8bit(AdamW):
     """AdamW with 8-bit moments: m and v stored as uint8 codes of the bitsandbytes dynamic maps
     (signed for m, unsigned for v) with a float32 absmax per 256-element block: about 2 bytes of
@@ -125,8 +130,8 @@ class AdamW8bit(AdamW):
         qm, qv = self._qmap(p.device)
         nb = (p.numel() + QUANT_BLOCK - 1) // QUANT_BLOCK
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        state["exp_avg"] = torch.full(p.shape, int((qm == 0).nonzero()[0]), dtype=torch.uint8, device=p.device)
-        state["exp_avg_sq"] = torch.full(p.shape, int((qv == 0).nonzero()[0]), dtype=torch.uint8, device=p.device)
+        state["exp_avg"] = torch.full(p.shape, _zero_code(qm), dtype=torch.uint8, device=p.device)
+        state["exp_avg_sq"] = torch.full(p.shape, _zero_code(qv), dtype=torch.uint8, device=p.device)
         state["absmax_m"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
         state["absmax_v"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
         if group.get("master_weights", False) and p.dtype != torch.float32:
@@ -160,9 +165,8 @@ class AdamW8bit(AdamW):
         # states saved before a positive v kept the map's smallest code can hold v at code 0 under a nonzero m:
         # the next steps would move such an element by m / eps. They take the smallest code, as the kernels now do.
         qm, _ = self._qmap(p.device)
-        m_zero = int((qm == 0).nonzero()[0])
         cm, cv = state["exp_avg"], state["exp_avg_sq"]
-        poisoned = (cv == 0) & (cm != m_zero)
+        poisoned = (cv == 0) & (cm != _zero_code(qm))
         poisoned &= (state["absmax_v"].to(cv.device) > 0).repeat_interleave(QUANT_BLOCK)[:cv.numel()].view(cv.shape)
         state["exp_avg_sq"] = torch.where(poisoned, torch.ones_like(cv), cv)
 

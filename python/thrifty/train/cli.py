@@ -11,7 +11,6 @@ import os
 import signal
 import sys
 import threading
-from pathlib import Path
 
 from thrifty.train.lora import DEFAULT_TARGETS
 
@@ -104,12 +103,10 @@ def _terminated(signum, frame):
 
 def _interrupted(e: KeyboardInterrupt, trainer, restart_only: bool) -> str:
     """What Ctrl-C / SIGTERM left, and the command that goes on from there."""
-    from thrifty.train.run_dir import step_dirs
     what = "terminated" if isinstance(e, Terminated) else "interrupted"
     if restart_only:  # thrifty demo: no --resume; it starts over, replacing its earlier run
         return f"{what}; run it again to start over"
-    run_dir = getattr(trainer, "run_dir", None)
-    done = step_dirs(Path(run_dir) / "checkpoints", holding="trainer_state.pt") if run_dir is not None else []
+    done = trainer._checkpoints() if getattr(trainer, "run_dir", None) is not None else []
     if not done:
         return f"{what} before the first checkpoint: nothing to resume; the same command starts over"
     return f"{what}; the checkpoints up to {done[-1].name} are intact: continue with --resume"

@@ -351,10 +351,11 @@ class Trainer:
         self.is_main = self.rank == 0
         self._bar = None
         self._ckpts_written = 0  # by this Trainer: after the first one a failure no longer restores RUN_DIR
-        # the optimizer options given other than their defaults (a --resume notes those it cannot apply)
+        # the options given other than their defaults (the command line cannot say "not given"): a --resume takes
+        # the run's own for the others, and notes the given ones the checkpoint's state keeps
         defaults = TrainConfig()
-        self._options_set = {n for n in ("lr", "weight_decay", "betas", "min_lr_ratio", "warmup")
-                             if getattr(self.cfg, n) != getattr(defaults, n)}
+        self._options_set = {f.name for f in fields(TrainConfig)
+                             if getattr(self.cfg, f.name) != getattr(defaults, f.name)}
         self._noted_damaged = False  # the note on a damaged newest checkpoint is said once
 
     # ---------- logging ----------
@@ -892,11 +893,9 @@ class Trainer:
                                  "(another working directory?): pass --model")
             self.log(f"resume: no --model given: using the run's own {was} (train_config.json)")
             c.model = was
-        # the shape of a step: a value left at its default (the command line cannot say "not given") takes the run's
-        defaults = TrainConfig()
-        for name in ("batch_size", "grad_accum", "seq_len"):
+        for name in ("batch_size", "grad_accum", "seq_len"):  # the shape of a step, left at its default: the run's
             was = saved.get(name)
-            if getattr(c, name) == getattr(defaults, name) and isinstance(was, int) and not isinstance(was, bool) \
+            if name not in self._options_set and isinstance(was, int) and not isinstance(was, bool) \
                     and was != getattr(c, name):
                 self.log(f"resume: --{name.replace('_', '-')} not given (or the default): using the run's own {was}")
                 setattr(c, name, was)
