@@ -72,56 +72,64 @@ class RaggedKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = [0] * batch  # host ints: the cached length of each sequence
         self.max_len = max_len
+        self._step_plan = None  # this forward's indices (_plan), shared by its layers
 
-    def _new_lengths(self, cu_seqlens) -> list[int]:
-        cu_seqlens = torch.as_tensor(cu_seqlens)
-        if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool or cu_seqlens.dim() != 1:
-            raise ValueError(f"RaggedKVCache: cu_seqlens must be 1-D integer offsets, got {cu_seqlens.dtype} "
-                             f"of shape {tuple(cu_seqlens.shape)}")
-        cu = cu_seqlens.tolist()
+    def _plan(self, cu_seqlens) -> dict:
+        """What every layer of one forward needs, worked out once per step (cu_seqlens read to the host once, the
+        index tensors built once): the new tokens per sequence, where they go in the (batch * max_len) rows of a
+        layer's slots, which rows hold the keys after them, and their cu_seqlens."""
+        plan = self._step_plan
+        if plan is not None and plan["cu"] is cu_seqlens and plan["lengths"] == self.lengths:
+            return plan
+        cu_t = torch.as_tensor(cu_seqlens)
+        if cu_t.dtype.is_floating_point or cu_t.dtype == torch.bool or cu_t.dim() != 1:
+            raise ValueError(f"RaggedKVCache: cu_seqlens must be 1-D integer offsets, got {cu_t.dtype} "
+                             f"of shape {tuple(cu_t.shape)}")
+        cu = cu_t.tolist()
         if len(cu) != len(self.lengths) + 1:
             raise ValueError(f"RaggedKVCache: cu_seqlens must have batch + 1 = {len(self.lengths) + 1} offsets (one "
                              f"per cache slot), got {len(cu)}")
         new = [b - a for a, b in zip(cu[:-1], cu[1:])]
         if cu[0] != 0 or min(new, default=0) < 0:
             raise ValueError(f"RaggedKVCache: cu_seqlens must start at 0 and never decrease, got {cu}")
-        for b, (have, n) in enumerate(zip(self.lengths, new)):
-            if have + n > self.max_len:
-                raise ValueError(f"RaggedKVCache: sequence {b}: {have + n} positions exceed the cache length "
-                                 f"{self.max_len}")
-        return new
+        total = [have + n for have, n in zip(self.lengths, new)]
+        for b, t in enumerate(total):
+            if t > self.max_len:
+                raise ValueError(f"RaggedKVCache: sequence {b}: {t} positions exceed the cache length {self.max_len}")
+        m, dev = self.max_len, self.k.device
+        rows = [(b * m + have, b * m + t) for b, (have, t) in enumerate(zip(self.lengths, total))]
+        plan = {"cu": cu_seqlens, "lengths": list(self.lengths), "new": new, "max_k": max(total, default=0),
+                "positions": torch.cat([torch.arange(have, t) for have, t in zip(self.lengths, total)]).to(cu_t.device),
+                "dst": torch.cat([torch.arange(a, b) for a, b in rows]).to(dev),
+                "keep": torch.cat([torch.arange(b * m, end) for b, (_, end) in enumerate(rows)]).to(dev),
+                "cu_k": torch.tensor([0] + total, dtype=torch.int64).cumsum(0).to(dtype=torch.int32, device=dev)}
+        self._step_plan = plan
+        return plan
 
     def positions(self, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """The position of each packed token (its sequence's cached length + its offset in this step)."""
-        new = self._new_lengths(cu_seqlens)
-        return torch.cat([torch.arange(have, have + n) for have, n in zip(self.lengths, new)]).to(
-            torch.as_tensor(cu_seqlens).device)
+        return self._plan(cu_seqlens)["positions"]
 
     def update_varlen(self, layer: int, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor):
         """Stores the packed k, v (tokens, kv_heads, head_dim) after each sequence's cached rows; returns
         every sequence's keys and values packed, their cu_seqlens (int32) and the longest length."""
-        new = self._new_lengths(cu_seqlens)
+        plan = self._plan(cu_seqlens)
+        n = sum(plan["new"])
         if not 0 <= layer < self.k.shape[0]:
             raise ValueError(f"RaggedKVCache: layer {layer} of a cache for {self.k.shape[0]} layers")
         for name, t in (("k", k), ("v", v)):
-            if t.dtype != self.k.dtype or tuple(t.shape[1:]) != tuple(self.k.shape[3:]) or t.shape[0] != sum(new):
-                raise ValueError(f"RaggedKVCache: {name} must be ({sum(new)}, {self.k.shape[3]}, {self.k.shape[4]}) "
+            if t.dtype != self.k.dtype or tuple(t.shape[1:]) != tuple(self.k.shape[3:]) or t.shape[0] != n:
+                raise ValueError(f"RaggedKVCache: {name} must be ({n}, {self.k.shape[3]}, {self.k.shape[4]}) "
                                  f"{self.k.dtype} as the cache holds, got {tuple(t.shape)} {t.dtype}")
-        dev, max_len = k.device, self.max_len
-        # flat row of each new token in a (batch * max_len) view of this layer's slots, and of every kept key
-        dst = torch.cat([torch.arange(b * max_len + have, b * max_len + have + n)
-                         for b, (have, n) in enumerate(zip(self.lengths, new))]).to(dev)
-        keep = torch.cat([torch.arange(b * max_len, b * max_len + have + n)
-                          for b, (have, n) in enumerate(zip(self.lengths, new))]).to(dev)
         kf, vf = self.k[layer].flatten(0, 1), self.v[layer].flatten(0, 1)
-        kf.index_copy_(0, dst, k)
-        vf.index_copy_(0, dst, v)
-        total = [have + n for have, n in zip(self.lengths, new)]
-        cu_k = torch.tensor([0] + total, dtype=torch.int64).cumsum(0).to(dtype=torch.int32, device=dev)
-        return kf.index_select(0, keep), vf.index_select(0, keep), cu_k, max(total, default=0)
+        kf.index_copy_(0, plan["dst"], k)
+        vf.index_copy_(0, plan["dst"], v)
+        return kf.index_select(0, plan["keep"]), vf.index_select(0, plan["keep"]), plan["cu_k"], plan["max_k"]
 
     def advance_varlen(self, cu_seqlens: torch.Tensor) -> None:
-        self.lengths = [have + n for have, n in zip(self.lengths, self._new_lengths(cu_seqlens))]
+        new = self._plan(cu_seqlens)["new"]
+        self.lengths = [have + n for have, n in zip(self.lengths, new)]
+        self._step_plan = None
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta, cache=None,

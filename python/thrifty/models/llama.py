@@ -117,8 +117,10 @@ class Llama(nn.Module):
     def to_empty(self, *, device, recurse: bool = True) -> "Llama":
         """nn.Module.to_empty, then what it cannot do: the rotary cache (a non-persistent buffer, which no
         load_state_dict fills) computed, and a tied LM head tied again (to_empty gives each name its own tensor)."""
+        was_meta = self.cos_sin.is_meta
         super().to_empty(device=device, recurse=recurse)
-        self.reset_rope()
+        if not was_meta:  # (off the meta device, _apply has rebuilt it already)
+            self.reset_rope()
         self._tie_lm_head()
         return self
 
